@@ -1,0 +1,136 @@
+"""The `ember` command line: pull, list, info, tokenize (and the runtime commands as they land).
+
+Every command that prints data takes `--json`. Errors print one line and exit with status 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from . import hub
+from .errors import EmberError
+
+EXIT_ERROR = 2
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def cmd_pull(args) -> int:
+    path = hub.pull(args.model, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_list(args) -> int:
+    rows = hub.list_models()
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        state = "pulled" if r["present"] else "not pulled"
+        print(f"{mark} {r['name']:<20} {r['arch']:<8} {r['params']:>5}  {_human_bytes(r['size']):>9}  {state:<10}  {r['description']}")
+    print(f"(* default; models live in {hub.models_dir()})")
+    return 0
+
+
+def _load(model: str):
+    from .api import load
+
+    return load(model)
+
+
+def cmd_info(args) -> int:
+    info = _load(args.model).info()
+    if args.json:
+        _print_json(info)
+        return 0
+    tok = info.pop("tokenizer")
+    types = info.pop("tensor_types")
+    for k, v in info.items():
+        if v is not None:
+            print(f"{k:<22} {_human_bytes(v) if k == 'file_bytes' else v}")
+    print(f"{'tensor types':<22} " + ", ".join(f"{k} x{v}" for k, v in types.items()))
+    print(f"{'tokenizer':<22} " + ", ".join(f"{k}={v}" for k, v in tok.items()))
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    m = _load(args.model)
+    ids = m.tokenize(args.text, special=not args.no_special)
+    if args.json:
+        _print_json({"ids": ids, "pieces": [m.tokenizer.token_bytes(i).decode("utf-8", "replace") for i in ids]})
+    elif args.pieces:
+        for i in ids:
+            print(f"{i:>8}  {m.tokenizer.token_bytes(i).decode('utf-8', 'replace')!r}")
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ember", description="Run GGUF language models locally.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    sp = add("pull", cmd_pull, "download a catalog model into $EMBER_HOME", json_flag=False)
+    sp.add_argument("model", help=f"catalog name ({', '.join(hub.CATALOG)})")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    add("list", cmd_list, "list the catalog models and which are pulled")
+
+    sp = add("info", cmd_info, "describe a model: architecture, sizes, tensor types, tokenizer")
+    sp.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL, help="catalog name or path to a .gguf")
+
+    sp = add("tokenize", cmd_tokenize, "print the token ids of a text")
+    sp.add_argument("model", help="catalog name or path to a .gguf")
+    sp.add_argument("text")
+    sp.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
+    sp.add_argument("--pieces", action="store_true", help="one token per line with its text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return args.func(args)
+    except EmberError as e:
+        if args.debug:
+            raise
+        print(f"ember: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("ember: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

