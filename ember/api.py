@@ -1,29 +1,63 @@
-"""The `Model` object behind `ember.load()`: a GGUF file with its tokenizer and chat format.
+"""The `Model` object behind `ember.load()`: a GGUF file with its tokenizer, chat format and
+transformer, and the calls people use: tokenize, generate, chat, logits, session, perplexity.
 
-Opening is cheap (the file is memory-mapped and its header parsed); the tokenizer is built on
-first use.
+Opening is cheap (the file is memory-mapped and its header parsed); the tokenizer and the weights
+are prepared on first use.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 from . import hub
+from .errors import DeviceError, EmberError, UnsupportedError
 from .formats.chat import ChatFormat
 from .formats.gguf import GGUFFile
 from .formats.tokenizer import Tokenizer
+from .offload.store import WeightStore
+from .runtime.config import ModelConfig
+from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
+from .runtime.model import Transformer
+from .runtime.session import Session
 
 
 class Model:
     """A language model loaded from a GGUF file."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
+                 device: str = "auto", memory_budget: str | int | None = None, draft: str | None = None):
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.gguf.validate_model()
+        if device not in ("auto", "cpu"):
+            raise DeviceError(f"device {device!r} is not available yet; use 'cpu' (or 'auto')")
+        if memory_budget is not None:
+            raise UnsupportedError("memory_budget (weight streaming) is not implemented yet")
+        if draft is not None:
+            raise UnsupportedError("speculative decoding (draft=) is not implemented yet")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2):
+            raise EmberError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
+        self.threads = threads
+        self._n_ctx = n_ctx
+        self.stats: dict[str, Any] = {}
+
+    @cached_property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_gguf(self.gguf, self.tokenizer.n_vocab)
+
+    @cached_property
+    def transformer(self) -> Transformer:
+        return Transformer(self.config, WeightStore(self.gguf))
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx or self.config.context_length
 
     @property
     def architecture(self) -> str:
@@ -61,6 +95,53 @@ class Model:
         bos_text = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
         add_bos = tok.add_bos and not (bos_text and text.startswith(bos_text))
         return tok.encode(text, special=True, add_bos=add_bos)
+
+    # ---- running -----------------------------------------------------------------------
+    def session(self) -> Session:
+        """A fresh KV cache over this model: feed(ids) -> logits, truncate(n), reset()."""
+        return Session(self.transformer, self.n_ctx)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits [len(ids), n_vocab] of one causal pass over `ids` from an empty cache."""
+        return self.session().feed(ids)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return [int(i) for i in prompt]
+        raise GenerationError(f"prompt must be text or a list of token ids, not {type(prompt).__name__}")
+
+    def generate(self, prompt, **kwargs) -> Iterator[Chunk]:
+        """Stream the continuation of `prompt` (raw text, no template, or token ids).
+        kwargs: the fields of GenerationConfig (max_tokens, temperature, top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n, seed, stop, ignore_eos)."""
+        cfg = GenerationConfig(**kwargs)
+        ids = self._prompt_ids(prompt)
+        return generate(self.session(), self.tokenizer, ids, cfg, self.stats)
+
+    def chat(self, messages, **kwargs) -> Iterator[Chunk]:
+        """Like generate(), on the messages rendered with the model's chat template."""
+        cfg = GenerationConfig(**kwargs)
+        return generate(self.session(), self.tokenizer, self.chat_ids(messages), cfg, self.stats)
+
+    def perplexity(self, text: str, add_bos: bool | None = None) -> float:
+        """exp(mean NLL) of every token after the first, in one causal pass (batches of 512 with the
+        KV cache). BOS is added only if the model's metadata asks (or add_bos says)."""
+        ids = self.tokenize(text, special=False, add_bos=add_bos)
+        if len(ids) < 2:
+            raise EmberError("perplexity needs a text of at least two tokens")
+        s = Session(self.transformer, max(self.n_ctx, len(ids)))
+        nll, pos = 0.0, 0
+        for logits in s.feed_batches(ids):
+            n = logits.shape[0]
+            targets = np.asarray(ids[pos + 1 : pos + n + 1])
+            lg = logits[: len(targets)].astype(np.float64)
+            m = lg.max(axis=1)
+            lse = m + np.log(np.exp(lg - m[:, None]).sum(axis=1))
+            nll += float(np.sum(lse - lg[np.arange(len(targets)), targets]))
+            pos += n
+        return math.exp(nll / (len(ids) - 1))
 
     # ---- description ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -101,6 +182,7 @@ class Model:
         return f"<ember.Model {self.path.name} ({self.architecture})>"
 
 
-def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True) -> Model:
-    """Open a catalog model by name (pulled on first use) or a local .gguf file by path."""
-    return Model(hub.resolve(model, pull_missing=pull))
+def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **options) -> Model:
+    """Open a catalog model by name (pulled on first use) or a local .gguf file by path.
+    options: n_ctx, threads, device, memory_budget, draft (see Model)."""
+    return Model(hub.resolve(model, pull_missing=pull), **options)

@@ -1,4 +1,4 @@
-"""The `ember` command line: pull, list, info, tokenize (and the runtime commands as they land).
+"""The `ember` command line: pull, list, info, tokenize, run, perplexity.
 
 Every command that prints data takes `--json`. Errors print one line and exit with status 2;
 `--debug` shows the traceback instead.
@@ -48,10 +48,10 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _load(model: str):
+def _load(model: str, **options):
     from .api import load
 
-    return load(model)
+    return load(model, **options)
 
 
 def cmd_info(args) -> int:
@@ -82,6 +82,63 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    if args.prompt is None:  # one positional: it is the prompt, for the default model
+        args.model, args.prompt = hub.DEFAULT_MODEL, args.model
+    m = _load(args.model, n_ctx=args.ctx_size, threads=args.threads, device=args.device)
+    opts = dict(
+        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or (),
+        ignore_eos=args.ignore_eos,
+    )
+    if args.raw:
+        stream = m.generate(args.prompt, **opts)
+    else:
+        stream = m.chat([{"role": "user", "content": args.prompt}], **opts)
+    ids, parts, finish = [], [], None
+    for chunk in stream:
+        ids += chunk.token_ids
+        parts.append(chunk.text)
+        finish = chunk.finish_reason
+        if not args.json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    stats = dict(m.stats, finish_reason=finish)
+    if args.json:
+        _print_json({"ids": ids, "text": "".join(parts), "stats": stats})
+    else:
+        print()
+        if args.verbose:
+            print(_stats_line(stats), file=sys.stderr)
+    return 0
+
+
+def _stats_line(st: dict) -> str:
+    return (f"[{st['prompt_tokens']} prompt tokens, {st['prefill_tokens_per_s']:.1f} tok/s; "
+            f"{st['tokens_generated']} generated, {st['decode_tokens_per_s']:.1f} tok/s; "
+            f"first token {st['ttft_s']:.2f} s; peak RSS {st['peak_rss_bytes'] / 1e6:.0f} MB]")
+
+
+def cmd_perplexity(args) -> int:
+    m = _load(args.model, threads=args.threads)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EmberError(f"cannot read {args.file}: {e}") from None
+    import time
+
+    t = time.perf_counter()
+    ppl = m.perplexity(text)
+    n = len(m.tokenize(text, special=False))
+    out = {"model": str(m.path), "file": args.file, "tokens": n, "perplexity": ppl, "seconds": time.perf_counter() - t}
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"perplexity {ppl:.4f} over {n} tokens ({out['seconds']:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ember", description="Run GGUF language models locally.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -109,6 +166,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("text")
     sp.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
     sp.add_argument("--pieces", action="store_true", help="one token per line with its text")
+
+    sp = add("run", cmd_run, "generate a reply (chat template applied unless --raw)")
+    sp.add_argument("model", help="catalog name or path; with one positional it is the prompt (default model)")
+    sp.add_argument("prompt", nargs="?")
+    sp.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
+    sp.add_argument("-n", "--max-tokens", type=int, default=128)
+    sp.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--min-p", type=float, default=0.0)
+    sp.add_argument("--repeat-penalty", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--stop", action="append", help="stop string (repeatable)")
+    sp.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text tokens")
+    sp.add_argument("-c", "--ctx-size", type=int, default=None, help="context window (default: the model's)")
+    sp.add_argument("-t", "--threads", type=int, default=None)
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "opencl", "cuda"])
+    sp.add_argument("-v", "--verbose", action="store_true", help="print speed and memory after the reply")
+
+    sp = add("perplexity", cmd_perplexity, "perplexity of a text file (one causal pass)")
+    sp.add_argument("model", help="catalog name or path to a .gguf")
+    sp.add_argument("file")
+    sp.add_argument("-t", "--threads", type=int, default=None)
     return p
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
+from .quants import type_name
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -42,13 +44,6 @@ _U32S = struct.Struct("<I")
 
 # Keys every language model must have, formatted with its architecture.
 REQUIRED_ARCH_KEYS = ("{arch}.block_count", "{arch}.embedding_length", "{arch}.attention.head_count")
-
-
-def type_name(qtype: int) -> str:
-    try:
-        return GGMLQuantizationType(qtype).name
-    except ValueError:
-        return f"type {qtype}"
 
 
 @dataclass(frozen=True)
@@ -156,6 +151,9 @@ class _Cursor:
                 raise self.fail(f"{what}: string {i} of {count} starts past the end of the file")
             n = unpack(buf, pos)[0]
             pos += 8
+            if n > size - pos:  # also keeps n within int64 for `lengths`
+                self.pos = pos
+                raise self.fail(f"{what}: string {i} of {count} claims {n} bytes, past the end of the file")
             offsets[i] = pos
             lengths[i] = n
             pos += n
@@ -213,7 +211,12 @@ class GGUFFile:
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open ({e.strerror})") from None
         try:
-            self.file_size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):  # Linux opens directories read-only without complaint
+                raise FormatError(f"{self.path}: is a directory, not a GGUF file")
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{self.path}: not a regular file")
+            self.file_size = st.st_size
             if self.file_size < 24:
                 raise FormatError(f"{self.path}: {self.file_size} bytes is too small to be a GGUF file")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

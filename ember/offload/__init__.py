@@ -1,0 +1,1 @@
+"""Where weights live and when they move: the weight store, caches, prefetching, prediction."""

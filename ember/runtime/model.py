@@ -1,0 +1,259 @@
+"""The transformer forward pass over a batch of positions, for dense and MoE architectures.
+
+One code path serves prefill (many positions), verification (a few) and decode (one): embeddings,
+then per layer RMSNorm -> q/k/v -> (q/k norms) -> RoPE -> KV cache -> grouped-query attention with
+causal and sliding-window masks -> output projection -> (post-norm) -> residual -> RMSNorm -> gated
+FFN or top-k experts -> (post-norm) -> residual; then the final norm and the output projection.
+
+Weights come from a `WeightStore`; every projection goes through `ops.matmul`. Activations are float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import FormatError
+from ..lut_kernels.ops import matmul
+from ..offload.store import WeightStore
+from .config import ROPE_NEOX, ModelConfig
+from .kv_cache import KVCache
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [n, dim/2] of position * base^(-2j/dim), computed in float64."""
+    inv = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    ang = positions.astype(np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:
+    """Rotate the first 2*cos.shape[1] dims of x [n, heads, head_dim]."""
+    d = 2 * cos.shape[1]
+    out = x.copy()
+    c, s = cos[:, None, :], sin[:, None, :]
+    if style == ROPE_NEOX:
+        a, b = x[..., : d // 2], x[..., d // 2 : d]
+        out[..., : d // 2] = a * c - b * s
+        out[..., d // 2 : d] = a * s + b * c
+    else:
+        a, b = x[..., 0:d:2], x[..., 1:d:2]
+        out[..., 0:d:2] = a * c - b * s
+        out[..., 1:d:2] = a * s + b * c
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float, window: int) -> np.ndarray:
+    """q [n, n_head, d]; k [n_kv, T, d]; v [n_kv, T, dv]; key j sits at position j.
+    Returns [n, n_head * dv]. Causal; with window > 0 a query at p sees keys p - window < j <= p."""
+    n, n_head, d = q.shape
+    n_kv, T, dv = v.shape
+    g = n_head // n_kv
+    qg = q.reshape(n, n_kv, g, d).transpose(1, 2, 0, 3).reshape(n_kv, g * n, d)
+    scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(scale)  # [n_kv, g*n, T]
+    keys = np.arange(T)
+    allowed = keys[None, :] <= q_pos[:, None]
+    if window:
+        allowed &= keys[None, :] > q_pos[:, None] - window
+    scores = scores.reshape(n_kv, g, n, T)
+    scores = np.where(allowed[None, None], scores, np.float32(-np.inf))
+    probs = softmax(scores)
+    out = np.matmul(probs.reshape(n_kv, g * n, T), v)  # [n_kv, g*n, dv]
+    return out.reshape(n_kv, g, n, dv).transpose(2, 0, 1, 3).reshape(n, n_head * dv)
+
+
+@dataclass
+class LayerNames:
+    """Tensor names of one block."""
+
+    i: int
+
+    def __getattr__(self, part: str) -> str:
+        return f"blk.{self.i}.{part}.weight"
+
+    def bias(self, part: str) -> str:
+        return f"blk.{self.i}.{part}.bias"
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, store: WeightStore):
+        self.cfg = config
+        self.store = store
+        self.output_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
+        self._check_tensors()
+
+    # ---- validation ----------------------------------------------------------------------
+    def _expect(self, name: str, shape: tuple[int, ...], required: bool = True) -> None:
+        if not self.store.has(name):
+            if required:
+                raise FormatError(f"{self.store.gguf.path}: tensor {name!r} is missing (needed by {self.cfg.arch})")
+            return
+        got = self.store.shape(name)
+        if tuple(got) != tuple(shape) and not (len(shape) == 1 and got == (1, shape[0])):
+            raise FormatError(f"{self.store.gguf.path}: tensor {name!r} has shape {got}, expected {shape}")
+
+    def _check_tensors(self) -> None:
+        c = self.cfg
+        d, hq, hk = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        hv = c.n_head_kv * c.head_dim_v
+        self._expect("token_embd.weight", (c.n_vocab, d))
+        self._expect("output_norm.weight", (d,))
+        self._expect(self.output_name, (c.n_vocab, d))
+        for i in range(c.n_layer):
+            L = LayerNames(i)
+            for name, shape in ((L.attn_norm, (d,)), (L.attn_q, (hq, d)), (L.attn_k, (hk, d)),
+                                (L.attn_v, (hv, d)), (L.attn_output, (d, c.n_head * c.head_dim_v)),
+                                (L.ffn_norm, (d,))):
+                self._expect(name, shape)
+            if c.spec.gemma:
+                for name in (L.attn_q_norm, L.attn_k_norm):
+                    self._expect(name, (c.head_dim,))
+                for name in (L.post_attention_norm, L.post_ffw_norm):
+                    self._expect(name, (d,))
+            if self.store.has(L.ffn_gate_inp):
+                if not c.is_moe:
+                    raise FormatError(f"{self.store.gguf.path}: {L.ffn_gate_inp} is present but {c.arch}.expert_count is not")
+                ff = c.n_ff_exp or c.n_ff
+                self._expect(L.ffn_gate_inp, (c.n_expert, d))
+                self._expect(L.ffn_gate_exps, (c.n_expert, ff, d))
+                self._expect(L.ffn_up_exps, (c.n_expert, ff, d))
+                self._expect(L.ffn_down_exps, (c.n_expert, d, ff))
+                if self.store.has(L.ffn_up_shexp):
+                    sh = c.n_ff_shexp or self.store.shape(L.ffn_up_shexp)[0]
+                    self._expect(L.ffn_gate_shexp, (sh, d))
+                    self._expect(L.ffn_up_shexp, (sh, d))
+                    self._expect(L.ffn_down_shexp, (d, sh))
+            elif c.is_moe:
+                raise FormatError(f"{self.store.gguf.path}: MoE model without {L.ffn_gate_inp} (per-expert tensors from old converters are not supported; reconvert the model)")
+            else:
+                for name, shape in ((L.ffn_gate, (c.n_ff, d)), (L.ffn_up, (c.n_ff, d)), (L.ffn_down, (d, c.n_ff))):
+                    self._expect(name, shape)
+
+    # ---- forward -------------------------------------------------------------------------
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, max_len or c.context_length)
+
+    def forward(self, ids, cache: KVCache, all_logits: bool = True) -> np.ndarray:
+        """Run `ids` at the positions after the cache's; append their keys and values.
+        Returns logits [n, n_vocab] (or [1, n_vocab] for the last position when all_logits is False)."""
+        c = self.cfg
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if n == 0:
+            raise ValueError("forward() needs at least one token")
+        if ids.min() < 0 or ids.max() >= c.n_vocab:
+            bad = ids[(ids < 0) | (ids >= c.n_vocab)][0]
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
+        cache.check_room(n)
+        pos = np.arange(cache.length, cache.length + n)
+        ropes = {False: rope_tables(pos, c.rope_dim, c.rope_base)}
+        if any(c.swa_layers):
+            ropes[True] = rope_tables(pos, c.rope_dim, c.rope_base_local)
+
+        x = self.store.rows("token_embd.weight", ids).astype(np.float32)
+        if c.embed_scale != 1.0:
+            x *= np.float32(c.embed_scale)
+        for il in range(c.n_layer):
+            swa = c.swa_layers[il]
+            x = self._block(il, x, pos, cache, ropes[swa], c.sliding_window if swa else 0)
+        cache.commit(n)
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, self.store.get("output_norm.weight"), c.rms_eps)
+        return matmul(x, self.store.get(self.output_name))
+
+    def _proj(self, x: np.ndarray, name: str, bias: str | None = None) -> np.ndarray:
+        y = matmul(x, self.store.get(name))
+        if bias is not None and self.store.has(bias):
+            y += self.store.get(bias)
+        return y
+
+    def _block(self, il, x, pos, cache, rope, window) -> np.ndarray:
+        c, st, L = self.cfg, self.store, LayerNames(il)
+        n = x.shape[0]
+        h = rms_norm(x, st.get(L.attn_norm), c.rms_eps)
+        q = self._proj(h, L.attn_q, L.bias("attn_q"))
+        k = self._proj(h, L.attn_k, L.bias("attn_k"))
+        v = self._proj(h, L.attn_v, L.bias("attn_v"))
+        q, k = self._qk_norm(L, q, k)
+        q = q.reshape(n, c.n_head, c.head_dim)
+        k = k.reshape(n, c.n_head_kv, c.head_dim)
+        v = v.reshape(n, c.n_head_kv, c.head_dim_v)
+        q = apply_rope(q, *rope, c.spec.rope)
+        k = apply_rope(k, *rope, c.spec.rope)
+        keys, values = cache.store(il, k, v)
+        a = attention(q, keys, values, pos, c.attn_scale, window)
+        o = matmul(a, st.get(L.attn_output))
+        if c.spec.gemma:
+            o = rms_norm(o, st.get(L.post_attention_norm), c.rms_eps)
+        x = x + o
+        h = rms_norm(x, st.get(L.ffn_norm), c.rms_eps)
+        f = self._moe(L, h) if c.is_moe else self._ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down)
+        if c.spec.gemma:
+            f = rms_norm(f, st.get(L.post_ffw_norm), c.rms_eps)
+        return x + f
+
+    def _qk_norm(self, L: LayerNames, q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """RMSNorm of q and k when the model has them: per head (Gemma 3, Qwen3) or over the
+        whole projection (OLMoE), told apart by the norm weight's length."""
+        c, st = self.cfg, self.store
+        if not st.has(L.attn_q_norm):
+            return q, k
+        n = q.shape[0]
+        out = []
+        for t, name, heads in ((q, L.attn_q_norm, c.n_head), (k, L.attn_k_norm, c.n_head_kv)):
+            w = st.get(name).reshape(-1)
+            if w.shape[0] == c.head_dim:
+                t = rms_norm(t.reshape(n, heads, c.head_dim), w, c.rms_eps).reshape(n, -1)
+            else:
+                t = rms_norm(t, w, c.rms_eps)
+            out.append(t)
+        return out[0], out[1]
+
+    def _ffn(self, h, gate, up, down, gate_w=None, up_w=None, down_w=None) -> np.ndarray:
+        st = self.store
+        g = matmul(h, gate_w if gate_w is not None else st.get(gate))
+        u = matmul(h, up_w if up_w is not None else st.get(up))
+        act = gelu_tanh(g) if self.cfg.spec.ffn_act == "gelu" else silu(g)
+        return matmul(act * u, down_w if down_w is not None else st.get(down))
+
+    def _moe(self, L: LayerNames, h: np.ndarray) -> np.ndarray:
+        c, st = self.cfg, self.store
+        probs = softmax(matmul(h, st.get(L.ffn_gate_inp)))  # [n, n_expert]
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : c.n_expert_used]
+        w = np.take_along_axis(probs, top, axis=1)
+        if c.spec.moe_norm_topk:
+            w = w / np.sum(w, axis=1, keepdims=True)
+        gate, up, down = st.get(L.ffn_gate_exps), st.get(L.ffn_up_exps), st.get(L.ffn_down_exps)
+        out = np.zeros_like(h)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            y = self._ffn(h[rows], None, None, None, gate[e], up[e], down[e])
+            out[rows] += w[rows, slot][:, None] * y
+        if st.has(L.ffn_up_shexp):
+            y = self._ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)
+            if st.has(L.ffn_gate_inp_shexp):
+                y = y * (1.0 / (1.0 + np.exp(-matmul(h, st.get(L.ffn_gate_inp_shexp).reshape(1, -1)))))
+            out += y
+        return out

@@ -1,0 +1,67 @@
+"""Session: a KV cache and a position over one model, the low-level handle speculation builds on.
+
+`feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens.
+Long inputs are fed in batches so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import EmberError
+from .model import Transformer
+
+N_BATCH = 512  # positions per forward call when feeding long inputs
+
+
+class Session:
+    def __init__(self, model: Transformer, n_ctx: int | None = None):
+        self.model = model
+        self.cache = model.new_cache(n_ctx)
+        self.ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.max_len
+
+    def _check(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise EmberError("nothing to feed: the list of token ids is empty")
+        self.cache.check_room(len(ids))
+        return ids
+
+    def feed(self, ids) -> np.ndarray:
+        """Append `ids`; return their logits [len(ids), n_vocab]."""
+        return np.concatenate(list(self.feed_batches(ids, all_logits=True)), axis=0)
+
+    def feed_last(self, ids) -> np.ndarray:
+        """Append `ids`; return only the logits after the last one [n_vocab]."""
+        out = None
+        for out in self.feed_batches(ids, all_logits=False):
+            pass
+        return out[-1]
+
+    def feed_batches(self, ids, all_logits: bool = True) -> Iterator[np.ndarray]:
+        """Append `ids` in batches of N_BATCH, yielding each batch's logits as it is computed
+        (only the last position of each batch when all_logits is False)."""
+        ids = self._check(ids)
+        for start in range(0, len(ids), N_BATCH):
+            batch = ids[start : start + N_BATCH]
+            logits = self.model.forward(batch, self.cache, all_logits=all_logits)
+            self.ids.extend(batch)
+            yield logits
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= len(self.ids):
+            raise ValueError(f"cannot truncate a session of {len(self.ids)} tokens to {n}")
+        self.cache.truncate(n)
+        del self.ids[n:]
+
+    def reset(self) -> None:
+        self.truncate(0)
