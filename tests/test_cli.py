@@ -1,0 +1,80 @@
+"""The command line: data commands with --json, generation, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ember.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_json(capsys):
+    code, out, _ = run_cli(capsys, "list", "--json")
+    rows = json.loads(out)
+    assert code == 0 and {r["name"] for r in rows} >= {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+
+
+def test_info_json(capsys, catalog_path):
+    code, out, _ = run_cli(capsys, "info", str(catalog_path("smollm2-135m")), "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["architecture"] == "llama" and info["block_count"] == 30 and info["context_length"] == 8192
+    assert info["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert info["tokenizer"]["model"] == "gpt2" and info["tokenizer"]["vocab_size"] == 49152
+
+
+def test_tokenize(capsys, catalog_path):
+    path = str(catalog_path("smollm2-135m"))
+    code, out, _ = run_cli(capsys, "tokenize", path, "<|im_start|>user", "--json")
+    assert code == 0 and json.loads(out)["ids"] == [1, 4093]
+    code, out, _ = run_cli(capsys, "tokenize", path, "<|im_start|>", "--no-special")
+    assert code == 0 and out.split() != ["1"] and len(out.split()) > 1
+
+
+def test_run_json_greedy(capsys, catalog_path):
+    code, out, _ = run_cli(capsys, "run", str(catalog_path("smollm2-135m")), "The capital of France is",
+                           "--raw", "-n", "4", "--json")
+    res = json.loads(out)
+    assert code == 0 and len(res["ids"]) == 4 and "Paris" in res["text"]
+    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "tokens_generated", "peak_rss_bytes"):
+        assert key in res["stats"]
+    assert res["stats"]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "/nonexistent/model.gguf"], "does not exist"),
+    (["info", "no-such-model"], "unknown model"),
+    (["pull", "no-such-model"], "unknown model"),
+])
+def test_errors_are_one_line_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_not_gguf_file(capsys, tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + bytes(100))
+    code, _, err = run_cli(capsys, "info", str(bad))
+    assert code == 2 and "not a GGUF file" in err
+
+
+def test_bad_generation_args(capsys, catalog_path):
+    path = str(catalog_path("smollm2-135m"))
+    code, _, err = run_cli(capsys, "run", path, "hi", "-n", "0")
+    assert code == 2 and "max_tokens" in err
+    code, _, err = run_cli(capsys, "run", path, "hi", "--temp", "-1")
+    assert code == 2 and "temperature" in err
+    code, _, err = run_cli(capsys, "run", path, "word " * 40, "--raw", "-c", "16")
+    assert code == 2 and "context window" in err
+
+
+def test_console_script_entry_point():
+    res = subprocess.run([sys.executable, "-m", "ember.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "perplexity" in res.stdout
