@@ -24,7 +24,7 @@ from .offload.store import WeightStore
 from .runtime.config import ModelConfig
 from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
 from .runtime.model import Transformer
-from .runtime.session import Session
+from .runtime.session import Session, default_threads
 
 
 class Model:
@@ -43,7 +43,9 @@ class Model:
             raise UnsupportedError("speculative decoding (draft=) is not implemented yet")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2):
             raise EmberError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
-        self.threads = threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise EmberError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = threads or default_threads()
         self._n_ctx = n_ctx
         self.stats: dict[str, Any] = {}
 
@@ -99,7 +101,7 @@ class Model:
     # ---- running -----------------------------------------------------------------------
     def session(self) -> Session:
         """A fresh KV cache over this model: feed(ids) -> logits, truncate(n), reset()."""
-        return Session(self.transformer, self.n_ctx)
+        return Session(self.transformer, self.n_ctx, self.threads)
 
     def logits(self, ids) -> np.ndarray:
         """Logits [len(ids), n_vocab] of one causal pass over `ids` from an empty cache."""
@@ -131,7 +133,7 @@ class Model:
         ids = self.tokenize(text, special=False, add_bos=add_bos)
         if len(ids) < 2:
             raise EmberError("perplexity needs a text of at least two tokens")
-        s = Session(self.transformer, max(self.n_ctx, len(ids)))
+        s = Session(self.transformer, max(self.n_ctx, len(ids)), self.threads)
         nll, pos = 0.0, 0
         for logits in s.feed_batches(ids):
             n = logits.shape[0]

@@ -1,24 +1,44 @@
 """Session: a KV cache and a position over one model, the low-level handle speculation builds on.
 
 `feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens.
-Long inputs are fed in batches so memory stays bounded.
+Long inputs are fed in batches so memory stays bounded. Small batches run BLAS on one thread:
+on a 2-core machine a second busy process stalls multi-threaded small matmuls by milliseconds.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
+import psutil
+from threadpoolctl import threadpool_limits
 
 from ..errors import EmberError
 from .model import Transformer
 
 N_BATCH = 512  # positions per forward call when feeding long inputs
+N_PARALLEL_MIN = 16  # batches smaller than this run single-threaded
+
+
+def default_threads() -> int:
+    """EMBER_THREADS, or the number of physical cores."""
+    env = os.environ.get("EMBER_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise EmberError(f"EMBER_THREADS={env!r} is not a number of threads") from None
+        if n > 0:
+            return n
+        raise EmberError(f"EMBER_THREADS={env!r} must be at least 1")
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class Session:
-    def __init__(self, model: Transformer, n_ctx: int | None = None):
+    def __init__(self, model: Transformer, n_ctx: int | None = None, threads: int | None = None):
         self.model = model
+        self.threads = threads or default_threads()
         self.cache = model.new_cache(n_ctx)
         self.ids: list[int] = []
 
@@ -53,7 +73,8 @@ class Session:
         ids = self._check(ids)
         for start in range(0, len(ids), N_BATCH):
             batch = ids[start : start + N_BATCH]
-            logits = self.model.forward(batch, self.cache, all_logits=all_logits)
+            with threadpool_limits(limits=self.threads if len(batch) >= N_PARALLEL_MIN else 1):
+                logits = self.model.forward(batch, self.cache, all_logits=all_logits)
             self.ids.extend(batch)
             yield logits
 

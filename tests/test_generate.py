@@ -1,0 +1,130 @@
+"""Generation: streaming chunks, stop conditions, stats, sessions, and bad input."""
+
+import numpy as np
+import pytest
+
+import ember
+from ember.errors import EmberError, UnsupportedError
+from ember.runtime.generate import GenerationError, _StopFilter
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smol(catalog_model):
+    return catalog_model("smollm2-135m")
+
+
+def collect(stream):
+    chunks = list(stream)
+    return chunks, "".join(c.text for c in chunks), [i for c in chunks for i in c.token_ids]
+
+
+def test_greedy_stream_is_deterministic_and_matches_logits(smol):
+    chunks, text, ids = collect(smol.generate(PROMPT, max_tokens=6))
+    assert len(ids) == 6 and chunks[-1].finish_reason == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert text == smol.detokenize(ids)
+    assert collect(smol.generate(PROMPT, max_tokens=6))[2] == ids
+    # each greedy token is the argmax of one causal pass over everything before it
+    prompt = smol.tokenize(PROMPT)
+    full = smol.logits(prompt + ids[:-1])
+    assert full[len(prompt) - 1 :].argmax(axis=1).tolist() == ids
+    st = smol.stats
+    assert st["tokens_generated"] == 6 and st["prompt_tokens"] == len(prompt)
+    assert st["ttft_s"] > 0 and st["decode_tokens_per_s"] > 0 and st["peak_rss_bytes"] > 10_000_000
+
+
+def test_stop_string_cuts_text(smol):
+    _, text, _ = collect(smol.generate(PROMPT, max_tokens=6))
+    word = text.split()[0]
+    chunks, cut, _ = collect(smol.generate(PROMPT, max_tokens=6, stop=[word]))
+    assert chunks[-1].finish_reason == "stop" and word not in cut and text.startswith(cut)
+
+
+def test_eos_stops_unless_ignored(smol):
+    chunks, text, ids = collect(smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=64))
+    assert chunks[-1].finish_reason == "stop" and len(ids) < 64
+    assert not set(ids) & smol.tokenizer.stop_ids and "<|im_end|>" not in text
+    chunks, _, ids2 = collect(smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=len(ids) + 3, ignore_eos=True))
+    assert chunks[-1].finish_reason == "length" and len(ids2) == len(ids) + 3
+
+
+def test_seeded_sampling_reproducible(smol):
+    a = collect(smol.generate(PROMPT, max_tokens=8, temperature=0.9, top_k=40, seed=7))[2]
+    b = collect(smol.generate(PROMPT, max_tokens=8, temperature=0.9, top_k=40, seed=7))[2]
+    assert a == b
+
+
+def test_token_id_prompt(smol):
+    ids = smol.tokenize(PROMPT)
+    assert collect(smol.generate(ids, max_tokens=3))[2] == collect(smol.generate(PROMPT, max_tokens=3))[2]
+
+
+def test_session_feed_truncate(smol):
+    s = smol.session()
+    ids = smol.tokenize("one two three four five")
+    a = s.feed(ids)
+    assert len(s) == len(ids) and a.shape == (len(ids), smol.config.n_vocab)
+    s.truncate(2)
+    assert len(s) == 2
+    b = s.feed(ids[2:])
+    np.testing.assert_allclose(b, a[2:], atol=2e-3, rtol=1e-4)
+    s.reset()
+    assert len(s) == 0
+    with pytest.raises(ValueError):
+        s.truncate(5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(repeat_penalty=0.0), "repeat_penalty"),
+    (dict(stop=[""]), "stop"),
+])
+def test_invalid_generation_values(smol, kwargs, message):
+    with pytest.raises(EmberError, match=message):
+        smol.generate(PROMPT, **kwargs)
+
+
+def test_empty_prompt(smol):
+    with pytest.raises(GenerationError, match="empty"):
+        next(smol.generate(""))
+    with pytest.raises(GenerationError, match="empty"):
+        next(smol.generate([]))
+
+
+def test_prompt_past_context(catalog_path):
+    m = ember.load(catalog_path("smollm2-135m"), n_ctx=16)
+    with pytest.raises(GenerationError, match="context window holds 16"):
+        next(m.generate("word " * 30))
+    chunks, _, ids = collect(m.generate("one two three", max_tokens=100))
+    assert chunks[-1].finish_reason == "length" and len(m.tokenize("one two three")) + len(ids) <= 16
+    with pytest.raises(EmberError, match="context window"):
+        m.session().feed(list(range(17)))
+
+
+def test_bad_token_ids(smol):
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        next(smol.generate([1, 2, 10**9]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        smol.logits([-1])
+
+
+def test_unsupported_options_are_honest(catalog_path):
+    with pytest.raises(UnsupportedError, match="not implemented yet"):
+        ember.load(catalog_path("smollm2-135m"), memory_budget="512MB")
+    with pytest.raises(ember.DeviceError):
+        ember.load(catalog_path("smollm2-135m"), device="cuda")
+
+
+def test_stop_filter_holds_back_prefixes():
+    f = _StopFilter(["</end>"])
+    assert f.push("hello </") == ("hello ", False)
+    assert f.push("e") == ("", False)
+    assert f.push("x") == ("</ex", False)
+    assert f.push(" a </end> b") == (" a ", True)
