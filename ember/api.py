@@ -11,7 +11,7 @@ import math
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -20,11 +20,13 @@ from .errors import DeviceError, EmberError, UnsupportedError
 from .formats.chat import ChatFormat
 from .formats.gguf import GGUFFile
 from .formats.tokenizer import Tokenizer
-from .offload.store import WeightStore
 from .runtime.config import ModelConfig
 from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
-from .runtime.model import Transformer
-from .runtime.session import Session, default_threads
+from .runtime.threads import default_threads
+
+if TYPE_CHECKING:
+    from .runtime.model import Transformer
+    from .runtime.session import Session
 
 
 class Model:
@@ -55,6 +57,10 @@ class Model:
 
     @cached_property
     def transformer(self) -> Transformer:
+        # imported here: the compute stack (numba) is only loaded when a model runs
+        from .offload.store import WeightStore
+        from .runtime.model import Transformer
+
         return Transformer(self.config, WeightStore(self.gguf))
 
     @property
@@ -101,6 +107,8 @@ class Model:
     # ---- running -----------------------------------------------------------------------
     def session(self) -> Session:
         """A fresh KV cache over this model: feed(ids) -> logits, truncate(n), reset()."""
+        from .runtime.session import Session
+
         return Session(self.transformer, self.n_ctx, self.threads)
 
     def logits(self, ids) -> np.ndarray:
@@ -133,6 +141,8 @@ class Model:
         ids = self.tokenize(text, special=False, add_bos=add_bos)
         if len(ids) < 2:
             raise EmberError("perplexity needs a text of at least two tokens")
+        from .runtime.session import Session
+
         s = Session(self.transformer, max(self.n_ctx, len(ids)), self.threads)
         nll, pos = 0.0, 0
         for logits in s.feed_batches(ids):

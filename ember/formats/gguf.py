@@ -23,7 +23,6 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
-from .quants import type_name
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -44,6 +43,14 @@ _U32S = struct.Struct("<I")
 
 # Keys every language model must have, formatted with its architecture.
 REQUIRED_ARCH_KEYS = ("{arch}.block_count", "{arch}.embedding_length", "{arch}.attention.head_count")
+
+
+def type_name(qtype: int) -> str:
+    """ggml name of a type id ("Q4_K"), or "type 99" for an id gguf does not know."""
+    try:
+        return GGMLQuantizationType(int(qtype)).name
+    except ValueError:
+        return f"type {int(qtype)}"
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ember.errors import FormatError, UnsupportedError
+from ember.formats.gguf import type_name
 
 __all__ = [
     "SUPPORTED",
@@ -403,14 +404,6 @@ SUPPORTED: frozenset[int] = frozenset(_KERNELS)
 """ggml type ids that ``dequantize`` can decode."""
 
 _SIZES: dict[int, tuple[int, int]] = {int(t): tuple(s) for t, s in GGML_QUANT_SIZES.items()}
-
-
-def type_name(qtype: int) -> str:
-    """ggml name of a type id ("Q4_K"), or "type 99" for an id gguf does not know."""
-    try:
-        return _T(int(qtype)).name
-    except ValueError:
-        return f"type {int(qtype)}"
 
 
 def _describe(qtype: int) -> str:

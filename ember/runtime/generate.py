@@ -11,12 +11,14 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import EmberError
 from ..formats.tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
-from .session import Session
+
+if TYPE_CHECKING:
+    from .session import Session
 
 
 class GenerationError(EmberError, ValueError):

@@ -24,12 +24,17 @@ Logits: 1-D, length n_vocab, any real dtype; never modified. -inf marks a masked
 drawn (nor is any token whose tempered probability underflows to exactly 0). NaN, +inf, or all -inf raise
 SamplingError. Probabilities are computed in float64.
 
-Cost, n_vocab = 262,144 float32 logits, one sample() call, 2-core x86 container, NumPy 2.4 (median):
-{TIMINGS}
-With top_k set nothing sorts more than k values: np.argpartition picks them (O(n_vocab)). Without top_k,
-top-p alone sorts only as long a prefix as it needs (top 1,024, then 16,384, then everything), min-p
-filters with one comparison and top-p then sorts only min-p's survivors; a flat distribution with top-p
-alone costs a full sort of 262k float64 (the worst case above).
+Cost of one sample() call, n_vocab = 262,144 float32 logits (normal, std 1 and std 3), NumPy 2.4 on a shared
+2-core AVX-512 x86 container under load (medians of 100 calls; quieter machines do better):
+    greedy                                                  0.07 ms   (0.2 ms with repeat_penalty, 200 tokens)
+    temperature 0.8, top_k 40, top_p 0.95, min_p 0.05       0.55 ms   (0.65-0.75 ms with repeat_penalty 1.1)
+    temperature 0.8 alone (softmax over the whole vocab)    1.3 ms
+    temperature 0.8, top_p 0.95, min_p 0.05, no top_k       5-6 ms
+    temperature 0.8, top_p 0.95 alone                       8-29 ms   (a flat distribution sorts everything)
+With top_k set nothing sorts more than k values: a per-block maximum prefilter and np.argpartition pick
+them in O(n_vocab). Without top_k, top-p alone sorts only as long a head as it needs (the top 1,024, then
+16,384, then everything); with min-p, one comparison filters and top-p sorts only min-p's survivors. The
+worst case is top-p alone on a flat distribution: a full sort of 262k float64 (the last line above).
 """
 
 from __future__ import annotations

@@ -7,32 +7,17 @@ on a 2-core machine a second busy process stalls multi-threaded small matmuls by
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
-import psutil
 from threadpoolctl import threadpool_limits
 
 from ..errors import EmberError
 from .model import Transformer
+from .threads import default_threads
 
 N_BATCH = 512  # positions per forward call when feeding long inputs
 N_PARALLEL_MIN = 16  # batches smaller than this run single-threaded
-
-
-def default_threads() -> int:
-    """EMBER_THREADS, or the number of physical cores."""
-    env = os.environ.get("EMBER_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise EmberError(f"EMBER_THREADS={env!r} is not a number of threads") from None
-        if n > 0:
-            return n
-        raise EmberError(f"EMBER_THREADS={env!r} must be at least 1")
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class Session:
