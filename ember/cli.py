@@ -139,6 +139,18 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    if not script.exists():
+        raise EmberError(f"the benchmark script is not installed ({script}); run it from a checkout: python bench/run.py")
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ember", description="Run GGUF language models locally.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -189,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="catalog name or path to a .gguf")
     sp.add_argument("file")
     sp.add_argument("-t", "--threads", type=int, default=None)
+
+    sp = add("bench", cmd_bench, "on-device benchmark (same as python bench/run.py)", json_flag=False)
+    sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench/run.py (see --help there)")
     return p
 
 

@@ -17,8 +17,9 @@ def ember_home() -> Path:
 
 
 def cache_dir(kind: str) -> Path:
-    """$EMBER_HOME/cache/<kind>: derived data that can always be rebuilt."""
-    return ember_home() / "cache" / kind
+    """$EMBER_CACHE_DIR/<kind> (default $EMBER_HOME/cache/<kind>): derived data that can always be rebuilt."""
+    root = os.environ.get("EMBER_CACHE_DIR")
+    return (Path(root).expanduser() if root else ember_home() / "cache") / kind
 
 
 def write_atomic(path: Path, data: bytes | str, *, fsync: bool = True) -> None:

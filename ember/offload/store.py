@@ -43,5 +43,9 @@ class WeightStore:
             raise FormatError(f"{self.gguf.path}: {name} should be a matrix, it has shape {info.shape}")
         return dequantize_rows(self.gguf.tensor(name), info.qtype, ids, info.shape[1])
 
+    def nbytes(self, name: str) -> int:
+        """Bytes a read of the whole tensor costs in its resident form (float32 here)."""
+        return self.gguf.info(name).n_elements * 4
+
     def resident_bytes(self) -> int:
         return sum(w.nbytes for w in self._cache.values())

@@ -149,6 +149,19 @@ class Transformer:
                 for name, shape in ((L.ffn_gate, (c.n_ff, d)), (L.ffn_up, (c.n_ff, d)), (L.ffn_down, (d, c.n_ff))):
                     self._expect(name, shape)
 
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decoded token reads: every tensor once (experts: the used share),
+        one embedding row unless the embedding is also the output matrix."""
+        total = 0
+        for name, info in self.store.gguf.tensors.items():
+            if name == "token_embd.weight" and self.output_name != name:
+                total += self.store.nbytes(name) // info.shape[0]
+            elif "_exps." in name:
+                total += self.store.nbytes(name) * self.cfg.n_expert_used // self.cfg.n_expert
+            else:
+                total += self.store.nbytes(name)
+        return total
+
     # ---- forward -------------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
