@@ -10,7 +10,11 @@ Writing a model (a few ms; everything is seeded, so the same arguments give the 
     model.metadata["llama.block_count"].value
     write_model(model, path)
 
-The model is llama-shaped (llama.cpp's tensor names and metadata) with a real, small tokenizer:
+Every architecture ember knows can be written (`arch=` llama, qwen2, gemma3, qwen2moe, qwen3moe,
+olmoe; llama with `n_expert` is Mixtral), with llama.cpp's tensor names, shapes and metadata keys
+for it; `write_family(path, "gemma3")` writes one of the named test families in FAMILIES.
+
+The default model is llama-shaped (llama.cpp's tensor names and metadata) with a real, small tokenizer:
 byte-level BPE (`tokenizer="gpt2"`: the 256 GPT-2 byte symbols, merges learnt from a tiny English
 text, every merge producing a token of the vocabulary) or SentencePiece (`tokenizer="llama"`:
 `<unk>`, `<s>`, `</s>`, 256 `<0xNN>` byte tokens and scored pieces). Both add the ChatML control
@@ -38,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import gguf
+from ember.formats.tokenizer import bytes_to_unicode
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 Q = GGMLQuantizationType
@@ -68,21 +73,6 @@ CORPUS = (
 
 
 # ---- tokenizers ------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=None)
-def bytes_to_unicode() -> tuple[str, ...]:
-    """GPT-2's printable stand-in for each byte value, indexed by the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return tuple(chr(table[b]) for b in range(256))
 
 
 # GPT-2's pre-tokenizer, with ASCII classes (good enough for the corpus)
@@ -307,6 +297,39 @@ def _file_type(qtype: GGMLQuantizationType) -> int:
     return int(gguf.LlamaFileType[f"MOSTLY_{qtype.name}"])
 
 
+# Per-architecture conventions, as llama.cpp's loader expects them (src/models/<arch>.cpp).
+MOE_ARCHES = ("qwen2moe", "qwen3moe", "olmoe")  # always MoE; llama is MoE (Mixtral) when n_expert > 0
+QKV_BIAS_ARCHES = ("qwen2", "qwen2moe")
+UNTIED_ARCHES = ("qwen2moe", "olmoe")  # llama.cpp requires output.weight for these
+GEMMA3_SWA_PERIOD = 6  # llama.cpp: every 6th gemma3 layer is global, the others use the window
+
+# Named model families: the arguments of build_tiny_model / write_tiny_model for each.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(arch="llama"),
+    "mixtral": dict(arch="llama", n_expert=4, n_expert_used=2, n_ff=64, seed=3),
+    "qwen2": dict(arch="qwen2"),
+    "gemma3": dict(arch="gemma3", n_layer=6, head_dim=32, sliding_window=4, rope_freq_base=1e6, rms_eps=1e-6),
+    "qwen2moe": dict(arch="qwen2moe", n_expert=4, n_expert_used=2, n_ff_exp=64, n_ff_shexp=96, seed=3),
+    "qwen3moe": dict(arch="qwen3moe", n_expert=4, n_expert_used=2, n_ff_exp=64, head_dim=32, rms_eps=1e-6, seed=3),
+    "olmoe": dict(arch="olmoe", n_head_kv=4, n_expert=4, n_expert_used=2, n_ff=64, seed=3),
+}  # MoE seeds: the 12-token test sequence routes with clear margins (no near-tie between experts)
+
+
+def family_kwargs(family: str, **overrides: Any) -> dict[str, Any]:
+    """The build_tiny_model arguments of a named family (see FAMILIES), with overrides."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r} (known: {', '.join(FAMILIES)})")
+    return {**FAMILIES[family], **overrides}
+
+
+def build_family(family: str, **overrides: Any) -> "TinyModel":
+    return build_tiny_model(**family_kwargs(family, **overrides))
+
+
+def write_family(path: str | Path, family: str, **overrides: Any) -> Path:
+    return write_model(build_family(family, **overrides), path)
+
+
 def build_tiny_model(
     *,
     arch: str = "llama",
@@ -320,7 +343,7 @@ def build_tiny_model(
     seed: int = 0,
     tokenizer: str | None = "gpt2",
     extra_metadata: dict[str, Any] | None = None,
-    tied_output: bool = True,
+    tied_output: bool | None = None,
     n_ctx: int = 256,
     rope_freq_base: float = 10000.0,
     rms_eps: float = 1e-5,
@@ -329,6 +352,13 @@ def build_tiny_model(
     output_qtype: GGMLQuantizationType | int | str | None = None,
     norm_qtype: GGMLQuantizationType | int | str = Q.F32,
     alignment: int = 32,
+    head_dim: int | None = None,
+    n_expert: int | None = None,
+    n_expert_used: int = 2,
+    n_ff_exp: int | None = None,
+    n_ff_shexp: int | None = None,
+    qkv_bias: bool | None = None,
+    sliding_window: int | None = None,
 ) -> TinyModel:
     """The model `write_tiny_model` writes, in memory. See `write_tiny_model` for the arguments."""
     qtype = as_qtype(qtype)
@@ -339,7 +369,25 @@ def build_tiny_model(
         raise ValueError(f"n_embd {n_embd} is not a multiple of n_head {n_head}")
     if n_head % n_head_kv:
         raise ValueError(f"n_head {n_head} is not a multiple of n_head_kv {n_head_kv}")
-    head_dim = n_embd // n_head
+    explicit_head_dim = head_dim is not None and head_dim != n_embd // n_head
+    head_dim = n_embd // n_head if head_dim is None else head_dim
+    gemma = arch == "gemma3"
+    if n_expert is None:
+        n_expert = 4 if arch in MOE_ARCHES else 0
+    if n_expert and not 0 < n_expert_used <= n_expert:
+        raise ValueError(f"n_expert_used {n_expert_used} does not fit {n_expert} experts")
+    if arch in ("qwen2moe", "qwen3moe"):
+        n_ff_exp = n_ff // n_expert_used if n_ff_exp is None else n_ff_exp
+    ff_exp = n_ff_exp or n_ff  # the experts' width (Mixtral and OLMoE: feed_forward_length)
+    shared = arch == "qwen2moe"
+    if shared:
+        n_ff_shexp = n_ff if n_ff_shexp is None else n_ff_shexp
+    if qkv_bias is None:
+        qkv_bias = arch in QKV_BIAS_ARCHES
+    if tied_output is None:
+        tied_output = arch not in UNTIED_ARCHES
+    if sliding_window is None:
+        sliding_window = 0
     tok = make_tokenizer(tokenizer)
     if tok is not None:
         if n_vocab is None:
@@ -361,25 +409,50 @@ def build_tiny_model(
     def add(name: str, w: np.ndarray, qt: GGMLQuantizationType) -> None:
         tensors[name] = TinyTensor(name, qt, w, quantize(w, qt))
 
-    def norm() -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
+    def norm(n: int = n_embd) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    kv_dim = n_head_kv * head_dim
+    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
     add("token_embd.weight", rand((n_vocab, n_embd), 0.5), embd_qtype)
     for i in range(n_layer):
         p = f"blk.{i}."
         add(p + "attn_norm.weight", norm(), norm_qtype)
-        add(p + "attn_q.weight", rand((n_embd, n_embd), n_embd**-0.5), qtype)
+        add(p + "attn_q.weight", rand((q_dim, n_embd), n_embd**-0.5), qtype)
         add(p + "attn_k.weight", rand((kv_dim, n_embd), n_embd**-0.5), qtype)
         add(p + "attn_v.weight", rand((kv_dim, n_embd), n_embd**-0.5), qtype)
-        add(p + "attn_output.weight", rand((n_embd, n_embd), n_embd**-0.5), qtype)
+        if qkv_bias:
+            add(p + "attn_q.bias", rand((q_dim,), 0.3), norm_qtype)
+            add(p + "attn_k.bias", rand((kv_dim,), 0.3), norm_qtype)
+            add(p + "attn_v.bias", rand((kv_dim,), 0.3), norm_qtype)
+        if gemma or arch == "qwen3moe":  # per-head q/k RMSNorm
+            add(p + "attn_q_norm.weight", norm(head_dim), norm_qtype)
+            add(p + "attn_k_norm.weight", norm(head_dim), norm_qtype)
+        elif arch == "olmoe":  # RMSNorm over the whole q / k projection
+            add(p + "attn_q_norm.weight", norm(q_dim), norm_qtype)
+            add(p + "attn_k_norm.weight", norm(kv_dim), norm_qtype)
+        add(p + "attn_output.weight", rand((n_embd, q_dim), q_dim**-0.5), qtype)
+        if gemma:
+            add(p + "post_attention_norm.weight", norm(), norm_qtype)
         add(p + "ffn_norm.weight", norm(), norm_qtype)
-        add(p + "ffn_gate.weight", rand((n_ff, n_embd), n_embd**-0.5), qtype)
-        add(p + "ffn_up.weight", rand((n_ff, n_embd), n_embd**-0.5), qtype)
-        add(p + "ffn_down.weight", rand((n_embd, n_ff), n_ff**-0.5), qtype)
+        if n_expert:
+            add(p + "ffn_gate_inp.weight", rand((n_expert, n_embd), 3.0 * n_embd**-0.5), norm_qtype)
+            add(p + "ffn_gate_exps.weight", rand((n_expert, ff_exp, n_embd), n_embd**-0.5), qtype)
+            add(p + "ffn_up_exps.weight", rand((n_expert, ff_exp, n_embd), n_embd**-0.5), qtype)
+            add(p + "ffn_down_exps.weight", rand((n_expert, n_embd, ff_exp), ff_exp**-0.5), qtype)
+            if shared:
+                add(p + "ffn_gate_inp_shexp.weight", rand((n_embd,), n_embd**-0.5), norm_qtype)
+                add(p + "ffn_gate_shexp.weight", rand((n_ff_shexp, n_embd), n_embd**-0.5), qtype)
+                add(p + "ffn_up_shexp.weight", rand((n_ff_shexp, n_embd), n_embd**-0.5), qtype)
+                add(p + "ffn_down_shexp.weight", rand((n_embd, n_ff_shexp), n_ff_shexp**-0.5), qtype)
+        else:
+            add(p + "ffn_gate.weight", rand((n_ff, n_embd), n_embd**-0.5), qtype)
+            add(p + "ffn_up.weight", rand((n_ff, n_embd), n_embd**-0.5), qtype)
+            add(p + "ffn_down.weight", rand((n_embd, n_ff), n_ff**-0.5), qtype)
+        if gemma:
+            add(p + "post_ffw_norm.weight", norm(), norm_qtype)
     add("output_norm.weight", norm(), norm_qtype)
     if not tied_output:
-        add("output.weight", rand((n_vocab, n_embd), n_embd**-0.5), output_qtype)
+        add("output.weight", rand((n_vocab, n_embd), 0.5), output_qtype)  # logits of O(4), like tied ones
 
     md: dict[str, MetaValue] = {}
     md["general.architecture"] = MetaValue(arch, V.STRING)
@@ -403,6 +476,19 @@ def build_tiny_model(
         md[key.format(arch=arch)] = MetaValue(int(v), V.UINT32)
     md[K.Attention.LAYERNORM_RMS_EPS.format(arch=arch)] = MetaValue(float(rms_eps), V.FLOAT32)
     md[K.Rope.FREQ_BASE.format(arch=arch)] = MetaValue(float(rope_freq_base), V.FLOAT32)
+    arch_keys: list[tuple[str, int]] = []
+    if gemma or explicit_head_dim:
+        arch_keys += [(K.Attention.KEY_LENGTH, head_dim), (K.Attention.VALUE_LENGTH, head_dim)]
+    if sliding_window:
+        arch_keys.append((K.Attention.SLIDING_WINDOW, sliding_window))
+    if n_expert:
+        arch_keys += [(K.LLM.EXPERT_COUNT, n_expert), (K.LLM.EXPERT_USED_COUNT, n_expert_used)]
+        if n_ff_exp:
+            arch_keys.append((K.LLM.EXPERT_FEED_FORWARD_LENGTH, n_ff_exp))
+        if shared:
+            arch_keys.append((K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, n_ff_shexp))
+    for key, v in arch_keys:
+        md[key.format(arch=arch)] = MetaValue(int(v), V.UINT32)
 
     if tok is not None:
         tokens, types, scores = list(tok.tokens), list(tok.token_types), list(tok.scores)
@@ -442,7 +528,11 @@ def build_tiny_model(
 
     hparams = dict(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
                    n_vocab=n_vocab, head_dim=head_dim, n_ctx=n_ctx, rope_freq_base=rope_freq_base,
-                   rms_eps=rms_eps, tied_output=tied_output, qtype=qtype)
+                   rms_eps=rms_eps, tied_output=tied_output, qtype=qtype, n_expert=n_expert,
+                   n_expert_used=n_expert_used if n_expert else 0, n_ff_exp=ff_exp if n_expert else 0,
+                   n_ff_shexp=n_ff_shexp if shared else 0, qkv_bias=qkv_bias, sliding_window=sliding_window,
+                   swa_layers=tuple(bool(sliding_window) and (i + 1) % GEMMA3_SWA_PERIOD != 0 if gemma else False
+                                    for i in range(n_layer)))
     return TinyModel(arch, md, tensors, tok, hparams, alignment)
 
 
@@ -474,6 +564,20 @@ def write_tiny_model(path: str | Path, **kwargs: Any) -> Path:
     (value, GGUFValueType[, sub_type]); None removes a key), tied_output=True (no output.weight),
     n_ctx=256, rope_freq_base=1e4, rms_eps=1e-5, pre="default" (gpt2 pre-tokenizer name),
     embd_qtype / output_qtype (default: qtype), norm_qtype=F32, alignment=32.
+
+    The tensors follow `arch` (llama.cpp's names and shapes for it; any other name gets llama's):
+    tied_output (default: True, but False for qwen2moe / olmoe, which llama.cpp needs untied),
+    head_dim (default n_embd // n_head; when different, {arch}.attention.key_length/value_length
+    are written, as they always are for gemma3), qkv_bias (default: qwen2, qwen2moe),
+    n_expert (default 4 for qwen2moe / qwen3moe / olmoe, else 0; llama with experts is Mixtral),
+    n_expert_used=2, n_ff_exp (qwen2moe / qwen3moe: {arch}.expert_feed_forward_length, default
+    n_ff // n_expert_used; Mixtral and OLMoE experts are n_ff wide), n_ff_shexp (qwen2moe's shared
+    expert, default n_ff), sliding_window (gemma3: {arch}.attention.sliding_window; 0 = none).
+    gemma3 adds per-head attn_q_norm / attn_k_norm, post_attention_norm and post_ffw_norm;
+    qwen3moe per-head q/k norms; olmoe q/k norms over the whole projection (n_head * head_dim and
+    n_head_kv * head_dim; llama.cpp needs n_head_kv == n_head for olmoe). Matrix weights use
+    `qtype`; norms, biases and the MoE routers (ffn_gate_inp, ffn_gate_inp_shexp) use norm_qtype.
+    See FAMILIES / write_family(path, "gemma3") for the named test families.
     """
     return write_model(build_tiny_model(**kwargs), path)
 

@@ -55,8 +55,8 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 _CACHE_VERSION = b"ember-tokenizer-1"
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in for each byte."""
+def bytes_to_unicode() -> tuple[str, ...]:
+    """GPT-2's printable stand-in for each byte value, indexed by the byte."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -65,7 +65,8 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    table = dict(zip(bs, cs))
+    return tuple(chr(table[b]) for b in range(256))
 
 
 class Tokenizer:
@@ -242,7 +243,7 @@ class Tokenizer:
         tokens, types = self.tokens, self.token_types
         out: list[bytes] = []
         if self.model == "gpt2":
-            table = {ord(ch): b for ch, b in _byte_decoder().items()}
+            table = {ord(ch): b for b, ch in enumerate(bytes_to_unicode())}
             for s, t in zip(tokens, types.tolist()):
                 if t == NORMAL or t == UNUSED:
                     mapped = s.translate(table)

@@ -22,19 +22,21 @@ class ArchSpec:
     qkv_bias: bool = False  # q/k/v projections may carry biases
     ffn_act: str = "silu"  # gated FFN activation: silu (SwiGLU) or gelu (GeGLU, tanh approximation)
     moe_norm_topk: bool = False  # renormalise the top-k expert weights to sum to 1
-    gemma: bool = False  # embedding x sqrt(d), post-attention/post-FFN norms, q/k norms, sliding window
+    qk_norm: str = ""  # RMSNorm of q and k: "head" (per head) or "full" (over the whole projection)
+    shared_expert: bool = False  # MoE with a sigmoid-gated shared expert beside the routed ones
+    gemma: bool = False  # embedding x sqrt(d), post-attention/post-FFN norms, sliding window
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(ROPE_NORM, moe_norm_topk=True),
     "qwen2": ArchSpec(ROPE_NEOX, qkv_bias=True),
-    "qwen2moe": ArchSpec(ROPE_NEOX, qkv_bias=True),
-    "qwen3moe": ArchSpec(ROPE_NEOX, moe_norm_topk=True),
-    "olmoe": ArchSpec(ROPE_NEOX),
-    "gemma3": ArchSpec(ROPE_NEOX, ffn_act="gelu", gemma=True),
+    "qwen2moe": ArchSpec(ROPE_NEOX, qkv_bias=True, shared_expert=True),
+    "qwen3moe": ArchSpec(ROPE_NEOX, moe_norm_topk=True, qk_norm="head"),
+    "olmoe": ArchSpec(ROPE_NEOX, qk_norm="full"),
+    "gemma3": ArchSpec(ROPE_NEOX, ffn_act="gelu", qk_norm="head", gemma=True),
 }
 
-# Gemma 3 conventions that llama.cpp hard-codes rather than reading from the file
+# Gemma 3 defaults when the file does not say (llama.cpp uses the same)
 GEMMA3_SWA_PERIOD = 6  # every 6th layer is global, the others use the sliding window
 GEMMA3_ROPE_BASE_LOCAL = 10000.0
 
@@ -101,9 +103,14 @@ class ModelConfig:
         n_expert = int(g.arch_get("expert_count", 0) or 0)
         n_expert_used = int(g.arch_get("expert_used_count", 0) or 0)
         if n_expert and not 0 < n_expert_used <= n_expert:
-            raise FormatError(f"{g.path}: {n_expert_used} experts used per token out of {n_expert}")
+            raise FormatError(
+                f"{g.path}: '{arch}.expert_used_count' = {n_expert_used} must be between 1 and "
+                f"'{arch}.expert_count' = {n_expert}"
+            )
         n_ff = int(g.arch_get("feed_forward_length", 0) or 0)
-        n_ff_exp = int(g.arch_get("expert_feed_forward_length", 0) or 0)
+        # llama.cpp's fallback when the expert width is not stored
+        default_ff_exp = n_ff // n_expert_used if n_expert and arch in ("qwen2moe", "qwen3moe") else 0
+        n_ff_exp = int(g.arch_get("expert_feed_forward_length", default_ff_exp) or 0)
         rope_dim = positive("rope.dimension_count", g.arch_get("rope.dimension_count", head_dim))
         if rope_dim > head_dim or rope_dim % 2:
             raise FormatError(f"{g.path}: rope dimension {rope_dim} does not fit head size {head_dim}")
@@ -118,10 +125,17 @@ class ModelConfig:
         rope_base_local = rope_base
         if spec.gemma:
             sliding_window = int(g.arch_get("attention.sliding_window", 0) or 0)
+            period = g.arch_get("attention.sliding_window_pattern", GEMMA3_SWA_PERIOD)
+            if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+                raise FormatError(f"{g.path}: '{arch}.attention.sliding_window_pattern' = {period!r} is not a positive integer")
             if sliding_window:
-                swa_layers = tuple((i + 1) % GEMMA3_SWA_PERIOD != 0 for i in range(n_layer))
-            rope_base_local = GEMMA3_ROPE_BASE_LOCAL
+                swa_layers = tuple((i + 1) % period != 0 for i in range(n_layer))
+            rope_base_local = float(g.arch_get("rope.freq_base_swa", GEMMA3_ROPE_BASE_LOCAL))
             embed_scale = math.sqrt(n_embd)
+        if g.arch_get("rope.scaling.type", "none") not in ("none", None) and g.arch_get("rope.scaling.factor", 1.0) != 1.0:
+            raise UnsupportedError(
+                f"RoPE scaling ({g.arch_get('rope.scaling.type')} x{g.arch_get('rope.scaling.factor')}) is not supported yet"
+            )
         return cls(
             arch=arch, spec=spec, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
             head_dim=head_dim, head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=n_vocab, context_length=ctx,

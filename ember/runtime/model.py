@@ -125,9 +125,15 @@ class Transformer:
                                 (L.attn_v, (hv, d)), (L.attn_output, (d, c.n_head * c.head_dim_v)),
                                 (L.ffn_norm, (d,))):
                 self._expect(name, shape)
+            for part, width in (("attn_q", hq), ("attn_k", hk), ("attn_v", hv)):
+                self._expect(L.bias(part), (width,), required=False)
+            if c.spec.qk_norm == "head":
+                self._expect(L.attn_q_norm, (c.head_dim,))
+                self._expect(L.attn_k_norm, (c.head_dim,))
+            elif c.spec.qk_norm == "full":
+                self._expect(L.attn_q_norm, (hq,))
+                self._expect(L.attn_k_norm, (hk,))
             if c.spec.gemma:
-                for name in (L.attn_q_norm, L.attn_k_norm):
-                    self._expect(name, (c.head_dim,))
                 for name in (L.post_attention_norm, L.post_ffw_norm):
                     self._expect(name, (d,))
             if self.store.has(L.ffn_gate_inp):
@@ -138,6 +144,9 @@ class Transformer:
                 self._expect(L.ffn_gate_exps, (c.n_expert, ff, d))
                 self._expect(L.ffn_up_exps, (c.n_expert, ff, d))
                 self._expect(L.ffn_down_exps, (c.n_expert, d, ff))
+                if c.spec.shared_expert:
+                    self._expect(L.ffn_up_shexp, (c.n_ff_shexp or c.n_ff, d))
+                self._expect(L.ffn_gate_inp_shexp, (d,), required=c.spec.shared_expert)
                 if self.store.has(L.ffn_up_shexp):
                     sh = c.n_ff_shexp or self.store.shape(L.ffn_up_shexp)[0]
                     self._expect(L.ffn_gate_shexp, (sh, d))
@@ -228,16 +237,16 @@ class Transformer:
         return x + f
 
     def _qk_norm(self, L: LayerNames, q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """RMSNorm of q and k when the model has them: per head (Gemma 3, Qwen3) or over the
-        whole projection (OLMoE), told apart by the norm weight's length."""
+        """RMSNorm of q and k where the architecture has it: per head (Gemma 3, Qwen3) or over
+        the whole projection (OLMoE)."""
         c, st = self.cfg, self.store
-        if not st.has(L.attn_q_norm):
+        if not c.spec.qk_norm:
             return q, k
         n = q.shape[0]
         out = []
         for t, name, heads in ((q, L.attn_q_norm, c.n_head), (k, L.attn_k_norm, c.n_head_kv)):
             w = st.get(name).reshape(-1)
-            if w.shape[0] == c.head_dim:
+            if c.spec.qk_norm == "head":
                 t = rms_norm(t.reshape(n, heads, c.head_dim), w, c.rms_eps).reshape(n, -1)
             else:
                 t = rms_norm(t, w, c.rms_eps)
