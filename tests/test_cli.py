@@ -78,3 +78,21 @@ def test_bad_generation_args(capsys, catalog_path):
 def test_console_script_entry_point():
     res = subprocess.run([sys.executable, "-m", "ember.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "perplexity" in res.stdout
+
+
+def test_perplexity_command(capsys, tmp_path):
+    import math
+
+    from tiny_gguf import write_tiny_model
+
+    import ember
+
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    text = tmp_path / "t.txt"
+    text.write_text("the thing in the thing is the thing that sings\n" * 3)
+    code, out, _ = run_cli(capsys, "perplexity", str(model), str(text), "--json")
+    res = json.loads(out)
+    assert code == 0 and res["tokens"] > 10
+    assert math.isclose(res["perplexity"], ember.load(model).perplexity(text.read_text()), rel_tol=1e-6)
+    code, _, err = run_cli(capsys, "perplexity", str(model), str(tmp_path / "missing.txt"))
+    assert code == 2 and "cannot read" in err
