@@ -33,7 +33,8 @@ class Model:
     """A language model loaded from a GGUF file."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
-                 device: str = "auto", memory_budget: str | int | None = None, draft: str | None = None):
+                 device: str = "auto", memory_budget: str | int | None = None, draft: str | None = None,
+                 kernels: str = "auto"):
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.gguf.validate_model()
@@ -48,6 +49,9 @@ class Model:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise EmberError(f"threads must be a positive integer, got {threads!r}")
         self.threads = threads or default_threads()
+        if kernels not in ("auto", "numpy"):
+            raise EmberError(f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}")
+        self.kernels = kernels
         self._n_ctx = n_ctx
         self.stats: dict[str, Any] = {}
 
@@ -61,7 +65,8 @@ class Model:
         from .offload.store import WeightStore
         from .runtime.model import Transformer
 
-        return Transformer(self.config, WeightStore(self.gguf))
+        mode = "reference" if self.kernels == "numpy" else "fast"
+        return Transformer(self.config, WeightStore(self.gguf, mode=mode))
 
     @property
     def n_ctx(self) -> int:
@@ -196,5 +201,6 @@ class Model:
 
 def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **options) -> Model:
     """Open a catalog model by name (pulled on first use) or a local .gguf file by path.
-    options: n_ctx, threads, device, memory_budget, draft (see Model)."""
+    options: n_ctx, threads, device, memory_budget, draft, kernels ("auto" or "numpy": the float32
+    reference path)."""
     return Model(hub.resolve(model, pull_missing=pull), **options)

@@ -38,15 +38,16 @@ def catalog_path():
 
 @pytest.fixture(scope="session")
 def catalog_model(catalog_path):
-    """catalog_model(name) -> ember.Model, one per name for the whole session."""
+    """catalog_model(name, kernels="auto") -> ember.Model, one per (name, kernels) for the session.
+    kernels="numpy" is the float32 reference path."""
     import ember
 
-    cache: dict[str, object] = {}
+    cache: dict[tuple[str, str], object] = {}
 
-    def get(name: str):
-        if name not in cache:
-            cache[name] = ember.load(catalog_path(name))
-        return cache[name]
+    def get(name: str, kernels: str = "auto"):
+        if (name, kernels) not in cache:
+            cache[name, kernels] = ember.load(catalog_path(name), kernels=kernels)
+        return cache[name, kernels]
 
     return get
 

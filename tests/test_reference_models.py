@@ -1,4 +1,5 @@
-"""The forward pass against llama.cpp on the catalog models (tests/data/reference_*.json).
+"""The reference forward pass (float32 NumPy) against llama.cpp on the catalog models
+(tests/data/reference_*.json). The fast kernels are checked against this path in test_fast_path.py.
 
 llama.cpp quantizes activations to 8 bits, so its logits sit ~0.1 (std) away from exact float
 math. The comparisons follow ../specs/peer.md: top-5 sets at the last prompt position, argmax where
@@ -33,7 +34,7 @@ def prompt_logits(catalog_model):
     def get(name, p):
         key = (name, p["name"])
         if key not in cache:
-            cache[key] = catalog_model(name).logits(p["prompt_token_ids"])
+            cache[key] = catalog_model(name, "numpy").logits(p["prompt_token_ids"])
         return cache[key]
 
     return get
@@ -45,7 +46,7 @@ def test_top5_at_last_position(catalog_model, prompt_logits, name):
     exact = 0
     for p in ref["prompts"]:
         logits = prompt_logits(name, p)
-        assert logits.shape == (len(p["prompt_token_ids"]), catalog_model(name).config.n_vocab)
+        assert logits.shape == (len(p["prompt_token_ids"]), catalog_model(name, "numpy").config.n_vocab)
         agree, far = top5_agreement(logits[-1], p["last_position_top5"]["ids"])
         exact += agree == 5
         assert not far, f"{p['name']}: llama.cpp top-5 tokens {far} are far outside ours"
@@ -68,7 +69,7 @@ def test_per_position_argmax(prompt_logits, name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_until_first_close_call(catalog_model, name):
-    m = catalog_model(name)
+    m = catalog_model(name, "numpy")
     for p in reference(name)["prompts"]:
         g = p["greedy"]
         margins = g["top1_minus_top2_margin"]
@@ -88,13 +89,13 @@ def test_greedy_until_first_close_call(catalog_model, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_perplexity_within_2_percent(catalog_model, ppl_text, name):
     ref = reference(name)["perplexity"]["full_context"]["ppl"]
-    ppl = catalog_model(name).perplexity(ppl_text)
+    ppl = catalog_model(name, "numpy").perplexity(ppl_text)
     assert math.isfinite(ppl)
     assert abs(ppl / ref - 1) < PPL_TOLERANCE, f"ember {ppl:.3f} vs llama.cpp {ref:.3f}"
 
 
 def test_incremental_equals_batched(catalog_model):
-    m = catalog_model("smollm2-135m")
+    m = catalog_model("smollm2-135m", "numpy")
     ids = reference("smollm2-135m")["prompts"][0]["prompt_token_ids"]
     batched = m.logits(ids)
     s = m.session()

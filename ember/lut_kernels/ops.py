@@ -1,14 +1,75 @@
 """matmul: the one function every projection in the model goes through.
 
-The reference implementation multiplies by float32 weights with BLAS; the table-lookup kernels
-replace it for packed low-bit weights.
+Weights arrive in one of two forms:
+- a float32 array [n_out, n_in] (the NumPy reference path): BLAS;
+- a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
+  kernel for the type. One or a few rows of activations run the table-lookup matvec (T-MAC,
+  `tmac.py`) on Q4_0/Q4_1; other types and larger batches dequantize the matrix a tile of rows at
+  a time into a reused buffer and use BLAS, so no float32 copy of the model is ever kept.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
+from ..formats.quants import dequantize_into
 
-def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
+TILE_BYTES = 1 << 20  # float32 bytes of weights dequantized per BLAS tile
+
+
+@dataclass
+class QuantMatrix:
+    """A 2-D quantized weight [n_out, n_in] in its file encoding, with an optional kernel layout."""
+
+    name: str
+    raw: np.ndarray  # uint8 [n_out, row_bytes], usually a view of the memory-mapped file
+    qtype: int
+    n_out: int
+    n_in: int
+    packed: object | None = None  # e.g. a PackedQ4 for the table-lookup kernel
+    _tile: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_out, self.n_in)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over the matrix reads."""
+        return self.packed.nbytes if self.packed is not None else self.raw.nbytes
+
+    def rows_f32(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) dequantized into a reused buffer (valid until the next call)."""
+        n = stop - start
+        if self._tile is None or self._tile.shape[0] < n:
+            self._tile = np.empty((n, self.n_in), np.float32)
+        out = self._tile[:n]
+        dequantize_into(self.raw[start:stop], self.qtype, out.reshape(-1), name=self.name)
+        return out
+
+
+def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     """x [n, n_in] times a weight stored as [n_out, n_in] -> [n, n_out]."""
-    return x @ w.T
+    if isinstance(w, np.ndarray):
+        return x @ w.T
+    if w.packed is not None and x.shape[0] <= SMALL_BATCH:
+        from .tmac import lut_matvec
+
+        out = np.empty((x.shape[0], w.n_out), np.float32)
+        for i in range(x.shape[0]):
+            lut_matvec(x[i], w.packed, out=out[i], threads=threads)
+        return out
+    return _tiled(x, w)
+
+
+def _tiled(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+    out = np.empty((x.shape[0], w.n_out), np.float32)
+    step = max(1, TILE_BYTES // (4 * w.n_in))
+    for start in range(0, w.n_out, step):
+        stop = min(w.n_out, start + step)
+        np.matmul(x, w.rows_f32(start, stop).T, out=out[:, start:stop])
+    return out
+

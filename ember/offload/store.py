@@ -1,23 +1,36 @@
 """WeightStore: the one accessor through which the model reads its weights.
 
-Today every weight is dequantized from the memory-mapped GGUF on first use and kept in host RAM as
-float32 (the reference path). Embedding rows are decoded on demand, so a large vocabulary is only
-decoded in full when it doubles as the output matrix. Streaming under a byte budget plugs in here.
+Two modes:
+- "reference": every weight is dequantized to float32 on first use and kept (the NumPy oracle path);
+- "fast": matrices stay in the file's encoding, memory-mapped (`QuantMatrix`), with a kernel
+  layout packed on first use where a kernel exists (Q4_0/Q4_1 table lookup); only vectors (norms,
+  biases) and F32/F16 matrices become float32 arrays.
+Embedding rows are always decoded on demand. Streaming under a byte budget plugs in here.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize, dequantize_rows
+from ..lut_kernels.ops import QuantMatrix
+
+MODES = ("reference", "fast")
+_FLOAT = (T.F32, T.F16)
+_LUT_TYPES = (T.Q4_0, T.Q4_1)
 
 
 class WeightStore:
-    def __init__(self, gguf: GGUFFile):
+    def __init__(self, gguf: GGUFFile, mode: str = "fast"):
+        if mode not in MODES:
+            raise ValueError(f"unknown weight store mode {mode!r}; modes: {', '.join(MODES)}")
         self.gguf = gguf
+        self.mode = mode
         self._cache: dict[str, np.ndarray] = {}
+        self._matrices: dict[tuple[str, int], object] = {}
 
     def has(self, name: str) -> bool:
         return name in self.gguf.tensors
@@ -34,6 +47,30 @@ class WeightStore:
             self._cache[name] = w
         return w
 
+    def matrix(self, name: str, expert: int | None = None):
+        """A weight for `ops.matmul`: [n_out, n_in], or expert `expert` of a [n_expert, n_out, n_in] tensor."""
+        key = (name, -1 if expert is None else expert)
+        m = self._matrices.get(key)
+        if m is not None:
+            return m
+        info = self.gguf.info(name)
+        if self.mode == "reference" or info.qtype in _FLOAT:
+            full = self.get(name)
+            m = full if expert is None else full[expert]
+        else:
+            n_out, n_in = info.shape[-2], info.shape[-1]
+            raw = self.gguf.tensor(name)  # [rows, row_bytes]
+            if expert is not None:
+                raw = raw[expert * n_out : (expert + 1) * n_out]
+            packed = None
+            if info.qtype in _LUT_TYPES:
+                from ..lut_kernels.pack import pack_q4
+
+                packed = pack_q4(raw, info.qtype)
+            m = QuantMatrix(name, raw, info.qtype, n_out, n_in, packed)
+        self._matrices[key] = m
+        return m
+
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor as float32 [len(ids), n_cols], without decoding the rest."""
         if name in self._cache:
@@ -44,8 +81,13 @@ class WeightStore:
         return dequantize_rows(self.gguf.tensor(name), info.qtype, ids, info.shape[1])
 
     def nbytes(self, name: str) -> int:
-        """Bytes a read of the whole tensor costs in its resident form (float32 here)."""
-        return self.gguf.info(name).n_elements * 4
+        """Bytes a read of the whole tensor costs in its resident form."""
+        info = self.gguf.info(name)
+        if self.mode == "reference" or info.qtype in _FLOAT or len(info.shape) < 2:
+            return info.n_elements * 4
+        if len(info.shape) == 2:
+            return self.matrix(name).nbytes
+        return info.nbytes
 
     def resident_bytes(self) -> int:
         return sum(w.nbytes for w in self._cache.values())

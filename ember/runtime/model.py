@@ -203,10 +203,10 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         x = rms_norm(x, self.store.get("output_norm.weight"), c.rms_eps)
-        return matmul(x, self.store.get(self.output_name))
+        return matmul(x, self.store.matrix(self.output_name))
 
     def _proj(self, x: np.ndarray, name: str, bias: str | None = None) -> np.ndarray:
-        y = matmul(x, self.store.get(name))
+        y = matmul(x, self.store.matrix(name))
         if bias is not None and self.store.has(bias):
             y += self.store.get(bias)
         return y
@@ -226,7 +226,7 @@ class Transformer:
         k = apply_rope(k, *rope, c.spec.rope)
         keys, values = cache.store(il, k, v)
         a = attention(q, keys, values, pos, c.attn_scale, window)
-        o = matmul(a, st.get(L.attn_output))
+        o = matmul(a, st.matrix(L.attn_output))
         if c.spec.gemma:
             o = rms_norm(o, st.get(L.post_attention_norm), c.rms_eps)
         x = x + o
@@ -253,25 +253,24 @@ class Transformer:
             out.append(t)
         return out[0], out[1]
 
-    def _ffn(self, h, gate, up, down, gate_w=None, up_w=None, down_w=None) -> np.ndarray:
+    def _ffn(self, h, gate, up, down, expert: int | None = None) -> np.ndarray:
         st = self.store
-        g = matmul(h, gate_w if gate_w is not None else st.get(gate))
-        u = matmul(h, up_w if up_w is not None else st.get(up))
+        g = matmul(h, st.matrix(gate, expert))
+        u = matmul(h, st.matrix(up, expert))
         act = gelu_tanh(g) if self.cfg.spec.ffn_act == "gelu" else silu(g)
-        return matmul(act * u, down_w if down_w is not None else st.get(down))
+        return matmul(act * u, st.matrix(down, expert))
 
     def _moe(self, L: LayerNames, h: np.ndarray) -> np.ndarray:
         c, st = self.cfg, self.store
-        probs = softmax(matmul(h, st.get(L.ffn_gate_inp)))  # [n, n_expert]
+        probs = softmax(matmul(h, st.matrix(L.ffn_gate_inp)))  # [n, n_expert]
         top = np.argsort(-probs, axis=1, kind="stable")[:, : c.n_expert_used]
         w = np.take_along_axis(probs, top, axis=1)
         if c.spec.moe_norm_topk:
             w = w / np.sum(w, axis=1, keepdims=True)
-        gate, up, down = st.get(L.ffn_gate_exps), st.get(L.ffn_up_exps), st.get(L.ffn_down_exps)
         out = np.zeros_like(h)
-        for e in np.unique(top):
+        for e in np.unique(top).tolist():
             rows, slot = np.nonzero(top == e)
-            y = self._ffn(h[rows], None, None, None, gate[e], up[e], down[e])
+            y = self._ffn(h[rows], L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps, expert=e)
             out[rows] += w[rows, slot][:, None] * y
         if st.has(L.ffn_up_shexp):
             y = self._ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)

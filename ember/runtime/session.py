@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ..errors import EmberError
 from .model import Transformer
@@ -18,6 +18,14 @@ from .threads import default_threads
 
 N_BATCH = 512  # positions per forward call when feeding long inputs
 N_PARALLEL_MIN = 16  # batches smaller than this run single-threaded
+_BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
+
+
+def _blas_threads(n: int):
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=n, user_api="blas")
 
 
 class Session:
@@ -58,7 +66,7 @@ class Session:
         ids = self._check(ids)
         for start in range(0, len(ids), N_BATCH):
             batch = ids[start : start + N_BATCH]
-            with threadpool_limits(limits=self.threads if len(batch) >= N_PARALLEL_MIN else 1):
+            with _blas_threads(self.threads if len(batch) >= N_PARALLEL_MIN else 1):
                 logits = self.model.forward(batch, self.cache, all_logits=all_logits)
             self.ids.extend(batch)
             yield logits
