@@ -3,9 +3,10 @@
 Weights arrive in one of two forms:
 - a float32 array [n_out, n_in] (the NumPy reference path): BLAS;
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
-  kernel for the type. One or a few rows of activations run the table-lookup matvec (T-MAC,
-  `tmac.py`) on Q4_0/Q4_1; other types and larger batches dequantize the matrix a tile of rows at
-  a time into a reused buffer and use BLAS, so no float32 copy of the model is ever kept.
+  kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
+  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0. Other types and larger batches
+  dequantize the matrix a tile of rows at a time into a reused buffer and use BLAS, so no float32
+  copy of the model is ever kept.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from ..formats.quants import dequantize_into
 
@@ -30,6 +32,7 @@ class QuantMatrix:
     n_out: int
     n_in: int
     packed: object | None = None  # e.g. a PackedQ4 for the table-lookup kernel
+    matvec: object | None = None  # the kernel for `packed`: matvec(x, packed, out=, threads=)
     _tile: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -56,13 +59,26 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     if isinstance(w, np.ndarray):
         return x @ w.T
     if w.packed is not None and x.shape[0] <= SMALL_BATCH:
-        from .tmac import lut_matvec
-
+        matvec = w.matvec
         out = np.empty((x.shape[0], w.n_out), np.float32)
         for i in range(x.shape[0]):
-            lut_matvec(x[i], w.packed, out=out[i], threads=threads)
+            matvec(x[i], w.packed, out=out[i], threads=threads)
         return out
     return _tiled(x, w)
+
+
+def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int) -> QuantMatrix:
+    """A QuantMatrix, packed for its matvec kernel when ember has one for the type."""
+    if qtype in (T.Q4_0, T.Q4_1):
+        from .pack import pack_q4
+        from .tmac import lut_matvec
+
+        return QuantMatrix(name, raw, qtype, n_out, n_in, pack_q4(raw, qtype), lut_matvec)
+    if qtype == T.Q8_0:
+        from .q8 import pack_q8_0, q8_matvec
+
+        return QuantMatrix(name, raw, qtype, n_out, n_in, pack_q8_0(raw), q8_matvec)
+    return QuantMatrix(name, raw, qtype, n_out, n_in)
 
 
 def _tiled(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
@@ -72,4 +88,3 @@ def _tiled(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
         stop = min(w.n_out, start + step)
         np.matmul(x, w.rows_f32(start, stop).T, out=out[:, start:stop])
     return out
-

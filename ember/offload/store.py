@@ -3,7 +3,7 @@
 Two modes:
 - "reference": every weight is dequantized to float32 on first use and kept (the NumPy oracle path);
 - "fast": matrices stay in the file's encoding, memory-mapped (`QuantMatrix`), with a kernel
-  layout packed on first use where a kernel exists (Q4_0/Q4_1 table lookup); only vectors (norms,
+  layout packed on first use where a kernel exists (Q4_0/Q4_1 table lookup, Q8_0 int8 dot); only vectors (norms,
   biases) and F32/F16 matrices become float32 arrays.
 Embedding rows are always decoded on demand. Streaming under a byte budget plugs in here.
 """
@@ -16,11 +16,10 @@ from gguf import GGMLQuantizationType as T
 from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize, dequantize_rows
-from ..lut_kernels.ops import QuantMatrix
+from ..lut_kernels.ops import quant_matrix
 
 MODES = ("reference", "fast")
 _FLOAT = (T.F32, T.F16)
-_LUT_TYPES = (T.Q4_0, T.Q4_1)
 
 
 class WeightStore:
@@ -62,12 +61,7 @@ class WeightStore:
             raw = self.gguf.tensor(name)  # [rows, row_bytes]
             if expert is not None:
                 raw = raw[expert * n_out : (expert + 1) * n_out]
-            packed = None
-            if info.qtype in _LUT_TYPES:
-                from ..lut_kernels.pack import pack_q4
-
-                packed = pack_q4(raw, info.qtype)
-            m = QuantMatrix(name, raw, info.qtype, n_out, n_in, packed)
+            m = quant_matrix(name, raw, info.qtype, n_out, n_in)
         self._matrices[key] = m
         return m
 
