@@ -450,14 +450,17 @@ def kernel_ir(isa: str, *, tile: int = 64, table_bits: int = 16, prefetch: int =
     L += _tables_ir(table_bits)
     L += _matvec_ir(spec, "tmac_q4_0", tile, table_bits, False, prefetch)
     L += _matvec_ir(spec, "tmac_q4_1", tile, table_bits, True, prefetch)
+    return finish_module(L, cpu, features)
+
+
+def finish_module(lines: list[str], cpu: str | None, features: str | None) -> str:
+    """IR text of `lines` plus the function attributes #0 (nounwind, target cpu and features)."""
     attrs = ["nounwind"]
     if cpu:
         attrs.append(f'"target-cpu"="{cpu}"')
     if features:
         attrs.append(f'"target-features"="{features}"')
-    L.append("attributes #0 = { " + " ".join(attrs) + " }")
-    L.append("!0 = !{}")
-    return "\n".join(L) + "\n"
+    return "\n".join(lines + ["attributes #0 = { " + " ".join(attrs) + " }", "!0 = !{}"]) + "\n"
 
 
 def _optimize(mod, tm) -> None:

@@ -293,14 +293,7 @@ def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", feature
     if combine != "vnni":
         L = L[1:]
     L += _row_ir(vw, combine, prefetch)
-    attrs = ["nounwind"]
-    if cpu:
-        attrs.append(f'"target-cpu"="{cpu}"')
-    if features:
-        attrs.append(f'"target-features"="{features}"')
-    L.append("attributes #0 = { " + " ".join(attrs) + " }")
-    L.append("!0 = !{}")
-    return "\n".join(L) + "\n"
+    return codegen.finish_module(L, cpu, features)
 
 
 _lock = threading.Lock()
