@@ -220,15 +220,7 @@ def _tables_ir(bits: int) -> list[str]:
     a("  %xlo = load <16 x float>, ptr %xb, align 4")
     a("  %xhi = load <16 x float>, ptr %xhi.p, align 4")
     a("  %v16 = fadd <16 x float> %xlo, %xhi")
-    prev, n = "%v16", 16
-    while n > 1:
-        h = n // 2
-        a(f"  %r{h}a = shufflevector <{n} x float> {prev}, <{n} x float> poison, {_mask(range(h))}")
-        a(f"  %r{h}b = shufflevector <{n} x float> {prev}, <{n} x float> poison, "
-          f"{_mask(range(h, n))}")
-        a(f"  %v{h} = fadd <{h} x float> %r{h}a, %r{h}b")
-        prev, n = f"%v{h}", h
-    a("  %xs = extractelement <1 x float> %v1, i32 0")
+    emit_hsum(a, "%v16", 16, "%xs")
     a("  %pos = fcmp ogt float %amax, 0.0")
     a(f"  %inv0 = fdiv float {_flt(qmax)}, %amax")
     a("  %inv = select i1 %pos, float %inv0, float 0.0")
@@ -451,6 +443,18 @@ def kernel_ir(isa: str, *, tile: int = 64, table_bits: int = 16, prefetch: int =
     L += _matvec_ir(spec, "tmac_q4_0", tile, table_bits, False, prefetch)
     L += _matvec_ir(spec, "tmac_q4_1", tile, table_bits, True, prefetch)
     return finish_module(L, cpu, features)
+
+
+def emit_hsum(a, src: str, n: int, out: str) -> None:
+    """Emit `out` = the sum of the float vector `src` (<n x float>, n a power of two), as a tree."""
+    prev = src
+    while n > 1:
+        h = n // 2
+        a(f"  {out}.{h}a = shufflevector <{n} x float> {prev}, <{n} x float> poison, {_mask(range(h))}")
+        a(f"  {out}.{h}b = shufflevector <{n} x float> {prev}, <{n} x float> poison, {_mask(range(h, n))}")
+        a(f"  {out}.{h} = fadd <{h} x float> {out}.{h}a, {out}.{h}b")
+        prev, n = f"{out}.{h}", h
+    a(f"  {out} = extractelement <1 x float> {prev}, i32 0")
 
 
 def finish_module(lines: list[str], cpu: str | None, features: str | None) -> str:

@@ -254,15 +254,7 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
         a("  br label %fin")
         a("fin:")
         a(f"  %accF = fadd {VF} %accA, {_splat('float', nl, '-0.0')}")
-    prev, n = "%accF", nl
-    while n > 1:
-        h = n // 2
-        a(f"  %h{h}a = shufflevector <{n} x float> {prev}, <{n} x float> poison, {_mask(range(h))}")
-        a(f"  %h{h}b = shufflevector <{n} x float> {prev}, <{n} x float> poison, "
-          f"{_mask(range(h, n))}")
-        a(f"  %s{h} = fadd <{h} x float> %h{h}a, %h{h}b")
-        prev, n = f"%s{h}", h
-    a("  %ys = extractelement <1 x float> %s1, i32 0")
+    codegen.emit_hsum(a, "%accF", nl, "%ys")
     a("  %yp = getelementptr float, ptr %y, i64 %r")
     a("  store float %ys, ptr %yp, align 4")
     a("  %r.next = add i64 %r, 1")
