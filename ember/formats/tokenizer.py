@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers

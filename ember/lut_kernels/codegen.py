@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import llvmlite.binding as llvm
@@ -493,6 +494,37 @@ class NativeKernels:
     compile_s: float
 
 
+def resolve_isa(isa: str) -> str:
+    """The IR variant to emit for `isa` on this host (AVX-512 without VNNI uses vpmaddubsw)."""
+    return "avx512-novnni" if isa == "avx512" and not _host_features().get("avx512vnni") else isa
+
+
+def _parsed(make_ir, isa: str):
+    """(module, target machine) for the host, from make_ir(cpu, features) -> IR text, optimized."""
+    _init()
+    cpu, feat = _target_for(isa)
+    mod = llvm.parse_assembly(make_ir(cpu, feat))
+    mod.verify()
+    tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=feat, opt=3)
+    _optimize(mod, tm)
+    return mod, tm
+
+
+def jit(make_ir, isa: str):
+    """MCJIT-compile make_ir(cpu, features) for this host: (engine, owners to keep alive, seconds)."""
+    t0 = time.perf_counter()
+    mod, tm = _parsed(make_ir, isa)
+    ee = llvm.create_mcjit_compiler(mod, tm)
+    ee.finalize_object()
+    return ee, (ee, mod, tm), time.perf_counter() - t0
+
+
+def host_asm(make_ir, isa: str) -> str:
+    """The host assembly of make_ir(cpu, features) (for inspection; runs nothing)."""
+    mod, tm = _parsed(make_ir, isa)
+    return tm.emit_assembly(mod)
+
+
 def native_kernels(isa: str, tile: int = 64, table_bits: int = 16,
                    prefetch: int = DEFAULT_PREFETCH) -> NativeKernels:
     """Compile (once per process and argument set) the module for ``isa`` on this host.
@@ -510,25 +542,13 @@ def native_kernels(isa: str, tile: int = 64, table_bits: int = 16,
             return k
         if isa not in host_isas() or isa in ("portable", "neon"):
             raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
-        spec_name = isa
-        if isa == "avx512" and not _host_features().get("avx512vnni"):
-            spec_name = "avx512-novnni"
-        import time
-        t0 = time.perf_counter()
-        _init()
-        cpu, feat = _target_for(isa)
-        mod = llvm.parse_assembly(kernel_ir(spec_name, tile=tile, table_bits=table_bits,
-                                            prefetch=prefetch, cpu=cpu, features=feat))
-        mod.verify()
-        tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=feat,
-                                                                     opt=3)
-        _optimize(mod, tm)
-        ee = llvm.create_mcjit_compiler(mod, tm)
-        ee.finalize_object()
+        spec = resolve_isa(isa)
+        ee, owners, secs = jit(lambda cpu, feat: kernel_ir(spec, tile=tile, table_bits=table_bits,
+                                                          prefetch=prefetch, cpu=cpu, features=feat), isa)
         addr = ee.get_function_address
         k = NativeKernels(isa, tile, table_bits, addr("tmac_tables"), addr("tmac_q4_0"),
-                          addr("tmac_q4_1"), ee, time.perf_counter() - t0)
-        k._module, k._tm = mod, tm  # keep every owner of the code alive with the engine
+                          addr("tmac_q4_1"), ee, secs)
+        k._owners = owners  # keep every owner of the code alive with the engine
         _cache[key] = k
         return k
 
@@ -536,16 +556,9 @@ def native_kernels(isa: str, tile: int = 64, table_bits: int = 16,
 def kernel_asm(isa: str, tile: int = 64, table_bits: int = 16,
                prefetch: int = DEFAULT_PREFETCH) -> str:
     """The host assembly of an x86 module (for inspection; compiles, runs nothing)."""
-    _init()
-    cpu, feat = _target_for(isa)
-    if isa == "avx512" and not _host_features().get("avx512vnni"):
-        isa = "avx512-novnni"
-    mod = llvm.parse_assembly(kernel_ir(isa, tile=tile, table_bits=table_bits, prefetch=prefetch,
-                                        cpu=cpu, features=feat))
-    mod.verify()
-    tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=feat, opt=3)
-    _optimize(mod, tm)
-    return tm.emit_assembly(mod)
+    spec = resolve_isa(isa)
+    return host_asm(lambda cpu, feat: kernel_ir(spec, tile=tile, table_bits=table_bits, prefetch=prefetch,
+                                                cpu=cpu, features=feat), isa)
 
 
 def compile_object(isa: str = "neon", triple: str = "aarch64-unknown-linux-gnu", *,

@@ -163,7 +163,7 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
     a("pre:")
     a(f"  %np = udiv i64 %nb, {bpv}")
     a("  %hasp = icmp sgt i64 %np, 0")
-    a(f"  %rowb = mul i64 %nb, 32")
+    a("  %rowb = mul i64 %nb, 32")
     if bpv == 2:
         a("  %odd0 = and i64 %nb, 1")
         a("  %odd = icmp ne i64 %odd0, 0")
@@ -172,7 +172,7 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
         a("  %txp = getelementptr i8, ptr %xq, i64 %tqo")
         a("  %tx32 = load <32 x i8>, ptr %txp, align 1")
         a(f"  %tx = shufflevector <32 x i8> %tx32, <32 x i8> zeroinitializer, {_mask(range(64))}")
-        a(f"  %tdxo = mul i64 %np, 16")
+        a("  %tdxo = mul i64 %np, 16")
         a("  %tdxp = getelementptr float, ptr %dxv, i64 %tdxo")
     a("  br label %row")
 
@@ -298,42 +298,23 @@ def _compile(isa: str, prefetch: int):
     k = _cache.get(key)
     if k is not None:
         return k
-    import llvmlite.binding as llvm
     with _lock:
         k = _cache.get(key)
         if k is not None:
             return k
         if isa not in codegen.host_isas() or isa not in _SPECS:
             raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
-        spec = isa
-        if isa == "avx512" and not codegen._host_features().get("avx512vnni"):
-            spec = "avx512-novnni"
-        t0 = time.perf_counter()
-        codegen._init()
-        cpu, feat = codegen._target_for(isa)
-        mod = llvm.parse_assembly(kernel_ir(spec, prefetch, cpu, feat))
-        mod.verify()
-        tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=feat,
-                                                                     opt=3)
-        codegen._optimize(mod, tm)
-        ee = llvm.create_mcjit_compiler(mod, tm)
-        ee.finalize_object()
-        k = (ee.get_function_address("q8_rows"), (ee, mod, tm), time.perf_counter() - t0)
+        spec = codegen.resolve_isa(isa)
+        ee, owners, secs = codegen.jit(lambda cpu, feat: kernel_ir(spec, prefetch, cpu, feat), isa)
+        k = (ee.get_function_address("q8_rows"), owners, secs)
         _cache[key] = k
         return k
 
 
 def kernel_asm(isa: str = "avx512", prefetch: int = DEFAULT_PREFETCH) -> str:
-    import llvmlite.binding as llvm
-    codegen._init()
-    cpu, feat = codegen._target_for(isa)
-    spec = isa
-    if isa == "avx512" and not codegen._host_features().get("avx512vnni"):
-        spec = "avx512-novnni"
-    mod = llvm.parse_assembly(kernel_ir(spec, prefetch, cpu, feat))
-    tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=feat, opt=3)
-    codegen._optimize(mod, tm)
-    return tm.emit_assembly(mod)
+    """The host assembly of the Q8_0 kernel (for inspection; runs nothing)."""
+    spec = codegen.resolve_isa(isa)
+    return codegen.host_asm(lambda cpu, feat: kernel_ir(spec, prefetch, cpu, feat), isa)
 
 
 _choice: dict = {}

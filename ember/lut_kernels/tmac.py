@@ -542,7 +542,6 @@ def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), round
     """
     import time
 
-    from numba.typed import List
     from threadpoolctl import threadpool_limits
 
     from .pack import pack_q4
