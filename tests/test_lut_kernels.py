@@ -104,7 +104,7 @@ def test_pack_roundtrip(qtype, n_out, n_in):
                 got[:, :, 16 + 4 * gp + j] |= ((c[:, :, gp, plane] >> (4 + j)) & 1) << plane
     assert np.array_equal(got, q)
     d = blk[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    flat = p.dm.transpose(0, 3, 1, 2).reshape(-1, nb, p.dm.shape[2])[:n_out]
+    flat = p.dm.view(np.float16).astype(np.float32).transpose(0, 3, 1, 2).reshape(-1, nb, p.dm.shape[2])[:n_out]
     assert np.array_equal(flat[:, :, 0], d)
     if qtype == Q4_1:
         m = blk[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)

@@ -12,19 +12,18 @@ Layout of ``PackedQ4`` (``tile`` rows per tile, default 64; ``nb = n_in // 32`` 
     ``j + 16`` in its high nibble, hence ``byte(gp, p) = sum_j ((qs[4 gp + j] >> p) & 0x11) << j``.
     The 4 planes of one row sit in 4 neighbouring bytes, 16 rows fill 64 bytes (one zmm), and
     one (block, group pair) of a tile is ``4 * tile`` contiguous bytes.
-``dm``     float32 [n_tiles, nb, S, tile]  S = 1 (Q4_0): the block scales ``d``; S = 2 (Q4_1):
-    ``d`` then the block mins ``m`` (f16 widened exactly). The views ``p.d`` / ``p.m`` are
-    [n_tiles, nb, tile] (``p.m`` is None for Q4_0, whose zero-point is the implicit 8: value
+``dm``     uint16 [n_tiles, nb, S, tile]  S = 1 (Q4_0): the block scales ``d``; S = 2 (Q4_1):
+    ``d`` then the block mins ``m``, as the file's IEEE half bits (the kernels widen 16 of them
+    with one ``vcvtph2ps``). ``p.d`` / ``p.m`` are their float32 values, [n_tiles, nb, tile] (``p.m`` is None for Q4_0, whose zero-point is the implicit 8: value
     ``(q - 8) * d``; Q4_1: ``q * d + m``). One (tile, block) step of the kernel reads
-    ``16 * tile`` bytes of codes and ``4 * S * tile`` bytes of ``dm``, both sequential.
+    ``16 * tile`` bytes of codes and ``2 * S * tile`` bytes of ``dm``, both sequential.
 
 Both arrays are plain C-contiguous numpy arrays, allocated 64-byte aligned (a zmm load of codes
 never straddles two cache lines; unaligned copies measured 10-20 % slower in cache).
 ``np.savez(path, **p.arrays())`` / ``PackedQ4.from_arrays(np.load(path))`` store and restore
-it (``from_arrays`` re-aligns). Bytes a matvec streams per weight: 0.5 (codes) + 4/32 (``d``)
-(+ 4/32 ``m``) = 0.625 B for Q4_0, 0.75 B for Q4_1, against GGUF's 0.5625 / 0.625 B: float32
-scales cost 11 % / 20 % more traffic than f16 ones would (the kernel could widen f16 scales with
-one ``vcvtph2ps`` per 16 rows if that traffic ever matters more than simplicity).
+it (``from_arrays`` re-aligns). Bytes a matvec streams per weight: 0.5 (codes) + 2/32 (``d``)
+(+ 2/32 ``m``) = 0.5625 B for Q4_0, 0.625 B for Q4_1: exactly GGUF's. (float32 scales cost
+11 % / 20 % more traffic; SmolLM2's decode read 112 MB per token with them, 97 MB without.)
 
 Repacking is one numba pass (a 256-entry table spreads each qs byte's 4 planes into a word),
 single-threaded, median of 7, dev box (2 vCPUs, load 0.6-1.0): 1536x576 0.33-0.38 ms,
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-__all__ = ["PackedQ4", "pack_q4", "unpack_q4", "aligned", "aligned_empty", "Q4_0", "Q4_1",
+__all__ = ["PackedQ4", "half_to_f32", "pack_q4", "unpack_q4", "aligned", "aligned_empty", "Q4_0", "Q4_1",
            "DEFAULT_TILE"]
 
 Q4_0 = 2   # GGMLQuantizationType values
@@ -84,11 +83,11 @@ class PackedQ4:
 
     @property
     def d(self) -> np.ndarray:
-        return self.dm[:, :, 0, :]
+        return self.dm[:, :, 0, :].view(np.float16).astype(np.float32)
 
     @property
     def m(self):
-        return self.dm[:, :, 1, :] if self.dm.shape[2] > 1 else None
+        return self.dm[:, :, 1, :].view(np.float16).astype(np.float32) if self.dm.shape[2] > 1 else None
 
     @property
     def n_blocks(self) -> int:
@@ -107,8 +106,13 @@ class PackedQ4:
     @classmethod
     def from_arrays(cls, arrs) -> "PackedQ4":
         n_out, n_in, qtype, tile = (int(v) for v in arrs["meta"])
-        return cls(aligned(np.asarray(arrs["codes"])), aligned(np.asarray(arrs["dm"])),
-                   n_out, n_in, qtype, tile)
+        codes, dm = np.asarray(arrs["codes"]), np.asarray(arrs["dm"])
+        nb, S = n_in // 32, 2 if qtype == Q4_1 else 1
+        n_tiles = -(-n_out // tile) if tile > 0 else -1
+        if codes.dtype != np.uint8 or dm.dtype != np.uint16 or n_in % 32 or n_tiles < 0 \
+                or codes.shape != (n_tiles, nb, 4, tile, 4) or dm.shape != (n_tiles, nb, S, tile):
+            raise ValueError("PackedQ4: inconsistent codes / dm arrays")
+        return cls(aligned(codes), aligned(dm), n_out, n_in, qtype, tile)
 
 
 # _SPREAD[q]: the 4 bit-planes of one qs byte q, plane p in byte p of the word, as 2 bits:
@@ -118,9 +122,9 @@ _SPREAD = np.array([sum(((q >> p) & 0x11) << (8 * p) for p in range(4)) for q in
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _f16(lo, hi):
-    """The IEEE half with bytes lo, hi (little endian) -> float32, exactly (NaN stays NaN)."""
-    h = np.int32(lo) | (np.int32(hi) << 8)
+def half_to_f32(h):
+    """The IEEE half with bits h -> float32, exactly (NaN stays NaN)."""
+    h = np.int32(h)
     e = (h >> 10) & 0x1F
     m = h & 0x3FF
     if e == 0x1F:
@@ -148,9 +152,9 @@ def _pack(blk, qoff, codes32, dm):
         r = row - t * tile
         src = blk[row]
         for b in range(nb):
-            dm[t, b, 0, r] = _f16(src[b, 0], src[b, 1])
+            dm[t, b, 0, r] = np.uint16(src[b, 0]) | (np.uint16(src[b, 1]) << np.uint16(8))
             if S == 2:
-                dm[t, b, 1, r] = _f16(src[b, 2], src[b, 3])
+                dm[t, b, 1, r] = np.uint16(src[b, 2]) | (np.uint16(src[b, 3]) << np.uint16(8))
             for gp in range(4):
                 o = qoff + 4 * gp
                 codes32[t, b, gp, r] = (spread[src[b, o]] | (spread[src[b, o + 1]] << 1)
@@ -193,7 +197,7 @@ def pack_q4(raw2d: np.ndarray, qtype: int, tile: int = DEFAULT_TILE) -> PackedQ4
     blk = np.ascontiguousarray(raw2d).reshape(n_out, nb, bb)
     S = 2 if qtype == Q4_1 else 1
     codes = aligned_empty((n_tiles, nb, 4, tile, 4), np.uint8)
-    dm = aligned_empty((n_tiles, nb, S, tile), np.float32)
+    dm = aligned_empty((n_tiles, nb, S, tile), np.uint16)
     if n_out % tile:
         codes[-1] = 0
         dm[-1] = 0
@@ -208,6 +212,6 @@ def unpack_q4(p: PackedQ4) -> np.ndarray:
     blk = np.empty((p.n_out, nb, bb), np.uint8)
     _unpack_codes(p.codes, p.n_out, bb - 16, blk)
 
-    f = p.dm.transpose(0, 3, 1, 2).reshape(-1, nb, p.dm.shape[2])[:p.n_out].astype(np.float16)
+    f = p.dm.transpose(0, 3, 1, 2).reshape(-1, nb, p.dm.shape[2])[:p.n_out]
     blk[:, :, 0:2 * f.shape[2]] = np.ascontiguousarray(f).view(np.uint8).reshape(p.n_out, nb, -1)
     return blk.reshape(p.n_out, nb * bb)

@@ -79,7 +79,7 @@ from numba.core import errors
 from numba.extending import intrinsic
 
 from . import codegen
-from .pack import Q4_0, Q4_1, PackedQ4
+from .pack import Q4_0, Q4_1, PackedQ4, half_to_f32
 
 __all__ = [
     "DEFAULT_TABLE_BITS",
@@ -136,7 +136,7 @@ def _call_tables(typingctx, fn, x, tab, bc, nb):
 def _call_kernel(typingctx, fn, codes, dm, tab, bc, y, nb, t0, t1):
     """tmac_q4_*(codes, dm, tab, bc, y, nb, t0, t1) through a runtime address."""
     _check_types((fn, codes, dm, tab, bc, y, nb, t0, t1),
-                 (None, types.uint8, types.float32, types.int8, types.float32, types.float32,
+                 (None, types.uint8, types.uint16, types.int8, types.float32, types.float32,
                   None, None, None))
     return types.void(fn, codes, dm, tab, bc, y, nb, t0, t1), _emit_call
 
@@ -244,9 +244,9 @@ def _kernel_portable(codes, dm, tab, bc, y, t0, t1):
             xs = bc[b, 3]
             for r in range(tile):
                 u = np.float32(isum[r]) * sc + z
-                a = acc[r] + u * dm[t, b, 0, r]
+                a = acc[r] + u * half_to_f32(dm[t, b, 0, r])
                 if has_min:
-                    a = a + dm[t, b, 1, r] * xs
+                    a = a + half_to_f32(dm[t, b, 1, r]) * xs
                 acc[r] = a
         y[(t - t0) * tile:(t - t0 + 1) * tile] = acc
 
