@@ -20,8 +20,10 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self._cap = 0
-        self.k: list[np.ndarray] = []
+        self.k: list[np.ndarray] = []  # per layer, views of k_all / v_all
         self.v: list[np.ndarray] = []
+        self.k_all = np.zeros((n_layer, n_head_kv, 0, head_dim), np.float32)  # [layer, head, pos, d]
+        self.v_all = np.zeros((n_layer, n_head_kv, 0, head_dim_v), np.float32)
 
     def __len__(self) -> int:
         return self.length
@@ -30,14 +32,19 @@ class KVCache:
         if n <= self._cap:
             return
         cap = min(self.max_len, max(n, 2 * self._cap, 256))
-        shape_k = (self.n_head_kv, cap, self.head_dim)
-        shape_v = (self.n_head_kv, cap, self.head_dim_v)
-        new_k = [np.zeros(shape_k, np.float32) for _ in range(self.n_layer)]
-        new_v = [np.zeros(shape_v, np.float32) for _ in range(self.n_layer)]
-        for il in range(len(self.k)):
-            new_k[il][:, : self.length] = self.k[il][:, : self.length]
-            new_v[il][:, : self.length] = self.v[il][:, : self.length]
-        self.k, self.v, self._cap = new_k, new_v, cap
+        k_all = np.zeros((self.n_layer, self.n_head_kv, cap, self.head_dim), np.float32)
+        v_all = np.zeros((self.n_layer, self.n_head_kv, cap, self.head_dim_v), np.float32)
+        if self._cap:
+            k_all[:, :, : self.length] = self.k_all[:, :, : self.length]
+            v_all[:, :, : self.length] = self.v_all[:, :, : self.length]
+        self.k_all, self.v_all, self._cap = k_all, v_all, cap
+        self.k = list(k_all)
+        self.v = list(v_all)
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more positions (the fused decode step writes into k_all / v_all)."""
+        self.check_room(n)
+        self._reserve(self.length + n)
 
     def check_room(self, n: int) -> None:
         if self.length + n > self.max_len:
@@ -68,4 +75,4 @@ class KVCache:
         self.length = 0
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        return self.k_all.nbytes + self.v_all.nbytes

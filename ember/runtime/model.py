@@ -96,11 +96,26 @@ class LayerNames:
 
 
 class Transformer:
+    fused = True  # decode single tokens with the fused step where possible
+
     def __init__(self, config: ModelConfig, store: WeightStore):
         self.cfg = config
         self.store = store
         self.output_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
         self._check_tensors()
+        self._decoders: dict[int, object] = {}
+
+    def decoder(self, threads: int):
+        """The fused one-token step (`decode.FusedDecoder`) for `threads`, or None where the model
+        or the host has no fused path (then one token runs through `forward`)."""
+        if threads not in self._decoders:
+            from .decode import FusedDecoder, NotFusable
+
+            try:
+                self._decoders[threads] = FusedDecoder(self, threads) if self.fused else None
+            except NotFusable:
+                self._decoders[threads] = None
+        return self._decoders[threads]
 
     # ---- validation ----------------------------------------------------------------------
     def _expect(self, name: str, shape: tuple[int, ...], required: bool = True) -> None:

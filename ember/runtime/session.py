@@ -17,7 +17,7 @@ from .model import Transformer
 from .threads import default_threads
 
 N_BATCH = 512  # positions per forward call when feeding long inputs
-N_PARALLEL_MIN = 16  # batches smaller than this run single-threaded
+N_PARALLEL_MIN = 64  # batches smaller than this run single-threaded (a 2-thread BLAS region stalls for ms when the other core is busy)
 _BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
 
 
@@ -66,6 +66,12 @@ class Session:
         ids = self._check(ids)
         for start in range(0, len(ids), N_BATCH):
             batch = ids[start : start + N_BATCH]
+            dec = self.model.decoder(self.threads) if len(batch) == 1 else None
+            if dec is not None:
+                logits = dec.step(batch[0], self.cache)[None, :]
+                self.ids.extend(batch)
+                yield logits
+                continue
             with _blas_threads(self.threads if len(batch) >= N_PARALLEL_MIN else 1):
                 logits = self.model.forward(batch, self.cache, all_logits=all_logits)
             self.ids.extend(batch)

@@ -1,0 +1,264 @@
+"""Building blocks for fused, multi-threaded numba code: matrices as descriptors, a spin barrier.
+
+A fused step (``runtime/decode.py``) runs the same ``nogil`` numba function on N OS threads at
+once; each thread computes its share of every matvec's rows, and the threads meet at a barrier
+wherever a full vector is needed next. This module gives that code:
+
+- ``describe(matrix)``: one int64 row per weight matrix (kind, shape, kernel address, data
+  addresses), so numba code can run any packed matrix through its llvmlite kernel;
+- ``prepare(desc, mats, x, ...)``: the activation formats a set of matrices needs (T-MAC tables
+  for Q4, int8 blocks for Q8_0), each built once;
+- ``matvec_units(desc, m, ..., u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT`` rows
+  per unit; outputs are padded to whole units);
+- ``split(n, tid, nth)``: a contiguous share of n units;
+- ``barrier(state, nth)``: a sense-counting spin barrier in LLVM IR (atomic add, ``pause``),
+  which falls back to ``sched_yield`` after ``SPIN`` polls (a second busy process on a 2-core
+  machine must not turn every barrier into a scheduler tick) and gives up with status 1 after
+  ``GIVE_UP`` yields, or at once with status 2 when ``state[ABORT]`` is set, so an error in one
+  thread can never hang the others.
+
+Only x86 hosts with a native kernel path run fused code (``available()``); elsewhere the model runs
+op by op through ``ops.matmul``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import errors
+from numba.extending import intrinsic
+
+from . import codegen, q8, tmac
+from .pack import DEFAULT_TILE, Q4_0, Q4_1
+
+__all__ = ["KIND_Q4", "KIND_Q8", "UNIT", "NCOL", "available", "describe", "fusable",
+           "barrier_address", "new_barrier_state", "ABORT"]
+
+UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
+KIND_Q4, KIND_Q8 = 1, 2
+Q8_0 = 8  # GGMLQuantizationType.Q8_0
+NCOL = 8  # descriptor: kind, n_out, n_in, kernel fn, data0, data1, units, 0
+SPIN = 4096
+GIVE_UP = 1 << 26
+ABORT = 16  # index of the abort word in the barrier state (count at 0, generation at 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# calls through runtime addresses
+
+
+def _i64(context, builder, ty, val):
+    if isinstance(ty, types.Array):
+        return builder.ptrtoint(context.make_array(ty)(context, builder, val).data, ir.IntType(64))
+    return context.cast(builder, val, ty, types.int64)
+
+
+def _check(tys):
+    for t in tys:
+        if not (isinstance(t, types.Integer) or (isinstance(t, types.Array) and t.layout == "C")):
+            raise errors.TypingError(f"expected an integer or a C-contiguous array, got {t}")
+
+
+def _codegen(ret):
+    def gen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(i64 if ret else ir.VoidType(), [i64] * (len(args) - 1))
+        fp = builder.inttoptr(_i64(context, builder, sig.args[0], args[0]), fnty.as_pointer())
+        r = builder.call(fp, [_i64(context, builder, t, v) for t, v in zip(sig.args[1:], args[1:])])
+        return r if ret else context.get_dummy_value()
+    return gen
+
+
+@intrinsic
+def addr(typingctx, a):
+    """The data address of a C-contiguous array, as int64."""
+    _check((a,))
+
+    def gen(context, builder, sig, args):
+        return _i64(context, builder, sig.args[0], args[0])
+    return types.int64(a), gen
+
+
+@intrinsic
+def call4(typingctx, fn, a, b, c, d):
+    """void fn(a, b, c, d); arrays pass their data pointers, integers their values."""
+    _check((fn, a, b, c, d))
+    return types.void(fn, a, b, c, d), _codegen(False)
+
+
+@intrinsic
+def call8(typingctx, fn, a, b, c, d, e, f, g, h):
+    _check((fn, a, b, c, d, e, f, g, h))
+    return types.void(fn, a, b, c, d, e, f, g, h), _codegen(False)
+
+
+@intrinsic
+def call3_i64(typingctx, fn, a, b, c):
+    _check((fn, a, b, c))
+    return types.int64(fn, a, b, c), _codegen(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the barrier
+
+
+def _barrier_ir(cpu: str, features: str) -> str:
+    L = [
+        "declare void @llvm.x86.sse2.pause()",
+        "define i64 @ember_barrier(ptr %st, i64 %n, i64 %yield) #0 {",
+        "entry:",
+        "  %gp = getelementptr i64, ptr %st, i64 8",
+        f"  %ap = getelementptr i64, ptr %st, i64 {ABORT}",
+        "  %gen = load atomic i64, ptr %gp acquire, align 8",
+        "  %old = atomicrmw add ptr %st, i64 1 acq_rel",
+        "  %n1 = sub i64 %n, 1",
+        "  %last = icmp eq i64 %old, %n1",
+        "  br i1 %last, label %release, label %spin",
+        "release:",
+        "  store atomic i64 0, ptr %st monotonic, align 8",
+        "  %g1 = add i64 %gen, 1",
+        "  store atomic i64 %g1, ptr %gp release, align 8",
+        "  ret i64 0",
+        "spin:",
+        "  %i = phi i64 [0, %entry], [%i1, %next]",
+        "  %cur = load atomic i64, ptr %gp acquire, align 8",
+        "  %moved = icmp ne i64 %cur, %gen",
+        "  br i1 %moved, label %done, label %check",
+        "check:",
+        "  %ab = load atomic i64, ptr %ap monotonic, align 8",
+        "  %abort = icmp ne i64 %ab, 0",
+        "  br i1 %abort, label %aborted, label %wait",
+        "wait:",
+        "  %i1 = add i64 %i, 1",
+        f"  %hot = icmp ult i64 %i1, {SPIN}",
+        "  br i1 %hot, label %pause, label %slow",
+        "pause:",
+        "  call void @llvm.x86.sse2.pause()",
+        "  br label %next",
+        "slow:",
+        f"  %over = icmp ugt i64 %i1, {SPIN + GIVE_UP}",
+        "  br i1 %over, label %timeout, label %yield_",
+        "yield_:",
+        "  %yf = inttoptr i64 %yield to ptr",
+        "  %yr = call i32 %yf()",
+        "  br label %next",
+        "next:",
+        "  br label %spin",
+        "done:",
+        "  ret i64 0",
+        "aborted:",
+        "  ret i64 2",
+        "timeout:",
+        "  ret i64 1",
+        "}",
+    ]
+    return codegen.finish_module(L, cpu, features)
+
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def available() -> bool:
+    """Fused code needs an x86 native kernel path (the barrier and the kernels are x86 IR)."""
+    return codegen.select_kernel(None) in ("avx512", "avx512-novnni", "avx2")
+
+
+def barrier_address() -> tuple[int, int]:
+    """(address of ember_barrier(state, n, yield_fn) -> status, address of sched_yield)."""
+    with _lock:
+        if "barrier" not in _state:
+            isa = codegen.select_kernel(None)
+            ee, owners, _ = codegen.jit(_barrier_ir, isa)
+            libc = ctypes.CDLL(None)
+            _state["barrier"] = (ee.get_function_address("ember_barrier"),
+                                 ctypes.cast(libc.sched_yield, ctypes.c_void_p).value)
+            _state["owners"] = owners
+        return _state["barrier"]
+
+
+def new_barrier_state() -> np.ndarray:
+    """Counter, generation and abort word, each on its own cache line."""
+    return np.zeros(24, np.int64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def barrier(fn, yf, state, nth):
+    if nth == 1:
+        return 0
+    return call3_i64(fn, state, nth, yf)
+
+
+# ---------------------------------------------------------------------------------------------
+# matrices as descriptors
+
+
+def fusable(m) -> bool:
+    """Whether ``m`` (a QuantMatrix) has a kernel the fused code can call."""
+    p = getattr(m, "packed", None)
+    if p is None:
+        return False
+    if m.qtype in (Q4_0, Q4_1):
+        return p.tile == UNIT
+    return m.qtype == Q8_0
+
+
+def describe(m) -> np.ndarray:
+    """The int64 descriptor row of a fusable QuantMatrix (its arrays must outlive the row)."""
+    p = m.packed
+    units = -(-m.n_out // UNIT)
+    if m.qtype in (Q4_0, Q4_1):
+        _, fk, bits = tmac.fn_addresses(m.qtype)
+        if bits != 16:
+            raise ValueError("fused code expects 16-bit tables")
+        return np.array([KIND_Q4, m.n_out, m.n_in, fk, p.codes.ctypes.data, p.dm.ctypes.data,
+                         units, 0], np.int64)
+    return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(), p.qs.ctypes.data,
+                     p.d.ctypes.data, units, 0], np.int64)
+
+
+def table_fn() -> int:
+    """Address of the T-MAC table builder (16-bit tables)."""
+    return tmac.fn_addresses(Q4_1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# numba pieces
+
+
+@njit(cache=True, nogil=True, inline="always")
+def split(n, tid, nth):
+    return n * tid // nth, n * (tid + 1) // nth
+
+
+@njit(cache=True, nogil=True, inline="always")
+def prepare(desc, m0, m1, ftab, x, tab, bc, xq, dxv):
+    """Activation formats of ``x`` for matrices m0..m1-1 (rows of desc), each built once."""
+    q4 = False
+    q8_ = False
+    for m in range(m0, m1):
+        if desc[m, 0] == KIND_Q4:
+            q4 = True
+        elif desc[m, 0] == KIND_Q8:
+            q8_ = True
+    if q4:
+        call4(ftab, x, tab, bc, x.size // 32)
+    if q8_:
+        q8._quantize_x(x, xq, dxv)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def matvec_units(desc, m, tab, bc, xq, dxv, y, u0, u1):
+    """Rows [UNIT u0, UNIT u1) of matrix m into y (y padded to whole units)."""
+    if u1 <= u0:
+        return
+    nb = desc[m, 2] // 32
+    if desc[m, 0] == KIND_Q4:
+        call8(desc[m, 3], desc[m, 4], desc[m, 5], tab, bc, addr(y) + 4 * UNIT * u0, nb, u0, u1)
+    else:
+        r1 = min(UNIT * u1, desc[m, 1])
+        call8(desc[m, 3], desc[m, 4], desc[m, 5], xq, dxv, y, nb, UNIT * u0, r1)

@@ -1,0 +1,415 @@
+"""The fused one-token decode step: the whole forward pass of one token inside one numba call.
+
+`FusedDecoder.step(token, cache)` runs `_decode` (``nogil``, ``cache=True``) on `threads` OS
+threads at once: the calling thread and `threads - 1` workers of a small pool. Every thread keeps
+its own copy of the residual stream and computes the cheap vector work (norms, activation tables,
+RoPE inputs) itself; the matvecs and the attention heads are split between the threads, which
+meet at a spin barrier (`lut_kernels.fused`) whenever a full vector is needed next: six times per
+layer. Python runs once per token: the embedding row, the call, the logits.
+
+It covers the dense architectures (llama, qwen2, gemma3) when every matrix has a kernel
+(`fused.fusable`); other models decode through `Transformer.forward`. The arithmetic is the same as
+`Transformer.forward` on one position up to float32 summation order (tested), and does not depend on
+the thread count: every row is computed whole by one thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+from numba import njit
+
+from ..errors import EmberError
+from ..lut_kernels import fused
+from ..lut_kernels.fused import UNIT, barrier, matvec_units, prepare, split
+from .config import ROPE_NEOX
+
+# per-layer vectors, columns of the offsets table (-1: absent)
+V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM, V_POST_ATTN, V_POST_FFW = range(9)
+_VEC_NAMES = ("attn_norm", "ffn_norm", "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm",
+              "attn_k_norm", "post_attention_norm", "post_ffw_norm")
+# matrices per layer, in descriptor order
+M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN = range(7)
+_MAT_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+NM = len(_MAT_NAMES)
+# integer parameters
+(P_NLAYER, P_D, P_NHEAD, P_NKV, P_HD, P_HDV, P_ROPE_DIM, P_NEOX, P_GELU, P_QKNORM, P_GEMMA,
+ P_WINDOW, P_VOCAB) = range(13)
+
+
+class NotFusable(EmberError):
+    """The model has a part the fused step does not cover; it decodes op by op."""
+
+
+def _units(n: int) -> int:
+    return -(-n // UNIT) * UNIT
+
+
+# ---------------------------------------------------------------------------------------------
+# numba
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rms(x, w, eps, out):
+    s = 0.0
+    for i in range(x.size):
+        s += np.float64(x[i]) * np.float64(x[i])
+    den = np.sqrt(np.float32(s / x.size) + eps)
+    for i in range(x.size):
+        out[i] = (x[i] / den) * w[i]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rope(x, cos, sin, neox):
+    half = cos.size
+    if neox:
+        for j in range(half):
+            a = x[j]
+            b = x[j + half]
+            x[j] = a * cos[j] - b * sin[j]
+            x[j + half] = a * sin[j] + b * cos[j]
+    else:
+        for j in range(half):
+            a = x[2 * j]
+            b = x[2 * j + 1]
+            x[2 * j] = a * cos[j] - b * sin[j]
+            x[2 * j + 1] = a * sin[j] + b * cos[j]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vec(vecs, voff, il, which, n):
+    o = voff[il, which]
+    return vecs[o:o + n]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _heads(t, vecs, voff, il, bias_col, norm_col, full, nh, hd, eps, tmp):
+    """t (a q or k projection, nh heads of hd) + bias, then the full-vector q/k norm if any, in place."""
+    n = nh * hd
+    if voff[il, bias_col] >= 0:
+        b = _vec(vecs, voff, il, bias_col, n)
+        for i in range(n):
+            t[i] += b[i]
+    if full and voff[il, norm_col] >= 0:
+        tmp[:n] = t[:n]
+        _rms(tmp[:n], _vec(vecs, voff, il, norm_col, n), eps, t[:n])
+
+
+@njit(cache=True, nogil=True)
+def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos, cos_g, sin_g,
+            cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb, logits):
+    nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
+    neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
+    rd2 = ip[P_ROPE_DIM] // 2
+    group = nh // nkv
+    eps = np.float32(eps)
+    nbmax = ab.size // 32 + 1
+    for m in range(desc.shape[0]):
+        nbmax = max(nbmax, desc[m, 2] // 32)
+    tab = np.empty(nbmax * 256, np.int8)
+    bc = np.empty(nbmax * 4, np.float32)
+    xq = np.empty(nbmax * 32, np.int8)
+    dxv = np.empty(8 * (nbmax + 1), np.float32)
+    x = x0.copy()
+    h = np.empty(d, np.float32)
+    t2 = np.empty(max(d, qb.size, kb.size, ab.size), np.float32)
+    ql = np.empty(qb.size, np.float32)
+    kl = np.empty(kb.size, np.float32)
+    sc = np.empty(pos + 1, np.float32)
+    acc = np.empty(hdv, np.float32)
+    for il in range(nl):
+        m0 = il * 7
+        cs = cos_l if swa[il] else cos_g
+        sn = sin_l if swa[il] else sin_g
+        win = window if swa[il] else 0
+        # q, k, v
+        _rms(x, _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h)
+        prepare(desc, m0 + M_Q, m0 + M_V + 1, ftab, h, tab, bc, xq, dxv)
+        uq, uk, uv = desc[m0 + M_Q, 6], desc[m0 + M_K, 6], desc[m0 + M_V, 6]
+        u0, u1 = split(uq + uk + uv, tid, nth)
+        matvec_units(desc, m0 + M_Q, tab, bc, xq, dxv, qb, min(u0, uq), min(u1, uq))
+        matvec_units(desc, m0 + M_K, tab, bc, xq, dxv, kb, min(max(u0 - uq, 0), uk),
+                     min(max(u1 - uq, 0), uk))
+        matvec_units(desc, m0 + M_V, tab, bc, xq, dxv, vb, min(max(u0 - uq - uk, 0), uv),
+                     min(max(u1 - uq - uk, 0), uv))
+        st = barrier(bfn, yfn, bst, nth)
+        if st:
+            bst[fused.ABORT] = 1
+            return st
+        # k, v heads of this thread: bias, norm, RoPE, into the cache
+        kl[:] = kb[:kl.size]
+        _heads(kl, vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
+        g0, g1 = split(nkv, tid, nth)
+        for g in range(g0, g1):
+            kh = kl[g * hd:(g + 1) * hd]
+            if qkn == 1:
+                t2[:hd] = kh
+                _rms(t2[:hd], _vec(vecs, voff, il, V_KNORM, hd), eps, kh)
+            _rope(kh, cs, sn, neox)
+            kc[il, g, pos, :] = kh
+            vh = vc[il, g, pos, :]
+            vh[:] = vb[g * hdv:(g + 1) * hdv]
+            if voff[il, V_BV] >= 0:
+                vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv:(g + 1) * hdv]
+        st = barrier(bfn, yfn, bst, nth)
+        if st:
+            bst[fused.ABORT] = 1
+            return st
+        # attention, by query head
+        ql[:] = qb[:ql.size]
+        _heads(ql, vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
+        lo = 0 if win == 0 else max(0, pos - win + 1)
+        h0, h1 = split(nh, tid, nth)
+        for hh in range(h0, h1):
+            qh = ql[hh * hd:(hh + 1) * hd]
+            if qkn == 1:
+                t2[:hd] = qh
+                _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
+            _rope(qh, cs, sn, neox)
+            g = hh // group
+            mx = -np.inf
+            for j in range(lo, pos + 1):
+                s = np.float32(0.0)
+                kj = kc[il, g, j]
+                for i in range(hd):
+                    s += qh[i] * kj[i]
+                s = s * scale
+                sc[j] = s
+                mx = max(mx, s)
+            tot = np.float32(0.0)
+            for j in range(lo, pos + 1):
+                e = np.exp(sc[j] - mx)
+                sc[j] = e
+                tot += e
+            acc[:] = 0
+            for j in range(lo, pos + 1):
+                p = sc[j] / tot
+                vj = vc[il, g, j]
+                for i in range(hdv):
+                    acc[i] += p * vj[i]
+            ab[hh * hdv:(hh + 1) * hdv] = acc
+        st = barrier(bfn, yfn, bst, nth)
+        if st:
+            bst[fused.ABORT] = 1
+            return st
+        # output projection, residual
+        prepare(desc, m0 + M_O, m0 + M_O + 1, ftab, ab[:nh * hdv], tab, bc, xq, dxv)
+        u0, u1 = split(desc[m0 + M_O, 6], tid, nth)
+        matvec_units(desc, m0 + M_O, tab, bc, xq, dxv, ob, u0, u1)
+        st = barrier(bfn, yfn, bst, nth)
+        if st:
+            bst[fused.ABORT] = 1
+            return st
+        if gemma:
+            _rms(ob[:d], _vec(vecs, voff, il, V_POST_ATTN, d), eps, h)
+            x += h
+        else:
+            x += ob[:d]
+        # FFN
+        _rms(x, _vec(vecs, voff, il, V_FFN_NORM, d), eps, h)
+        prepare(desc, m0 + M_GATE, m0 + M_UP + 1, ftab, h, tab, bc, xq, dxv)
+        u0, u1 = split(desc[m0 + M_GATE, 6], tid, nth)
+        matvec_units(desc, m0 + M_GATE, tab, bc, xq, dxv, gb, u0, u1)
+        matvec_units(desc, m0 + M_UP, tab, bc, xq, dxv, ub, u0, u1)
+        nff = desc[m0 + M_GATE, 1]
+        for r in range(UNIT * u0, min(UNIT * u1, nff)):
+            gv = gb[r]
+            if gelu:
+                c = np.float32(0.7978845608028654)
+                a = np.float32(0.5) * gv * (np.float32(1.0) + np.tanh(
+                    c * (gv + np.float32(0.044715) * gv * gv * gv)))
+            else:
+                a = gv / (np.float32(1.0) + np.exp(-gv))
+            ab[r] = a * ub[r]
+        st = barrier(bfn, yfn, bst, nth)
+        if st:
+            bst[fused.ABORT] = 1
+            return st
+        prepare(desc, m0 + M_DOWN, m0 + M_DOWN + 1, ftab, ab[:nff], tab, bc, xq, dxv)
+        u0, u1 = split(desc[m0 + M_DOWN, 6], tid, nth)
+        matvec_units(desc, m0 + M_DOWN, tab, bc, xq, dxv, fb, u0, u1)
+        st = barrier(bfn, yfn, bst, nth)
+        if st:
+            bst[fused.ABORT] = 1
+            return st
+        if gemma:
+            _rms(fb[:d], _vec(vecs, voff, il, V_POST_FFW, d), eps, h)
+            x += h
+        else:
+            x += fb[:d]
+    # final norm, output projection
+    _rms(x, vecs[out_norm:out_norm + d], eps, h)
+    mo = nl * 7
+    prepare(desc, mo, mo + 1, ftab, h, tab, bc, xq, dxv)
+    u0, u1 = split(desc[mo, 6], tid, nth)
+    matvec_units(desc, mo, tab, bc, xq, dxv, logits, u0, u1)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+
+
+class _Pool:
+    """`n` worker threads that each run one call of a job when released (tids 1..n)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._go = [threading.Semaphore(0) for _ in range(n)]
+        self._done = threading.Semaphore(0)
+        self._job = None
+        self._results: list = [None] * n
+        self._stop = False
+        self._threads = [threading.Thread(target=self._work, args=(i,), daemon=True,
+                                          name=f"ember-decode-{i + 1}") for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self, i: int) -> None:
+        while True:
+            self._go[i].acquire()
+            if self._stop:
+                return
+            fn, args, on_error = self._job
+            try:
+                self._results[i] = fn(i + 1, *args)
+            except BaseException as e:  # reported by run() on the calling thread
+                on_error()
+                self._results[i] = e
+            self._done.release()
+
+    def run(self, fn, args, on_error) -> list:
+        """fn(0, *args) here and fn(i, *args) on worker i; all results, tid order."""
+        self._job = (fn, args, on_error)
+        for g in self._go:
+            g.release()
+        try:
+            r0 = fn(0, *args)
+        except BaseException:
+            on_error()
+            raise
+        finally:
+            for _ in range(self.n):
+                self._done.acquire()
+        return [r0] + self._results
+
+    def close(self) -> None:
+        self._stop = True
+        for g in self._go:
+            g.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Python side
+
+
+class FusedDecoder:
+    """One-token decode of a dense model in one numba call per thread."""
+
+    def __init__(self, model, threads: int = 1):
+        if not fused.available():
+            raise NotFusable("no native kernel path on this host")
+        c, st = model.cfg, model.store
+        if c.is_moe:
+            raise NotFusable("mixture-of-experts layers are decoded op by op")
+        if c.n_head % c.n_head_kv:
+            raise NotFusable("heads do not divide into kv groups")
+        self.model = model
+        self.threads = max(1, int(threads))
+        mats = []
+        for il in range(c.n_layer):
+            for part in _MAT_NAMES:
+                mats.append(st.matrix(f"blk.{il}.{part}.weight"))
+        mats.append(st.matrix(model.output_name))
+        for m in mats:
+            if isinstance(m, np.ndarray) or not fused.fusable(m):
+                name = getattr(m, "name", "a float matrix")
+                raise NotFusable(f"{name} has no fused kernel")
+        self._mats = mats  # keeps the packed arrays alive
+        self.desc = np.stack([fused.describe(m) for m in mats])
+        self.ftab = fused.table_fn()
+        vecs, voff, n = [], np.full((c.n_layer, len(_VEC_NAMES)), -1, np.int64), 0
+        for il in range(c.n_layer):
+            for j, part in enumerate(_VEC_NAMES):
+                name = f"blk.{il}.{part}" + ("" if part.endswith(".bias") else ".weight")
+                if st.has(name):
+                    v = np.ascontiguousarray(st.get(name), np.float32).reshape(-1)
+                    voff[il, j] = n
+                    vecs.append(v)
+                    n += v.size
+        self.out_norm = n
+        vecs.append(np.ascontiguousarray(st.get("output_norm.weight"), np.float32).reshape(-1))
+        self.vecs = np.concatenate(vecs)
+        self.voff = voff
+        qkn = {"": 0, None: 0, "head": 1, "full": 2}[c.spec.qk_norm or ""]
+        self.ip = np.array([c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v,
+                            c.rope_dim, c.spec.rope == ROPE_NEOX, c.spec.ffn_act == "gelu", qkn,
+                            bool(c.spec.gemma), c.sliding_window, c.n_vocab], np.int64)
+        self.swa = np.array(c.swa_layers, np.int64)
+        half = c.rope_dim // 2
+        self._inv = {base: base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
+                     for base in (c.rope_base, c.rope_base_local)}
+        assert half == len(self._inv[c.rope_base])
+        f32 = np.float32
+        self.qb = np.zeros(_units(c.n_head * c.head_dim), f32)
+        self.kb = np.zeros(_units(c.n_head_kv * c.head_dim), f32)
+        self.vb = np.zeros(_units(c.n_head_kv * c.head_dim_v), f32)
+        self.ab = np.zeros(max(_units(c.n_ff), c.n_head * c.head_dim_v), f32)
+        self.ob = np.zeros(_units(c.n_embd), f32)
+        self.gb = np.zeros(_units(c.n_ff), f32)
+        self.ub = np.zeros(_units(c.n_ff), f32)
+        self.fb = np.zeros(_units(c.n_embd), f32)
+        self.logits = np.zeros(_units(c.n_vocab), f32)
+        for m, n_out in ((M_Q, c.n_head * c.head_dim), (M_GATE, c.n_ff), (M_DOWN, c.n_embd)):
+            if self.desc[m, 1] != n_out:
+                raise NotFusable("unexpected matrix shapes")
+        self.bfn, self.yfn = fused.barrier_address()
+        self.bst = fused.new_barrier_state()
+        self._pool = _Pool(self.threads - 1) if self.threads > 1 else None
+        if self._pool is not None:
+            weakref.finalize(self, self._pool.close)
+
+    def _rope(self, pos: int, base: float):
+        ang = pos * self._inv[base]
+        return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+    def step(self, token: int, cache) -> np.ndarray:
+        """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
+        c, st = self.model.cfg, self.model.store
+        token = int(token)
+        if not 0 <= token < c.n_vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{c.n_vocab - 1})")
+        cache.reserve(1)
+        pos = cache.length
+        x0 = st.rows("token_embd.weight", np.array([token])).reshape(-1).astype(np.float32)
+        if c.embed_scale != 1.0:
+            x0 *= np.float32(c.embed_scale)
+        cg, sg = self._rope(pos, c.rope_base)
+        cl, sl = self._rope(pos, c.rope_base_local)
+        self.bst[:] = 0
+        args = (self.threads, self.bfn, self.yfn, self.ftab, self.bst, x0, self.desc, self.vecs, self.voff,
+                self.out_norm, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, self.swa, self.ip,
+                float(c.rms_eps), np.float32(c.attn_scale), self.qb, self.kb, self.vb, self.ab,
+                self.ob, self.gb, self.ub, self.fb, self.logits)
+        if self._pool is None:
+            status = [_decode(0, *args)]
+        else:
+            status = self._pool.run(_decode, args, self._abort)
+        for s in status:
+            if isinstance(s, BaseException):
+                raise s
+        if any(status):
+            raise EmberError(f"fused decode: a thread stalled at a barrier (status {status}); "
+                             "another process may be starving the CPU")
+        cache.commit(1)
+        return self.logits[: c.n_vocab].copy()
+
+    def _abort(self) -> None:
+        self.bst[fused.ABORT] = 1
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

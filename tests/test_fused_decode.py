@@ -1,0 +1,137 @@
+"""The fused one-token decode step (runtime/decode.py) against the op-by-op forward pass."""
+
+import threading
+
+import numpy as np
+import pytest
+from numba import njit
+
+import ember
+import tiny_gguf as tg
+from ember.errors import EmberError
+from ember.lut_kernels import fused
+from ember.runtime.decode import FusedDecoder, _Pool
+from ember.runtime.session import Session
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no native x86 kernel path")
+
+
+def _steps(tr, ids, threads, fused_on, n_gen=6):
+    """Prefill ids[:-1], then feed ids[-1] and n_gen greedy tokens one at a time: their logits."""
+    tr.fused = fused_on
+    tr._decoders.clear()
+    s = Session(tr, 256, threads)
+    if len(ids) > 1:
+        s.feed(ids[:-1])
+    out = [s.feed([ids[-1]])[0]]
+    for _ in range(n_gen):
+        out.append(s.feed([int(np.argmax(out[-1]))])[0])
+    tr.fused = True
+    tr._decoders.clear()
+    return np.stack(out)
+
+
+def test_smollm2_fused_matches_op_by_op(catalog_model):
+    m = catalog_model("smollm2-135m")
+    tr = m.transformer
+    assert tr.decoder(1) is not None, "smollm2 (Q4_1 + Q8_0) must take the fused path"
+    ids = m.tokenize("The capital of France is", special=False)
+    ref = _steps(tr, ids, 1, False)
+    got1 = _steps(tr, ids, 1, True)
+    got2 = _steps(tr, ids, 2, True)
+    # same kernels; attention and norms sum in another order: float32 noise only
+    assert np.abs(got1 - ref).max() < 1e-2 * ref.std()
+    assert (got1.argmax(1) == ref.argmax(1)).all()
+    # every row is computed whole by one thread: the thread count changes nothing
+    assert np.array_equal(got1, got2)
+
+
+FUSABLE = ["llama", "qwen2", "gemma3"]
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("family", FUSABLE)
+def test_tiny_families_fused_match_op_by_op(tmp_path, family, qtype):
+    # n_embd 96 / n_ff 160: matrices with partial 64-row units and an odd number of 32-blocks
+    path = tg.write_family(tmp_path / "m.gguf", family, qtype=qtype, embd_qtype="Q8_0",
+                           n_embd=96, n_ff=160, n_ctx=64)
+    m = ember.load(path)
+    tr = m.transformer
+    assert tr.decoder(2) is not None
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, m.config.n_vocab, 9).tolist()
+    ref = _steps(tr, ids, 1, False, n_gen=12)   # positions 8..20: past gemma3's window of 4
+    exact = _steps(ember.load(path, kernels="numpy").transformer, ids, 1, False, n_gen=12)
+    noise = np.abs(ref - exact).max()  # the kernels' own activation quantization
+    # A last-bit difference (attention, norms) can flip the rounding of one int8 activation of
+    # the Q8_0 output matrix: a jump of ~1/127 of a block, so the bound is 1e-2, not 1e-5.
+    for threads in (1, 2, 3):
+        got = _steps(tr, ids, threads, True, n_gen=12)
+        assert np.abs(got - ref).max() < 1e-2 * ref.std(), (threads, np.abs(got - ref).max())
+        assert np.abs(got - exact).max() < 1.25 * noise + 1e-3 * ref.std()
+
+
+def test_moe_and_reference_mode_are_not_fused(tmp_path):
+    path = tg.write_family(tmp_path / "moe.gguf", "mixtral")
+    assert ember.load(path).transformer.decoder(1) is None
+    path = tg.write_family(tmp_path / "d.gguf", "llama")
+    assert ember.load(path, kernels="numpy").transformer.decoder(1) is None
+
+
+def test_fused_step_checks_token_and_context(tmp_path):
+    path = tg.write_family(tmp_path / "m.gguf", "llama", n_ctx=8)
+    m = ember.load(path)
+    dec = m.transformer.decoder(1)
+    cache = m.transformer.new_cache(4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        dec.step(m.config.n_vocab, cache)
+    for t in range(4):
+        dec.step(t, cache)
+    with pytest.raises(EmberError, match="context window"):
+        dec.step(1, cache)
+    assert cache.length == 4
+
+
+@njit(nogil=True)  # a barrier partner holding the GIL would stall the other one
+def _two_party(fn, yf, state, nth):
+    return fused.barrier(fn, yf, state, nth)
+
+
+def test_barrier_synchronizes_and_aborts():
+    fn, yf = fused.barrier_address()
+    st = fused.new_barrier_state()
+    results = []
+    t = threading.Thread(target=lambda: results.append(_two_party(fn, yf, st, 2)))
+    t.start()
+    results.append(_two_party(fn, yf, st, 2))
+    t.join(5)
+    assert results == [0, 0] and st[8] == 1 and st[0] == 0
+    # a partner that never arrives: the abort word releases the waiter with status 2
+    timer = threading.Timer(0.2, lambda: st.__setitem__(fused.ABORT, 1))
+    timer.start()
+    assert _two_party(fn, yf, st, 2) == 2
+    timer.join()
+
+
+def test_pool_reports_worker_errors():
+    pool = _Pool(1)
+    aborted = []
+
+    def job(tid, x):
+        if tid == 1:
+            raise RuntimeError("boom")
+        return x
+
+    try:
+        out = pool.run(job, (5,), lambda: aborted.append(1))
+        assert out[0] == 5 and isinstance(out[1], RuntimeError) and aborted
+        assert pool.run(lambda tid: tid * 10, (), lambda: None) == [0, 10]
+    finally:
+        pool.close()
+
+
+def test_decoder_refuses_unfusable_matrices(tmp_path):
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q5_0")
+    from ember.runtime.decode import NotFusable
+    with pytest.raises(NotFusable):
+        FusedDecoder(ember.load(path).transformer, 1)
