@@ -66,7 +66,10 @@ class Model:
         from .runtime.model import Transformer
 
         mode = "reference" if self.kernels == "numpy" else "fast"
-        return Transformer(self.config, WeightStore(self.gguf, mode=mode))
+        store = WeightStore(self.gguf, mode=mode)
+        tr = Transformer(self.config, store)
+        store.prepare()
+        return tr
 
     @property
     def n_ctx(self) -> int:

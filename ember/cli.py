@@ -7,6 +7,7 @@ Every command that prints data takes `--json`. Errors print one line and exit wi
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 from typing import Any, Callable
@@ -207,12 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_startup() -> None:
+    """Process-wide start-up settings of the command line tool (not of the library).
+
+    numba's first compile or cache load imports scipy.linalg only to see whether numba's own
+    np.dot/linalg bindings can work (0.4 s here); no ember kernel uses them, so the CLI process
+    hides scipy from that check. Progress notes ("packing weights...") go to stderr.
+    """
+    if "scipy" not in sys.modules:
+        sys.modules["scipy"] = None  # type: ignore[assignment]
+    log = logging.getLogger("ember")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_ERROR
+    if argv is None:
+        _quiet_startup()
     try:
         return args.func(args)
     except EmberError as e:

@@ -22,13 +22,17 @@ def cache_dir(kind: str) -> Path:
     return (Path(root).expanduser() if root else ember_home() / "cache") / kind
 
 
-def write_atomic(path: Path, data: bytes | str, *, fsync: bool = True) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
+    """Write `data` (bytes, str, or an iterable of bytes-like chunks) to `path` through a
+    temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if isinstance(data, (bytes, bytearray, memoryview, str)):
+                data = [data.encode("utf-8") if isinstance(data, str) else data]
+            for chunk in data:
+                f.write(chunk)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())

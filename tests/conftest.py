@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from ember import hub
+
+# Derived data (pack, JIT and tokenizer caches) of the many throwaway models the tests write goes
+# to a temporary folder, not the user's cache (models are still pulled into $EMBER_HOME/models).
+os.environ.setdefault("EMBER_CACHE_DIR", tempfile.mkdtemp(prefix="ember-test-cache-"))
 
 DATA = Path(__file__).parent / "data"
 

@@ -343,6 +343,15 @@ class GGUFFile:
         t = self.info(name)
         return self._bytes[t.offset : t.offset + t.nbytes]
 
+    def release(self, name: str) -> None:
+        """Drop this process's resident pages of a tensor (after it was repacked elsewhere): they
+        stop counting in RSS and come back from the page cache if the tensor is read again."""
+        t = self.info(name)
+        page = mmap.PAGESIZE
+        lo, hi = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page
+        if hi > lo and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def tensor(self, name: str) -> np.ndarray:
         """F32/F16 tensors as typed arrays of their shape; block-quantized ones as [rows, row_bytes] uint8."""
         t = self.info(name)

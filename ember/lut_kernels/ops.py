@@ -5,19 +5,22 @@ Weights arrive in one of two forms:
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
   `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0. Other types and larger batches
-  dequantize the matrix a tile of rows at a time into a reused buffer and use BLAS, so no float32
-  copy of the model is ever kept.
+  dequantize the file's blocks a tile of rows at a time into one reused buffer per thread and
+  use BLAS, so no float32 copy of the model is ever kept; a matrix that also has a kernel layout
+  then gives its file pages back (`release`), so they do not stay resident twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..formats.quants import dequantize_into
 
+_local = threading.local()
 SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
 TILE_BYTES = 1 << 20  # float32 bytes of weights dequantized per BLAS tile
 
@@ -33,7 +36,7 @@ class QuantMatrix:
     n_in: int
     packed: object | None = None  # e.g. a PackedQ4 for the table-lookup kernel
     matvec: object | None = None  # the kernel for `packed`: matvec(x, packed, out=, threads=)
-    _tile: np.ndarray | None = field(default=None, repr=False)
+    release: object | None = None  # drops the resident pages of `raw` (set by the WeightStore)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -45,11 +48,13 @@ class QuantMatrix:
         return self.packed.nbytes if self.packed is not None else self.raw.nbytes
 
     def rows_f32(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) dequantized into a reused buffer (valid until the next call)."""
+        """Rows [start, stop) dequantized into this thread's tile buffer (valid until its next
+        use)."""
         n = stop - start
-        if self._tile is None or self._tile.shape[0] < n:
-            self._tile = np.empty((n, self.n_in), np.float32)
-        out = self._tile[:n]
+        buf = getattr(_local, "tile", None)
+        if buf is None or buf.size < n * self.n_in:
+            buf = _local.tile = np.empty(max(n * self.n_in, TILE_BYTES // 4), np.float32)
+        out = buf[: n * self.n_in].reshape(n, self.n_in)
         dequantize_into(self.raw[start:stop], self.qtype, out.reshape(-1), name=self.name)
         return out
 
@@ -67,18 +72,39 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     return _tiled(x, w)
 
 
-def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int) -> QuantMatrix:
-    """A QuantMatrix, packed for its matvec kernel when ember has one for the type."""
+def has_kernel(qtype: int) -> bool:
+    """Whether matrices of this type get a kernel layout (and so a place in the pack cache)."""
+    return qtype in (T.Q4_0, T.Q4_1, T.Q8_0)
+
+
+def pack(raw: np.ndarray, qtype: int):
+    """The kernel layout of a matrix's GGUF rows (a PackedQ4 or PackedQ8)."""
     if qtype in (T.Q4_0, T.Q4_1):
         from .pack import pack_q4
-        from .tmac import lut_matvec
 
-        return QuantMatrix(name, raw, qtype, n_out, n_in, pack_q4(raw, qtype), lut_matvec)
+        return pack_q4(raw, qtype)
+    from .q8 import pack_q8_0
+
+    return pack_q8_0(raw)
+
+
+def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
+                 packed=None) -> QuantMatrix:
+    """A QuantMatrix, with its kernel layout when ember has a kernel for the type (`packed`, e.g.
+    from the pack cache, or packed now)."""
+    if not has_kernel(qtype):
+        return QuantMatrix(name, raw, qtype, n_out, n_in)
+    if packed is None:
+        packed = pack(raw, qtype)
+    elif (packed.n_out, packed.n_in) != (n_out, n_in) or getattr(packed, "qtype", T.Q8_0) != qtype:
+        raise ValueError(f"{name}: the cached kernel layout does not match the tensor")
     if qtype == T.Q8_0:
-        from .q8 import pack_q8_0, q8_matvec
+        from .q8 import q8_matvec
 
-        return QuantMatrix(name, raw, qtype, n_out, n_in, pack_q8_0(raw), q8_matvec)
-    return QuantMatrix(name, raw, qtype, n_out, n_in)
+        return QuantMatrix(name, raw, qtype, n_out, n_in, packed, q8_matvec)
+    from .tmac import lut_matvec
+
+    return QuantMatrix(name, raw, qtype, n_out, n_in, packed, lut_matvec)
 
 
 def _tiled(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
@@ -87,4 +113,6 @@ def _tiled(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     for start in range(0, w.n_out, step):
         stop = min(w.n_out, start + step)
         np.matmul(x, w.rows_f32(start, stop).T, out=out[:, start:stop])
+    if w.packed is not None and w.release is not None:
+        w.release()
     return out

@@ -10,13 +10,19 @@ Embedding rows are always decoded on demand. Streaming under a byte budget plugs
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize, dequantize_rows
-from ..lut_kernels.ops import quant_matrix
+from ..lut_kernels.ops import has_kernel, quant_matrix
+
+log = logging.getLogger("ember")
 
 MODES = ("reference", "fast")
 _FLOAT = (T.F32, T.F16)
@@ -62,8 +68,42 @@ class WeightStore:
             if expert is not None:
                 raw = raw[expert * n_out : (expert + 1) * n_out]
             m = quant_matrix(name, raw, info.qtype, n_out, n_in)
+            if m.packed is not None and expert is None:
+                m.release = functools.partial(self.gguf.release, name)
+                m.release()  # decode reads only the packed copy
         self._matrices[key] = m
         return m
+
+    def prepare(self, use_cache: bool = True) -> str:
+        """Give every 2-D matrix that has a kernel its kernel layout now: from the on-disk pack
+        cache when a valid one exists, else packed here (and the cache written). Returns
+        "cached", "packed" or "none" (reference mode, or no matrix with a kernel)."""
+        names = [n for n, t in self.gguf.tensors.items()
+                 if len(t.shape) == 2 and has_kernel(t.qtype) and (n, -1) not in self._matrices]
+        if self.mode != "fast" or not names:
+            return "none"
+        from ..lut_kernels import pack_cache
+
+        cached = pack_cache.load(self.gguf.path) if use_cache else None
+        if cached is not None and set(names) <= set(cached):
+            for n in names:
+                info = self.gguf.info(n)
+                m = quant_matrix(n, self.gguf.tensor(n), info.qtype, info.shape[0],
+                                 info.shape[1], cached[n])
+                m.release = functools.partial(self.gguf.release, n)
+                self._matrices[(n, -1)] = m
+            return "cached"
+        t0 = time.perf_counter()
+        log.info("ember: packing %d matrices of %s for the fast kernels (once per model)",
+                 len(names), self.gguf.path.name)
+        packed = {n: self.matrix(n).packed for n in names}
+        if use_cache:
+            try:
+                path = pack_cache.save(self.gguf.path, packed)
+                log.info("ember: packed in %.1f s, cached in %s", time.perf_counter() - t0, path)
+            except OSError as e:
+                log.warning("ember: could not write the pack cache (%s); packing again next time", e)
+        return "packed"
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor as float32 [len(ids), n_cols], without decoding the rest."""

@@ -1,0 +1,185 @@
+"""On-disk cache of a model's packed weights, memory-mapped back on the next start.
+
+One file per model and layout: ``cache_dir("packed") / <key>.pack``. The key hashes the model's
+identity (the catalog sha256 recorded at pull time when there is one; always the resolved path,
+size, modification time and a sha256 of the file's first and last MiB) with ``LAYOUT``, which
+changes whenever a packed format does. A changed model file therefore gets a new key: the old file
+is stale and never read.
+
+File layout: ``MAGIC``, a little-endian u64 index length, the index (JSON), zero padding to a
+multiple of 64, then the arrays' bytes, each at a 64-byte aligned offset from there. The index names, per matrix, its packed class and arrays (dtype,
+shape, offset, byte count, crc32). Loading checks the magic, the layout, the key, that every array
+lies inside the file with a known dtype and a consistent shape, and every crc32 (zlib, ~1.4 GB/s
+here); a file failing any check is deleted and rebuilt, never used. Arrays are zero-copy views of
+one read-only mapping. Files are written to a temporary name and renamed (`home.write_atomic`);
+writing one deletes the older files made from the same model path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..home import cache_dir, write_atomic
+from .pack import PackedQ4
+from .q8 import PackedQ8
+
+__all__ = ["LAYOUT", "cache_path", "load", "save"]
+
+log = logging.getLogger("ember")
+
+MAGIC = b"EMBERPK\x01"
+LAYOUT = "q4f16-tile64.q8f32.v1"
+ALIGN = 64
+_CLASSES = {"q4": PackedQ4, "q8": PackedQ8}
+_DTYPES = {"uint8", "uint16", "int8", "float32", "int64"}
+_SAMPLE = 1 << 20
+
+
+def _tag(p) -> str:
+    for tag, cls in _CLASSES.items():
+        if isinstance(p, cls):
+            return tag
+    raise TypeError(f"no cache format for {type(p).__name__}")
+
+
+def model_key(path: Path) -> str:
+    path = Path(path).resolve()
+    st = path.stat()
+    h = hashlib.sha256(f"{LAYOUT}|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    marker = path.with_name(path.name + ".sha256")
+    if marker.is_file():
+        h.update(marker.read_bytes()[:256])
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE))
+        f.seek(max(0, st.st_size - _SAMPLE))
+        h.update(f.read(_SAMPLE))
+    return h.hexdigest()[:32]
+
+
+def cache_path(model_path: Path) -> Path:
+    return cache_dir("packed") / f"{model_key(model_path)}.pack"
+
+
+def save(model_path: Path, packed: dict) -> Path:
+    """Write {matrix name: packed object} for the model at model_path; returns the file."""
+    path = cache_path(model_path)
+    entries, blobs, offset = {}, [], 0
+    for name, p in packed.items():
+        arrays = {}
+        for an, a in p.arrays().items():
+            a = np.ascontiguousarray(a)
+            offset += -offset % ALIGN
+            arrays[an] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset,
+                          "nbytes": a.nbytes, "crc32": zlib.crc32(a)}
+            blobs.append((offset, a))
+            offset += a.nbytes
+        entries[name] = {"class": _tag(p), "arrays": arrays}
+    source = str(Path(model_path).resolve())
+    index = json.dumps({"layout": LAYOUT, "key": path.stem, "source": source,
+                        "entries": entries}).encode()
+    head = MAGIC + struct.pack("<Q", len(index)) + index
+    head_len = len(head) + (-len(head) % ALIGN)
+
+    def chunks():
+        yield head + bytes(head_len - len(head))
+        pos = 0
+        for off, a in blobs:
+            if off > pos:
+                yield bytes(off - pos)
+            yield memoryview(a).cast("B")
+            pos = off + a.nbytes
+
+    write_atomic(path, chunks(), fsync=False)
+    _remove_older(path, source)
+    log.debug("packed weights cached in %s (%d bytes)", path, head_len + offset)
+    return path
+
+
+def _source(path: Path) -> str | None:
+    """The model path recorded in a cache file's index (None if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+            if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+                return None
+            (n,) = struct.unpack_from("<Q", head, len(MAGIC))
+            return json.loads(f.read(min(n, 1 << 26))).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _remove_older(keep: Path, source: str) -> None:
+    """Delete the cache files of earlier versions of the same model file (they can never match
+    again), so the cache does not grow with every re-download or edit."""
+    for other in keep.parent.glob("*.pack"):
+        if other != keep and _source(other) == source:
+            try:
+                other.unlink()
+            except OSError:
+                pass
+
+
+def _drop(path: Path, why: str) -> None:
+    log.warning("ember: ignoring the packed-weight cache %s (%s); rebuilding it", path, why)
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def load(model_path: Path) -> dict | None:
+    """{matrix name: packed object} from the cache, or None when there is no valid cache file."""
+    path = cache_path(model_path)
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (FileNotFoundError, ValueError):  # absent, or empty (mmap of 0 bytes)
+        if path.exists():
+            _drop(path, "empty file")
+        return None
+    except OSError as e:
+        log.warning("ember: cannot read %s (%s)", path, e)
+        return None
+    try:
+        return _parse(mm, path)
+    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as e:
+        _drop(path, str(e) or type(e).__name__)
+        return None
+
+
+def _parse(mm: mmap.mmap, path: Path) -> dict:
+    size = len(mm)
+    if size < len(MAGIC) + 8 or mm[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a packed-weight file")
+    (n,) = struct.unpack_from("<Q", mm, len(MAGIC))
+    start = len(MAGIC) + 8
+    if n > size - start:
+        raise ValueError("truncated index")
+    index = json.loads(bytes(mm[start:start + n]))
+    if index.get("layout") != LAYOUT or index.get("key") != path.stem:
+        raise ValueError("another layout or model")
+    buf = np.frombuffer(mm, np.uint8)
+    base = start + n + (-(start + n) % ALIGN)
+    out = {}
+    for name, e in index["entries"].items():
+        arrays = {}
+        for an, a in e["arrays"].items():
+            off, nbytes, dt = base + int(a["offset"]), int(a["nbytes"]), a["dtype"]
+            shape = tuple(int(s) for s in a["shape"])
+            if dt not in _DTYPES or min(shape, default=1) < 0 or off % ALIGN or off < base \
+                    or nbytes != int(np.prod(shape)) * np.dtype(dt).itemsize or off + nbytes > size:
+                raise ValueError(f"bad array record {name}/{an}")
+            arr = buf[off:off + nbytes]
+            if zlib.crc32(arr) != int(a["crc32"]):
+                raise ValueError(f"checksum mismatch in {name}/{an}")
+            arrays[an] = arr.view(dt).reshape(shape)
+        out[name] = _CLASSES[e["class"]].from_arrays(arrays)
+    return out

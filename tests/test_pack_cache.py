@@ -1,0 +1,128 @@
+"""The on-disk caches of derived data: packed weights (pack_cache.py) and JIT object code."""
+
+import os
+
+import numpy as np
+import pytest
+
+import ember
+import tiny_gguf as tg
+from ember.lut_kernels import codegen, pack_cache
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _model(tmp_path, qtype="Q4_1", **kw):
+    return tg.write_family(tmp_path / "m.gguf", "llama", qtype=qtype, embd_qtype="Q8_0",
+                           n_embd=96, n_ff=160, **kw)
+
+
+def _logits(path):
+    m = ember.load(path)
+    s = m.session()
+    s.feed([1, 2, 3])
+    return m, s.feed([4])[0]
+
+
+def test_second_load_uses_the_cache_and_gives_the_same_logits(tmp_path, cache_env):
+    path = _model(tmp_path)
+    m1, a = _logits(path)
+    assert m1.transformer.store.prepare() == "none"  # everything is prepared already
+    files = list((cache_env / "packed").glob("*.pack"))
+    assert len(files) == 1
+    st = ember.load(path).transformer.store
+    assert st.prepare() == "none"
+    m2, b = _logits(path)
+    assert np.array_equal(a, b)
+    from ember.offload.store import WeightStore
+    from ember.formats.gguf import GGUFFile
+    assert WeightStore(GGUFFile(path)).prepare() == "cached"
+
+
+def _corrupt(f, how):
+    data = bytearray(f.read_bytes())
+    if how == "flip":
+        data[-100] ^= 0x55
+    elif how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "magic":
+        data[:8] = b"NOTEMBER"
+    elif how == "index":
+        data[20:40] = b"{" * 20
+    elif how == "empty":
+        data = b""
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "magic", "index", "empty"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, cache_env, how, caplog):
+    path = _model(tmp_path)
+    _, a = _logits(path)
+    (f,) = (cache_env / "packed").glob("*.pack")
+    _corrupt(f, how)
+    assert pack_cache.load(path) is None
+    assert not f.exists()  # dropped, never used
+    _, b = _logits(path)  # packs again and rewrites it
+    assert np.array_equal(a, b)
+    assert pack_cache.load(path) is not None
+
+
+def test_changed_model_gets_a_new_key(tmp_path, cache_env):
+    path = _model(tmp_path)
+    k1 = pack_cache.cache_path(path)
+    _logits(path)
+    _model(tmp_path, seed=5)  # same path, other weights
+    os.utime(path, ns=(1, 1))
+    assert pack_cache.cache_path(path) != k1
+    assert pack_cache.load(path) is None
+    _logits(path)  # writes the new file and removes the stale one
+    assert [f.name for f in (cache_env / "packed").glob("*.pack")] == [pack_cache.cache_path(path).name]
+
+
+def test_roundtrip_of_both_packed_classes(tmp_path, cache_env):
+    path = _model(tmp_path)
+    m = ember.load(path)
+    st = m.transformer.store
+    packed = {n: mat.packed for (n, _), mat in st._matrices.items() if mat.packed is not None}
+    assert {type(p).__name__ for p in packed.values()} == {"PackedQ4", "PackedQ8"}
+    back = pack_cache.load(path)
+    assert set(back) == set(packed)
+    for n, p in packed.items():
+        for an, arr in p.arrays().items():
+            assert np.array_equal(back[n].arrays()[an], arr), (n, an)
+
+
+def test_unwritable_cache_still_runs(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(blocker / "sub"))  # cannot mkdir under a file
+    path = _model(tmp_path)
+    _, a = _logits(path)
+    assert np.isfinite(a).all()
+
+
+def test_jit_object_cache_is_verified(tmp_path, cache_env):
+    ir = codegen.finish_module(["define i64 @f(i64 %x) #0 {", "  %y = add i64 %x, 7",
+                                "  ret i64 %y", "}"], "", "")
+    isa = codegen.select_kernel(None)
+    if isa not in ("avx512", "avx512-novnni", "avx2"):
+        pytest.skip("no native JIT on this host")
+    import ctypes
+
+    def run():
+        ee, owners, _ = codegen.jit(lambda cpu, feat: ir, isa)
+        f = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(ee.get_function_address("f"))
+        return f(5), owners
+
+    assert run()[0] == 12
+    (obj,) = (cache_env / "jit").glob("*.o")
+    assert run()[0] == 12  # from the cache
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    assert run()[0] == 12  # the damaged object is refused and compiled again
+    assert codegen._read_object(obj.stem) is not None
