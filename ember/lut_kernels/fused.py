@@ -42,7 +42,7 @@ UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
 KIND_Q4, KIND_Q8 = 1, 2
 Q8_0 = 8  # GGMLQuantizationType.Q8_0
 NCOL = 8  # descriptor: kind, n_out, n_in, kernel fn, data0, data1, units, 0
-SPIN = 4096
+SPIN = 1024
 GIVE_UP = 1 << 26
 ABORT = 16  # index of the abort word in the barrier state (count at 0, generation at 8)
 

@@ -97,6 +97,36 @@ def _heads(t, vecs, voff, il, bias_col, norm_col, full, nh, hd, eps, tmp):
         _rms(tmp[:n], _vec(vecs, voff, il, norm_col, n), eps, t[:n])
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _attend(q, K, V, lo, hi, scale, sc, acc):
+    """acc = softmax(scale * K[lo:hi] q) @ V[lo:hi] for one head (K [T, d], V [T, dv]).
+
+    Rows are taken as views and walked from index 0, so LLVM vectorizes the inner loops (a
+    runtime lower bound would keep negative-index checks in them)."""
+    n = hi - lo
+    Ks, Vs, s_ = K[lo:hi], V[lo:hi], sc[:n]
+    for j in range(n):
+        kj = Ks[j]
+        s = np.float32(0.0)
+        for i in range(kj.size):
+            s += q[i] * kj[i]
+        s_[j] = s * scale
+    mx = s_.max()
+    tot = np.float32(0.0)
+    for j in range(n):
+        e = np.exp(s_[j] - mx)
+        s_[j] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    a = np.zeros(acc.size, np.float32)  # a fresh array: no aliasing, so the loop vectorizes
+    for j in range(n):
+        p = s_[j] * inv
+        vj = Vs[j]
+        for i in range(a.size):
+            a[i] += p * vj[i]
+    acc[:] = a
+
+
 @njit(cache=True, nogil=True)
 def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos, cos_g, sin_g,
             cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb, logits):
@@ -168,27 +198,7 @@ def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, v
                 t2[:hd] = qh
                 _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
             _rope(qh, cs, sn, neox)
-            g = hh // group
-            mx = -np.inf
-            for j in range(lo, pos + 1):
-                s = np.float32(0.0)
-                kj = kc[il, g, j]
-                for i in range(hd):
-                    s += qh[i] * kj[i]
-                s = s * scale
-                sc[j] = s
-                mx = max(mx, s)
-            tot = np.float32(0.0)
-            for j in range(lo, pos + 1):
-                e = np.exp(sc[j] - mx)
-                sc[j] = e
-                tot += e
-            acc[:] = 0
-            for j in range(lo, pos + 1):
-                p = sc[j] / tot
-                vj = vc[il, g, j]
-                for i in range(hdv):
-                    acc[i] += p * vj[i]
+            _attend(qh, kc[il, hh // group], vc[il, hh // group], lo, pos + 1, scale, sc, acc)
             ab[hh * hdv:(hh + 1) * hdv] = acc
         st = barrier(bfn, yfn, bst, nth)
         if st:
