@@ -79,8 +79,8 @@ def _msg(**kw) -> str:
 def test_pack_matches_dequantize(n_out, n_in):
     raw, x, p, *_ = case(n_out, n_in)
     assert p.qs.dtype == np.int8 and p.qs.shape == (n_out, n_in) and p.qs.flags.c_contiguous
-    assert p.d.dtype == np.float32 and p.d.shape == (n_out, n_in // 32)
-    assert p.nbytes == n_out * n_in + 4 * n_out * (n_in // 32)
+    assert p.d.dtype == np.uint16 and p.d.shape == (n_out, n_in // 32)
+    assert p.nbytes == n_out * n_in + 2 * n_out * (n_in // 32)  # GGUF's bytes exactly
     assert np.array_equal(p.dequantize(), dequantize(raw, Q8_0).reshape(n_out, n_in))
 
 

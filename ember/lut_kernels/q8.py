@@ -6,7 +6,9 @@ API
 ---
 ``pack_q8_0(raw2d) -> PackedQ8``
     raw GGUF rows (uint8 [n_out, n_in / 32 * 34]) -> int8 ``qs`` [n_out, n_in] (row-major, the
-    GGUF quants without their scales) and float32 ``d`` [n_out, n_in / 32]. Vectorized NumPy.
+    GGUF quants without their scales) and ``d`` [n_out, n_in / 32], the f16 scales' bits
+    (uint16; ``d_f32`` widens them; the kernels widen them with ``vcvtph2ps``), so a matvec reads
+    exactly GGUF's 34 bytes per 32 weights. Vectorized NumPy.
 ``q8_matvec(x, p, out=None, threads=1, kernel=None) -> float32 [n_out]``
 ``q8_matvec_reference(x, p, return_scale=False)``
     NumPy oracle of exactly what the kernels compute (same int8 activations, exact integer block
@@ -39,7 +41,8 @@ Timing: ``python -m ember.lut_kernels.q8`` (``benchmark()``). Dev box: 2 vCPUs "
 (LLVM cpu rocketlake, AVX-512 VNNI; 2 MB L2/core, 105 MB shared L3), load average 0.5-0.6,
 1 thread unless said, whole Python call, median of 9 interleaved rounds; hot = the same matrix
 again (it may sit in L3), cold = rotating over 512 MB of copies (DRAM). GB/s = packed bytes
-(qs + float32 d) / time. 49152 x 576 (SmolLM2-135M's tied output matrix), 31.9 MB packed::
+(qs + d) / time. 49152 x 576 (SmolLM2-135M's tied output matrix), 31.9 MB packed (measured when
+``d`` was still float32; it is f16 now, 30.1 MB)::
 
                        hot us (GB/s)    cold us (GB/s)
     avx512 (vnni)       2704 (11.8)      2969 (10.7)     two runs: 2704-2786 / 2969-3101
@@ -71,6 +74,7 @@ from numba.extending import intrinsic
 
 from . import codegen
 from .codegen import _mask, _splat
+from .pack import half_to_f32
 from .tmac import _check_types, _emit_call
 
 __all__ = [
@@ -95,7 +99,7 @@ DEFAULT_PREFETCH = 4096  # software prefetch distance in bytes of qs (0: none); 
 @dataclass
 class PackedQ8:
     qs: np.ndarray      # int8 [n_out, n_in]
-    d: np.ndarray       # float32 [n_out, n_in // 32]
+    d: np.ndarray       # uint16 [n_out, n_in // 32]: the block scales' IEEE half bits
     n_out: int
     n_in: int
 
@@ -106,10 +110,18 @@ class PackedQ8:
     def arrays(self) -> dict:
         return {"qs": self.qs, "d": self.d}
 
+    @property
+    def d_f32(self) -> np.ndarray:
+        """The block scales as float32 [n_out, n_in // 32]."""
+        return self.d.view(np.float16).astype(np.float32)
+
     @classmethod
     def from_arrays(cls, a) -> "PackedQ8":
         qs = np.ascontiguousarray(a["qs"], dtype=np.int8)
-        d = np.ascontiguousarray(a["d"], dtype=np.float32)
+        d = np.asarray(a["d"])
+        if d.dtype != np.uint16:
+            raise ValueError("PackedQ8: d must hold f16 bits (uint16)")
+        d = np.ascontiguousarray(d)
         if qs.ndim != 2 or d.shape != (qs.shape[0], qs.shape[1] // 32) or qs.shape[1] % 32:
             raise ValueError("PackedQ8: inconsistent qs / d shapes")
         return cls(qs, d, qs.shape[0], qs.shape[1])
@@ -118,7 +130,7 @@ class PackedQ8:
         """float32 [n_out, n_in] (for tests and baselines)."""
         nb = self.n_in // 32
         return (self.qs.reshape(self.n_out, nb, 32).astype(np.float32)
-                * self.d[:, :, None]).reshape(self.n_out, self.n_in)
+                * self.d_f32[:, :, None]).reshape(self.n_out, self.n_in)
 
 
 def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
@@ -130,7 +142,7 @@ def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
         raise ValueError("pack_q8_0: expected uint8 [n_out, nb * 34]")
     n_out, nb = raw.shape[0], raw.shape[1] // 34
     r3 = raw.reshape(n_out, nb, 34)
-    d = np.ascontiguousarray(r3[:, :, :2]).view(np.float16).reshape(n_out, nb).astype(np.float32)
+    d = np.ascontiguousarray(r3[:, :, :2]).view(np.uint16).reshape(n_out, nb)
     qs = np.ascontiguousarray(r3[:, :, 2:]).view(np.int8).reshape(n_out, nb * 32)
     return PackedQ8(qs, d, n_out, nb * 32)
 
@@ -202,7 +214,7 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
     a("  %qo = mul i64 %r, %rowb")
     a("  %qrow = getelementptr i8, ptr %qs, i64 %qo")
     a("  %do = mul i64 %r, %nb")
-    a("  %drow = getelementptr float, ptr %dw, i64 %do")
+    a("  %drow = getelementptr i16, ptr %dw, i64 %do")
     a("  br i1 %hasp, label %inner, label %after")
     a("inner:")
     a("  %k = phi i64 [0, %row], [%k.next, %inner]")
@@ -216,12 +228,14 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
     a("  %xp = getelementptr i8, ptr %xq, i64 %wo")
     a(f"  %x = load {V8}, ptr %xp, align 1, !invariant.load !0")
     a(f"  %dwo = mul i64 %k, {bpv}")
-    a("  %dwp = getelementptr float, ptr %drow, i64 %dwo")
+    a("  %dwp = getelementptr i16, ptr %drow, i64 %dwo")
     if bpv == 2:
-        a("  %d2 = load <2 x float>, ptr %dwp, align 4")
+        a("  %d2h = load <2 x half>, ptr %dwp, align 2")
+        a("  %d2 = fpext <2 x half> %d2h to <2 x float>")
         a(f"  %D = shufflevector <2 x float> %d2, <2 x float> poison, {_mask([0] * 8 + [1] * 8)}")
     else:
-        a("  %d1 = load float, ptr %dwp, align 4")
+        a("  %d1h = load half, ptr %dwp, align 2")
+        a("  %d1 = fpext half %d1h to float")
         a(f"  %di = insertelement {VF} poison, float %d1, i32 0")
         a(f"  %D = shufflevector {VF} %di, {VF} poison, <{nl} x i32> zeroinitializer")
     a(f"  %dxo = mul i64 %k, {nl}")
@@ -240,8 +254,9 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
         a("  %twp = getelementptr i8, ptr %qrow, i64 %tqo")
         a("  %tw32 = load <32 x i8>, ptr %twp, align 1")
         a(f"  %tw = shufflevector <32 x i8> %tw32, <32 x i8> zeroinitializer, {_mask(range(64))}")
-        a("  %tdp = getelementptr float, ptr %drow, i64 %lastb")
-        a("  %td1 = load float, ptr %tdp, align 4")
+        a("  %tdp = getelementptr i16, ptr %drow, i64 %lastb")
+        a("  %td1h = load half, ptr %tdp, align 2")
+        a("  %td1 = fpext half %td1h to float")
         a(f"  %tdi = insertelement {VF} poison, float %td1, i32 0")
         a(f"  %TD = shufflevector {VF} %tdi, {VF} poison, <{nl} x i32> zeroinitializer")
         a(f"  %TDX = load {VF}, ptr %tdxp, align 4")
@@ -346,7 +361,7 @@ def fn_address(kernel: str | None = None, prefetch: int | None = None) -> int:
 def _call_rows(typingctx, fn, qs, d, xq, dxv, y, nb, r0, r1):
     """q8_rows(qs, d, xq, dxv, y, nb, r0, r1) through a runtime address."""
     _check_types((fn, qs, d, xq, dxv, y, nb, r0, r1),
-                 (None, types.int8, types.float32, types.int8, types.float32, types.float32,
+                 (None, types.int8, types.uint16, types.int8, types.float32, types.float32,
                   None, None, None))
     return types.void(fn, qs, d, xq, dxv, y, nb, r0, r1), _emit_call
 
@@ -393,7 +408,7 @@ def _rows_portable(qs, d, xq, dxv, y, r0, r1):
         acc[:] = 0
         for b in range(nb):
             o = 32 * b
-            sc = d[r, b] * dxv[8 * b]
+            sc = half_to_f32(d[r, b]) * dxv[8 * b]
             for j in range(32):
                 acc[j] += np.float32(qs[r, o + j]) * (xqf[o + j] * sc)
         n = 32
@@ -496,12 +511,12 @@ def q8_matvec_reference(x, p: PackedQ8, return_scale: bool = False):
     q = p.qs.reshape(p.n_out, nb, 32).astype(np.int32)
     xb = xq.reshape(nb, 32).astype(np.int32)
     I = np.einsum("rbj,bj->rb", q, xb)
-    s = (p.d * dx[None, :]).astype(np.float32).astype(np.float64)
+    s = (p.d_f32 * dx[None, :]).astype(np.float32).astype(np.float64)
     y = (I.astype(np.float64) * s).sum(axis=1).astype(np.float32)
     if not return_scale:
         return y
     absum = (np.abs(s) * np.einsum("rbj,bj->rb", np.abs(q), np.abs(xb))).sum(axis=1)
-    bound = (np.abs(p.d.astype(np.float64)) * dx.astype(np.float64)[None, :] / 2
+    bound = (np.abs(p.d_f32.astype(np.float64)) * dx.astype(np.float64)[None, :] / 2
              * np.abs(q).sum(axis=2)).sum(axis=1)
     return y, absum, bound
 
