@@ -3,6 +3,8 @@
 Measures, per engine and thread count, medians of --reps runs, each run in a fresh process:
   pp128, pp512  one batch of N prompt tokens from an empty cache, tokens/s
   tg128         128 greedy single-token decodes after a 16-token prompt, tokens/s
+  k8            a forward over 8 new tokens after a 64-token context (speculative
+                verification's shape), tokens/s, and its cost relative to one new token
   peak RSS      of the process that ran the test
 Plus, for ember: time from process start to the first generated token of `ember run` (warm, and
 cold with empty numba/pack caches), bytes of weights read per decoded token, the measured memory
@@ -29,7 +31,8 @@ from pathlib import Path
 
 import psutil
 
-TESTS = ("pp128", "pp512", "tg128")
+TESTS = ("pp128", "pp512", "tg128", "k8")
+K_SMALL, K_CONTEXT, K_REPS = 8, 64, 7
 PROMPT_TG = 16
 N_TG = 128
 
@@ -41,6 +44,11 @@ def _prompt_ids(n: int, vocab_ids) -> list[int]:
     while len(ids) < n:
         ids = ids + ids
     return ids[:n]
+
+
+def _k_result(dt1: float, dtk: float) -> dict:
+    return {"tokens_per_s": K_SMALL / dtk, "k_cost_ratio": dtk / dt1, "one_token_s": dt1,
+            "peak_rss_bytes": _peak_rss()}
 
 
 def _peak_rss() -> int:
@@ -62,6 +70,23 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
         s.feed_last(ids)
         dt = time.perf_counter() - t
         return {"tokens_per_s": n / dt, "peak_rss_bytes": _peak_rss()}
+    if test == "k8":
+        ids = _prompt_ids(K_CONTEXT + K_SMALL, lambda t: m.tokenize(t, special=False))
+        s = m.session()
+        s.feed_last(ids[:K_CONTEXT])
+
+        def timed(n):
+            s.feed(ids[K_CONTEXT:K_CONTEXT + n])  # warm-up
+            s.truncate(K_CONTEXT)
+            ts = []
+            for _ in range(K_REPS):
+                t = time.perf_counter()
+                s.feed(ids[K_CONTEXT:K_CONTEXT + n])
+                ts.append(time.perf_counter() - t)
+                s.truncate(K_CONTEXT)
+            return statistics.median(ts)
+
+        return _k_result(timed(1), timed(K_SMALL))
     ids = _prompt_ids(PROMPT_TG, lambda t: m.tokenize(t, special=False))
     for _ in m.generate(ids, max_tokens=2, ignore_eos=True):  # warm-up
         pass
@@ -81,6 +106,20 @@ def worker_llama(model: str, test: str, threads: int) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     tok = lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)
+    if test == "k8":
+        ids = _prompt_ids(K_CONTEXT + K_SMALL, tok)
+        llm.eval(ids[:K_CONTEXT])
+
+        def timed(n):
+            ts = []
+            for _ in range(K_REPS + 1):
+                llm.n_tokens = K_CONTEXT  # eval() drops the cache after n_tokens
+                t = time.perf_counter()
+                llm.eval(ids[K_CONTEXT:K_CONTEXT + n])
+                ts.append(time.perf_counter() - t)
+            return statistics.median(ts[1:])
+
+        return _k_result(timed(1), timed(K_SMALL))
     if test.startswith("pp"):
         n = int(test[2:])
         ids = _prompt_ids(n, tok)
@@ -104,31 +143,43 @@ def worker_llama(model: str, test: str, threads: int) -> dict:
 
 
 def worker_bandwidth(threads: int) -> dict:
-    """DRAM read bandwidth: vectorized sums of a 1 GiB array, split over `threads` threads."""
+    """DRAM read bandwidth: vectorized sums of a 1 GiB array, split over `threads` threads; each
+    thread reads its part as 1 stream and as 8 interleaved streams (more reads in flight, as a
+    kernel with software prefetch has: 10.4 vs 14.4 GB/s on one thread here); the best counts."""
     import threading
 
     import numpy as np
     from numba import njit
 
     @njit(nogil=True, fastmath=True)
-    def total(a):
+    def total1(a):
         s = np.float32(0.0)
         for i in range(a.shape[0]):
             s += a[i]
         return s
 
+    @njit(nogil=True, fastmath=True)
+    def total8(a):
+        n = a.shape[0] // 8
+        s = np.float32(0.0)
+        for i in range(n):
+            s += (a[i] + a[n + i] + a[2 * n + i] + a[3 * n + i] + a[4 * n + i] + a[5 * n + i]
+                  + a[6 * n + i] + a[7 * n + i])
+        return s
+
     a = np.ones(1 << 28, dtype=np.float32)
     parts = np.array_split(a, threads)
-    total(parts[0][:1024])
     best = 0.0
-    for _ in range(5):
-        ths = [threading.Thread(target=total, args=(p,)) for p in parts]
-        t = time.perf_counter()
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t))
+    for total in (total1, total8):
+        total(parts[0][:1024])
+        for _ in range(4):
+            ths = [threading.Thread(target=total, args=(p,)) for p in parts]
+            t = time.perf_counter()
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            best = max(best, a.nbytes / (time.perf_counter() - t))
     return {"bytes_per_s": best}
 
 
@@ -254,6 +305,8 @@ def _summarize(results: dict, engines, tests, threads) -> dict:
                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                     "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
                 }
+                if test == "k8":
+                    row[engine]["k_cost_ratio"] = statistics.median(r["k_cost_ratio"] for r in runs)
                 if engine == "ember" and test == "tg128":
                     bpt = runs[0]["weight_bytes_per_token"]
                     bw = results["bandwidth_bytes_per_s"][t]
@@ -284,6 +337,12 @@ def _markdown(results: dict, engines, tests, threads) -> str:
             e = results["summary"][key]["ember"]
             lines.append(f"- decode at {t} thread(s): {e['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token, "
                          f"{100 * e['roofline_share']:.0f}% of the measured {results['bandwidth_bytes_per_s'][t] / 1e9:.1f} GB/s")
+    for t in threads:
+        key = f"k8|{t}"
+        if key in results["summary"]:
+            row = results["summary"][key]
+            costs = ", ".join(f"{e} {row[e]['k_cost_ratio']:.2f}x" for e in engines)
+            lines.append(f"- {K_SMALL} new tokens cost (vs 1 new token) at {t} thread(s): {costs}")
     for e in engines:
         rss = max(v[e]["peak_rss_bytes"] for v in results["summary"].values())
         lines.append(f"- peak RSS {e}: {rss / 1e6:.0f} MB")
