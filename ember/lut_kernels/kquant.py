@@ -1,0 +1,1574 @@
+"""Decode matvec and small-batch matmul for GGUF Q4_K / Q6_K weights with int8 activations.
+
+API
+---
+``pack_q4_k(raw2d) / pack_q6_k(raw2d) / pack_kquant(raw2d, qtype) -> PackedKQ``
+    GGUF rows (uint8 [n_out, nsb * 144 | 210], nsb = n_in / 256) -> the kernel layout below.
+    ``PackedKQ``: ``.q .sc .d .n_out .n_in .qtype .nsb .nbytes .gguf_nbytes``, ``arrays()`` /
+    ``PackedKQ.from_arrays(a)`` (``np.savez`` / ``np.load``; ValueError on any inconsistency),
+    ``codes()`` (natural-order integer codes), ``dequantize()`` (float32 [n_out, n_in], bit for
+    bit ``ember.formats.quants.dequantize``).
+``kq_matvec(x, p, out=None, threads=1, kernel=None) -> float32 [n_out]``
+``kq_matmul(X, p, out=None, kernel=None, threads=1) -> float32 [k, n_out]``
+    X float32 [k, n_in]: ONE pass over the weights for all k rows (k is any size; the kernels
+    are register-blocked for up to 16 rows at a time, ``DEFAULT_KB``).
+``kq_matmul_reference(X, p, return_scale=False)``: NumPy oracle (below).
+``quantize_x(X, kernel=None) -> (xq, xd, xp)``, ``quantize_x_reference(X)``.
+numba entries (``nogil``, ``cache``): ``matmul_nb(fn, fq, x, q, sc, d, out)`` (shapes checked,
+raises ValueError), ``rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1)`` (rows r0 <= r < r1 of y
+[k, >= r1] for pre-quantized activations; no checks), ``quantize_x_alloc(x, fq)``,
+``quantize_x_nb(x, xq, xd, xp)`` (the plain numba quantizer). Addresses:
+``fn_address(qtype, kernel=None)`` (0: portable), ``quant_address(kernel=None)`` (0: numba).
+Kernel choice: ``kernel=`` or ``$EMBER_KERNEL`` through ``codegen.select_kernel`` (read once;
+``reset_kernel_choice()``): ``avx512`` (VNNI ``vpdpbusd``; the ``vpmaddubsw`` form on hosts
+without VNNI), ``avx512-novnni``, ``avx2`` (compiled for x86-64-v3), ``portable`` (numba).
+
+Packed layout (``PackedKQ``; all plain C-contiguous numpy arrays, ``q`` 64-byte aligned)
+-----------------------------------------------------------------------------------------
+Within a super-block of 256 weights, weight ``w = 16 L + 4 v + t`` (16-group L = 0..15, v, t =
+0..3) is "lane L, virtual vector v, byte t": a 4-byte lane of a 64-byte vector holds 4
+neighbouring weights of one 16-group, and 4 vectors cover a super-block.
+``q``  uint8 [n_out, nsb * QB], per super-block:
+    Q4_K (QB = 128): byte ``64 c + 4 L + t`` = code(v = 2c) | code(v = 2c + 1) << 4 (c = 0, 1).
+    Q6_K (QB = 192): the same 128 bytes of low nibbles, then 64 bytes: byte ``4 L + t`` holds
+    the high 2 bits of virtual vector v at bits 2v..2v+1.
+``sc`` uint8 [n_out, nsb * 16]. Q4_K: the 8 decoded 6-bit scales, then the 8 mins (per
+    32-block). Q6_K: the bytes of the 16 int8 scales (per 16-group) as in the file
+    (``p.sc.view(np.int8)``; one dtype for both keeps the numba entries to one compilation).
+``d``  uint16 [n_out, nsb * ND]: IEEE half bits (numba has no float16): Q4_K ``d, dmin``
+    (ND = 2), Q6_K ``d`` (ND = 1); the kernels widen them (``vcvtph2ps``).
+Bytes per super-block: Q4_K 148 (GGUF 144: +2.8 %, the 12 packed 6-bit bytes become 16),
+Q6_K 210 (exactly GGUF's). Packing is vectorized NumPy (8960x1536 Q4_K ~105 ms, 1536x8960
+Q6_K ~195 ms).
+
+Activation format (one for both types; ``kp`` = k rounded up to even, the padding row is 0)
+-----------------------------------------------------------------------------------------
+Per 32-block of a row: ``amax = max |x|``, ``dx = amax / 127``, ``xq = rint(x * (127 /
+amax))`` (half to even, |xq| <= 127; amax = 0 gives dx = 0, xq = 0; x must be finite).
+``xq`` uint8 [nsb, kp, 256]: ``xq + 128`` (offset binary, the unsigned operand of
+    ``vpdpbusd``/``vpmaddubsw``) in the lane order above.
+``xd`` float32 [nsb, kp, 16]: dx of lane L's 32-block (Q6_K).
+``xp`` float32 [nsb, kp / 2, 32]: per row pair (2p, 2p+1), 16 lanes of dx then 16 of
+    ``float32(dx * xsum)`` (xsum: the 32-block's sum of xq); lane ``4 c + 2 j + h`` = row
+    2p + j, 32-block 2c + h (Q4_K; this is the lane order the pair trick below produces).
+Super-block-major, so a kernel reads the k rows of one super-block as one contiguous span.
+``quantize_x_alloc`` allocates the three in one 64-byte aligned block and fills them with
+``kq_quant`` (IR, vectorized; bit-identical to the numba ``quantize_x_nb``): 1x1536 ~1 us of
+work (5 us per Python call), 16x8960 72 us (numba: 460 us).
+
+Math (exact integers, then float32)
+-----------------------------------
+Per (weight row, super-block): the codes as int8 ``w`` (Q4_K 0..15, Q6_K q6 - 32) and the
+lane correction ``NW = -128 * (sum of the lane's 16 w)`` (the 4 vectors summed bytewise, then
+one ``vpdpbusd`` / ``vpmaddubsw``), so that for every act row ``I_L = NW + sum (xq + 128) w
+= sum xq w``, exactly, as int32 (4 chained ``vpdpbusd`` per 64 weights x 4; or
+``vpmaddubsw`` pairs (<= 2 * 255 * 32), two summed in int16 (<= 32640), ``vpmaddwd``).
+Q6_K: ``y += float(I_L) * dx * (d * sc_L)`` per lane (``d * sc`` exact in float32).
+Q4_K (pair trick): the int32 lanes of two act rows (|I_L| <= 16 * 15 * 127 < 2^15) are packed
+to int16 (``vpackssdw``) and lane pairs summed (``vpmaddwd``): one vector then holds the
+32-block sums ``I_b`` of both rows, and ``y += float(I_b) * dx_b * (d sc_b) - (dmin m_b) *
+float32(dx_b xsum_b)`` costs one cvt, mul and 2 FMAs per row PAIR.
+Accumulation in float32 lanes (FMA), one tree reduction per output.
+
+The IR (``kernel_ir``; every argument an i64 or a pointer, C ABI, called from numba through a
+runtime address like q8.py / tmac.py):
+``void kq_q4_k / kq_q6_k(ptr q, ptr sc, ptr d, ptr xq, ptr xd, ptr xp, ptr y, i64 nsb,
+                        i64 r0, i64 r1, i64 k, i64 y_stride)``
+    ``y[i * y_stride + r]`` for r0 <= r < r1 (absolute row indices into q/sc/d) and i < k.
+``void kq_quant(ptr x, ptr xq, ptr xd, ptr xp, i64 nsb, i64 k, i64 kp, i64 x_stride)``.
+Structure: super-blocks in tiles whose act data stays in L1 (``DEFAULT_TILE_BYTES``; partial
+sums added into y: for n_in = 8960 and k >= 4 the act data of a whole row is 100+ KB and its
+loads from L2 were THE bottleneck), rows in groups of 32, per group act-row chunks of 16, 8,
+4, 2, 1 (each weight is read from memory once; a group's later chunks re-read it from L1/L2);
+each chunk function (``noinline``) loops over the group's rows and the tile's super-blocks,
+decodes a super-block's weights once (software-pipelined one super-block ahead on avx512) and
+applies them to every act row of the chunk with one accumulator per row (Q6_K) / row pair
+(Q4_K). Software prefetch (``prefetcht0``) of the same super-blocks ``ceil(2048 / tile bytes)``
+rows ahead on the q, sc and d streams (k = 1 cold: 8.5 GB/s without, 9.9 with, 151936x1536).
+``portable``: numba, each super-block decoded to float32 weights, 256 float32 lanes per act
+row accumulate ``w * ((xq - 128) dx)`` (exact products; float32 rounding differs only).
+
+Accuracy
+--------
+Kernel vs oracle: float32 rounding only; measured <= 2.9e-7 of the output's sum of |terms|
+(all paths, 6 seeds x 3 shapes x both types); tests assert 1e-5. Oracle vs the float truth
+``dequantize(W) @ x`` (float64): guaranteed ``|err| <= sum_j |w_j| (dx_j (1/2 + 2^-22 |xq_j|)
++ 2^-23 |x_j|)`` (half an activation step per weight, with float32 rounding of the
+quantization and of the dequantized weights; ``kq_matmul_reference(..., return_scale=True)``
+returns it), measured at <= 0.15 of it; typical (Gaussian x, random codes) max |err| /
+sum_j |w_j x_j| per output: 2.0e-3 (n_in 256), 7-10e-4 (1536), 3.3e-4 (8960).
+
+Timing: ``python -m ember.lut_kernels.kquant`` (``benchmark()``)
+----------------------------------------------------------------
+Dev box: 2 vCPUs "Intel Xeon" (KVM; AVX-512 VNNI, AMX present but unused; 2 MB L2/core,
+105 MB L3), 2.0-2.3 GHz measured, shared with another engineer's benchmarks: the same command
+moves up to ~1.6x between minutes (a ``vpdpbusd`` throughput probe read 0.49 cycles/instr on
+a quiet core, 0.74 when the sibling was busy). Run 07:28-07:30, load average 0.46-0.81, probe
+0.51-0.55 (quiet). One thread unless said, the whole Python call (``kq_matvec`` for k=1,
+``kq_matmul`` above), median of 5 interleaved rounds; hot = the same matrix again, cold =
+rotating over 512 MB of copies; GB/s = packed bytes / time; x = time / the k=1 time::
+
+    us (GB/s)         1536x1536 Q4_K   8960x1536 Q4_K   1536x8960 Q6_K   151936x1536 Q6_K
+    packed             1.36 MB          7.96 MB          11.29 MB         191.4 MB
+    k=1 cold avx512     179 ( 7.6)      1040 ( 7.7)      1231 ( 9.2)     22412 ( 8.5)
+      hot avx512        138 ( 9.9)       983 ( 8.1)      1027 (11.0)     21767 ( 8.8)
+      cold novnni       188 ( 7.3)      1037 ( 7.7)      1270 ( 8.9)     21993 ( 8.7)
+      cold avx2         190 ( 7.2)      1086 ( 7.3)      1334 ( 8.5)     23529 ( 8.1)
+      cold portable    2298 ( 0.6)        -                -                -
+      cold 2 threads    103 (13.2)       835 ( 9.5)       880 (12.8)     14132 (13.5)
+    cold k=2  (x)       x1.04            x0.98            x1.06            x1.04
+    cold k=4            x1.41            x1.26            x1.43            x1.17
+    cold k=8            x2.02            x1.64            x1.82            x1.71
+    cold k=16           x3.82            x3.19            x3.42            x3.37
+    f32 numpy k=1 cold  906 (10.4)      5241 (10.5)      5135 (10.7)     83772 (11.1)
+      f32 k=8 / k=1     x3.76            x3.88            x3.40            x4.03
+
+So k=1 streams at 8-9 GB/s in these runs (a plain numba uint64 sum over the same bytes: 9.6
+GB/s, and the bare kernel on 151936x1536 without Python: 9.9-10.2 GB/s, same minute; numpy's
+float32 sgemv 10.4-11.1 GB/s on 4.9x the bytes), 4.3-5.2x faster than float32 numpy per
+token, and speculative verification of k rows reads the weights once: k=2 costs what k=1
+does, k=4 1.2-1.4x, k=8 1.6-2.0x (target 1.5x: not reached), k=16 3.2-3.8x. At k >= 8 the
+kernel is compute bound: per (weight row, act row, super-block) 4 ``vpdpbusd`` + ~3-4 more
+vector ops (~5 cycles measured hot), plus ~20-30 ops per (row, super-block) of decode
+amortized over the chunk; 2 zmm ops / cycle is the port limit here. The same run hot (L2) at
+1536x1536: k=8 x2.5, k=16 x4.8. Per call: 3.7 us for a 1x256 matrix from Python (2.2 us for
+``matmul_nb``'s dispatch). MCJIT compile of a module: 25-40 ms, once per process and path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange, types
+from numba.core import errors
+from numba.extending import intrinsic
+
+from . import codegen
+from .codegen import _flt, _mask, _splat
+from .pack import aligned, aligned_empty
+from .tmac import _emit_call
+
+__all__ = [
+    "Q4_K",
+    "Q6_K",
+    "PackedKQ",
+    "pack_q4_k",
+    "pack_q6_k",
+    "pack_kquant",
+    "quantize_x",
+    "quantize_x_nb",
+    "quantize_x_reference",
+    "kq_matvec",
+    "kq_matmul",
+    "kq_matmul_reference",
+    "rows_nb",
+    "matmul_nb",
+    "fn_address",
+    "quant_address",
+    "quantize_x_alloc",
+    "kernel_ir",
+    "kernel_asm",
+    "reset_kernel_choice",
+    "random_q4_k",
+    "random_q6_k",
+]
+
+Q4_K = 12  # GGMLQuantizationType values
+Q6_K = 14
+QK = 256                                  # weights per super-block
+_GGUF_BYTES = {Q4_K: 144, Q6_K: 210}      # bytes per super-block in the file
+_QB = {Q4_K: 128, Q6_K: 192}              # bytes of codes per super-block in the packed layout
+_ND = {Q4_K: 2, Q6_K: 1}                  # f16 values per super-block (d, dmin / d)
+_NAMES = {Q4_K: "q4_k", Q6_K: "q6_k"}
+
+DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
+_PF_LOCALITY = 3           # prefetcht0
+DEFAULT_GROUP = 32         # weight rows per group (a group's later act chunks hit cache)
+DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}   # pipelined decode
+DEFAULT_TILE_BYTES = 24576   # act bytes per super-block tile (keeps them in L1)
+DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per register block
+DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+
+@dataclass
+class PackedKQ:
+    """A Q4_K or Q6_K matrix [n_out, n_in] in the kernel layout (module docstring)."""
+    q: np.ndarray       # uint8 [n_out, nsb * QB]  codes (QB = 128 Q4_K, 192 Q6_K)
+    sc: np.ndarray      # uint8 [n_out, nsb * 16] (Q4_K: 8 scales, 8 mins; Q6_K: int8 bytes)
+    d: np.ndarray       # uint16 [n_out, nsb * ND]  IEEE half bits (Q4_K: d, dmin; Q6_K: d)
+    n_out: int
+    n_in: int
+    qtype: int
+
+    @property
+    def nsb(self) -> int:
+        return self.n_in // QK
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.sc.nbytes + self.d.nbytes
+
+    @property
+    def gguf_nbytes(self) -> int:
+        return self.n_out * self.nsb * _GGUF_BYTES[self.qtype]
+
+    def arrays(self) -> dict:
+        return {"q": self.q, "sc": self.sc, "d": self.d,
+                "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
+
+    @classmethod
+    def from_arrays(cls, a) -> "PackedKQ":
+        try:
+            meta = np.asarray(a["meta"]).reshape(-1)
+            n_out, n_in, qtype = (int(v) for v in meta)
+            q, sc, d = np.asarray(a["q"]), np.asarray(a["sc"]), np.asarray(a["d"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"PackedKQ.from_arrays: missing or malformed arrays ({e})") from None
+        if qtype not in _QB or n_out < 0 or n_in <= 0 or n_in % QK:
+            raise ValueError(f"PackedKQ.from_arrays: bad meta {meta.tolist()}")
+        nsb = n_in // QK
+        want = {"q": ((n_out, nsb * _QB[qtype]), np.uint8),
+                "sc": ((n_out, nsb * 16), np.uint8),
+                "d": ((n_out, nsb * _ND[qtype]), np.uint16)}
+        for nm, arr in (("q", q), ("sc", sc), ("d", d)):
+            shape, dt = want[nm]
+            if arr.shape != shape or arr.dtype != dt:
+                raise ValueError(f"PackedKQ.from_arrays: {nm} is {arr.dtype} {arr.shape}, "
+                                 f"expected {np.dtype(dt)} {shape}")
+        return cls(aligned(np.ascontiguousarray(q)), np.ascontiguousarray(sc),
+                   np.ascontiguousarray(d), n_out, n_in, qtype)
+
+    def codes(self) -> np.ndarray:
+        """The integer codes in natural order, uint8 [n_out, n_in] (Q4_K 0..15, Q6_K 0..63)."""
+        n, nsb = self.n_out, self.nsb
+        if self.qtype == Q4_K:
+            b = self.q.reshape(n, nsb, 2, 16, 4)                   # [r, s, c, L, t]
+            v = np.stack([b & 15, b >> 4], axis=3)                 # [r, s, c, h, L, t]
+            v = v.reshape(n, nsb, 4, 16, 4)                        # [r, s, v, L, t]
+        else:
+            b = self.q.reshape(n, nsb, 192)
+            ql = b[:, :, :128].reshape(n, nsb, 2, 16, 4)
+            lo = np.stack([ql & 15, ql >> 4], axis=3).reshape(n, nsb, 4, 16, 4)
+            qh = b[:, :, 128:].reshape(n, nsb, 1, 16, 4)
+            hi = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1, 1)) & 3
+            v = lo | (hi << 4)
+        return np.ascontiguousarray(v.transpose(0, 1, 3, 2, 4)).reshape(n, self.n_in)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [n_out, n_in], bit-identical to ``ember.formats.quants.dequantize``."""
+        n, nsb = self.n_out, self.nsb
+        q = self.codes().reshape(n, nsb, -1).astype(np.float32)
+        dd = self.d.view(np.float16).astype(np.float32).reshape(n, nsb, _ND[self.qtype])
+        if self.qtype == Q4_K:
+            s = self.sc.reshape(n, nsb, 2, 8).astype(np.float32)
+            dl = (dd[:, :, 0:1] * s[:, :, 0]).reshape(n, nsb, 8, 1)      # d * sc
+            ml = (dd[:, :, 1:2] * s[:, :, 1]).reshape(n, nsb, 8, 1)      # dmin * m
+            w = dl * q.reshape(n, nsb, 8, 32) - ml
+        else:
+            dl = (dd[:, :, 0:1] * self.sc.view(np.int8).reshape(n, nsb, 16).astype(np.float32))
+            w = dl.reshape(n, nsb, 16, 1) * (q.reshape(n, nsb, 16, 16) - np.float32(32))
+        return w.reshape(n, self.n_in)
+
+
+def _raw3(raw2d, qtype: int, name: str) -> np.ndarray:
+    raw = np.asarray(raw2d)
+    if raw.dtype != np.uint8:
+        raw = raw.view(np.uint8)
+    bb = _GGUF_BYTES[qtype]
+    if raw.ndim != 2 or raw.shape[1] % bb or raw.shape[1] == 0:
+        raise ValueError(f"{name}: expected uint8 [n_out, nsb * {bb}], got {raw.dtype} "
+                         f"{raw.shape}")
+    return raw.reshape(raw.shape[0], raw.shape[1] // bb, bb)
+
+
+def _to_kernel_order(codes: np.ndarray) -> np.ndarray:
+    """natural codes [n, nsb, 256] -> [n, nsb, 4 (v), 16 (L), 4 (t)] (virtual vectors)."""
+    n, nsb = codes.shape[:2]
+    return codes.reshape(n, nsb, 16, 4, 4).transpose(0, 1, 3, 2, 4)
+
+
+def _nibbles(v: np.ndarray) -> np.ndarray:
+    """[n, nsb, 4, 16, 4] codes -> [n, nsb, 128]: byte c*64 + 4L + t = v[2c] | v[2c+1] << 4."""
+    n, nsb = v.shape[:2]
+    lo = v[:, :, 0::2] & 15
+    hi = v[:, :, 1::2] & 15
+    return (lo | (hi << 4)).reshape(n, nsb, 128)
+
+
+def pack_q4_k(raw2d) -> PackedKQ:
+    """GGUF Q4_K rows (uint8 [n_out, nsb * 144]) -> PackedKQ."""
+    r3 = _raw3(raw2d, Q4_K, "pack_q4_k")
+    n, nsb = r3.shape[:2]
+    d = np.ascontiguousarray(r3[:, :, 0:4]).view(np.uint16).reshape(n, nsb * 2)
+    s = r3[:, :, 4:16].reshape(n, nsb, 3, 4)
+    a, b, c = s[:, :, 0], s[:, :, 1], s[:, :, 2]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
+    scm = np.concatenate([sc, mn], axis=-1).reshape(n, nsb * 16)
+    qs = r3[:, :, 16:].reshape(n, nsb, 4, 1, 32)
+    nat = ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15).reshape(n, nsb, QK)
+    q = aligned_empty((n, nsb * 128), np.uint8)
+    q[...] = _nibbles(_to_kernel_order(nat)).reshape(n, nsb * 128)
+    return PackedKQ(q, np.ascontiguousarray(scm), d, n, nsb * QK, Q4_K)
+
+
+def pack_q6_k(raw2d) -> PackedKQ:
+    """GGUF Q6_K rows (uint8 [n_out, nsb * 210]) -> PackedKQ."""
+    r3 = _raw3(raw2d, Q6_K, "pack_q6_k")
+    n, nsb = r3.shape[:2]
+    ql = r3[:, :, :128].reshape(n, nsb, 2, 1, 64)
+    ql = ((ql >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15).reshape(n, nsb, 2, 4, 32)
+    qh = r3[:, :, 128:192].reshape(n, nsb, 2, 1, 32)
+    qh = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)) & 3
+    nat = (ql | (qh << 4)).reshape(n, nsb, QK)             # [h][s][l]: weight 128h + 32s + l
+    v = _to_kernel_order(nat)
+    hb = ((v[:, :, 0] >> 4) | ((v[:, :, 1] >> 4) << 2) | ((v[:, :, 2] >> 4) << 4)
+          | ((v[:, :, 3] >> 4) << 6)).reshape(n, nsb, 64)
+    q = aligned_empty((n, nsb * 192), np.uint8)
+    q.reshape(n, nsb, 192)[:, :, :128] = _nibbles(v)
+    q.reshape(n, nsb, 192)[:, :, 128:] = hb
+    sc = np.ascontiguousarray(r3[:, :, 192:208]).reshape(n, nsb * 16)
+    d = np.ascontiguousarray(r3[:, :, 208:210]).view(np.uint16).reshape(n, nsb)
+    return PackedKQ(q, sc, d, n, nsb * QK, Q6_K)
+
+
+def pack_kquant(raw2d, qtype: int) -> PackedKQ:
+    if qtype == Q4_K:
+        return pack_q4_k(raw2d)
+    if qtype == Q6_K:
+        return pack_q6_k(raw2d)
+    raise ValueError(f"pack_kquant: qtype {qtype} is not Q4_K (12) or Q6_K (14)")
+
+
+# ---------------------------------------------------------------------------------------------
+# IR
+
+_DECLS = (
+    "declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)",
+    "declare <32 x i16> @llvm.x86.avx512.pmaddubs.w.512(<64 x i8>, <64 x i8>)",
+    "declare <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16>, <32 x i16>)",
+    "declare <32 x i16> @llvm.x86.avx512.packssdw.512(<16 x i32>, <16 x i32>)",
+    "declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)",
+    "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)",
+    "declare <16 x i16> @llvm.x86.avx2.packssdw(<8 x i32>, <8 x i32>)",
+    "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)",
+    "declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)",
+    "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)",
+)
+
+
+class _Emit:
+    """IR text helpers for one x86 vector width (vw bytes) and dot-product flavour."""
+
+    def __init__(self, a, vw: int, combine: str):
+        self.a, self.vw, self.combine = a, vw, combine
+        self.nl = vw // 4
+        self.V8, self.V16 = f"<{vw} x i8>", f"<{vw // 2} x i16>"
+        self.V32, self.VF = f"<{self.nl} x i32>", f"<{self.nl} x float>"
+        self.fma = f"@llvm.fma.v{self.nl}f32"
+
+    def dot(self, tag: str, W, X, init: str | None) -> str:
+        """init + sum_v (per 4-byte lane) W[v] (s8) . X[v] (u8) -> an exact int32 vector.
+
+        vnni: vpdpbusd chained. maddubs: vpmaddubsw(X u8, W s8) (|pair| <= 2 * 255 * 32 = 16320),
+        two of them summed in int16 (<= 32640, no wrap), vpmaddwd by 1, added in int32."""
+        a, V8, V16, V32, vw = self.a, self.V8, self.V16, self.V32, self.vw
+        if self.combine == "vnni":
+            prev = init or "zeroinitializer"
+            for v in range(4):
+                a(f"  %{tag}d{v} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} {prev}, "
+                  f"{V8} {X[v]}, {V8} {W[v]})")
+                prev = f"%{tag}d{v}"
+            return prev
+        mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
+        madd = "@llvm.x86.avx512.pmaddw.d.512" if vw == 64 else "@llvm.x86.avx2.pmadd.wd"
+        ones = _splat("i16", vw // 2, 1)
+        for v in range(4):
+            a(f"  %{tag}p{v} = call {V16} {mad}({V8} {X[v]}, {V8} {W[v]})")
+        a(f"  %{tag}p01 = add {V16} %{tag}p0, %{tag}p1")
+        a(f"  %{tag}p23 = add {V16} %{tag}p2, %{tag}p3")
+        a(f"  %{tag}ia = call {V32} {madd}({V16} %{tag}p01, {V16} {ones})")
+        a(f"  %{tag}ib = call {V32} {madd}({V16} %{tag}p23, {V16} {ones})")
+        a(f"  %{tag}i = add {V32} %{tag}ia, %{tag}ib")
+        if init is None:
+            return f"%{tag}i"
+        a(f"  %{tag}ii = add {V32} %{tag}i, {init}")
+        return f"%{tag}ii"
+
+    def negsum128(self, tag: str, ws: str, unsigned: bool) -> str:
+        """-128 * (per 4-byte lane sum of the int8 vector ws) as int32 lanes."""
+        a, V8, V16, V32, vw = self.a, self.V8, self.V16, self.V32, self.vw
+        if self.combine == "vnni" and unsigned:      # ws as u8 times -128 as s8
+            a(f"  %{tag}n = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
+              f"{V8} {ws}, {V8} {_splat('i8', vw, -128)})")
+            return f"%{tag}n"
+        if self.combine == "vnni":                   # 128 as u8 times ws as s8, negated
+            a(f"  %{tag}p = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
+              f"{V8} {_splat('i8', vw, -128)}, {V8} {ws})")
+        else:   # |pair| <= 2 * 128 * 128 = 32768: only -32768 reaches it, and it is exact
+            mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
+            madd = "@llvm.x86.avx512.pmaddw.d.512" if vw == 64 else "@llvm.x86.avx2.pmadd.wd"
+            a(f"  %{tag}w = call {V16} {mad}({V8} {_splat('i8', vw, -128)}, {V8} {ws})")
+            a(f"  %{tag}p = call {V32} {madd}({V16} %{tag}w, {V16} {_splat('i16', vw // 2, 1)})")
+        a(f"  %{tag}n = sub {V32} zeroinitializer, %{tag}p")
+        return f"%{tag}n"
+
+
+def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> list[str]:
+    """``@kq_<t>.r<nr>c<kb>(q, sc, d, xq, xd, xp, y, ns, nsb, ys, kp, first, pfr)``:
+    ``nr`` consecutive weight rows x ``kb`` act rows over ``ns`` super-blocks.
+
+    ``q``/``sc``/``d`` point at (first row, first super-block of the tile); a row is ``nsb``
+    super-blocks long. ``xq``/``xd``/``xp`` point at the tile's first super-block and the
+    chunk's first act row (pair, for ``xp``); a super-block of act data holds ``kp`` rows.
+    ``y`` points at y[i0, r]: y[i * ys + j] = (first ? 0 : y[i * ys + j]) + the sum for act
+    row i0 + i and weight row r + j. ``pfr``: software prefetch of the same super-blocks
+    ``pfr`` rows ahead in the three weight streams (0: none). Every loaded act vector serves
+    all ``nr`` rows. ``pipe``: the weights of super-block s + 1 are loaded and decoded in
+    iteration s (shorter dependency chains inside an iteration).
+    """
+    L = []
+    a = L.append
+    E_ = _Emit(a, vw, combine)
+    nl, nh = E_.nl, 64 // vw
+    V8, V32, VF, fma = E_.V8, E_.V32, E_.VF, E_.fma
+    QB, ND = _QB[qt], _ND[qt]
+    q4 = qt == Q4_K
+    name = f"@kq_{_NAMES[qt]}.r{nr}c{kb}"
+    npair = (kb + 1) // 2
+    ro = "ptr noalias nocapture readonly"
+    a(f"define internal void {name}({ro} %q, {ro} %sc, {ro} %d, {ro} %xq, {ro} %xd, {ro} %xp, "
+      "ptr noalias nocapture %y, i64 %ns, i64 %nsb, i64 %ys, i64 %kp, i64 %first, i64 %pfr, "
+      "i64 %nrow) noinline #0 {")
+    a("entry:")
+    a("  %xqs = mul i64 %kp, 256")          # act strides per super-block (elements)
+    a("  %xds = mul i64 %kp, 16")
+    a("  %xps = mul i64 %kp, 16")           # kp / 2 pairs x 32 floats
+    a(f"  %qrs = mul i64 %nsb, {QB}")       # weight row strides (elements)
+    a("  %scrs = mul i64 %nsb, 16")
+    a(f"  %drs = mul i64 %nsb, {ND}")
+    a("  %pf = icmp ne i64 %pfr, 0")
+    a("  %pfq = mul i64 %pfr, %qrs")
+    a("  %pfs = mul i64 %pfr, %scrs")
+    a("  %pfd = mul i64 %pfr, %drs")
+    a("  %nsm1 = sub i64 %ns, 1")
+    a("  %isfirst = icmp ne i64 %first, 0")
+    a("  br label %rowhead")
+    a("rowhead:")                             # row blocks: nrow of them, nr rows each
+    a("  %rr = phi i64 [0, %entry], [%rr.next, %rowend]")
+    a(f"  %rb = mul i64 %rr, {nr}")
+    a("  %rqo = mul i64 %rb, %qrs")
+    a("  %qR = getelementptr i8, ptr %q, i64 %rqo")
+    a("  %rso = mul i64 %rb, %scrs")
+    a("  %scR = getelementptr i8, ptr %sc, i64 %rso")
+    a("  %rdo = mul i64 %rb, %drs")
+    a("  %dR = getelementptr i16, ptr %d, i64 %rdo")
+    a("  %yR = getelementptr float, ptr %y, i64 %rb")
+    for j in range(nr):
+        a(f"  %qro{j} = mul i64 %qrs, {j}")
+        a(f"  %q{j} = getelementptr i8, ptr %qR, i64 %qro{j}")
+        a(f"  %scro{j} = mul i64 %scrs, {j}")
+        a(f"  %sc{j} = getelementptr i8, ptr %scR, i64 %scro{j}")
+        a(f"  %dro{j} = mul i64 %drs, {j}")
+        a(f"  %d{j} = getelementptr i16, ptr %dR, i64 %dro{j}")
+    c15 = _splat("i8", vw, 15)
+
+    def ptrs(sx: str, sidx: str):
+        a(f"  %qo{sx} = mul i64 {sidx}, {QB}")
+        a(f"  %so{sx} = mul i64 {sidx}, 16")
+        a(f"  %dso{sx} = mul i64 {sidx}, {ND}")
+        for j in range(nr):
+            a(f"  %qp{j}{sx} = getelementptr i8, ptr %q{j}, i64 %qo{sx}")
+            a(f"  %scp{j}{sx} = getelementptr i8, ptr %sc{j}, i64 %so{sx}")
+            a(f"  %dp{j}{sx} = getelementptr i16, ptr %d{j}, i64 %dso{sx}")
+
+    def weights(sx: str) -> dict:
+        """Per weight row: scales (float, exact products), codes (s8), offset correction."""
+        out = {}
+        for j in range(nr):
+            t0 = f"{j}{sx}"
+            a(f"  %sc8_{t0} = load <16 x i8>, ptr %scp{j}{sx}, align 1")
+            if q4:
+                a(f"  %sc32_{t0} = zext <16 x i8> %sc8_{t0} to <16 x i32>")
+                a(f"  %scf{t0} = uitofp <16 x i32> %sc32_{t0} to <16 x float>")
+                a(f"  %dh{t0} = load <2 x half>, ptr %dp{j}{sx}, align 2")
+                a(f"  %df{t0} = fpext <2 x half> %dh{t0} to <2 x float>")
+                a(f"  %DD{t0} = shufflevector <2 x float> %df{t0}, <2 x float> poison, "
+                  f"{_mask([0] * 8 + [1] * 8)}")
+                a(f"  %SM{t0} = fmul <16 x float> %scf{t0}, %DD{t0}")   # d sc, dmin m: exact
+            else:
+                a(f"  %sc32_{t0} = sext <16 x i8> %sc8_{t0} to <16 x i32>")
+                a(f"  %scf{t0} = sitofp <16 x i32> %sc32_{t0} to <16 x float>")
+                a(f"  %dh{t0} = load half, ptr %dp{j}{sx}, align 2")
+                a(f"  %df{t0} = fpext half %dh{t0} to float")
+                a(f"  %Di{t0} = insertelement {VF} poison, float %df{t0}, i32 0")
+                a(f"  %D{t0} = shufflevector {VF} %Di{t0}, {VF} poison, "
+                  f"<{nl} x i32> zeroinitializer")
+            for e in range(nh):
+                t = f"{j}.{e}{sx}"
+                if q4:   # pair lanes (per 128 bits): sub-blocks 2c, 2c+1, 2c, 2c+1 (+4 e: ymm)
+                    sub = [4 * e + 2 * (lane // 4) + (lane % 2) for lane in range(nl)]
+                    a(f"  %SC{t} = shufflevector <16 x float> %SM{t0}, <16 x float> poison, "
+                      f"{_mask(sub)}")
+                    a(f"  %MM{t} = shufflevector <16 x float> %SM{t0}, <16 x float> poison, "
+                      f"{_mask([8 + b for b in sub])}")
+                    out["MM", j, e] = (VF, f"%MM{t}")
+                else:    # lane L: 16-group L
+                    a(f"  %scr{t} = shufflevector <16 x float> %scf{t0}, <16 x float> poison, "
+                      f"{_mask(range(nl * e, nl * e + nl))}")
+                    a(f"  %SC{t} = fmul {VF} %scr{t}, %D{t0}")
+                out["SC", j, e] = (VF, f"%SC{t}")
+                for c in range(2):
+                    a(f"  %qlp{c}.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {64 * c + vw * e}")
+                    a(f"  %ql{c}.{t} = load {V8}, ptr %qlp{c}.{t}, align 1")
+                    a(f"  %lo{c}.{t} = and {V8} %ql{c}.{t}, {c15}")
+                    a(f"  %hi{c}.{t} = lshr {V8} %ql{c}.{t}, {_splat('i8', vw, 4)}")
+                src = [f"%lo0.{t}", f"%hi0.{t}", f"%lo1.{t}", f"%hi1.{t}"]
+                if q4:
+                    W = src
+                else:    # q6 - 32 = (low 4 bits | high 2 bits << 4) - 32, as int8
+                    a(f"  %qhp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {128 + vw * e}")
+                    a(f"  %qh.{t} = load {V8}, ptr %qhp.{t}, align 1")
+                    W = []
+                    for v in range(4):
+                        sh = 4 - 2 * v
+                        if sh > 0:
+                            a(f"  %hs{v}.{t} = shl {V8} %qh.{t}, {_splat('i8', vw, sh)}")
+                        elif sh < 0:
+                            a(f"  %hs{v}.{t} = lshr {V8} %qh.{t}, {_splat('i8', vw, -sh)}")
+                        hs = f"%hs{v}.{t}" if sh else f"%qh.{t}"
+                        a(f"  %hm{v}.{t} = and {V8} {hs}, {_splat('i8', vw, 0x30)}")
+                        a(f"  %wu{v}.{t} = or {V8} {src[v]}, %hm{v}.{t}")
+                        a(f"  %w{v}.{t} = sub {V8} %wu{v}.{t}, {_splat('i8', vw, 32)}")
+                        W.append(f"%w{v}.{t}")
+                for v in range(4):
+                    out["W", j, e, v] = (V8, W[v])
+                # the activations are x + 128 (u8): subtract 128 * (the lane's weight sum);
+                # the 4 vectors summed bytewise first (Q4_K <= 60, Q6_K in [-128, 124])
+                a(f"  %ws01.{t} = add {V8} {W[0]}, {W[1]}")
+                a(f"  %ws23.{t} = add {V8} {W[2]}, {W[3]}")
+                a(f"  %ws.{t} = add {V8} %ws01.{t}, %ws23.{t}")
+                out["NW", j, e] = (V32, E_.negsum128(f"nw{t}.", f"%ws.{t}", unsigned=q4))
+        return out
+
+    nacc = npair if q4 else kb
+    if pipe:
+        ptrs(".w0", "0")
+        w0 = weights(".w0")
+    a("  br label %loop")
+    a("loop:")
+    a("  %s = phi i64 [0, %rowhead], [%s.next, %loop.end]")
+    for j in range(nr):
+        for i in range(nacc):
+            a(f"  %acc{j}_{i} = phi {VF} [zeroinitializer, %rowhead], "
+              f"[%acc{j}_{i}.{nh - 1}, %loop.end]")
+    if pipe:
+        cur = {}
+        for key, (ty, val) in w0.items():
+            nm = "%cur." + ".".join(str(x) for x in key)
+            a(f"  {nm} = phi {ty} [{val}, %rowhead], [%nx.{nm[5:]}, %loop.end]")
+            cur[key] = nm
+    ptrs("", "%s")
+    a("  br i1 %pf, label %loop.pf, label %loop.body")
+    a("loop.pf:")
+    for j in range(nr):
+        for nm, base, nbytes, ty, off in (("q", f"%qp{j}", QB, "i8", "%pfq"),
+                                          ("s", f"%scp{j}", 16, "i8", "%pfs"),
+                                          ("d", f"%dp{j}", 2 * ND, "i16", "%pfd")):
+            for o in range(0, nbytes, 64):
+                a(f"  %pf{nm}{j}_{o}.b = getelementptr {ty}, ptr {base}, i64 {off}")
+                a(f"  %pf{nm}{j}_{o} = getelementptr i8, ptr %pf{nm}{j}_{o}.b, i64 {o}")
+                a(f"  call void @llvm.prefetch.p0(ptr %pf{nm}{j}_{o}, i32 0, "
+                  f"i32 {_PF_LOCALITY}, i32 1)")
+    a("  br label %loop.body")
+    a("loop.body:")
+    a("  %xqo = mul i64 %s, %xqs")
+    a("  %xqb = getelementptr i8, ptr %xq, i64 %xqo")
+    if q4:
+        a("  %xpo = mul i64 %s, %xps")
+        a("  %xpb = getelementptr float, ptr %xp, i64 %xpo")
+    else:
+        a("  %xdo = mul i64 %s, %xds")
+        a("  %xdb = getelementptr float, ptr %xd, i64 %xdo")
+    if pipe:   # the next super-block's weights (the last iteration repeats its own: no overrun)
+        a("  %s1a = add i64 %s, 1")
+        a("  %s1 = call i64 @llvm.umin.i64(i64 %s1a, i64 %nsm1)")
+        ptrs(".wn", "%s1")
+        wn = weights(".wn")
+        for key, (ty, val) in wn.items():
+            nm = ".".join(str(x) for x in key)
+            a(f"  %nx.{nm} = or {ty} {val}, zeroinitializer" if ty != VF
+              else f"  %nx.{nm} = fadd {VF} {val}, {_splat('float', nl, '-0.0')}")
+        wv = {key: (ty, cur[key]) for key, (ty, _) in w0.items()}
+    else:
+        wv = weights("")
+    for e in range(nh):
+        for g in range(nacc):
+            rows_g = [i for i in ([2 * g, 2 * g + 1] if q4 else [g]) if i < kb]
+            X = {}
+            for i in rows_g:
+                X[i] = []
+                for v in range(4):
+                    a(f"  %xp{v}.{i}.{e} = getelementptr i8, ptr %xqb, i64 "
+                      f"{256 * i + 64 * v + vw * e}")
+                    a(f"  %x{v}.{i}.{e} = load {V8}, ptr %xp{v}.{i}.{e}, align 1, "
+                      "!invariant.load !0")
+                    X[i].append(f"%x{v}.{i}.{e}")
+            if q4:
+                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xpb, i64 {32 * g + nl * e}")
+                a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
+                a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 16")
+                a(f"  %DS.{g}.{e} = load {VF}, ptr %dsp.{g}.{e}, align 4, !invariant.load !0")
+            else:
+                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xdb, i64 {16 * g + nl * e}")
+                a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
+            for j in range(nr):
+                u = f"{j}_{g}.{e}"
+                Wv = [wv["W", j, e, v][1] for v in range(4)]
+                dots = [E_.dot(f"I{i}_{u}.", Wv, X[i], wv["NW", j, e][1]) for i in rows_g]
+                if q4:   # pack the pair to int16 (|I| <= 16 * 15 * 127), sum lane pairs
+                    pk = "@llvm.x86.avx512.packssdw.512" if vw == 64 else "@llvm.x86.avx2.packssdw"
+                    madd = ("@llvm.x86.avx512.pmaddw.d.512" if vw == 64
+                            else "@llvm.x86.avx2.pmadd.wd")
+                    other = dots[1] if len(dots) > 1 else "zeroinitializer"
+                    a(f"  %P.{u} = call {E_.V16} {pk}({V32} {dots[0]}, {V32} {other})")
+                    a(f"  %M.{u} = call {V32} {madd}({E_.V16} %P.{u}, "
+                      f"{E_.V16} {_splat('i16', vw // 2, 1)})")
+                    isum = f"%M.{u}"
+                else:
+                    isum = dots[0]
+                a(f"  %F.{u} = sitofp {V32} {isum} to {VF}")
+                a(f"  %T.{u} = fmul {VF} %F.{u}, %DX.{g}.{e}")
+                prev = f"%acc{j}_{g}" if e == 0 else f"%acc{j}_{g}.{e - 1}"
+                if q4:   # - dmin m * float32(dx xsum)
+                    a(f"  %mn.{u} = fneg {VF} {wv['MM', j, e][1]}")
+                    a(f"  %m.{u} = call {VF} {fma}({VF} %mn.{u}, {VF} %DS.{g}.{e}, {VF} {prev})")
+                    prev = f"%m.{u}"
+                a(f"  %acc{j}_{g}.{e} = call {VF} {fma}({VF} %T.{u}, {VF} {wv['SC', j, e][1]}, "
+                  f"{VF} {prev})")
+    a("  br label %loop.end")
+    a("loop.end:")
+    a("  %s.next = add i64 %s, 1")
+    a("  %done = icmp eq i64 %s.next, %ns")
+    a("  br i1 %done, label %rowend, label %loop")
+    a("rowend:")
+    for j in range(nr):
+        for g in range(nacc):
+            acc = f"%acc{j}_{g}.{nh - 1}"
+            if q4:   # lanes (per 128 bits): A, A, B, B
+                prev, n = acc, nl
+                while n > 4:
+                    h = n // 2
+                    vn = f"<{n} x float>"
+                    a(f"  %h{j}_{g}.{h}a = shufflevector {vn} {prev}, {vn} poison, "
+                      f"{_mask(range(h))}")
+                    a(f"  %h{j}_{g}.{h}b = shufflevector {vn} {prev}, {vn} poison, "
+                      f"{_mask(range(h, n))}")
+                    a(f"  %h{j}_{g}.{h} = fadd <{h} x float> %h{j}_{g}.{h}a, %h{j}_{g}.{h}b")
+                    prev, n = f"%h{j}_{g}.{h}", h
+                outs = []
+                for half, lanes in ((0, (0, 1)), (1, (2, 3))):
+                    if 2 * g + half >= kb:
+                        continue
+                    a(f"  %o{j}_{g}_{half}a = extractelement <4 x float> {prev}, i32 {lanes[0]}")
+                    a(f"  %o{j}_{g}_{half}b = extractelement <4 x float> {prev}, i32 {lanes[1]}")
+                    a(f"  %o{j}_{g}_{half} = fadd float %o{j}_{g}_{half}a, %o{j}_{g}_{half}b")
+                    outs.append((2 * g + half, f"%o{j}_{g}_{half}"))
+            else:
+                codegen.emit_hsum(a, acc, nl, f"%o{j}_{g}")
+                outs = [(g, f"%o{j}_{g}")]
+            for i, val in outs:
+                a(f"  %yo{j}_{i} = mul i64 %ys, {i}")
+                a(f"  %yo{j}_{i}b = add i64 %yo{j}_{i}, {j}")
+                a(f"  %yp{j}_{i} = getelementptr float, ptr %yR, i64 %yo{j}_{i}b")
+                a(f"  %yl{j}_{i} = load float, ptr %yp{j}_{i}, align 4")
+                a(f"  %ya{j}_{i} = fadd float %yl{j}_{i}, {val}")
+                a(f"  %yv{j}_{i} = select i1 %isfirst, float {val}, float %ya{j}_{i}")
+                a(f"  store float %yv{j}_{i}, ptr %yp{j}_{i}, align 4")
+    a("  %rr.next = add i64 %rr, 1")
+    a("  %rdone = icmp eq i64 %rr.next, %nrow")
+    a("  br i1 %rdone, label %exit, label %rowhead")
+    a("exit:")
+    a("  ret void")
+    a("}")
+    return L
+
+
+def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
+           group: int = 32) -> list[str]:
+    """``@kq_<t>(q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys)``: y[i * ys + r] for
+    r0 <= r < r1 and every act row i < k.
+
+    Super-blocks go in tiles of ``ns = max(1, tile_bytes / (kp * 320))`` (the act data of a
+    tile stays in L1); per tile, rows in groups of ``group``; per group, act rows in chunks of
+    ``kbs[0]``, then one chunk of each smaller size for the rest; each chunk call runs over
+    the group's rows (in blocks of ``nr``, then single rows): a group's weights are read from
+    memory once and re-read from cache by its later chunks."""
+    kb = kbs[0]
+    nm = _NAMES[qt]
+    QB, ND = _QB[qt], _ND[qt]
+    group = max(group // nr, 1) * nr
+    L = []
+    a = L.append
+    ro = "ptr noalias nocapture readonly"
+    a(f"define void @kq_{nm}({ro} %q, {ro} %sc, {ro} %d, {ro} %xq, {ro} %xd, {ro} %xp, "
+      "ptr noalias nocapture %y, i64 %nsb, i64 %r0, i64 %r1, i64 %k, i64 %ys) #0 {")
+    a("entry:")
+    a("  %e1 = icmp sge i64 %r0, %r1")
+    a("  %e2 = icmp sle i64 %nsb, 0")
+    a("  %e3 = icmp sle i64 %k, 0")
+    a("  %e12 = or i1 %e1, %e2")
+    a("  %skip = or i1 %e12, %e3")
+    a("  br i1 %skip, label %exit, label %pre")
+    a("pre:")
+    a("  %kodd = and i64 %k, 1")
+    a("  %kp = add i64 %k, %kodd")
+    a(f"  %nfull = udiv i64 %k, {kb}")
+    a(f"  %rem = urem i64 %k, {kb}")
+    a("  %tb = mul i64 %kp, 320")
+    a(f"  %tsb0 = udiv i64 {tile_bytes}, %tb")
+    a("  %tsb1 = call i64 @llvm.umax.i64(i64 %tsb0, i64 1)")
+    a("  %tsb = call i64 @llvm.umin.i64(i64 %tsb1, i64 %nsb)")
+    a("  br label %tile")
+    a("tile:")
+    a("  %s0 = phi i64 [0, %pre], [%s0.next, %tile.end]")
+    a("  %s0e = add i64 %s0, %tsb")
+    a("  %s1 = call i64 @llvm.umin.i64(i64 %s0e, i64 %nsb)")
+    a("  %ns = sub i64 %s1, %s0")
+    a("  %isf = icmp eq i64 %s0, 0")
+    a("  %first = zext i1 %isf to i64")
+    if prefetch:   # software prefetch: the same tile of a later row, >= prefetch bytes ahead
+        a(f"  %segb = mul i64 %ns, {QB}")
+        a(f"  %pfr0 = add i64 %segb, {prefetch - 1}")
+        a("  %pfr = udiv i64 %pfr0, %segb")
+    else:
+        a("  %pfr = add i64 0, 0")
+    a("  %xqt.o = mul i64 %s0, %kp")
+    a("  %xqt.o2 = mul i64 %xqt.o, 256")
+    a("  %xqt = getelementptr i8, ptr %xq, i64 %xqt.o2")
+    a("  %xdt.o2 = mul i64 %xqt.o, 16")
+    a("  %xdt = getelementptr float, ptr %xd, i64 %xdt.o2")
+    a("  %xpt = getelementptr float, ptr %xp, i64 %xdt.o2")
+    a("  br label %grp")
+    a("grp:")
+    a("  %rg = phi i64 [%r0, %tile], [%rg.next, %grp.end]")
+    a(f"  %rge = add i64 %rg, {group}")
+    a("  %rg1 = call i64 @llvm.umin.i64(i64 %rge, i64 %r1)")
+    a("  %gn = sub i64 %rg1, %rg")
+    a(f"  %gnb = udiv i64 %gn, {nr}")
+    a(f"  %gnr = urem i64 %gn, {nr}")
+    a(f"  %gr2 = mul i64 %gnb, {nr}")
+    a("  %rgs = add i64 %rg, %gr2")
+
+    def body(tag, rows, r, nrow, nxt):
+        """The chunks of one group's rows (``nrow`` blocks of ``rows`` from ``r``), then ``nxt``."""
+        a(f"  %rs{tag} = mul i64 {r}, %nsb")
+        a(f"  %rs2{tag} = add i64 %rs{tag}, %s0")
+        a(f"  %qo{tag} = mul i64 %rs2{tag}, {QB}")
+        a(f"  %qr{tag} = getelementptr i8, ptr %q, i64 %qo{tag}")
+        a(f"  %so{tag} = mul i64 %rs2{tag}, 16")
+        a(f"  %scr{tag} = getelementptr i8, ptr %sc, i64 %so{tag}")
+        a(f"  %do{tag} = mul i64 %rs2{tag}, {ND}")
+        a(f"  %dr{tag} = getelementptr i16, ptr %d, i64 %do{tag}")
+        a(f"  %hasfull{tag} = icmp ugt i64 %nfull, 0")
+        a(f"  br i1 %hasfull{tag}, label %full{tag}, label %tail{tag}")
+
+        def call(ksz, i0, sfx):
+            a(f"  %xqo{sfx} = mul i64 {i0}, 256")
+            a(f"  %xqp{sfx} = getelementptr i8, ptr %xqt, i64 %xqo{sfx}")
+            a(f"  %xdo{sfx} = mul i64 {i0}, 16")   # 16 floats per act row (xd), 32 per pair (xp)
+            a(f"  %xdp{sfx} = getelementptr float, ptr %xdt, i64 %xdo{sfx}")
+            a(f"  %xpp{sfx} = getelementptr float, ptr %xpt, i64 %xdo{sfx}")
+            a(f"  %yo{sfx} = mul i64 {i0}, %ys")
+            a(f"  %yo2{sfx} = add i64 %yo{sfx}, {r}")
+            a(f"  %yp{sfx} = getelementptr float, ptr %y, i64 %yo2{sfx}")
+            a(f"  call void @kq_{nm}.r{rows}c{ksz}(ptr %qr{tag}, ptr %scr{tag}, ptr %dr{tag}, "
+              f"ptr %xqp{sfx}, ptr %xdp{sfx}, ptr %xpp{sfx}, ptr %yp{sfx}, i64 %ns, i64 %nsb, "
+              f"i64 %ys, i64 %kp, i64 %first, i64 %pfr, i64 {nrow})")
+
+        a(f"full{tag}:")
+        a(f"  %c{tag} = phi i64 [0, %{tag}], [%c.next{tag}, %full{tag}]")
+        a(f"  %i0f{tag} = mul i64 %c{tag}, {kb}")
+        call(kb, f"%i0f{tag}", f"f{tag}")
+        a(f"  %c.next{tag} = add i64 %c{tag}, 1")
+        a(f"  %cdone{tag} = icmp eq i64 %c.next{tag}, %nfull")
+        a(f"  br i1 %cdone{tag}, label %tail{tag}, label %full{tag}")
+        a(f"tail{tag}:")       # the remainder, one chunk per bit of rem (largest first)
+        a(f"  %ti0{tag} = mul i64 %nfull, {kb}")
+        prev = f"%ti0{tag}"
+        for j, ksz in enumerate(kbs[1:]):
+            a(f"  %tb{j}{tag} = and i64 %rem, {ksz}")
+            a(f"  %th{j}{tag} = icmp ne i64 %tb{j}{tag}, 0")
+            a(f"  br i1 %th{j}{tag}, label %tdo{j}{tag}, label %tnext{j}{tag}")
+            a(f"tdo{j}{tag}:")
+            call(ksz, prev, f"t{j}{tag}")
+            a(f"  br label %tnext{j}{tag}")
+            a(f"tnext{j}{tag}:")
+            a(f"  %tia{j}{tag} = add i64 {prev}, {ksz}")
+            a(f"  %ti{j + 1}{tag} = select i1 %th{j}{tag}, i64 %tia{j}{tag}, i64 {prev}")
+            prev = f"%ti{j + 1}{tag}"
+        a(f"  br label %{nxt}")
+
+    a("  %hasb = icmp ugt i64 %gnb, 0")
+    a("  br i1 %hasb, label %B, label %Bend")
+    a("B:")
+    body("B", nr, "%rg", "%gnb", "Bend")
+    a("Bend:")
+    if nr > 1:
+        a("  %hass = icmp ugt i64 %gnr, 0")
+        a("  br i1 %hass, label %S, label %grp.end")
+        a("S:")
+        body("S", 1, "%rgs", "%gnr", "grp.end")
+    else:
+        a("  br label %grp.end")
+    a("grp.end:")
+    a("  %rg.next = add i64 %rg, %gn")
+    a("  %gdone = icmp uge i64 %rg.next, %r1")
+    a("  br i1 %gdone, label %tile.end, label %grp")
+    a("tile.end:")
+    a("  %s0.next = add i64 %s0, %tsb")
+    a("  %tdone = icmp uge i64 %s0.next, %nsb")
+    a("  br i1 %tdone, label %exit, label %tile")
+    a("exit:")
+    a("  ret void")
+    a("}")
+    return L
+
+
+_SPECS = {"avx512": (64, "vnni"), "avx512-novnni": (64, "maddubs"), "avx2": (32, "maddubs")}
+
+
+def _kbs(kb: int) -> list[int]:
+    if kb < 2 or kb & (kb - 1):
+        raise ValueError("kb must be a power of two >= 2")
+    out = [kb]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _quant_ir() -> list[str]:
+    """``@kq_quant(x, xq, xd, xp, nsb, k, kp, xs)``: the act format of x float32 [k, xs >= n_in]
+    (row stride ``xs`` floats), the same float32 operations as ``quantize_x_nb`` (x finite)."""
+    L = []
+    a = L.append
+    V, VI = "<16 x float>", "<16 x i32>"
+    a("define void @kq_quant(ptr noalias nocapture readonly %x, ptr noalias nocapture %xq, "
+      "ptr noalias nocapture %xd, ptr noalias nocapture %xp, i64 %nsb, i64 %k, i64 %kp, "
+      "i64 %xs) #0 {")
+    a("entry:")
+    a("  %e1 = icmp sle i64 %nsb, 0")
+    a("  %e2 = icmp sle i64 %kp, 0")
+    a("  %skip = or i1 %e1, %e2")
+    a("  br i1 %skip, label %exit, label %row")
+    a("row:")
+    a("  %i = phi i64 [0, %entry], [%i.next, %row.end]")
+    a("  %real = icmp slt i64 %i, %k")
+    a("  %xro = mul i64 %i, %xs")
+    a("  %xr = getelementptr float, ptr %x, i64 %xro")
+    a("  %iodd = and i64 %i, 1")
+    a("  %lane0 = mul i64 %iodd, 2")              # xp lane offset of this row in its pair
+    a("  %pair = lshr i64 %i, 1")
+    a("  br label %sb")
+    a("sb:")
+    a("  %s = phi i64 [0, %row], [%s.next, %sb.end]")
+    a("  %sk = mul i64 %s, %kp")
+    a("  %sko = add i64 %sk, %i")
+    a("  %qo = mul i64 %sko, 256")
+    a("  %qp = getelementptr i8, ptr %xq, i64 %qo")
+    a("  %dxo = mul i64 %sko, 16")
+    a("  %dxp = getelementptr float, ptr %xd, i64 %dxo")
+    a("  %pko = add i64 %sk, %i")                  # (kp * s + i) / 2 = s * kp / 2 + pair
+    a("  %pko2 = lshr i64 %sk, 1")
+    a("  %pko3 = add i64 %pko2, %pair")
+    a("  %ppo = mul i64 %pko3, 32")
+    a("  %pp = getelementptr float, ptr %xp, i64 %ppo")
+    a("  br i1 %real, label %q, label %pad")
+    a("q:")
+    a("  %xbo = mul i64 %s, 256")
+    a("  %xb = getelementptr float, ptr %xr, i64 %xbo")
+    dw = []
+    for b in range(8):
+        for h in range(2):
+            a(f"  %xp{b}{h} = getelementptr float, ptr %xb, i64 {32 * b + 16 * h}")
+            a(f"  %v{b}{h} = load {V}, ptr %xp{b}{h}, align 4")
+            a(f"  %a{b}{h} = call {V} @llvm.fabs.v16f32({V} %v{b}{h})")
+        a(f"  %m{b} = call nnan {V} @llvm.maxnum.v16f32({V} %a{b}0, {V} %a{b}1)")
+        a(f"  %amax{b} = call nnan float @llvm.vector.reduce.fmax.v16f32({V} %m{b})")
+        a(f"  %pos{b} = fcmp ogt float %amax{b}, 0.0")
+        a(f"  %inv0{b} = fdiv float {_flt(127.0)}, %amax{b}")
+        a(f"  %inv{b} = select i1 %pos{b}, float %inv0{b}, float 0.0")
+        a(f"  %dx0{b} = fdiv float %amax{b}, {_flt(127.0)}")
+        a(f"  %dx{b} = select i1 %pos{b}, float %dx0{b}, float 0.0")
+        a(f"  %invi{b} = insertelement {V} poison, float %inv{b}, i32 0")
+        a(f"  %INV{b} = shufflevector {V} %invi{b}, {V} poison, <16 x i32> zeroinitializer")
+        for h in range(2):
+            a(f"  %p{b}{h} = fmul {V} %v{b}{h}, %INV{b}")
+            a(f"  %r{b}{h} = call {V} @llvm.roundeven.v16f32({V} %p{b}{h})")
+            a(f"  %qi{b}{h} = fptosi {V} %r{b}{h} to {VI}")
+            a(f"  %qu{b}{h} = add {VI} %qi{b}{h}, {_splat('i32', 16, 128)}")
+            a(f"  %qb{b}{h} = trunc {VI} %qu{b}{h} to <16 x i8>")
+        a(f"  %qs{b} = add {VI} %qi{b}0, %qi{b}1")
+        a(f"  %xsum{b} = call i32 @llvm.vector.reduce.add.v16i32({VI} %qs{b})")
+        a(f"  %xsf{b} = sitofp i32 %xsum{b} to float")
+        a(f"  %dxs{b} = fmul float %dx{b}, %xsf{b}")
+        a(f"  %nat{b} = shufflevector <16 x i8> %qb{b}0, <16 x i8> %qb{b}1, {_mask(range(32))}")
+        a(f"  %natd{b} = bitcast <32 x i8> %nat{b} to <8 x i32>")
+        dw.append(f"%natd{b}")
+        for g in (2 * b, 2 * b + 1):
+            a(f"  %xdp{g} = getelementptr float, ptr %dxp, i64 {g}")
+            a(f"  store float %dx{b}, ptr %xdp{g}, align 4")
+        a(f"  %ln{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
+        a(f"  %pxp{b} = getelementptr float, ptr %pp, i64 %ln{b}")
+        a(f"  store float %dx{b}, ptr %pxp{b}, align 4")
+        a(f"  %pxs{b} = getelementptr float, ptr %pxp{b}, i64 16")
+        a(f"  store float %dxs{b}, ptr %pxs{b}, align 4")
+    # natural dword 4 g + v (g: 16-group, v: 0..3) -> position 16 v + g
+    a(f"  %n01 = shufflevector <8 x i32> {dw[0]}, <8 x i32> {dw[1]}, {_mask(range(16))}")
+    a(f"  %n23 = shufflevector <8 x i32> {dw[2]}, <8 x i32> {dw[3]}, {_mask(range(16))}")
+    a(f"  %n45 = shufflevector <8 x i32> {dw[4]}, <8 x i32> {dw[5]}, {_mask(range(16))}")
+    a(f"  %n67 = shufflevector <8 x i32> {dw[6]}, <8 x i32> {dw[7]}, {_mask(range(16))}")
+    a(f"  %n03 = shufflevector {VI} %n01, {VI} %n23, {_mask(range(32))}")
+    a(f"  %n47 = shufflevector {VI} %n45, {VI} %n67, {_mask(range(32))}")
+    a(f"  %n07 = shufflevector <32 x i32> %n03, <32 x i32> %n47, {_mask(range(64))}")
+    for v in range(4):
+        a(f"  %o{v} = shufflevector <64 x i32> %n07, <64 x i32> poison, "
+          f"{_mask([4 * g + v for g in range(16)])}")
+        a(f"  %op{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
+        a(f"  store {VI} %o{v}, ptr %op{v}, align 4")
+    a("  br label %sb.end")
+    a("pad:")                                      # the padding row: x = 0
+    for v in range(4):
+        a(f"  %pq{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
+        a(f"  store <64 x i8> {_splat('i8', 64, -128)}, ptr %pq{v}, align 1")
+    a(f"  store {V} zeroinitializer, ptr %dxp, align 4")
+    for b in range(8):
+        a(f"  %zl{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
+        a(f"  %zp{b} = getelementptr float, ptr %pp, i64 %zl{b}")
+        a(f"  store float 0.0, ptr %zp{b}, align 4")
+        a(f"  %zs{b} = getelementptr float, ptr %zp{b}, i64 16")
+        a(f"  store float 0.0, ptr %zs{b}, align 4")
+    a("  br label %sb.end")
+    a("sb.end:")
+    a("  %s.next = add i64 %s, 1")
+    a("  %sdone = icmp eq i64 %s.next, %nsb")
+    a("  br i1 %sdone, label %row.end, label %sb")
+    a("row.end:")
+    a("  %i.next = add i64 %i, 1")
+    a("  %idone = icmp eq i64 %i.next, %kp")
+    a("  br i1 %idone, label %exit, label %row")
+    a("exit:")
+    a("  ret void")
+    a("}")
+    return L
+
+
+def kernel_ir(isa: str, cpu: str = "", features: str = "", *, kb: int | None = None,
+              nr: int | None = None, prefetch: int = DEFAULT_PREFETCH,
+              tile_bytes: int = DEFAULT_TILE_BYTES, pipe: bool | None = None,
+              group: int = DEFAULT_GROUP) -> str:
+    """The IR module text (``kq_q4_k`` and ``kq_q6_k``) for an x86 path (an ``_SPECS`` name)."""
+    vw, combine = _SPECS[isa]
+    kbs = _kbs(kb or DEFAULT_KB[isa])
+    nr = nr or DEFAULT_NR[isa]
+    pipe = DEFAULT_PIPE[isa] if pipe is None else pipe
+    L = list(_DECLS) + ["declare i64 @llvm.umax.i64(i64, i64)",
+                        "declare i64 @llvm.umin.i64(i64, i64)",
+                        "declare <16 x float> @llvm.fabs.v16f32(<16 x float>)",
+                        "declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)",
+                        "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
+                        "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
+                        "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)"]
+    L += _quant_ir()
+    for qt in (Q4_K, Q6_K):
+        for ksz in kbs:
+            for rows in sorted({1, nr}):
+                L += _chunk_ir(qt, vw, combine, rows, ksz, pipe)
+        L += _fn_ir(qt, nr, kbs, tile_bytes, prefetch, group)
+    return codegen.finish_module(L, cpu, features)
+
+
+_lock = threading.Lock()
+_cache: dict = {}
+
+
+def _compile(isa: str, **opts):
+    """({qtype: address}, owners to keep alive, compile seconds); cached per process."""
+    key = (isa, tuple(sorted(opts.items())))
+    k = _cache.get(key)
+    if k is not None:
+        return k
+    with _lock:
+        k = _cache.get(key)
+        if k is not None:
+            return k
+        if isa not in codegen.host_isas() or isa not in _SPECS:
+            raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
+        spec = codegen.resolve_isa(isa)
+        if "kb" not in opts:
+            opts = dict(opts, kb=DEFAULT_KB[isa])
+        if "nr" not in opts:
+            opts = dict(opts, nr=DEFAULT_NR[isa])
+        if "pipe" not in opts:
+            opts = dict(opts, pipe=DEFAULT_PIPE[isa])
+        ee, owners, secs = codegen.jit(lambda cpu, feat: kernel_ir(spec, cpu, feat, **opts), isa)
+        k = ({qt: ee.get_function_address(f"kq_{_NAMES[qt]}") for qt in _NAMES}, owners, secs)
+        k[0]["quant"] = ee.get_function_address("kq_quant")
+        _cache[key] = k
+        return k
+
+
+def kernel_asm(isa: str = "avx512", **opts) -> str:
+    """The host assembly of the module (for inspection; runs nothing)."""
+    spec = codegen.resolve_isa(isa)
+    opts = {"kb": DEFAULT_KB[isa], "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa], **opts}
+    return codegen.host_asm(lambda cpu, feat: kernel_ir(spec, cpu, feat, **opts), isa)
+
+
+_choice: dict = {}
+
+
+def reset_kernel_choice() -> None:
+    _choice.clear()
+
+
+def quant_address(kernel: str | None = None) -> int:
+    """Address of ``kq_quant`` (the vectorized activation quantizer) for a path (0: numba)."""
+    key = ("quant", kernel, ())
+    r = _choice.get(key)
+    if r is None:
+        name = codegen.select_kernel(kernel)
+        r = _compile(name)[0]["quant"] if name in _SPECS else 0
+        _choice[key] = r
+    return r
+
+
+def fn_address(qtype: int, kernel: str | None = None, **opts) -> int:
+    """Address of ``kq_q4_k`` / ``kq_q6_k`` for a kernel path (0: portable). ``opts`` (kb, nr,
+    prefetch, tile_bytes) are for experiments; the defaults are the measured best."""
+    key = (qtype, kernel, tuple(sorted(opts.items())))
+    r = _choice.get(key)
+    if r is None:
+        if qtype not in _NAMES:
+            raise ValueError(f"qtype {qtype} is not Q4_K (12) or Q6_K (14)")
+        name = codegen.select_kernel(kernel)
+        if name not in _SPECS:   # portable (neon is never executed here)
+            r = 0
+        else:
+            r = _compile(name, **opts)[0][qtype]
+        _choice[key] = r
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# numba
+
+
+def _check(tys, specs):
+    for t, sp in zip(tys, specs, strict=True):
+        if sp is None:
+            if not isinstance(t, types.Integer):
+                raise errors.TypingError(f"expected an integer, got {t}")
+        elif not (isinstance(t, types.Array) and t.layout == "C" and t.dtype in sp):
+            raise errors.TypingError(f"expected a C-contiguous {sp} array, got {t}")
+
+
+@intrinsic
+def _call_kq(typingctx, fn, q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys):
+    """kq_<t>(q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys) through a runtime address."""
+    args = (fn, q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys)
+    _check(args, (None, (types.uint8,), (types.uint8,), (types.uint16,),
+                  (types.uint8,), (types.float32,), (types.float32,), (types.float32,),
+                  None, None, None, None, None))
+    return types.void(*args), _emit_call
+
+
+@intrinsic
+def _call_quant(typingctx, fq, x, xq, xd, xp, nsb, k, kp, xs):
+    """kq_quant(x, xq, xd, xp, nsb, k, kp, xs) through a runtime address."""
+    args = (fq, x, xq, xd, xp, nsb, k, kp, xs)
+    _check(args, (None, (types.float32,), (types.uint8,), (types.float32,), (types.float32,),
+                  None, None, None, None))
+    return types.void(*args), _emit_call
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _h2f(h):
+    """IEEE half bits -> float32, exactly (NaN stays NaN)."""
+    h = np.int32(h)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0x1F:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    elif e == 0:
+        v = np.float32(m) * np.float32(2.0 ** -24)
+    else:
+        v = (np.float32(m | 0x400) * np.float32(np.int32(1) << (e - 1))) * np.float32(2.0 ** -24)
+    return -v if h & 0x8000 else v
+
+
+@njit(cache=True, nogil=True)
+def quantize_x_nb(x, xq, xd, xp):
+    """x float32 [k, n_in] -> the act format (module docstring): xq uint8 [nsb, kp, 256],
+    xd float32 [nsb, kp, 16], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
+    padding row is x = 0)."""
+    k, n = x.shape
+    nsb = n // 256
+    kp = xq.shape[1]
+    q127 = np.float32(127.0)
+    for s in range(nsb):
+        for i in range(kp):
+            for b in range(8):
+                o = 256 * s + 32 * b
+                amax = np.float32(0.0)
+                if i < k:
+                    for j in range(32):
+                        v = abs(x[i, o + j])
+                        amax = v if v > amax else amax
+                if amax > 0:
+                    inv = q127 / amax
+                    dx = amax / q127
+                else:
+                    inv = np.float32(0.0)
+                    dx = np.float32(0.0)
+                xs = 0
+                for h in range(2):
+                    g = 2 * b + h                      # 16-group (lane) L
+                    for v in range(4):
+                        for t in range(4):
+                            val = 0
+                            if i < k:
+                                val = np.int32(np.rint(x[i, o + 16 * h + 4 * v + t] * inv))
+                            xs += val
+                            xq[s, i, 64 * v + 4 * g + t] = np.uint8(val + 128)
+                    xd[s, i, g] = dx
+                lane = 4 * (b // 2) + 2 * (i % 2) + (b % 2)
+                xp[s, i // 2, lane] = dx
+                xp[s, i // 2, 16 + lane] = dx * np.float32(xs)
+
+
+@njit(cache=True, nogil=True)
+def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
+    """Plain numba: each super-block of a row is decoded to float32 weights once (``d sc q -
+    dmin m`` / ``d sc (q - 32)``, kernel lane order), then 256 float32 lanes per act row
+    accumulate ``w * xhat`` with ``xhat = (xq - 128) dx`` (exact products of the same
+    quantized values: differs from the integer kernels by float32 rounding only), a tree sum
+    at the end. The lanes are the vector: LLVM vectorizes without fastmath."""
+    nsb, k = xq.shape[0], y.shape[0]
+    q4 = q.shape[1] == 128 * nsb
+    qb = q.shape[1] // nsb
+    w = np.empty(256, np.float32)
+    qi = np.empty(256, np.int32)
+    scv = np.empty(64, np.float32)
+    mmv = np.empty(64, np.float32)
+    xf = np.empty((nsb, k, 256), np.float32)
+    for s in range(nsb):
+        for i in range(k):
+            xs_, xo_, dx_ = xf[s, i], xq[s, i], xd[s, i]
+            for o in range(256):
+                xs_[o] = np.float32(np.int32(xo_[o]) - 128) * dx_[(o & 63) >> 2]
+    acc = np.empty((k, 256), np.float32)
+    for r in range(r0, r1):
+        acc[:] = 0
+        qrow = q[r]
+        for s in range(nsb):
+            qo = s * qb
+            for c in range(2):
+                qs = qrow[qo + 64 * c:qo + 64 * c + 64]
+                lo = qi[128 * c:128 * c + 64]
+                hi = qi[128 * c + 64:128 * c + 128]
+                for j in range(64):
+                    byte = np.int32(qs[j])
+                    lo[j] = byte & 15
+                    hi[j] = byte >> 4
+            if q4:
+                dd = _h2f(d[r, 2 * s])
+                dm = _h2f(d[r, 2 * s + 1])
+                for j in range(64):          # lane j % 64: sub-block j >> 3
+                    scv[j] = dd * np.float32(sc[r, 16 * s + (j >> 3)])
+                    mmv[j] = dm * np.float32(sc[r, 16 * s + 8 + (j >> 3)])
+                for v in range(4):
+                    wv = w[64 * v:64 * v + 64]
+                    qv = qi[64 * v:64 * v + 64]
+                    for j in range(64):
+                        wv[j] = scv[j] * np.float32(qv[j]) - mmv[j]
+            else:
+                dd = _h2f(d[r, s])
+                qh = qrow[qo + 128:qo + 192]
+                for v in range(4):
+                    qv = qi[64 * v:64 * v + 64]
+                    for j in range(64):
+                        qv[j] |= ((np.int32(qh[j]) >> (2 * v)) & 3) << 4
+                for j in range(64):          # lane j % 64: 16-group j >> 2 (int8 scales)
+                    scv[j] = dd * np.float32((np.int32(sc[r, 16 * s + (j >> 2)]) ^ 0x80) - 0x80)
+                for v in range(4):
+                    wv = w[64 * v:64 * v + 64]
+                    qv = qi[64 * v:64 * v + 64]
+                    for j in range(64):
+                        wv[j] = scv[j] * np.float32(qv[j] - 32)
+            for i in range(k):
+                a = acc[i]
+                x = xf[s, i]
+                for o in range(256):
+                    a[o] += w[o] * x[o]
+        for i in range(k):
+            a = acc[i]
+            n = 256
+            while n > 1:
+                n //= 2
+                for j in range(n):
+                    a[j] = a[j] + a[j + n]
+            y[i, r] = a[0]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1):
+    """y[i, r] for r0 <= r < r1 and every act row i < y.shape[0] (y float32 [k, >= r1],
+    C-contiguous); ``fn`` from ``fn_address`` (0: portable). No shape checks: see ``_prep``."""
+    if fn != 0:
+        _call_kq(fn, q, sc, d, xq, xd, xp, y, xq.shape[0], r0, r1, y.shape[0], y.shape[1])
+    else:
+        _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1)
+
+
+@njit(cache=True, nogil=True)
+def quantize_x_alloc(x, fq=0):
+    """(xq, xd, xp) = the act format of x float32 [k, n_in] (n_in a multiple of 256, x
+    C-contiguous); ``fq`` from ``quant_address`` (the vectorized IR routine; 0: numba)."""
+    k, n = x.shape
+    nsb = n // 256
+    kp = k + (k & 1)
+    nq, nd = nsb * kp * 256, nsb * kp * 64        # bytes of xq, of xd (xp is as large)
+    buf = np.empty(nq + 2 * nd + 64, np.uint8)     # one block, 64-byte aligned parts
+    o = (-buf.ctypes.data) % 64
+    xq = buf[o:o + nq].reshape((nsb, kp, 256))
+    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((nsb, kp, 16))
+    xp = buf[o + nq + nd:o + nq + 2 * nd].view(np.float32).reshape((nsb, kp // 2, 32))
+    if fq != 0:
+        _call_quant(fq, x, xq, xd, xp, nsb, k, kp, n)
+    else:
+        quantize_x_nb(x, xq, xd, xp)
+    return xq, xd, xp
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prep(fq, x, q, sc, d, out):
+    k, n = x.shape
+    nsb = n // 256
+    ok = n % 256 == 0 and nsb > 0 and k > 0 and sc.shape[1] == 16 * nsb \
+        and q.shape[0] == sc.shape[0] and q.shape[0] == d.shape[0] \
+        and ((q.shape[1] == 128 * nsb and d.shape[1] == 2 * nsb)
+             or (q.shape[1] == 192 * nsb and d.shape[1] == nsb)) \
+        and out.shape[0] == k and out.shape[1] == q.shape[0]
+    if not ok:
+        raise ValueError("kq_matmul: the shapes of x, the packed matrix and out differ")
+    return quantize_x_alloc(x, fq)
+
+
+@njit(cache=True, nogil=True)
+def matmul_nb(fn, fq, x, q, sc, d, out):
+    """numba-callable, single-threaded: out[k, n_out] = x[k, n_in] @ W.T (shapes checked;
+    ``fn`` from ``fn_address``, ``fq`` from ``quant_address``, 0: portable)."""
+    xq, xd, xp = _prep(fq, x, q, sc, d, out)
+    rows_nb(fn, q, sc, d, xq, xd, xp, out, 0, q.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _mv_serial(fn, fq, x, q, sc, d, out):
+    """matmul_nb for one row: x float32 [n_in], out float32 [n_out]."""
+    matmul_nb(fn, fq, x.reshape((1, x.size)), q, sc, d, out.reshape((1, out.size)))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _mm_parallel(fn, fq, x, q, sc, d, out, nthreads):
+    xq, xd, xp = _prep(fq, x, q, sc, d, out)
+    n = q.shape[0]
+    nch = min(nthreads, n)
+    for c in prange(nch):
+        rows_nb(fn, q, sc, d, xq, xd, xp, out, c * n // nch, (c + 1) * n // nch)
+
+
+_F32 = np.dtype(np.float32)
+
+
+def _addresses(qtype, kernel):
+    fn = _choice.get((qtype, kernel, ()))
+    fq = _choice.get(("quant", kernel, ()))
+    if fn is None or fq is None:
+        fn = fn_address(qtype, kernel)
+        fq = quant_address(kernel)
+    return fn, fq
+
+
+def kq_matvec(x, p: PackedKQ, out: np.ndarray | None = None, threads: int = 1,
+              kernel: str | None = None) -> np.ndarray:
+    """y = W @ x for a packed Q4_K / Q6_K matrix (float32 [n_out]); ``out`` may be given."""
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
+            or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if out is None:
+        out = np.empty(p.n_out, np.float32)
+    elif out.ndim != 1 or out.dtype != _F32 or not out.flags.c_contiguous:
+        raise ValueError("kq_matvec: out must be a C-contiguous float32 [n_out] array")
+    fn, fq = _addresses(p.qtype, kernel)
+    if threads > 1:
+        _mm_parallel(fn, fq, x.reshape(1, -1), p.q, p.sc, p.d, out.reshape(1, -1), threads)
+    else:
+        _mv_serial(fn, fq, x, p.q, p.sc, p.d, out)
+    return out
+
+
+def kq_matmul(X, p: PackedKQ, out: np.ndarray | None = None, kernel: str | None = None,
+              threads: int = 1) -> np.ndarray:
+    """Y = X @ W.T for X float32 [k, n_in] (one pass over the weights for all k rows):
+    float32 [k, n_out]; ``out`` may be given."""
+    if type(X) is not np.ndarray or X.dtype is not _F32 or X.ndim != 2 \
+            or not X.flags.c_contiguous:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2:
+            raise ValueError("kq_matmul: X must be [k, n_in]")
+    if out is None:
+        out = np.empty((X.shape[0], p.n_out), np.float32)
+    elif out.ndim != 2 or out.dtype != _F32 or not out.flags.c_contiguous:
+        raise ValueError("kq_matmul: out must be a C-contiguous float32 [k, n_out] array")
+    fn, fq = _addresses(p.qtype, kernel)
+    if threads > 1:
+        _mm_parallel(fn, fq, X, p.q, p.sc, p.d, out, threads)
+    else:
+        matmul_nb(fn, fq, X, p.q, p.sc, p.d, out)
+    return out
+
+
+def quantize_x(X, kernel: str | None = None):
+    """(xq, xd, xp): the act format of X float32 [k, n_in] (or [n_in]) as the kernels read it."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    X = X.reshape(1, -1) if X.ndim == 1 else X
+    if X.ndim != 2 or X.shape[1] % 256 or X.shape[1] == 0 or X.shape[0] == 0:
+        raise ValueError("quantize_x: expected [k, n_in] with n_in a multiple of 256")
+    return quantize_x_alloc(X, quant_address(kernel))
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy oracle
+
+
+def quantize_x_reference(X):
+    """(xq int8 [k, n_in], natural order; dx float32 [k, n_in / 32]; xsum int32 [k, n_in / 16])."""
+    X = np.asarray(X, np.float32)
+    X = X.reshape(1, -1) if X.ndim == 1 else X
+    k, n = X.shape
+    xb = X.reshape(k, n // 32, 32)
+    amax = np.abs(xb).max(axis=2)
+    pos = amax > 0
+    safe = np.where(pos, amax, np.float32(1))
+    inv = np.where(pos, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    dx = np.where(pos, safe / np.float32(127), np.float32(0)).astype(np.float32)
+    xq = np.rint(xb * inv[:, :, None]).astype(np.int8).reshape(k, n)
+    xs = xq.reshape(k, n // 16, 16).astype(np.int32).sum(axis=2)
+    return xq, dx, xs
+
+
+def kq_matmul_reference(X, p: PackedKQ, return_scale: bool = False):
+    """What the kernels compute, [k, n_out] float32 (float64 sums, exact integer dots).
+
+    Q4_K, per 32-block b of a row: ``I_b dx_b (d sc_b) - (dmin m_b) float32(dx_b xsum_b)``
+    with ``I_b = sum q xq`` and ``xsum_b = sum xq``; Q6_K, per 16-group g:
+    ``(sum (q - 32) xq) dx (d sc_g)``. With ``return_scale`` also (per [k, n_out]) the sum
+    over blocks / groups of the |terms| (the scale of float32 rounding) and the guaranteed
+    bound of |y - dequantize(W) @ x| (module docstring).
+    """
+    X = np.asarray(X, np.float32)
+    X = X.reshape(1, -1) if X.ndim == 1 else X
+    k, n = X.shape
+    if n != p.n_in:
+        raise ValueError("kq_matmul_reference: x does not match the matrix")
+    xq, dx, xs = quantize_x_reference(X)
+    dd = p.d.view(np.float16).astype(np.float32).reshape(p.n_out, p.nsb, _ND[p.qtype])
+    codes = p.codes().astype(np.float64)
+    if p.qtype == Q4_K:
+        nb = n // 32
+        ib = np.einsum("rbj,ibj->irb", codes.reshape(p.n_out, nb, 32),
+                      xq.reshape(k, nb, 32).astype(np.float64))          # exact (< 2^53)
+        s = p.sc.reshape(p.n_out, p.nsb, 2, 8).astype(np.float32)
+        SC = (dd[:, :, 0:1] * s[:, :, 0]).reshape(p.n_out, nb).astype(np.float64)
+        MM = (dd[:, :, 1:2] * s[:, :, 1]).reshape(p.n_out, nb).astype(np.float64)
+        xs32 = xs.reshape(k, nb, 2).sum(axis=2)
+        dxs = (dx * xs32.astype(np.float32)).astype(np.float64)          # float32 products
+        t1 = ib * dx.astype(np.float64)[:, None, :] * SC[None]
+        t2 = MM[None] * dxs[:, None, :]
+        y = (t1 - t2).sum(axis=2)
+        absum = (np.abs(t1) + np.abs(t2)).sum(axis=2)
+    else:
+        ng = n // 16
+        ig = np.einsum("rgj,igj->irg", codes.reshape(p.n_out, ng, 16) - 32.0,
+                      xq.reshape(k, ng, 16).astype(np.float64))
+        SC = (dd[:, :, 0:1] * p.sc.view(np.int8).reshape(p.n_out, p.nsb, 16).astype(np.float32))
+        SC = SC.reshape(p.n_out, ng).astype(np.float64)
+        dxg = np.repeat(dx, 2, axis=1).astype(np.float64)
+        t1 = ig * dxg[:, None, :] * SC[None]
+        y = t1.sum(axis=2)
+        absum = np.abs(t1).sum(axis=2)
+    y = y.astype(np.float32)
+    if not return_scale:
+        return y
+    # guaranteed: |x - xq dx| <= dx (1/2 + 2^-22 |xq|) per activation (the rounding of x * inv
+    # and of dx included), the dequantized weights' float32 rounding 2^-23 |w x|
+    w = np.abs(p.dequantize().astype(np.float64))                        # [n_out, n]
+    step = (np.repeat(dx, 32, axis=1).astype(np.float64)
+            * (0.5 + 2.0 ** -22 * np.abs(xq.astype(np.float64))))         # [k, n]
+    bound = step @ w.T + 2.0 ** -23 * (np.abs(X.astype(np.float64)) @ w.T)
+    return y, absum, bound
+
+
+# ---------------------------------------------------------------------------------------------
+# random GGUF blocks, benchmark: python -m ember.lut_kernels.kquant
+
+
+def random_q4_k(rng, n_out: int, n_in: int) -> np.ndarray:
+    """Random GGUF Q4_K rows: uint8 [n_out, n_in / 256 * 144]; random scale / min / code bytes,
+    f16 d ~ 1e-3 and dmin ~ 3e-4 of random sign."""
+    nsb = n_in // 256
+    raw = rng.integers(0, 256, (n_out, nsb, 144), dtype=np.uint8)
+    d = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 1e-3
+    dm = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 3e-4
+    raw[:, :, 0:2] = d.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
+    raw[:, :, 2:4] = dm.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
+    return raw.reshape(n_out, nsb * 144)
+
+
+def random_q6_k(rng, n_out: int, n_in: int) -> np.ndarray:
+    """Random GGUF Q6_K rows: uint8 [n_out, n_in / 256 * 210]; random ql / qh / int8 scales,
+    f16 d ~ 1e-3 of random sign."""
+    nsb = n_in // 256
+    raw = rng.integers(0, 256, (n_out, nsb, 210), dtype=np.uint8)
+    d = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 1e-3
+    raw[:, :, 208:210] = d.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
+    return raw.reshape(n_out, nsb * 210)
+
+
+def _copy(p: PackedKQ) -> PackedKQ:
+    return PackedKQ(aligned(p.q.copy()), p.sc.copy(), p.d.copy(), p.n_out, p.n_in, p.qtype)
+
+
+SHAPES = ((Q4_K, 1536, 1536), (Q4_K, 8960, 1536), (Q6_K, 1536, 8960), (Q6_K, 151936, 1536))
+
+
+def benchmark(shapes=SHAPES, rounds: int = 5, kernels=None, ks=(1, 2, 4, 8, 16),
+              cold_bytes: int = 512 << 20, portable_max_bytes: int = 4 << 20,
+              out=print) -> dict:
+    """Median times, one thread unless said, whole Python calls (``kq_matvec`` for k = 1,
+    ``kq_matmul`` above). hot = the same matrix again; cold = rotating over ``cold_bytes`` of
+    copies (a matrix larger than the L3 is cold either way). GB/s = packed bytes / time."""
+    from threadpoolctl import threadpool_limits
+    rng = np.random.default_rng(0)
+    kernels = kernels or [k for k in codegen.host_isas() if k != "neon"]
+    results = {}
+    with threadpool_limits(1):
+        for qt, n_out, n_in in shapes:
+            results[(qt, n_out, n_in)] = _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks,
+                                                      cold_bytes, portable_max_bytes, out)
+    return results
+
+
+def _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable_max_bytes,
+                 out) -> dict:
+    best = kernels[0]
+    p = pack_kquant((random_q4_k if qt == Q4_K else random_q6_k)(rng, n_out, n_in), qt)
+    ncold = max(2, cold_bytes // p.nbytes)
+    cps = [p] + [_copy(p) for _ in range(ncold - 1)]
+    X = rng.standard_normal((max(ks), n_in)).astype(np.float32)
+    xs = {k: np.ascontiguousarray(X[:k]) for k in ks}
+    w = p.dequantize()
+    nw = max(1, min(4, cold_bytes // w.nbytes))
+    ws = [w] + [w.copy() for _ in range(nw - 1)]
+
+    def mv(ker, threads=1):
+        return lambda i: kq_matvec(X[0], cps[i % ncold], kernel=ker, threads=threads)
+
+    def mm(k):
+        return lambda i: kq_matmul(xs[k], cps[i % ncold], kernel=best)
+
+    variants = {}
+    for ker in kernels:
+        if ker != "portable" or p.nbytes <= portable_max_bytes:
+            variants[f"{ker} k=1"] = (mv(ker), 1, ncold)
+    for k in ks:
+        if k > 1:
+            variants[f"{best} k={k}"] = (mm(k), k, ncold)
+    variants[f"{best} k=1 2thr"] = (mv(best, 2), 1, ncold)
+    variants["f32 numpy k=1"] = ((lambda i: ws[i % nw] @ X[0]), 1, nw)
+    if 8 in xs:
+        variants["f32 numpy k=8"] = ((lambda i: xs[8] @ ws[i % nw].T), 8, nw)
+    res = {nm: ([], []) for nm in variants}
+    for f, _, _ in variants.values():
+        f(0)
+        f(1)
+    for _ in range(rounds):
+        for nm, (f, _, nrot) in variants.items():
+            f(0)
+            t0 = time.perf_counter()
+            f(0)
+            res[nm][0].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for i in range(1, 1 + nrot):
+                f(i)
+            res[nm][1].append((time.perf_counter() - t0) / nrot)
+    name = "Q4_K" if qt == Q4_K else "Q6_K"
+    out(f"{n_out}x{n_in} {name}: packed {p.nbytes / 1e6:.2f} MB (GGUF {p.gguf_nbytes / 1e6:.2f}"
+        f" MB, f32 {w.nbytes / 1e6:.1f} MB); median us (GB/s) hot | cold; x: / k=1")
+    rows = {}
+    for nm, (_, k, _) in variants.items():
+        h, c = float(np.median(res[nm][0])), float(np.median(res[nm][1]))
+        rows[nm] = (h, c)
+        f32 = nm.startswith("f32")
+        nbytes = w.nbytes if f32 else p.nbytes
+        base = rows.get("f32 numpy k=1" if f32 else f"{best} k=1")
+        rel = f"  x{h / base[0]:4.2f} | x{c / base[1]:4.2f}" if base and k > 1 else ""
+        out(f"  {nm:18s} {h * 1e6:9.0f} ({nbytes / h / 1e9:5.1f}) | {c * 1e6:9.0f} "
+            f"({nbytes / c / 1e9:5.1f}){rel}")
+    return rows
+
+
+if __name__ == "__main__":
+    import subprocess
+    import sys
+    print(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
+    print("host:", codegen.host_isas())
+    rng = np.random.default_rng(1)
+    raw = random_q4_k(rng, 8960, 1536)
+    pack_q4_k(raw)
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        pack_q4_k(raw)
+        t.append(time.perf_counter() - t0)
+    print(f"pack_q4_k 8960x1536: {np.median(t) * 1e3:.1f} ms")
+    raw = random_q6_k(rng, 1536, 8960)
+    pack_q6_k(raw)
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        pack_q6_k(raw)
+        t.append(time.perf_counter() - t0)
+    print(f"pack_q6_k 1536x8960: {np.median(t) * 1e3:.1f} ms")
+    for nm, xk in (("k=1 x 1536", 1), ("k=16 x 8960", 16)):
+        X = rng.standard_normal((xk, 1536 if xk == 1 else 8960)).astype(np.float32)
+        for ker in ("avx512", "portable"):
+            if ker not in codegen.host_isas():
+                continue
+            fq = quant_address(ker)
+            quantize_x_alloc(X, fq)
+            t0 = time.perf_counter()
+            for _ in range(100):
+                quantize_x_alloc(X, fq)
+            print(f"quantize {nm} ({ker}): {(time.perf_counter() - t0) / 100 * 1e6:.1f} us")
+    shapes = SHAPES[:1] if "--quick" in sys.argv else SHAPES
+    benchmark(shapes, rounds=3 if "--quick" in sys.argv else 5)
+    print(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())

@@ -1,0 +1,388 @@
+"""The Q4_K / Q6_K int8-activation matvec and small-batch matmul (ember.lut_kernels.kquant).
+
+Every kernel path this host can run (avx512, avx512-novnni, avx2, portable) is checked against the
+NumPy oracle (same int8 activations, exact integer dots: tight) and the oracle against the float
+truth ``dequantize(W) @ x`` (the guaranteed activation-quantization bound). Inputs are fresh
+random data each session (never zeros); the seed is in every failure message and can be pinned
+with ``EMBER_TEST_SEED``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import zlib
+
+import numpy as np
+import pytest
+from numba import njit
+
+from ember.formats.quants import dequantize
+from ember.lut_kernels import codegen
+from ember.lut_kernels import kquant as K
+
+SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
+KERNELS = [k for k in codegen.host_isas() if k != "neon"]
+NATIVE = [k for k in KERNELS if k != "portable"]
+QTYPES = [K.Q4_K, K.Q6_K]
+# kernel vs oracle, per output: float32 rounding only (measured <= 1.5e-7 of the sum of the
+# |terms| of the row); asserted 1e-5
+ORACLE_RTOL = 1e-5
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng([SEED, zlib.crc32(repr(key).encode())])
+
+
+def _msg(**kw) -> str:
+    return f"seed={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items())
+
+
+def random_raw(rng, qt: int, n_out: int, n_in: int) -> np.ndarray:
+    """GGUF rows: random code / scale bytes, non-zero f16 super-block scales of both signs."""
+    nsb = n_in // 256
+    if qt == K.Q4_K:
+        raw = rng.integers(0, 256, (n_out, nsb, 144), dtype=np.uint8)
+        for off, mag in ((0, 1e-3), (2, 3e-4)):
+            v = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * mag
+            raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
+        return raw.reshape(n_out, nsb * 144)
+    raw = rng.integers(0, 256, (n_out, nsb, 210), dtype=np.uint8)
+    v = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 1e-3
+    raw[:, :, 208:210] = v.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
+    return raw.reshape(n_out, nsb * 210)
+
+
+def random_x(rng, k: int, n: int) -> np.ndarray:
+    x = (rng.standard_normal((k, n)) * rng.uniform(0.1, 10, (k, 1))).astype(np.float32)
+    x[x == 0] = 0.5
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def case(qt: int, n_out: int, n_in: int, k: int):
+    rng = _rng("case", qt, n_out, n_in, k)
+    raw = random_raw(rng, qt, n_out, n_in)
+    x = random_x(rng, k, n_in)
+    p = K.pack_kquant(raw, qt)
+    ref, absum, bound = K.kq_matmul_reference(x, p, return_scale=True)
+    w = dequantize(raw, qt).reshape(n_out, n_in).astype(np.float64)
+    truth = x.astype(np.float64) @ w.T
+    return raw, x, p, ref, absum, bound, truth
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("n_out,n_in", [(1, 256), (7, 512), (65, 1536)])
+def test_pack_matches_dequantize(qt, n_out, n_in):
+    raw = random_raw(_rng("pack", qt, n_out, n_in), qt, n_out, n_in)
+    p = K.pack_kquant(raw, qt)
+    assert (p.qtype, p.n_out, p.n_in, p.nsb) == (qt, n_out, n_in, n_in // 256)
+    for a in (p.q, p.sc, p.d):
+        assert a.flags.c_contiguous and a.shape[0] == n_out
+    assert p.q.ctypes.data % 64 == 0
+    # bytes read per matrix: Q6_K exactly the GGUF size, Q4_K + 4 bytes per super-block
+    extra = 4 if qt == K.Q4_K else 0
+    assert p.nbytes == p.gguf_nbytes + extra * n_out * (n_in // 256)
+    assert p.nbytes <= 1.03 * p.gguf_nbytes
+    deq = p.dequantize()
+    assert deq.dtype == np.float32 and deq.shape == (n_out, n_in)
+    assert np.array_equal(deq.view(np.uint32),
+                          dequantize(raw, qt).reshape(n_out, n_in).view(np.uint32)), _msg(qt=qt)
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+def test_codes_roundtrip(qt):
+    """The natural-order codes and scales come back exactly from the kernel layout."""
+    raw = random_raw(_rng("codes", qt), qt, 5, 512)
+    p = K.pack_kquant(raw, qt)
+    codes = p.codes().astype(np.int64).reshape(5, 2, 256)
+    r3 = raw.reshape(5, 2, -1)
+    if qt == K.Q4_K:   # weight 32 j + l: nibble j % 2 of qs[32 (j // 2) + l]
+        qs = r3[:, :, 16:].reshape(5, 2, 4, 32).astype(np.int64)
+        want = np.stack([qs & 15, qs >> 4], axis=3).reshape(5, 2, 256)
+        assert np.array_equal(p.d.reshape(5, 2, 2).view(np.uint8).reshape(5, 2, 4), r3[:, :, :4])
+    else:              # weight 128 h + 32 s + l: ql nibble / qh bit pair
+        ql = r3[:, :, :128].reshape(5, 2, 2, 2, 32).astype(np.int64)   # [h, half, l]
+        qh = r3[:, :, 128:192].reshape(5, 2, 2, 1, 32).astype(np.int64)
+        lo = np.stack([ql[:, :, :, 0] & 15, ql[:, :, :, 1] & 15, ql[:, :, :, 0] >> 4,
+                       ql[:, :, :, 1] >> 4], axis=3)                   # [h, s, l]
+        hi = (qh >> (2 * np.arange(4)).reshape(1, 1, 1, 4, 1)) & 3
+        want = (lo | (hi << 4)).reshape(5, 2, 256)
+        assert np.array_equal(p.sc.reshape(5, 2, 16), r3[:, :, 192:208])
+    assert np.array_equal(codes, want), _msg(qt=qt)
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+def test_pack_savez_roundtrip(tmp_path, qt):
+    _, x, p, ref, *_ = case(qt, 64, 512, 3)
+    np.savez(tmp_path / "w.npz", **p.arrays())
+    with np.load(tmp_path / "w.npz") as z:
+        p2 = K.PackedKQ.from_arrays(z)
+    assert (p2.n_out, p2.n_in, p2.qtype) == (p.n_out, p.n_in, p.qtype)
+    for a, b in ((p2.q, p.q), (p2.sc, p.sc), (p2.d, p.d)):
+        assert np.array_equal(a, b) and a.dtype == b.dtype
+    assert np.array_equal(K.kq_matmul(x, p2), K.kq_matmul(x, p))
+
+
+def test_from_arrays_rejects_bad_input():
+    _, _, p, *_ = case(K.Q4_K, 7, 512, 1)
+    good = p.arrays()
+    K.PackedKQ.from_arrays(good)
+    bad = [
+        dict(good, q=good["q"][:, :-1]),
+        dict(good, sc=good["sc"][:-1]),
+        dict(good, d=good["d"].astype(np.float16)),
+        dict(good, sc=good["sc"].view(np.int8)),          # Q4_K scales are uint8
+        dict(good, meta=np.array([7, 500, K.Q4_K])),       # n_in not a multiple of 256
+        dict(good, meta=np.array([7, 512, 2])),            # not a K-quant
+        dict(good, meta=np.array([7, 512])),
+        dict(good, meta=np.array([7, 768, K.Q4_K])),       # shapes disagree with meta
+        {k: v for k, v in good.items() if k != "d"},
+    ]
+    for a in bad:
+        with pytest.raises(ValueError):
+            K.PackedKQ.from_arrays(a)
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        K.pack_q4_k(np.zeros((3, 145), np.uint8))
+    with pytest.raises(ValueError):
+        K.pack_q6_k(np.zeros(210, np.uint8))
+    with pytest.raises(ValueError):
+        K.pack_kquant(np.zeros((1, 34), np.uint8), 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the activation format
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_quantize_x(kernel, k):
+    rng = _rng("qx", k)
+    x = random_x(rng, k, 768)
+    x[0, 64:96] = 0.0                      # an all-zero block: scale 0, codes 0
+    x[-1, 5] = -np.abs(x[-1, :32]).max() * 2  # a negative maximum
+    xq, xd, xp = K.quantize_x(x, kernel=kernel)
+    kp = k + k % 2
+    assert xq.shape == (3, kp, 256) and xd.shape == (3, kp, 16) and xp.shape == (3, kp // 2, 32)
+    for a in (xq, xd, xp):
+        assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
+    # the IR quantizer and the numba one agree bit for bit
+    n = K.quantize_x(x, kernel="portable")
+    for a, b in zip((xq, xd, xp), n, strict=True):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), _msg(kernel=kernel, k=k)
+    rq, rdx, rxs = K.quantize_x_reference(x)
+    # codes: offset binary in the lane order; byte 64 v + 4 L + t = weight 16 L + 4 v + t
+    nat = (xq.astype(np.int64) - 128).reshape(3, kp, 4, 16, 4).transpose(1, 0, 3, 2, 4)
+    assert np.array_equal(nat.reshape(kp, 768)[:k], rq), _msg(k=k)
+    assert (xq[:, k:] == 128).all() and (xd[:, k:] == 0).all()
+    assert np.array_equal(xd[:, :k].transpose(1, 0, 2).reshape(k, 48), np.repeat(rdx, 2, axis=1))
+    # pairs: lane 4 c + 2 (i % 2) + (b % 2) holds block b = 2 c + b % 2 of row i
+    xs32 = rxs.reshape(k, 24, 2).sum(axis=2)
+    for i in range(kp):
+        for s in range(3):
+            for b in range(8):
+                lane = 4 * (b // 2) + 2 * (i % 2) + b % 2
+                dx = rdx[i, 8 * s + b] if i < k else 0
+                dxs = np.float32(dx) * np.float32(xs32[i, 8 * s + b]) if i < k else 0
+                assert xp[s, i // 2, lane] == dx and xp[s, i // 2, 16 + lane] == dxs
+    assert np.abs(rq.astype(int)).max() == 127 and rdx[0, 2] == 0 and not rq[0, 64:96].any()
+    err = np.abs(x.reshape(k, 24, 32) - rq.reshape(k, 24, 32) * rdx[:, :, None])
+    assert (err <= rdx[:, :, None] * (0.5 + 1e-5)).all(), _msg()
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels
+
+
+def _check(y, qt, n_out, n_in, k, **kw):
+    raw, x, p, ref, absum, bound, truth = case(qt, n_out, n_in, k)
+    m = _msg(qt=qt, n_out=n_out, n_in=n_in, k=k, **kw)
+    assert y.dtype == np.float32 and y.shape == (k, n_out), m
+    assert (np.abs(y - ref) <= ORACLE_RTOL * absum + 1e-30).all(), m
+    err = np.abs(y.astype(np.float64) - truth)
+    assert (err <= bound + ORACLE_RTOL * absum).all(), m           # guaranteed
+    assert np.abs(y).max() > 0, m
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("n_out,n_in", [(1, 256), (7, 512), (64, 256), (65, 1536), (300, 512)])
+def test_oracle_against_float_truth(qt, n_out, n_in):
+    _, x, p, ref, absum, bound, truth = case(qt, n_out, n_in, 3)
+    err = np.abs(ref.astype(np.float64) - truth)
+    m = _msg(qt=qt, n_out=n_out, n_in=n_in)
+    assert (err <= bound + 1e-7 * absum).all(), m
+    # typical data: the error is a small part of the bound and of sum |w x|
+    assert (err <= 0.5 * bound + 1e-7 * absum).all(), m
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("n_out,n_in,k", [
+    (1, 256, 1), (7, 512, 2), (64, 256, 3), (65, 1536, 8), (300, 512, 16), (7, 2560, 16),
+    (65, 768, 1), (1, 1536, 3), (64, 512, 8)])
+def test_matmul(kernel, qt, n_out, n_in, k):
+    _, x, p, *_ = case(qt, n_out, n_in, k)
+    y = K.kq_matmul(x, p, kernel=kernel)
+    _check(y, qt, n_out, n_in, k, kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("qt", QTYPES)
+def test_matvec_threads_and_out(kernel, qt):
+    _, x, p, ref, absum, *_ = case(qt, 300, 512, 1)
+    y1 = K.kq_matvec(x[0], p, kernel=kernel)
+    _check(y1[None], qt, 300, 512, 1, kernel=kernel)
+    for th in (2, 3):
+        out = np.full(300, np.nan, np.float32)
+        r = K.kq_matvec(x[0], p, out=out, threads=th, kernel=kernel)
+        assert r is out
+        if kernel == "portable":
+            assert (np.abs(out - y1) <= ORACLE_RTOL * absum[0]).all(), _msg(threads=th)
+        else:   # the same machine code on each row range
+            assert np.array_equal(out, y1), _msg(kernel=kernel, threads=th)
+    x64 = np.repeat(x[0].astype(np.float64), 2)[::2]        # strided float64: converted
+    assert np.array_equal(K.kq_matvec(x64, p, kernel=kernel), y1)
+    # matmul of one row == matvec; rows of a matmul == matmul of each row alone
+    assert np.array_equal(K.kq_matmul(x[:1], p, kernel=kernel)[0], y1)
+
+
+@pytest.mark.parametrize("kernel", NATIVE)
+@pytest.mark.parametrize("qt", QTYPES)
+def test_rows_independent_of_batch(kernel, qt):
+    """Row i of a k-row matmul is bit-identical whatever the other rows and the chunking."""
+    _, x, p, *_ = case(qt, 65, 768, 16)
+    y = K.kq_matmul(x, p, kernel=kernel)
+    for i in (0, 5, 15):
+        assert np.array_equal(K.kq_matmul(x[i:i + 1], p, kernel=kernel)[0], y[i]), _msg(i=i)
+    assert np.array_equal(K.kq_matmul(x[3:10], p, kernel=kernel), y[3:10])
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("opts", [{"tile_bytes": 1}, {"nr": 2}, {"kb": 2}, {"prefetch": 0},
+                                  {"pipe": False}, {"group": 1}])
+def test_kernel_variants(qt, opts):
+    """Tiling, row blocks, act chunks, prefetch and pipelining change no result."""
+    kernel = NATIVE[0] if NATIVE else pytest.skip("no native kernel on this host")
+    for n_out, n_in, k in ((65, 2560, 13), (7, 512, 16)):
+        _, x, p, *_ = case(qt, n_out, n_in, k)
+        fn = K.fn_address(qt, kernel, **opts)
+        y = np.empty((k, n_out), np.float32)
+        K.matmul_nb(fn, K.quant_address(kernel), x, p.q, p.sc, p.d, y)
+        _check(y, qt, n_out, n_in, k, opts=opts)
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+def test_extreme_codes_and_activations(qt):
+    """Codes at both ends, activations at +-127 and an all-zero block: every path stays exact
+    (no int16 saturation in the vpmaddubsw paths, no wrap in the weight sums)."""
+    rng = _rng("extreme", qt)
+    n_out, n_in = 8, 512
+    raw = random_raw(rng, qt, n_out, n_in)
+    r3 = raw.reshape(n_out, 2, -1)
+    if qt == K.Q4_K:
+        r3[0::2, :, 16:] = 0xFF                       # every code 15
+        r3[1::2, :, 16:] = 0x00                       # every code 0
+        r3[:, :, 4:16] = 0xFF                         # scales and mins 63
+    else:
+        r3[0::2, :, :192] = 0xFF                      # every code 63 (+31)
+        r3[1::2, :, :192] = 0x00                      # every code 0 (-32)
+        r3[:, :, 192:208] = np.array([-128, 127] * 8, np.int8).view(np.uint8)
+    p = K.pack_kquant(raw, qt)
+    x = np.empty((4, n_in), np.float32)
+    x[0] = 3.0                                        # +127 everywhere
+    x[1] = -3.0                                       # -127 everywhere
+    x[2] = np.where(np.arange(n_in) % 2, 2.0, -2.0)
+    x[3] = random_x(rng, 1, n_in)[0]
+    x[3, 32:64] = 0
+    ref, absum, bound = K.kq_matmul_reference(x, p, return_scale=True)
+    truth = x.astype(np.float64) @ dequantize(raw, qt).reshape(n_out, n_in).T.astype(np.float64)
+    for kernel in KERNELS:
+        y = K.kq_matmul(x, p, kernel=kernel)
+        assert (np.abs(y - ref) <= ORACLE_RTOL * absum).all(), _msg(kernel=kernel)
+        assert (np.abs(y - truth) <= bound + ORACLE_RTOL * absum).all(), _msg(kernel=kernel)
+
+
+def test_shape_errors():
+    _, x, p, *_ = case(K.Q4_K, 7, 512, 2)
+    with pytest.raises(ValueError):
+        K.kq_matvec(x[0, :256], p)                    # wrong n_in
+    with pytest.raises(ValueError):
+        K.kq_matvec(x[0, :300], p)                    # not a multiple of 256
+    with pytest.raises(ValueError):
+        K.kq_matvec(x[0], p, out=np.empty(8, np.float32))
+    with pytest.raises(ValueError):
+        K.kq_matvec(x[0], p, out=np.empty(7, np.float64))
+    with pytest.raises(ValueError):
+        K.kq_matmul(x, p, out=np.empty((3, 7), np.float32))
+    with pytest.raises(ValueError):
+        K.kq_matmul(x[:0], p)                         # k = 0
+    with pytest.raises(ValueError):
+        K.kq_matmul(x[:, :512 - 256], p, kernel="portable")
+    with pytest.raises(ValueError):
+        K.kq_matmul(np.zeros((2, 2, 512), np.float32), p)
+    with pytest.raises(ValueError):
+        K.fn_address(8)
+
+
+def test_numba_callers():
+    _, x, p, *_ = case(K.Q6_K, 64, 512, 3)
+    fn, fq = K.fn_address(K.Q6_K), K.quant_address()
+
+    @njit
+    def twice(fn, fq, x, q, sc, d, out):
+        K.matmul_nb(fn, fq, x, q, sc, d, out)
+        out *= 2
+
+    @njit
+    def by_rows(fn, fq, x, q, sc, d, out):
+        xq, xd, xp = K.quantize_x_alloc(x, fq)
+        for r in range(0, q.shape[0], 10):   # in row ranges, as a scheduler would
+            K.rows_nb(fn, q, sc, d, xq, xd, xp, out, r, min(r + 10, q.shape[0]))
+
+    out = np.empty((3, 64), np.float32)
+    twice(fn, fq, x, p.q, p.sc, p.d, out)
+    assert np.array_equal(out, 2 * K.kq_matmul(x, p))
+    by_rows(fn, fq, x, p.q, p.sc, p.d, out)
+    assert np.array_equal(out, K.kq_matmul(x, p))
+
+
+def test_env_var_selects_kernel(monkeypatch):
+    _, x, p, ref, absum, *_ = case(K.Q4_K, 64, 512, 2)
+    try:
+        for k in KERNELS:
+            monkeypatch.setenv("EMBER_KERNEL", k)
+            K.reset_kernel_choice()
+            assert (K.fn_address(K.Q4_K) == 0) == (k == "portable")
+            assert (K.quant_address() == 0) == (k == "portable")
+            y = K.kq_matmul(x, p)
+            assert (np.abs(y - ref) <= ORACLE_RTOL * absum).all(), _msg(kernel=k)
+        monkeypatch.setenv("EMBER_KERNEL", "sse9")
+        K.reset_kernel_choice()
+        with pytest.raises(ValueError):
+            K.kq_matmul(x, p)
+    finally:
+        monkeypatch.delenv("EMBER_KERNEL")
+        K.reset_kernel_choice()
+
+
+@pytest.mark.skipif("avx512" not in KERNELS, reason="host has no AVX-512BW")
+def test_x86_assembly_uses_the_intended_instructions():
+    asm = K.kernel_asm("avx512")
+    body = asm[asm.index("kq_q4_k.r1c"):]     # the chunk functions and the dispatchers
+    assert "zmm" in body and "prefetch" in body
+    if codegen._host_features().get("avx512vnni"):
+        assert "vpdpbusd" in body
+    else:
+        assert "vpmaddubsw" in body
+    assert "vpackssdw" in body and "vcvtph2ps" in body
+    asm2 = K.kernel_asm("avx2")
+    body2 = asm2[asm2.index("kq_q6_k.r1c"):]
+    assert "vpmaddubsw" in body2 and "vpmaddwd" in body2 and "zmm" not in body2
