@@ -142,3 +142,63 @@ def test_decoder_refuses_unfusable_matrices(tmp_path):
     from ember.runtime.decode import NotFusable
     with pytest.raises(NotFusable):
         FusedDecoder(ember.load(path).transformer, 1)
+
+
+def _kquant_model(path):
+    """A tiny llama whose layer matrices are random Q4_K / Q6_K blocks (gguf cannot quantize
+    K-quants; random valid blocks are as good a test), with a tied Q6_K embedding."""
+    from gguf import GGMLQuantizationType as Q
+
+    from ember.lut_kernels import kquant
+
+    model = tg.build_family("llama", n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_ctx=64)
+    rng = np.random.default_rng(7)
+    for name, t in model.tensors.items():
+        if t.weights.ndim != 2:
+            continue
+        qt = Q.Q6_K if name.endswith(("attn_v.weight", "ffn_down.weight", "token_embd.weight")) \
+            else Q.Q4_K
+        n_out, n_in = t.weights.shape
+        raw = (kquant.random_q6_k if qt == Q.Q6_K else kquant.random_q4_k)(rng, n_out, n_in)
+        # scale the f16 d (and dmin) down: weights ~0.02, like a trained model's, so attention
+        # is not a one-hot softmax that any rounding can flip
+        blk = raw.reshape(n_out, n_in // 256, -1)
+        for off in ((208,) if qt == Q.Q6_K else (0, 2)):
+            h = blk[:, :, off:off + 2].copy().view(np.float16) * np.float16(0.03)
+            blk[:, :, off:off + 2] = h.view(np.uint8)
+        t.qtype, t.data = qt, raw
+    return tg.write_model(model, path)
+
+
+def _fixed(tr, ids, threads, fused_on, n_prefix=3):
+    """Logits of ids[n_prefix:], fed one at a time after a prefill of ids[:n_prefix]."""
+    tr.fused = fused_on
+    tr._decoders.clear()
+    s = Session(tr, 64, threads)
+    s.feed(ids[:n_prefix])
+    out = np.stack([s.feed([t])[0] for t in ids[n_prefix:]])
+    tr.fused = True
+    tr._decoders.clear()
+    return out
+
+
+def test_kquant_model_fused_matches_op_by_op(tmp_path):
+    path = _kquant_model(tmp_path / "kq.gguf")
+    m = ember.load(path)
+    tr = m.transformer
+    dec = tr.decoder(2)
+    assert dec is not None and dec.batch_kernels
+    ids = np.random.default_rng(1).integers(0, m.config.n_vocab, 12).tolist()
+    ref = _fixed(tr, ids, 1, False)
+    exact = _fixed(ember.load(path, kernels="numpy").transformer, ids, 1, False)
+    noise = np.abs(ref - exact).max()
+    assert noise < 0.05 * exact.std()  # int8 activations against the exact float32 path
+    for threads in (1, 2):
+        got = _fixed(tr, ids, threads, True)
+        assert np.abs(got - exact).max() < 1.25 * noise + 1e-3 * ref.std()
+    # a few tokens at once take forward() with the multi-row kernels, and agree with one by one
+    s, s1 = m.session(), m.session()
+    s.feed(ids[:2]), s1.feed(ids[:2])
+    many = s.feed(ids[2:6])
+    one_by_one = np.stack([s1.feed([t])[0] for t in ids[2:6]])
+    assert np.abs(many - one_by_one).max() < 2.5 * noise + 1e-3 * ref.std()

@@ -6,10 +6,11 @@ wherever a full vector is needed next. This module gives that code:
 
 - ``describe(matrix)``: one int64 row per weight matrix (kind, shape, kernel address, data
   addresses), so numba code can run any packed matrix through its llvmlite kernel;
-- ``prepare(desc, mats, x, ...)``: the activation formats a set of matrices needs (T-MAC tables
-  for Q4, int8 blocks for Q8_0), each built once;
-- ``matvec_units(desc, m, ..., u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT`` rows
-  per unit; outputs are padded to whole units);
+- ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
+  tables for Q4_0/Q4_1, int8 blocks for Q8_0, int8 super-blocks for Q4_K/Q6_K), each built once
+  into a thread's ``scratch``;
+- ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
+  rows per unit; outputs are padded to whole units);
 - ``split(n, tid, nth)``: a contiguous share of n units;
 - ``barrier(state, nth)``: a sense-counting spin barrier in LLVM IR (atomic add, ``pause``),
   which falls back to ``sched_yield`` after ``SPIN`` polls (a second busy process on a 2-core
@@ -32,16 +33,16 @@ from numba import njit, types
 from numba.core import errors
 from numba.extending import intrinsic
 
-from . import codegen, q8, tmac
+from . import codegen, kquant, q8, tmac
 from .pack import DEFAULT_TILE, Q4_0, Q4_1
 
 __all__ = ["KIND_Q4", "KIND_Q8", "UNIT", "NCOL", "available", "describe", "fusable",
            "barrier_address", "new_barrier_state", "ABORT"]
 
 UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
-KIND_Q4, KIND_Q8 = 1, 2
+KIND_Q4, KIND_Q8, KIND_KQ = 1, 2, 3
 Q8_0 = 8  # GGMLQuantizationType.Q8_0
-NCOL = 8  # descriptor: kind, n_out, n_in, kernel fn, data0, data1, units, 0
+NCOL = 8  # descriptor: kind, n_out, n_in, kernel fn, data0, data1, units, data2 (or 0)
 SPIN = 1024
 GIVE_UP = 1 << 26
 ABORT = 16  # index of the abort word in the barrier state (count at 0, generation at 8)
@@ -94,6 +95,12 @@ def call4(typingctx, fn, a, b, c, d):
 def call8(typingctx, fn, a, b, c, d, e, f, g, h):
     _check((fn, a, b, c, d, e, f, g, h))
     return types.void(fn, a, b, c, d, e, f, g, h), _codegen(False)
+
+
+@intrinsic
+def call12(typingctx, fn, a, b, c, d, e, f, g, h, i, j, k, m):
+    _check((fn, a, b, c, d, e, f, g, h, i, j, k, m))
+    return types.void(fn, a, b, c, d, e, f, g, h, i, j, k, m), _codegen(False)
 
 
 @intrinsic
@@ -204,7 +211,7 @@ def fusable(m) -> bool:
         return False
     if m.qtype in (Q4_0, Q4_1):
         return p.tile == UNIT
-    return m.qtype == Q8_0
+    return m.qtype in (Q8_0, kquant.Q4_K, kquant.Q6_K)
 
 
 def describe(m) -> np.ndarray:
@@ -217,13 +224,17 @@ def describe(m) -> np.ndarray:
             raise ValueError("fused code expects 16-bit tables")
         return np.array([KIND_Q4, m.n_out, m.n_in, fk, p.codes.ctypes.data, p.dm.ctypes.data,
                          units, 0], np.int64)
-    return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(), p.qs.ctypes.data,
-                     p.d.ctypes.data, units, 0], np.int64)
+    if m.qtype == Q8_0:
+        return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(), p.qs.ctypes.data,
+                         p.d.ctypes.data, units, 0], np.int64)
+    return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(m.qtype), p.q.ctypes.data,
+                     p.sc.ctypes.data, units, p.d.ctypes.data], np.int64)
 
 
-def table_fn() -> int:
-    """Address of the T-MAC table builder (16-bit tables)."""
-    return tmac.fn_addresses(Q4_1)[0]
+def prep_fns() -> np.ndarray:
+    """Addresses of the activation builders ``prepare`` calls: T-MAC tables (16-bit), the
+    K-quant int8 super-blocks."""
+    return np.array([tmac.fn_addresses(Q4_1)[0], kquant.quant_address()], np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,30 +246,52 @@ def split(n, tid, nth):
     return n * tid // nth, n * (tid + 1) // nth
 
 
+@njit(cache=True, nogil=True)
+def scratch(n_in_max):
+    """The activation buffers of one thread for inputs up to n_in_max: (tab, bc, xq, dxv) for
+    the T-MAC and Q8_0 kernels, then (xq, xd, xp) for the K-quant kernels (one row)."""
+    nb, nsb = n_in_max // 32 + 1, n_in_max // 256 + 1
+    return (np.empty(nb * 256, np.int8), np.empty(nb * 4, np.float32), np.empty(nb * 32, np.int8),
+            np.empty(8 * (nb + 1), np.float32), np.empty((nsb, 2, 256), np.uint8),
+            np.empty((nsb, 2, 16), np.float32), np.empty((nsb, 1, 32), np.float32))
+
+
 @njit(cache=True, nogil=True, inline="always")
-def prepare(desc, m0, m1, ftab, x, tab, bc, xq, dxv):
-    """Activation formats of ``x`` for matrices m0..m1-1 (rows of desc), each built once."""
+def prepare(desc, m0, m1, fns, x, buf):
+    """Activation formats of ``x`` for matrices m0..m1-1 (rows of desc) into ``buf`` (from
+    ``scratch``), each format built once; ``fns`` from ``prep_fns``."""
     q4 = False
     q8_ = False
+    kq = False
     for m in range(m0, m1):
         if desc[m, 0] == KIND_Q4:
             q4 = True
         elif desc[m, 0] == KIND_Q8:
             q8_ = True
+        else:
+            kq = True
     if q4:
-        call4(ftab, x, tab, bc, x.size // 32)
+        call4(fns[0], x, buf[0], buf[1], x.size // 32)
     if q8_:
-        q8._quantize_x(x, xq, dxv)
+        q8._quantize_x(x, buf[2], buf[3])
+    if kq:
+        nsb = x.size // 256
+        call8(fns[1], x, buf[4], buf[5], buf[6], nsb, 1, 2, x.size)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def matvec_units(desc, m, tab, bc, xq, dxv, y, u0, u1):
-    """Rows [UNIT u0, UNIT u1) of matrix m into y (y padded to whole units)."""
+def matvec_units(desc, m, buf, y, u0, u1):
+    """Rows [UNIT u0, UNIT u1) of matrix m into y (y padded to whole units), with the
+    activation formats ``prepare`` put in ``buf``."""
     if u1 <= u0:
         return
     nb = desc[m, 2] // 32
+    r1 = min(UNIT * u1, desc[m, 1])
     if desc[m, 0] == KIND_Q4:
-        call8(desc[m, 3], desc[m, 4], desc[m, 5], tab, bc, addr(y) + 4 * UNIT * u0, nb, u0, u1)
+        call8(desc[m, 3], desc[m, 4], desc[m, 5], buf[0], buf[1], addr(y) + 4 * UNIT * u0, nb,
+              u0, u1)
+    elif desc[m, 0] == KIND_Q8:
+        call8(desc[m, 3], desc[m, 4], desc[m, 5], buf[2], buf[3], y, nb, UNIT * u0, r1)
     else:
-        r1 = min(UNIT * u1, desc[m, 1])
-        call8(desc[m, 3], desc[m, 4], desc[m, 5], xq, dxv, y, nb, UNIT * u0, r1)
+        call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], y,
+               nb // 8, UNIT * u0, r1, 1, y.size)

@@ -72,17 +72,24 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     return _tiled(x, w)
 
 
+_KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
+
+
 def has_kernel(qtype: int) -> bool:
     """Whether matrices of this type get a kernel layout (and so a place in the pack cache)."""
-    return qtype in (T.Q4_0, T.Q4_1, T.Q8_0)
+    return qtype in _KERNEL_TYPES
 
 
 def pack(raw: np.ndarray, qtype: int):
-    """The kernel layout of a matrix's GGUF rows (a PackedQ4 or PackedQ8)."""
+    """The kernel layout of a matrix's GGUF rows (a PackedQ4, PackedQ8 or PackedKQ)."""
     if qtype in (T.Q4_0, T.Q4_1):
         from .pack import pack_q4
 
         return pack_q4(raw, qtype)
+    if qtype in (T.Q4_K, T.Q6_K):
+        from .kquant import pack_kquant
+
+        return pack_kquant(raw, qtype)
     from .q8 import pack_q8_0
 
     return pack_q8_0(raw)
@@ -102,6 +109,10 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
         from .q8 import q8_matvec
 
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, q8_matvec)
+    if qtype in (T.Q4_K, T.Q6_K):
+        from .kquant import kq_matvec
+
+        return QuantMatrix(name, raw, qtype, n_out, n_in, packed, kq_matvec)
     from .tmac import lut_matvec
 
     return QuantMatrix(name, raw, qtype, n_out, n_in, packed, lut_matvec)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..home import cache_dir, write_atomic
+from .kquant import PackedKQ
 from .pack import PackedQ4
 from .q8 import PackedQ8
 
@@ -36,9 +37,9 @@ __all__ = ["LAYOUT", "cache_path", "load", "save"]
 log = logging.getLogger("ember")
 
 MAGIC = b"EMBERPK\x01"
-LAYOUT = "q4f16-tile64.q8f16.v2"
+LAYOUT = "q4f16-tile64.q8f16.kq1.v3"
 ALIGN = 64
-_CLASSES = {"q4": PackedQ4, "q8": PackedQ8}
+_CLASSES = {"q4": PackedQ4, "q8": PackedQ8, "kq": PackedKQ}
 _DTYPES = {"uint8", "uint16", "int8", "float32", "int64"}
 _SAMPLE = 1 << 20
 

@@ -23,7 +23,7 @@ from numba import njit
 
 from ..errors import EmberError
 from ..lut_kernels import fused
-from ..lut_kernels.fused import UNIT, barrier, matvec_units, prepare, split
+from ..lut_kernels.fused import UNIT, barrier, matvec_units, prepare, scratch, split
 from .config import ROPE_NEOX
 
 # per-layer vectors, columns of the offsets table (-1: absent)
@@ -128,20 +128,14 @@ def _attend(q, K, V, lo, hi, scale, sc, acc):
 
 
 @njit(cache=True, nogil=True)
-def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos, cos_g, sin_g,
+def _decode(tid, nth, bfn, yfn, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos, cos_g, sin_g,
             cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb, logits):
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
     rd2 = ip[P_ROPE_DIM] // 2
     group = nh // nkv
     eps = np.float32(eps)
-    nbmax = ab.size // 32 + 1
-    for m in range(desc.shape[0]):
-        nbmax = max(nbmax, desc[m, 2] // 32)
-    tab = np.empty(nbmax * 256, np.int8)
-    bc = np.empty(nbmax * 4, np.float32)
-    xq = np.empty(nbmax * 32, np.int8)
-    dxv = np.empty(8 * (nbmax + 1), np.float32)
+    buf = scratch(max(desc[:, 2].max(), ab.size))
     x = x0.copy()
     h = np.empty(d, np.float32)
     t2 = np.empty(max(d, qb.size, kb.size, ab.size), np.float32)
@@ -156,13 +150,13 @@ def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, v
         win = window if swa[il] else 0
         # q, k, v
         _rms(x, _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h)
-        prepare(desc, m0 + M_Q, m0 + M_V + 1, ftab, h, tab, bc, xq, dxv)
+        prepare(desc, m0 + M_Q, m0 + M_V + 1, fns, h, buf)
         uq, uk, uv = desc[m0 + M_Q, 6], desc[m0 + M_K, 6], desc[m0 + M_V, 6]
         u0, u1 = split(uq + uk + uv, tid, nth)
-        matvec_units(desc, m0 + M_Q, tab, bc, xq, dxv, qb, min(u0, uq), min(u1, uq))
-        matvec_units(desc, m0 + M_K, tab, bc, xq, dxv, kb, min(max(u0 - uq, 0), uk),
+        matvec_units(desc, m0 + M_Q, buf, qb, min(u0, uq), min(u1, uq))
+        matvec_units(desc, m0 + M_K, buf, kb, min(max(u0 - uq, 0), uk),
                      min(max(u1 - uq, 0), uk))
-        matvec_units(desc, m0 + M_V, tab, bc, xq, dxv, vb, min(max(u0 - uq - uk, 0), uv),
+        matvec_units(desc, m0 + M_V, buf, vb, min(max(u0 - uq - uk, 0), uv),
                      min(max(u1 - uq - uk, 0), uv))
         st = barrier(bfn, yfn, bst, nth)
         if st:
@@ -205,9 +199,9 @@ def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, v
             bst[fused.ABORT] = 1
             return st
         # output projection, residual
-        prepare(desc, m0 + M_O, m0 + M_O + 1, ftab, ab[:nh * hdv], tab, bc, xq, dxv)
+        prepare(desc, m0 + M_O, m0 + M_O + 1, fns, ab[:nh * hdv], buf)
         u0, u1 = split(desc[m0 + M_O, 6], tid, nth)
-        matvec_units(desc, m0 + M_O, tab, bc, xq, dxv, ob, u0, u1)
+        matvec_units(desc, m0 + M_O, buf, ob, u0, u1)
         st = barrier(bfn, yfn, bst, nth)
         if st:
             bst[fused.ABORT] = 1
@@ -219,10 +213,10 @@ def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, v
             x += ob[:d]
         # FFN
         _rms(x, _vec(vecs, voff, il, V_FFN_NORM, d), eps, h)
-        prepare(desc, m0 + M_GATE, m0 + M_UP + 1, ftab, h, tab, bc, xq, dxv)
+        prepare(desc, m0 + M_GATE, m0 + M_UP + 1, fns, h, buf)
         u0, u1 = split(desc[m0 + M_GATE, 6], tid, nth)
-        matvec_units(desc, m0 + M_GATE, tab, bc, xq, dxv, gb, u0, u1)
-        matvec_units(desc, m0 + M_UP, tab, bc, xq, dxv, ub, u0, u1)
+        matvec_units(desc, m0 + M_GATE, buf, gb, u0, u1)
+        matvec_units(desc, m0 + M_UP, buf, ub, u0, u1)
         nff = desc[m0 + M_GATE, 1]
         for r in range(UNIT * u0, min(UNIT * u1, nff)):
             gv = gb[r]
@@ -237,9 +231,9 @@ def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, v
         if st:
             bst[fused.ABORT] = 1
             return st
-        prepare(desc, m0 + M_DOWN, m0 + M_DOWN + 1, ftab, ab[:nff], tab, bc, xq, dxv)
+        prepare(desc, m0 + M_DOWN, m0 + M_DOWN + 1, fns, ab[:nff], buf)
         u0, u1 = split(desc[m0 + M_DOWN, 6], tid, nth)
-        matvec_units(desc, m0 + M_DOWN, tab, bc, xq, dxv, fb, u0, u1)
+        matvec_units(desc, m0 + M_DOWN, buf, fb, u0, u1)
         st = barrier(bfn, yfn, bst, nth)
         if st:
             bst[fused.ABORT] = 1
@@ -252,9 +246,9 @@ def _decode(tid, nth, bfn, yfn, ftab, bst, x0, desc, vecs, voff, out_norm, kc, v
     # final norm, output projection
     _rms(x, vecs[out_norm:out_norm + d], eps, h)
     mo = nl * 7
-    prepare(desc, mo, mo + 1, ftab, h, tab, bc, xq, dxv)
+    prepare(desc, mo, mo + 1, fns, h, buf)
     u0, u1 = split(desc[mo, 6], tid, nth)
-    matvec_units(desc, mo, tab, bc, xq, dxv, logits, u0, u1)
+    matvec_units(desc, mo, buf, logits, u0, u1)
     return 0
 
 
@@ -339,7 +333,9 @@ class FusedDecoder:
                 raise NotFusable(f"{name} has no fused kernel")
         self._mats = mats  # keeps the packed arrays alive
         self.desc = np.stack([fused.describe(m) for m in mats])
-        self.ftab = fused.table_fn()
+        # multi-row kernels exist (K-quants): a few tokens at once are cheaper through forward()
+        self.batch_kernels = bool((self.desc[:, 0] == fused.KIND_KQ).any())
+        self.fns = fused.prep_fns()
         vecs, voff, n = [], np.full((c.n_layer, len(_VEC_NAMES)), -1, np.int64), 0
         for il in range(c.n_layer):
             for j, part in enumerate(_VEC_NAMES):
@@ -399,7 +395,7 @@ class FusedDecoder:
         cg, sg = self._rope(pos, c.rope_base)
         cl, sl = self._rope(pos, c.rope_base_local)
         self.bst[:] = 0
-        args = (self.threads, self.bfn, self.yfn, self.ftab, self.bst, x0, self.desc, self.vecs, self.voff,
+        args = (self.threads, self.bfn, self.yfn, self.fns, self.bst, x0, self.desc, self.vecs, self.voff,
                 self.out_norm, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, self.swa, self.ip,
                 float(c.rms_eps), np.float32(c.attn_scale), self.qb, self.kb, self.vb, self.ab,
                 self.ob, self.gb, self.ub, self.fb, self.logits)
