@@ -105,7 +105,7 @@ def _two_party(fn, yf, state, nth):
 
 
 def test_barrier_synchronizes_and_aborts():
-    fn, yf = fused.barrier_address()
+    fn, yf, _ = fused.barrier_address()
     st = fused.new_barrier_state()
     results = []
     t = threading.Thread(target=lambda: results.append(_two_party(fn, yf, st, 2)))

@@ -11,7 +11,8 @@ wherever a full vector is needed next. This module gives that code:
   into a thread's ``scratch``;
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
   rows per unit; outputs are padded to whole units);
-- ``split(n, tid, nth)``: a contiguous share of n units;
+- ``take(...)``: the next work units of a phase, claimed with an atomic fetch-and-add (dynamic
+  scheduling: a thread the OS delays does less of the phase);
 - ``barrier(state, nth)``: a sense-counting spin barrier in LLVM IR (atomic add, ``pause``),
   which falls back to ``sched_yield`` after ``SPIN`` polls (a second busy process on a 2-core
   machine must not turn every barrier into a scheduler tick) and gives up with status 1 after
@@ -36,7 +37,7 @@ from numba.extending import intrinsic
 from . import codegen, kquant, q8, tmac
 from .pack import DEFAULT_TILE, Q4_0, Q4_1
 
-__all__ = ["KIND_Q4", "KIND_Q8", "UNIT", "NCOL", "available", "describe", "fusable",
+__all__ = ["KIND_Q4", "KIND_Q8", "KIND_KQ", "UNIT", "NCOL", "available", "describe", "fusable",
            "barrier_address", "new_barrier_state", "ABORT"]
 
 UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
@@ -162,6 +163,10 @@ def _barrier_ir(cpu: str, features: str) -> str:
         "timeout:",
         "  ret i64 1",
         "}",
+        "define i64 @ember_take(ptr %c, i64 %n, i64 %unused) #0 {",
+        "  %old = atomicrmw add ptr %c, i64 %n monotonic",
+        "  ret i64 %old",
+        "}",
     ]
     return codegen.finish_module(L, cpu, features)
 
@@ -175,15 +180,17 @@ def available() -> bool:
     return codegen.select_kernel(None) in ("avx512", "avx512-novnni", "avx2")
 
 
-def barrier_address() -> tuple[int, int]:
-    """(address of ember_barrier(state, n, yield_fn) -> status, address of sched_yield)."""
+def barrier_address() -> tuple[int, int, int]:
+    """Addresses of ember_barrier(state, n, yield_fn) -> status, of sched_yield, and of
+    ember_take(counter, n, 0) -> the counter's old value (an atomic fetch-and-add)."""
     with _lock:
         if "barrier" not in _state:
             isa = codegen.select_kernel(None)
             ee, owners, _ = codegen.jit(_barrier_ir, isa)
             libc = ctypes.CDLL(None)
             _state["barrier"] = (ee.get_function_address("ember_barrier"),
-                                 ctypes.cast(libc.sched_yield, ctypes.c_void_p).value)
+                                 ctypes.cast(libc.sched_yield, ctypes.c_void_p).value,
+                                 ee.get_function_address("ember_take"))
             _state["owners"] = owners
         return _state["barrier"]
 
@@ -242,8 +249,14 @@ def prep_fns() -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def split(n, tid, nth):
-    return n * tid // nth, n * (tid + 1) // nth
+def take(tfn, counters, ci, nth, prev, chunk):
+    """The first of the next ``chunk`` work units of phase ``ci``: with one thread simply
+    ``prev + chunk`` (start with prev = -chunk); with more, an atomic fetch-and-add on the
+    phase's counter, so a thread that the OS delays takes fewer units instead of holding
+    the others at the next barrier. Each unit is still computed whole by one thread."""
+    if nth == 1:
+        return prev + chunk
+    return call3_i64(tfn, addr(counters) + 64 * ci, chunk, 0)
 
 
 @njit(cache=True, nogil=True)

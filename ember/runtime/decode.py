@@ -4,8 +4,9 @@
 threads at once: the calling thread and `threads - 1` workers of a small pool. Every thread keeps
 its own copy of the residual stream and computes the cheap vector work (norms, activation tables,
 RoPE inputs) itself; the matvecs and the attention heads are split between the threads, which
-meet at a spin barrier (`lut_kernels.fused`) whenever a full vector is needed next: six times per
-layer. Python runs once per token: the embedding row, the call, the logits.
+meet at a spin barrier (`lut_kernels.fused`) whenever a full vector is needed next: five times
+per layer. Work units (64 rows of a matrix, a kv group of attention heads) are claimed with an
+atomic counter, so a thread the OS delays does less of a phase. Python runs once per token: the embedding row, the call, the logits.
 
 It covers the dense architectures (llama, qwen2, gemma3) when every matrix has a kernel
 (`fused.fusable`); other models decode through `Transformer.forward`. The arithmetic is the same as
@@ -23,7 +24,7 @@ from numba import njit
 
 from ..errors import EmberError
 from ..lut_kernels import fused
-from ..lut_kernels.fused import UNIT, barrier, matvec_units, prepare, scratch, split
+from ..lut_kernels.fused import UNIT, barrier, matvec_units, prepare, scratch, take
 from .config import ROPE_NEOX
 
 # per-layer vectors, columns of the offsets table (-1: absent)
@@ -37,6 +38,8 @@ NM = len(_MAT_NAMES)
 # integer parameters
 (P_NLAYER, P_D, P_NHEAD, P_NKV, P_HD, P_HDV, P_ROPE_DIM, P_NEOX, P_GELU, P_QKNORM, P_GEMMA,
  P_WINDOW, P_VOCAB) = range(13)
+PHASES = 5  # per layer: q/k/v, attention, o, gate/up, down (+1: the output matrix)
+CHUNKS_PER_THREAD = 3
 
 
 class NotFusable(EmberError):
@@ -98,41 +101,73 @@ def _heads(t, vecs, voff, il, bias_col, norm_col, full, nh, hd, eps, tmp):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _attend(q, K, V, lo, hi, scale, sc, acc):
-    """acc = softmax(scale * K[lo:hi] q) @ V[lo:hi] for one head (K [T, d], V [T, dv]).
-
-    Rows are taken as views and walked from index 0, so LLVM vectorizes the inner loops (a
-    runtime lower bound would keep negative-index checks in them)."""
+def _attend(Q, K, V, lo, hi, scale, S, out):
+    """out[h] = softmax(scale * K[lo:hi] Q[h]) @ V[lo:hi] for the query heads Q [g, d] of one
+    kv group (K [T, d], V [T, dv]; S [g, >= hi - lo] scratch). Each K and V row is loaded once
+    for the whole group; rows are views walked from index 0 and the accumulator is a fresh
+    array, so LLVM vectorizes the inner loops."""
     n = hi - lo
-    Ks, Vs, s_ = K[lo:hi], V[lo:hi], sc[:n]
+    g = Q.shape[0]
+    Ks, Vs = K[lo:hi], V[lo:hi]
     for j in range(n):
         kj = Ks[j]
-        s = np.float32(0.0)
-        for i in range(kj.size):
-            s += q[i] * kj[i]
-        s_[j] = s * scale
-    mx = s_.max()
-    tot = np.float32(0.0)
+        for h in range(g):
+            qh = Q[h]
+            s = np.float32(0.0)
+            for i in range(kj.size):
+                s += qh[i] * kj[i]
+            S[h, j] = s * scale
+    for h in range(g):
+        sh = S[h, :n]
+        mx = sh.max()
+        tot = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(sh[j] - mx)
+            sh[j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for j in range(n):
+            sh[j] *= inv
+    a = np.zeros((g, out.shape[1]), np.float32)
     for j in range(n):
-        e = np.exp(s_[j] - mx)
-        s_[j] = e
-        tot += e
-    inv = np.float32(1.0) / tot
-    a = np.zeros(acc.size, np.float32)  # a fresh array: no aliasing, so the loop vectorizes
-    for j in range(n):
-        p = s_[j] * inv
         vj = Vs[j]
-        for i in range(a.size):
-            a[i] += p * vj[i]
-    acc[:] = a
+        for h in range(g):
+            p = S[h, j]
+            ah = a[h]
+            for i in range(vj.size):
+                ah[i] += p * vj[i]
+    out[:, :] = a
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _chunk(n, nth):
+    """Units claimed at once: all of them on one thread; else about CHUNKS_PER_THREAD claims
+    per thread (a kernel call per unit costs more than the balance it buys)."""
+    if nth == 1:
+        return max(n, 1)
+    return max(1, -(-n // (CHUNKS_PER_THREAD * nth)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _act(gb, ub, ab, r0, r1, gelu):
+    """ab[r] = act(gate[r]) * up[r] for rows r0..r1-1."""
+    for r in range(r0, r1):
+        gv = gb[r]
+        if gelu:
+            c = np.float32(0.7978845608028654)
+            a = np.float32(0.5) * gv * (np.float32(1.0) + np.tanh(
+                c * (gv + np.float32(0.044715) * gv * gv * gv)))
+        else:
+            a = gv / (np.float32(1.0) + np.exp(-gv))
+        ab[r] = a * ub[r]
 
 
 @njit(cache=True, nogil=True)
-def _decode(tid, nth, bfn, yfn, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos, cos_g, sin_g,
-            cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb, logits):
+def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos,
+            cos_g, sin_g, cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb,
+            logits):
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
-    rd2 = ip[P_ROPE_DIM] // 2
     group = nh // nkv
     eps = np.float32(eps)
     buf = scratch(max(desc[:, 2].max(), ab.size))
@@ -141,32 +176,41 @@ def _decode(tid, nth, bfn, yfn, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc
     t2 = np.empty(max(d, qb.size, kb.size, ab.size), np.float32)
     ql = np.empty(qb.size, np.float32)
     kl = np.empty(kb.size, np.float32)
-    sc = np.empty(pos + 1, np.float32)
-    acc = np.empty(hdv, np.float32)
+    S = np.empty((group, pos + 1), np.float32)
+    ci = 0  # phase counter index (work units are claimed with take())
     for il in range(nl):
         m0 = il * 7
         cs = cos_l if swa[il] else cos_g
         sn = sin_l if swa[il] else sin_g
         win = window if swa[il] else 0
-        # q, k, v
+        # q, k, v: one unit = 64 rows of q, then of k, then of v
         _rms(x, _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h)
         prepare(desc, m0 + M_Q, m0 + M_V + 1, fns, h, buf)
         uq, uk, uv = desc[m0 + M_Q, 6], desc[m0 + M_K, 6], desc[m0 + M_V, 6]
-        u0, u1 = split(uq + uk + uv, tid, nth)
-        matvec_units(desc, m0 + M_Q, buf, qb, min(u0, uq), min(u1, uq))
-        matvec_units(desc, m0 + M_K, buf, kb, min(max(u0 - uq, 0), uk),
-                     min(max(u1 - uq, 0), uk))
-        matvec_units(desc, m0 + M_V, buf, vb, min(max(u0 - uq - uk, 0), uv),
-                     min(max(u1 - uq - uk, 0), uv))
+        n = uq + uk + uv
+        ch = _chunk(n, nth)
+        u = take(tfn, cnt, ci, nth, -ch, ch)
+        while u < n:
+            e = min(u + ch, n)
+            matvec_units(desc, m0 + M_Q, buf, qb, min(u, uq), min(e, uq))
+            matvec_units(desc, m0 + M_K, buf, kb, min(max(u - uq, 0), uk), min(max(e - uq, 0), uk))
+            matvec_units(desc, m0 + M_V, buf, vb, min(max(u - uq - uk, 0), uv),
+                         min(max(e - uq - uk, 0), uv))
+            u = take(tfn, cnt, ci, nth, u, ch)
+        ci += 1
         st = barrier(bfn, yfn, bst, nth)
         if st:
             bst[fused.ABORT] = 1
             return st
-        # k, v heads of this thread: bias, norm, RoPE, into the cache
+        # attention, one unit = one kv group: its k and v into the cache (bias, norm, RoPE),
+        # then its query heads
         kl[:] = kb[:kl.size]
         _heads(kl, vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
-        g0, g1 = split(nkv, tid, nth)
-        for g in range(g0, g1):
+        ql[:] = qb[:ql.size]
+        _heads(ql, vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
+        lo = 0 if win == 0 else max(0, pos - win + 1)
+        g = take(tfn, cnt, ci, nth, -1, 1)
+        while g < nkv:
             kh = kl[g * hd:(g + 1) * hd]
             if qkn == 1:
                 t2[:hd] = kh
@@ -177,31 +221,30 @@ def _decode(tid, nth, bfn, yfn, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc
             vh[:] = vb[g * hdv:(g + 1) * hdv]
             if voff[il, V_BV] >= 0:
                 vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv:(g + 1) * hdv]
-        st = barrier(bfn, yfn, bst, nth)
-        if st:
-            bst[fused.ABORT] = 1
-            return st
-        # attention, by query head
-        ql[:] = qb[:ql.size]
-        _heads(ql, vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
-        lo = 0 if win == 0 else max(0, pos - win + 1)
-        h0, h1 = split(nh, tid, nth)
-        for hh in range(h0, h1):
-            qh = ql[hh * hd:(hh + 1) * hd]
-            if qkn == 1:
-                t2[:hd] = qh
-                _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
-            _rope(qh, cs, sn, neox)
-            _attend(qh, kc[il, hh // group], vc[il, hh // group], lo, pos + 1, scale, sc, acc)
-            ab[hh * hdv:(hh + 1) * hdv] = acc
+            for hh in range(g * group, (g + 1) * group):
+                qh = ql[hh * hd:(hh + 1) * hd]
+                if qkn == 1:
+                    t2[:hd] = qh
+                    _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
+                _rope(qh, cs, sn, neox)
+            _attend(ql[g * group * hd:(g + 1) * group * hd].reshape((group, hd)), kc[il, g],
+                    vc[il, g], lo, pos + 1, scale, S,
+                    ab[g * group * hdv:(g + 1) * group * hdv].reshape((group, hdv)))
+            g = take(tfn, cnt, ci, nth, g, 1)
+        ci += 1
         st = barrier(bfn, yfn, bst, nth)
         if st:
             bst[fused.ABORT] = 1
             return st
         # output projection, residual
         prepare(desc, m0 + M_O, m0 + M_O + 1, fns, ab[:nh * hdv], buf)
-        u0, u1 = split(desc[m0 + M_O, 6], tid, nth)
-        matvec_units(desc, m0 + M_O, buf, ob, u0, u1)
+        n = desc[m0 + M_O, 6]
+        ch = _chunk(n, nth)
+        u = take(tfn, cnt, ci, nth, -ch, ch)
+        while u < n:
+            matvec_units(desc, m0 + M_O, buf, ob, u, min(u + ch, n))
+            u = take(tfn, cnt, ci, nth, u, ch)
+        ci += 1
         st = barrier(bfn, yfn, bst, nth)
         if st:
             bst[fused.ABORT] = 1
@@ -211,29 +254,32 @@ def _decode(tid, nth, bfn, yfn, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc
             x += h
         else:
             x += ob[:d]
-        # FFN
+        # FFN: one unit = 64 rows of gate and of up, and their activation
         _rms(x, _vec(vecs, voff, il, V_FFN_NORM, d), eps, h)
         prepare(desc, m0 + M_GATE, m0 + M_UP + 1, fns, h, buf)
-        u0, u1 = split(desc[m0 + M_GATE, 6], tid, nth)
-        matvec_units(desc, m0 + M_GATE, buf, gb, u0, u1)
-        matvec_units(desc, m0 + M_UP, buf, ub, u0, u1)
         nff = desc[m0 + M_GATE, 1]
-        for r in range(UNIT * u0, min(UNIT * u1, nff)):
-            gv = gb[r]
-            if gelu:
-                c = np.float32(0.7978845608028654)
-                a = np.float32(0.5) * gv * (np.float32(1.0) + np.tanh(
-                    c * (gv + np.float32(0.044715) * gv * gv * gv)))
-            else:
-                a = gv / (np.float32(1.0) + np.exp(-gv))
-            ab[r] = a * ub[r]
+        n = desc[m0 + M_GATE, 6]
+        ch = _chunk(n, nth)
+        u = take(tfn, cnt, ci, nth, -ch, ch)
+        while u < n:
+            e = min(u + ch, n)
+            matvec_units(desc, m0 + M_GATE, buf, gb, u, e)
+            matvec_units(desc, m0 + M_UP, buf, ub, u, e)
+            _act(gb, ub, ab, UNIT * u, min(UNIT * e, nff), gelu)
+            u = take(tfn, cnt, ci, nth, u, ch)
+        ci += 1
         st = barrier(bfn, yfn, bst, nth)
         if st:
             bst[fused.ABORT] = 1
             return st
         prepare(desc, m0 + M_DOWN, m0 + M_DOWN + 1, fns, ab[:nff], buf)
-        u0, u1 = split(desc[m0 + M_DOWN, 6], tid, nth)
-        matvec_units(desc, m0 + M_DOWN, buf, fb, u0, u1)
+        n = desc[m0 + M_DOWN, 6]
+        ch = _chunk(n, nth)
+        u = take(tfn, cnt, ci, nth, -ch, ch)
+        while u < n:
+            matvec_units(desc, m0 + M_DOWN, buf, fb, u, min(u + ch, n))
+            u = take(tfn, cnt, ci, nth, u, ch)
+        ci += 1
         st = barrier(bfn, yfn, bst, nth)
         if st:
             bst[fused.ABORT] = 1
@@ -247,8 +293,12 @@ def _decode(tid, nth, bfn, yfn, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc
     _rms(x, vecs[out_norm:out_norm + d], eps, h)
     mo = nl * 7
     prepare(desc, mo, mo + 1, fns, h, buf)
-    u0, u1 = split(desc[mo, 6], tid, nth)
-    matvec_units(desc, mo, buf, logits, u0, u1)
+    n = desc[mo, 6]
+    ch = _chunk(n, nth)
+    u = take(tfn, cnt, ci, nth, -ch, ch)
+    while u < n:
+        matvec_units(desc, mo, buf, logits, u, min(u + ch, n))
+        u = take(tfn, cnt, ci, nth, u, ch)
     return 0
 
 
@@ -371,8 +421,9 @@ class FusedDecoder:
         for m, n_out in ((M_Q, c.n_head * c.head_dim), (M_GATE, c.n_ff), (M_DOWN, c.n_embd)):
             if self.desc[m, 1] != n_out:
                 raise NotFusable("unexpected matrix shapes")
-        self.bfn, self.yfn = fused.barrier_address()
+        self.bfn, self.yfn, self.tfn = fused.barrier_address()
         self.bst = fused.new_barrier_state()
+        self.cnt = np.zeros(8 * (PHASES * c.n_layer + 1), np.int64)  # one cache line per phase
         self._pool = _Pool(self.threads - 1) if self.threads > 1 else None
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
@@ -395,7 +446,8 @@ class FusedDecoder:
         cg, sg = self._rope(pos, c.rope_base)
         cl, sl = self._rope(pos, c.rope_base_local)
         self.bst[:] = 0
-        args = (self.threads, self.bfn, self.yfn, self.fns, self.bst, x0, self.desc, self.vecs, self.voff,
+        self.cnt[:] = 0
+        args = (self.threads, self.bfn, self.yfn, self.tfn, self.cnt, self.fns, self.bst, x0, self.desc, self.vecs, self.voff,
                 self.out_norm, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, self.swa, self.ip,
                 float(c.rms_eps), np.float32(c.attn_scale), self.qb, self.kb, self.vb, self.ab,
                 self.ob, self.gb, self.ub, self.fb, self.logits)
