@@ -345,7 +345,9 @@ def _markdown(results: dict, engines, tests, threads) -> str:
             lines.append(f"- {K_SMALL} new tokens cost (vs 1 new token) at {t} thread(s): {costs}")
     for e in engines:
         rss = max(v[e]["peak_rss_bytes"] for v in results["summary"].values())
-        lines.append(f"- peak RSS {e}: {rss / 1e6:.0f} MB")
+        gen = [v[e]["peak_rss_bytes"] for k, v in results["summary"].items() if k.startswith("tg128|")]
+        gen_s = f"; generation (tg128) {max(gen) / 1e6:.0f} MB" if gen else ""
+        lines.append(f"- peak RSS {e}: {rss / 1e6:.0f} MB over all tests{gen_s}")
     lines.append(f"- ember run, process start to first token: warm {results['ttft_warm_s']:.2f} s, cold {results['ttft_cold_s']:.2f} s")
     lines.append(f"- other processes at start: {results['load_cores_at_start']:.1f} cores")
     return "\n".join(lines) + "\n"

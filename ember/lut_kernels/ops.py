@@ -4,7 +4,9 @@ Weights arrive in one of two forms:
 - a float32 array [n_out, n_in] (the NumPy reference path): BLAS;
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
-  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0. Other types and larger batches
+  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0; Q4_K/Q6_K matrices run the
+  int8 kernels of `kquant.py` for any number of rows (weights read once per 16 rows, faster
+  than BLAS on dequantized tiles for prefill too). Other types and larger batches
   dequantize the file's blocks a tile of rows at a time into one reused buffer per thread and
   use BLAS, so no float32 copy of the model is ever kept; a matrix that also has a kernel layout
   then gives its file pages back (`release`), so they do not stay resident twice.
@@ -63,6 +65,10 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     """x [n, n_in] times a weight stored as [n_out, n_in] -> [n, n_out]."""
     if isinstance(w, np.ndarray):
         return x @ w.T
+    if w.qtype in (T.Q4_K, T.Q6_K) and w.packed is not None:
+        from .kquant import kq_matmul  # reads the weights once for up to 16 rows at a time
+
+        return kq_matmul(np.ascontiguousarray(x, dtype=np.float32), w.packed, threads=threads)
     if w.packed is not None and x.shape[0] <= SMALL_BATCH:
         matvec = w.matvec
         out = np.empty((x.shape[0], w.n_out), np.float32)

@@ -104,6 +104,7 @@ class Transformer:
         self.output_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
         self._check_tensors()
         self._decoders: dict[int, object] = {}
+        self._threads = 1
 
     def decoder(self, threads: int):
         """The fused one-token step (`decode.FusedDecoder`) for `threads`, or None where the model
@@ -191,9 +192,11 @@ class Transformer:
         c = self.cfg
         return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, max_len or c.context_length)
 
-    def forward(self, ids, cache: KVCache, all_logits: bool = True) -> np.ndarray:
+    def forward(self, ids, cache: KVCache, all_logits: bool = True, threads: int = 1) -> np.ndarray:
         """Run `ids` at the positions after the cache's; append their keys and values.
-        Returns logits [n, n_vocab] (or [1, n_vocab] for the last position when all_logits is False)."""
+        Returns logits [n, n_vocab] (or [1, n_vocab] for the last position when all_logits is False).
+        `threads`: for the matrix kernels (BLAS threads are set by the caller)."""
+        self._threads = threads
         c = self.cfg
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(ids)
@@ -218,10 +221,13 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         x = rms_norm(x, self.store.get("output_norm.weight"), c.rms_eps)
-        return matmul(x, self.store.matrix(self.output_name))
+        return self._mm(x, self.store.matrix(self.output_name))
+
+    def _mm(self, x: np.ndarray, w) -> np.ndarray:
+        return matmul(x, w, self._threads)
 
     def _proj(self, x: np.ndarray, name: str, bias: str | None = None) -> np.ndarray:
-        y = matmul(x, self.store.matrix(name))
+        y = self._mm(x, self.store.matrix(name))
         if bias is not None and self.store.has(bias):
             y += self.store.get(bias)
         return y
@@ -241,7 +247,7 @@ class Transformer:
         k = apply_rope(k, *rope, c.spec.rope)
         keys, values = cache.store(il, k, v)
         a = attention(q, keys, values, pos, c.attn_scale, window)
-        o = matmul(a, st.matrix(L.attn_output))
+        o = self._mm(a, st.matrix(L.attn_output))
         if c.spec.gemma:
             o = rms_norm(o, st.get(L.post_attention_norm), c.rms_eps)
         x = x + o
@@ -270,14 +276,14 @@ class Transformer:
 
     def _ffn(self, h, gate, up, down, expert: int | None = None) -> np.ndarray:
         st = self.store
-        g = matmul(h, st.matrix(gate, expert))
-        u = matmul(h, st.matrix(up, expert))
+        g = self._mm(h, st.matrix(gate, expert))
+        u = self._mm(h, st.matrix(up, expert))
         act = gelu_tanh(g) if self.cfg.spec.ffn_act == "gelu" else silu(g)
-        return matmul(act * u, st.matrix(down, expert))
+        return self._mm(act * u, st.matrix(down, expert))
 
     def _moe(self, L: LayerNames, h: np.ndarray) -> np.ndarray:
         c, st = self.cfg, self.store
-        probs = softmax(matmul(h, st.matrix(L.ffn_gate_inp)))  # [n, n_expert]
+        probs = softmax(self._mm(h, st.matrix(L.ffn_gate_inp)))  # [n, n_expert]
         top = np.argsort(-probs, axis=1, kind="stable")[:, : c.n_expert_used]
         w = np.take_along_axis(probs, top, axis=1)
         if c.spec.moe_norm_topk:

@@ -78,7 +78,7 @@ class Session:
                 yield np.stack(rows) if all_logits else rows[-1][None, :]
                 continue
             with _blas_threads(self.threads if len(batch) >= N_PARALLEL_MIN else 1):
-                logits = self.model.forward(batch, self.cache, all_logits=all_logits)
+                logits = self.model.forward(batch, self.cache, all_logits=all_logits, threads=self.threads)
             self.ids.extend(batch)
             yield logits
 
