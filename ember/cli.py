@@ -87,6 +87,10 @@ def cmd_run(args) -> int:
     if args.prompt is None:  # one positional: it is the prompt, for the default model
         args.model, args.prompt = hub.DEFAULT_MODEL, args.model
     m = _load(args.model, n_ctx=args.ctx_size, threads=args.threads, device=args.device)
+    from .runtime.decode import compiled
+
+    if not compiled():
+        logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
     opts = dict(
         max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or (),

@@ -16,6 +16,7 @@ the thread count: every row is computed whole by one thread.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -40,6 +41,15 @@ NM = len(_MAT_NAMES)
  P_WINDOW, P_VOCAB) = range(13)
 PHASES = 5  # per layer: q/k/v, attention, o, gate/up, down (+1: the output matrix)
 CHUNKS_PER_THREAD = 3
+
+
+def compiled() -> bool:
+    """Whether the fused step's machine code is in numba's on-disk cache (False: the first call
+    compiles it and the kernels around it, ~30 s)."""
+    try:
+        return os.path.exists(_decode._cache._cache_file._index_path)
+    except AttributeError:  # another numba version: assume it is
+        return True
 
 
 class NotFusable(EmberError):
