@@ -159,6 +159,37 @@ def _chunk(n, nth):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _sync(bfn, yfn, bst, nth):
+    """The barrier; on a failure, the abort word releases the other threads."""
+    st = barrier(bfn, yfn, bst, nth)
+    if st:
+        bst[fused.ABORT] = 1
+    return st
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _matvec_phase(tfn, cnt, ci, nth, desc, m, fns, x, buf, y):
+    """y = W_m x, this thread's claimed share of the units (phase counter ci)."""
+    prepare(desc, m, m + 1, fns, x, buf)
+    n = desc[m, 6]
+    ch = _chunk(n, nth)
+    u = take(tfn, cnt, ci, nth, -ch, ch)
+    while u < n:
+        matvec_units(desc, m, buf, y, u, min(u + ch, n))
+        u = take(tfn, cnt, ci, nth, u, ch)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _residual(x, y, post_norm, w, eps, tmp):
+    """x += y, or x += rmsnorm(y) * w (Gemma's post-norms)."""
+    if post_norm:
+        _rms(y, w, eps, tmp)
+        x += tmp
+    else:
+        x += y
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _act(gb, ub, ab, r0, r1, gelu):
     """ab[r] = act(gate[r]) * up[r] for rows r0..r1-1."""
     for r in range(r0, r1):
@@ -208,9 +239,8 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
                          min(max(e - uq - uk, 0), uv))
             u = take(tfn, cnt, ci, nth, u, ch)
         ci += 1
-        st = barrier(bfn, yfn, bst, nth)
+        st = _sync(bfn, yfn, bst, nth)
         if st:
-            bst[fused.ABORT] = 1
             return st
         # attention, one unit = one kv group: its k and v into the cache (bias, norm, RoPE),
         # then its query heads
@@ -242,28 +272,16 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
                     ab[g * group * hdv:(g + 1) * group * hdv].reshape((group, hdv)))
             g = take(tfn, cnt, ci, nth, g, 1)
         ci += 1
-        st = barrier(bfn, yfn, bst, nth)
+        st = _sync(bfn, yfn, bst, nth)
         if st:
-            bst[fused.ABORT] = 1
             return st
         # output projection, residual
-        prepare(desc, m0 + M_O, m0 + M_O + 1, fns, ab[:nh * hdv], buf)
-        n = desc[m0 + M_O, 6]
-        ch = _chunk(n, nth)
-        u = take(tfn, cnt, ci, nth, -ch, ch)
-        while u < n:
-            matvec_units(desc, m0 + M_O, buf, ob, u, min(u + ch, n))
-            u = take(tfn, cnt, ci, nth, u, ch)
+        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, ab[:nh * hdv], buf, ob)
         ci += 1
-        st = barrier(bfn, yfn, bst, nth)
+        st = _sync(bfn, yfn, bst, nth)
         if st:
-            bst[fused.ABORT] = 1
             return st
-        if gemma:
-            _rms(ob[:d], _vec(vecs, voff, il, V_POST_ATTN, d), eps, h)
-            x += h
-        else:
-            x += ob[:d]
+        _residual(x, ob[:d], gemma, _vec(vecs, voff, il, V_POST_ATTN, d), eps, h)
         # FFN: one unit = 64 rows of gate and of up, and their activation
         _rms(x, _vec(vecs, voff, il, V_FFN_NORM, d), eps, h)
         prepare(desc, m0 + M_GATE, m0 + M_UP + 1, fns, h, buf)
@@ -278,37 +296,18 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
             _act(gb, ub, ab, UNIT * u, min(UNIT * e, nff), gelu)
             u = take(tfn, cnt, ci, nth, u, ch)
         ci += 1
-        st = barrier(bfn, yfn, bst, nth)
+        st = _sync(bfn, yfn, bst, nth)
         if st:
-            bst[fused.ABORT] = 1
             return st
-        prepare(desc, m0 + M_DOWN, m0 + M_DOWN + 1, fns, ab[:nff], buf)
-        n = desc[m0 + M_DOWN, 6]
-        ch = _chunk(n, nth)
-        u = take(tfn, cnt, ci, nth, -ch, ch)
-        while u < n:
-            matvec_units(desc, m0 + M_DOWN, buf, fb, u, min(u + ch, n))
-            u = take(tfn, cnt, ci, nth, u, ch)
+        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_DOWN, fns, ab[:nff], buf, fb)
         ci += 1
-        st = barrier(bfn, yfn, bst, nth)
+        st = _sync(bfn, yfn, bst, nth)
         if st:
-            bst[fused.ABORT] = 1
             return st
-        if gemma:
-            _rms(fb[:d], _vec(vecs, voff, il, V_POST_FFW, d), eps, h)
-            x += h
-        else:
-            x += fb[:d]
+        _residual(x, fb[:d], gemma, _vec(vecs, voff, il, V_POST_FFW, d), eps, h)
     # final norm, output projection
     _rms(x, vecs[out_norm:out_norm + d], eps, h)
-    mo = nl * 7
-    prepare(desc, mo, mo + 1, fns, h, buf)
-    n = desc[mo, 6]
-    ch = _chunk(n, nth)
-    u = take(tfn, cnt, ci, nth, -ch, ch)
-    while u < n:
-        matvec_units(desc, mo, buf, logits, u, min(u + ch, n))
-        u = take(tfn, cnt, ci, nth, u, ch)
+    _matvec_phase(tfn, cnt, ci, nth, desc, nl * 7, fns, h, buf, logits)
     return 0
 
 
