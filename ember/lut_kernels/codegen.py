@@ -579,23 +579,25 @@ def host_asm(make_ir, isa: str) -> str:
     return tm.emit_assembly(mod)
 
 
+def once(key, build):
+    """``build()``, run once per process and ``key`` (thread-safe) and kept for the life of the
+    process: numba code holds raw addresses into what it compiled."""
+    k = _cache.get(key)
+    if k is None:
+        with _lock:
+            k = _cache.get(key)
+            if k is None:
+                k = _cache[key] = build()
+    return k
+
+
 def native_kernels(isa: str, tile: int = 64, table_bits: int = 16,
                    prefetch: int = DEFAULT_PREFETCH) -> NativeKernels:
-    """Compile (once per process and argument set) the module for ``isa`` on this host.
+    """Compile (once per process and argument set) the T-MAC module for ``isa`` on this host."""
+    if isa not in host_isas() or isa in ("portable", "neon"):
+        raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
 
-    The result is cached for the life of the process and never released: numba code holds the
-    raw function addresses.
-    """
-    key = (isa, tile, table_bits, prefetch)
-    k = _cache.get(key)
-    if k is not None:
-        return k
-    with _lock:
-        k = _cache.get(key)
-        if k is not None:
-            return k
-        if isa not in host_isas() or isa in ("portable", "neon"):
-            raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
+    def build():
         spec = resolve_isa(isa)
         ee, owners, secs = jit(lambda cpu, feat: kernel_ir(spec, tile=tile, table_bits=table_bits,
                                                           prefetch=prefetch, cpu=cpu, features=feat), isa)
@@ -603,8 +605,9 @@ def native_kernels(isa: str, tile: int = 64, table_bits: int = 16,
         k = NativeKernels(isa, tile, table_bits, addr("tmac_tables"), addr("tmac_q4_0"),
                           addr("tmac_q4_1"), ee, secs)
         k._owners = owners  # keep every owner of the code alive with the engine
-        _cache[key] = k
         return k
+
+    return once(("tmac", isa, tile, table_bits, prefetch), build)
 
 
 def kernel_asm(isa: str, tile: int = 64, table_bits: int = 16,

@@ -64,7 +64,6 @@ module 30-60 ms, once per process. ``pack_q8_0`` 49152 x 576: 18-26 ms.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
@@ -303,27 +302,17 @@ def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", feature
     return codegen.finish_module(L, cpu, features)
 
 
-_lock = threading.Lock()
-_cache: dict = {}
-
-
 def _compile(isa: str, prefetch: int):
-    """(address of q8_rows, owners to keep alive, compile seconds); cached per process."""
-    key = (isa, prefetch)
-    k = _cache.get(key)
-    if k is not None:
-        return k
-    with _lock:
-        k = _cache.get(key)
-        if k is not None:
-            return k
-        if isa not in codegen.host_isas() or isa not in _SPECS:
-            raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
+    """(address of q8_rows, owners to keep alive, compile seconds); once per process."""
+    if isa not in codegen.host_isas() or isa not in _SPECS:
+        raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
+
+    def build():
         spec = codegen.resolve_isa(isa)
         ee, owners, secs = codegen.jit(lambda cpu, feat: kernel_ir(spec, prefetch, cpu, feat), isa)
-        k = (ee.get_function_address("q8_rows"), owners, secs)
-        _cache[key] = k
-        return k
+        return ee.get_function_address("q8_rows"), owners, secs
+
+    return codegen.once(("q8", isa, prefetch), build)
 
 
 def kernel_asm(isa: str = "avx512", prefetch: int = DEFAULT_PREFETCH) -> str:
