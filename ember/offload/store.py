@@ -44,11 +44,14 @@ class WeightStore:
         return self.gguf.info(name).shape
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 in its NumPy shape (outermost first), cached."""
+        """The tensor as float32 in its NumPy shape (outermost first), cached. Vectors are read
+        with pread (`GGUFFile.read_rows`), so their neighbours in the file are not mapped."""
         w = self._cache.get(name)
         if w is None:
             info = self.gguf.info(name)
-            w = dequantize(self.gguf.tensor_bytes(name), info.qtype, info.n_elements, name=name).reshape(info.shape)
+            raw = (self.gguf.read_rows(name, np.arange(info.n_elements // info.shape[-1]))
+                   if len(info.shape) == 1 else self.gguf.tensor_bytes(name))
+            w = dequantize(raw.reshape(-1), info.qtype, info.n_elements, name=name).reshape(info.shape)
             self._cache[name] = w
         return w
 
@@ -112,7 +115,9 @@ class WeightStore:
         info = self.gguf.info(name)
         if len(info.shape) != 2:
             raise FormatError(f"{self.gguf.path}: {name} should be a matrix, it has shape {info.shape}")
-        return dequantize_rows(self.gguf.tensor(name), info.qtype, ids, info.shape[1])
+        ids = np.asarray(ids).reshape(-1)
+        raw = self.gguf.read_rows(name, ids)  # pread: no pages of the whole table get mapped
+        return dequantize_rows(raw, info.qtype, np.arange(len(ids)), info.shape[1], name=name)
 
     def nbytes(self, name: str) -> int:
         """Bytes a read of the whole tensor costs in its resident form."""
