@@ -76,15 +76,18 @@ runtime address like q8.py / tmac.py):
                         i64 r0, i64 r1, i64 k, i64 y_stride)``
     ``y[i * y_stride + r]`` for r0 <= r < r1 (absolute row indices into q/sc/d) and i < k.
 ``void kq_quant(ptr x, ptr xq, ptr xd, ptr xp, i64 nsb, i64 k, i64 kp, i64 x_stride)``.
-Structure: super-blocks in tiles whose act data stays in L1 (``DEFAULT_TILE_BYTES``; partial
-sums added into y: for n_in = 8960 and k >= 4 the act data of a whole row is 100+ KB and its
-loads from L2 were THE bottleneck), rows in groups of 32, per group act-row chunks of 16, 8,
-4, 2, 1 (each weight is read from memory once; a group's later chunks re-read it from L1/L2);
-each chunk function (``noinline``) loops over the group's rows and the tile's super-blocks,
-decodes a super-block's weights once (software-pipelined one super-block ahead on avx512) and
-applies them to every act row of the chunk with one accumulator per row (Q6_K) / row pair
-(Q4_K). Software prefetch (``prefetcht0``) of the same super-blocks ``ceil(2048 / tile bytes)``
-rows ahead on the q, sc and d streams (k = 1 cold: 8.5 GB/s without, 9.9 with, 151936x1536).
+Structure: super-blocks in tiles whose act data stays in L1 (``DEFAULT_TILE_BYTES`` of the
+``min(kp, kb)`` rows one chunk call reads; partial sums added into y: for n_in = 8960 and k >= 4
+the act data of a whole row is 100+ KB and its loads from L2 were THE bottleneck; sizing the
+tile by all kp rows instead gave 1-super-block tiles at k = 256 and a reduction + y update +
+decode prologue per (row, chunk, super-block): k = 256 ran at half the k = 16 rate), rows in
+groups of 32, per group act-row chunks of 16, 8, 4, 2, 1 (each weight is read from memory once;
+a group's later chunks re-read it from L1/L2); each chunk function (``noinline``) loops over
+the group's rows and the tile's super-blocks, decodes a super-block's weights once
+(software-pipelined one super-block ahead on avx512) and applies them to every act row of the
+chunk with one accumulator per row (Q6_K) / row pair (Q4_K). Software prefetch (``prefetcht0``)
+of the same super-blocks ``ceil(2048 / tile bytes)`` rows ahead on the q, sc and d streams (k = 1
+cold: 8.5 GB/s without, 9.9 with, 151936x1536).
 ``portable``: numba, each super-block decoded to float32 weights, 256 float32 lanes per act
 row accumulate ``w * ((xq - 128) dx)`` (exact products; float32 rounding differs only).
 
@@ -188,7 +191,7 @@ DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0:
 _PF_LOCALITY = 3           # prefetcht0
 DEFAULT_GROUP = 32         # weight rows per group (a group's later act chunks hit cache)
 DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}   # pipelined decode
-DEFAULT_TILE_BYTES = 24576   # act bytes per super-block tile (keeps them in L1)
+DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile (L1; 7 sb at kb = 16)
 DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per register block
 DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
 
@@ -706,11 +709,11 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     """``@kq_<t>(q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys)``: y[i * ys + r] for
     r0 <= r < r1 and every act row i < k.
 
-    Super-blocks go in tiles of ``ns = max(1, tile_bytes / (kp * 320))`` (the act data of a
-    tile stays in L1); per tile, rows in groups of ``group``; per group, act rows in chunks of
-    ``kbs[0]``, then one chunk of each smaller size for the rest; each chunk call runs over
-    the group's rows (in blocks of ``nr``, then single rows): a group's weights are read from
-    memory once and re-read from cache by its later chunks."""
+    Super-blocks go in tiles of ``ns = max(1, tile_bytes / (min(kp, kb) * 320))`` (the act
+    data a chunk call streams over a tile stays in L1); per tile, rows in groups of ``group``;
+    per group, act rows in chunks of ``kbs[0]``, then one chunk of each smaller size for the
+    rest; each chunk call runs over the group's rows (in blocks of ``nr``, then single rows):
+    a group's weights are read from memory once and re-read from cache by its later chunks."""
     kb = kbs[0]
     nm = _NAMES[qt]
     QB, ND = _QB[qt], _ND[qt]
@@ -732,7 +735,11 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a("  %kp = add i64 %k, %kodd")
     a(f"  %nfull = udiv i64 %k, {kb}")
     a(f"  %rem = urem i64 %k, {kb}")
-    a("  %tb = mul i64 %kp, 320")
+    # the act data a chunk call streams per super-block: min(kp, kb) rows (a call only reads
+    # its own rows; sizing by all kp rows made tiles of 1 super-block at large k: per (row,
+    # chunk, super-block) a reduction, y update and decode prologue, 2x slower at k = 256)
+    a(f"  %kpc = call i64 @llvm.umin.i64(i64 %kp, i64 {kb})")
+    a("  %tb = mul i64 %kpc, 320")
     a(f"  %tsb0 = udiv i64 {tile_bytes}, %tb")
     a("  %tsb1 = call i64 @llvm.umax.i64(i64 %tsb0, i64 1)")
     a("  %tsb = call i64 @llvm.umin.i64(i64 %tsb1, i64 %nsb)")
