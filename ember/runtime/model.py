@@ -27,7 +27,10 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+    t = np.negative(x)  # one temporary, updated in place: x / (1 + exp(-x))
+    np.exp(t, out=t)
+    t += np.float32(1.0)
+    return np.divide(x, t, out=t)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -36,8 +39,10 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = np.subtract(x, np.max(x, axis=axis, keepdims=True))
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +81,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     if window:
         allowed &= keys[None, :] > q_pos[:, None] - window
     scores = scores.reshape(n_kv, g, n, T)
-    scores = np.where(allowed[None, None], scores, np.float32(-np.inf))
+    scores[:, :, ~allowed] = np.float32(-np.inf)
     probs = softmax(scores)
     out = np.matmul(probs.reshape(n_kv, g * n, T), v)  # [n_kv, g*n, dv]
     return out.reshape(n_kv, g, n, dv).transpose(2, 0, 1, 3).reshape(n, n_head * dv)
