@@ -8,11 +8,13 @@
 import os
 
 # numpy's OpenBLAS keeps idle threads spinning for ~0.1 s after each call (2^28 cycles); on a
-# 2-core machine that halves the speed of the decode threads that run right after a
-# multi-threaded prefill (measured: the next ~10 tokens). 2^24 cycles (~6 ms) still keeps them
-# awake between the BLAS calls of one prefill (2^20 cost pp512 ~10 % at 2 threads). It only takes
-# effect if OpenBLAS is not loaded yet (set it yourself otherwise).
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "24")
+# 2-core machine that takes a core from whatever runs next: the decode threads right after a
+# multi-threaded prefill, and numba's threads (attention, the K-quant kernels) between the BLAS
+# calls of a prefill (2^24 cycles: SmolLM2 pp512 at 2 threads spent 2x as long in attention).
+# 2^4 sleeps at once; prefill tiles are large enough (ops.TILE_BYTES) that waking the BLAS
+# threads per call costs little. It only takes effect if OpenBLAS is not loaded yet (set it
+# yourself otherwise).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .api import Model, load  # noqa: E402
 from .errors import (  # noqa: E402

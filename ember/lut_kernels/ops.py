@@ -24,7 +24,7 @@ from ..formats.quants import dequantize_into
 
 _local = threading.local()
 SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
-TILE_BYTES = 1 << 20  # float32 bytes of weights dequantized per BLAS tile
+TILE_BYTES = 4 << 20  # float32 bytes of weights dequantized per BLAS tile
 
 
 @dataclass

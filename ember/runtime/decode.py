@@ -26,6 +26,7 @@ from numba import njit
 from ..errors import EmberError
 from ..lut_kernels import fused
 from ..lut_kernels.fused import UNIT, barrier, matvec_units, prepare, scratch, take
+from .attention import attend
 from .config import ROPE_NEOX
 
 # per-layer vectors, columns of the offsets table (-1: absent)
@@ -108,45 +109,6 @@ def _heads(t, vecs, voff, il, bias_col, norm_col, full, nh, hd, eps, tmp):
     if full and voff[il, norm_col] >= 0:
         tmp[:n] = t[:n]
         _rms(tmp[:n], _vec(vecs, voff, il, norm_col, n), eps, t[:n])
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _attend(Q, K, V, lo, hi, scale, S, out):
-    """out[h] = softmax(scale * K[lo:hi] Q[h]) @ V[lo:hi] for the query heads Q [g, d] of one
-    kv group (K [T, d], V [T, dv]; S [g, >= hi - lo] scratch). Each K and V row is loaded once
-    for the whole group; rows are views walked from index 0 and the accumulator is a fresh
-    array, so LLVM vectorizes the inner loops."""
-    n = hi - lo
-    g = Q.shape[0]
-    Ks, Vs = K[lo:hi], V[lo:hi]
-    for j in range(n):
-        kj = Ks[j]
-        for h in range(g):
-            qh = Q[h]
-            s = np.float32(0.0)
-            for i in range(kj.size):
-                s += qh[i] * kj[i]
-            S[h, j] = s * scale
-    for h in range(g):
-        sh = S[h, :n]
-        mx = sh.max()
-        tot = np.float32(0.0)
-        for j in range(n):
-            e = np.exp(sh[j] - mx)
-            sh[j] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        for j in range(n):
-            sh[j] *= inv
-    a = np.zeros((g, out.shape[1]), np.float32)
-    for j in range(n):
-        vj = Vs[j]
-        for h in range(g):
-            p = S[h, j]
-            ah = a[h]
-            for i in range(vj.size):
-                ah[i] += p * vj[i]
-    out[:, :] = a
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -267,7 +229,7 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
                     t2[:hd] = qh
                     _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
                 _rope(qh, cs, sn, neox)
-            _attend(ql[g * group * hd:(g + 1) * group * hd].reshape((group, hd)), kc[il, g],
+            attend(ql[g * group * hd:(g + 1) * group * hd].reshape((group, hd)), kc[il, g],
                     vc[il, g], lo, pos + 1, scale, S,
                     ab[g * group * hdv:(g + 1) * group * hdv].reshape((group, hdv)))
             g = take(tfn, cnt, ci, nth, g, 1)

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import FormatError
 from ..lut_kernels.ops import matmul
 from ..offload.store import WeightStore
+from .attention import attention_batch
 from .config import ROPE_NEOX, ModelConfig
 from .kv_cache import KVCache
 
@@ -251,7 +252,10 @@ class Transformer:
         q = apply_rope(q, *rope, c.spec.rope)
         k = apply_rope(k, *rope, c.spec.rope)
         keys, values = cache.store(il, k, v)
-        a = attention(q, keys, values, pos, c.attn_scale, window)
+        if st.mode == "fast":  # the cache's whole arrays (C-contiguous); the mask bounds the keys
+            a = attention_batch(q, cache.k[il], cache.v[il], pos, c.attn_scale, window)
+        else:
+            a = attention(q, keys, values, pos, c.attn_scale, window)
         o = self._mm(a, st.matrix(L.attn_output))
         if c.spec.gemma:
             o = rms_norm(o, st.get(L.post_attention_norm), c.rms_eps)

@@ -1,0 +1,91 @@
+"""Grouped-query attention in numba: one kv group of query heads at one position (`attend`,
+used by the fused decode step) and a whole batch of positions (`attention_batch`, prefill and
+verification), split over numba's threads.
+
+`model.attention` (NumPy) is the reference both are tested against. The batch form skips the
+keys a causal (or sliding-window) mask hides instead of computing and masking them, so a prompt
+of n tokens costs n^2/2 dot products, not n^2, and never leaves numba's thread pool (the matrix
+kernels of a batch run in the same pool: a second pool's idle spinning would steal the cores).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+Q_CHUNK = 8  # query positions per work item of attention_batch
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def attend(Q, K, V, lo, hi, scale, S, out):
+    """out[h] = softmax(scale * K[lo:hi] Q[h]) @ V[lo:hi] for the query heads Q [g, d] of one
+    kv group (K [T, d], V [T, dv]; S [g, >= hi - lo] scratch). Each K and V row is loaded once
+    for the whole group; rows are views walked from index 0 and the accumulator is a fresh
+    array, so LLVM vectorizes the inner loops."""
+    n = hi - lo
+    g = Q.shape[0]
+    Ks, Vs = K[lo:hi], V[lo:hi]
+    for j in range(n):
+        kj = Ks[j]
+        for h in range(g):
+            qh = Q[h]
+            s = np.float32(0.0)
+            for i in range(kj.size):
+                s += qh[i] * kj[i]
+            S[h, j] = s * scale
+    for h in range(g):
+        sh = S[h, :n]
+        mx = sh.max()
+        tot = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(sh[j] - mx)
+            sh[j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for j in range(n):
+            sh[j] *= inv
+    a = np.zeros((g, out.shape[1]), np.float32)
+    for j in range(n):
+        vj = Vs[j]
+        for h in range(g):
+            p = S[h, j]
+            ah = a[h]
+            for i in range(vj.size):
+                ah[i] += p * vj[i]
+    out[:, :] = a
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _batch(q, k, v, q_pos, scale, window, out):
+    n, n_head, d = q.shape
+    n_kv, T, dv = v.shape
+    g = n_head // n_kv
+    nq = -(-n // Q_CHUNK)
+    for w in prange(n_kv * nq):
+        kv = w % n_kv
+        c = w // n_kv
+        c = c // 2 if c % 2 == 0 else nq - 1 - c // 2  # cheap and costly chunks alternate
+        i0 = c * Q_CHUNK
+        i1 = min(i0 + Q_CHUNK, n)
+        S = np.empty((g, q_pos[i1 - 1] + 1), np.float32)
+        for i in range(i0, i1):
+            lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
+            attend(q[i, kv * g:(kv + 1) * g], k[kv], v[kv], lo, q_pos[i] + 1, scale, S,
+                   out[i, kv * g * dv:(kv + 1) * g * dv].reshape((g, dv)))
+
+
+def attention_batch(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
+                    window: int) -> np.ndarray:
+    """Same contract as `model.attention`: q [n, n_head, d]; k [n_kv, T, d]; v [n_kv, T, dv]
+    (key j at position j); returns [n, n_head * dv]. Causal; window > 0: a query at p sees keys
+    p - window < j <= p. Positions must be consecutive (a batch after the cache) and < T."""
+    n, n_head, _ = q.shape
+    n_kv, T, dv = v.shape
+    q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
+    if q_pos.size != n or (n and (q_pos[0] < 0 or q_pos[-1] >= T
+                                  or np.any(np.diff(q_pos) != 1))):
+        raise ValueError("attention_batch: query positions must lie inside the keys")
+    out = np.empty((n, n_head * dv), np.float32)
+    _batch(np.ascontiguousarray(q, dtype=np.float32), k, v, q_pos, np.float32(scale),
+           int(window), out)
+    return out
