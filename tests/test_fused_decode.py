@@ -10,7 +10,7 @@ import ember
 import tiny_gguf as tg
 from ember.errors import EmberError
 from ember.lut_kernels import fused
-from ember.runtime.decode import FusedDecoder, _Pool
+from ember.runtime.decode import FusedDecoder, _exp, _Pool
 from ember.runtime.session import Session
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no native x86 kernel path")
@@ -196,9 +196,37 @@ def test_kquant_model_fused_matches_op_by_op(tmp_path):
     for threads in (1, 2):
         got = _fixed(tr, ids, threads, True)
         assert np.abs(got - exact).max() < 1.25 * noise + 1e-3 * ref.std()
-    # a few tokens at once take forward() with the multi-row kernels, and agree with one by one
+    # a few tokens at once run the fused step with k rows (every matrix is a K-quant), and agree
+    # with one by one and with the op-by-op forward over the same tokens
+    assert dec.multi_row
     s, s1 = m.session(), m.session()
     s.feed(ids[:2]), s1.feed(ids[:2])
-    many = s.feed(ids[2:6])
-    one_by_one = np.stack([s1.feed([t])[0] for t in ids[2:6]])
+    many = s.feed(ids[2:9])
+    one_by_one = np.stack([s1.feed([t])[0] for t in ids[2:9]])
     assert np.abs(many - one_by_one).max() < 2.5 * noise + 1e-3 * ref.std()
+    cache = tr.new_cache(64)
+    tr.forward(ids[:2], cache, threads=1)
+    op_by_op = tr.forward(ids[2:9], cache, threads=1)
+    assert np.abs(many - op_by_op).max() < 2.5 * noise + 1e-3 * ref.std()
+    for threads in (1, 3):  # rows are computed whole by one thread: the count changes nothing
+        c2 = tr.new_cache(64)
+        tr.decoder(threads).step_rows(ids[:2], c2)
+        assert np.array_equal(tr.decoder(threads).step_rows(ids[2:9], c2), many)
+    with pytest.raises(ValueError, match="tokens at once"):
+        dec.step_rows(list(range(17)), tr.new_cache(64))
+
+
+@njit
+def _exp_of(x):
+    out = np.empty_like(x)
+    _exp(x, out, np.empty(x.size, np.int32))
+    return out
+
+
+def test_vector_exp_is_within_two_ulp_of_libm():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.linspace(-87, 87, 100_001), rng.normal(0, 5, 10_001),
+                        [-1e30, -100.0, 0.0, -0.0, 100.0, 1e30]]).astype(np.float32)
+    got = _exp_of(x).astype(np.float64)
+    want = np.exp(np.clip(x, -87, 87).astype(np.float64))
+    assert (np.abs(got - want) <= 2 * np.spacing(want.astype(np.float32)).astype(np.float64)).all()

@@ -260,13 +260,13 @@ def take(tfn, counters, ci, nth, prev, chunk):
 
 
 @njit(cache=True, nogil=True)
-def scratch(n_in_max):
+def scratch(n_in_max, k=1):
     """The activation buffers of one thread for inputs up to n_in_max: (tab, bc, xq, dxv) for
-    the T-MAC and Q8_0 kernels, then (xq, xd, xp) for the K-quant kernels (one row)."""
+    the T-MAC and Q8_0 kernels (one row), then (xq, xd, xp) for the K-quant kernels (k rows)."""
     nb, nsb = n_in_max // 32 + 1, n_in_max // 256 + 1
+    xq, xd, xp = kquant.act_buffers(nsb, k + (k & 1))
     return (np.empty(nb * 256, np.int8), np.empty(nb * 4, np.float32), np.empty(nb * 32, np.int8),
-            np.empty(8 * (nb + 1), np.float32), np.empty((nsb, 2, 256), np.uint8),
-            np.empty((nsb, 2, 16), np.float32), np.empty((nsb, 1, 32), np.float32))
+            np.empty(8 * (nb + 1), np.float32), xq, xd, xp)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -293,6 +293,17 @@ def prepare(desc, m0, m1, fns, x, buf):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def prepare_rows(desc, m0, m1, fns, X, n_in, buf):
+    """``prepare`` for the first n_in columns of each row of X [k, >= n_in] (C-contiguous).
+    More than one row: K-quant matrices only (their kernels take k rows at once)."""
+    if X.shape[0] == 1:
+        prepare(desc, m0, m1, fns, X[0][:n_in], buf)
+    else:
+        k = X.shape[0]
+        call8(fns[1], X, buf[4], buf[5], buf[6], n_in // 256, k, k + (k & 1), X.shape[1])
+
+
+@njit(cache=True, nogil=True, inline="always")
 def matvec_units(desc, m, buf, y, u0, u1):
     """Rows [UNIT u0, UNIT u1) of matrix m into y (y padded to whole units), with the
     activation formats ``prepare`` put in ``buf``."""
@@ -308,3 +319,15 @@ def matvec_units(desc, m, buf, y, u0, u1):
     else:
         call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], y,
                nb // 8, UNIT * u0, r1, 1, y.size)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def matvec_rows(desc, m, buf, Y, u0, u1):
+    """``matvec_units`` for the k rows of Y [k, units * UNIT] (C-contiguous) that
+    ``prepare_rows`` prepared; more than one row: K-quant matrices only."""
+    if Y.shape[0] == 1:
+        matvec_units(desc, m, buf, Y[0], u0, u1)
+    elif u1 > u0:
+        r1 = min(UNIT * u1, desc[m, 1])
+        call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], Y,
+               desc[m, 2] // 256, UNIT * u0, r1, Y.shape[0], Y.shape[1])

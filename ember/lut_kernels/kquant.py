@@ -1246,18 +1246,26 @@ def rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1):
 
 
 @njit(cache=True, nogil=True)
+def act_buffers(nsb, kp):
+    """Empty (xq, xd, xp) for kp (even) act rows of nsb super-blocks, in one 64-byte aligned
+    block (act loads that split cache lines slowed the compute-bound k-row kernels)."""
+    nq, nd = nsb * kp * 256, nsb * kp * 64        # bytes of xq, of xd (xp is as large)
+    buf = np.empty(nq + 2 * nd + 64, np.uint8)
+    o = (-buf.ctypes.data) % 64
+    xq = buf[o:o + nq].reshape((nsb, kp, 256))
+    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((nsb, kp, 16))
+    xp = buf[o + nq + nd:o + nq + 2 * nd].view(np.float32).reshape((nsb, kp // 2, 32))
+    return xq, xd, xp
+
+
+@njit(cache=True, nogil=True)
 def quantize_x_alloc(x, fq=0):
     """(xq, xd, xp) = the act format of x float32 [k, n_in] (n_in a multiple of 256, x
     C-contiguous); ``fq`` from ``quant_address`` (the vectorized IR routine; 0: numba)."""
     k, n = x.shape
     nsb = n // 256
     kp = k + (k & 1)
-    nq, nd = nsb * kp * 256, nsb * kp * 64        # bytes of xq, of xd (xp is as large)
-    buf = np.empty(nq + 2 * nd + 64, np.uint8)     # one block, 64-byte aligned parts
-    o = (-buf.ctypes.data) % 64
-    xq = buf[o:o + nq].reshape((nsb, kp, 256))
-    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((nsb, kp, 16))
-    xp = buf[o + nq + nd:o + nq + 2 * nd].view(np.float32).reshape((nsb, kp // 2, 32))
+    xq, xd, xp = act_buffers(nsb, kp)
     if fq != 0:
         _call_quant(fq, x, xq, xd, xp, nsb, k, kp, n)
     else:

@@ -1,4 +1,4 @@
-"""The fused one-token decode step: the whole forward pass of one token inside one numba call.
+"""The fused decode step: the whole forward pass of one token (or a few) inside one numba call.
 
 `FusedDecoder.step(token, cache)` runs `_decode` (``nogil``, ``cache=True``) on `threads` OS
 threads at once: the calling thread and `threads - 1` workers of a small pool. Every thread keeps
@@ -6,12 +6,18 @@ its own copy of the residual stream and computes the cheap vector work (norms, a
 RoPE inputs) itself; the matvecs and the attention heads are split between the threads, which
 meet at a spin barrier (`lut_kernels.fused`) whenever a full vector is needed next: five times
 per layer. Work units (64 rows of a matrix, a kv group of attention heads) are claimed with an
-atomic counter, so a thread the OS delays does less of a phase. Python runs once per token: the embedding row, the call, the logits.
+atomic counter, so a thread the OS delays does less of a phase. Python runs once per token: the
+embedding row, the call, the logits.
+
+`step_rows(tokens, cache)` runs up to MAX_ROWS new tokens through the same step when every matrix
+is a K-quant (`multi_row`): their kernels read each weight once for all rows, so speculative
+verification of 8 tokens costs ~1.5x one token (Qwen2.5-1.5B, 2 threads), where the op-by-op
+forward spent 1.65x in Python glue, thread-pool regions and scalar exp calls.
 
 It covers the dense architectures (llama, qwen2, gemma3) when every matrix has a kernel
 (`fused.fusable`); other models decode through `Transformer.forward`. The arithmetic is the same as
-`Transformer.forward` on one position up to float32 summation order (tested), and does not depend on
-the thread count: every row is computed whole by one thread.
+`Transformer.forward` on the same positions up to float32 summation order (tested), and does not
+depend on the thread count: every row is computed whole by one thread.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from numba import njit
 
 from ..errors import EmberError
 from ..lut_kernels import fused
-from ..lut_kernels.fused import UNIT, barrier, matvec_units, prepare, scratch, take
+from ..lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratch, take
 from .attention import attend
 from .config import ROPE_NEOX
 
@@ -42,6 +48,7 @@ NM = len(_MAT_NAMES)
  P_WINDOW, P_VOCAB) = range(13)
 PHASES = 5  # per layer: q/k/v, attention, o, gate/up, down (+1: the output matrix)
 CHUNKS_PER_THREAD = 3
+MAX_ROWS = 16  # tokens one fused step takes at once (the K-quant kernels' register block)
 
 
 def compiled() -> bool:
@@ -130,14 +137,14 @@ def _sync(bfn, yfn, bst, nth):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _matvec_phase(tfn, cnt, ci, nth, desc, m, fns, x, buf, y):
-    """y = W_m x, this thread's claimed share of the units (phase counter ci)."""
-    prepare(desc, m, m + 1, fns, x, buf)
+def _matvec_phase(tfn, cnt, ci, nth, desc, m, fns, X, n_in, buf, Y):
+    """Y = X[:, :n_in] W_m^T, this thread's claimed share of the units (phase counter ci)."""
+    prepare_rows(desc, m, m + 1, fns, X, n_in, buf)
     n = desc[m, 6]
     ch = _chunk(n, nth)
     u = take(tfn, cnt, ci, nth, -ch, ch)
     while u < n:
-        matvec_units(desc, m, buf, y, u, min(u + ch, n))
+        matvec_rows(desc, m, buf, Y, u, min(u + ch, n))
         u = take(tfn, cnt, ci, nth, u, ch)
 
 
@@ -152,34 +159,67 @@ def _residual(x, y, post_norm, w, eps, tmp):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _act(gb, ub, ab, r0, r1, gelu):
-    """ab[r] = act(gate[r]) * up[r] for rows r0..r1-1."""
-    for r in range(r0, r1):
-        gv = gb[r]
-        if gelu:
+def _exp(x, out, e2):
+    """out = exp(x) for |x| <= 87 (x clipped there), vectorizable (numba's np.exp is a scalar
+    libm call per element: 8x numpy's speed was the k-token step's largest overhead): Cephes'
+    expf, exp(r) on |r| <= ln2 / 2 times 2^n added into the exponent bits; ~1 ulp. ``e2``: an
+    int32 scratch as long as x."""
+    for i in range(x.size):
+        v = min(max(x[i], np.float32(-87.0)), np.float32(87.0))
+        n = np.floor(v * np.float32(1.44269504088896341) + np.float32(0.5))
+        r = v - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        out[i] = p * r * r + r + np.float32(1.0)
+        e2[i] = np.int32(n) << 23
+    bits = out.view(np.int32)
+    for i in range(x.size):
+        bits[i] += e2[i]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _act(gb, ub, ab, r0, r1, gelu, e2):
+    """ab[r] = act(gate[r]) * up[r] for rows r0..r1-1 (``e2``: int32 scratch of >= r1 - r0)."""
+    if gelu:
+        for r in range(r0, r1):
+            gv = gb[r]
             c = np.float32(0.7978845608028654)
             a = np.float32(0.5) * gv * (np.float32(1.0) + np.tanh(
                 c * (gv + np.float32(0.044715) * gv * gv * gv)))
-        else:
-            a = gv / (np.float32(1.0) + np.exp(-gv))
-        ab[r] = a * ub[r]
+            ab[r] = a * ub[r]
+        return
+    g, out = gb[r0:r1], ab[r0:r1]
+    for i in range(g.size):
+        out[i] = -g[i]
+    _exp(out, out, e2[:r1 - r0])
+    u = ub[r0:r1]
+    for i in range(g.size):
+        out[i] = g[i] / (np.float32(1.0) + out[i]) * u[i]
 
 
 @njit(cache=True, nogil=True)
 def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos,
             cos_g, sin_g, cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb,
             logits):
+    """k = x0.shape[0] new tokens at positions pos..pos+k-1 (k > 1: K-quant matrices only);
+    activations and outputs are [k, ...] (cos_*/sin_* [k, rope_dim / 2])."""
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
+    k = x0.shape[0]
     group = nh // nkv
     eps = np.float32(eps)
-    buf = scratch(max(desc[:, 2].max(), ab.size))
+    buf = scratch(max(desc[:, 2].max(), ab.shape[1]), k)
     x = x0.copy()
-    h = np.empty(d, np.float32)
-    t2 = np.empty(max(d, qb.size, kb.size, ab.size), np.float32)
-    ql = np.empty(qb.size, np.float32)
-    kl = np.empty(kb.size, np.float32)
-    S = np.empty((group, pos + 1), np.float32)
+    h = np.empty((k, d), np.float32)
+    t2 = np.empty(max(d, nh * hd, nkv * hd, ab.shape[1]), np.float32)
+    ql = np.empty((k, nh * hd), np.float32)
+    kl = np.empty((k, nkv * hd), np.float32)
+    S = np.empty((group, pos + k), np.float32)
+    e2 = np.empty(ab.shape[1], np.int32)
     ci = 0  # phase counter index (work units are claimed with take())
     for il in range(nl):
         m0 = il * 7
@@ -187,89 +227,100 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
         sn = sin_l if swa[il] else sin_g
         win = window if swa[il] else 0
         # q, k, v: one unit = 64 rows of q, then of k, then of v
-        _rms(x, _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h)
-        prepare(desc, m0 + M_Q, m0 + M_V + 1, fns, h, buf)
+        for i in range(k):
+            _rms(x[i], _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h[i])
+        prepare_rows(desc, m0 + M_Q, m0 + M_V + 1, fns, h, d, buf)
         uq, uk, uv = desc[m0 + M_Q, 6], desc[m0 + M_K, 6], desc[m0 + M_V, 6]
         n = uq + uk + uv
         ch = _chunk(n, nth)
         u = take(tfn, cnt, ci, nth, -ch, ch)
         while u < n:
             e = min(u + ch, n)
-            matvec_units(desc, m0 + M_Q, buf, qb, min(u, uq), min(e, uq))
-            matvec_units(desc, m0 + M_K, buf, kb, min(max(u - uq, 0), uk), min(max(e - uq, 0), uk))
-            matvec_units(desc, m0 + M_V, buf, vb, min(max(u - uq - uk, 0), uv),
-                         min(max(e - uq - uk, 0), uv))
+            matvec_rows(desc, m0 + M_Q, buf, qb, min(u, uq), min(e, uq))
+            matvec_rows(desc, m0 + M_K, buf, kb, min(max(u - uq, 0), uk), min(max(e - uq, 0), uk))
+            matvec_rows(desc, m0 + M_V, buf, vb, min(max(u - uq - uk, 0), uv),
+                        min(max(e - uq - uk, 0), uv))
             u = take(tfn, cnt, ci, nth, u, ch)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
         if st:
             return st
-        # attention, one unit = one kv group: its k and v into the cache (bias, norm, RoPE),
-        # then its query heads
-        kl[:] = kb[:kl.size]
-        _heads(kl, vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
-        ql[:] = qb[:ql.size]
-        _heads(ql, vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
-        lo = 0 if win == 0 else max(0, pos - win + 1)
+        # attention, one unit = one kv group: its k and v of every new token into the cache
+        # (bias, norm, RoPE), then its query heads, token i seeing positions up to pos + i
+        for i in range(k):
+            kl[i] = kb[i, :kl.shape[1]]
+            _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
+            ql[i] = qb[i, :ql.shape[1]]
+            _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
         g = take(tfn, cnt, ci, nth, -1, 1)
         while g < nkv:
-            kh = kl[g * hd:(g + 1) * hd]
-            if qkn == 1:
-                t2[:hd] = kh
-                _rms(t2[:hd], _vec(vecs, voff, il, V_KNORM, hd), eps, kh)
-            _rope(kh, cs, sn, neox)
-            kc[il, g, pos, :] = kh
-            vh = vc[il, g, pos, :]
-            vh[:] = vb[g * hdv:(g + 1) * hdv]
-            if voff[il, V_BV] >= 0:
-                vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv:(g + 1) * hdv]
-            for hh in range(g * group, (g + 1) * group):
-                qh = ql[hh * hd:(hh + 1) * hd]
+            for i in range(k):
+                p = pos + i
+                kh = kl[i, g * hd:(g + 1) * hd]
                 if qkn == 1:
-                    t2[:hd] = qh
-                    _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
-                _rope(qh, cs, sn, neox)
-            attend(ql[g * group * hd:(g + 1) * group * hd].reshape((group, hd)), kc[il, g],
-                    vc[il, g], lo, pos + 1, scale, S,
-                    ab[g * group * hdv:(g + 1) * group * hdv].reshape((group, hdv)))
+                    t2[:hd] = kh
+                    _rms(t2[:hd], _vec(vecs, voff, il, V_KNORM, hd), eps, kh)
+                _rope(kh, cs[i], sn[i], neox)
+                kc[il, g, p, :] = kh
+                vh = vc[il, g, p, :]
+                vh[:] = vb[i, g * hdv:(g + 1) * hdv]
+                if voff[il, V_BV] >= 0:
+                    vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv:(g + 1) * hdv]
+            for i in range(k):
+                p = pos + i
+                for hh in range(g * group, (g + 1) * group):
+                    qh = ql[i, hh * hd:(hh + 1) * hd]
+                    if qkn == 1:
+                        t2[:hd] = qh
+                        _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
+                    _rope(qh, cs[i], sn[i], neox)
+                lo = 0 if win == 0 else max(0, p - win + 1)
+                attend(ql[i, g * group * hd:(g + 1) * group * hd].reshape((group, hd)),
+                       kc[il, g], vc[il, g], lo, p + 1, scale, S,
+                       ab[i, g * group * hdv:(g + 1) * group * hdv].reshape((group, hdv)))
             g = take(tfn, cnt, ci, nth, g, 1)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
         if st:
             return st
         # output projection, residual
-        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, ab[:nh * hdv], buf, ob)
+        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, ab, nh * hdv, buf, ob)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
         if st:
             return st
-        _residual(x, ob[:d], gemma, _vec(vecs, voff, il, V_POST_ATTN, d), eps, h)
+        for i in range(k):
+            _residual(x[i], ob[i, :d], gemma, _vec(vecs, voff, il, V_POST_ATTN, d), eps, h[i])
         # FFN: one unit = 64 rows of gate and of up, and their activation
-        _rms(x, _vec(vecs, voff, il, V_FFN_NORM, d), eps, h)
-        prepare(desc, m0 + M_GATE, m0 + M_UP + 1, fns, h, buf)
+        for i in range(k):
+            _rms(x[i], _vec(vecs, voff, il, V_FFN_NORM, d), eps, h[i])
+        prepare_rows(desc, m0 + M_GATE, m0 + M_UP + 1, fns, h, d, buf)
         nff = desc[m0 + M_GATE, 1]
         n = desc[m0 + M_GATE, 6]
         ch = _chunk(n, nth)
         u = take(tfn, cnt, ci, nth, -ch, ch)
         while u < n:
             e = min(u + ch, n)
-            matvec_units(desc, m0 + M_GATE, buf, gb, u, e)
-            matvec_units(desc, m0 + M_UP, buf, ub, u, e)
-            _act(gb, ub, ab, UNIT * u, min(UNIT * e, nff), gelu)
+            matvec_rows(desc, m0 + M_GATE, buf, gb, u, e)
+            matvec_rows(desc, m0 + M_UP, buf, ub, u, e)
+            for i in range(k):
+                _act(gb[i], ub[i], ab[i], UNIT * u, min(UNIT * e, nff), gelu, e2)
             u = take(tfn, cnt, ci, nth, u, ch)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
         if st:
             return st
-        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_DOWN, fns, ab[:nff], buf, fb)
+        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_DOWN, fns, ab, nff, buf, fb)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
         if st:
             return st
-        _residual(x, fb[:d], gemma, _vec(vecs, voff, il, V_POST_FFW, d), eps, h)
+        for i in range(k):
+            _residual(x[i], fb[i, :d], gemma, _vec(vecs, voff, il, V_POST_FFW, d), eps, h[i])
     # final norm, output projection
-    _rms(x, vecs[out_norm:out_norm + d], eps, h)
-    _matvec_phase(tfn, cnt, ci, nth, desc, nl * 7, fns, h, buf, logits)
+    for i in range(k):
+        _rms(x[i], vecs[out_norm:out_norm + d], eps, h[i])
+    _matvec_phase(tfn, cnt, ci, nth, desc, nl * 7, fns, h, d, buf, logits)
     return 0
 
 
@@ -354,8 +405,11 @@ class FusedDecoder:
                 raise NotFusable(f"{name} has no fused kernel")
         self._mats = mats  # keeps the packed arrays alive
         self.desc = np.stack([fused.describe(m) for m in mats])
-        # multi-row kernels exist (K-quants): a few tokens at once are cheaper through forward()
-        self.batch_kernels = bool((self.desc[:, 0] == fused.KIND_KQ).any())
+        # multi-row kernels exist (K-quants): a few tokens at once are cheaper than one by one
+        kinds = self.desc[:, 0]
+        self.batch_kernels = bool((kinds == fused.KIND_KQ).any())
+        # every matrix has one: up to MAX_ROWS tokens run through the fused step at once
+        self.multi_row = bool((kinds == fused.KIND_KQ).all())
         self.fns = fused.prep_fns()
         vecs, voff, n = [], np.full((c.n_layer, len(_VEC_NAMES)), -1, np.int64), 0
         for il in range(c.n_layer):
@@ -379,16 +433,16 @@ class FusedDecoder:
         self._inv = {base: base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
                      for base in (c.rope_base, c.rope_base_local)}
         assert half == len(self._inv[c.rope_base])
-        f32 = np.float32
-        self.qb = np.zeros(_units(c.n_head * c.head_dim), f32)
-        self.kb = np.zeros(_units(c.n_head_kv * c.head_dim), f32)
-        self.vb = np.zeros(_units(c.n_head_kv * c.head_dim_v), f32)
-        self.ab = np.zeros(max(_units(c.n_ff), c.n_head * c.head_dim_v), f32)
-        self.ob = np.zeros(_units(c.n_embd), f32)
-        self.gb = np.zeros(_units(c.n_ff), f32)
-        self.ub = np.zeros(_units(c.n_ff), f32)
-        self.fb = np.zeros(_units(c.n_embd), f32)
-        self.logits = np.zeros(_units(c.n_vocab), f32)
+        f32, kr = np.float32, MAX_ROWS if self.multi_row else 1
+        self.qb = np.zeros((kr, _units(c.n_head * c.head_dim)), f32)
+        self.kb = np.zeros((kr, _units(c.n_head_kv * c.head_dim)), f32)
+        self.vb = np.zeros((kr, _units(c.n_head_kv * c.head_dim_v)), f32)
+        self.ab = np.zeros((kr, max(_units(c.n_ff), c.n_head * c.head_dim_v)), f32)
+        self.ob = np.zeros((kr, _units(c.n_embd)), f32)
+        self.gb = np.zeros((kr, _units(c.n_ff)), f32)
+        self.ub = np.zeros((kr, _units(c.n_ff)), f32)
+        self.fb = np.zeros((kr, _units(c.n_embd)), f32)
+        self.logits = np.zeros((kr, _units(c.n_vocab)), f32)
         for m, n_out in ((M_Q, c.n_head * c.head_dim), (M_GATE, c.n_ff), (M_DOWN, c.n_embd)):
             if self.desc[m, 1] != n_out:
                 raise NotFusable("unexpected matrix shapes")
@@ -399,29 +453,40 @@ class FusedDecoder:
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
 
-    def _rope(self, pos: int, base: float):
-        ang = pos * self._inv[base]
+    def _rope(self, pos: int, k: int, base: float):
+        ang = np.arange(pos, pos + k, dtype=np.float64)[:, None] * self._inv[base][None, :]
         return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
     def step(self, token: int, cache) -> np.ndarray:
         """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
+        return self.step_rows([token], cache)[0]
+
+    def step_rows(self, tokens, cache) -> np.ndarray:
+        """Logits [k, n_vocab] of k new tokens at positions len(cache)...; appends their keys
+        and values. k > 1 needs `multi_row` (and k <= MAX_ROWS)."""
         c, st = self.model.cfg, self.model.store
-        token = int(token)
-        if not 0 <= token < c.n_vocab:
-            raise ValueError(f"token id {token} is outside the vocabulary (0..{c.n_vocab - 1})")
-        cache.reserve(1)
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        k = ids.size
+        if not 1 <= k <= (MAX_ROWS if self.multi_row else 1):
+            raise ValueError(f"the fused step takes 1..{MAX_ROWS if self.multi_row else 1} "
+                             f"tokens at once, got {k}")
+        bad = ids[(ids < 0) | (ids >= c.n_vocab)]
+        if bad.size:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{c.n_vocab - 1})")
+        cache.reserve(k)
         pos = cache.length
-        x0 = st.rows("token_embd.weight", np.array([token])).reshape(-1).astype(np.float32)
+        x0 = st.rows("token_embd.weight", ids).reshape(k, -1).astype(np.float32)
         if c.embed_scale != 1.0:
             x0 *= np.float32(c.embed_scale)
-        cg, sg = self._rope(pos, c.rope_base)
-        cl, sl = self._rope(pos, c.rope_base_local)
+        cg, sg = self._rope(pos, k, c.rope_base)
+        cl, sl = self._rope(pos, k, c.rope_base_local)
         self.bst[:] = 0
         self.cnt[:] = 0
-        args = (self.threads, self.bfn, self.yfn, self.tfn, self.cnt, self.fns, self.bst, x0, self.desc, self.vecs, self.voff,
-                self.out_norm, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, self.swa, self.ip,
-                float(c.rms_eps), np.float32(c.attn_scale), self.qb, self.kb, self.vb, self.ab,
-                self.ob, self.gb, self.ub, self.fb, self.logits)
+        args = (self.threads, self.bfn, self.yfn, self.tfn, self.cnt, self.fns, self.bst, x0,
+                self.desc, self.vecs, self.voff, self.out_norm, cache.k_all, cache.v_all, pos,
+                cg, sg, cl, sl, self.swa, self.ip, float(c.rms_eps), np.float32(c.attn_scale),
+                self.qb[:k], self.kb[:k], self.vb[:k], self.ab[:k], self.ob[:k], self.gb[:k],
+                self.ub[:k], self.fb[:k], self.logits[:k])
         if self._pool is None:
             status = [_decode(0, *args)]
         else:
@@ -432,8 +497,8 @@ class FusedDecoder:
         if any(status):
             raise EmberError(f"fused decode: a thread stalled at a barrier (status {status}); "
                              "another process may be starving the CPU")
-        cache.commit(1)
-        return self.logits[: c.n_vocab].copy()
+        cache.commit(k)
+        return self.logits[:k, : c.n_vocab].copy()
 
     def _abort(self) -> None:
         self.bst[fused.ABORT] = 1

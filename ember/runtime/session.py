@@ -1,7 +1,8 @@
 """Session: a KV cache and a position over one model, the low-level handle speculation builds on.
 
 `feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens.
-One token (and a few, on models whose kernels have no multi-row form) runs the fused decode step.
+One token runs the fused decode step; so do up to 16 at once where every matrix has a multi-row
+kernel (K-quants), and one by one where none has (T-MAC, Q8_0).
 Long inputs are fed in batches so memory stays bounded. Small batches run BLAS on one thread:
 on a 2-core machine a second busy process stalls multi-threaded small matmuls by milliseconds.
 """
@@ -72,7 +73,12 @@ class Session:
         for start in range(0, len(ids), N_BATCH):
             batch = ids[start : start + N_BATCH]
             dec = self.model.decoder(self.threads) if len(batch) <= N_FUSED_STEPS else None
-            if dec is not None and (len(batch) == 1 or not dec.batch_kernels):
+            if dec is not None and (len(batch) == 1 or dec.multi_row):
+                logits = dec.step_rows(batch, self.cache)
+                self.ids.extend(batch)
+                yield logits if all_logits else logits[-1:]
+                continue
+            if dec is not None and not dec.batch_kernels:
                 rows = [dec.step(t, self.cache) for t in batch]
                 self.ids.extend(batch)
                 yield np.stack(rows) if all_logits else rows[-1][None, :]
