@@ -4,7 +4,8 @@ Q8_0 block: 34 bytes = f16 ``d`` then 32 int8 ``qs``; weight = ``q * d``.
 
 API
 ---
-``pack_q8_0(raw2d) -> PackedQ8``
+``pack_q8_0(raw2d) -> PackedQ8``, ``pack_q5_0(raw2d) -> PackedQ8`` (exact: d * (q - 16) is a
+    Q8_0 block)
     raw GGUF rows (uint8 [n_out, n_in / 32 * 34]) -> int8 ``qs`` [n_out, n_in] (row-major, the
     GGUF quants without their scales) and ``d`` [n_out, n_in / 32], the f16 scales' bits
     (uint16; ``d_f32`` widens them; the kernels widen them with ``vcvtph2ps``), so a matvec reads
@@ -144,6 +145,30 @@ def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
     d = np.ascontiguousarray(r3[:, :, :2]).view(np.uint16).reshape(n_out, nb)
     qs = np.ascontiguousarray(r3[:, :, 2:]).view(np.int8).reshape(n_out, nb * 32)
     return PackedQ8(qs, d, n_out, nb * 32)
+
+
+def pack_q5_0(raw2d: np.ndarray, chunk: int = 4096) -> PackedQ8:
+    """GGUF Q5_0 rows (uint8 [n_out, nb * 22]) -> PackedQ8, exactly: a Q5_0 weight is
+    ``d * (q - 16)`` with q < 32, an int8 code times the block's f16 scale, which is a Q8_0
+    block. The int8 kernels then run Q5_0 matrices (1.0625 bytes a weight read per matvec
+    against the file's 0.6875: a table-lookup kernel for 5-bit codes is not written yet)."""
+    raw = np.asarray(raw2d)
+    if raw.dtype != np.uint8:
+        raw = raw.view(np.uint8)
+    if raw.ndim != 2 or raw.shape[1] % 22:
+        raise ValueError("pack_q5_0: expected uint8 [n_out, nb * 22]")
+    n_out, nb = raw.shape[0], raw.shape[1] // 22
+    r3 = raw.reshape(n_out, nb, 22)
+    d = np.ascontiguousarray(r3[:, :, :2]).view(np.uint16).reshape(n_out, nb)
+    qs = np.empty((n_out, nb, 32), np.int8)
+    shifts = np.arange(32, dtype=np.uint32)
+    for r0 in range(0, n_out, chunk):  # bounded temporaries for large matrices
+        b = r3[r0:r0 + chunk]
+        qh = np.ascontiguousarray(b[:, :, 2:6]).view("<u4")          # [rows, nb, 1]
+        high = (((qh >> shifts) & 1) << 4).astype(np.uint8)           # [rows, nb, 32]
+        low = np.concatenate([b[:, :, 6:] & 15, b[:, :, 6:] >> 4], axis=2)
+        qs[r0:r0 + chunk] = ((low | high).astype(np.int16) - 16).astype(np.int8)
+    return PackedQ8(qs.reshape(n_out, nb * 32), d, n_out, nb * 32)
 
 
 # ---------------------------------------------------------------------------------------------
