@@ -3,7 +3,9 @@
 For each model: top-5 sets at the last prompt position, per-position argmax, greedy continuations
 up to llama.cpp's first close call (margin < 0.5), and perplexity on tests/data/ppl_public.txt.
 
-    python bench/accuracy.py [--models smollm2-135m,...] [--json]
+    python bench/accuracy.py [--models smollm2-135m,...] [--kernels auto|numpy] [--json]
+
+``--kernels numpy`` measures the float32 reference path; the default, the fast kernels.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ REFERENCES = {
 MARGIN = 0.5
 
 
-def measure(name: str) -> dict:
+def measure(name: str, kernels: str = "auto") -> dict:
     ref = json.loads((DATA / f"{REFERENCES[name]}.json").read_text(encoding="utf-8"))
-    m = ember.load(name)
+    m = ember.load(name, kernels=kernels)
     top5_exact = top5_overlap = argmax_agree = argmax_total = greedy_agree = greedy_total = 0
     for p in ref["prompts"]:
         logits = m.logits(p["prompt_token_ids"])
@@ -58,6 +60,7 @@ def measure(name: str) -> dict:
     n = len(ref["prompts"])
     return {
         "model": name,
+        "kernels": kernels,
         "prompts": n,
         "top5_set_equal": top5_exact,
         "top5_mean_overlap": top5_overlap / n,
@@ -73,9 +76,10 @@ def measure(name: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(REFERENCES))
+    ap.add_argument("--kernels", default="auto", choices=("auto", "numpy"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    rows = [measure(name) for name in args.models.split(",")]
+    rows = [measure(name, args.kernels) for name in args.models.split(",")]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -144,30 +144,46 @@ def test_decoder_refuses_unfusable_matrices(tmp_path):
         FusedDecoder(ember.load(path).transformer, 1)
 
 
-def _kquant_model(path):
-    """A tiny llama whose layer matrices are random Q4_K / Q6_K blocks (gguf cannot quantize
-    K-quants; random valid blocks are as good a test), with a tied Q6_K embedding."""
+def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
+    """A tiny llama whose matrices are random valid blocks (gguf cannot quantize K-quants or
+    ternary types; random blocks are as good a test): `layer_qtype` for most layer matrices,
+    `v_down_qtype` for attn_v / ffn_down, `embd_qtype` for the tied embedding."""
     from gguf import GGMLQuantizationType as Q
 
-    from ember.lut_kernels import kquant
+    from ember.lut_kernels import kquant, q8
 
     model = tg.build_family("llama", n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_ctx=64)
     rng = np.random.default_rng(7)
     for name, t in model.tensors.items():
         if t.weights.ndim != 2:
             continue
-        qt = Q.Q6_K if name.endswith(("attn_v.weight", "ffn_down.weight", "token_embd.weight")) \
-            else Q.Q4_K
+        qt = (embd_qtype if name == "token_embd.weight" else
+              v_down_qtype if name.endswith(("attn_v.weight", "ffn_down.weight")) else layer_qtype)
         n_out, n_in = t.weights.shape
-        raw = (kquant.random_q6_k if qt == Q.Q6_K else kquant.random_q4_k)(rng, n_out, n_in)
+        if qt in (Q.Q4_K, Q.Q6_K):
+            raw = (kquant.random_q6_k if qt == Q.Q6_K else kquant.random_q4_k)(rng, n_out, n_in)
+            offs, nbytes = ((208,) if qt == Q.Q6_K else (0, 2)), (210 if qt == Q.Q6_K else 144)
+        else:
+            bw, nbytes, off, _ = q8.EXACT_INT8[qt]
+            raw = rng.integers(0, 256, (n_out, n_in // bw * nbytes), dtype=np.uint8)
+            d = rng.uniform(0.5, 1.5, (n_out, n_in // bw)) * 1e-3 * (32 / bw)
+            raw.reshape(n_out, -1, nbytes)[:, :, off:off + 2] = \
+                d.astype(np.float16).view(np.uint8).reshape(n_out, -1, 2)
+            offs = ()
         # scale the f16 d (and dmin) down: weights ~0.02, like a trained model's, so attention
         # is not a one-hot softmax that any rounding can flip
-        blk = raw.reshape(n_out, n_in // 256, -1)
-        for off in ((208,) if qt == Q.Q6_K else (0, 2)):
+        blk = raw.reshape(n_out, -1, nbytes)
+        for off in offs:
             h = blk[:, :, off:off + 2].copy().view(np.float16) * np.float16(0.03)
             blk[:, :, off:off + 2] = h.view(np.uint8)
         t.qtype, t.data = qt, raw
     return tg.write_model(model, path)
+
+
+def _kquant_model(path):
+    """Random Q4_K / Q6_K layer matrices, a tied Q6_K embedding."""
+    from gguf import GGMLQuantizationType as Q
+    return _random_blocks_model(path, Q.Q4_K, Q.Q6_K, Q.Q6_K)
 
 
 def _fixed(tr, ids, threads, fused_on, n_prefix=3):
@@ -230,3 +246,22 @@ def test_vector_exp_is_within_two_ulp_of_libm():
     got = _exp_of(x).astype(np.float64)
     want = np.exp(np.clip(x, -87, 87).astype(np.float64))
     assert (np.abs(got - want) <= 2 * np.spacing(want.astype(np.float32)).astype(np.float64)).all()
+
+
+@pytest.mark.parametrize("layer,v_down", [("Q3_K", "TQ2_0"), ("TQ1_0", "Q3_K")])
+def test_exact_int8_types_fused_match_op_by_op(tmp_path, layer, v_down):
+    """Q3_K / TQ1_0 / TQ2_0 matrices run the Q8_0 kernels (repacked exactly) in the fused step."""
+    from gguf import GGMLQuantizationType as Q
+    path = _random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
+    m = ember.load(path)
+    tr = m.transformer
+    dec = tr.decoder(2)
+    assert dec is not None and not dec.multi_row
+    ids = np.random.default_rng(2).integers(0, m.config.n_vocab, 10).tolist()
+    ref = _fixed(tr, ids, 1, False)
+    exact = _fixed(ember.load(path, kernels="numpy").transformer, ids, 1, False)
+    noise = np.abs(ref - exact).max()
+    assert noise < 0.05 * exact.std()
+    for threads in (1, 2):
+        got = _fixed(tr, ids, threads, True)
+        assert np.abs(got - exact).max() < 1.25 * noise + 1e-3 * ref.std()

@@ -23,7 +23,7 @@ from ember.lut_kernels import codegen, q8
 
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
 KERNELS = [k for k in codegen.host_isas() if k != "neon"]
-Q8_0, Q5_0 = 8, 6
+Q8_0 = 8
 N_OUT = [1, 7, 64, 1000]
 N_IN = [32, 96, 576]
 # kernel vs oracle, per row: float32 accumulation order only (measured <= 6e-8 of sum |terms|)
@@ -94,21 +94,27 @@ def test_pack_savez_roundtrip(tmp_path):
     assert np.array_equal(q8.q8_matvec(x, p2), q8.q8_matvec(x, p))
 
 
-@pytest.mark.parametrize("n_out,n_in,chunk", [(1, 32, 4096), (7, 96, 3), (130, 576, 64)])
-def test_pack_q5_0_is_exact(n_out, n_in, chunk):
-    """Random Q5_0 blocks (every code, every high bit pattern, random f16 scales) become Q8_0
-    blocks that dequantize to the same float32 bits, and the int8 kernels then match their
-    oracle and the float truth like on Q8_0."""
-    rng = _rng("q5_0", n_out, n_in)
-    nb = n_in // 32
-    raw = rng.integers(0, 256, (n_out, nb, 22), dtype=np.uint8)
-    d = (rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * 1e-2)
-    raw[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
-    raw = raw.reshape(n_out, nb * 22)
-    p = q8.pack_q5_0(raw, chunk=chunk)
-    assert p.qs.shape == (n_out, n_in) and p.d.shape == (n_out, nb)
-    assert p.qs.min() >= -16 and p.qs.max() <= 15
-    w = dequantize(raw, Q5_0).reshape(n_out, n_in)
+def random_exact_int8_blocks(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
+    """Random GGUF rows of a type in q8.EXACT_INT8: random code bytes (every code and high-bit
+    pattern), random f16 scales ~1e-2 of random sign."""
+    bw, bb, off, _ = q8.EXACT_INT8[qtype]
+    nb = n_in // bw
+    raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
+    d = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * 1e-2
+    raw[:, :, off:off + 2] = d.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    return raw.reshape(n_out, nb * bb)
+
+
+@pytest.mark.parametrize("qtype", sorted(q8.EXACT_INT8))
+@pytest.mark.parametrize("n_out,n_in,chunk", [(1, 256, 4096), (7, 768, 3), (130, 512, 64)])
+def test_exact_int8_packing(qtype, n_out, n_in, chunk):
+    """Q5_0 / Q3_K / TQ1_0 / TQ2_0 blocks become Q8_0 blocks that dequantize to the same float32
+    bits, and the int8 kernels then match their oracle and the float truth as on Q8_0."""
+    rng = _rng("exact", qtype, n_out, n_in)
+    raw = random_exact_int8_blocks(rng, qtype, n_out, n_in)
+    p = q8.pack_exact_int8(raw, qtype, chunk=chunk)
+    assert p.qs.shape == (n_out, n_in) and p.d.shape == (n_out, n_in // 32)
+    w = dequantize(raw, qtype).reshape(n_out, n_in)
     assert np.array_equal(p.dequantize(), w)
     x = random_x(rng, n_in)
     ref, absum, bound = q8.q8_matvec_reference(x, p, return_scale=True)
@@ -116,8 +122,17 @@ def test_pack_q5_0_is_exact(n_out, n_in, chunk):
     assert np.all(np.abs(got - ref) <= 1e-5 * absum + 1e-30)
     truth = w.astype(np.float64) @ x.astype(np.float64)
     assert np.all(np.abs(ref - truth) <= bound * (1 + 1e-6) + 1e-6 * np.abs(w * x).sum(axis=1))
+
+
+def test_exact_int8_packing_zero_scale_and_bad_input():
+    rng = _rng("exact-zero")
+    raw = random_exact_int8_blocks(rng, 11, 4, 512)
+    raw.reshape(4, 2, 110)[1, 0, 108:110] = 0  # d = 0: a block of zeros
+    p = q8.pack_exact_int8(raw, 11)
+    assert np.array_equal(p.dequantize(), dequantize(raw, 11).reshape(4, 512))
+    assert not p.qs[1, :256].any()
     with pytest.raises(ValueError):
-        q8.pack_q5_0(np.zeros((3, 23), np.uint8))
+        q8.pack_exact_int8(np.zeros((3, 23), np.uint8), 6)
 
 
 def test_pack_rejects_bad_input():

@@ -7,7 +7,7 @@ wherever a full vector is needed next. This module gives that code:
 - ``describe(matrix)``: one int64 row per weight matrix (kind, shape, kernel address, data
   addresses), so numba code can run any packed matrix through its llvmlite kernel;
 - ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
-  tables for Q4_0/Q4_1, int8 blocks for Q8_0/Q5_0, int8 super-blocks for Q4_K/Q6_K), each built once
+  tables for Q4_0/Q4_1, int8 blocks for the Q8_0 layout (``q8.INT8_TYPES``), int8 super-blocks for Q4_K/Q6_K), each built once
   into a thread's ``scratch``;
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
   rows per unit; outputs are padded to whole units);
@@ -42,7 +42,6 @@ __all__ = ["KIND_Q4", "KIND_Q8", "KIND_KQ", "UNIT", "NCOL", "available", "descri
 
 UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
 KIND_Q4, KIND_Q8, KIND_KQ = 1, 2, 3
-Q8_0, Q5_0 = 8, 6  # GGMLQuantizationType values (Q5_0 runs the Q8_0 kernel: q8.pack_q5_0)
 NCOL = 8  # descriptor: kind, n_out, n_in, kernel fn, data0, data1, units, data2 (or 0)
 SPIN = 1024
 GIVE_UP = 1 << 26
@@ -218,7 +217,7 @@ def fusable(m) -> bool:
         return False
     if m.qtype in (Q4_0, Q4_1):
         return p.tile == UNIT
-    return m.qtype in (Q8_0, Q5_0, kquant.Q4_K, kquant.Q6_K)
+    return m.qtype in (*q8.INT8_TYPES, kquant.Q4_K, kquant.Q6_K)
 
 
 def describe(m) -> np.ndarray:
@@ -231,7 +230,7 @@ def describe(m) -> np.ndarray:
             raise ValueError("fused code expects 16-bit tables")
         return np.array([KIND_Q4, m.n_out, m.n_in, fk, p.codes.ctypes.data, p.dm.ctypes.data,
                          units, 0], np.int64)
-    if m.qtype in (Q8_0, Q5_0):
+    if m.qtype in q8.INT8_TYPES:
         return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(), p.qs.ctypes.data,
                          p.d.ctypes.data, units, 0], np.int64)
     return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(m.qtype), p.q.ctypes.data,

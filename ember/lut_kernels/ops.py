@@ -4,7 +4,7 @@ Weights arrive in one of two forms:
 - a float32 array [n_out, n_in] (the NumPy reference path): BLAS;
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
-  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 and Q5_0; Q4_K/Q6_K matrices run the
+  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, Q5_0, Q3_K, TQ1_0, TQ2_0); Q4_K/Q6_K matrices run the
   int8 kernels of `kquant.py` for any number of rows (weights read once per 16 rows, faster
   than BLAS on dequantized tiles for prefill too). Other types and larger batches
   dequantize the file's blocks a tile of rows at a time into one reused buffer per thread and
@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..formats.quants import dequantize_into
+from .q8 import INT8_TYPES  # Q8_0, and the types whose blocks are Q8_0 blocks exactly
 
 _local = threading.local()
 SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
@@ -78,8 +79,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     return _tiled(x, w)
 
 
-_KERNEL_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K)
-INT8_TYPES = (T.Q8_0, T.Q5_0)  # run by the Q8_0 kernels (a Q5_0 block is a Q8_0 block, exactly)
+_KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, T.Q4_K, T.Q6_K)
 
 
 def has_kernel(qtype: int) -> bool:
@@ -97,9 +97,9 @@ def pack(raw: np.ndarray, qtype: int):
         from .kquant import pack_kquant
 
         return pack_kquant(raw, qtype)
-    from .q8 import pack_q5_0, pack_q8_0
+    from .q8 import pack_exact_int8, pack_q8_0
 
-    return pack_q5_0(raw) if qtype == T.Q5_0 else pack_q8_0(raw)
+    return pack_q8_0(raw) if qtype == T.Q8_0 else pack_exact_int8(raw, qtype)
 
 
 def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,

@@ -4,8 +4,8 @@ Q8_0 block: 34 bytes = f16 ``d`` then 32 int8 ``qs``; weight = ``q * d``.
 
 API
 ---
-``pack_q8_0(raw2d) -> PackedQ8``, ``pack_q5_0(raw2d) -> PackedQ8`` (exact: d * (q - 16) is a
-    Q8_0 block)
+``pack_q8_0(raw2d) -> PackedQ8``; ``pack_exact_int8(raw2d, qtype) -> PackedQ8`` for Q5_0, Q3_K,
+    TQ1_0 and TQ2_0, whose weights are int8 codes times one f16 scale per block (exact)
     raw GGUF rows (uint8 [n_out, n_in / 32 * 34]) -> int8 ``qs`` [n_out, n_in] (row-major, the
     GGUF quants without their scales) and ``d`` [n_out, n_in / 32], the f16 scales' bits
     (uint16; ``d_f32`` widens them; the kernels widen them with ``vcvtph2ps``), so a matvec reads
@@ -147,28 +147,52 @@ def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
     return PackedQ8(qs, d, n_out, nb * 32)
 
 
-def pack_q5_0(raw2d: np.ndarray, chunk: int = 4096) -> PackedQ8:
-    """GGUF Q5_0 rows (uint8 [n_out, nb * 22]) -> PackedQ8, exactly: a Q5_0 weight is
-    ``d * (q - 16)`` with q < 32, an int8 code times the block's f16 scale, which is a Q8_0
-    block. The int8 kernels then run Q5_0 matrices (1.0625 bytes a weight read per matvec
-    against the file's 0.6875: a table-lookup kernel for 5-bit codes is not written yet)."""
+# Types whose every weight is an int8 code times one f16 scale per block of 32 (or per super-block
+# of 256): (weights, bytes, offset of the f16 scale) per block, and whether the codes are negated
+# so they fit int8 (Q3_K: (sc - 32) * q with sc - 32 in [-32, 31] and q in [-4, 3] reaches +128).
+EXACT_INT8 = {6: (32, 22, 0, False),      # Q5_0: d * (q - 16)
+              11: (256, 110, 108, True),  # Q3_K: d * (sc - 32) * q
+              34: (256, 54, 52, False),   # TQ1_0: d * (t - 1)
+              35: (256, 66, 64, False)}   # TQ2_0: d * (t - 1)
+INT8_TYPES = (8, *EXACT_INT8)             # the types the Q8_0 kernels run (8: Q8_0 itself)
+
+
+def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ8:
+    """GGUF rows of a type in ``EXACT_INT8`` -> PackedQ8, exactly (``dequantize()`` gives the
+    file's float32 weights bit for bit): the int8 codes are the dequantized weights divided by
+    the block's f16 scale (a float32 division of an exact multiple is exact), checked.
+    The int8 kernels then run these types; they read 1.0625 bytes a weight instead of the
+    file's (Q5_0 0.69, Q3_K 0.43, TQ 0.21-0.26) until each has a table-lookup kernel."""
+    from ..formats.quants import dequantize_into
+
+    bw, bb, off, neg = EXACT_INT8[qtype]
     raw = np.asarray(raw2d)
     if raw.dtype != np.uint8:
         raw = raw.view(np.uint8)
-    if raw.ndim != 2 or raw.shape[1] % 22:
-        raise ValueError("pack_q5_0: expected uint8 [n_out, nb * 22]")
-    n_out, nb = raw.shape[0], raw.shape[1] // 22
-    r3 = raw.reshape(n_out, nb, 22)
-    d = np.ascontiguousarray(r3[:, :, :2]).view(np.uint16).reshape(n_out, nb)
-    qs = np.empty((n_out, nb, 32), np.int8)
-    shifts = np.arange(32, dtype=np.uint32)
+    if raw.ndim != 2 or raw.shape[1] % bb:
+        raise ValueError(f"pack_exact_int8: expected uint8 [n_out, n_blocks * {bb}]")
+    n_out, n_in = raw.shape[0], raw.shape[1] // bb * bw
+    r3 = raw.reshape(n_out, -1, bb)
+    d = np.ascontiguousarray(r3[:, :, off:off + 2]).view(np.uint16).reshape(n_out, -1)
+    if neg:
+        d = d ^ np.uint16(0x8000)
+    d = np.repeat(d, bw // 32, axis=1)                                  # one per 32 weights
+    qs = np.empty((n_out, n_in), np.int8)
+    w = np.empty(min(chunk, n_out) * n_in, np.float32)
     for r0 in range(0, n_out, chunk):  # bounded temporaries for large matrices
-        b = r3[r0:r0 + chunk]
-        qh = np.ascontiguousarray(b[:, :, 2:6]).view("<u4")          # [rows, nb, 1]
-        high = (((qh >> shifts) & 1) << 4).astype(np.uint8)           # [rows, nb, 32]
-        low = np.concatenate([b[:, :, 6:] & 15, b[:, :, 6:] >> 4], axis=2)
-        qs[r0:r0 + chunk] = ((low | high).astype(np.int16) - 16).astype(np.int8)
-    return PackedQ8(qs.reshape(n_out, nb * 32), d, n_out, nb * 32)
+        r1 = min(n_out, r0 + chunk)
+        wr = w[:(r1 - r0) * n_in].reshape(r1 - r0, -1, 32)
+        dequantize_into(raw[r0:r1], qtype, wr.reshape(-1))
+        df = d[r0:r1].view(np.float16).astype(np.float32)[:, :, None]
+        ok = np.isfinite(df) & (df != 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            q = np.where(ok, wr / np.where(ok, df, 1), 0)
+        q = np.rint(q)
+        if not (np.all((q >= -128) & (q <= 127))
+                and np.array_equal((q.astype(np.float32) * df)[ok[..., 0]], wr[ok[..., 0]])):
+            raise ValueError("pack_exact_int8: a block is not an int8 code times its scale")
+        qs[r0:r1] = q.astype(np.int8).reshape(r1 - r0, n_in)
+    return PackedQ8(qs, d, n_out, n_in)
 
 
 # ---------------------------------------------------------------------------------------------
