@@ -15,6 +15,11 @@ import os
 # threads per call costs little. It only takes effect if OpenBLAS is not loaded yet (set it
 # yourself otherwise).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# A batch runs numba's parallel regions (attention, K-quant kernels) between ember's own threaded
+# tile matmuls; libgomp's idle workers spin after each region and took a core from the tile
+# threads (SmolLM2 pp128 at 2 threads: 330 tok/s spinning, 530 passive). Passive workers sleep
+# at once; waking them costs microseconds per region. Read when numba first loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .api import Model, load  # noqa: E402
 from .errors import (  # noqa: E402

@@ -15,6 +15,7 @@ Weights arrive in one of two forms:
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from .q8 import INT8_TYPES  # Q8_0, and the types whose blocks are Q8_0 blocks e
 
 _local = threading.local()
 SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
+PARALLEL_MIN_ROWS = 64  # smaller batches run on one thread (on 2 busy cores a 2-thread split stalls)
 TILE_BYTES = 4 << 20  # float32 bytes of weights dequantized per BLAS tile
 
 
@@ -63,9 +65,16 @@ class QuantMatrix:
 
 
 def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
-    """x [n, n_in] times a weight stored as [n_out, n_in] -> [n, n_out]."""
+    """x [n, n_in] times a weight stored as [n_out, n_in] -> [n, n_out]. BLAS is expected to
+    run single-threaded (the session sets it): `threads` splits a batch's output columns
+    between ember's own threads, so that dequantizing the tiles runs in parallel too and no
+    second pool of spinning BLAS threads competes with numba's."""
     if isinstance(w, np.ndarray):
-        return x @ w.T
+        if threads == 1 or x.shape[0] < PARALLEL_MIN_ROWS:
+            return x @ w.T
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        _split(w.shape[0], threads, lambda a, b: np.matmul(x, w[a:b].T, out=out[:, a:b]))
+        return out
     if w.qtype in (T.Q4_K, T.Q6_K) and w.packed is not None:
         from .kquant import kq_matmul  # reads the weights once for up to 16 rows at a time
 
@@ -76,7 +85,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
         for i in range(x.shape[0]):
             matvec(x[i], w.packed, out=out[i], threads=threads)
         return out
-    return _tiled(x, w)
+    return _tiled(x, w, threads)
 
 
 _KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, T.Q4_K, T.Q6_K)
@@ -126,12 +135,41 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
     return QuantMatrix(name, raw, qtype, n_out, n_in, packed, lut_matvec)
 
 
-def _tiled(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+def _tiled(x: np.ndarray, w: QuantMatrix, threads: int = 1) -> np.ndarray:
     out = np.empty((x.shape[0], w.n_out), np.float32)
     step = max(1, TILE_BYTES // (4 * w.n_in))
-    for start in range(0, w.n_out, step):
-        stop = min(w.n_out, start + step)
-        np.matmul(x, w.rows_f32(start, stop).T, out=out[:, start:stop])
+
+    def rows(r0: int, r1: int) -> None:
+        for start in range(r0, r1, step):
+            stop = min(r1, start + step)
+            np.matmul(x, w.rows_f32(start, stop).T, out=out[:, start:stop])
+
+    if threads == 1 or x.shape[0] < PARALLEL_MIN_ROWS:
+        rows(0, w.n_out)
+    else:
+        _split(w.n_out, threads, rows)
     if w.packed is not None and w.release is not None:
         w.release()
     return out
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _split(n: int, threads: int, fn) -> None:
+    """fn(start, stop) on `threads` contiguous shares of range(n) at once: the first on the
+    calling thread, the others on a process-wide pool of worker threads (fn releases the GIL:
+    numba's nogil dequantization and BLAS)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < threads - 1:
+            _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="ember-tile")
+        pool = _pool
+    cut = [n * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(fn, cut[i], cut[i + 1]) for i in range(1, threads)]
+    try:
+        fn(cut[0], cut[1])
+    finally:
+        for f in futures:
+            f.result()

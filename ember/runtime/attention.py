@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .vmath import exp_into
+
 Q_CHUNK = 8  # query positions per work item of attention_batch
 
 
@@ -33,14 +35,16 @@ def attend(Q, K, V, lo, hi, scale, S, out):
             for i in range(kj.size):
                 s += qh[i] * kj[i]
             S[h, j] = s * scale
+    e2 = np.empty(n, np.int32)
     for h in range(g):
         sh = S[h, :n]
         mx = sh.max()
+        for j in range(n):
+            sh[j] -= mx
+        exp_into(sh, sh, e2)
         tot = np.float32(0.0)
         for j in range(n):
-            e = np.exp(sh[j] - mx)
-            sh[j] = e
-            tot += e
+            tot += sh[j]
         inv = np.float32(1.0) / tot
         for j in range(n):
             sh[j] *= inv
@@ -56,26 +60,29 @@ def attend(Q, K, V, lo, hi, scale, S, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _batch(q, k, v, q_pos, scale, window, out):
+def _batch(q, k, v, q_pos, scale, window, out, nthreads):
     n, n_head, d = q.shape
     n_kv, T, dv = v.shape
     g = n_head // n_kv
     nq = -(-n // Q_CHUNK)
-    for w in prange(n_kv * nq):
-        kv = w % n_kv
-        c = w // n_kv
-        c = c // 2 if c % 2 == 0 else nq - 1 - c // 2  # cheap and costly chunks alternate
-        i0 = c * Q_CHUNK
-        i1 = min(i0 + Q_CHUNK, n)
-        S = np.empty((g, q_pos[i1 - 1] + 1), np.float32)
-        for i in range(i0, i1):
-            lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
-            attend(q[i, kv * g:(kv + 1) * g], k[kv], v[kv], lo, q_pos[i] + 1, scale, S,
-                   out[i, kv * g * dv:(kv + 1) * g * dv].reshape((g, dv)))
+    items = n_kv * nq
+    nch = min(nthreads, items)
+    for ch in prange(nch):  # one share per thread: the session's thread count, not numba's
+        for w in range(ch * items // nch, (ch + 1) * items // nch):
+            kv = w % n_kv
+            c = w // n_kv
+            c = c // 2 if c % 2 == 0 else nq - 1 - c // 2  # cheap and costly chunks alternate
+            i0 = c * Q_CHUNK
+            i1 = min(i0 + Q_CHUNK, n)
+            S = np.empty((g, q_pos[i1 - 1] + 1), np.float32)
+            for i in range(i0, i1):
+                lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
+                attend(q[i, kv * g:(kv + 1) * g], k[kv], v[kv], lo, q_pos[i] + 1, scale, S,
+                       out[i, kv * g * dv:(kv + 1) * g * dv].reshape((g, dv)))
 
 
 def attention_batch(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
-                    window: int) -> np.ndarray:
+                    window: int, threads: int = 1) -> np.ndarray:
     """Same contract as `model.attention`: q [n, n_head, d]; k [n_kv, T, d]; v [n_kv, T, dv]
     (key j at position j); returns [n, n_head * dv]. Causal; window > 0: a query at p sees keys
     p - window < j <= p. Positions must be consecutive (a batch after the cache) and < T."""
@@ -87,5 +94,5 @@ def attention_batch(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
         raise ValueError("attention_batch: query positions must lie inside the keys")
     out = np.empty((n, n_head * dv), np.float32)
     _batch(np.ascontiguousarray(q, dtype=np.float32), k, v, q_pos, np.float32(scale),
-           int(window), out)
+           int(window), out, max(1, int(threads)))
     return out

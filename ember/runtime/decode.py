@@ -33,6 +33,7 @@ from ..errors import EmberError
 from ..lut_kernels import fused
 from ..lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratch, take
 from .attention import attend
+from .vmath import exp_into
 from .config import ROPE_NEOX
 
 # per-layer vectors, columns of the offsets table (-1: absent)
@@ -159,29 +160,6 @@ def _residual(x, y, post_norm, w, eps, tmp):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _exp(x, out, e2):
-    """out = exp(x) for |x| <= 87 (x clipped there), vectorizable (numba's np.exp is a scalar
-    libm call per element: 8x numpy's speed was the k-token step's largest overhead): Cephes'
-    expf, exp(r) on |r| <= ln2 / 2 times 2^n added into the exponent bits; ~1 ulp. ``e2``: an
-    int32 scratch as long as x."""
-    for i in range(x.size):
-        v = min(max(x[i], np.float32(-87.0)), np.float32(87.0))
-        n = np.floor(v * np.float32(1.44269504088896341) + np.float32(0.5))
-        r = v - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        out[i] = p * r * r + r + np.float32(1.0)
-        e2[i] = np.int32(n) << 23
-    bits = out.view(np.int32)
-    for i in range(x.size):
-        bits[i] += e2[i]
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _act(gb, ub, ab, r0, r1, gelu, e2):
     """ab[r] = act(gate[r]) * up[r] for rows r0..r1-1 (``e2``: int32 scratch of >= r1 - r0)."""
     if gelu:
@@ -195,7 +173,7 @@ def _act(gb, ub, ab, r0, r1, gelu, e2):
     g, out = gb[r0:r1], ab[r0:r1]
     for i in range(g.size):
         out[i] = -g[i]
-    _exp(out, out, e2[:r1 - r0])
+    exp_into(out, out, e2[:r1 - r0])
     u = ub[r0:r1]
     for i in range(g.size):
         out[i] = g[i] / (np.float32(1.0) + out[i]) * u[i]

@@ -253,7 +253,8 @@ class Transformer:
         k = apply_rope(k, *rope, c.spec.rope)
         keys, values = cache.store(il, k, v)
         if st.mode == "fast":  # the cache's whole arrays (C-contiguous); the mask bounds the keys
-            a = attention_batch(q, cache.k[il], cache.v[il], pos, c.attn_scale, window)
+            a = attention_batch(q, cache.k[il], cache.v[il], pos, c.attn_scale, window,
+                                self._threads)
         else:
             a = attention(q, keys, values, pos, c.attn_scale, window)
         o = self._mm(a, st.matrix(L.attn_output))

@@ -3,8 +3,9 @@
 `feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens.
 One token runs the fused decode step; so do up to 16 at once where every matrix has a multi-row
 kernel (K-quants), and one by one where none has (T-MAC, Q8_0).
-Long inputs are fed in batches so memory stays bounded. Small batches run BLAS on one thread:
-on a 2-core machine a second busy process stalls multi-threaded small matmuls by milliseconds.
+Long inputs are fed in batches so memory stays bounded. BLAS runs on one thread: `ops.matmul`
+splits a batch between ember's threads itself (and runs batches under 64 rows on one, since on a
+2-core machine a second busy process stalls a multi-threaded small matmul by milliseconds).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ N_BATCH = 512  # positions per forward call when feeding long inputs
 # no multi-row kernel (T-MAC, Q8_0): cheaper than dequantizing every matrix for BLAS (SmolLM2,
 # 16 tokens: 160 vs 270 ms), and the file's pages stay untouched.
 N_FUSED_STEPS = 16
-N_PARALLEL_MIN = 64  # batches smaller than this run single-threaded (a 2-thread BLAS region stalls for ms when the other core is busy)
 _BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
 
 
@@ -83,7 +83,7 @@ class Session:
                 self.ids.extend(batch)
                 yield np.stack(rows) if all_logits else rows[-1][None, :]
                 continue
-            with _blas_threads(self.threads if len(batch) >= N_PARALLEL_MIN else 1):
+            with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
                 logits = self.model.forward(batch, self.cache, all_logits=all_logits, threads=self.threads)
             self.ids.extend(batch)
             yield logits
