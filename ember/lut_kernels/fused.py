@@ -7,8 +7,9 @@ wherever a full vector is needed next. This module gives that code:
 - ``describe(matrix)``: one int64 row per weight matrix (kind, shape, kernel address, data
   addresses), so numba code can run any packed matrix through its llvmlite kernel;
 - ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
-  tables for Q4_0/Q4_1, int8 blocks for the Q8_0 layout (``q8.INT8_TYPES``), int8 super-blocks for Q4_K/Q6_K), each built once
-  into a thread's ``scratch``;
+  tables for Q4_0/Q4_1, int8 blocks for the Q8_0 layout (``q8.INT8_TYPES``), int8
+  super-blocks for Q4_K/Q6_K), each built once into a thread's ``scratch``; ``prepare_rows``
+  and ``matvec_rows``: the same for k rows at once (K-quant matrices);
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
   rows per unit; outputs are padded to whole units);
 - ``take(...)``: the next work units of a phase, claimed with an atomic fetch-and-add (dynamic

@@ -4,12 +4,14 @@ Weights arrive in one of two forms:
 - a float32 array [n_out, n_in] (the NumPy reference path): BLAS;
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
-  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, Q5_0, Q3_K, TQ1_0, TQ2_0); Q4_K/Q6_K matrices run the
-  int8 kernels of `kquant.py` for any number of rows (weights read once per 16 rows, faster
-  than BLAS on dequantized tiles for prefill too). Other types and larger batches
-  dequantize the file's blocks a tile of rows at a time into one reused buffer per thread and
-  use BLAS, so no float32 copy of the model is ever kept; a matrix that also has a kernel layout
-  then gives its file pages back (`release`), so they do not stay resident twice.
+  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, on
+  Q5_0, Q3_K, TQ1_0, TQ2_0); Q4_K/Q6_K matrices run the int8 kernels of `kquant.py` for any
+  number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
+  prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
+  time into one reused buffer per thread and use single-threaded BLAS, the output columns split
+  between ember's threads, so no float32 copy of the model is ever kept; a matrix that also has
+  a kernel layout then gives its file pages back (`release`), so they do not stay resident
+  twice.
 """
 
 from __future__ import annotations
