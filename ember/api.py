@@ -63,10 +63,8 @@ class Model:
     def transformer(self) -> Transformer:
         # imported here: the compute stack (numba) is only loaded when a model runs
         from .offload.store import WeightStore
-        from .runtime.allocator import keep_large_blocks
         from .runtime.model import Transformer
 
-        keep_large_blocks()
         mode = "reference" if self.kernels == "numpy" else "fast"
         store = WeightStore(self.gguf, mode=mode)
         tr = Transformer(self.config, store)

@@ -5,7 +5,9 @@ above its mmap threshold with a fresh mmap each time and returns freed heap tops
 so every layer paid page faults on fresh zeroed pages again (Qwen2.5-1.5B pp512, 2 threads:
 150,000 faults and 1.7 s of kernel time a batch, which also serialized the threads). Raising the
 mmap threshold to its maximum (32 MiB) and the trim threshold keeps those pages in the heap
-between calls. No-op where the C library is not glibc.
+between calls. Applied by the session before its first batch (forward over many positions), not
+at load: a decode-only process keeps glibc's defaults (its peak RSS was ~7 MB higher with them
+raised). No-op where the C library is not glibc.
 """
 
 from __future__ import annotations

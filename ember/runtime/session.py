@@ -16,6 +16,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ..errors import EmberError
+from .allocator import keep_large_blocks
 from .model import Transformer
 from .threads import default_threads
 
@@ -83,6 +84,7 @@ class Session:
                 self.ids.extend(batch)
                 yield np.stack(rows) if all_logits else rows[-1][None, :]
                 continue
+            keep_large_blocks()  # from the first batch on (decode alone allocates little)
             with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
                 logits = self.model.forward(batch, self.cache, all_logits=all_logits, threads=self.threads)
             self.ids.extend(batch)
