@@ -58,7 +58,8 @@ class Session:
 
     def feed(self, ids) -> np.ndarray:
         """Append `ids`; return their logits [len(ids), n_vocab]."""
-        return np.concatenate(list(self.feed_batches(ids, all_logits=True)), axis=0)
+        parts = list(self.feed_batches(ids, all_logits=True))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def feed_last(self, ids) -> np.ndarray:
         """Append `ids`; return only the logits after the last one [n_vocab]."""
