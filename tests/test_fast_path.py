@@ -22,3 +22,18 @@ def test_perplexity_within_1_percent_of_reference(catalog_model, ppl_text):
     fast = catalog_model("smollm2-135m").perplexity(ppl_text)
     ref = catalog_model("smollm2-135m", "numpy").perplexity(ppl_text)
     assert abs(fast / ref - 1) < 0.01, (fast, ref)
+
+
+def test_batch_split_between_threads_agrees(tmp_path):
+    """A batch of >= 64 rows runs its tiles, float matmuls and attention on several threads.
+    Every output is computed whole by one thread, but BLAS may round a column block at the
+    edge of a share differently: the logits agree to float32 rounding, not bit for bit."""
+    import ember
+    import tiny_gguf as tg
+
+    for qtype in ("Q5_1", "F16"):  # dequantized tiles; a float matrix
+        path = tg.write_family(tmp_path / f"{qtype}.gguf", "qwen2", qtype=qtype, n_ctx=128)
+        ids = np.random.default_rng(5).integers(0, 200, 100).tolist()
+        out = [ember.load(path, threads=t).session().feed(ids) for t in (1, 2, 3)]
+        for o in out[1:]:
+            assert np.abs(o - out[0]).max() <= 1e-5 * np.abs(out[0]).max()

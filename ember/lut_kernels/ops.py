@@ -156,6 +156,7 @@ def _tiled(x: np.ndarray, w: QuantMatrix, threads: int = 1) -> np.ndarray:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
@@ -163,10 +164,11 @@ def _split(n: int, threads: int, fn) -> None:
     """fn(start, stop) on `threads` contiguous shares of range(n) at once: the first on the
     calling thread, the others on a process-wide pool of worker threads (fn releases the GIL:
     numba's nogil dequantization and BLAS)."""
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < threads - 1:
+        if _pool_size < threads - 1:
             _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="ember-tile")
+            _pool_size = threads - 1
         pool = _pool
     cut = [n * i // threads for i in range(threads + 1)]
     futures = [pool.submit(fn, cut[i], cut[i + 1]) for i in range(1, threads)]
