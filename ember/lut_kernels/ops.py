@@ -17,7 +17,6 @@ Weights arrive in one of two forms:
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +24,10 @@ from gguf import GGMLQuantizationType as T
 
 from ..formats.quants import dequantize_into
 from .q8 import INT8_TYPES  # Q8_0, and the types whose blocks are Q8_0 blocks exactly
+from .split import MIN_ROWS, split
 
 _local = threading.local()
 SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
-PARALLEL_MIN_ROWS = 64  # smaller batches run on one thread (on 2 busy cores a 2-thread split stalls)
 TILE_BYTES = 4 << 20  # float32 bytes of weights dequantized per BLAS tile
 
 
@@ -72,10 +71,10 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     between ember's own threads, so that dequantizing the tiles runs in parallel too and no
     second pool of spinning BLAS threads competes with numba's."""
     if isinstance(w, np.ndarray):
-        if threads == 1 or x.shape[0] < PARALLEL_MIN_ROWS:
+        if threads == 1 or x.shape[0] < MIN_ROWS:
             return x @ w.T
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        _split(w.shape[0], threads, lambda a, b: np.matmul(x, w[a:b].T, out=out[:, a:b]))
+        split(w.shape[0], threads, lambda a, b: np.matmul(x, w[a:b].T, out=out[:, a:b]))
         return out
     if w.qtype in (T.Q4_K, T.Q6_K) and w.packed is not None:
         from .kquant import kq_matmul  # reads the weights once for up to 16 rows at a time
@@ -146,34 +145,10 @@ def _tiled(x: np.ndarray, w: QuantMatrix, threads: int = 1) -> np.ndarray:
             stop = min(r1, start + step)
             np.matmul(x, w.rows_f32(start, stop).T, out=out[:, start:stop])
 
-    if threads == 1 or x.shape[0] < PARALLEL_MIN_ROWS:
+    if threads == 1 or x.shape[0] < MIN_ROWS:
         rows(0, w.n_out)
     else:
-        _split(w.n_out, threads, rows)
+        split(w.n_out, threads, rows)
     if w.packed is not None and w.release is not None:
         w.release()
     return out
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _split(n: int, threads: int, fn) -> None:
-    """fn(start, stop) on `threads` contiguous shares of range(n) at once: the first on the
-    calling thread, the others on a process-wide pool of worker threads (fn releases the GIL:
-    numba's nogil dequantization and BLAS)."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool_size < threads - 1:
-            _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="ember-tile")
-            _pool_size = threads - 1
-        pool = _pool
-    cut = [n * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(fn, cut[i], cut[i + 1]) for i in range(1, threads)]
-    try:
-        fn(cut[0], cut[1])
-    finally:
-        for f in futures:
-            f.result()

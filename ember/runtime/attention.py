@@ -1,18 +1,19 @@
 """Grouped-query attention in numba: one kv group of query heads at one position (`attend`,
 used by the fused decode step) and a whole batch of positions (`attention_batch`, prefill and
-verification), split over numba's threads.
+verification), split over the batch path's threads.
 
 `model.attention` (NumPy) is the reference both are tested against. The batch form skips the
 keys a causal (or sliding-window) mask hides instead of computing and masking them, so a prompt
-of n tokens costs n^2/2 dot products, not n^2, and never leaves numba's thread pool (the matrix
-kernels of a batch run in the same pool: a second pool's idle spinning would steal the cores).
+of n tokens costs n^2/2 dot products, not n^2; its threads are `lut_kernels.split`'s, like the
+rest of the batch path's.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from ..lut_kernels.split import MIN_ROWS, split
 from .vmath import exp_into
 
 Q_CHUNK = 8  # query positions per work item of attention_batch
@@ -59,26 +60,26 @@ def attend(Q, K, V, lo, hi, scale, S, out):
     out[:, :] = a
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _batch(q, k, v, q_pos, scale, window, out, nthreads):
+@njit(cache=True, nogil=True)
+def _items(q, k, v, q_pos, scale, window, out, w0, w1):
+    """Work items w0..w1-1 of a batch: item w = one kv group and one chunk of Q_CHUNK queries,
+    in an order where cheap (early) and costly (late) chunks alternate, so that contiguous
+    shares of the items cost about the same."""
     n, n_head, d = q.shape
     n_kv, T, dv = v.shape
     g = n_head // n_kv
     nq = -(-n // Q_CHUNK)
-    items = n_kv * nq
-    nch = min(nthreads, items)
-    for ch in prange(nch):  # one share per thread: the session's thread count, not numba's
-        for w in range(ch * items // nch, (ch + 1) * items // nch):
-            kv = w % n_kv
-            c = w // n_kv
-            c = c // 2 if c % 2 == 0 else nq - 1 - c // 2  # cheap and costly chunks alternate
-            i0 = c * Q_CHUNK
-            i1 = min(i0 + Q_CHUNK, n)
-            S = np.empty((g, q_pos[i1 - 1] + 1), np.float32)
-            for i in range(i0, i1):
-                lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
-                attend(q[i, kv * g:(kv + 1) * g], k[kv], v[kv], lo, q_pos[i] + 1, scale, S,
-                       out[i, kv * g * dv:(kv + 1) * g * dv].reshape((g, dv)))
+    for w in range(w0, w1):
+        kv = w % n_kv
+        c = w // n_kv
+        c = c // 2 if c % 2 == 0 else nq - 1 - c // 2
+        i0 = c * Q_CHUNK
+        i1 = min(i0 + Q_CHUNK, n)
+        S = np.empty((g, q_pos[i1 - 1] + 1), np.float32)
+        for i in range(i0, i1):
+            lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
+            attend(q[i, kv * g:(kv + 1) * g], k[kv], v[kv], lo, q_pos[i] + 1, scale, S,
+                   out[i, kv * g * dv:(kv + 1) * g * dv].reshape((g, dv)))
 
 
 def attention_batch(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
@@ -93,6 +94,8 @@ def attention_batch(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
                                   or np.any(np.diff(q_pos) != 1))):
         raise ValueError("attention_batch: query positions must lie inside the keys")
     out = np.empty((n, n_head * dv), np.float32)
-    _batch(np.ascontiguousarray(q, dtype=np.float32), k, v, q_pos, np.float32(scale),
-           int(window), out, max(1, int(threads)))
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    scale, window = np.float32(scale), int(window)
+    split(n_kv * -(-n // Q_CHUNK), threads if n >= MIN_ROWS else 1,
+          lambda w0, w1: _items(q, k, v, q_pos, scale, window, out, w0, w1))
     return out
