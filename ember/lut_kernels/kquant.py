@@ -1289,16 +1289,6 @@ def _prep(fq, x, q, sc, d, out):
 
 
 @njit(cache=True, nogil=True)
-def _prep_nb(fq, x, q, sc, d, out):
-    return _prep(fq, x, q, sc, d, out)
-
-
-@njit(cache=True, nogil=True)
-def _rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1):
-    rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1)
-
-
-@njit(cache=True, nogil=True)
 def matmul_nb(fn, fq, x, q, sc, d, out):
     """numba-callable, single-threaded: out[k, n_out] = x[k, n_in] @ W.T (shapes checked;
     ``fn`` from ``fn_address``, ``fq`` from ``quant_address``, 0: portable)."""
@@ -1368,9 +1358,9 @@ def kq_matmul(X, p: PackedKQ, out: np.ndarray | None = None, kernel: str | None 
     if threads > 1 and X.shape[0] >= MIN_ROWS:
         # a batch: quantized once, rows shared out on split's threads (the batch path's one
         # pool; numba's OpenMP workers would spin beside it); smaller ones: prange
-        xq, xd, xp = _prep_nb(fq, X, p.q, p.sc, p.d, out)
+        xq, xd, xp = _prep(fq, X, p.q, p.sc, p.d, out)
         split(p.n_out, threads,
-              lambda r0, r1: _rows_nb(fn, p.q, p.sc, p.d, xq, xd, xp, out, r0, r1))
+              lambda r0, r1: rows_nb(fn, p.q, p.sc, p.d, xq, xd, xp, out, r0, r1))
     elif threads > 1:
         _mm_parallel(fn, fq, X, p.q, p.sc, p.d, out, threads)
     else:

@@ -33,8 +33,9 @@ from ..errors import EmberError
 from ..lut_kernels import fused
 from ..lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratch, take
 from .attention import attend
-from .vmath import exp_into
 from .config import ROPE_NEOX
+from .model import rope_tables
+from .vmath import exp_into
 
 # per-layer vectors, columns of the offsets table (-1: absent)
 V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM, V_POST_ATTN, V_POST_FFW = range(9)
@@ -407,10 +408,6 @@ class FusedDecoder:
                             c.rope_dim, c.spec.rope == ROPE_NEOX, c.spec.ffn_act == "gelu", qkn,
                             bool(c.spec.gemma), c.sliding_window, c.n_vocab], np.int64)
         self.swa = np.array(c.swa_layers, np.int64)
-        half = c.rope_dim // 2
-        self._inv = {base: base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
-                     for base in (c.rope_base, c.rope_base_local)}
-        assert half == len(self._inv[c.rope_base])
         f32, kr = np.float32, MAX_ROWS if self.multi_row else 1
         self.qb = np.zeros((kr, _units(c.n_head * c.head_dim)), f32)
         self.kb = np.zeros((kr, _units(c.n_head_kv * c.head_dim)), f32)
@@ -430,10 +427,6 @@ class FusedDecoder:
         self._pool = _Pool(self.threads - 1) if self.threads > 1 else None
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
-
-    def _rope(self, pos: int, k: int, base: float):
-        ang = np.arange(pos, pos + k, dtype=np.float64)[:, None] * self._inv[base][None, :]
-        return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
     def step(self, token: int, cache) -> np.ndarray:
         """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
@@ -456,8 +449,9 @@ class FusedDecoder:
         x0 = st.rows("token_embd.weight", ids).reshape(k, -1).astype(np.float32)
         if c.embed_scale != 1.0:
             x0 *= np.float32(c.embed_scale)
-        cg, sg = self._rope(pos, k, c.rope_base)
-        cl, sl = self._rope(pos, k, c.rope_base_local)
+        positions = np.arange(pos, pos + k)
+        cg, sg = rope_tables(positions, c.rope_dim, c.rope_base)
+        cl, sl = rope_tables(positions, c.rope_dim, c.rope_base_local)
         self.bst[:] = 0
         self.cnt[:] = 0
         args = (self.threads, self.bfn, self.yfn, self.tfn, self.cnt, self.fns, self.bst, x0,
