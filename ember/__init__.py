@@ -15,6 +15,22 @@ import os
 # yourself otherwise).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+
+def _numba_cache() -> None:
+    """numba's on-disk cache for ember's functions in a folder per version of ember's numba
+    sources (``home.numba_cache_dir``), unless $NUMBA_CACHE_DIR says otherwise. Set before any
+    ember module defines a cached function (numba picks the folder then)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    from numba.core import config
+
+    from .home import numba_cache_dir
+
+    config.CACHE_DIR = str(numba_cache_dir())
+
+
+_numba_cache()
+
 from .api import Model, load  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetError,

@@ -22,6 +22,40 @@ def cache_dir(kind: str) -> Path:
     return (Path(root).expanduser() if root else ember_home() / "cache") / kind
 
 
+def numba_cache_dir() -> Path:
+    """cache_dir("numba")/<digest of ember's numba sources>: where numba keeps ember's compiled
+    functions. numba keys its own cache on the one source file of each function, so a function
+    that inlines code from another module (the fused step inlines the kernels' act buffers and
+    calls) would keep running the old code after that module changed; a folder per version of
+    all of them makes any change compile afresh. The 3 newest folders are kept."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for f in sorted(pkg.rglob("*.py")):
+        data = f.read_bytes()
+        if b"numba" in data:
+            h.update(str(f.relative_to(pkg)).encode() + b"\0" + data + b"\0")
+    root = cache_dir("numba")
+    path = root / h.hexdigest()[:20]
+    if not path.is_dir():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            old = sorted((p for p in root.iterdir() if p.is_dir() and p != path),
+                         key=lambda p: p.stat().st_mtime)
+            for p in old[:-2]:
+                _remove_tree(p)
+        except OSError:
+            pass  # an unwritable cache only costs compile time
+    return path
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
     """Write `data` (bytes, str, or an iterable of bytes-like chunks) to `path` through a
     temporary file in the same folder and a rename."""

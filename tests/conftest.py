@@ -13,6 +13,7 @@ from ember import hub
 
 # Derived data (pack, JIT and tokenizer caches) of the many throwaway models the tests write goes
 # to a temporary folder, not the user's cache (models are still pulled into $EMBER_HOME/models).
+# numba's compiled functions stay in the user's cache: `import ember` (above) chose its folder.
 os.environ.setdefault("EMBER_CACHE_DIR", tempfile.mkdtemp(prefix="ember-test-cache-"))
 
 DATA = Path(__file__).parent / "data"
