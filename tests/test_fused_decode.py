@@ -1,6 +1,8 @@
 """The fused one-token decode step (runtime/decode.py) against the op-by-op forward pass."""
 
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,11 +163,11 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
         qt = (embd_qtype if name == "token_embd.weight" else
               v_down_qtype if name.endswith(("attn_v.weight", "ffn_down.weight")) else layer_qtype)
         n_out, n_in = t.weights.shape
-        if qt in (Q.Q4_K, Q.Q6_K):
-            raw = (kquant.random_q6_k if qt == Q.Q6_K else kquant.random_q4_k)(rng, n_out, n_in)
-            offs, nbytes = ((208,) if qt == Q.Q6_K else (0, 2)), (210 if qt == Q.Q6_K else 144)
+        if qt in kquant.QTYPES:
+            raw = kquant.random_kquant(rng, qt, n_out, n_in)
+            offs, nbytes = kquant._F16_FIELDS[qt], kquant._GGUF_BYTES[qt]
         else:
-            bw, nbytes, off, _ = q8.EXACT_INT8[qt]
+            bw, nbytes, off = q8.EXACT_INT8[qt]
             raw = rng.integers(0, 256, (n_out, n_in // bw * nbytes), dtype=np.uint8)
             d = rng.uniform(0.5, 1.5, (n_out, n_in // bw)) * 1e-3 * (32 / bw)
             raw.reshape(n_out, -1, nbytes)[:, :, off:off + 2] = \
@@ -181,10 +183,6 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
     return tg.write_model(model, path)
 
 
-def _kquant_model(path):
-    """Random Q4_K / Q6_K layer matrices, a tied Q6_K embedding."""
-    from gguf import GGMLQuantizationType as Q
-    return _random_blocks_model(path, Q.Q4_K, Q.Q6_K, Q.Q6_K)
 
 
 def _fixed(tr, ids, threads, fused_on, n_prefix=3):
@@ -199,8 +197,13 @@ def _fixed(tr, ids, threads, fused_on, n_prefix=3):
     return out
 
 
-def test_kquant_model_fused_matches_op_by_op(tmp_path):
-    path = _kquant_model(tmp_path / "kq.gguf")
+@pytest.mark.parametrize("layer,v_down,embd", [("Q4_K", "Q6_K", "Q6_K"),
+                                               ("Q5_K", "Q3_K", "Q2_K")])
+def test_kquant_model_fused_matches_op_by_op(tmp_path, layer, v_down, embd):
+    """Random K-quant layer matrices (one type for most, one for attn_v / ffn_down) and a tied
+    embedding of a third."""
+    from gguf import GGMLQuantizationType as Q
+    path = _random_blocks_model(tmp_path / "kq.gguf", Q[layer], Q[v_down], Q[embd])
     m = ember.load(path)
     tr = m.transformer
     dec = tr.decoder(2)
@@ -249,9 +252,9 @@ def test_vector_exp_is_within_two_ulp_of_libm():
     assert (np.abs(got - want) <= 2 * np.spacing(want.astype(np.float32)).astype(np.float64)).all()
 
 
-@pytest.mark.parametrize("layer,v_down", [("Q3_K", "TQ2_0"), ("TQ1_0", "Q3_K")])
+@pytest.mark.parametrize("layer,v_down", [("Q5_0", "TQ2_0"), ("TQ1_0", "Q5_0")])
 def test_exact_int8_types_fused_match_op_by_op(tmp_path, layer, v_down):
-    """Q3_K / TQ1_0 / TQ2_0 matrices run the Q8_0 kernels (repacked exactly) in the fused step."""
+    """Q5_0 / TQ1_0 / TQ2_0 matrices run the Q8_0 kernels (repacked exactly) in the fused step."""
     from gguf import GGMLQuantizationType as Q
     path = _random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
     m = ember.load(path)
@@ -266,3 +269,29 @@ def test_exact_int8_types_fused_match_op_by_op(tmp_path, layer, v_down):
     for threads in (1, 2):
         got = _fixed(tr, ids, threads, True)
         assert np.abs(got - exact).max() < 1.25 * noise + 1e-3 * ref.std()
+
+
+def test_numba_cache_is_keyed_on_all_of_embers_numba_sources(tmp_path, monkeypatch):
+    """The fused step inlines code from the kernel modules; numba alone would keep its cached
+    machine code after one of them changed. ember points numba's cache at a folder named by a
+    digest of every ember source that uses numba."""
+    import ember.runtime.decode as decode
+    from ember import home
+    from numba.core import config
+
+    want = home.numba_cache_dir()   # (conftest moved $EMBER_CACHE_DIR after `import ember`)
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        got = Path(config.CACHE_DIR)
+        assert got.name == want.name and got.parent.name == "numba"
+        assert decode._decode._cache._cache_path.startswith(str(got))
+    assert want == home.numba_cache_dir() and want.parent == home.cache_dir("numba")
+    # another version of a numba source: another folder, and only the 3 newest are kept
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    seen = set()
+    real = Path.read_bytes
+    for i in range(5):
+        monkeypatch.setattr(Path, "read_bytes", lambda self, i=i: real(self) + (
+            f"# numba {i}".encode() if self.name == "kquant.py" else b""))
+        seen.add(home.numba_cache_dir().name)
+    assert len(seen) == 5
+    assert len(list((tmp_path / "numba").iterdir())) == 3

@@ -1,4 +1,5 @@
-"""The Q4_K / Q6_K int8-activation matvec and small-batch matmul (ember.lut_kernels.kquant).
+"""The K-quant (Q2_K..Q6_K) int8-activation matvec and small-batch matmul
+(ember.lut_kernels.kquant).
 
 Every kernel path this host can run (avx512, avx512-novnni, avx2, portable) is checked against the
 NumPy oracle (same int8 activations, exact integer dots: tight) and the oracle against the float
@@ -25,7 +26,7 @@ from ember.lut_kernels import kquant as K
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
 KERNELS = [k for k in codegen.host_isas() if k != "neon"]
 NATIVE = [k for k in KERNELS if k != "portable"]
-QTYPES = [K.Q4_K, K.Q6_K]
+QTYPES = list(K.QTYPES)
 # kernel vs oracle, per output: float32 rounding only (measured <= 1.5e-7 of the sum of the
 # |terms| of the row); asserted 1e-5
 ORACLE_RTOL = 1e-5
@@ -41,17 +42,7 @@ def _msg(**kw) -> str:
 
 def random_raw(rng, qt: int, n_out: int, n_in: int) -> np.ndarray:
     """GGUF rows: random code / scale bytes, non-zero f16 super-block scales of both signs."""
-    nsb = n_in // 256
-    if qt == K.Q4_K:
-        raw = rng.integers(0, 256, (n_out, nsb, 144), dtype=np.uint8)
-        for off, mag in ((0, 1e-3), (2, 3e-4)):
-            v = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * mag
-            raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
-        return raw.reshape(n_out, nsb * 144)
-    raw = rng.integers(0, 256, (n_out, nsb, 210), dtype=np.uint8)
-    v = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 1e-3
-    raw[:, :, 208:210] = v.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
-    return raw.reshape(n_out, nsb * 210)
+    return K.random_kquant(rng, qt, n_out, n_in)
 
 
 def random_x(rng, k: int, n: int) -> np.ndarray:
@@ -85,36 +76,84 @@ def test_pack_matches_dequantize(qt, n_out, n_in):
     for a in (p.q, p.sc, p.d):
         assert a.flags.c_contiguous and a.shape[0] == n_out
     assert p.q.ctypes.data % 64 == 0
-    # bytes read per matrix: Q6_K exactly the GGUF size, Q4_K + 4 bytes per super-block
-    extra = 4 if qt == K.Q4_K else 0
+    # bytes read per matrix: Q2_K / Q6_K exactly the GGUF size, the others + 4 bytes per
+    # super-block (12 packed 6-bit scale bytes become 16)
+    extra = 0 if qt in (K.Q2_K, K.Q6_K) else 4
     assert p.nbytes == p.gguf_nbytes + extra * n_out * (n_in // 256)
-    assert p.nbytes <= 1.03 * p.gguf_nbytes
+    assert p.nbytes <= 1.037 * p.gguf_nbytes
     deq = p.dequantize()
     assert deq.dtype == np.float32 and deq.shape == (n_out, n_in)
     assert np.array_equal(deq.view(np.uint32),
                           dequantize(raw, qt).reshape(n_out, n_in).view(np.uint32)), _msg(qt=qt)
 
 
+def _ggml_block(qt: int, blk: bytes):
+    """(codes, scales, mins) of one GGUF super-block, weight by weight as ggml-quants.c's
+    dequantize_row_* reads it: weight = scale * code - min (Q3_K / Q6_K: code already minus
+    its offset; min 0). Plain Python, independent of the packing code."""
+    f16 = lambda o: float(np.frombuffer(blk[o:o + 2], np.float16)[0])  # noqa: E731
+    code, scale, mn = [0] * 256, [0.0] * 256, [0.0] * 256
+    if qt in (K.Q4_K, K.Q5_K):
+        d, dmin, sc12 = f16(0), f16(2), blk[4:16]
+        qs = blk[16:144] if qt == K.Q4_K else blk[48:176]
+        for j in range(8):
+            if j < 4:
+                s_, m_ = sc12[j] & 63, sc12[j + 4] & 63
+            else:
+                s_ = (sc12[j + 4] & 0xF) | ((sc12[j - 4] >> 6) << 4)
+                m_ = (sc12[j + 4] >> 4) | ((sc12[j] >> 6) << 4)
+            for l in range(32):
+                c = (qs[32 * (j // 2) + l] >> (4 * (j % 2))) & 15
+                if qt == K.Q5_K:
+                    c |= ((blk[16 + l] >> j) & 1) << 4
+                code[32 * j + l], scale[32 * j + l], mn[32 * j + l] = c, d * s_, dmin * m_
+    elif qt == K.Q2_K:
+        d, dmin = f16(80), f16(82)
+        for w in range(256):
+            h, s_, l = w // 128, (w % 128) // 32, w % 32
+            g = w // 16
+            code[w] = (blk[16 + 32 * h + l] >> (2 * s_)) & 3
+            scale[w], mn[w] = d * (blk[g] & 15), dmin * (blk[g] >> 4)
+    elif qt == K.Q3_K:
+        d, sc12 = f16(108), blk[96:108]
+        for w in range(256):
+            h, s_, l = w // 128, (w % 128) // 32, w % 32
+            g = w // 16
+            lo = (sc12[g % 8] >> (4 * (g // 8))) & 15
+            hi = (sc12[8 + g % 4] >> (2 * (g // 4))) & 3
+            hbit = (blk[l] >> (w // 32)) & 1
+            code[w] = ((blk[32 + 32 * h + l] >> (2 * s_)) & 3) - (0 if hbit else 4)
+            scale[w] = d * ((lo | (hi << 4)) - 32)
+    else:
+        d = f16(208)
+        for w in range(256):
+            h, s_, l = w // 128, (w % 128) // 32, w % 32
+            ql = (blk[64 * h + 32 * (s_ % 2) + l] >> (4 * (s_ // 2))) & 15
+            qh = (blk[128 + 32 * h + l] >> (2 * s_)) & 3
+            code[w] = (ql | (qh << 4)) - 32
+            scale[w] = d * np.int8(np.uint8(blk[192 + w // 16]))
+    return code, scale, mn
+
+
 @pytest.mark.parametrize("qt", QTYPES)
 def test_codes_roundtrip(qt):
-    """The natural-order codes and scales come back exactly from the kernel layout."""
-    raw = random_raw(_rng("codes", qt), qt, 5, 512)
+    """The natural-order codes and scales come back exactly from the kernel layout (checked
+    against a weight-by-weight reading of the ggml block format)."""
+    raw = random_raw(_rng("codes", qt), qt, 3, 512)
     p = K.pack_kquant(raw, qt)
-    codes = p.codes().astype(np.int64).reshape(5, 2, 256)
-    r3 = raw.reshape(5, 2, -1)
-    if qt == K.Q4_K:   # weight 32 j + l: nibble j % 2 of qs[32 (j // 2) + l]
-        qs = r3[:, :, 16:].reshape(5, 2, 4, 32).astype(np.int64)
-        want = np.stack([qs & 15, qs >> 4], axis=3).reshape(5, 2, 256)
-        assert np.array_equal(p.d.reshape(5, 2, 2).view(np.uint8).reshape(5, 2, 4), r3[:, :, :4])
-    else:              # weight 128 h + 32 s + l: ql nibble / qh bit pair
-        ql = r3[:, :, :128].reshape(5, 2, 2, 2, 32).astype(np.int64)   # [h, half, l]
-        qh = r3[:, :, 128:192].reshape(5, 2, 2, 1, 32).astype(np.int64)
-        lo = np.stack([ql[:, :, :, 0] & 15, ql[:, :, :, 1] & 15, ql[:, :, :, 0] >> 4,
-                       ql[:, :, :, 1] >> 4], axis=3)                   # [h, s, l]
-        hi = (qh >> (2 * np.arange(4)).reshape(1, 1, 1, 4, 1)) & 3
-        want = (lo | (hi << 4)).reshape(5, 2, 256)
-        assert np.array_equal(p.sc.reshape(5, 2, 16), r3[:, :, 192:208])
-    assert np.array_equal(codes, want), _msg(qt=qt)
+    SC, MM = p.scales()
+    codes = p.codes().astype(np.int64).reshape(3, 2, 256) - (K._OFFSET[qt] if MM is None else 0)
+    gw = 256 // SC.reshape(3, 2, -1).shape[2]
+    SC = np.repeat(SC.reshape(3, 2, -1), gw, axis=2)
+    MM = np.zeros_like(SC) if MM is None else np.repeat(MM.reshape(3, 2, -1), gw, axis=2)
+    bb = raw.shape[1] // 2
+    for r in range(3):
+        for s_ in range(2):
+            c, sc, mn = _ggml_block(qt, bytes(raw[r, bb * s_:bb * (s_ + 1)]))
+            m = _msg(qt=qt, r=r, s=s_)
+            assert codes[r, s_].tolist() == c, m
+            assert np.array_equal(SC[r, s_], np.array(sc, np.float32)), m
+            assert np.array_equal(MM[r, s_], np.array(mn, np.float32)), m
 
 
 @pytest.mark.parametrize("qt", QTYPES)
@@ -151,9 +190,11 @@ def test_from_arrays_rejects_bad_input():
 
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError):
-        K.pack_q4_k(np.zeros((3, 145), np.uint8))
+        K.pack_kquant(np.zeros((3, 145), np.uint8), K.Q4_K)
     with pytest.raises(ValueError):
-        K.pack_q6_k(np.zeros(210, np.uint8))
+        K.pack_kquant(np.zeros(210, np.uint8), K.Q6_K)
+    with pytest.raises(ValueError):
+        K.pack_kquant(np.zeros((2, 0), np.uint8), K.Q2_K)
     with pytest.raises(ValueError):
         K.pack_kquant(np.zeros((1, 34), np.uint8), 8)
 
@@ -171,7 +212,7 @@ def test_quantize_x(kernel, k):
     x[-1, 5] = -np.abs(x[-1, :32]).max() * 2  # a negative maximum
     xq, xd, xp = K.quantize_x(x, kernel=kernel)
     kp = k + k % 2
-    assert xq.shape == (3, kp, 256) and xd.shape == (3, kp, 16) and xp.shape == (3, kp // 2, 32)
+    assert xq.shape == (3, kp, 256) and xd.shape == (3, kp, 32) and xp.shape == (3, kp // 2, 32)
     for a in (xq, xd, xp):
         assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
     # the IR quantizer and the numba one agree bit for bit
@@ -183,7 +224,11 @@ def test_quantize_x(kernel, k):
     nat = (xq.astype(np.int64) - 128).reshape(3, kp, 4, 16, 4).transpose(1, 0, 3, 2, 4)
     assert np.array_equal(nat.reshape(kp, 768)[:k], rq), _msg(k=k)
     assert (xq[:, k:] == 128).all() and (xd[:, k:] == 0).all()
-    assert np.array_equal(xd[:, :k].transpose(1, 0, 2).reshape(k, 48), np.repeat(rdx, 2, axis=1))
+    assert np.array_equal(xd[:, :k, :16].transpose(1, 0, 2).reshape(k, 48),
+                          np.repeat(rdx, 2, axis=1))
+    # per 16-group: float32(dx * xsum16)
+    want16 = np.repeat(rdx, 2, axis=1) * rxs.astype(np.float32)
+    assert np.array_equal(xd[:, :k, 16:].transpose(1, 0, 2).reshape(k, 48), want16)
     # pairs: lane 4 c + 2 (i % 2) + (b % 2) holds block b = 2 c + b % 2 of row i
     xs32 = rxs.reshape(k, 24, 2).sum(axis=2)
     for i in range(kp):
@@ -287,14 +332,20 @@ def test_extreme_codes_and_activations(qt):
     n_out, n_in = 8, 512
     raw = random_raw(rng, qt, n_out, n_in)
     r3 = raw.reshape(n_out, 2, -1)
-    if qt == K.Q4_K:
-        r3[0::2, :, 16:] = 0xFF                       # every code 15
-        r3[1::2, :, 16:] = 0x00                       # every code 0
-        r3[:, :, 4:16] = 0xFF                         # scales and mins 63
-    else:
-        r3[0::2, :, :192] = 0xFF                      # every code 63 (+31)
-        r3[1::2, :, :192] = 0x00                      # every code 0 (-32)
+    # (code bytes, scale bytes): every code at its top on even rows, at 0 on odd rows, with
+    # the scales (and mins) that make the largest products
+    codes, scales = {K.Q2_K: ((16, 80), (0, 16)), K.Q3_K: ((0, 96), (96, 108)),
+                     K.Q4_K: ((16, 144), (4, 16)), K.Q5_K: ((16, 176), (4, 16)),
+                     K.Q6_K: ((0, 192), (192, 208))}[qt]
+    r3[0::2, :, codes[0]:codes[1]] = 0xFF
+    r3[1::2, :, codes[0]:codes[1]] = 0x00
+    if qt == K.Q6_K:
         r3[:, :, 192:208] = np.array([-128, 127] * 8, np.int8).view(np.uint8)
+    elif qt == K.Q3_K:                                # scales 31 (even rows), -32 (odd rows)
+        r3[0::2, :, 96:108] = 0xFF
+        r3[1::2, :, 96:108] = 0x00
+    else:                                             # scales and mins at their maximum
+        r3[:, :, scales[0]:scales[1]] = 0xFF
     p = K.pack_kquant(raw, qt)
     x = np.empty((4, n_in), np.float32)
     x[0] = 3.0                                        # +127 everywhere
@@ -383,6 +434,10 @@ def test_x86_assembly_uses_the_intended_instructions():
     else:
         assert "vpmaddubsw" in body
     assert "vpackssdw" in body and "vcvtph2ps" in body
-    asm2 = K.kernel_asm("avx2")
-    body2 = asm2[asm2.index("kq_q6_k.r1c"):]
-    assert "vpmaddubsw" in body2 and "vpmaddwd" in body2 and "zmm" not in body2
+    for qt in (K.Q2_K, K.Q3_K, K.Q5_K, K.Q6_K):
+        nm = K._NAMES[qt]
+        asm2 = K.kernel_asm("avx2", what=qt)
+        body2 = asm2[asm2.index(f"kq_{nm}.r1c"):]
+        assert "vpmaddubsw" in body2 and "vpmaddwd" in body2 and "zmm" not in body2, nm
+        body = K.kernel_asm("avx512", what=qt)
+        assert "zmm" in body and "vpdpbusd" in body or "vpmaddubsw" in body, nm

@@ -97,7 +97,7 @@ def test_pack_savez_roundtrip(tmp_path):
 def random_exact_int8_blocks(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
     """Random GGUF rows of a type in q8.EXACT_INT8: random code bytes (every code and high-bit
     pattern), random f16 scales ~1e-2 of random sign."""
-    bw, bb, off, _ = q8.EXACT_INT8[qtype]
+    bw, bb, off = q8.EXACT_INT8[qtype]
     nb = n_in // bw
     raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
     d = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * 1e-2
@@ -108,7 +108,7 @@ def random_exact_int8_blocks(rng, qtype: int, n_out: int, n_in: int) -> np.ndarr
 @pytest.mark.parametrize("qtype", sorted(q8.EXACT_INT8))
 @pytest.mark.parametrize("n_out,n_in,chunk", [(1, 256, 4096), (7, 768, 3), (130, 512, 64)])
 def test_exact_int8_packing(qtype, n_out, n_in, chunk):
-    """Q5_0 / Q3_K / TQ1_0 / TQ2_0 blocks become Q8_0 blocks that dequantize to the same float32
+    """Q5_0 / TQ1_0 / TQ2_0 blocks become Q8_0 blocks that dequantize to the same float32
     bits, and the int8 kernels then match their oracle and the float truth as on Q8_0."""
     rng = _rng("exact", qtype, n_out, n_in)
     raw = random_exact_int8_blocks(rng, qtype, n_out, n_in)
@@ -126,10 +126,10 @@ def test_exact_int8_packing(qtype, n_out, n_in, chunk):
 
 def test_exact_int8_packing_zero_scale_and_bad_input():
     rng = _rng("exact-zero")
-    raw = random_exact_int8_blocks(rng, 11, 4, 512)
-    raw.reshape(4, 2, 110)[1, 0, 108:110] = 0  # d = 0: a block of zeros
-    p = q8.pack_exact_int8(raw, 11)
-    assert np.array_equal(p.dequantize(), dequantize(raw, 11).reshape(4, 512))
+    raw = random_exact_int8_blocks(rng, 34, 4, 512)
+    raw.reshape(4, 2, 54)[1, 0, 52:54] = 0  # d = 0: a block of zeros (TQ1_0)
+    p = q8.pack_exact_int8(raw, 34)
+    assert np.array_equal(p.dequantize(), dequantize(raw, 34).reshape(4, 512))
     assert not p.qs[1, :256].any()
     with pytest.raises(ValueError):
         q8.pack_exact_int8(np.zeros((3, 23), np.uint8), 6)

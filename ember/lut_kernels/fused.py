@@ -8,7 +8,7 @@ wherever a full vector is needed next. This module gives that code:
   addresses), so numba code can run any packed matrix through its llvmlite kernel;
 - ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
   tables for Q4_0/Q4_1, int8 blocks for the Q8_0 layout (``q8.INT8_TYPES``), int8
-  super-blocks for Q4_K/Q6_K), each built once into a thread's ``scratch``; ``prepare_rows``
+  super-blocks for the K-quants), each built once into a thread's ``scratch``; ``prepare_rows``
   and ``matvec_rows``: the same for k rows at once (K-quant matrices);
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
   rows per unit; outputs are padded to whole units);
@@ -218,7 +218,7 @@ def fusable(m) -> bool:
         return False
     if m.qtype in (Q4_0, Q4_1):
         return p.tile == UNIT
-    return m.qtype in (*q8.INT8_TYPES, kquant.Q4_K, kquant.Q6_K)
+    return m.qtype in (*q8.INT8_TYPES, *kquant.QTYPES)
 
 
 def describe(m) -> np.ndarray:

@@ -1,13 +1,15 @@
-"""Decode matvec and small-batch matmul for GGUF Q4_K / Q6_K weights with int8 activations.
+"""Decode matvec and small-batch matmul for GGUF K-quant weights (Q2_K, Q3_K, Q4_K, Q5_K,
+Q6_K) with int8 activations.
 
 API
 ---
-``pack_q4_k(raw2d) / pack_q6_k(raw2d) / pack_kquant(raw2d, qtype) -> PackedKQ``
-    GGUF rows (uint8 [n_out, nsb * 144 | 210], nsb = n_in / 256) -> the kernel layout below.
+``pack_kquant(raw2d, qtype) -> PackedKQ``
+    GGUF rows (uint8 [n_out, nsb * block bytes], nsb = n_in / 256) -> the kernel layout below.
     ``PackedKQ``: ``.q .sc .d .n_out .n_in .qtype .nsb .nbytes .gguf_nbytes``, ``arrays()`` /
     ``PackedKQ.from_arrays(a)`` (``np.savez`` / ``np.load``; ValueError on any inconsistency),
-    ``codes()`` (natural-order integer codes), ``dequantize()`` (float32 [n_out, n_in], bit for
-    bit ``ember.formats.quants.dequantize``).
+    ``codes()`` (natural-order unsigned codes), ``scales()`` (float32 per-block scales and
+    mins), ``dequantize()`` (float32 [n_out, n_in], bit for bit
+    ``ember.formats.quants.dequantize``).
 ``kq_matvec(x, p, out=None, threads=1, kernel=None) -> float32 [n_out]``
 ``kq_matmul(X, p, out=None, kernel=None, threads=1) -> float32 [k, n_out]``
     X float32 [k, n_in]: ONE pass over the weights for all k rows (k is any size; the kernels
@@ -18,39 +20,50 @@ numba entries (``nogil``, ``cache``): ``matmul_nb(fn, fq, x, q, sc, d, out)`` (s
 raises ValueError), ``rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1)`` (rows r0 <= r < r1 of y
 [k, >= r1] for pre-quantized activations; no checks), ``quantize_x_alloc(x, fq)``,
 ``quantize_x_nb(x, xq, xd, xp)`` (the plain numba quantizer). Addresses:
-``fn_address(qtype, kernel=None)`` (0: portable), ``quant_address(kernel=None)`` (0: numba).
-Kernel choice: ``kernel=`` or ``$EMBER_KERNEL`` through ``codegen.select_kernel`` (read once;
-``reset_kernel_choice()``): ``avx512`` (VNNI ``vpdpbusd``; the ``vpmaddubsw`` form on hosts
-without VNNI), ``avx512-novnni``, ``avx2`` (compiled for x86-64-v3), ``portable`` (numba).
+``fn_address(qtype, kernel=None)`` (0: portable), ``quant_address(kernel=None)`` (0: numba);
+each type's kernels are a module of their own, compiled (or loaded from the disk cache) on
+first use. Kernel choice: ``kernel=`` or ``$EMBER_KERNEL`` through ``codegen.select_kernel``
+(read once; ``reset_kernel_choice()``): ``avx512`` (VNNI ``vpdpbusd``; the ``vpmaddubsw`` form
+on hosts without VNNI), ``avx512-novnni``, ``avx2`` (compiled for x86-64-v3), ``portable``
+(numba).
 
 Packed layout (``PackedKQ``; all plain C-contiguous numpy arrays, ``q`` 64-byte aligned)
 -----------------------------------------------------------------------------------------
 Within a super-block of 256 weights, weight ``w = 16 L + 4 v + t`` (16-group L = 0..15, v, t =
 0..3) is "lane L, virtual vector v, byte t": a 4-byte lane of a 64-byte vector holds 4
-neighbouring weights of one 16-group, and 4 vectors cover a super-block.
+neighbouring weights of one 16-group, and 4 vectors cover a super-block. Codes are unsigned
+(Q2_K 0..3, Q3_K 0..7, Q4_K 0..15, Q5_K 0..31, Q6_K 0..63), built from these parts:
+    nibbles (128 bytes): byte ``64 c + 4 L + t`` = low 4 bits of v = 2c | of v = 2c + 1 << 4;
+    crumbs (64 bytes): byte ``4 L + t``, bits 2v..2v+1 = 2 bits of virtual vector v;
+    bit plane (32 bytes): byte ``4 L + t`` (L < 8), bit v for lane L and bit 4 + v for lane
+    L + 8 (a kernel widens it to 64 bytes with one shift and a shuffle).
 ``q``  uint8 [n_out, nsb * QB], per super-block:
-    Q4_K (QB = 128): byte ``64 c + 4 L + t`` = code(v = 2c) | code(v = 2c + 1) << 4 (c = 0, 1).
-    Q6_K (QB = 192): the same 128 bytes of low nibbles, then 64 bytes: byte ``4 L + t`` holds
-    the high 2 bits of virtual vector v at bits 2v..2v+1.
-``sc`` uint8 [n_out, nsb * 16]. Q4_K: the 8 decoded 6-bit scales, then the 8 mins (per
-    32-block). Q6_K: the bytes of the 16 int8 scales (per 16-group) as in the file
-    (``p.sc.view(np.int8)``; one dtype for both keeps the numba entries to one compilation).
-``d``  uint16 [n_out, nsb * ND]: IEEE half bits (numba has no float16): Q4_K ``d, dmin``
-    (ND = 2), Q6_K ``d`` (ND = 1); the kernels widen them (``vcvtph2ps``).
-Bytes per super-block: Q4_K 148 (GGUF 144: +2.8 %, the 12 packed 6-bit bytes become 16),
-Q6_K 210 (exactly GGUF's). Packing is vectorized NumPy (8960x1536 Q4_K ~105 ms, 1536x8960
-Q6_K ~195 ms).
+    Q2_K (QB = 64): crumbs.  Q3_K (96): crumbs, then the bit plane (bit 2 of the code).
+    Q4_K (128): nibbles.  Q5_K (160): nibbles, then the bit plane (bit 4).
+    Q6_K (192): nibbles, then crumbs (bits 4, 5).
+``sc`` uint8 [n_out, nsb * 16]. Q4_K/Q5_K: the 8 decoded 6-bit scales, then the 8 mins (per
+    32-block). Q2_K: the file's 16 bytes, scale | min << 4 (per 16-group). Q3_K: the 16 decoded
+    6-bit scales minus 32, Q6_K: the file's 16 int8 scales, as int8 bytes (``p.sc.view(np.int8)``;
+    one dtype for all keeps the numba entries to one compilation).
+``d``  uint16 [n_out, nsb * ND]: IEEE half bits (numba has no float16): ``d, dmin`` (ND = 2:
+    Q2_K, Q4_K, Q5_K) or ``d`` (ND = 1: Q3_K, Q6_K); the kernels widen them (``vcvtph2ps``).
+The weight is ``SC * code - MM`` (Q2_K, Q4_K, Q5_K; ``SC = d * scale``, ``MM = dmin * min``)
+or ``SC * (code - o)`` (Q3_K o = 4, Q6_K o = 32), every product exact in float32.
+Bytes per super-block against the file's: Q2_K 84 (84), Q3_K 114 (110: the 12 packed scale
+bytes become 16), Q4_K 148 (144), Q5_K 180 (176), Q6_K 210 (210). Packing is vectorized NumPy
+(8960x1536 Q4_K ~105 ms, 1536x8960 Q6_K ~195 ms).
 
-Activation format (one for both types; ``kp`` = k rounded up to even, the padding row is 0)
+Activation format (one for all types; ``kp`` = k rounded up to even, the padding row is 0)
 -----------------------------------------------------------------------------------------
 Per 32-block of a row: ``amax = max |x|``, ``dx = amax / 127``, ``xq = rint(x * (127 /
 amax))`` (half to even, |xq| <= 127; amax = 0 gives dx = 0, xq = 0; x must be finite).
 ``xq`` uint8 [nsb, kp, 256]: ``xq + 128`` (offset binary, the unsigned operand of
     ``vpdpbusd``/``vpmaddubsw``) in the lane order above.
-``xd`` float32 [nsb, kp, 16]: dx of lane L's 32-block (Q6_K).
+``xd`` float32 [nsb, kp, 32]: 16 lanes of dx of lane L's 32-block, then 16 of ``float32(dx *
+    xsum16)`` (xsum16: lane L's 16-group sum of xq; Q2_K's mins) (the per-16-group types).
 ``xp`` float32 [nsb, kp / 2, 32]: per row pair (2p, 2p+1), 16 lanes of dx then 16 of
     ``float32(dx * xsum)`` (xsum: the 32-block's sum of xq); lane ``4 c + 2 j + h`` = row
-    2p + j, 32-block 2c + h (Q4_K; this is the lane order the pair trick below produces).
+    2p + j, 32-block 2c + h (Q4_K/Q5_K; this is the lane order the pair trick below produces).
 Super-block-major, so a kernel reads the k rows of one super-block as one contiguous span.
 ``quantize_x_alloc`` allocates the three in one 64-byte aligned block and fills them with
 ``kq_quant`` (IR, vectorized; bit-identical to the numba ``quantize_x_nb``): 1x1536 ~1 us of
@@ -58,22 +71,25 @@ work (5 us per Python call), 16x8960 72 us (numba: 460 us).
 
 Math (exact integers, then float32)
 -----------------------------------
-Per (weight row, super-block): the codes as int8 ``w`` (Q4_K 0..15, Q6_K q6 - 32) and the
-lane correction ``NW = -128 * (sum of the lane's 16 w)`` (the 4 vectors summed bytewise, then
-one ``vpdpbusd`` / ``vpmaddubsw``), so that for every act row ``I_L = NW + sum (xq + 128) w
-= sum xq w``, exactly, as int32 (4 chained ``vpdpbusd`` per 64 weights x 4; or
-``vpmaddubsw`` pairs (<= 2 * 255 * 32), two summed in int16 (<= 32640), ``vpmaddwd``).
-Q6_K: ``y += float(I_L) * dx * (d * sc_L)`` per lane (``d * sc`` exact in float32).
-Q4_K (pair trick): the int32 lanes of two act rows (|I_L| <= 16 * 15 * 127 < 2^15) are packed
-to int16 (``vpackssdw``) and lane pairs summed (``vpmaddwd``): one vector then holds the
-32-block sums ``I_b`` of both rows, and ``y += float(I_b) * dx_b * (d sc_b) - (dmin m_b) *
-float32(dx_b xsum_b)`` costs one cvt, mul and 2 FMAs per row PAIR.
+Per (weight row, super-block): the codes as int8 ``w = code - o`` (o: Q2_K 0, Q3_K 4, Q4_K 0,
+Q5_K 16, Q6_K 32; so |w| <= 32) and the lane correction ``NW = -128 * (sum of the lane's 16
+w)`` (the 4 vectors summed bytewise, |sum| <= 128, then one ``vpdpbusd`` / ``vpmaddubsw``), so
+that for every act row ``I_L = NW + sum (xq + 128) w = sum xq w``, exactly, as int32 (4
+chained ``vpdpbusd`` per 64 weights x 4; or ``vpmaddubsw`` pairs (<= 2 * 255 * 32), two summed
+in int16 (<= 32640), ``vpmaddwd``).
+Per 16-group (Q2_K, Q3_K, Q6_K): ``y += float(I_L) * dx * SC_L`` per lane, Q2_K ``- MM_L *
+float32(dx xsum16_L)`` (from ``xd``).
+Per 32-block (Q4_K, Q5_K; pair trick): the int32 lanes of two act rows (|I_L| <= 16 * 16 *
+127 < 2^15) are packed to int16 (``vpackssdw``) and lane pairs summed (``vpmaddwd``): one
+vector then holds the 32-block sums ``I_b`` of both rows, and ``y += float(I_b) * dx_b * SC_b
+- MM'_b * float32(dx_b xsum_b)`` costs one cvt, mul and 2 FMAs per row PAIR (Q5_K: ``MM' =
+MM - 16 SC``, one FMA per 32-block and weight row, because its int8 weights are code - 16).
 Accumulation in float32 lanes (FMA), one tree reduction per output.
 
 The IR (``kernel_ir``; every argument an i64 or a pointer, C ABI, called from numba through a
 runtime address like q8.py / tmac.py):
-``void kq_q4_k / kq_q6_k(ptr q, ptr sc, ptr d, ptr xq, ptr xd, ptr xp, ptr y, i64 nsb,
-                        i64 r0, i64 r1, i64 k, i64 y_stride)``
+``void kq_<type>(ptr q, ptr sc, ptr d, ptr xq, ptr xd, ptr xp, ptr y, i64 nsb, i64 r0, i64 r1,
+                i64 k, i64 y_stride)`` (``kq_q2_k`` .. ``kq_q6_k``)
     ``y[i * y_stride + r]`` for r0 <= r < r1 (absolute row indices into q/sc/d) and i < k.
 ``void kq_quant(ptr x, ptr xq, ptr xd, ptr xp, i64 nsb, i64 k, i64 kp, i64 x_stride)``.
 Structure: super-blocks in tiles whose act data stays in L1 (``DEFAULT_TILE_BYTES`` of the
@@ -85,7 +101,7 @@ groups of 32, per group act-row chunks of 16, 8, 4, 2, 1 (each weight is read fr
 a group's later chunks re-read it from L1/L2); each chunk function (``noinline``) loops over
 the group's rows and the tile's super-blocks, decodes a super-block's weights once
 (software-pipelined one super-block ahead on avx512) and applies them to every act row of the
-chunk with one accumulator per row (Q6_K) / row pair (Q4_K). Software prefetch (``prefetcht0``)
+chunk with one accumulator per row (per-16-group types) / row pair (Q4_K, Q5_K). Software prefetch (``prefetcht0``)
 of the same super-blocks ``ceil(2048 / tile bytes)`` rows ahead on the q, sc and d streams (k = 1
 cold: 8.5 GB/s without, 9.9 with, 151936x1536).
 ``portable``: numba, each super-block decoded to float32 weights, 256 float32 lanes per act
@@ -150,17 +166,19 @@ from numba.core import errors
 from numba.extending import intrinsic
 
 from . import codegen
-from .codegen import _flt, _mask, _splat
+from .codegen import _flt, _mask, _splat, _vec
 from .pack import aligned, aligned_empty
 from .split import MIN_ROWS, split
 from .tmac import _emit_call
 
 __all__ = [
+    "Q2_K",
+    "Q3_K",
     "Q4_K",
+    "Q5_K",
     "Q6_K",
+    "QTYPES",
     "PackedKQ",
-    "pack_q4_k",
-    "pack_q6_k",
     "pack_kquant",
     "quantize_x",
     "quantize_x_nb",
@@ -176,17 +194,18 @@ __all__ = [
     "kernel_ir",
     "kernel_asm",
     "reset_kernel_choice",
-    "random_q4_k",
-    "random_q6_k",
+    "random_kquant",
 ]
 
-Q4_K = 12  # GGMLQuantizationType values
-Q6_K = 14
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14   # GGMLQuantizationType values
+QTYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 QK = 256                                  # weights per super-block
-_GGUF_BYTES = {Q4_K: 144, Q6_K: 210}      # bytes per super-block in the file
-_QB = {Q4_K: 128, Q6_K: 192}              # bytes of codes per super-block in the packed layout
-_ND = {Q4_K: 2, Q6_K: 1}                  # f16 values per super-block (d, dmin / d)
-_NAMES = {Q4_K: "q4_k", Q6_K: "q6_k"}
+_GGUF_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per super-block, file
+_QB = {Q2_K: 64, Q3_K: 96, Q4_K: 128, Q5_K: 160, Q6_K: 192}  # bytes of codes, packed layout
+_ND = {Q2_K: 2, Q3_K: 1, Q4_K: 2, Q5_K: 2, Q6_K: 1}  # f16 values per super-block (d[, dmin])
+_NAMES = {Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}
+_PAIR = (Q4_K, Q5_K)        # scales and mins per 32-block (the pair trick); others per 16-group
+_OFFSET = {Q2_K: 0, Q3_K: 4, Q4_K: 0, Q5_K: 16, Q6_K: 32}   # the int8 weight is code - offset
 
 DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
 _PF_LOCALITY = 3           # prefetcht0
@@ -203,10 +222,10 @@ DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per re
 
 @dataclass
 class PackedKQ:
-    """A Q4_K or Q6_K matrix [n_out, n_in] in the kernel layout (module docstring)."""
-    q: np.ndarray       # uint8 [n_out, nsb * QB]  codes (QB = 128 Q4_K, 192 Q6_K)
-    sc: np.ndarray      # uint8 [n_out, nsb * 16] (Q4_K: 8 scales, 8 mins; Q6_K: int8 bytes)
-    d: np.ndarray       # uint16 [n_out, nsb * ND]  IEEE half bits (Q4_K: d, dmin; Q6_K: d)
+    """A K-quant matrix [n_out, n_in] (Q2_K..Q6_K) in the kernel layout (module docstring)."""
+    q: np.ndarray       # uint8 [n_out, nsb * QB]  codes
+    sc: np.ndarray      # uint8 [n_out, nsb * 16]  scales (and mins), per type
+    d: np.ndarray       # uint16 [n_out, nsb * ND]  IEEE half bits (d[, dmin])
     n_out: int
     n_in: int
     qtype: int
@@ -250,34 +269,51 @@ class PackedKQ:
                    np.ascontiguousarray(d), n_out, n_in, qtype)
 
     def codes(self) -> np.ndarray:
-        """The integer codes in natural order, uint8 [n_out, n_in] (Q4_K 0..15, Q6_K 0..63)."""
-        n, nsb = self.n_out, self.nsb
-        if self.qtype == Q4_K:
-            b = self.q.reshape(n, nsb, 2, 16, 4)                   # [r, s, c, L, t]
-            v = np.stack([b & 15, b >> 4], axis=3)                 # [r, s, c, h, L, t]
-            v = v.reshape(n, nsb, 4, 16, 4)                        # [r, s, v, L, t]
+        """The unsigned integer codes in natural order, uint8 [n_out, n_in] (Q2_K 0..3, Q3_K
+        0..7, Q4_K 0..15, Q5_K 0..31, Q6_K 0..63)."""
+        n, nsb, qt = self.n_out, self.nsb, self.qtype
+        b = self.q.reshape(n, nsb, _QB[qt])
+        if qt in (Q2_K, Q3_K):
+            v = _crumbs(b[:, :, :64])
         else:
-            b = self.q.reshape(n, nsb, 192)
-            ql = b[:, :, :128].reshape(n, nsb, 2, 16, 4)
-            lo = np.stack([ql & 15, ql >> 4], axis=3).reshape(n, nsb, 4, 16, 4)
-            qh = b[:, :, 128:].reshape(n, nsb, 1, 16, 4)
-            hi = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1, 1)) & 3
-            v = lo | (hi << 4)
+            ql = b[:, :, :128].reshape(n, nsb, 2, 1, 16, 4)
+            v = ((ql >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1)) & 15)
+            v = v.reshape(n, nsb, 4, 16, 4)
+        if qt == Q6_K:
+            v = v | (_crumbs(b[:, :, 128:]) << 4)
+        elif qt == Q5_K:
+            v = v | (_bits(b[:, :, 128:]) << 4)
+        elif qt == Q3_K:
+            v = v | (_bits(b[:, :, 64:]) << 2)
         return np.ascontiguousarray(v.transpose(0, 1, 3, 2, 4)).reshape(n, self.n_in)
+
+    def scales(self):
+        """(SC, MM): float32 [n_out, nsb * 8] per 32-block (Q4_K, Q5_K) or [n_out, nsb * 16] per
+        16-group (the others): the weight is ``SC * code - MM`` (MM None for Q3_K/Q6_K, whose
+        weight is ``SC * (code - offset)``), each product exact in float32."""
+        n, nsb, qt = self.n_out, self.nsb, self.qtype
+        dd = self.d.view(np.float16).astype(np.float32).reshape(n, nsb, _ND[qt])
+        if qt in _PAIR:
+            s = self.sc.reshape(n, nsb, 2, 8).astype(np.float32)
+            return ((dd[:, :, 0:1] * s[:, :, 0]).reshape(n, -1),
+                    (dd[:, :, 1:2] * s[:, :, 1]).reshape(n, -1))
+        if qt == Q2_K:
+            s = self.sc.reshape(n, nsb, 16)
+            return ((dd[:, :, 0:1] * (s & 15).astype(np.float32)).reshape(n, -1),
+                    (dd[:, :, 1:2] * (s >> 4).astype(np.float32)).reshape(n, -1))
+        s = self.sc.view(np.int8).reshape(n, nsb, 16).astype(np.float32)
+        return (dd[:, :, 0:1] * s).reshape(n, -1), None
 
     def dequantize(self) -> np.ndarray:
         """float32 [n_out, n_in], bit-identical to ``ember.formats.quants.dequantize``."""
-        n, nsb = self.n_out, self.nsb
-        q = self.codes().reshape(n, nsb, -1).astype(np.float32)
-        dd = self.d.view(np.float16).astype(np.float32).reshape(n, nsb, _ND[self.qtype])
-        if self.qtype == Q4_K:
-            s = self.sc.reshape(n, nsb, 2, 8).astype(np.float32)
-            dl = (dd[:, :, 0:1] * s[:, :, 0]).reshape(n, nsb, 8, 1)      # d * sc
-            ml = (dd[:, :, 1:2] * s[:, :, 1]).reshape(n, nsb, 8, 1)      # dmin * m
-            w = dl * q.reshape(n, nsb, 8, 32) - ml
+        n = self.n_out
+        SC, MM = self.scales()
+        g = SC.shape[1]
+        q = self.codes().reshape(n, g, -1).astype(np.float32)
+        if MM is None:
+            w = SC[:, :, None] * (q - np.float32(_OFFSET[self.qtype]))
         else:
-            dl = (dd[:, :, 0:1] * self.sc.view(np.int8).reshape(n, nsb, 16).astype(np.float32))
-            w = dl.reshape(n, nsb, 16, 1) * (q.reshape(n, nsb, 16, 16) - np.float32(32))
+            w = SC[:, :, None] * q - MM[:, :, None]
         return w.reshape(n, self.n_in)
 
 
@@ -299,56 +335,131 @@ def _to_kernel_order(codes: np.ndarray) -> np.ndarray:
 
 
 def _nibbles(v: np.ndarray) -> np.ndarray:
-    """[n, nsb, 4, 16, 4] codes -> [n, nsb, 128]: byte c*64 + 4L + t = v[2c] | v[2c+1] << 4."""
+    """[n, nsb, 4, 16, 4] codes -> [n, nsb, 128]: byte c*64 + 4L + t = v[2c] | v[2c+1] << 4
+    (low 4 bits of each code)."""
     n, nsb = v.shape[:2]
-    lo = v[:, :, 0::2] & 15
-    hi = v[:, :, 1::2] & 15
-    return (lo | (hi << 4)).reshape(n, nsb, 128)
+    return ((v[:, :, 0::2] & 15) | ((v[:, :, 1::2] & 15) << 4)).reshape(n, nsb, 128)
 
 
-def pack_q4_k(raw2d) -> PackedKQ:
-    """GGUF Q4_K rows (uint8 [n_out, nsb * 144]) -> PackedKQ."""
-    r3 = _raw3(raw2d, Q4_K, "pack_q4_k")
-    n, nsb = r3.shape[:2]
-    d = np.ascontiguousarray(r3[:, :, 0:4]).view(np.uint16).reshape(n, nsb * 2)
-    s = r3[:, :, 4:16].reshape(n, nsb, 3, 4)
+def _pack_crumbs(v: np.ndarray) -> np.ndarray:
+    """[n, nsb, 4, 16, 4] 2-bit values -> [n, nsb, 64]: byte 4L + t, bits 2v..2v+1."""
+    n, nsb = v.shape[:2]
+    return (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(
+        n, nsb, 64)
+
+
+def _crumbs(b: np.ndarray) -> np.ndarray:
+    """Inverse of ``_pack_crumbs``: [n, nsb, 64] -> [n, nsb, 4, 16, 4]."""
+    n, nsb = b.shape[:2]
+    sh = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1, 1)
+    return (b.reshape(n, nsb, 1, 16, 4) >> sh) & 3
+
+
+def _pack_bits(v: np.ndarray) -> np.ndarray:
+    """[n, nsb, 4, 16, 4] bits -> [n, nsb, 32]: byte 4L + t (L < 8), bit v for lane L and bit
+    4 + v for lane L + 8 (the kernels widen it to 64 bytes with one shift)."""
+    n, nsb = v.shape[:2]
+    h = v.reshape(n, nsb, 4, 2, 8, 4) << (np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
+                                          + np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1))
+    return np.bitwise_or.reduce(h.reshape(n, nsb, 8, 8, 4), axis=2).reshape(n, nsb, 32)
+
+
+def _bits(b: np.ndarray) -> np.ndarray:
+    """Inverse of ``_pack_bits``: [n, nsb, 32] -> [n, nsb, 4, 16, 4]."""
+    n, nsb = b.shape[:2]
+    sh = (np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
+          + np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1))
+    return ((b.reshape(n, nsb, 1, 1, 8, 4) >> sh) & 1).reshape(n, nsb, 4, 16, 4)
+
+
+def _q6bits(scales: np.ndarray):
+    """The (scale, min) 6-bit pairs of Q4_K/Q5_K's 12 scale bytes [n, nsb, 12] -> [n, nsb, 16]
+    (8 scales, then 8 mins)."""
+    n, nsb = scales.shape[:2]
+    s = scales.reshape(n, nsb, 3, 4)
     a, b, c = s[:, :, 0], s[:, :, 1], s[:, :, 2]
     sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
-    scm = np.concatenate([sc, mn], axis=-1).reshape(n, nsb * 16)
-    qs = r3[:, :, 16:].reshape(n, nsb, 4, 1, 32)
-    nat = ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15).reshape(n, nsb, QK)
-    q = aligned_empty((n, nsb * 128), np.uint8)
-    q[...] = _nibbles(_to_kernel_order(nat)).reshape(n, nsb * 128)
-    return PackedKQ(q, np.ascontiguousarray(scm), d, n, nsb * QK, Q4_K)
+    return np.concatenate([sc, mn], axis=-1)
 
 
-def pack_q6_k(raw2d) -> PackedKQ:
-    """GGUF Q6_K rows (uint8 [n_out, nsb * 210]) -> PackedKQ."""
-    r3 = _raw3(raw2d, Q6_K, "pack_q6_k")
+def _split4(qs: np.ndarray, n: int, nsb: int) -> np.ndarray:
+    """Q4_K/Q5_K qs [n, nsb, 128] -> natural low nibbles [n, nsb, 256]: weight 32 j + l is
+    nibble j % 2 of qs[32 (j // 2) + l]."""
+    qs = qs.reshape(n, nsb, 4, 1, 32)
+    return ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15).reshape(n, nsb, QK)
+
+
+def _split2(qs: np.ndarray, n: int, nsb: int) -> np.ndarray:
+    """Q2_K/Q3_K qs [n, nsb, 64] -> natural 2-bit codes [n, nsb, 256]: weight 128 h + 32 s + l
+    is bits 2s..2s+1 of qs[32 h + l]."""
+    qs = qs.reshape(n, nsb, 2, 1, 32)
+    sh = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)
+    return ((qs >> sh) & 3).reshape(n, nsb, QK)
+
+
+def _hbit(qh: np.ndarray, n: int, nsb: int) -> np.ndarray:
+    """Q3_K hmask / Q5_K qh [n, nsb, 32] -> natural high bits [n, nsb, 256]: weight 32 j + l
+    is bit j of qh[l]."""
+    sh = np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+    return ((qh.reshape(n, nsb, 1, 32) >> sh) & 1).reshape(n, nsb, QK)
+
+
+def _packed(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> PackedKQ:
+    """natural codes [n, nsb, 256] (unsigned), sc [n, nsb, 16] bytes, d [n, nsb, ND] f16 bits ->
+    PackedKQ in the layout of the module docstring."""
+    n, nsb = nat.shape[:2]
+    v = _to_kernel_order(nat)
+    q = aligned_empty((n, nsb * _QB[qt]), np.uint8)
+    q3 = q.reshape(n, nsb, _QB[qt])
+    if qt in (Q2_K, Q3_K):
+        q3[:, :, :64] = _pack_crumbs(v & 3)
+        if qt == Q3_K:
+            q3[:, :, 64:] = _pack_bits(v >> 2)
+    else:
+        q3[:, :, :128] = _nibbles(v)
+        if qt == Q5_K:
+            q3[:, :, 128:] = _pack_bits(v >> 4)
+        elif qt == Q6_K:
+            q3[:, :, 128:] = _pack_crumbs(v >> 4)
+    return PackedKQ(q, np.ascontiguousarray(sc).reshape(n, nsb * 16),
+                    np.ascontiguousarray(d).view(np.uint16).reshape(n, nsb * _ND[qt]),
+                    n, nsb * QK, qt)
+
+
+def pack_kquant(raw2d, qtype: int) -> PackedKQ:
+    """GGUF rows (uint8 [n_out, nsb * block bytes]) of a Q2_K, Q3_K, Q4_K, Q5_K or Q6_K matrix
+    -> PackedKQ. Each type's file layout as ggml writes it (ggml-quants.c; gguf-py's
+    dequantize, which ``test_kquant_kernels`` checks bit for bit through ``dequantize``)."""
+    qtype = int(qtype)
+    if qtype not in _QB:
+        raise ValueError(f"pack_kquant: qtype {qtype} is not a K-quant (Q2_K..Q6_K, 10..14)")
+    r3 = _raw3(raw2d, qtype, "pack_kquant")
     n, nsb = r3.shape[:2]
+    if qtype == Q2_K:     # scales[16] (scale | min << 4), qs[64], d, dmin
+        return _packed(_split2(r3[:, :, 16:80], n, nsb), qtype, r3[:, :, :16], r3[:, :, 80:84])
+    if qtype == Q3_K:     # hmask[32], qs[64], scales[12] (6-bit, biased by 32), d
+        nat = _split2(r3[:, :, 32:96], n, nsb) | (_hbit(r3[:, :, :32], n, nsb) << 2)
+        s = r3[:, :, 96:108]
+        lo = np.concatenate([s[:, :, :8] & 15, s[:, :, :8] >> 4], axis=-1)
+        hi = (s[:, :, 8:12].reshape(n, nsb, 1, 4)
+              >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)).reshape(n, nsb, 16) & 3
+        sc = ((lo | (hi << 4)).astype(np.int16) - 32).astype(np.int8).view(np.uint8)
+        return _packed(nat, qtype, sc, r3[:, :, 108:110])
+    if qtype == Q4_K:     # d, dmin, scales[12], qs[128]
+        return _packed(_split4(r3[:, :, 16:], n, nsb), qtype, _q6bits(r3[:, :, 4:16]),
+                       r3[:, :, 0:4])
+    if qtype == Q5_K:     # d, dmin, scales[12], qh[32], qs[128]
+        nat = _split4(r3[:, :, 48:], n, nsb) | (_hbit(r3[:, :, 16:48], n, nsb) << 4)
+        return _packed(nat, qtype, _q6bits(r3[:, :, 4:16]), r3[:, :, 0:4])
+    # Q6_K: ql[128], qh[64], scales[16] (int8), d; weight 128 h + 32 s + l: nibble s // 2 of
+    # ql[64 h + 32 (s % 2) + l], bits 2s..2s+1 of qh[32 h + l]
     ql = r3[:, :, :128].reshape(n, nsb, 2, 1, 64)
     ql = ((ql >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15).reshape(n, nsb, 2, 4, 32)
     qh = r3[:, :, 128:192].reshape(n, nsb, 2, 1, 32)
     qh = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)) & 3
-    nat = (ql | (qh << 4)).reshape(n, nsb, QK)             # [h][s][l]: weight 128h + 32s + l
-    v = _to_kernel_order(nat)
-    hb = ((v[:, :, 0] >> 4) | ((v[:, :, 1] >> 4) << 2) | ((v[:, :, 2] >> 4) << 4)
-          | ((v[:, :, 3] >> 4) << 6)).reshape(n, nsb, 64)
-    q = aligned_empty((n, nsb * 192), np.uint8)
-    q.reshape(n, nsb, 192)[:, :, :128] = _nibbles(v)
-    q.reshape(n, nsb, 192)[:, :, 128:] = hb
-    sc = np.ascontiguousarray(r3[:, :, 192:208]).reshape(n, nsb * 16)
-    d = np.ascontiguousarray(r3[:, :, 208:210]).view(np.uint16).reshape(n, nsb)
-    return PackedKQ(q, sc, d, n, nsb * QK, Q6_K)
-
-
-def pack_kquant(raw2d, qtype: int) -> PackedKQ:
-    if qtype == Q4_K:
-        return pack_q4_k(raw2d)
-    if qtype == Q6_K:
-        return pack_q6_k(raw2d)
-    raise ValueError(f"pack_kquant: qtype {qtype} is not Q4_K (12) or Q6_K (14)")
+    nat = (ql | (qh << 4)).reshape(n, nsb, QK)
+    return _packed(nat, qtype, r3[:, :, 192:208], r3[:, :, 208:210])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +555,9 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     nl, nh = E_.nl, 64 // vw
     V8, V32, VF, fma = E_.V8, E_.V32, E_.VF, E_.fma
     QB, ND = _QB[qt], _ND[qt]
-    q4 = qt == Q4_K
+    pair, coff = qt in _PAIR, _OFFSET[qt]
+    hoff, hbit = {Q3_K: (64, 2), Q5_K: (128, 4)}.get(qt, (0, 0))   # a 1-bit plane: where, to
+    lmin = qt == Q2_K                                               # mins per 16-group
     name = f"@kq_{_NAMES[qt]}.r{nr}c{kb}"
     npair = (kb + 1) // 2
     ro = "ptr noalias nocapture readonly"
@@ -453,7 +566,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
       "i64 %nrow) noinline #0 {")
     a("entry:")
     a("  %xqs = mul i64 %kp, 256")          # act strides per super-block (elements)
-    a("  %xds = mul i64 %kp, 16")
+    a("  %xds = mul i64 %kp, 32")
     a("  %xps = mul i64 %kp, 16")           # kp / 2 pairs x 32 floats
     a(f"  %qrs = mul i64 %nsb, {QB}")       # weight row strides (elements)
     a("  %scrs = mul i64 %nsb, 16")
@@ -499,70 +612,125 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
         for j in range(nr):
             t0 = f"{j}{sx}"
             a(f"  %sc8_{t0} = load <16 x i8>, ptr %scp{j}{sx}, align 1")
-            if q4:
-                a(f"  %sc32_{t0} = zext <16 x i8> %sc8_{t0} to <16 x i32>")
-                a(f"  %scf{t0} = uitofp <16 x i32> %sc32_{t0} to <16 x float>")
+            if ND == 2:   # d, dmin: lanes 0..7 d, 8..15 dmin
                 a(f"  %dh{t0} = load <2 x half>, ptr %dp{j}{sx}, align 2")
                 a(f"  %df{t0} = fpext <2 x half> %dh{t0} to <2 x float>")
                 a(f"  %DD{t0} = shufflevector <2 x float> %df{t0}, <2 x float> poison, "
                   f"{_mask([0] * 8 + [1] * 8)}")
-                a(f"  %SM{t0} = fmul <16 x float> %scf{t0}, %DD{t0}")   # d sc, dmin m: exact
             else:
-                a(f"  %sc32_{t0} = sext <16 x i8> %sc8_{t0} to <16 x i32>")
-                a(f"  %scf{t0} = sitofp <16 x i32> %sc32_{t0} to <16 x float>")
                 a(f"  %dh{t0} = load half, ptr %dp{j}{sx}, align 2")
                 a(f"  %df{t0} = fpext half %dh{t0} to float")
                 a(f"  %Di{t0} = insertelement {VF} poison, float %df{t0}, i32 0")
                 a(f"  %D{t0} = shufflevector {VF} %Di{t0}, {VF} poison, "
                   f"<{nl} x i32> zeroinitializer")
+            if pair:
+                a(f"  %sc32_{t0} = zext <16 x i8> %sc8_{t0} to <16 x i32>")
+                a(f"  %scf{t0} = uitofp <16 x i32> %sc32_{t0} to <16 x float>")
+                a(f"  %SM{t0} = fmul <16 x float> %scf{t0}, %DD{t0}")   # d sc, dmin m: exact
+                if coff:   # codes - coff: the mins become dmin m - coff d sc (one rounding)
+                    a(f"  %SMd{t0} = shufflevector <16 x float> %SM{t0}, <16 x float> poison, "
+                      f"{_mask(list(range(8)) * 2)}")
+                    a(f"  %SMo{t0} = call <16 x float> @llvm.fma.v16f32(<16 x float> %SMd{t0}, "
+                      f"<16 x float> {_vec('float', [0.0] * 8 + [float(-coff)] * 8)}, "
+                      f"<16 x float> %SM{t0})")
+                    sm = f"%SMo{t0}"
+                else:
+                    sm = f"%SM{t0}"
+            elif qt == Q2_K:   # scale | min << 4 (4 bits each) per 16-group
+                a(f"  %sc32_{t0} = zext <16 x i8> %sc8_{t0} to <16 x i32>")
+                a(f"  %scl{t0} = and <16 x i32> %sc32_{t0}, {_splat('i32', 16, 15)}")
+                a(f"  %sch{t0} = lshr <16 x i32> %sc32_{t0}, {_splat('i32', 16, 4)}")
+                a(f"  %scf{t0} = uitofp <16 x i32> %scl{t0} to <16 x float>")
+                a(f"  %mnf{t0} = uitofp <16 x i32> %sch{t0} to <16 x float>")
+                a(f"  %Dd{t0} = shufflevector <16 x float> %DD{t0}, <16 x float> poison, "
+                  f"<16 x i32> zeroinitializer")
+                a(f"  %Dm{t0} = shufflevector <16 x float> %DD{t0}, <16 x float> poison, "
+                  f"{_mask([8] * 16)}")
+                a(f"  %SCL{t0} = fmul <16 x float> %scf{t0}, %Dd{t0}")
+                a(f"  %MML{t0} = fmul <16 x float> %mnf{t0}, %Dm{t0}")
+            else:              # int8 scales per 16-group
+                a(f"  %sc32_{t0} = sext <16 x i8> %sc8_{t0} to <16 x i32>")
+                a(f"  %scf{t0} = sitofp <16 x i32> %sc32_{t0} to <16 x float>")
+            if hoff:   # one more bit per weight, 32 bytes: lanes 8..15 in the high nibble
+                a(f"  %hbp{t0} = getelementptr i8, ptr %qp{j}{sx}, i64 {hoff}")
+                a(f"  %hb{t0} = load <32 x i8>, ptr %hbp{t0}, align 1")
+                a(f"  %hbs{t0} = lshr <32 x i8> %hb{t0}, {_splat('i8', 32, 4)}")
+                if vw == 64:
+                    a(f"  %hbw{t0} = shufflevector <32 x i8> %hb{t0}, <32 x i8> %hbs{t0}, "
+                      f"{_mask(range(64))}")
             for e in range(nh):
                 t = f"{j}.{e}{sx}"
-                if q4:   # pair lanes (per 128 bits): sub-blocks 2c, 2c+1, 2c, 2c+1 (+4 e: ymm)
+                if pair:   # pair lanes (per 128 bits): sub-blocks 2c, 2c+1, 2c, 2c+1 (+4 e: ymm)
                     sub = [4 * e + 2 * (lane // 4) + (lane % 2) for lane in range(nl)]
-                    a(f"  %SC{t} = shufflevector <16 x float> %SM{t0}, <16 x float> poison, "
+                    a(f"  %SC{t} = shufflevector <16 x float> {sm}, <16 x float> poison, "
                       f"{_mask(sub)}")
-                    a(f"  %MM{t} = shufflevector <16 x float> %SM{t0}, <16 x float> poison, "
+                    a(f"  %MM{t} = shufflevector <16 x float> {sm}, <16 x float> poison, "
                       f"{_mask([8 + b for b in sub])}")
                     out["MM", j, e] = (VF, f"%MM{t}")
-                else:    # lane L: 16-group L
+                elif qt == Q2_K:   # lane L: 16-group L
+                    lanes = _mask(range(nl * e, nl * e + nl))
+                    a(f"  %SC{t} = shufflevector <16 x float> %SCL{t0}, <16 x float> poison, "
+                      f"{lanes}")
+                    a(f"  %MM{t} = shufflevector <16 x float> %MML{t0}, <16 x float> poison, "
+                      f"{lanes}")
+                    out["MM", j, e] = (VF, f"%MM{t}")
+                else:
                     a(f"  %scr{t} = shufflevector <16 x float> %scf{t0}, <16 x float> poison, "
                       f"{_mask(range(nl * e, nl * e + nl))}")
                     a(f"  %SC{t} = fmul {VF} %scr{t}, %D{t0}")
                 out["SC", j, e] = (VF, f"%SC{t}")
-                for c in range(2):
-                    a(f"  %qlp{c}.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {64 * c + vw * e}")
-                    a(f"  %ql{c}.{t} = load {V8}, ptr %qlp{c}.{t}, align 1")
-                    a(f"  %lo{c}.{t} = and {V8} %ql{c}.{t}, {c15}")
-                    a(f"  %hi{c}.{t} = lshr {V8} %ql{c}.{t}, {_splat('i8', vw, 4)}")
-                src = [f"%lo0.{t}", f"%hi0.{t}", f"%lo1.{t}", f"%hi1.{t}"]
-                if q4:
-                    W = src
-                else:    # q6 - 32 = (low 4 bits | high 2 bits << 4) - 32, as int8
+                if qt in (Q2_K, Q3_K):   # 2-bit codes: bits 2v..2v+1 of byte 4L + t
+                    a(f"  %qcp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {vw * e}")
+                    a(f"  %qc.{t} = load {V8}, ptr %qcp.{t}, align 1")
+                    src = []
+                    for v in range(4):
+                        if v:
+                            a(f"  %qcs{v}.{t} = lshr {V8} %qc.{t}, {_splat('i8', vw, 2 * v)}")
+                        a(f"  %cr{v}.{t} = and {V8} {f'%qcs{v}.{t}' if v else f'%qc.{t}'}, "
+                          f"{_splat('i8', vw, 3)}")
+                        src.append(f"%cr{v}.{t}")
+                else:
+                    for c in range(2):
+                        a(f"  %qlp{c}.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {64 * c + vw * e}")
+                        a(f"  %ql{c}.{t} = load {V8}, ptr %qlp{c}.{t}, align 1")
+                        a(f"  %lo{c}.{t} = and {V8} %ql{c}.{t}, {c15}")
+                        a(f"  %hi{c}.{t} = lshr {V8} %ql{c}.{t}, {_splat('i8', vw, 4)}")
+                    src = [f"%lo0.{t}", f"%hi0.{t}", f"%lo1.{t}", f"%hi1.{t}"]
+                if qt == Q6_K:   # high 2 bits of virtual vector v at bits 2v..2v+1 -> bits 4, 5
                     a(f"  %qhp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {128 + vw * e}")
                     a(f"  %qh.{t} = load {V8}, ptr %qhp.{t}, align 1")
-                    W = []
-                    for v in range(4):
-                        sh = 4 - 2 * v
+                    hsrc, hpos, hmask = f"%qh.{t}", [4 - 2 * v for v in range(4)], 0x30
+                elif hoff:       # bit v of the (widened) byte -> bit hbit
+                    hsrc = (f"%hbw{t0}" if vw == 64 else f"%hb{t0}" if e == 0 else f"%hbs{t0}")
+                    hpos, hmask = [hbit - v for v in range(4)], 1 << hbit
+                W = []
+                for v in range(4):
+                    wv = src[v]
+                    if qt == Q6_K or hoff:
+                        sh = hpos[v]
                         if sh > 0:
-                            a(f"  %hs{v}.{t} = shl {V8} %qh.{t}, {_splat('i8', vw, sh)}")
+                            a(f"  %hs{v}.{t} = shl {V8} {hsrc}, {_splat('i8', vw, sh)}")
                         elif sh < 0:
-                            a(f"  %hs{v}.{t} = lshr {V8} %qh.{t}, {_splat('i8', vw, -sh)}")
-                        hs = f"%hs{v}.{t}" if sh else f"%qh.{t}"
-                        a(f"  %hm{v}.{t} = and {V8} {hs}, {_splat('i8', vw, 0x30)}")
-                        a(f"  %wu{v}.{t} = or {V8} {src[v]}, %hm{v}.{t}")
-                        a(f"  %w{v}.{t} = sub {V8} %wu{v}.{t}, {_splat('i8', vw, 32)}")
-                        W.append(f"%w{v}.{t}")
+                            a(f"  %hs{v}.{t} = lshr {V8} {hsrc}, {_splat('i8', vw, -sh)}")
+                        hs = f"%hs{v}.{t}" if sh else hsrc
+                        a(f"  %hm{v}.{t} = and {V8} {hs}, {_splat('i8', vw, hmask)}")
+                        a(f"  %wu{v}.{t} = or {V8} {wv}, %hm{v}.{t}")
+                        wv = f"%wu{v}.{t}"
+                    if coff:
+                        a(f"  %w{v}.{t} = sub {V8} {wv}, {_splat('i8', vw, coff)}")
+                        wv = f"%w{v}.{t}"
+                    W.append(wv)
                 for v in range(4):
                     out["W", j, e, v] = (V8, W[v])
                 # the activations are x + 128 (u8): subtract 128 * (the lane's weight sum);
-                # the 4 vectors summed bytewise first (Q4_K <= 60, Q6_K in [-128, 124])
+                # the 4 vectors summed bytewise first (|sum| <= 4 * 32 = 128: no wrap)
                 a(f"  %ws01.{t} = add {V8} {W[0]}, {W[1]}")
                 a(f"  %ws23.{t} = add {V8} {W[2]}, {W[3]}")
                 a(f"  %ws.{t} = add {V8} %ws01.{t}, %ws23.{t}")
-                out["NW", j, e] = (V32, E_.negsum128(f"nw{t}.", f"%ws.{t}", unsigned=q4))
+                out["NW", j, e] = (V32, E_.negsum128(f"nw{t}.", f"%ws.{t}", unsigned=not coff))
         return out
 
-    nacc = npair if q4 else kb
+    nacc = npair if pair else kb
     if pipe:
         ptrs(".w0", "0")
         w0 = weights(".w0")
@@ -595,7 +763,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("loop.body:")
     a("  %xqo = mul i64 %s, %xqs")
     a("  %xqb = getelementptr i8, ptr %xq, i64 %xqo")
-    if q4:
+    if pair:
         a("  %xpo = mul i64 %s, %xps")
         a("  %xpb = getelementptr float, ptr %xp, i64 %xpo")
     else:
@@ -615,7 +783,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
         wv = weights("")
     for e in range(nh):
         for g in range(nacc):
-            rows_g = [i for i in ([2 * g, 2 * g + 1] if q4 else [g]) if i < kb]
+            rows_g = [i for i in ([2 * g, 2 * g + 1] if pair else [g]) if i < kb]
             X = {}
             for i in rows_g:
                 X[i] = []
@@ -625,19 +793,23 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                     a(f"  %x{v}.{i}.{e} = load {V8}, ptr %xp{v}.{i}.{e}, align 1, "
                       "!invariant.load !0")
                     X[i].append(f"%x{v}.{i}.{e}")
-            if q4:
+            if pair:
                 a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xpb, i64 {32 * g + nl * e}")
                 a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
                 a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 16")
                 a(f"  %DS.{g}.{e} = load {VF}, ptr %dsp.{g}.{e}, align 4, !invariant.load !0")
-            else:
-                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xdb, i64 {16 * g + nl * e}")
+            else:   # xd: 16 lanes of dx, then 16 of float32(dx xsum16) per act row
+                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xdb, i64 {32 * g + nl * e}")
                 a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
+                if lmin:
+                    a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 16")
+                    a(f"  %DS.{g}.{e} = load {VF}, ptr %dsp.{g}.{e}, align 4, "
+                      "!invariant.load !0")
             for j in range(nr):
                 u = f"{j}_{g}.{e}"
                 Wv = [wv["W", j, e, v][1] for v in range(4)]
                 dots = [E_.dot(f"I{i}_{u}.", Wv, X[i], wv["NW", j, e][1]) for i in rows_g]
-                if q4:   # pack the pair to int16 (|I| <= 16 * 15 * 127), sum lane pairs
+                if pair:   # pack the pair to int16 (|I| <= 16 * 16 * 127), sum lane pairs
                     pk = "@llvm.x86.avx512.packssdw.512" if vw == 64 else "@llvm.x86.avx2.packssdw"
                     madd = ("@llvm.x86.avx512.pmaddw.d.512" if vw == 64
                             else "@llvm.x86.avx2.pmadd.wd")
@@ -651,7 +823,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                 a(f"  %F.{u} = sitofp {V32} {isum} to {VF}")
                 a(f"  %T.{u} = fmul {VF} %F.{u}, %DX.{g}.{e}")
                 prev = f"%acc{j}_{g}" if e == 0 else f"%acc{j}_{g}.{e - 1}"
-                if q4:   # - dmin m * float32(dx xsum)
+                if pair or lmin:   # - dmin m * float32(dx xsum)
                     a(f"  %mn.{u} = fneg {VF} {wv['MM', j, e][1]}")
                     a(f"  %m.{u} = call {VF} {fma}({VF} %mn.{u}, {VF} %DS.{g}.{e}, {VF} {prev})")
                     prev = f"%m.{u}"
@@ -666,7 +838,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     for j in range(nr):
         for g in range(nacc):
             acc = f"%acc{j}_{g}.{nh - 1}"
-            if q4:   # lanes (per 128 bits): A, A, B, B
+            if pair:   # lanes (per 128 bits): A, A, B, B
                 prev, n = acc, nl
                 while n > 4:
                     h = n // 2
@@ -761,9 +933,10 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a("  %xqt.o = mul i64 %s0, %kp")
     a("  %xqt.o2 = mul i64 %xqt.o, 256")
     a("  %xqt = getelementptr i8, ptr %xq, i64 %xqt.o2")
-    a("  %xdt.o2 = mul i64 %xqt.o, 16")
+    a("  %xdt.o2 = mul i64 %xqt.o, 32")
     a("  %xdt = getelementptr float, ptr %xd, i64 %xdt.o2")
-    a("  %xpt = getelementptr float, ptr %xp, i64 %xdt.o2")
+    a("  %xpt.o2 = mul i64 %xqt.o, 16")
+    a("  %xpt = getelementptr float, ptr %xp, i64 %xpt.o2")
     a("  br label %grp")
     a("grp:")
     a("  %rg = phi i64 [%r0, %tile], [%rg.next, %grp.end]")
@@ -791,9 +964,10 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
         def call(ksz, i0, sfx):
             a(f"  %xqo{sfx} = mul i64 {i0}, 256")
             a(f"  %xqp{sfx} = getelementptr i8, ptr %xqt, i64 %xqo{sfx}")
-            a(f"  %xdo{sfx} = mul i64 {i0}, 16")   # 16 floats per act row (xd), 32 per pair (xp)
+            a(f"  %xdo{sfx} = mul i64 {i0}, 32")   # 32 floats per act row (xd), 32 per pair (xp)
             a(f"  %xdp{sfx} = getelementptr float, ptr %xdt, i64 %xdo{sfx}")
-            a(f"  %xpp{sfx} = getelementptr float, ptr %xpt, i64 %xdo{sfx}")
+            a(f"  %xpo{sfx} = mul i64 {i0}, 16")
+            a(f"  %xpp{sfx} = getelementptr float, ptr %xpt, i64 %xpo{sfx}")
             a(f"  %yo{sfx} = mul i64 {i0}, %ys")
             a(f"  %yo2{sfx} = add i64 %yo{sfx}, {r}")
             a(f"  %yp{sfx} = getelementptr float, ptr %y, i64 %yo2{sfx}")
@@ -891,7 +1065,7 @@ def _quant_ir() -> list[str]:
     a("  %sko = add i64 %sk, %i")
     a("  %qo = mul i64 %sko, 256")
     a("  %qp = getelementptr i8, ptr %xq, i64 %qo")
-    a("  %dxo = mul i64 %sko, 16")
+    a("  %dxo = mul i64 %sko, 32")
     a("  %dxp = getelementptr float, ptr %xd, i64 %dxo")
     a("  %pko = add i64 %sk, %i")                  # (kp * s + i) / 2 = s * kp / 2 + pair
     a("  %pko2 = lshr i64 %sk, 1")
@@ -923,16 +1097,21 @@ def _quant_ir() -> list[str]:
             a(f"  %qi{b}{h} = fptosi {V} %r{b}{h} to {VI}")
             a(f"  %qu{b}{h} = add {VI} %qi{b}{h}, {_splat('i32', 16, 128)}")
             a(f"  %qb{b}{h} = trunc {VI} %qu{b}{h} to <16 x i8>")
-        a(f"  %qs{b} = add {VI} %qi{b}0, %qi{b}1")
-        a(f"  %xsum{b} = call i32 @llvm.vector.reduce.add.v16i32({VI} %qs{b})")
+        for h in range(2):
+            a(f"  %xs{b}{h} = call i32 @llvm.vector.reduce.add.v16i32({VI} %qi{b}{h})")
+            a(f"  %xsf{b}{h} = sitofp i32 %xs{b}{h} to float")
+            a(f"  %dxs{b}{h} = fmul float %dx{b}, %xsf{b}{h}")
+        a(f"  %xsum{b} = add i32 %xs{b}0, %xs{b}1")
         a(f"  %xsf{b} = sitofp i32 %xsum{b} to float")
         a(f"  %dxs{b} = fmul float %dx{b}, %xsf{b}")
         a(f"  %nat{b} = shufflevector <16 x i8> %qb{b}0, <16 x i8> %qb{b}1, {_mask(range(32))}")
         a(f"  %natd{b} = bitcast <32 x i8> %nat{b} to <8 x i32>")
         dw.append(f"%natd{b}")
-        for g in (2 * b, 2 * b + 1):
+        for h, g in enumerate((2 * b, 2 * b + 1)):
             a(f"  %xdp{g} = getelementptr float, ptr %dxp, i64 {g}")
             a(f"  store float %dx{b}, ptr %xdp{g}, align 4")
+            a(f"  %xdsp{g} = getelementptr float, ptr %dxp, i64 {16 + g}")
+            a(f"  store float %dxs{b}{h}, ptr %xdsp{g}, align 4")
         a(f"  %ln{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
         a(f"  %pxp{b} = getelementptr float, ptr %pp, i64 %ln{b}")
         a(f"  store float %dx{b}, ptr %pxp{b}, align 4")
@@ -957,6 +1136,8 @@ def _quant_ir() -> list[str]:
         a(f"  %pq{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
         a(f"  store <64 x i8> {_splat('i8', 64, -128)}, ptr %pq{v}, align 1")
     a(f"  store {V} zeroinitializer, ptr %dxp, align 4")
+    a("  %dxp16 = getelementptr float, ptr %dxp, i64 16")
+    a(f"  store {V} zeroinitializer, ptr %dxp16, align 4")
     for b in range(8):
         a(f"  %zl{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
         a(f"  %zp{b} = getelementptr float, ptr %pp, i64 %zl{b}")
@@ -978,28 +1159,31 @@ def _quant_ir() -> list[str]:
     return L
 
 
-def kernel_ir(isa: str, cpu: str = "", features: str = "", *, kb: int | None = None,
+def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int | None = None,
               nr: int | None = None, prefetch: int = DEFAULT_PREFETCH,
               tile_bytes: int = DEFAULT_TILE_BYTES, pipe: bool | None = None,
               group: int = DEFAULT_GROUP) -> str:
-    """The IR module text (``kq_q4_k`` and ``kq_q6_k``) for an x86 path (an ``_SPECS`` name)."""
+    """The IR module text for an x86 path (an ``_SPECS`` name): ``kq_<type>`` for ``what`` a
+    qtype, or ``kq_quant`` for ``what="quant"`` (a module each, so a process parses only the
+    ones its model uses)."""
+    L = list(_DECLS) + ["declare i64 @llvm.umax.i64(i64, i64)",
+                        "declare i64 @llvm.umin.i64(i64, i64)"]
+    if what == "quant":
+        L += ["declare <16 x float> @llvm.fabs.v16f32(<16 x float>)",
+              "declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)",
+              "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
+              "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
+              "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)"]
+        L += _quant_ir()
+        return codegen.finish_module(L, cpu, features)
     vw, combine = _SPECS[isa]
     kbs = _kbs(kb or DEFAULT_KB[isa])
     nr = nr or DEFAULT_NR[isa]
     pipe = DEFAULT_PIPE[isa] if pipe is None else pipe
-    L = list(_DECLS) + ["declare i64 @llvm.umax.i64(i64, i64)",
-                        "declare i64 @llvm.umin.i64(i64, i64)",
-                        "declare <16 x float> @llvm.fabs.v16f32(<16 x float>)",
-                        "declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)",
-                        "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
-                        "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
-                        "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)"]
-    L += _quant_ir()
-    for qt in (Q4_K, Q6_K):
-        for ksz in kbs:
-            for rows in sorted({1, nr}):
-                L += _chunk_ir(qt, vw, combine, rows, ksz, pipe)
-        L += _fn_ir(qt, nr, kbs, tile_bytes, prefetch, group)
+    for ksz in kbs:
+        for rows in sorted({1, nr}):
+            L += _chunk_ir(what, vw, combine, rows, ksz, pipe)
+    L += _fn_ir(what, nr, kbs, tile_bytes, prefetch, group)
     return codegen.finish_module(L, cpu, features)
 
 
@@ -1007,9 +1191,9 @@ _lock = threading.Lock()
 _cache: dict = {}
 
 
-def _compile(isa: str, **opts):
-    """({qtype: address}, owners to keep alive, compile seconds); cached per process."""
-    key = (isa, tuple(sorted(opts.items())))
+def _compile(isa: str, what, **opts):
+    """(address of ``kq_<what>``, owners to keep alive, compile seconds); cached per process."""
+    key = (isa, what, tuple(sorted(opts.items())))
     k = _cache.get(key)
     if k is not None:
         return k
@@ -1020,24 +1204,21 @@ def _compile(isa: str, **opts):
         if isa not in codegen.host_isas() or isa not in _SPECS:
             raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
         spec = codegen.resolve_isa(isa)
-        if "kb" not in opts:
-            opts = dict(opts, kb=DEFAULT_KB[isa])
-        if "nr" not in opts:
-            opts = dict(opts, nr=DEFAULT_NR[isa])
-        if "pipe" not in opts:
-            opts = dict(opts, pipe=DEFAULT_PIPE[isa])
-        ee, owners, secs = codegen.jit(lambda cpu, feat: kernel_ir(spec, cpu, feat, **opts), isa)
-        k = ({qt: ee.get_function_address(f"kq_{_NAMES[qt]}") for qt in _NAMES}, owners, secs)
-        k[0]["quant"] = ee.get_function_address("kq_quant")
-        _cache[key] = k
+        if what != "quant":
+            opts = {"kb": DEFAULT_KB[isa], "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
+                    **opts}
+        ee, owners, secs = codegen.jit(
+            lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
+        name = "kq_quant" if what == "quant" else f"kq_{_NAMES[what]}"
+        k = _cache[key] = (ee.get_function_address(name), owners, secs)
         return k
 
 
-def kernel_asm(isa: str = "avx512", **opts) -> str:
-    """The host assembly of the module (for inspection; runs nothing)."""
+def kernel_asm(isa: str = "avx512", what=Q4_K, **opts) -> str:
+    """The host assembly of a module (for inspection; runs nothing)."""
     spec = codegen.resolve_isa(isa)
     opts = {"kb": DEFAULT_KB[isa], "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa], **opts}
-    return codegen.host_asm(lambda cpu, feat: kernel_ir(spec, cpu, feat, **opts), isa)
+    return codegen.host_asm(lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
 
 
 _choice: dict = {}
@@ -1053,24 +1234,24 @@ def quant_address(kernel: str | None = None) -> int:
     r = _choice.get(key)
     if r is None:
         name = codegen.select_kernel(kernel)
-        r = _compile(name)[0]["quant"] if name in _SPECS else 0
+        r = _compile(name, "quant")[0] if name in _SPECS else 0
         _choice[key] = r
     return r
 
 
 def fn_address(qtype: int, kernel: str | None = None, **opts) -> int:
-    """Address of ``kq_q4_k`` / ``kq_q6_k`` for a kernel path (0: portable). ``opts`` (kb, nr,
+    """Address of ``kq_<type>`` (Q2_K..Q6_K) for a kernel path (0: portable). ``opts`` (kb, nr,
     prefetch, tile_bytes) are for experiments; the defaults are the measured best."""
     key = (qtype, kernel, tuple(sorted(opts.items())))
     r = _choice.get(key)
     if r is None:
         if qtype not in _NAMES:
-            raise ValueError(f"qtype {qtype} is not Q4_K (12) or Q6_K (14)")
+            raise ValueError(f"qtype {qtype} is not a K-quant (Q2_K..Q6_K, 10..14)")
         name = codegen.select_kernel(kernel)
         if name not in _SPECS:   # portable (neon is never executed here)
             r = 0
         else:
-            r = _compile(name, **opts)[0][qtype]
+            r = _compile(name, qtype, **opts)[0]
         _choice[key] = r
     return r
 
@@ -1125,7 +1306,7 @@ def _h2f(h):
 @njit(cache=True, nogil=True)
 def quantize_x_nb(x, xq, xd, xp):
     """x float32 [k, n_in] -> the act format (module docstring): xq uint8 [nsb, kp, 256],
-    xd float32 [nsb, kp, 16], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
+    xd float32 [nsb, kp, 32], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
     padding row is x = 0)."""
     k, n = x.shape
     nsb = n // 256
@@ -1149,14 +1330,17 @@ def quantize_x_nb(x, xq, xd, xp):
                 xs = 0
                 for h in range(2):
                     g = 2 * b + h                      # 16-group (lane) L
+                    xs16 = 0
                     for v in range(4):
                         for t in range(4):
                             val = 0
                             if i < k:
                                 val = np.int32(np.rint(x[i, o + 16 * h + 4 * v + t] * inv))
-                            xs += val
+                            xs16 += val
                             xq[s, i, 64 * v + 4 * g + t] = np.uint8(val + 128)
+                    xs += xs16
                     xd[s, i, g] = dx
+                    xd[s, i, 16 + g] = dx * np.float32(xs16)
                 lane = 4 * (b // 2) + 2 * (i % 2) + (b % 2)
                 xp[s, i // 2, lane] = dx
                 xp[s, i // 2, 16 + lane] = dx * np.float32(xs)
@@ -1164,18 +1348,20 @@ def quantize_x_nb(x, xq, xd, xp):
 
 @njit(cache=True, nogil=True)
 def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
-    """Plain numba: each super-block of a row is decoded to float32 weights once (``d sc q -
-    dmin m`` / ``d sc (q - 32)``, kernel lane order), then 256 float32 lanes per act row
-    accumulate ``w * xhat`` with ``xhat = (xq - 128) dx`` (exact products of the same
-    quantized values: differs from the integer kernels by float32 rounding only), a tree sum
-    at the end. The lanes are the vector: LLVM vectorizes without fastmath."""
+    """Plain numba: each super-block of a row is decoded to float32 weights once (``SC q - MM``
+    or ``SC (q - offset)``, kernel lane order; the type from the shapes), then 256 float32
+    lanes per act row accumulate ``w * xhat`` with ``xhat = (xq - 128) dx`` (exact products of
+    the same quantized values: differs from the integer kernels by float32 rounding only), a
+    tree sum at the end. The lanes are the vector: LLVM vectorizes without fastmath."""
     nsb, k = xq.shape[0], y.shape[0]
-    q4 = q.shape[1] == 128 * nsb
     qb = q.shape[1] // nsb
+    pair = qb == 128 or qb == 160                  # Q4_K, Q5_K: per 32-block (lane >> 1)
+    crumbs = qb == 64 or qb == 96                  # Q2_K, Q3_K: 2-bit low codes
+    off = 32 if qb == 192 else 4 if qb == 96 else 0
     w = np.empty(256, np.float32)
     qi = np.empty(256, np.int32)
     scv = np.empty(64, np.float32)
-    mmv = np.empty(64, np.float32)
+    mmv = np.zeros(64, np.float32)
     xf = np.empty((nsb, k, 256), np.float32)
     for s in range(nsb):
         for i in range(k):
@@ -1188,39 +1374,48 @@ def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
         qrow = q[r]
         for s in range(nsb):
             qo = s * qb
-            for c in range(2):
-                qs = qrow[qo + 64 * c:qo + 64 * c + 64]
-                lo = qi[128 * c:128 * c + 64]
-                hi = qi[128 * c + 64:128 * c + 128]
-                for j in range(64):
-                    byte = np.int32(qs[j])
-                    lo[j] = byte & 15
-                    hi[j] = byte >> 4
-            if q4:
+            if crumbs:                              # byte j, bits 2v..2v+1: code (v, j)
+                for v in range(4):
+                    for j in range(64):
+                        qi[64 * v + j] = (np.int32(qrow[qo + j]) >> (2 * v)) & 3
+            else:                                   # nibbles: byte 64 c + j = v 2c | 2c+1 << 4
+                for c in range(2):
+                    for j in range(64):
+                        byte = np.int32(qrow[qo + 64 * c + j])
+                        qi[128 * c + j] = byte & 15
+                        qi[128 * c + 64 + j] = byte >> 4
+            if qb == 192:                           # Q6_K: 2 high bits at bits 2v..2v+1
+                for v in range(4):
+                    for j in range(64):
+                        qi[64 * v + j] |= ((np.int32(qrow[qo + 128 + j]) >> (2 * v)) & 3) << 4
+            elif qb == 160 or qb == 96:             # Q5_K / Q3_K: a 32-byte bit plane
+                ho, hb = (128, 4) if qb == 160 else (64, 2)
+                for v in range(4):
+                    for j in range(64):
+                        byte = np.int32(qrow[qo + ho + (j & 31)])
+                        qi[64 * v + j] |= ((byte >> (v + 4 * (j >> 5))) & 1) << hb
+            if pair:
                 dd = _h2f(d[r, 2 * s])
                 dm = _h2f(d[r, 2 * s + 1])
                 for j in range(64):          # lane j % 64: sub-block j >> 3
                     scv[j] = dd * np.float32(sc[r, 16 * s + (j >> 3)])
                     mmv[j] = dm * np.float32(sc[r, 16 * s + 8 + (j >> 3)])
-                for v in range(4):
-                    wv = w[64 * v:64 * v + 64]
-                    qv = qi[64 * v:64 * v + 64]
-                    for j in range(64):
-                        wv[j] = scv[j] * np.float32(qv[j]) - mmv[j]
-            else:
+            elif qb == 64:                   # Q2_K: scale | min << 4 per 16-group j >> 2
+                dd = _h2f(d[r, 2 * s])
+                dm = _h2f(d[r, 2 * s + 1])
+                for j in range(64):
+                    b = np.int32(sc[r, 16 * s + (j >> 2)])
+                    scv[j] = dd * np.float32(b & 15)
+                    mmv[j] = dm * np.float32(b >> 4)
+            else:                            # int8 scales per 16-group j >> 2
                 dd = _h2f(d[r, s])
-                qh = qrow[qo + 128:qo + 192]
-                for v in range(4):
-                    qv = qi[64 * v:64 * v + 64]
-                    for j in range(64):
-                        qv[j] |= ((np.int32(qh[j]) >> (2 * v)) & 3) << 4
-                for j in range(64):          # lane j % 64: 16-group j >> 2 (int8 scales)
+                for j in range(64):
                     scv[j] = dd * np.float32((np.int32(sc[r, 16 * s + (j >> 2)]) ^ 0x80) - 0x80)
-                for v in range(4):
-                    wv = w[64 * v:64 * v + 64]
-                    qv = qi[64 * v:64 * v + 64]
-                    for j in range(64):
-                        wv[j] = scv[j] * np.float32(qv[j] - 32)
+            for v in range(4):
+                wv = w[64 * v:64 * v + 64]
+                qv = qi[64 * v:64 * v + 64]
+                for j in range(64):
+                    wv[j] = scv[j] * np.float32(qv[j] - off) - mmv[j]
             for i in range(k):
                 a = acc[i]
                 x = xf[s, i]
@@ -1250,12 +1445,12 @@ def rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1):
 def act_buffers(nsb, kp):
     """Empty (xq, xd, xp) for kp (even) act rows of nsb super-blocks, in one 64-byte aligned
     block (act loads that split cache lines slowed the compute-bound k-row kernels)."""
-    nq, nd = nsb * kp * 256, nsb * kp * 64        # bytes of xq, of xd (xp is as large)
-    buf = np.empty(nq + 2 * nd + 64, np.uint8)
+    nq, nd = nsb * kp * 256, nsb * kp * 128       # bytes of xq, of xd (xp: half of xd)
+    buf = np.empty(nq + nd + nd // 2 + 64, np.uint8)
     o = (-buf.ctypes.data) % 64
     xq = buf[o:o + nq].reshape((nsb, kp, 256))
-    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((nsb, kp, 16))
-    xp = buf[o + nq + nd:o + nq + 2 * nd].view(np.float32).reshape((nsb, kp // 2, 32))
+    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((nsb, kp, 32))
+    xp = buf[o + nq + nd:o + nq + nd + nd // 2].view(np.float32).reshape((nsb, kp // 2, 32))
     return xq, xd, xp
 
 
@@ -1278,10 +1473,12 @@ def quantize_x_alloc(x, fq=0):
 def _prep(fq, x, q, sc, d, out):
     k, n = x.shape
     nsb = n // 256
+    qb, nd = q.shape[1] // max(nsb, 1), d.shape[1] // max(nsb, 1)
     ok = n % 256 == 0 and nsb > 0 and k > 0 and sc.shape[1] == 16 * nsb \
         and q.shape[0] == sc.shape[0] and q.shape[0] == d.shape[0] \
-        and ((q.shape[1] == 128 * nsb and d.shape[1] == 2 * nsb)
-             or (q.shape[1] == 192 * nsb and d.shape[1] == nsb)) \
+        and q.shape[1] == qb * nsb and d.shape[1] == nd * nsb \
+        and ((qb == 128 and nd == 2) or (qb == 160 and nd == 2) or (qb == 192 and nd == 1)
+             or (qb == 64 and nd == 2) or (qb == 96 and nd == 1)) \
         and out.shape[0] == k and out.shape[1] == q.shape[0]
     if not ok:
         raise ValueError("kq_matmul: the shapes of x, the packed matrix and out differ")
@@ -1325,7 +1522,7 @@ def _addresses(qtype, kernel):
 
 def kq_matvec(x, p: PackedKQ, out: np.ndarray | None = None, threads: int = 1,
               kernel: str | None = None) -> np.ndarray:
-    """y = W @ x for a packed Q4_K / Q6_K matrix (float32 [n_out]); ``out`` may be given."""
+    """y = W @ x for a packed K-quant matrix (float32 [n_out]); ``out`` may be given."""
     if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
             or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
@@ -1400,11 +1597,13 @@ def quantize_x_reference(X):
 def kq_matmul_reference(X, p: PackedKQ, return_scale: bool = False):
     """What the kernels compute, [k, n_out] float32 (float64 sums, exact integer dots).
 
-    Q4_K, per 32-block b of a row: ``I_b dx_b (d sc_b) - (dmin m_b) float32(dx_b xsum_b)``
-    with ``I_b = sum q xq`` and ``xsum_b = sum xq``; Q6_K, per 16-group g:
-    ``(sum (q - 32) xq) dx (d sc_g)``. With ``return_scale`` also (per [k, n_out]) the sum
-    over blocks / groups of the |terms| (the scale of float32 rounding) and the guaranteed
-    bound of |y - dequantize(W) @ x| (module docstring).
+    Q4_K / Q5_K, per 32-block b of a row: ``I_b dx_b SC_b - MM_b float32(dx_b xsum_b)`` with
+    ``I_b = sum (q - o) xq``, ``xsum_b = sum xq``, ``SC_b = d sc_b`` and ``MM_b = float32(dmin
+    m_b - o SC_b)`` (o = 0 for Q4_K, 16 for Q5_K: the kernel's int8 weights); Q2_K, Q3_K,
+    Q6_K, per 16-group g: ``(sum (q - o) xq) dx SC_g`` (o = 0, 4, 32), Q2_K minus ``MM_g
+    float32(dx xsum_g)``. ``SC``, ``MM``: ``PackedKQ.scales``. With ``return_scale`` also (per
+    [k, n_out]) the sum over blocks / groups of the |terms| (the scale of float32 rounding)
+    and the guaranteed bound of |y - dequantize(W) @ x| (module docstring).
     """
     X = np.asarray(X, np.float32)
     X = X.reshape(1, -1) if X.ndim == 1 else X
@@ -1412,31 +1611,24 @@ def kq_matmul_reference(X, p: PackedKQ, return_scale: bool = False):
     if n != p.n_in:
         raise ValueError("kq_matmul_reference: x does not match the matrix")
     xq, dx, xs = quantize_x_reference(X)
-    dd = p.d.view(np.float16).astype(np.float32).reshape(p.n_out, p.nsb, _ND[p.qtype])
-    codes = p.codes().astype(np.float64)
-    if p.qtype == Q4_K:
-        nb = n // 32
-        ib = np.einsum("rbj,ibj->irb", codes.reshape(p.n_out, nb, 32),
-                      xq.reshape(k, nb, 32).astype(np.float64))          # exact (< 2^53)
-        s = p.sc.reshape(p.n_out, p.nsb, 2, 8).astype(np.float32)
-        SC = (dd[:, :, 0:1] * s[:, :, 0]).reshape(p.n_out, nb).astype(np.float64)
-        MM = (dd[:, :, 1:2] * s[:, :, 1]).reshape(p.n_out, nb).astype(np.float64)
-        xs32 = xs.reshape(k, nb, 2).sum(axis=2)
-        dxs = (dx * xs32.astype(np.float32)).astype(np.float64)          # float32 products
-        t1 = ib * dx.astype(np.float64)[:, None, :] * SC[None]
-        t2 = MM[None] * dxs[:, None, :]
-        y = (t1 - t2).sum(axis=2)
-        absum = (np.abs(t1) + np.abs(t2)).sum(axis=2)
-    else:
-        ng = n // 16
-        ig = np.einsum("rgj,igj->irg", codes.reshape(p.n_out, ng, 16) - 32.0,
-                      xq.reshape(k, ng, 16).astype(np.float64))
-        SC = (dd[:, :, 0:1] * p.sc.view(np.int8).reshape(p.n_out, p.nsb, 16).astype(np.float32))
-        SC = SC.reshape(p.n_out, ng).astype(np.float64)
-        dxg = np.repeat(dx, 2, axis=1).astype(np.float64)
-        t1 = ig * dxg[:, None, :] * SC[None]
-        y = t1.sum(axis=2)
-        absum = np.abs(t1).sum(axis=2)
+    o = _OFFSET[p.qtype]
+    codes = p.codes().astype(np.float64) - o
+    SC, MM = p.scales()
+    gw = 32 if p.qtype in _PAIR else 16                          # weights per scale
+    ng = n // gw
+    ig = np.einsum("rgj,igj->irg", codes.reshape(p.n_out, ng, gw),
+                   xq.reshape(k, ng, gw).astype(np.float64))      # exact (< 2^53)
+    dxg = np.repeat(dx, 32 // gw, axis=1)
+    t1 = ig * dxg.astype(np.float64)[:, None, :] * SC.astype(np.float64)[None]
+    y, absum = t1.sum(axis=2), np.abs(t1).sum(axis=2)
+    if MM is not None:
+        if o:
+            MM = MM - np.float32(o) * SC                          # float32, one rounding
+        xsg = xs.reshape(k, ng, gw // 16).sum(axis=2)
+        dxs = (dxg * xsg.astype(np.float32)).astype(np.float64)  # float32 products
+        t2 = MM.astype(np.float64)[None] * dxs[:, None, :]
+        y = y - t2.sum(axis=2)
+        absum = absum + np.abs(t2).sum(axis=2)
     y = y.astype(np.float32)
     if not return_scale:
         return y
@@ -1453,26 +1645,19 @@ def kq_matmul_reference(X, p: PackedKQ, return_scale: bool = False):
 # random GGUF blocks, benchmark: python -m ember.lut_kernels.kquant
 
 
-def random_q4_k(rng, n_out: int, n_in: int) -> np.ndarray:
-    """Random GGUF Q4_K rows: uint8 [n_out, n_in / 256 * 144]; random scale / min / code bytes,
-    f16 d ~ 1e-3 and dmin ~ 3e-4 of random sign."""
-    nsb = n_in // 256
-    raw = rng.integers(0, 256, (n_out, nsb, 144), dtype=np.uint8)
-    d = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 1e-3
-    dm = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 3e-4
-    raw[:, :, 0:2] = d.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
-    raw[:, :, 2:4] = dm.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
-    return raw.reshape(n_out, nsb * 144)
+_F16_FIELDS = {Q2_K: (80, 82), Q3_K: (108,), Q4_K: (0, 2), Q5_K: (0, 2), Q6_K: (208,)}
 
 
-def random_q6_k(rng, n_out: int, n_in: int) -> np.ndarray:
-    """Random GGUF Q6_K rows: uint8 [n_out, n_in / 256 * 210]; random ql / qh / int8 scales,
-    f16 d ~ 1e-3 of random sign."""
+def random_kquant(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
+    """Random GGUF rows of a K-quant type: uint8 [n_out, n_in / 256 * block bytes]; random
+    code and scale bytes, f16 d ~ 1e-3 (and dmin ~ 3e-4) of random sign."""
     nsb = n_in // 256
-    raw = rng.integers(0, 256, (n_out, nsb, 210), dtype=np.uint8)
-    d = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * 1e-3
-    raw[:, :, 208:210] = d.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
-    return raw.reshape(n_out, nsb * 210)
+    bb = _GGUF_BYTES[qtype]
+    raw = rng.integers(0, 256, (n_out, nsb, bb), dtype=np.uint8)
+    for off, mag in zip(_F16_FIELDS[qtype], (1e-3, 3e-4), strict=False):
+        v = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * mag
+        raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
+    return raw.reshape(n_out, nsb * bb)
 
 
 def _copy(p: PackedKQ) -> PackedKQ:
@@ -1502,7 +1687,7 @@ def benchmark(shapes=SHAPES, rounds: int = 5, kernels=None, ks=(1, 2, 4, 8, 16),
 def _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable_max_bytes,
                  out) -> dict:
     best = kernels[0]
-    p = pack_kquant((random_q4_k if qt == Q4_K else random_q6_k)(rng, n_out, n_in), qt)
+    p = pack_kquant(random_kquant(rng, qt, n_out, n_in), qt)
     ncold = max(2, cold_bytes // p.nbytes)
     cps = [p] + [_copy(p) for _ in range(ncold - 1)]
     X = rng.standard_normal((max(ks), n_in)).astype(np.float32)
@@ -1542,7 +1727,7 @@ def _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable
             for i in range(1, 1 + nrot):
                 f(i)
             res[nm][1].append((time.perf_counter() - t0) / nrot)
-    name = "Q4_K" if qt == Q4_K else "Q6_K"
+    name = _NAMES[qt].upper()
     out(f"{n_out}x{n_in} {name}: packed {p.nbytes / 1e6:.2f} MB (GGUF {p.gguf_nbytes / 1e6:.2f}"
         f" MB, f32 {w.nbytes / 1e6:.1f} MB); median us (GB/s) hot | cold; x: / k=1")
     rows = {}
@@ -1564,22 +1749,11 @@ if __name__ == "__main__":
     print(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
     print("host:", codegen.host_isas())
     rng = np.random.default_rng(1)
-    raw = random_q4_k(rng, 8960, 1536)
-    pack_q4_k(raw)
-    t = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        pack_q4_k(raw)
-        t.append(time.perf_counter() - t0)
-    print(f"pack_q4_k 8960x1536: {np.median(t) * 1e3:.1f} ms")
-    raw = random_q6_k(rng, 1536, 8960)
-    pack_q6_k(raw)
-    t = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        pack_q6_k(raw)
-        t.append(time.perf_counter() - t0)
-    print(f"pack_q6_k 1536x8960: {np.median(t) * 1e3:.1f} ms")
+    import timeit
+    for qt, shape in ((Q4_K, (8960, 1536)), (Q6_K, (1536, 8960))):
+        raw = random_kquant(rng, qt, *shape)
+        t = np.median(timeit.repeat(lambda: pack_kquant(raw, qt), number=1, repeat=6)[1:])
+        print(f"pack {_NAMES[qt]} {shape[0]}x{shape[1]}: {t * 1e3:.1f} ms")
     for nm, xk in (("k=1 x 1536", 1), ("k=16 x 8960", 16)):
         X = rng.standard_normal((xk, 1536 if xk == 1 else 8960)).astype(np.float32)
         for ker in ("avx512", "portable"):

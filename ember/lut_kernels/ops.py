@@ -5,8 +5,8 @@ Weights arrive in one of two forms:
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
   `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, on
-  Q5_0, Q3_K, TQ1_0, TQ2_0); Q4_K/Q6_K matrices run the int8 kernels of `kquant.py` for any
-  number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
+  Q5_0, TQ1_0, TQ2_0); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
+  any number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
   prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
   time into one reused buffer per thread and use single-threaded BLAS, the output columns split
   between ember's threads, so no float32 copy of the model is ever kept; a matrix that also has
@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..formats.quants import dequantize_into
+from .kquant import QTYPES as KQ_TYPES  # Q2_K..Q6_K
 from .q8 import INT8_TYPES  # Q8_0, and the types whose blocks are Q8_0 blocks exactly
 from .split import MIN_ROWS, split
 
@@ -76,7 +77,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
         split(w.shape[0], threads, lambda a, b: np.matmul(x, w[a:b].T, out=out[:, a:b]))
         return out
-    if w.qtype in (T.Q4_K, T.Q6_K) and w.packed is not None:
+    if w.qtype in KQ_TYPES and w.packed is not None:
         from .kquant import kq_matmul  # reads the weights once for up to 16 rows at a time
 
         return kq_matmul(np.ascontiguousarray(x, dtype=np.float32), w.packed, threads=threads)
@@ -89,7 +90,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     return _tiled(x, w, threads)
 
 
-_KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, T.Q4_K, T.Q6_K)
+_KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, *KQ_TYPES)
 
 
 def has_kernel(qtype: int) -> bool:
@@ -103,7 +104,7 @@ def pack(raw: np.ndarray, qtype: int):
         from .pack import pack_q4
 
         return pack_q4(raw, qtype)
-    if qtype in (T.Q4_K, T.Q6_K):
+    if qtype in KQ_TYPES:
         from .kquant import pack_kquant
 
         return pack_kquant(raw, qtype)
@@ -127,7 +128,7 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
         from .q8 import q8_matvec
 
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, q8_matvec)
-    if qtype in (T.Q4_K, T.Q6_K):
+    if qtype in KQ_TYPES:
         from .kquant import kq_matvec
 
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, kq_matvec)

@@ -40,7 +40,7 @@ __all__ = ["LAYOUT", "cache_path", "load", "save"]
 log = logging.getLogger("ember")
 
 MAGIC = b"EMBERPK\x01"
-LAYOUT = "q4f16-tile64.q8f16.q5as8.kq1.v5"
+LAYOUT = "q4f16-tile64.q8f16.q5as8.kq2.v6"  # kq2: Q2_K..Q6_K in kquant (Q3_K no longer int8)
 ALIGN = 64
 _CLASSES = {"q4": PackedQ4, "q8": PackedQ8, "kq": PackedKQ}
 _DTYPES = {"uint8", "uint16", "int8", "float32", "int64"}

@@ -4,7 +4,7 @@ Q8_0 block: 34 bytes = f16 ``d`` then 32 int8 ``qs``; weight = ``q * d``.
 
 API
 ---
-``pack_q8_0(raw2d) -> PackedQ8``; ``pack_exact_int8(raw2d, qtype) -> PackedQ8`` for Q5_0, Q3_K,
+``pack_q8_0(raw2d) -> PackedQ8``; ``pack_exact_int8(raw2d, qtype) -> PackedQ8`` for Q5_0,
     TQ1_0 and TQ2_0, whose weights are int8 codes times one f16 scale per block (exact)
     raw GGUF rows (uint8 [n_out, n_in / 32 * 34]) -> int8 ``qs`` [n_out, n_in] (row-major, the
     GGUF quants without their scales) and ``d`` [n_out, n_in / 32], the f16 scales' bits
@@ -148,12 +148,10 @@ def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
 
 
 # Types whose every weight is an int8 code times one f16 scale per block of 32 (or per super-block
-# of 256): (weights, bytes, offset of the f16 scale) per block, and whether the codes are negated
-# so they fit int8 (Q3_K: (sc - 32) * q with sc - 32 in [-32, 31] and q in [-4, 3] reaches +128).
-EXACT_INT8 = {6: (32, 22, 0, False),      # Q5_0: d * (q - 16)
-              11: (256, 110, 108, True),  # Q3_K: d * (sc - 32) * q
-              34: (256, 54, 52, False),   # TQ1_0: d * (t - 1)
-              35: (256, 66, 64, False)}   # TQ2_0: d * (t - 1)
+# of 256): (weights, bytes, offset of the f16 scale) per block.
+EXACT_INT8 = {6: (32, 22, 0),       # Q5_0: d * (q - 16)
+              34: (256, 54, 52),    # TQ1_0: d * (t - 1)
+              35: (256, 66, 64)}    # TQ2_0: d * (t - 1)
 INT8_TYPES = (8, *EXACT_INT8)             # the types the Q8_0 kernels run (8: Q8_0 itself)
 
 
@@ -162,10 +160,10 @@ def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ
     file's float32 weights bit for bit): the int8 codes are the dequantized weights divided by
     the block's f16 scale (a float32 division of an exact multiple is exact), checked.
     The int8 kernels then run these types; they read 1.0625 bytes a weight instead of the
-    file's (Q5_0 0.69, Q3_K 0.43, TQ 0.21-0.26) until each has a table-lookup kernel."""
+    file's (Q5_0 0.69, TQ 0.21-0.26) until each has a kernel of its own."""
     from ..formats.quants import dequantize_into
 
-    bw, bb, off, neg = EXACT_INT8[qtype]
+    bw, bb, off = EXACT_INT8[qtype]
     raw = np.asarray(raw2d)
     if raw.dtype != np.uint8:
         raw = raw.view(np.uint8)
@@ -174,8 +172,6 @@ def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ
     n_out, n_in = raw.shape[0], raw.shape[1] // bb * bw
     r3 = raw.reshape(n_out, -1, bb)
     d = np.ascontiguousarray(r3[:, :, off:off + 2]).view(np.uint16).reshape(n_out, -1)
-    if neg:
-        d = d ^ np.uint16(0x8000)
     d = np.repeat(d, bw // 32, axis=1)                                  # one per 32 weights
     qs = np.empty((n_out, n_in), np.int8)
     w = np.empty(min(chunk, n_out) * n_in, np.float32)

@@ -3,8 +3,9 @@
 Two modes:
 - "reference": every weight is dequantized to float32 on first use and kept (the NumPy oracle path);
 - "fast": matrices stay in the file's encoding, memory-mapped (`QuantMatrix`), with a kernel
-  layout packed on first use where a kernel exists (Q4_0/Q4_1 table lookup; int8 dot for Q8_0 and the types repacked into its layout, Q4_K/Q6_K); only vectors (norms,
-  biases) and F32/F16 matrices become float32 arrays.
+  layout packed on first use where a kernel exists (Q4_0/Q4_1 table lookup; int8 dot for Q8_0,
+  the types repacked into its layout, and the K-quants); only vectors (norms, biases) and
+  F32/F16 matrices become float32 arrays.
 Embedding rows are always decoded on demand. Streaming under a byte budget plugs in here.
 """
 
