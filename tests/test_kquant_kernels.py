@@ -212,7 +212,7 @@ def test_quantize_x(kernel, k):
     x[-1, 5] = -np.abs(x[-1, :32]).max() * 2  # a negative maximum
     xq, xd, xp = K.quantize_x(x, kernel=kernel)
     kp = k + k % 2
-    assert xq.shape == (3, kp, 256) and xd.shape == (3, kp, 32) and xp.shape == (3, kp // 2, 32)
+    assert xq.shape == (3, kp, 256) and xd.shape == (2, 3, kp, 16) and xp.shape == (3, kp // 2, 32)
     for a in (xq, xd, xp):
         assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
     # the IR quantizer and the numba one agree bit for bit
@@ -223,12 +223,12 @@ def test_quantize_x(kernel, k):
     # codes: offset binary in the lane order; byte 64 v + 4 L + t = weight 16 L + 4 v + t
     nat = (xq.astype(np.int64) - 128).reshape(3, kp, 4, 16, 4).transpose(1, 0, 3, 2, 4)
     assert np.array_equal(nat.reshape(kp, 768)[:k], rq), _msg(k=k)
-    assert (xq[:, k:] == 128).all() and (xd[:, k:] == 0).all()
-    assert np.array_equal(xd[:, :k, :16].transpose(1, 0, 2).reshape(k, 48),
+    assert (xq[:, k:] == 128).all() and (xd[:, :, k:] == 0).all()
+    assert np.array_equal(xd[0, :, :k].transpose(1, 0, 2).reshape(k, 48),
                           np.repeat(rdx, 2, axis=1))
     # per 16-group: float32(dx * xsum16)
     want16 = np.repeat(rdx, 2, axis=1) * rxs.astype(np.float32)
-    assert np.array_equal(xd[:, :k, 16:].transpose(1, 0, 2).reshape(k, 48), want16)
+    assert np.array_equal(xd[1, :, :k].transpose(1, 0, 2).reshape(k, 48), want16)
     # pairs: lane 4 c + 2 (i % 2) + (b % 2) holds block b = 2 c + b % 2 of row i
     xs32 = rxs.reshape(k, 24, 2).sum(axis=2)
     for i in range(kp):

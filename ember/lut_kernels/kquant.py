@@ -59,8 +59,8 @@ Per 32-block of a row: ``amax = max |x|``, ``dx = amax / 127``, ``xq = rint(x * 
 amax))`` (half to even, |xq| <= 127; amax = 0 gives dx = 0, xq = 0; x must be finite).
 ``xq`` uint8 [nsb, kp, 256]: ``xq + 128`` (offset binary, the unsigned operand of
     ``vpdpbusd``/``vpmaddubsw``) in the lane order above.
-``xd`` float32 [nsb, kp, 32]: 16 lanes of dx of lane L's 32-block, then 16 of ``float32(dx *
-    xsum16)`` (xsum16: lane L's 16-group sum of xq; Q2_K's mins) (the per-16-group types).
+``xd`` float32 [2, nsb, kp, 16]: ``xd[0]``: dx of lane L's 32-block (the per-16-group types);
+    ``xd[1]``: ``float32(dx * xsum16)`` (xsum16: lane L's 16-group sum of xq; Q2_K's mins).
 ``xp`` float32 [nsb, kp / 2, 32]: per row pair (2p, 2p+1), 16 lanes of dx then 16 of
     ``float32(dx * xsum)`` (xsum: the 32-block's sum of xq); lane ``4 c + 2 j + h`` = row
     2p + j, 32-block 2c + h (Q4_K/Q5_K; this is the lane order the pair trick below produces).
@@ -566,7 +566,9 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
       "i64 %nrow) noinline #0 {")
     a("entry:")
     a("  %xqs = mul i64 %kp, 256")          # act strides per super-block (elements)
-    a("  %xds = mul i64 %kp, 32")
+    a("  %xds = mul i64 %kp, 16")
+    a("  %xsn = mul i64 %nsb, %kp")          # xd[1] (dx xsum16) is nsb kp 16 floats after xd[0]
+    a("  %xso = mul i64 %xsn, 16")
     a("  %xps = mul i64 %kp, 16")           # kp / 2 pairs x 32 floats
     a(f"  %qrs = mul i64 %nsb, {QB}")       # weight row strides (elements)
     a("  %scrs = mul i64 %nsb, 16")
@@ -798,11 +800,11 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                 a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
                 a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 16")
                 a(f"  %DS.{g}.{e} = load {VF}, ptr %dsp.{g}.{e}, align 4, !invariant.load !0")
-            else:   # xd: 16 lanes of dx, then 16 of float32(dx xsum16) per act row
-                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xdb, i64 {32 * g + nl * e}")
+            else:   # xd[0]: 16 lanes of dx per act row; xd[1]: of float32(dx xsum16)
+                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xdb, i64 {16 * g + nl * e}")
                 a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
                 if lmin:
-                    a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 16")
+                    a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 %xso")
                     a(f"  %DS.{g}.{e} = load {VF}, ptr %dsp.{g}.{e}, align 4, "
                       "!invariant.load !0")
             for j in range(nr):
@@ -933,10 +935,9 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a("  %xqt.o = mul i64 %s0, %kp")
     a("  %xqt.o2 = mul i64 %xqt.o, 256")
     a("  %xqt = getelementptr i8, ptr %xq, i64 %xqt.o2")
-    a("  %xdt.o2 = mul i64 %xqt.o, 32")
+    a("  %xdt.o2 = mul i64 %xqt.o, 16")
     a("  %xdt = getelementptr float, ptr %xd, i64 %xdt.o2")
-    a("  %xpt.o2 = mul i64 %xqt.o, 16")
-    a("  %xpt = getelementptr float, ptr %xp, i64 %xpt.o2")
+    a("  %xpt = getelementptr float, ptr %xp, i64 %xdt.o2")
     a("  br label %grp")
     a("grp:")
     a("  %rg = phi i64 [%r0, %tile], [%rg.next, %grp.end]")
@@ -964,10 +965,9 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
         def call(ksz, i0, sfx):
             a(f"  %xqo{sfx} = mul i64 {i0}, 256")
             a(f"  %xqp{sfx} = getelementptr i8, ptr %xqt, i64 %xqo{sfx}")
-            a(f"  %xdo{sfx} = mul i64 {i0}, 32")   # 32 floats per act row (xd), 32 per pair (xp)
+            a(f"  %xdo{sfx} = mul i64 {i0}, 16")   # 16 floats per act row (xd), 32 per pair (xp)
             a(f"  %xdp{sfx} = getelementptr float, ptr %xdt, i64 %xdo{sfx}")
-            a(f"  %xpo{sfx} = mul i64 {i0}, 16")
-            a(f"  %xpp{sfx} = getelementptr float, ptr %xpt, i64 %xpo{sfx}")
+            a(f"  %xpp{sfx} = getelementptr float, ptr %xpt, i64 %xdo{sfx}")
             a(f"  %yo{sfx} = mul i64 {i0}, %ys")
             a(f"  %yo2{sfx} = add i64 %yo{sfx}, {r}")
             a(f"  %yp{sfx} = getelementptr float, ptr %y, i64 %yo2{sfx}")
@@ -1049,6 +1049,8 @@ def _quant_ir() -> list[str]:
     a("  %e1 = icmp sle i64 %nsb, 0")
     a("  %e2 = icmp sle i64 %kp, 0")
     a("  %skip = or i1 %e1, %e2")
+    a("  %xsn = mul i64 %nsb, %kp")               # xd[1] starts nsb kp 16 floats after xd[0]
+    a("  %xso = mul i64 %xsn, 16")
     a("  br i1 %skip, label %exit, label %row")
     a("row:")
     a("  %i = phi i64 [0, %entry], [%i.next, %row.end]")
@@ -1065,7 +1067,7 @@ def _quant_ir() -> list[str]:
     a("  %sko = add i64 %sk, %i")
     a("  %qo = mul i64 %sko, 256")
     a("  %qp = getelementptr i8, ptr %xq, i64 %qo")
-    a("  %dxo = mul i64 %sko, 32")
+    a("  %dxo = mul i64 %sko, 16")
     a("  %dxp = getelementptr float, ptr %xd, i64 %dxo")
     a("  %pko = add i64 %sk, %i")                  # (kp * s + i) / 2 = s * kp / 2 + pair
     a("  %pko2 = lshr i64 %sk, 1")
@@ -1110,7 +1112,8 @@ def _quant_ir() -> list[str]:
         for h, g in enumerate((2 * b, 2 * b + 1)):
             a(f"  %xdp{g} = getelementptr float, ptr %dxp, i64 {g}")
             a(f"  store float %dx{b}, ptr %xdp{g}, align 4")
-            a(f"  %xdsp{g} = getelementptr float, ptr %dxp, i64 {16 + g}")
+            a(f"  %xdsp{g}.b = getelementptr float, ptr %dxp, i64 %xso")
+            a(f"  %xdsp{g} = getelementptr float, ptr %xdsp{g}.b, i64 {g}")
             a(f"  store float %dxs{b}{h}, ptr %xdsp{g}, align 4")
         a(f"  %ln{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
         a(f"  %pxp{b} = getelementptr float, ptr %pp, i64 %ln{b}")
@@ -1136,7 +1139,7 @@ def _quant_ir() -> list[str]:
         a(f"  %pq{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
         a(f"  store <64 x i8> {_splat('i8', 64, -128)}, ptr %pq{v}, align 1")
     a(f"  store {V} zeroinitializer, ptr %dxp, align 4")
-    a("  %dxp16 = getelementptr float, ptr %dxp, i64 16")
+    a("  %dxp16 = getelementptr float, ptr %dxp, i64 %xso")
     a(f"  store {V} zeroinitializer, ptr %dxp16, align 4")
     for b in range(8):
         a(f"  %zl{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
@@ -1306,7 +1309,7 @@ def _h2f(h):
 @njit(cache=True, nogil=True)
 def quantize_x_nb(x, xq, xd, xp):
     """x float32 [k, n_in] -> the act format (module docstring): xq uint8 [nsb, kp, 256],
-    xd float32 [nsb, kp, 32], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
+    xd float32 [2, nsb, kp, 16], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
     padding row is x = 0)."""
     k, n = x.shape
     nsb = n // 256
@@ -1339,8 +1342,8 @@ def quantize_x_nb(x, xq, xd, xp):
                             xs16 += val
                             xq[s, i, 64 * v + 4 * g + t] = np.uint8(val + 128)
                     xs += xs16
-                    xd[s, i, g] = dx
-                    xd[s, i, 16 + g] = dx * np.float32(xs16)
+                    xd[0, s, i, g] = dx
+                    xd[1, s, i, g] = dx * np.float32(xs16)
                 lane = 4 * (b // 2) + 2 * (i % 2) + (b % 2)
                 xp[s, i // 2, lane] = dx
                 xp[s, i // 2, 16 + lane] = dx * np.float32(xs)
@@ -1365,7 +1368,7 @@ def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
     xf = np.empty((nsb, k, 256), np.float32)
     for s in range(nsb):
         for i in range(k):
-            xs_, xo_, dx_ = xf[s, i], xq[s, i], xd[s, i]
+            xs_, xo_, dx_ = xf[s, i], xq[s, i], xd[0, s, i]
             for o in range(256):
                 xs_[o] = np.float32(np.int32(xo_[o]) - 128) * dx_[(o & 63) >> 2]
     acc = np.empty((k, 256), np.float32)
@@ -1449,7 +1452,7 @@ def act_buffers(nsb, kp):
     buf = np.empty(nq + nd + nd // 2 + 64, np.uint8)
     o = (-buf.ctypes.data) % 64
     xq = buf[o:o + nq].reshape((nsb, kp, 256))
-    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((nsb, kp, 32))
+    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((2, nsb, kp, 16))
     xp = buf[o + nq + nd:o + nq + nd + nd // 2].view(np.float32).reshape((nsb, kp // 2, 32))
     return xq, xd, xp
 
