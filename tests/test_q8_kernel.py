@@ -135,6 +135,54 @@ def test_exact_int8_packing_zero_scale_and_bad_input():
         q8.pack_exact_int8(np.zeros((3, 23), np.uint8), 6)
 
 
+def random_q5_1(rng, n_out: int, n_in: int) -> np.ndarray:
+    """GGUF Q5_1 rows: random code bytes (every 5-bit code), f16 scales ~1e-2 of both signs and
+    mins ~3e-2 of both signs."""
+    nb = n_in // 32
+    raw = rng.integers(0, 256, (n_out, nb, 24), dtype=np.uint8)
+    for off, mag in ((0, 1e-2), (2, 3e-2)):
+        v = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * mag
+        raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    return raw.reshape(n_out, nb * 24)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n_out,n_in", [(1, 32), (7, 96), (65, 576), (130, 896)])
+def test_q5_1_with_mins(kernel, n_out, n_in):
+    """Q5_1 runs the int8 kernels with its mins (``q8m_rows``): codes 0..31, d and m kept;
+    dequantize() gives the file's float32 weights bit for bit, odd and even block counts."""
+    rng = _rng("q5_1", n_out, n_in)
+    raw = random_q5_1(rng, n_out, n_in)
+    p = q8.pack_q5_1(raw)
+    assert p.has_min and p.d.shape == (n_out, 2 * (n_in // 32))
+    assert p.qs.min() >= 0 and p.qs.max() <= 31
+    w = dequantize(raw, 7).reshape(n_out, n_in)
+    assert np.array_equal(p.dequantize().view(np.uint32), w.view(np.uint32)), _msg()
+    x = random_x(rng, n_in)
+    ref, absum, bound = q8.q8_matvec_reference(x, p, return_scale=True)
+    truth = w.astype(np.float64) @ x.astype(np.float64)
+    assert np.all(np.abs(ref - truth) <= bound * (1 + 1e-6) + 1e-6 * absum), _msg()
+    for threads in (1, 2):
+        got = q8.q8_matvec(x, p, kernel=kernel, threads=threads)
+        assert np.all(np.abs(got - ref) <= ORACLE_RTOL * absum + 1e-30), _msg(kernel=kernel)
+    assert np.abs(ref).max() > 0
+
+
+def test_q5_1_savez_roundtrip_and_bad_input(tmp_path):
+    rng = _rng("q5_1-io")
+    p = q8.pack_q5_1(random_q5_1(rng, 9, 96))
+    np.savez(tmp_path / "w.npz", **p.arrays())
+    with np.load(tmp_path / "w.npz") as z:
+        p2 = q8.PackedQ8.from_arrays(z)
+    assert p2.has_min and np.array_equal(p2.d, p.d) and np.array_equal(p2.qs, p.qs)
+    x = random_x(rng, 96)
+    assert np.array_equal(q8.q8_matvec(x, p2), q8.q8_matvec(x, p))
+    with pytest.raises(ValueError):
+        q8.PackedQ8.from_arrays({"qs": p.qs, "d": p.d[:, :-1]})
+    with pytest.raises(ValueError):
+        q8.pack_q5_1(np.zeros((3, 25), np.uint8))
+
+
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError):
         q8.pack_q8_0(np.zeros((3, 33), np.uint8))
@@ -148,11 +196,14 @@ def test_quantize_x_matches_reference():
     x[64:96] = 0.0                    # one all-zero block: scale 0, codes 0
     x[5] = -np.abs(x[:32]).max() * 2  # a negative maximum
     xq = np.empty(576, np.int8)
-    dxv = np.empty(8 * 18, np.float32)
+    dxv = np.full(16 * 18 + 40, np.nan, np.float32)      # a longer scratch buffer is fine
     q8._quantize_x(x, xq, dxv)
     rq, rdx = q8.quantize_x_reference(x)
     assert np.array_equal(xq, rq), _msg()
-    assert np.array_equal(dxv, np.repeat(rdx, 8)), _msg()
+    assert np.array_equal(dxv[:8 * 18], np.repeat(rdx, 8)), _msg()
+    dxs = dxv[8 * 18:16 * 18].reshape(18, 8)           # per block: float32(dx xsum), 7 zeros
+    want = rdx * rq.reshape(18, 32).astype(np.int32).sum(axis=1).astype(np.float32)
+    assert np.array_equal(dxs[:, 0], want) and not dxs[:, 1:].any(), _msg()
     assert np.abs(rq.astype(int)).max() == 127 and rdx[2] == 0 and not rq[64:96].any()
     # half a step: |x - xq * dx| <= dx / 2 (+ float32 rounding)
     err = np.abs(x.reshape(18, 32) - rq.reshape(18, 32) * rdx[:, None])

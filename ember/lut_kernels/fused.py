@@ -232,8 +232,8 @@ def describe(m) -> np.ndarray:
         return np.array([KIND_Q4, m.n_out, m.n_in, fk, p.codes.ctypes.data, p.dm.ctypes.data,
                          units, 0], np.int64)
     if m.qtype in q8.INT8_TYPES:
-        return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(), p.qs.ctypes.data,
-                         p.d.ctypes.data, units, 0], np.int64)
+        return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(has_min=p.has_min),
+                         p.qs.ctypes.data, p.d.ctypes.data, units, 0], np.int64)
     return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(m.qtype), p.q.ctypes.data,
                      p.sc.ctypes.data, units, p.d.ctypes.data], np.int64)
 
@@ -266,7 +266,7 @@ def scratch(n_in_max, k=1):
     nb, nsb = n_in_max // 32 + 1, n_in_max // 256 + 1
     xq, xd, xp = kquant.act_buffers(nsb, k + (k & 1))
     return (np.empty(nb * 256, np.int8), np.empty(nb * 4, np.float32), np.empty(nb * 32, np.int8),
-            np.empty(8 * (nb + 1), np.float32), xq, xd, xp)
+            np.empty(16 * (nb + 1), np.float32), xq, xd, xp)
 
 
 @njit(cache=True, nogil=True, inline="always")

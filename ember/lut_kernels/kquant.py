@@ -167,7 +167,7 @@ from numba.extending import intrinsic
 
 from . import codegen
 from .codegen import _flt, _mask, _splat, _vec
-from .pack import aligned, aligned_empty
+from .pack import aligned, aligned_empty, gguf_blocks
 from .split import MIN_ROWS, split
 from .tmac import _emit_call
 
@@ -317,17 +317,6 @@ class PackedKQ:
         return w.reshape(n, self.n_in)
 
 
-def _raw3(raw2d, qtype: int, name: str) -> np.ndarray:
-    raw = np.asarray(raw2d)
-    if raw.dtype != np.uint8:
-        raw = raw.view(np.uint8)
-    bb = _GGUF_BYTES[qtype]
-    if raw.ndim != 2 or raw.shape[1] % bb or raw.shape[1] == 0:
-        raise ValueError(f"{name}: expected uint8 [n_out, nsb * {bb}], got {raw.dtype} "
-                         f"{raw.shape}")
-    return raw.reshape(raw.shape[0], raw.shape[1] // bb, bb)
-
-
 def _to_kernel_order(codes: np.ndarray) -> np.ndarray:
     """natural codes [n, nsb, 256] -> [n, nsb, 4 (v), 16 (L), 4 (t)] (virtual vectors)."""
     n, nsb = codes.shape[:2]
@@ -434,7 +423,7 @@ def pack_kquant(raw2d, qtype: int) -> PackedKQ:
     qtype = int(qtype)
     if qtype not in _QB:
         raise ValueError(f"pack_kquant: qtype {qtype} is not a K-quant (Q2_K..Q6_K, 10..14)")
-    r3 = _raw3(raw2d, qtype, "pack_kquant")
+    r3 = gguf_blocks(raw2d, _GGUF_BYTES[qtype], "pack_kquant")
     n, nsb = r3.shape[:2]
     if qtype == Q2_K:     # scales[16] (scale | min << 4), qs[64], d, dmin
         return _packed(_split2(r3[:, :, 16:80], n, nsb), qtype, r3[:, :, :16], r3[:, :, 80:84])

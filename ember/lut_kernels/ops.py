@@ -5,7 +5,7 @@ Weights arrive in one of two forms:
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
   `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, on
-  Q5_0, TQ1_0, TQ2_0); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
+  Q5_0, TQ1_0, TQ2_0, and Q5_1 with its mins); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
   any number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
   prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
   time into one reused buffer per thread and use single-threaded BLAS, the output columns split
@@ -108,8 +108,10 @@ def pack(raw: np.ndarray, qtype: int):
         from .kquant import pack_kquant
 
         return pack_kquant(raw, qtype)
-    from .q8 import pack_exact_int8, pack_q8_0
+    from .q8 import pack_exact_int8, pack_q5_1, pack_q8_0
 
+    if qtype == T.Q5_1:
+        return pack_q5_1(raw)
     return pack_q8_0(raw) if qtype == T.Q8_0 else pack_exact_int8(raw, qtype)
 
 

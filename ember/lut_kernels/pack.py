@@ -40,12 +40,24 @@ import numpy as np
 from numba import njit
 
 __all__ = ["PackedQ4", "half_to_f32", "pack_q4", "unpack_q4", "aligned", "aligned_empty", "Q4_0", "Q4_1",
-           "DEFAULT_TILE"]
+           "DEFAULT_TILE", "gguf_blocks"]
 
 Q4_0 = 2   # GGMLQuantizationType values
 Q4_1 = 3
 DEFAULT_TILE = 64
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20}
+
+
+def gguf_blocks(raw2d, block_bytes: int, name: str) -> np.ndarray:
+    """A matrix's GGUF rows (uint8 [n_out, nb * block_bytes], or any dtype viewed as bytes) as
+    uint8 [n_out, nb, block_bytes]; ValueError naming ``name`` for any other shape."""
+    raw = np.asarray(raw2d)
+    if raw.dtype != np.uint8:
+        raw = raw.view(np.uint8)
+    if raw.ndim != 2 or raw.shape[1] % block_bytes or raw.shape[1] == 0:
+        raise ValueError(f"{name}: expected uint8 [n_out, n_blocks * {block_bytes}], got "
+                         f"{raw.dtype} {raw.shape}")
+    return raw.reshape(raw.shape[0], raw.shape[1] // block_bytes, block_bytes)
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:

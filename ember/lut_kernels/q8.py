@@ -74,7 +74,7 @@ from numba.extending import intrinsic
 
 from . import codegen
 from .codegen import _mask, _splat
-from .pack import half_to_f32
+from .pack import gguf_blocks, half_to_f32
 from .tmac import _check_types, _emit_call
 
 __all__ = [
@@ -99,7 +99,8 @@ DEFAULT_PREFETCH = 4096  # software prefetch distance in bytes of qs (0: none); 
 @dataclass
 class PackedQ8:
     qs: np.ndarray      # int8 [n_out, n_in]
-    d: np.ndarray       # uint16 [n_out, n_in // 32]: the block scales' IEEE half bits
+    d: np.ndarray       # uint16 [n_out, nb] (nb = n_in / 32): the block scales' IEEE half bits;
+    #                     [n_out, 2 nb] with mins (Q5_1): the nb scales, then the nb mins
     n_out: int
     n_in: int
 
@@ -111,9 +112,20 @@ class PackedQ8:
         return {"qs": self.qs, "d": self.d}
 
     @property
+    def has_min(self) -> bool:
+        """Whether each block also has an additive f16 min (weight ``q d + m``)."""
+        return self.d.shape[1] == 2 * (self.n_in // 32) and self.n_in > 0
+
+    @property
     def d_f32(self) -> np.ndarray:
         """The block scales as float32 [n_out, n_in // 32]."""
-        return self.d.view(np.float16).astype(np.float32)
+        return self.d[:, :self.n_in // 32].view(np.float16).astype(np.float32)
+
+    @property
+    def m_f32(self):
+        """The block mins as float32 [n_out, n_in // 32], or None."""
+        nb = self.n_in // 32
+        return self.d[:, nb:].view(np.float16).astype(np.float32) if self.has_min else None
 
     @classmethod
     def from_arrays(cls, a) -> "PackedQ8":
@@ -122,26 +134,25 @@ class PackedQ8:
         if d.dtype != np.uint16:
             raise ValueError("PackedQ8: d must hold f16 bits (uint16)")
         d = np.ascontiguousarray(d)
-        if qs.ndim != 2 or d.shape != (qs.shape[0], qs.shape[1] // 32) or qs.shape[1] % 32:
+        nb = qs.shape[1] // 32 if qs.ndim == 2 else -1
+        if qs.ndim != 2 or qs.shape[1] % 32 or d.ndim != 2 or d.shape[0] != qs.shape[0] \
+                or d.shape[1] not in (nb, 2 * nb):
             raise ValueError("PackedQ8: inconsistent qs / d shapes")
         return cls(qs, d, qs.shape[0], qs.shape[1])
 
     def dequantize(self) -> np.ndarray:
-        """float32 [n_out, n_in] (for tests and baselines)."""
+        """float32 [n_out, n_in] (for tests and baselines; Q5_1: bit for bit the file's)."""
         nb = self.n_in // 32
-        return (self.qs.reshape(self.n_out, nb, 32).astype(np.float32)
-                * self.d_f32[:, :, None]).reshape(self.n_out, self.n_in)
+        w = self.qs.reshape(self.n_out, nb, 32).astype(np.float32) * self.d_f32[:, :, None]
+        if self.has_min:
+            w = w + self.m_f32[:, :, None]
+        return w.reshape(self.n_out, self.n_in)
 
 
 def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
     """GGUF Q8_0 rows (uint8 [n_out, nb * 34]) -> PackedQ8."""
-    raw = np.asarray(raw2d)
-    if raw.dtype != np.uint8:
-        raw = raw.view(np.uint8)
-    if raw.ndim != 2 or raw.shape[1] % 34:
-        raise ValueError("pack_q8_0: expected uint8 [n_out, nb * 34]")
-    n_out, nb = raw.shape[0], raw.shape[1] // 34
-    r3 = raw.reshape(n_out, nb, 34)
+    r3 = gguf_blocks(raw2d, 34, "pack_q8_0")
+    n_out, nb = r3.shape[:2]
     d = np.ascontiguousarray(r3[:, :, :2]).view(np.uint16).reshape(n_out, nb)
     qs = np.ascontiguousarray(r3[:, :, 2:]).view(np.int8).reshape(n_out, nb * 32)
     return PackedQ8(qs, d, n_out, nb * 32)
@@ -152,7 +163,8 @@ def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
 EXACT_INT8 = {6: (32, 22, 0),       # Q5_0: d * (q - 16)
               34: (256, 54, 52),    # TQ1_0: d * (t - 1)
               35: (256, 66, 64)}    # TQ2_0: d * (t - 1)
-INT8_TYPES = (8, *EXACT_INT8)             # the types the Q8_0 kernels run (8: Q8_0 itself)
+INT8_TYPES = (8, 7, *EXACT_INT8)          # the types the Q8_0 kernels run (8: Q8_0 itself;
+#                                           7: Q5_1, with its mins)
 
 
 def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ8:
@@ -164,13 +176,9 @@ def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ
     from ..formats.quants import dequantize_into
 
     bw, bb, off = EXACT_INT8[qtype]
-    raw = np.asarray(raw2d)
-    if raw.dtype != np.uint8:
-        raw = raw.view(np.uint8)
-    if raw.ndim != 2 or raw.shape[1] % bb:
-        raise ValueError(f"pack_exact_int8: expected uint8 [n_out, n_blocks * {bb}]")
-    n_out, n_in = raw.shape[0], raw.shape[1] // bb * bw
-    r3 = raw.reshape(n_out, -1, bb)
+    r3 = gguf_blocks(raw2d, bb, "pack_exact_int8")
+    n_out, n_in = r3.shape[0], r3.shape[1] * bw
+    raw = r3.reshape(n_out, -1)
     d = np.ascontiguousarray(r3[:, :, off:off + 2]).view(np.uint16).reshape(n_out, -1)
     d = np.repeat(d, bw // 32, axis=1)                                  # one per 32 weights
     qs = np.empty((n_out, n_in), np.int8)
@@ -191,17 +199,41 @@ def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ
     return PackedQ8(qs, d, n_out, n_in)
 
 
+Q5_1 = 7
+
+
+def pack_q5_1(raw2d: np.ndarray) -> PackedQ8:
+    """GGUF Q5_1 rows (uint8 [n_out, nb * 24]: f16 d, f16 m, 32 high bits, 16 bytes of nibbles;
+    weight j = d * (low nibble of qs[j % 16] (j < 16) / high (j >= 16) | bit j of qh << 4) + m)
+    -> PackedQ8 with mins: the 5-bit codes as int8 (0..31), then d and m. 1.125 bytes a weight
+    read instead of the file's 0.75 (a bit-plane table-lookup layout would read the file's)."""
+    r3 = gguf_blocks(raw2d, 24, "pack_q5_1")
+    n_out, nb = r3.shape[:2]
+    d = np.empty((n_out, 2 * nb), np.uint16)
+    dm = np.ascontiguousarray(r3[:, :, :4]).view(np.uint16).reshape(n_out, nb, 2)
+    d[:, :nb], d[:, nb:] = dm[:, :, 0], dm[:, :, 1]
+    qh = np.ascontiguousarray(r3[:, :, 4:8]).view(np.uint32).reshape(n_out, nb, 1)
+    hb = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)        # [n, nb, 32]
+    qs = r3[:, :, 8:24]
+    lo = np.concatenate([qs & 15, qs >> 4], axis=2)                              # [n, nb, 32]
+    codes = (lo | (hb << 4)).view(np.int8).reshape(n_out, nb * 32)
+    return PackedQ8(np.ascontiguousarray(codes), d, n_out, nb * 32)
+
+
 # ---------------------------------------------------------------------------------------------
 # IR
 
 _VNNI = "declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)"
 
 
-def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
+def _row_ir(vw: int, combine: str, prefetch: int, has_min: bool = False) -> list[str]:
     """``q8_rows(qs, d, xq, dxv, y, nb, r0, r1)``: y[r] for r0 <= r < r1 (absolute indices).
 
-    qs int8 [*, 32 nb], d float32 [*, nb], xq int8 [32 nb], dxv float32 [8 * (nb + nb % 2)]
-    (``dx[b]`` repeated 8 times, a zero block appended when nb is odd).
+    qs int8 [*, 32 nb], d f16 bits [*, nb], xq int8 [32 nb], dxv float32 [16 nbp] (nbp = nb +
+    nb % 2): ``dx[b]`` repeated 8 times (a zero block appended when nb is odd), then per block
+    ``float32(dx[b] * xsum[b])`` and 7 zeros. ``has_min`` (``q8m_rows``, Q5_1): d [*, 2 nb],
+    the scales then the mins m; y also gets ``m[b] * float32(dx[b] xsum[b])`` per block (in the
+    block's first lane: the 7 zeros keep the other lanes exact).
     """
     nl = vw // 4
     bpv = vw // 32                    # blocks per vector
@@ -209,8 +241,8 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
     L = []
     a = L.append
     ro = "ptr noalias nocapture readonly"
-    a(f"define void @q8_rows({ro} %qs, {ro} %dw, {ro} %xq, {ro} %dxv, ptr noalias nocapture %y, "
-      "i64 %nb, i64 %r0, i64 %r1) #0 {")
+    a(f"define void @q8{'m' if has_min else ''}_rows({ro} %qs, {ro} %dw, {ro} %xq, {ro} %dxv, "
+      "ptr noalias nocapture %y, i64 %nb, i64 %r0, i64 %r1) #0 {")
     a("entry:")
     a("  %e1 = icmp sge i64 %r0, %r1")
     a("  %e2 = icmp sle i64 %nb, 0")
@@ -220,6 +252,11 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
     a(f"  %np = udiv i64 %nb, {bpv}")
     a("  %hasp = icmp sgt i64 %np, 0")
     a("  %rowb = mul i64 %nb, 32")
+    a(f"  %drs = mul i64 %nb, {2 if has_min else 1}")    # f16 values per row of d
+    a("  %nbo = and i64 %nb, 1")
+    a("  %nbp = add i64 %nb, %nbo")
+    a("  %xso = mul i64 %nbp, 8")                          # dxv: dx * xsum after the dx part
+    a("  %dxs = getelementptr float, ptr %dxv, i64 %xso")
     if bpv == 2:
         a("  %odd0 = and i64 %nb, 1")
         a("  %odd = icmp ne i64 %odd0, 0")
@@ -253,12 +290,30 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
         a(f"  %f{tag} = sitofp {V32} %I{tag} to {VF}")
         a(f"  {out} = call {VF} @llvm.fma.v{nl}f32({VF} %f{tag}, {VF} {dvec}, {VF} {acc})")
 
+    def mins(tag, drow, moff, xoff, acc, out, tail=False):
+        """acc + m[b] * float32(dx xsum)[b] for the vector's block(s) -> out."""
+        a(f"  %mp{tag} = getelementptr i16, ptr %mrow, i64 {moff}")
+        if bpv == 2 and not tail:
+            a(f"  %mh{tag} = load <2 x half>, ptr %mp{tag}, align 2")
+            a(f"  %m2{tag} = fpext <2 x half> %mh{tag} to <2 x float>")
+            a(f"  %M{tag} = shufflevector <2 x float> %m2{tag}, <2 x float> poison, "
+              f"{_mask([0] * 8 + [1] * 8)}")
+        else:
+            a(f"  %mh{tag} = load half, ptr %mp{tag}, align 2")
+            a(f"  %m1{tag} = fpext half %mh{tag} to float")
+            a(f"  %mi{tag} = insertelement {VF} poison, float %m1{tag}, i32 0")
+            a(f"  %M{tag} = shufflevector {VF} %mi{tag}, {VF} poison, <{nl} x i32> zeroinitializer")
+        a(f"  %xsp{tag} = getelementptr float, ptr %dxs, i64 {xoff}")
+        a(f"  %XS{tag} = load {VF}, ptr %xsp{tag}, align 4, !invariant.load !0")
+        a(f"  {out} = call {VF} @llvm.fma.v{nl}f32({VF} %M{tag}, {VF} %XS{tag}, {VF} {acc})")
+
     a("row:")
     a("  %r = phi i64 [%r0, %pre], [%r.next, %fin]")
     a("  %qo = mul i64 %r, %rowb")
     a("  %qrow = getelementptr i8, ptr %qs, i64 %qo")
-    a("  %do = mul i64 %r, %nb")
+    a("  %do = mul i64 %r, %drs")
     a("  %drow = getelementptr i16, ptr %dw, i64 %do")
+    a("  %mrow = getelementptr i16, ptr %drow, i64 %nb")
     a("  br i1 %hasp, label %inner, label %after")
     a("inner:")
     a("  %k = phi i64 [0, %row], [%k.next, %inner]")
@@ -286,7 +341,11 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
     a("  %dxp = getelementptr float, ptr %dxv, i64 %dxo")
     a(f"  %DX = load {VF}, ptr %dxp, align 4, !invariant.load !0")
     a(f"  %S = fmul {VF} %D, %DX")
-    block("", "%w", "%x", "%S", "%acc", "%accn")
+    if has_min:
+        block("", "%w", "%x", "%S", "%acc", "%acc1")
+        mins("", "%drow", "%dwo", "%dxo", "%acc1", "%accn")
+    else:
+        block("", "%w", "%x", "%S", "%acc", "%accn")
     a("  %k.next = add i64 %k, 1")
     a("  %kdone = icmp eq i64 %k.next, %np")
     a("  br i1 %kdone, label %after, label %inner")
@@ -305,7 +364,13 @@ def _row_ir(vw: int, combine: str, prefetch: int) -> list[str]:
         a(f"  %TD = shufflevector {VF} %tdi, {VF} poison, <{nl} x i32> zeroinitializer")
         a(f"  %TDX = load {VF}, ptr %tdxp, align 4")
         a(f"  %TS = fmul {VF} %TD, %TDX")
-        block("t", "%tw", "%tx", "%TS", "%accA", "%accT")
+        if has_min:
+            block("t", "%tw", "%tx", "%TS", "%accA", "%accT1")
+            a("  %tmo = mul i64 %np, 2")
+            a(f"  %tdxso = mul i64 %np, {nl}")
+            mins("t", "%drow", "%tmo", "%tdxso", "%accT1", "%accT", tail=True)
+        else:
+            block("t", "%tw", "%tx", "%TS", "%accA", "%accT")
         a("  br label %fin")
         a("fin:")
         a(f"  %accF = phi {VF} [%accA, %after], [%accT, %tail]")
@@ -329,7 +394,7 @@ _SPECS = {"avx512": (64, "vnni"), "avx512-novnni": (64, "maddubs"), "avx2": (32,
 
 
 def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", features: str = "") -> str:
-    """The IR module text of ``q8_rows`` for an x86 path."""
+    """The IR module text of ``q8_rows`` and ``q8m_rows`` (with mins) for an x86 path."""
     vw, combine = _SPECS[isa]
     nl = vw // 4
     L = [_VNNI,
@@ -343,19 +408,21 @@ def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", feature
          "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
     if combine != "vnni":
         L = L[1:]
-    L += _row_ir(vw, combine, prefetch)
+    L += _row_ir(vw, combine, prefetch) + _row_ir(vw, combine, prefetch, has_min=True)
     return codegen.finish_module(L, cpu, features)
 
 
 def _compile(isa: str, prefetch: int):
-    """(address of q8_rows, owners to keep alive, compile seconds); once per process."""
+    """((address of q8_rows, of q8m_rows), owners to keep alive, compile seconds); once per
+    process."""
     if isa not in codegen.host_isas() or isa not in _SPECS:
         raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
 
     def build():
         spec = codegen.resolve_isa(isa)
         ee, owners, secs = codegen.jit(lambda cpu, feat: kernel_ir(spec, prefetch, cpu, feat), isa)
-        return ee.get_function_address("q8_rows"), owners, secs
+        return ((ee.get_function_address("q8_rows"), ee.get_function_address("q8m_rows")),
+                owners, secs)
 
     return codegen.once(("q8", isa, prefetch), build)
 
@@ -373,16 +440,17 @@ def reset_kernel_choice() -> None:
     _choice.clear()
 
 
-def fn_address(kernel: str | None = None, prefetch: int | None = None) -> int:
-    """Address of ``q8_rows`` for a kernel path (0: portable)."""
-    key = (kernel, prefetch)
+def fn_address(kernel: str | None = None, prefetch: int | None = None,
+               has_min: bool = False) -> int:
+    """Address of ``q8_rows`` (``q8m_rows`` with ``has_min``) for a kernel path (0: portable)."""
+    key = (kernel, prefetch, has_min)
     r = _choice.get(key)
     if r is None:
         name = codegen.select_kernel(kernel)
         if name not in _SPECS:   # portable (neon is never executed here)
             r = 0
         else:
-            r = _compile(name, DEFAULT_PREFETCH if prefetch is None else prefetch)[0]
+            r = _compile(name, DEFAULT_PREFETCH if prefetch is None else prefetch)[0][has_min]
         _choice[key] = r
     return r
 
@@ -402,9 +470,12 @@ def _call_rows(typingctx, fn, qs, d, xq, dxv, y, nb, r0, r1):
 
 @njit(cache=True, nogil=True)
 def _quantize_x(x, xq, dxv):
-    """int8 xq [n_in] and dxv [8 * (nb + nb % 2)] (d_x per block, repeated 8x, zero padded)."""
+    """int8 xq [n_in] and dxv [16 * (nb + nb % 2)]: d_x per block repeated 8x (zero padded),
+    then per block float32(d_x * xsum) and 7 zeros (xsum: the block's sum of xq; the mins)."""
     nb = x.size // 32
     q127 = np.float32(127.0)
+    half = 8 * (nb + nb % 2)                   # dxv may be longer (a scratch buffer)
+    dxv[half:2 * half] = 0
     for b in range(nb):
         o = 32 * b
         amax = np.float32(0.0)
@@ -417,11 +488,15 @@ def _quantize_x(x, xq, dxv):
         else:
             inv = np.float32(0.0)
             dx = np.float32(0.0)
+        xs = 0
         for j in range(32):
-            xq[o + j] = np.int8(np.rint(x[o + j] * inv))
+            q = np.int32(np.rint(x[o + j] * inv))
+            xs += q
+            xq[o + j] = np.int8(q)
         for j in range(8):
             dxv[8 * b + j] = dx
-    for j in range(8 * nb, dxv.size):
+        dxv[half + 8 * b] = dx * np.float32(xs)
+    for j in range(8 * nb, half):
         dxv[j] = 0
 
 
@@ -433,7 +508,9 @@ def _rows_portable(qs, d, xq, dxv, y, r0, r1):
     rounding depend on the inlining context: serial and threaded calls would differ); the lanes
     are summed as a tree. Differs from the oracle by float32 rounding only.
     """
-    nb = d.shape[1]
+    nb = qs.shape[1] // 32
+    has_min = d.shape[1] == 2 * nb
+    half = 8 * (nb + nb % 2)
     xqf = np.empty(xq.size, np.float32)
     for j in range(xq.size):
         xqf[j] = np.float32(xq[j])
@@ -445,6 +522,8 @@ def _rows_portable(qs, d, xq, dxv, y, r0, r1):
             sc = half_to_f32(d[r, b]) * dxv[8 * b]
             for j in range(32):
                 acc[j] += np.float32(qs[r, o + j]) * (xqf[o + j] * sc)
+            if has_min:
+                acc[0] += half_to_f32(d[r, nb + b]) * dxv[half + 8 * b]
         n = 32
         while n > 1:
             n //= 2
@@ -456,7 +535,7 @@ def _rows_portable(qs, d, xq, dxv, y, r0, r1):
 @njit(cache=True, nogil=True, inline="always")
 def _rows(fn, qs, d, xq, dxv, y, r0, r1):
     if fn != 0:
-        _call_rows(fn, qs, d, xq, dxv, y, d.shape[1], r0, r1)
+        _call_rows(fn, qs, d, xq, dxv, y, qs.shape[1] // 32, r0, r1)
     else:
         _rows_portable(qs, d, xq, dxv, y, r0, r1)
 
@@ -464,11 +543,11 @@ def _rows(fn, qs, d, xq, dxv, y, r0, r1):
 @njit(cache=True, nogil=True, inline="always")
 def _prep(x, qs, d, out):
     nb = x.size // 32
-    if x.size % 32 or qs.shape[1] != x.size or d.shape[1] != nb or d.shape[0] != qs.shape[0] \
-            or out.size != qs.shape[0]:
+    if x.size % 32 or qs.shape[1] != x.size or (d.shape[1] != nb and d.shape[1] != 2 * nb) \
+            or d.shape[0] != qs.shape[0] or out.size != qs.shape[0]:
         raise ValueError("q8_matvec: the shapes of x, the packed matrix and out differ")
     xq = np.empty(x.size, np.int8)
-    dxv = np.empty(8 * (nb + nb % 2), np.float32)
+    dxv = np.empty(16 * (nb + nb % 2), np.float32)
     _quantize_x(x, xq, dxv)
     return xq, dxv
 
@@ -499,10 +578,11 @@ _F32 = np.dtype(np.float32)
 
 def q8_matvec(x, p: PackedQ8, out: np.ndarray | None = None, threads: int = 1,
               kernel: str | None = None) -> np.ndarray:
-    """y = W @ x for a packed Q8_0 matrix (float32 [n_out]); ``out`` may be given."""
-    fn = _choice.get((kernel, None))
+    """y = W @ x for a PackedQ8 matrix (float32 [n_out]); ``out`` may be given."""
+    has_min = p.has_min
+    fn = _choice.get((kernel, None, has_min))
     if fn is None:
-        fn = fn_address(kernel)
+        fn = fn_address(kernel, has_min=has_min)
     if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
             or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
@@ -534,11 +614,12 @@ def quantize_x_reference(x):
 
 
 def q8_matvec_reference(x, p: PackedQ8, return_scale: bool = False):
-    """What the kernels compute: ``sum_b float32(d_w[b] * d_x[b]) * I_b`` (sum in float64).
+    """What the kernels compute: ``sum_b float32(d_w[b] * d_x[b]) * I_b`` (+ ``m[b] *
+    float32(d_x[b] * xsum[b])`` with mins), the sum in float64.
 
-    With ``return_scale`` also (per row) ``sum_b |s_b| sum_j |qs_j xq_j|`` (the size of the
-    terms, for float32 rounding differences) and the guaranteed activation-quantization error
-    bound against the float truth, ``sum_b |d_w[b]| d_x[b] / 2 sum_j |qs_j|``.
+    With ``return_scale`` also (per row) the sum of the |terms| (the size of float32 rounding
+    differences) and the guaranteed activation-quantization error bound against the float
+    truth, ``sum_b d_x[b] / 2 sum_j |w_j|`` (half an activation step per weight).
     """
     xq, dx = quantize_x_reference(x)
     nb = p.n_in // 32
@@ -546,13 +627,18 @@ def q8_matvec_reference(x, p: PackedQ8, return_scale: bool = False):
     xb = xq.reshape(nb, 32).astype(np.int32)
     I = np.einsum("rbj,bj->rb", q, xb)
     s = (p.d_f32 * dx[None, :]).astype(np.float32).astype(np.float64)
-    y = (I.astype(np.float64) * s).sum(axis=1).astype(np.float32)
+    t = I.astype(np.float64) * s
+    absum = np.abs(s) * np.einsum("rbj,bj->rb", np.abs(q), np.abs(xb))
+    if p.has_min:
+        dxs = (dx * xb.sum(axis=1).astype(np.float32)).astype(np.float64)   # float32 products
+        tm = p.m_f32.astype(np.float64) * dxs[None, :]
+        t, absum = t + tm, absum + np.abs(tm)
+    y = t.sum(axis=1).astype(np.float32)
     if not return_scale:
         return y
-    absum = (np.abs(s) * np.einsum("rbj,bj->rb", np.abs(q), np.abs(xb))).sum(axis=1)
-    bound = (np.abs(p.d_f32.astype(np.float64)) * dx.astype(np.float64)[None, :] / 2
-             * np.abs(q).sum(axis=2)).sum(axis=1)
-    return y, absum, bound
+    w = np.abs(p.dequantize().astype(np.float64)).reshape(p.n_out, nb, 32).sum(axis=2)
+    bound = (w * dx.astype(np.float64)[None, :] / 2).sum(axis=1)
+    return y, absum.sum(axis=1), bound
 
 
 # ---------------------------------------------------------------------------------------------
