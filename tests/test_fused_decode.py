@@ -153,7 +153,8 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
     `v_down_qtype` for attn_v / ffn_down, `embd_qtype` for the tied embedding."""
     from gguf import GGMLQuantizationType as Q
 
-    from ember.lut_kernels import kquant, q8
+    from ember.formats.quants import block_info
+    from ember.lut_kernels import kquant
 
     model = tg.build_family("llama", n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_ctx=64)
     rng = np.random.default_rng(7)
@@ -166,8 +167,9 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
         if qt in kquant.QTYPES:
             raw = kquant.random_kquant(rng, qt, n_out, n_in)
             offs, nbytes = kquant._F16_FIELDS[qt], kquant._GGUF_BYTES[qt]
-        else:
-            bw, nbytes, off = q8.EXACT_INT8[qt]
+        else:   # Q5_0 (d at 0), TQ1_0 / TQ2_0 (d at 52 / 64)
+            bw, nbytes = block_info(qt)
+            off = {Q.Q5_0: 0, Q.TQ1_0: 52, Q.TQ2_0: 64}[qt]
             raw = rng.integers(0, 256, (n_out, n_in // bw * nbytes), dtype=np.uint8)
             d = rng.uniform(0.5, 1.5, (n_out, n_in // bw)) * 1e-3 * (32 / bw)
             raw.reshape(n_out, -1, nbytes)[:, :, off:off + 2] = \
@@ -254,7 +256,8 @@ def test_vector_exp_is_within_two_ulp_of_libm():
 
 @pytest.mark.parametrize("layer,v_down", [("Q5_0", "TQ2_0"), ("TQ1_0", "Q5_0")])
 def test_exact_int8_types_fused_match_op_by_op(tmp_path, layer, v_down):
-    """Q5_0 / TQ1_0 / TQ2_0 matrices run the Q8_0 kernels (repacked exactly) in the fused step."""
+    """Q5_0 (its 5-bit layout) and TQ1_0 / TQ2_0 (repacked exactly into the Q8_0 layout) run
+    the q8 module's kernels in the fused step."""
     from gguf import GGMLQuantizationType as Q
     path = _random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
     m = ember.load(path)

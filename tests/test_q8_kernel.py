@@ -108,7 +108,7 @@ def random_exact_int8_blocks(rng, qtype: int, n_out: int, n_in: int) -> np.ndarr
 @pytest.mark.parametrize("qtype", sorted(q8.EXACT_INT8))
 @pytest.mark.parametrize("n_out,n_in,chunk", [(1, 256, 4096), (7, 768, 3), (130, 512, 64)])
 def test_exact_int8_packing(qtype, n_out, n_in, chunk):
-    """Q5_0 / TQ1_0 / TQ2_0 blocks become Q8_0 blocks that dequantize to the same float32
+    """TQ1_0 / TQ2_0 blocks become Q8_0 blocks that dequantize to the same float32
     bits, and the int8 kernels then match their oracle and the float truth as on Q8_0."""
     rng = _rng("exact", qtype, n_out, n_in)
     raw = random_exact_int8_blocks(rng, qtype, n_out, n_in)
@@ -132,31 +132,37 @@ def test_exact_int8_packing_zero_scale_and_bad_input():
     assert np.array_equal(p.dequantize(), dequantize(raw, 34).reshape(4, 512))
     assert not p.qs[1, :256].any()
     with pytest.raises(ValueError):
-        q8.pack_exact_int8(np.zeros((3, 23), np.uint8), 6)
+        q8.pack_exact_int8(np.zeros((3, 55), np.uint8), 34)
 
 
-def random_q5_1(rng, n_out: int, n_in: int) -> np.ndarray:
-    """GGUF Q5_1 rows: random code bytes (every 5-bit code), f16 scales ~1e-2 of both signs and
-    mins ~3e-2 of both signs."""
+def random_q5(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
+    """GGUF Q5_0 / Q5_1 rows: random code bytes (every 5-bit code), f16 scales ~1e-2 of both
+    signs (Q5_1: and mins ~3e-2 of both signs)."""
     nb = n_in // 32
-    raw = rng.integers(0, 256, (n_out, nb, 24), dtype=np.uint8)
-    for off, mag in ((0, 1e-2), (2, 3e-2)):
+    bb = 22 if qtype == 6 else 24
+    raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
+    for off, mag in ((0, 1e-2), (2, 3e-2))[:1 if qtype == 6 else 2]:
         v = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * mag
         raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
-    return raw.reshape(n_out, nb * 24)
+    return raw.reshape(n_out, nb * bb)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("qtype", [6, 7])
 @pytest.mark.parametrize("n_out,n_in", [(1, 32), (7, 96), (65, 576), (130, 896)])
-def test_q5_1_with_mins(kernel, n_out, n_in):
-    """Q5_1 runs the int8 kernels with its mins (``q8m_rows``): codes 0..31, d and m kept;
-    dequantize() gives the file's float32 weights bit for bit, odd and even block counts."""
-    rng = _rng("q5_1", n_out, n_in)
-    raw = random_q5_1(rng, n_out, n_in)
-    p = q8.pack_q5_1(raw)
-    assert p.has_min and p.d.shape == (n_out, 2 * (n_in // 32))
-    assert p.qs.min() >= 0 and p.qs.max() <= 31
-    w = dequantize(raw, 7).reshape(n_out, n_in)
+def test_q5(kernel, qtype, n_out, n_in):
+    """Q5_0 / Q5_1 in their 5-bit layout (``q5_0_rows`` / ``q5_1_rows``: the unsigned codes
+    against the int8 activations, plus the mins, -16 d for Q5_0): the file's bytes (+20 per row
+    for an odd block count), dequantize() gives the file's float32 weights bit for bit, and
+    every path matches the oracle, with odd and even block counts."""
+    rng = _rng("q5", qtype, n_out, n_in)
+    raw = random_q5(rng, qtype, n_out, n_in)
+    p = q8.pack_q5(raw, qtype)
+    nb = n_in // 32
+    assert p.q.shape == (n_out, 20 * (nb + nb % 2)) and p.q.dtype == np.uint8
+    assert p.nbytes == raw.nbytes + 20 * n_out * (nb % 2)
+    assert p.codes().max() <= 31 and (n_out < 7 or p.codes().max() == 31)
+    w = dequantize(raw, qtype).reshape(n_out, n_in)
     assert np.array_equal(p.dequantize().view(np.uint32), w.view(np.uint32)), _msg()
     x = random_x(rng, n_in)
     ref, absum, bound = q8.q8_matvec_reference(x, p, return_scale=True)
@@ -168,19 +174,24 @@ def test_q5_1_with_mins(kernel, n_out, n_in):
     assert np.abs(ref).max() > 0
 
 
-def test_q5_1_savez_roundtrip_and_bad_input(tmp_path):
-    rng = _rng("q5_1-io")
-    p = q8.pack_q5_1(random_q5_1(rng, 9, 96))
+def test_q5_savez_roundtrip_and_bad_input(tmp_path):
+    rng = _rng("q5-io")
+    p = q8.pack_q5(random_q5(rng, 7, 9, 96), 7)
     np.savez(tmp_path / "w.npz", **p.arrays())
     with np.load(tmp_path / "w.npz") as z:
-        p2 = q8.PackedQ8.from_arrays(z)
-    assert p2.has_min and np.array_equal(p2.d, p.d) and np.array_equal(p2.qs, p.qs)
+        p2 = q8.PackedQ5.from_arrays(z)
+    assert p2.qtype == 7 and np.array_equal(p2.d, p.d) and np.array_equal(p2.q, p.q)
     x = random_x(rng, 96)
     assert np.array_equal(q8.q8_matvec(x, p2), q8.q8_matvec(x, p))
+    good = p.arrays()
+    for bad in (dict(good, d=good["d"][:, :-1]), dict(good, q=good["q"][:, :-1]),
+                dict(good, meta=np.array([9, 96, 6])), {"q": good["q"], "d": good["d"]}):
+        with pytest.raises(ValueError):
+            q8.PackedQ5.from_arrays(bad)
     with pytest.raises(ValueError):
-        q8.PackedQ8.from_arrays({"qs": p.qs, "d": p.d[:, :-1]})
+        q8.pack_q5(np.zeros((3, 25), np.uint8), 7)
     with pytest.raises(ValueError):
-        q8.pack_q5_1(np.zeros((3, 25), np.uint8))
+        q8.pack_q5(np.zeros((3, 22), np.uint8), 8)
 
 
 def test_pack_rejects_bad_input():

@@ -7,7 +7,7 @@ wherever a full vector is needed next. This module gives that code:
 - ``describe(matrix)``: one int64 row per weight matrix (kind, shape, kernel address, data
   addresses), so numba code can run any packed matrix through its llvmlite kernel;
 - ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
-  tables for Q4_0/Q4_1, int8 blocks for the Q8_0 layout (``q8.INT8_TYPES``), int8
+  tables for Q4_0/Q4_1, int8 blocks for the q8 kernels (``q8.INT8_TYPES``), int8
   super-blocks for the K-quants), each built once into a thread's ``scratch``; ``prepare_rows``
   and ``matvec_rows``: the same for k rows at once (K-quant matrices);
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
@@ -231,9 +231,10 @@ def describe(m) -> np.ndarray:
             raise ValueError("fused code expects 16-bit tables")
         return np.array([KIND_Q4, m.n_out, m.n_in, fk, p.codes.ctypes.data, p.dm.ctypes.data,
                          units, 0], np.int64)
-    if m.qtype in q8.INT8_TYPES:
-        return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(has_min=p.has_min),
-                         p.qs.ctypes.data, p.d.ctypes.data, units, 0], np.int64)
+    if m.qtype in q8.INT8_TYPES:   # one activation format; PackedQ5 bytes or Q8_0 codes
+        q = p.q if isinstance(p, q8.PackedQ5) else p.qs
+        return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(qtype=m.qtype),
+                         q.ctypes.data, p.d.ctypes.data, units, 0], np.int64)
     return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(m.qtype), p.q.ctypes.data,
                      p.sc.ctypes.data, units, p.d.ctypes.data], np.int64)
 

@@ -5,7 +5,7 @@ Weights arrive in one of two forms:
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
   `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, on
-  Q5_0, TQ1_0, TQ2_0, and Q5_1 with its mins); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
+  TQ1_0, TQ2_0) and on Q5_0/Q5_1 (5-bit codes, the file's bytes); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
   any number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
   prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
   time into one reused buffer per thread and use single-threaded BLAS, the output columns split
@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from ..formats.quants import dequantize_into
 from .kquant import QTYPES as KQ_TYPES  # Q2_K..Q6_K
-from .q8 import INT8_TYPES  # Q8_0, and the types whose blocks are Q8_0 blocks exactly
+from .q8 import INT8_TYPES  # Q8_0, the types repacked into its layout, Q5_0/Q5_1
 from .split import MIN_ROWS, split
 
 _local = threading.local()
@@ -108,10 +108,10 @@ def pack(raw: np.ndarray, qtype: int):
         from .kquant import pack_kquant
 
         return pack_kquant(raw, qtype)
-    from .q8 import pack_exact_int8, pack_q5_1, pack_q8_0
+    from .q8 import pack_exact_int8, pack_q5, pack_q8_0
 
-    if qtype == T.Q5_1:
-        return pack_q5_1(raw)
+    if qtype in (T.Q5_0, T.Q5_1):
+        return pack_q5(raw, qtype)
     return pack_q8_0(raw) if qtype == T.Q8_0 else pack_exact_int8(raw, qtype)
 
 
@@ -124,7 +124,8 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
     if packed is None:
         packed = pack(raw, qtype)
     elif (packed.n_out, packed.n_in) != (n_out, n_in) or getattr(packed, "qtype", None) != (
-            None if qtype in INT8_TYPES else qtype):  # a PackedQ8 (no qtype) serves both
+            None if qtype in INT8_TYPES and qtype not in (T.Q5_0, T.Q5_1) else qtype):
+        # (a PackedQ8 has no qtype: Q8_0 and the types repacked exactly into it share it)
         raise ValueError(f"{name}: the cached kernel layout does not match the tensor")
     if qtype in INT8_TYPES:
         from .q8 import q8_matvec

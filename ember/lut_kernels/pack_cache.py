@@ -33,16 +33,16 @@ from numba import njit
 from ..home import cache_dir, write_atomic
 from .kquant import PackedKQ
 from .pack import PackedQ4
-from .q8 import PackedQ8
+from .q8 import PackedQ5, PackedQ8
 
 __all__ = ["LAYOUT", "cache_path", "load", "save"]
 
 log = logging.getLogger("ember")
 
 MAGIC = b"EMBERPK\x01"
-LAYOUT = "q4f16-tile64.q8f16.q5as8.kq2.v6"  # kq2: Q2_K..Q6_K in kquant (Q3_K no longer int8)
+LAYOUT = "q4f16-tile64.q8f16.q5p.kq2.v7"  # kq2: Q2_K..Q6_K in kquant; q5p: PackedQ5
 ALIGN = 64
-_CLASSES = {"q4": PackedQ4, "q8": PackedQ8, "kq": PackedKQ}
+_CLASSES = {"q4": PackedQ4, "q8": PackedQ8, "q5": PackedQ5, "kq": PackedKQ}
 _DTYPES = {"uint8", "uint16", "int8", "float32", "int64"}
 _SAMPLE = 1 << 20
 
