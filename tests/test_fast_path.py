@@ -31,7 +31,7 @@ def test_batch_split_between_threads_agrees(tmp_path):
     import ember
     import tiny_gguf as tg
 
-    for qtype in ("BF16", "F16"):  # dequantized tiles; a float matrix
+    for qtype in ("BF16", "F32"):  # dequantized tiles; a float matrix
         path = tg.write_family(tmp_path / f"{qtype}.gguf", "qwen2", qtype=qtype, n_ctx=128)
         ids = np.random.default_rng(5).integers(0, 200, 100).tolist()
         out = [ember.load(path, threads=t).session().feed(ids) for t in (1, 2, 3)]

@@ -56,7 +56,7 @@ def test_smollm2_fused_matches_op_by_op(catalog_model):
 FUSABLE = ["llama", "qwen2", "gemma3"]
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "F16", "BF16"])
 @pytest.mark.parametrize("family", FUSABLE)
 def test_tiny_families_fused_match_op_by_op(tmp_path, family, qtype):
     # n_embd 96 / n_ff 160: matrices with partial 64-row units and an odd number of 32-blocks
@@ -141,7 +141,7 @@ def test_pool_reports_worker_errors():
 
 
 def test_decoder_refuses_unfusable_matrices(tmp_path):
-    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="BF16")  # no kernel
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="F32")  # float32 arrays
     from ember.runtime.decode import NotFusable
     with pytest.raises(NotFusable):
         FusedDecoder(ember.load(path).transformer, 1)

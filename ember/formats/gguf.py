@@ -384,8 +384,13 @@ class GGUFFile:
             return raw.view("<f4").reshape(t.shape)
         if t.qtype == GGMLQuantizationType.F16:
             return raw.view("<f2").reshape(t.shape)
+        return self.tensor_rows(name)
+
+    def tensor_rows(self, name: str) -> np.ndarray:
+        """Any tensor as [rows, row_bytes] uint8 (rows: all dimensions but the innermost)."""
+        t = self.info(name)
         rows = t.n_elements // t.shape[-1]
-        return raw.reshape(rows, t.nbytes // rows)
+        return self.tensor_bytes(name).reshape(rows, t.nbytes // rows)
 
     def info(self, name: str) -> TensorInfo:
         try:

@@ -462,6 +462,19 @@ def emit_hsum(a, src: str, n: int, out: str) -> None:
     a(f"  {out} = extractelement <1 x float> {prev}, i32 0")
 
 
+def emit_row_end(a, val: str) -> None:
+    """The end of a row loop over ``%r`` (to ``%r1``, from block ``%row``): ``y[r] = val``, the
+    next row or the function's return."""
+    a("  %yp = getelementptr float, ptr %y, i64 %r")
+    a(f"  store float {val}, ptr %yp, align 4")
+    a("  %r.next = add i64 %r, 1")
+    a("  %rdone = icmp eq i64 %r.next, %r1")
+    a("  br i1 %rdone, label %exit, label %row")
+    a("exit:")
+    a("  ret void")
+    a("}")
+
+
 def finish_module(lines: list[str], cpu: str | None, features: str | None) -> str:
     """IR text of `lines` plus the function attributes #0 (nounwind, target cpu and features)."""
     attrs = ["nounwind"]

@@ -8,7 +8,7 @@ wherever a full vector is needed next. This module gives that code:
   addresses), so numba code can run any packed matrix through its llvmlite kernel;
 - ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
   tables for Q4_0/Q4_1, int8 blocks for the q8 kernels (``q8.INT8_TYPES``), int8
-  super-blocks for the K-quants), each built once into a thread's ``scratch``; ``prepare_rows``
+  super-blocks for the K-quants, the float32 row for F16/BF16), each built once into a thread's ``scratch``; ``prepare_rows``
   and ``matvec_rows``: the same for k rows at once (K-quant matrices);
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
   rows per unit; outputs are padded to whole units);
@@ -35,14 +35,15 @@ from numba import njit, types
 from numba.core import errors
 from numba.extending import intrinsic
 
-from . import codegen, kquant, q8, tmac
+from . import codegen, f16, kquant, q8, tmac
 from .pack import DEFAULT_TILE, Q4_0, Q4_1
 
-__all__ = ["KIND_Q4", "KIND_Q8", "KIND_KQ", "UNIT", "NCOL", "available", "describe", "fusable",
+__all__ = ["KIND_Q4", "KIND_Q8", "KIND_KQ", "KIND_F16", "UNIT", "NCOL", "available", "describe",
+           "fusable",
            "barrier_address", "new_barrier_state", "ABORT"]
 
 UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
-KIND_Q4, KIND_Q8, KIND_KQ = 1, 2, 3
+KIND_Q4, KIND_Q8, KIND_KQ, KIND_F16 = 1, 2, 3, 4
 NCOL = 8  # descriptor: kind, n_out, n_in, kernel fn, data0, data1, units, data2 (or 0)
 SPIN = 1024
 GIVE_UP = 1 << 26
@@ -90,6 +91,12 @@ def call4(typingctx, fn, a, b, c, d):
     """void fn(a, b, c, d); arrays pass their data pointers, integers their values."""
     _check((fn, a, b, c, d))
     return types.void(fn, a, b, c, d), _codegen(False)
+
+
+@intrinsic
+def call6(typingctx, fn, a, b, c, d, e, f):
+    _check((fn, a, b, c, d, e, f))
+    return types.void(fn, a, b, c, d, e, f), _codegen(False)
 
 
 @intrinsic
@@ -218,7 +225,7 @@ def fusable(m) -> bool:
         return False
     if m.qtype in (Q4_0, Q4_1):
         return p.tile == UNIT
-    return m.qtype in (*q8.INT8_TYPES, *kquant.QTYPES)
+    return m.qtype in (*q8.INT8_TYPES, *kquant.QTYPES, f16.F16, f16.BF16)
 
 
 def describe(m) -> np.ndarray:
@@ -235,6 +242,9 @@ def describe(m) -> np.ndarray:
         q = p.q if isinstance(p, q8.PackedQ5) else p.qs
         return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(qtype=m.qtype),
                          q.ctypes.data, p.d.ctypes.data, units, 0], np.int64)
+    if m.qtype in (f16.F16, f16.BF16):
+        return np.array([KIND_F16, m.n_out, m.n_in, f16.fn_address(m.qtype), p.w.ctypes.data,
+                         0, units, 0], np.int64)
     return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(m.qtype), p.q.ctypes.data,
                      p.sc.ctypes.data, units, p.d.ctypes.data], np.int64)
 
@@ -263,11 +273,12 @@ def take(tfn, counters, ci, nth, prev, chunk):
 @njit(cache=True, nogil=True)
 def scratch(n_in_max, k=1):
     """The activation buffers of one thread for inputs up to n_in_max: (tab, bc, xq, dxv) for
-    the T-MAC and Q8_0 kernels (one row), then (xq, xd, xp) for the K-quant kernels (k rows)."""
+    the T-MAC and q8 kernels (one row), (xq, xd, xp) for the K-quant kernels (k rows), then
+    the float32 row itself for the F16/BF16 kernels."""
     nb, nsb = n_in_max // 32 + 1, n_in_max // 256 + 1
     xq, xd, xp = kquant.act_buffers(nsb, k + (k & 1))
     return (np.empty(nb * 256, np.int8), np.empty(nb * 4, np.float32), np.empty(nb * 32, np.int8),
-            np.empty(16 * (nb + 1), np.float32), xq, xd, xp)
+            np.empty(16 * (nb + 1), np.float32), xq, xd, xp, np.empty(n_in_max, np.float32))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -277,13 +288,18 @@ def prepare(desc, m0, m1, fns, x, buf):
     q4 = False
     q8_ = False
     kq = False
+    fl = False
     for m in range(m0, m1):
         if desc[m, 0] == KIND_Q4:
             q4 = True
         elif desc[m, 0] == KIND_Q8:
             q8_ = True
+        elif desc[m, 0] == KIND_F16:
+            fl = True
         else:
             kq = True
+    if fl:
+        buf[7][:x.size] = x
     if q4:
         call4(fns[0], x, buf[0], buf[1], x.size // 32)
     if q8_:
@@ -317,6 +333,8 @@ def matvec_units(desc, m, buf, y, u0, u1):
               u0, u1)
     elif desc[m, 0] == KIND_Q8:
         call8(desc[m, 3], desc[m, 4], desc[m, 5], buf[2], buf[3], y, nb, UNIT * u0, r1)
+    elif desc[m, 0] == KIND_F16:
+        call6(desc[m, 3], desc[m, 4], buf[7], y, desc[m, 2], UNIT * u0, r1)
     else:
         call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], y,
                nb // 8, UNIT * u0, r1, 1, y.size)

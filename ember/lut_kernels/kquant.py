@@ -167,7 +167,7 @@ from numba.extending import intrinsic
 
 from . import codegen
 from .codegen import _flt, _mask, _splat, _vec
-from .pack import aligned, aligned_empty, gguf_blocks
+from .pack import aligned, aligned_empty, gguf_blocks, tree_sum
 from .split import MIN_ROWS, split
 from .tmac import _emit_call
 
@@ -1414,13 +1414,7 @@ def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
                 for o in range(256):
                     a[o] += w[o] * x[o]
         for i in range(k):
-            a = acc[i]
-            n = 256
-            while n > 1:
-                n //= 2
-                for j in range(n):
-                    a[j] = a[j] + a[j + n]
-            y[i, r] = a[0]
+            y[i, r] = tree_sum(acc[i])
 
 
 @njit(cache=True, nogil=True, inline="always")

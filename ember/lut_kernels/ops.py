@@ -5,7 +5,8 @@ Weights arrive in one of two forms:
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
   `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, on
-  TQ1_0, TQ2_0) and on Q5_0/Q5_1 (5-bit codes, the file's bytes); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
+  TQ1_0, TQ2_0) and on Q5_0/Q5_1 (5-bit codes, the file's bytes), float FMAs on F16/BF16 rows
+  as they are in the file (`f16.py`); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
   any number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
   prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
   time into one reused buffer per thread and use single-threaded BLAS, the output columns split
@@ -91,6 +92,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
 
 
 _KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, *KQ_TYPES)
+VIEW_TYPES = (T.F16, T.BF16)  # kernels on the file's own rows (f16.py): no repacking, no cache
 
 
 def has_kernel(qtype: int) -> bool:
@@ -119,6 +121,10 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
                  packed=None) -> QuantMatrix:
     """A QuantMatrix, with its kernel layout when ember has a kernel for the type (`packed`, e.g.
     from the pack cache, or packed now)."""
+    if qtype in VIEW_TYPES:
+        from .f16 import f16_matvec, pack_f16
+
+        return QuantMatrix(name, raw, qtype, n_out, n_in, pack_f16(raw, qtype), f16_matvec)
     if not has_kernel(qtype):
         return QuantMatrix(name, raw, qtype, n_out, n_in)
     if packed is None:

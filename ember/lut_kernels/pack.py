@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["PackedQ4", "half_to_f32", "pack_q4", "unpack_q4", "aligned", "aligned_empty", "Q4_0", "Q4_1",
-           "DEFAULT_TILE", "gguf_blocks"]
+           "DEFAULT_TILE", "gguf_blocks", "tree_sum"]
 
 Q4_0 = 2   # GGMLQuantizationType values
 Q4_1 = 3
@@ -146,6 +146,18 @@ def half_to_f32(h):
     else:
         v = (np.float32(m | 0x400) * np.float32(np.int32(1) << (e - 1))) * np.float32(2.0 ** -24)
     return -v if h & 0x8000 else v
+
+
+@njit(cache=True, nogil=True, inline="always")
+def tree_sum(acc):
+    """The sum of acc (a power-of-two number of float32 lanes) as a tree of halves, in place:
+    the portable kernels' fixed rounding order."""
+    n = acc.size
+    while n > 1:
+        n //= 2
+        for j in range(n):
+            acc[j] = acc[j] + acc[j + n]
+    return acc[0]
 
 
 @njit(cache=True, nogil=True)

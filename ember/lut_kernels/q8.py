@@ -87,7 +87,7 @@ from numba.extending import intrinsic
 
 from . import codegen
 from .codegen import _flt, _mask, _splat
-from .pack import gguf_blocks, half_to_f32
+from .pack import gguf_blocks, half_to_f32, tree_sum
 from .tmac import _check_types, _emit_call
 
 __all__ = [
@@ -492,14 +492,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         a("fin:")
         a(f"  %accF = fadd {VF} %accA, {_splat('float', nl, '-0.0')}")
     codegen.emit_hsum(a, "%accF", nl, "%ys")
-    a("  %yp = getelementptr float, ptr %y, i64 %r")
-    a("  store float %ys, ptr %yp, align 4")
-    a("  %r.next = add i64 %r, 1")
-    a("  %rdone = icmp eq i64 %r.next, %r1")
-    a("  br i1 %rdone, label %exit, label %row")
-    a("exit:")
-    a("  ret void")
-    a("}")
+    codegen.emit_row_end(a, "%ys")
     return L
 
 
@@ -658,12 +651,7 @@ def _rows_portable(qs, d, xq, dxv, y, kind, r0, r1):
                 acc[0] += (np.float32(-16.0) * dd) * dxv[half + 8 * b]
             elif kind == 2:
                 acc[0] += half_to_f32(d[r, nb + b]) * dxv[half + 8 * b]
-        n = 32
-        while n > 1:
-            n //= 2
-            for j in range(n):
-                acc[j] = acc[j] + acc[j + n]
-        y[r] = acc[0]
+        y[r] = tree_sum(acc)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -4,8 +4,8 @@ Two modes:
 - "reference": every weight is dequantized to float32 on first use and kept (the NumPy oracle path);
 - "fast": matrices stay in the file's encoding, memory-mapped (`QuantMatrix`), with a kernel
   layout packed on first use where a kernel exists (Q4_0/Q4_1 table lookup; int8 dot for Q8_0,
-  the types repacked into its layout, and the K-quants); only vectors (norms, biases) and
-  F32/F16 matrices become float32 arrays.
+  the types repacked into its layout, Q5_0/Q5_1 and the K-quants; F16/BF16 rows are their own
+  layout); only vectors (norms, biases) and F32 matrices become float32 arrays.
 Embedding rows are always decoded on demand. Streaming under a byte budget plugs in here.
 """
 
@@ -21,12 +21,12 @@ from gguf import GGMLQuantizationType as T
 from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize, dequantize_rows
-from ..lut_kernels.ops import has_kernel, quant_matrix
+from ..lut_kernels.ops import VIEW_TYPES, has_kernel, quant_matrix
 
 log = logging.getLogger("ember")
 
 MODES = ("reference", "fast")
-_FLOAT = (T.F32, T.F16)
+_FLOAT = (T.F32,)
 
 
 class WeightStore:
@@ -68,11 +68,11 @@ class WeightStore:
             m = full if expert is None else full[expert]
         else:
             n_out, n_in = info.shape[-2], info.shape[-1]
-            raw = self.gguf.tensor(name)  # [rows, row_bytes]
+            raw = self.gguf.tensor_rows(name)  # [rows, row_bytes]
             if expert is not None:
                 raw = raw[expert * n_out : (expert + 1) * n_out]
             m = quant_matrix(name, raw, info.qtype, n_out, n_in)
-            if m.packed is not None and expert is None:
+            if m.packed is not None and expert is None and info.qtype not in VIEW_TYPES:
                 m.release = functools.partial(self.gguf.release, name)
                 m.release()  # decode reads only the packed copy
         self._matrices[key] = m
@@ -92,7 +92,7 @@ class WeightStore:
         if cached is not None and set(names) <= set(cached):
             for n in names:
                 info = self.gguf.info(n)
-                m = quant_matrix(n, self.gguf.tensor(n), info.qtype, info.shape[0],
+                m = quant_matrix(n, self.gguf.tensor_rows(n), info.qtype, info.shape[0],
                                  info.shape[1], cached[n])
                 m.release = functools.partial(self.gguf.release, n)
                 self._matrices[(n, -1)] = m
