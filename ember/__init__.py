@@ -19,14 +19,21 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 def _numba_cache() -> None:
     """numba's on-disk cache for ember's functions in a folder per version of ember's numba
     sources (``home.numba_cache_dir``), unless $NUMBA_CACHE_DIR says otherwise. Set before any
-    ember module defines a cached function (numba picks the folder then)."""
+    ember module defines a cached function (numba picks the folder then): through the
+    environment while numba is not imported yet (importing it here would cost the command line
+    0.2 s and defeat its scipy shortcut, cli._quiet_startup), else in numba's config."""
+    import sys
+
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
-    from numba.core import config
-
     from .home import numba_cache_dir
 
-    config.CACHE_DIR = str(numba_cache_dir())
+    if "numba" in sys.modules:
+        from numba.core import config
+
+        config.CACHE_DIR = str(numba_cache_dir())
+    else:
+        os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
 
 
 _numba_cache()
