@@ -13,9 +13,6 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from ..errors import ChatTemplateError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,6 +48,9 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, s
 
 @lru_cache(maxsize=8)
 def _compile(source: str) -> jinja2.Template:
+    import jinja2  # only when a template is used: `ember run --raw` never pays for it
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
@@ -99,6 +99,8 @@ class ChatFormat:
         self.eos_token = eos_token
 
     def render(self, messages, add_generation_prompt: bool = True, **extra: Any) -> str:
+        import jinja2
+
         msgs = check_messages(messages)
         try:
             return _compile(self.source).render(
