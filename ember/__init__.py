@@ -28,12 +28,15 @@ def _numba_cache() -> None:
         return
     from .home import numba_cache_dir
 
+    path = numba_cache_dir()
+    if path is None:
+        return
     if "numba" in sys.modules:
         from numba.core import config
 
-        config.CACHE_DIR = str(numba_cache_dir())
+        config.CACHE_DIR = str(path)
     else:
-        os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
+        os.environ["NUMBA_CACHE_DIR"] = str(path)
 
 
 _numba_cache()

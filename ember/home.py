@@ -22,12 +22,13 @@ def cache_dir(kind: str) -> Path:
     return (Path(root).expanduser() if root else ember_home() / "cache") / kind
 
 
-def numba_cache_dir() -> Path:
+def numba_cache_dir() -> Path | None:
     """cache_dir("numba")/<digest of ember's numba sources>: where numba keeps ember's compiled
     functions. numba keys its own cache on the one source file of each function, so a function
     that inlines code from another module (the fused step inlines the kernels' act buffers and
     calls) would keep running the old code after that module changed; a folder per version of
-    all of them makes any change compile afresh. The 3 newest folders are kept."""
+    all of them makes any change compile afresh. The 3 newest folders are kept. None when the
+    folder cannot be written (numba then uses its own default places)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -38,15 +39,17 @@ def numba_cache_dir() -> Path:
             h.update(str(f.relative_to(pkg)).encode() + b"\0" + data + b"\0")
     root = cache_dir("numba")
     path = root / h.hexdigest()[:20]
-    if not path.is_dir():
-        try:
+    try:
+        if not path.is_dir():
             path.mkdir(parents=True, exist_ok=True)
             old = sorted((p for p in root.iterdir() if p.is_dir() and p != path),
                          key=lambda p: p.stat().st_mtime)
             for p in old[:-2]:
                 _remove_tree(p)
-        except OSError:
-            pass  # an unwritable cache only costs compile time
+        if not os.access(path, os.W_OK | os.X_OK):
+            return None
+    except OSError:
+        return None  # an unwritable cache only costs compile time
     return path
 
 

@@ -298,3 +298,6 @@ def test_numba_cache_is_keyed_on_all_of_embers_numba_sources(tmp_path, monkeypat
         seen.add(home.numba_cache_dir().name)
     assert len(seen) == 5
     assert len(list((tmp_path / "numba").iterdir())) == 3
+    # an unwritable cache folder: numba keeps its own default places
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    assert home.numba_cache_dir() is None
