@@ -1025,6 +1025,31 @@ def _kbs(kb: int) -> list[int]:
     return out
 
 
+def _transpose_reduce(a, vecs: list[str], elem: str, tag: str, op) -> str:
+    """Reduce each of n (a power of two, <= 16) 16-lane vectors with ``op`` (emits ``o = x op
+    y``) and return one 16-lane vector: vector i's result in lanes i * (16 / n) .. (the lanes
+    of one input are still to be combined when n < 16). Each level pairs neighbours and keeps
+    half of each one's lanes: n - 1 ops instead of n reductions."""
+    V = f"<16 x {elem}>"
+    level, seg = list(vecs), 16
+    k = 0
+    while len(level) > 1:
+        half = seg // 2
+        lo = [s0 * seg + t for s0 in range(16 // seg) for t in range(half)]
+        nxt = []
+        for i in range(0, len(level), 2):
+            x, y = level[i], level[i + 1]
+            a(f"  %{tag}{k}l = shufflevector {V} {x}, {V} {y}, "
+              f"{_mask(lo + [16 + j for j in lo])}")
+            a(f"  %{tag}{k}h = shufflevector {V} {x}, {V} {y}, "
+              f"{_mask([j + half for j in lo] + [16 + j + half for j in lo])}")
+            a(op(f"%{tag}{k}l", f"%{tag}{k}h", f"%{tag}{k}"))
+            nxt.append(f"%{tag}{k}")
+            k += 1
+        level, seg = nxt, half
+    return level[0]
+
+
 def _quant_ir() -> list[str]:
     """``@kq_quant(x, xq, xd, xp, nsb, k, kp, xs)``: the act format of x float32 [k, xs >= n_in]
     (row stride ``xs`` floats), the same float32 operations as ``quantize_x_nb`` (x finite)."""
@@ -1047,6 +1072,7 @@ def _quant_ir() -> list[str]:
     a("  %xro = mul i64 %i, %xs")
     a("  %xr = getelementptr float, ptr %x, i64 %xro")
     a("  %iodd = and i64 %i, 1")
+    a("  %rodd = icmp ne i64 %iodd, 0")
     a("  %lane0 = mul i64 %iodd, 2")              # xp lane offset of this row in its pair
     a("  %pair = lshr i64 %i, 1")
     a("  br label %sb")
@@ -1074,41 +1100,55 @@ def _quant_ir() -> list[str]:
             a(f"  %v{b}{h} = load {V}, ptr %xp{b}{h}, align 4")
             a(f"  %a{b}{h} = call {V} @llvm.fabs.v16f32({V} %v{b}{h})")
         a(f"  %m{b} = call nnan {V} @llvm.maxnum.v16f32({V} %a{b}0, {V} %a{b}1)")
-        a(f"  %amax{b} = call nnan float @llvm.vector.reduce.fmax.v16f32({V} %m{b})")
-        a(f"  %pos{b} = fcmp ogt float %amax{b}, 0.0")
-        a(f"  %inv0{b} = fdiv float {_flt(127.0)}, %amax{b}")
-        a(f"  %inv{b} = select i1 %pos{b}, float %inv0{b}, float 0.0")
-        a(f"  %dx0{b} = fdiv float %amax{b}, {_flt(127.0)}")
-        a(f"  %dx{b} = select i1 %pos{b}, float %dx0{b}, float 0.0")
-        a(f"  %invi{b} = insertelement {V} poison, float %inv{b}, i32 0")
-        a(f"  %INV{b} = shufflevector {V} %invi{b}, {V} poison, <16 x i32> zeroinitializer")
+    # the 8 blocks' amax, dx and 1/dx at once (a transposed reduction, vector divisions)
+    am = _transpose_reduce(a, [f"%m{b}" for b in range(8)], "float", "am",
+                           lambda x, y, o: f"  {o} = call nnan {V} @llvm.maxnum.v16f32({V} {x}, {V} {y})")
+    a(f"  %am8a = shufflevector {V} {am}, {V} poison, {_mask(range(0, 16, 2))}")
+    a(f"  %am8b = shufflevector {V} {am}, {V} poison, {_mask(range(1, 16, 2))}")
+    a("  %AM = call nnan <8 x float> @llvm.maxnum.v8f32(<8 x float> %am8a, <8 x float> %am8b)")
+    a("  %POS = fcmp ogt <8 x float> %AM, zeroinitializer")
+    a(f"  %INVd = fdiv <8 x float> {_splat('float', 8, _flt(127.0))}, %AM")
+    a("  %INV8 = select <8 x i1> %POS, <8 x float> %INVd, <8 x float> zeroinitializer")
+    a(f"  %DXd = fdiv <8 x float> %AM, {_splat('float', 8, _flt(127.0))}")
+    a("  %DX8 = select <8 x i1> %POS, <8 x float> %DXd, <8 x float> zeroinitializer")
+    for b in range(8):
+        a(f"  %INV{b} = shufflevector <8 x float> %INV8, <8 x float> poison, {_mask([b] * 16)}")
         for h in range(2):
             a(f"  %p{b}{h} = fmul {V} %v{b}{h}, %INV{b}")
             a(f"  %r{b}{h} = call {V} @llvm.roundeven.v16f32({V} %p{b}{h})")
             a(f"  %qi{b}{h} = fptosi {V} %r{b}{h} to {VI}")
             a(f"  %qu{b}{h} = add {VI} %qi{b}{h}, {_splat('i32', 16, 128)}")
             a(f"  %qb{b}{h} = trunc {VI} %qu{b}{h} to <16 x i8>")
-        for h in range(2):
-            a(f"  %xs{b}{h} = call i32 @llvm.vector.reduce.add.v16i32({VI} %qi{b}{h})")
-            a(f"  %xsf{b}{h} = sitofp i32 %xs{b}{h} to float")
-            a(f"  %dxs{b}{h} = fmul float %dx{b}, %xsf{b}{h}")
-        a(f"  %xsum{b} = add i32 %xs{b}0, %xs{b}1")
-        a(f"  %xsf{b} = sitofp i32 %xsum{b} to float")
-        a(f"  %dxs{b} = fmul float %dx{b}, %xsf{b}")
         a(f"  %nat{b} = shufflevector <16 x i8> %qb{b}0, <16 x i8> %qb{b}1, {_mask(range(32))}")
         a(f"  %natd{b} = bitcast <32 x i8> %nat{b} to <8 x i32>")
         dw.append(f"%natd{b}")
-        for h, g in enumerate((2 * b, 2 * b + 1)):
-            a(f"  %xdp{g} = getelementptr float, ptr %dxp, i64 {g}")
-            a(f"  store float %dx{b}, ptr %xdp{g}, align 4")
-            a(f"  %xdsp{g}.b = getelementptr float, ptr %dxp, i64 %xso")
-            a(f"  %xdsp{g} = getelementptr float, ptr %xdsp{g}.b, i64 {g}")
-            a(f"  store float %dxs{b}{h}, ptr %xdsp{g}, align 4")
-        a(f"  %ln{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
-        a(f"  %pxp{b} = getelementptr float, ptr %pp, i64 %ln{b}")
-        a(f"  store float %dx{b}, ptr %pxp{b}, align 4")
-        a(f"  %pxs{b} = getelementptr float, ptr %pxp{b}, i64 16")
-        a(f"  store float %dxs{b}, ptr %pxs{b}, align 4")
+    # per 16-group (lane g = 2 b + h) sums of xq, then per 32-block; dx and dx * xsum
+    xs = _transpose_reduce(a, [f"%qi{g // 2}{g % 2}" for g in range(16)], "i32", "xs",
+                           lambda x, y, o: f"  {o} = add {VI} {x}, {y}")
+    a(f"  %DX16 = shufflevector <8 x float> %DX8, <8 x float> poison, "
+      f"{_mask([g // 2 for g in range(16)])}")
+    a(f"  store {V} %DX16, ptr %dxp, align 4")
+    a(f"  %XS16f = sitofp {VI} {xs} to {V}")
+    a(f"  %DS16 = fmul {V} %DX16, %XS16f")
+    a("  %xdsp = getelementptr float, ptr %dxp, i64 %xso")
+    a(f"  store {V} %DS16, ptr %xdsp, align 4")
+    a(f"  %xs8a = shufflevector {VI} {xs}, {VI} poison, {_mask(range(0, 16, 2))}")
+    a(f"  %xs8b = shufflevector {VI} {xs}, {VI} poison, {_mask(range(1, 16, 2))}")
+    a("  %XS8 = add <8 x i32> %xs8a, %xs8b")
+    a("  %XS8f = sitofp <8 x i32> %XS8 to <8 x float>")
+    a("  %DXS8 = fmul <8 x float> %DX8, %XS8f")
+    # xp: block b = 2c + h of this row in lane 4c + 2j + h (j = row parity), the pair's other
+    # row in the other lanes: both lanes of a pair filled from this row, a masked store
+    pl = _mask([2 * (ln // 4) + ln % 2 for ln in range(16)])
+    a(f"  %XP = shufflevector <8 x float> %DX8, <8 x float> poison, {pl}")
+    a(f"  %XPS = shufflevector <8 x float> %DXS8, <8 x float> poison, {pl}")
+    even = [(ln // 2) % 2 == 0 for ln in range(16)]
+    a(f"  %pm = select i1 %rodd, <16 x i1> {_vec('i1', [int(not e) for e in even])}, "
+      f"<16 x i1> {_vec('i1', [int(e) for e in even])}")
+    a(f"  %ppb = getelementptr float, ptr %pp, i64 0")
+    a(f"  call void @llvm.masked.store.v16f32.p0({V} %XP, ptr %ppb, i32 4, <16 x i1> %pm)")
+    a("  %pps = getelementptr float, ptr %pp, i64 16")
+    a(f"  call void @llvm.masked.store.v16f32.p0({V} %XPS, ptr %pps, i32 4, <16 x i1> %pm)")
     # natural dword 4 g + v (g: 16-group, v: 0..3) -> position 16 v + g
     a(f"  %n01 = shufflevector <8 x i32> {dw[0]}, <8 x i32> {dw[1]}, {_mask(range(16))}")
     a(f"  %n23 = shufflevector <8 x i32> {dw[2]}, <8 x i32> {dw[3]}, {_mask(range(16))}")
@@ -1165,7 +1205,9 @@ def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int
               "declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)",
               "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
               "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
-              "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)"]
+              "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)",
+              "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)",
+              "declare void @llvm.masked.store.v16f32.p0(<16 x float>, ptr, i32, <16 x i1>)"]
         L += _quant_ir()
         return codegen.finish_module(L, cpu, features)
     vw, combine = _SPECS[isa]
