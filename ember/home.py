@@ -30,6 +30,7 @@ def numba_cache_dir() -> Path | None:
     all of them makes any change compile afresh. The 3 newest folders are kept. None when the
     folder cannot be written (numba then uses its own default places)."""
     import hashlib
+    import shutil
 
     h = hashlib.sha256()
     pkg = Path(__file__).resolve().parent
@@ -45,18 +46,12 @@ def numba_cache_dir() -> Path | None:
             old = sorted((p for p in root.iterdir() if p.is_dir() and p != path),
                          key=lambda p: p.stat().st_mtime)
             for p in old[:-2]:
-                _remove_tree(p)
+                shutil.rmtree(p, ignore_errors=True)
         if not os.access(path, os.W_OK | os.X_OK):
             return None
     except OSError:
         return None  # an unwritable cache only costs compile time
     return path
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def write_atomic(path: Path, data, *, fsync: bool = True) -> None:

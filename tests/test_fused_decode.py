@@ -166,7 +166,7 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
         n_out, n_in = t.weights.shape
         if qt in kquant.QTYPES:
             raw = kquant.random_kquant(rng, qt, n_out, n_in)
-            offs, nbytes = kquant._F16_FIELDS[qt], kquant._GGUF_BYTES[qt]
+            offs, nbytes = kquant._F16_FIELDS[qt], block_info(qt)[1]
         else:   # Q5_0 (d at 0), TQ1_0 / TQ2_0 (d at 52 / 64)
             bw, nbytes = block_info(qt)
             off = {Q.Q5_0: 0, Q.TQ1_0: 52, Q.TQ2_0: 64}[qt]

@@ -209,10 +209,6 @@ def fn_address(qtype: int, kernel: str | None = None) -> int:
     return r
 
 
-def reset_kernel_choice() -> None:
-    _choice.clear()
-
-
 # ---------------------------------------------------------------------------------------------
 # numba
 

@@ -165,6 +165,7 @@ from numba import njit, prange, types
 from numba.core import errors
 from numba.extending import intrinsic
 
+from ..formats.quants import block_info
 from . import codegen
 from .codegen import _flt, _mask, _splat, _vec
 from .pack import aligned, aligned_empty, gguf_blocks, tree_sum
@@ -200,7 +201,6 @@ __all__ = [
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14   # GGMLQuantizationType values
 QTYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 QK = 256                                  # weights per super-block
-_GGUF_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per super-block, file
 _QB = {Q2_K: 64, Q3_K: 96, Q4_K: 128, Q5_K: 160, Q6_K: 192}  # bytes of codes, packed layout
 _ND = {Q2_K: 2, Q3_K: 1, Q4_K: 2, Q5_K: 2, Q6_K: 1}  # f16 values per super-block (d[, dmin])
 _NAMES = {Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}
@@ -240,7 +240,7 @@ class PackedKQ:
 
     @property
     def gguf_nbytes(self) -> int:
-        return self.n_out * self.nsb * _GGUF_BYTES[self.qtype]
+        return self.n_out * self.nsb * block_info(self.qtype)[1]
 
     def arrays(self) -> dict:
         return {"q": self.q, "sc": self.sc, "d": self.d,
@@ -423,7 +423,7 @@ def pack_kquant(raw2d, qtype: int) -> PackedKQ:
     qtype = int(qtype)
     if qtype not in _QB:
         raise ValueError(f"pack_kquant: qtype {qtype} is not a K-quant (Q2_K..Q6_K, 10..14)")
-    r3 = gguf_blocks(raw2d, _GGUF_BYTES[qtype], "pack_kquant")
+    r3 = gguf_blocks(raw2d, block_info(qtype)[1], "pack_kquant")
     n, nsb = r3.shape[:2]
     if qtype == Q2_K:     # scales[16] (scale | min << 4), qs[64], d, dmin
         return _packed(_split2(r3[:, :, 16:80], n, nsb), qtype, r3[:, :, :16], r3[:, :, 80:84])
@@ -1145,8 +1145,7 @@ def _quant_ir() -> list[str]:
     even = [(ln // 2) % 2 == 0 for ln in range(16)]
     a(f"  %pm = select i1 %rodd, <16 x i1> {_vec('i1', [int(not e) for e in even])}, "
       f"<16 x i1> {_vec('i1', [int(e) for e in even])}")
-    a(f"  %ppb = getelementptr float, ptr %pp, i64 0")
-    a(f"  call void @llvm.masked.store.v16f32.p0({V} %XP, ptr %ppb, i32 4, <16 x i1> %pm)")
+    a(f"  call void @llvm.masked.store.v16f32.p0({V} %XP, ptr %pp, i32 4, <16 x i1> %pm)")
     a("  %pps = getelementptr float, ptr %pp, i64 16")
     a(f"  call void @llvm.masked.store.v16f32.p0({V} %XPS, ptr %pps, i32 4, <16 x i1> %pm)")
     # natural dword 4 g + v (g: 16-group, v: 0..3) -> position 16 v + g
@@ -1680,7 +1679,7 @@ def random_kquant(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
     """Random GGUF rows of a K-quant type: uint8 [n_out, n_in / 256 * block bytes]; random
     code and scale bytes, f16 d ~ 1e-3 (and dmin ~ 3e-4) of random sign."""
     nsb = n_in // 256
-    bb = _GGUF_BYTES[qtype]
+    bb = block_info(qtype)[1]
     raw = rng.integers(0, 256, (n_out, nsb, bb), dtype=np.uint8)
     for off, mag in zip(_F16_FIELDS[qtype], (1e-3, 3e-4), strict=False):
         v = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * mag

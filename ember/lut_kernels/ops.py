@@ -24,9 +24,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..formats.quants import dequantize_into
+from .f16 import f16_matvec, pack_f16
 from .kquant import QTYPES as KQ_TYPES  # Q2_K..Q6_K
-from .q8 import INT8_TYPES  # Q8_0, the types repacked into its layout, Q5_0/Q5_1
+from .kquant import kq_matmul, kq_matvec, pack_kquant
+from .pack import pack_q4
+from .q8 import EXACT_INT8, INT8_TYPES  # Q8_0, the types repacked into its layout, Q5_0/Q5_1
+from .q8 import pack_exact_int8, pack_q5, pack_q8_0, q8_matvec
 from .split import MIN_ROWS, split
+from .tmac import lut_matvec
 
 _local = threading.local()
 SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
@@ -78,9 +83,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
         split(w.shape[0], threads, lambda a, b: np.matmul(x, w[a:b].T, out=out[:, a:b]))
         return out
-    if w.qtype in KQ_TYPES and w.packed is not None:
-        from .kquant import kq_matmul  # reads the weights once for up to 16 rows at a time
-
+    if w.qtype in KQ_TYPES and w.packed is not None:  # the weights read once per 16 rows
         return kq_matmul(np.ascontiguousarray(x, dtype=np.float32), w.packed, threads=threads)
     if w.packed is not None and x.shape[0] <= SMALL_BATCH:
         matvec = w.matvec
@@ -93,6 +96,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
 
 _KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, *KQ_TYPES)
 VIEW_TYPES = (T.F16, T.BF16)  # kernels on the file's own rows (f16.py): no repacking, no cache
+_SHARED_Q8 = (T.Q8_0, *EXACT_INT8)  # their layout is a PackedQ8, which records no qtype
 
 
 def has_kernel(qtype: int) -> bool:
@@ -101,17 +105,11 @@ def has_kernel(qtype: int) -> bool:
 
 
 def pack(raw: np.ndarray, qtype: int):
-    """The kernel layout of a matrix's GGUF rows (a PackedQ4, PackedQ8 or PackedKQ)."""
+    """The kernel layout of a matrix's GGUF rows (a PackedQ4, PackedQ8, PackedQ5 or PackedKQ)."""
     if qtype in (T.Q4_0, T.Q4_1):
-        from .pack import pack_q4
-
         return pack_q4(raw, qtype)
     if qtype in KQ_TYPES:
-        from .kquant import pack_kquant
-
         return pack_kquant(raw, qtype)
-    from .q8 import pack_exact_int8, pack_q5, pack_q8_0
-
     if qtype in (T.Q5_0, T.Q5_1):
         return pack_q5(raw, qtype)
     return pack_q8_0(raw) if qtype == T.Q8_0 else pack_exact_int8(raw, qtype)
@@ -122,27 +120,18 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
     """A QuantMatrix, with its kernel layout when ember has a kernel for the type (`packed`, e.g.
     from the pack cache, or packed now)."""
     if qtype in VIEW_TYPES:
-        from .f16 import f16_matvec, pack_f16
-
         return QuantMatrix(name, raw, qtype, n_out, n_in, pack_f16(raw, qtype), f16_matvec)
     if not has_kernel(qtype):
         return QuantMatrix(name, raw, qtype, n_out, n_in)
     if packed is None:
         packed = pack(raw, qtype)
     elif (packed.n_out, packed.n_in) != (n_out, n_in) or getattr(packed, "qtype", None) != (
-            None if qtype in INT8_TYPES and qtype not in (T.Q5_0, T.Q5_1) else qtype):
-        # (a PackedQ8 has no qtype: Q8_0 and the types repacked exactly into it share it)
+            None if qtype in _SHARED_Q8 else qtype):
         raise ValueError(f"{name}: the cached kernel layout does not match the tensor")
     if qtype in INT8_TYPES:
-        from .q8 import q8_matvec
-
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, q8_matvec)
     if qtype in KQ_TYPES:
-        from .kquant import kq_matvec
-
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, kq_matvec)
-    from .tmac import lut_matvec
-
     return QuantMatrix(name, raw, qtype, n_out, n_in, packed, lut_matvec)
 
 

@@ -237,7 +237,7 @@ def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ
     file's float32 weights bit for bit): the int8 codes are the dequantized weights divided by
     the block's f16 scale (a float32 division of an exact multiple is exact), checked.
     The int8 kernels then run these types; they read 1.0625 bytes a weight instead of the
-    file's (Q5_0 0.69, TQ 0.21-0.26) until each has a kernel of its own."""
+    file's 0.21-0.26 until each has a kernel of its own."""
     from ..formats.quants import dequantize_into
 
     bw, bb, off = EXACT_INT8[qtype]
@@ -309,7 +309,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
     nl = vw // 4
     bpv = vw // 32                    # blocks per vector
     V8, V16, V32, VF = f"<{vw} x i8>", f"<{vw // 2} x i16>", f"<{nl} x i32>", f"<{nl} x float>"
-    q5, has_min = kind != "q8", kind != "q8"
+    q5 = kind != "q8"                 # the 5-bit layouts, with their mins
     L = []
     a = L.append
     ro = "ptr noalias nocapture readonly"
@@ -443,7 +443,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         D = halves(f"d{tag}", "%drow", blk, nblk)
         a(f"  %DX{tag} = load {VF}, ptr {dxp}, align 4, !invariant.load !0")
         a(f"  %S{tag} = fmul {VF} {D}, %DX{tag}")
-        if not has_min:
+        if not q5:
             block(tag, w, x, f"%S{tag}", acc, out)
             return
         block(tag, w, x, f"%S{tag}", acc, f"%acc1{tag}")
@@ -497,6 +497,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
 
 
 KINDS = ("q8", "q5_0", "q5_1")   # the kernels of the module, in fn_address order
+_KIND = {Q5_0: 1, Q5_1: 2}        # qtype -> index in KINDS (others: 0, q8_rows)
 
 
 _SPECS = {"avx512": (64, "vnni"), "avx512-novnni": (64, "maddubs"), "avx2": (32, "maddubs")}
@@ -552,7 +553,7 @@ def reset_kernel_choice() -> None:
 def fn_address(kernel: str | None = None, prefetch: int | None = None, qtype: int = 8) -> int:
     """Address of the kernel for ``qtype`` (Q8_0 and the EXACT_INT8 types: ``q8_rows``; Q5_0,
     Q5_1: ``q5_0_rows``, ``q5_1_rows``) on a kernel path (0: portable)."""
-    kind = {Q5_0: 1, Q5_1: 2}.get(qtype, 0)
+    kind = _KIND.get(qtype, 0)
     key = (kernel, prefetch, kind)
     r = _choice.get(key)
     if r is None:
@@ -711,7 +712,7 @@ def q8_matvec(x, p, out: np.ndarray | None = None, threads: int = 1,
               kernel: str | None = None) -> np.ndarray:
     """y = W @ x for a PackedQ8 or PackedQ5 matrix (float32 [n_out]); ``out`` may be given."""
     qtype = getattr(p, "qtype", 8)
-    fn = _choice.get((kernel, None, {Q5_0: 1, Q5_1: 2}.get(qtype, 0)))
+    fn = _choice.get((kernel, None, _KIND.get(qtype, 0)))
     if fn is None:
         fn = fn_address(kernel, qtype=qtype)
     if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
