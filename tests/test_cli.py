@@ -80,6 +80,23 @@ def test_console_script_entry_point():
     assert res.returncode == 0 and "perplexity" in res.stdout
 
 
+def test_process_exit_keeps_output_and_status(catalog_path, tmp_path):
+    """As a process the CLI ends with os._exit (no interpreter teardown): everything it wrote
+    still arrives through the pipes, atexit handlers still run, and the status is kept."""
+    path = str(catalog_path("smollm2-135m"))
+    res = subprocess.run([sys.executable, "-m", "ember.cli", "run", path, "The capital of France is",
+                          "--raw", "-n", "4", "--json"], capture_output=True, text=True)
+    assert res.returncode == 0 and len(json.loads(res.stdout)["ids"]) == 4
+    res = subprocess.run([sys.executable, "-m", "ember.cli", "info", str(tmp_path / "none.gguf")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    flag = tmp_path / "atexit-ran"
+    code = ("import atexit, pathlib, sys; atexit.register(pathlib.Path(sys.argv[1]).touch); "
+            "from ember.cli import main; sys.argv[1:] = ['list']; main()")
+    res = subprocess.run([sys.executable, "-c", code, str(flag)], capture_output=True, text=True)
+    assert res.returncode == 0 and "smollm2-135m" in res.stdout and flag.exists()
+
+
 def test_perplexity_command(capsys, tmp_path):
     import math
 
