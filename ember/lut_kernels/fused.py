@@ -9,7 +9,8 @@ wherever a full vector is needed next. This module gives that code:
 - ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
   tables for Q4_0/Q4_1, int8 blocks for the q8 kernels (``q8.INT8_TYPES``), int8
   super-blocks for the K-quants, the float32 row for F16/BF16), each built once into a thread's ``scratch``; ``prepare_rows``
-  and ``matvec_rows``: the same for k rows at once (K-quant matrices);
+  and ``matvec_rows``: the same for k rows at once (the K-quant kernels read each weight once
+  for all k; the others run row by row over L2-sized groups of units);
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
   rows per unit; outputs are padded to whole units);
 - ``take(...)``: the next work units of a phase, claimed with an atomic fetch-and-add (dynamic
@@ -44,6 +45,7 @@ __all__ = ["KIND_Q4", "KIND_Q8", "KIND_KQ", "KIND_F16", "UNIT", "NCOL", "availab
 
 UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
 KIND_Q4, KIND_Q8, KIND_KQ, KIND_F16 = 1, 2, 3, 4
+ROW_GROUP = 8  # units a one-row kernel runs over for each of k rows in turn (L2-resident)
 NCOL = 8  # descriptor: kind, n_out, n_in, kernel fn, data0, data1, units, data2 (or 0)
 SPIN = 1024
 GIVE_UP = 1 << 26
@@ -272,19 +274,26 @@ def take(tfn, counters, ci, nth, prev, chunk):
 
 @njit(cache=True, nogil=True)
 def scratch(n_in_max, k=1):
-    """The activation buffers of one thread for inputs up to n_in_max: (tab, bc, xq, dxv) for
-    the T-MAC and q8 kernels (one row), (xq, xd, xp) for the K-quant kernels (k rows), then
-    the float32 row itself for the F16/BF16 kernels."""
+    """The activation buffers of one thread for k rows of inputs up to n_in_max: (tab, bc, xq,
+    dxv) for the T-MAC and q8 kernels, then (xq, xd, xp) for the K-quant kernels (one set for
+    all k rows), then the float32 rows for the F16/BF16 kernels. The one-row formats are
+    [k, ...] arrays, one row per input row (``_row``)."""
     nb, nsb = n_in_max // 32 + 1, n_in_max // 256 + 1
     xq, xd, xp = kquant.act_buffers(nsb, k + (k & 1))
-    return (np.empty(nb * 256, np.int8), np.empty(nb * 4, np.float32), np.empty(nb * 32, np.int8),
-            np.empty(16 * (nb + 1), np.float32), xq, xd, xp, np.empty(n_in_max, np.float32))
+    return (np.empty((k, nb * 256), np.int8), np.empty((k, nb * 4), np.float32),
+            np.empty((k, nb * 32), np.int8), np.empty((k, 16 * (nb + 1)), np.float32), xq, xd, xp,
+            np.empty((k, n_in_max), np.float32))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def prepare(desc, m0, m1, fns, x, buf):
-    """Activation formats of ``x`` for matrices m0..m1-1 (rows of desc) into ``buf`` (from
-    ``scratch``), each format built once; ``fns`` from ``prep_fns``."""
+def _row(buf, i):
+    """The buffers of input row i: its one-row formats, the shared K-quant ones."""
+    return (buf[0][i], buf[1][i], buf[2][i], buf[3][i], buf[4], buf[5], buf[6], buf[7][i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kinds(desc, m0, m1):
+    """Which activation formats matrices m0..m1-1 need: (T-MAC, q8, K-quant, float)."""
     q4 = False
     q8_ = False
     kq = False
@@ -298,12 +307,26 @@ def prepare(desc, m0, m1, fns, x, buf):
             fl = True
         else:
             kq = True
+    return q4, q8_, kq, fl
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prepare_row(fns, x, rb, q4, q8_, fl):
+    """The one-row formats of ``x`` into the row buffers ``rb`` (from ``_row``)."""
     if fl:
-        buf[7][:x.size] = x
+        rb[7][:x.size] = x
     if q4:
-        call4(fns[0], x, buf[0], buf[1], x.size // 32)
+        call4(fns[0], x, rb[0], rb[1], x.size // 32)
     if q8_:
-        q8._quantize_x(x, buf[2], buf[3])
+        q8._quantize_x(x, rb[2], rb[3])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def prepare(desc, m0, m1, fns, x, buf):
+    """Activation formats of one row ``x`` for matrices m0..m1-1 (rows of desc) into ``buf``
+    (from ``scratch``), each format built once; ``fns`` from ``prep_fns``."""
+    q4, q8_, kq, fl = _kinds(desc, m0, m1)
+    _prepare_row(fns, x, _row(buf, 0), q4, q8_, fl)
     if kq:
         nsb = x.size // 256
         call8(fns[1], x, buf[4], buf[5], buf[6], nsb, 1, 2, x.size)
@@ -311,19 +334,25 @@ def prepare(desc, m0, m1, fns, x, buf):
 
 @njit(cache=True, nogil=True, inline="always")
 def prepare_rows(desc, m0, m1, fns, X, n_in, buf):
-    """``prepare`` for the first n_in columns of each row of X [k, >= n_in] (C-contiguous).
-    More than one row: K-quant matrices only (their kernels take k rows at once)."""
+    """``prepare`` for the first n_in columns of each row of X [k, >= n_in] (C-contiguous,
+    k <= the rows ``buf`` was made for): the K-quant kernels' k-row format, one-row formats
+    for the other kinds."""
     if X.shape[0] == 1:
         prepare(desc, m0, m1, fns, X[0][:n_in], buf)
     else:
         k = X.shape[0]
-        call8(fns[1], X, buf[4], buf[5], buf[6], n_in // 256, k, k + (k & 1), X.shape[1])
+        q4, q8_, kq, fl = _kinds(desc, m0, m1)
+        if q4 or q8_ or fl:
+            for i in range(k):
+                _prepare_row(fns, X[i][:n_in], _row(buf, i), q4, q8_, fl)
+        if kq:
+            call8(fns[1], X, buf[4], buf[5], buf[6], n_in // 256, k, k + (k & 1), X.shape[1])
 
 
 @njit(cache=True, nogil=True, inline="always")
 def matvec_units(desc, m, buf, y, u0, u1):
     """Rows [UNIT u0, UNIT u1) of matrix m into y (y padded to whole units), with the
-    activation formats ``prepare`` put in ``buf``."""
+    activation formats ``prepare`` put in ``buf`` (one input row's buffers, ``_row``)."""
     if u1 <= u0:
         return
     nb = desc[m, 2] // 32
@@ -343,10 +372,18 @@ def matvec_units(desc, m, buf, y, u0, u1):
 @njit(cache=True, nogil=True, inline="always")
 def matvec_rows(desc, m, buf, Y, u0, u1):
     """``matvec_units`` for the k rows of Y [k, units * UNIT] (C-contiguous) that
-    ``prepare_rows`` prepared; more than one row: K-quant matrices only."""
+    ``prepare_rows`` prepared. K-quant kernels take all k rows in one pass over the weights;
+    the one-row kernels run row by row over ``ROW_GROUP`` units at a time, so each group's
+    weights come from DRAM once and from L2 for the other rows."""
     if Y.shape[0] == 1:
-        matvec_units(desc, m, buf, Y[0], u0, u1)
+        matvec_units(desc, m, _row(buf, 0), Y[0], u0, u1)
     elif u1 > u0:
-        r1 = min(UNIT * u1, desc[m, 1])
-        call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], Y,
-               desc[m, 2] // 256, UNIT * u0, r1, Y.shape[0], Y.shape[1])
+        if desc[m, 0] == KIND_KQ:
+            r1 = min(UNIT * u1, desc[m, 1])
+            call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], Y,
+                   desc[m, 2] // 256, UNIT * u0, r1, Y.shape[0], Y.shape[1])
+        else:
+            for g0 in range(u0, u1, ROW_GROUP):
+                g1 = min(g0 + ROW_GROUP, u1)
+                for i in range(Y.shape[0]):
+                    matvec_units(desc, m, _row(buf, i), Y[i], g0, g1)

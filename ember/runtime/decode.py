@@ -9,10 +9,13 @@ per layer. Work units (64 rows of a matrix, a kv group of attention heads) are c
 atomic counter, so a thread the OS delays does less of a phase. Python runs once per token: the
 embedding row, the call, the logits.
 
-`step_rows(tokens, cache)` runs up to MAX_ROWS new tokens through the same step when every matrix
-is a K-quant (`multi_row`): their kernels read each weight once for all rows, so speculative
-verification of 8 tokens costs ~1.5x one token (Qwen2.5-1.5B, 2 threads), where the op-by-op
-forward spent 1.65x in Python glue, thread-pool regions and scalar exp calls.
+`step_rows(tokens, cache)` runs up to MAX_ROWS new tokens through the same step. The K-quant
+kernels read each weight once for all rows, so speculative verification of 8 tokens costs ~1.5x
+one token (Qwen2.5-1.5B, 2 threads), where the op-by-op forward spent 1.65x in Python glue,
+thread-pool regions and scalar exp calls. The one-row kernels (T-MAC, q8, F16) run row by row
+over L2-sized groups of a matrix's rows, so the weights still stream from DRAM once (SmolLM2,
+16 prompt tokens: ~2x faster than 16 steps). With `all_logits=False` only the last token's
+logits are computed (a prompt's other positions need none).
 
 It covers the dense architectures (llama, qwen2, gemma3) when every matrix has a kernel
 (`fused.fusable`); other models decode through `Transformer.forward`. The arithmetic is the same as
@@ -183,9 +186,10 @@ def _act(gb, ub, ab, r0, r1, gelu, e2):
 @njit(cache=True, nogil=True)
 def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos,
             cos_g, sin_g, cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb,
-            logits):
-    """k = x0.shape[0] new tokens at positions pos..pos+k-1 (k > 1: K-quant matrices only);
-    activations and outputs are [k, ...] (cos_*/sin_* [k, rope_dim / 2])."""
+            logits, last_only):
+    """k = x0.shape[0] new tokens at positions pos..pos+k-1; activations and outputs are
+    [k, ...] (cos_*/sin_* [k, rope_dim / 2]); ``last_only``: logits of the last token only
+    (into logits[k - 1])."""
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
     k = x0.shape[0]
@@ -297,9 +301,10 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
         for i in range(k):
             _residual(x[i], fb[i, :d], gemma, _vec(vecs, voff, il, V_POST_FFW, d), eps, h[i])
     # final norm, output projection
-    for i in range(k):
+    i0 = k - 1 if last_only else 0
+    for i in range(i0, k):
         _rms(x[i], vecs[out_norm:out_norm + d], eps, h[i])
-    _matvec_phase(tfn, cnt, ci, nth, desc, nl * 7, fns, h, d, buf, logits)
+    _matvec_phase(tfn, cnt, ci, nth, desc, nl * 7, fns, h[i0:], d, buf, logits[i0:])
     return 0
 
 
@@ -384,11 +389,6 @@ class FusedDecoder:
                 raise NotFusable(f"{name} has no fused kernel")
         self._mats = mats  # keeps the packed arrays alive
         self.desc = np.stack([fused.describe(m) for m in mats])
-        # multi-row kernels exist (K-quants): a few tokens at once are cheaper than one by one
-        kinds = self.desc[:, 0]
-        self.batch_kernels = bool((kinds == fused.KIND_KQ).any())
-        # every matrix has one: up to MAX_ROWS tokens run through the fused step at once
-        self.multi_row = bool((kinds == fused.KIND_KQ).all())
         self.fns = fused.prep_fns()
         vecs, voff, n = [], np.full((c.n_layer, len(_VEC_NAMES)), -1, np.int64), 0
         for il in range(c.n_layer):
@@ -408,7 +408,7 @@ class FusedDecoder:
                             c.rope_dim, c.spec.rope == ROPE_NEOX, c.spec.ffn_act == "gelu", qkn,
                             bool(c.spec.gemma), c.sliding_window, c.n_vocab], np.int64)
         self.swa = np.array(c.swa_layers, np.int64)
-        f32, kr = np.float32, MAX_ROWS if self.multi_row else 1
+        f32, kr = np.float32, MAX_ROWS
         self.qb = np.zeros((kr, _units(c.n_head * c.head_dim)), f32)
         self.kb = np.zeros((kr, _units(c.n_head_kv * c.head_dim)), f32)
         self.vb = np.zeros((kr, _units(c.n_head_kv * c.head_dim_v)), f32)
@@ -432,15 +432,15 @@ class FusedDecoder:
         """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
         return self.step_rows([token], cache)[0]
 
-    def step_rows(self, tokens, cache) -> np.ndarray:
-        """Logits [k, n_vocab] of k new tokens at positions len(cache)...; appends their keys
-        and values. k > 1 needs `multi_row` (and k <= MAX_ROWS)."""
+    def step_rows(self, tokens, cache, all_logits: bool = True) -> np.ndarray:
+        """Logits [k, n_vocab] of k <= MAX_ROWS new tokens at positions len(cache)... (only
+        the last one's, [1, n_vocab], when all_logits is False); appends their keys and
+        values."""
         c, st = self.model.cfg, self.model.store
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         k = ids.size
-        if not 1 <= k <= (MAX_ROWS if self.multi_row else 1):
-            raise ValueError(f"the fused step takes 1..{MAX_ROWS if self.multi_row else 1} "
-                             f"tokens at once, got {k}")
+        if not 1 <= k <= MAX_ROWS:
+            raise ValueError(f"the fused step takes 1..{MAX_ROWS} tokens at once, got {k}")
         bad = ids[(ids < 0) | (ids >= c.n_vocab)]
         if bad.size:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{c.n_vocab - 1})")
@@ -458,7 +458,7 @@ class FusedDecoder:
                 self.desc, self.vecs, self.voff, self.out_norm, cache.k_all, cache.v_all, pos,
                 cg, sg, cl, sl, self.swa, self.ip, float(c.rms_eps), np.float32(c.attn_scale),
                 self.qb[:k], self.kb[:k], self.vb[:k], self.ab[:k], self.ob[:k], self.gb[:k],
-                self.ub[:k], self.fb[:k], self.logits[:k])
+                self.ub[:k], self.fb[:k], self.logits[:k], not all_logits)
         if self._pool is None:
             status = [_decode(0, *args)]
         else:
@@ -470,7 +470,7 @@ class FusedDecoder:
             raise EmberError(f"fused decode: a thread stalled at a barrier (status {status}); "
                              "another process may be starving the CPU")
         cache.commit(k)
-        return self.logits[:k, : c.n_vocab].copy()
+        return self.logits[0 if all_logits else k - 1:k, : c.n_vocab].copy()
 
     def _abort(self) -> None:
         self.bst[fused.ABORT] = 1

@@ -1,8 +1,7 @@
 """Session: a KV cache and a position over one model, the low-level handle speculation builds on.
 
 `feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens.
-One token runs the fused decode step; so do up to 16 at once where every matrix has a multi-row
-kernel (K-quants), and one by one where none has (T-MAC, Q8_0).
+Up to 16 new tokens at once run the fused decode step (`FusedDecoder.step_rows`).
 Long inputs are fed in batches so memory stays bounded. BLAS runs on one thread: `ops.matmul`
 splits a batch between ember's threads itself (and runs batches under 64 rows on one, since on a
 2-core machine a second busy process stalls a multi-threaded small matmul by milliseconds).
@@ -21,9 +20,8 @@ from .model import Transformer
 from .threads import default_threads
 
 N_BATCH = 512  # positions per forward call when feeding long inputs
-# Up to this many new tokens go through the fused one-token step, one by one, when the model has
-# no multi-row kernel (T-MAC, Q8_0): cheaper than dequantizing every matrix for BLAS (SmolLM2,
-# 16 tokens: 160 vs 270 ms), and the file's pages stay untouched.
+# Up to this many new tokens go through the fused step at once (decode.MAX_ROWS): cheaper than
+# dequantizing every matrix for BLAS, and the file's pages stay untouched.
 N_FUSED_STEPS = 16
 _BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
 
@@ -75,15 +73,10 @@ class Session:
         for start in range(0, len(ids), N_BATCH):
             batch = ids[start : start + N_BATCH]
             dec = self.model.decoder(self.threads) if len(batch) <= N_FUSED_STEPS else None
-            if dec is not None and (len(batch) == 1 or dec.multi_row):
-                logits = dec.step_rows(batch, self.cache)
+            if dec is not None:
+                logits = dec.step_rows(batch, self.cache, all_logits)
                 self.ids.extend(batch)
-                yield logits if all_logits else logits[-1:]
-                continue
-            if dec is not None and not dec.batch_kernels:
-                rows = [dec.step(t, self.cache) for t in batch]
-                self.ids.extend(batch)
-                yield np.stack(rows) if all_logits else rows[-1][None, :]
+                yield logits
                 continue
             keep_large_blocks()  # from the first batch on (decode alone allocates little)
             with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
