@@ -106,6 +106,13 @@ def _rows_agree(m, tr, ids, tol_steps, tol_forward):
     assert c3.length == 9
     with pytest.raises(ValueError, match="tokens at once"):
         tr.decoder(1).step_rows(list(range(17)), tr.new_cache(64))
+    # a longer input runs the fused step 16 tokens at a time
+    long = (list(ids) * 5)[:37]
+    got = m.session().feed(long)
+    s5 = m.session()
+    one_by_one = np.stack([s5.feed([t])[0] for t in long])
+    assert got.shape == one_by_one.shape and np.abs(got - one_by_one).max() <= tol_steps
+    assert np.abs(m.session().feed_last(long) - got[-1]).max() <= tol_steps
 
 
 def test_moe_and_reference_mode_are_not_fused(tmp_path):

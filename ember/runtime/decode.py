@@ -389,6 +389,8 @@ class FusedDecoder:
                 raise NotFusable(f"{name} has no fused kernel")
         self._mats = mats  # keeps the packed arrays alive
         self.desc = np.stack([fused.describe(m) for m in mats])
+        # every matrix's kernel reads its weights once for all k rows (K-quants)
+        self.multi_row = bool((self.desc[:, 0] == fused.KIND_KQ).all())
         self.fns = fused.prep_fns()
         vecs, voff, n = [], np.full((c.n_layer, len(_VEC_NAMES)), -1, np.int64), 0
         for il in range(c.n_layer):

@@ -1,7 +1,11 @@
 """Session: a KV cache and a position over one model, the low-level handle speculation builds on.
 
 `feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens.
-Up to 16 new tokens at once run the fused decode step (`FusedDecoder.step_rows`).
+New tokens run the fused decode step (`FusedDecoder.step_rows`), 16 at a time: all of them
+when every matrix is a K-quant (their kernels read each weight once for the 16 rows: Qwen2.5-1.5B
+512 tokens at 2 threads 3.9 s, 4.6 s through `Transformer.forward`), up to N_FUSED_STEPS otherwise
+(the one-row kernels re-read each weight group from L2 per row; past ~48 tokens the forward's
+dequantized BLAS wins for the q8-heavy models).
 Long inputs are fed in batches so memory stays bounded. BLAS runs on one thread: `ops.matmul`
 splits a batch between ember's threads itself (and runs batches under 64 rows on one, since on a
 2-core machine a second busy process stalls a multi-threaded small matmul by milliseconds).
@@ -16,13 +20,16 @@ from threadpoolctl import ThreadpoolController
 
 from ..errors import EmberError
 from .allocator import keep_large_blocks
+from .decode import MAX_ROWS
 from .model import Transformer
 from .threads import default_threads
 
 N_BATCH = 512  # positions per forward call when feeding long inputs
-# Up to this many new tokens go through the fused step at once (decode.MAX_ROWS): cheaper than
-# dequantizing every matrix for BLAS, and the file's pages stay untouched.
-N_FUSED_STEPS = 16
+# Up to this many new tokens go through the fused step (in steps of decode.MAX_ROWS) when some
+# matrix has only a one-row kernel: 2 threads, fused vs forward, ms: SmolLM2 (T-MAC) 48 tokens
+# 85 vs 220, 192: 331 vs 363; Qwen2.5-0.5B (Q8_0) 48: 361 vs 482, 128: 956 vs 574; Gemma3-270M
+# 48: 154 vs 157.
+N_FUSED_STEPS = 48
 _BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
 
 
@@ -72,11 +79,14 @@ class Session:
         ids = self._check(ids)
         for start in range(0, len(ids), N_BATCH):
             batch = ids[start : start + N_BATCH]
-            dec = self.model.decoder(self.threads) if len(batch) <= N_FUSED_STEPS else None
-            if dec is not None:
-                logits = dec.step_rows(batch, self.cache, all_logits)
-                self.ids.extend(batch)
-                yield logits
+            dec = self.model.decoder(self.threads)
+            if dec is not None and (dec.multi_row or len(batch) <= N_FUSED_STEPS):
+                parts = []
+                for i in range(0, len(batch), MAX_ROWS):
+                    part = batch[i : i + MAX_ROWS]
+                    parts.append(dec.step_rows(part, self.cache, all_logits))
+                    self.ids.extend(part)
+                yield np.concatenate(parts) if all_logits and len(parts) > 1 else parts[-1]
                 continue
             keep_large_blocks()  # from the first batch on (decode alone allocates little)
             with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
