@@ -84,7 +84,8 @@ Per 32-block (Q4_K, Q5_K; pair trick): the int32 lanes of two act rows (|I_L| <=
 vector then holds the 32-block sums ``I_b`` of both rows, and ``y += float(I_b) * dx_b * SC_b
 - MM'_b * float32(dx_b xsum_b)`` costs one cvt, mul and 2 FMAs per row PAIR (Q5_K: ``MM' =
 MM - 16 SC``, one FMA per 32-block and weight row, because its int8 weights are code - 16).
-Accumulation in float32 lanes (FMA), one tree reduction per output.
+Accumulation in float32 lanes (FMA); at the end of a row the chunk's accumulators are summed
+together, neighbours folded into one vector level by level (``_reduce_accs``; avx512).
 
 The IR (``kernel_ir``; every argument an i64 or a pointer, C ABI, called from numba through a
 runtime address like q8.py / tmac.py):
@@ -570,7 +571,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %isfirst = icmp ne i64 %first, 0")
     a("  br label %rowhead")
     a("rowhead:")                             # row blocks: nrow of them, nr rows each
-    a("  %rr = phi i64 [0, %entry], [%rr.next, %rowend]")
+    a("  %rr = phi i64 [0, %entry], [%rr.next, %rownext]")
     a(f"  %rb = mul i64 %rr, {nr}")
     a("  %rqo = mul i64 %rb, %qrs")
     a("  %qR = getelementptr i8, ptr %q, i64 %rqo")
@@ -826,7 +827,12 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %done = icmp eq i64 %s.next, %ns")
     a("  br i1 %done, label %rowend, label %loop")
     a("rowend:")
+    outs = []   # (j, act row i, float sum)
     for j in range(nr):
+        if vw == 64 and nacc > 1:   # all accumulators at once (transposed): fewer ops per row
+            outs += [(j, i, val) for i, val in _reduce_accs(
+                a, [f"%acc{j}_{g}.{nh - 1}" for g in range(nacc)], pair, kb, f"%rd{j}_")]
+            continue
         for g in range(nacc):
             acc = f"%acc{j}_{g}.{nh - 1}"
             if pair:   # lanes (per 128 bits): A, A, B, B
@@ -840,25 +846,32 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                       f"{_mask(range(h, n))}")
                     a(f"  %h{j}_{g}.{h} = fadd <{h} x float> %h{j}_{g}.{h}a, %h{j}_{g}.{h}b")
                     prev, n = f"%h{j}_{g}.{h}", h
-                outs = []
                 for half, lanes in ((0, (0, 1)), (1, (2, 3))):
                     if 2 * g + half >= kb:
                         continue
                     a(f"  %o{j}_{g}_{half}a = extractelement <4 x float> {prev}, i32 {lanes[0]}")
                     a(f"  %o{j}_{g}_{half}b = extractelement <4 x float> {prev}, i32 {lanes[1]}")
                     a(f"  %o{j}_{g}_{half} = fadd float %o{j}_{g}_{half}a, %o{j}_{g}_{half}b")
-                    outs.append((2 * g + half, f"%o{j}_{g}_{half}"))
+                    outs.append((j, 2 * g + half, f"%o{j}_{g}_{half}"))
             else:
                 codegen.emit_hsum(a, acc, nl, f"%o{j}_{g}")
-                outs = [(g, f"%o{j}_{g}")]
-            for i, val in outs:
-                a(f"  %yo{j}_{i} = mul i64 %ys, {i}")
-                a(f"  %yo{j}_{i}b = add i64 %yo{j}_{i}, {j}")
-                a(f"  %yp{j}_{i} = getelementptr float, ptr %yR, i64 %yo{j}_{i}b")
-                a(f"  %yl{j}_{i} = load float, ptr %yp{j}_{i}, align 4")
-                a(f"  %ya{j}_{i} = fadd float %yl{j}_{i}, {val}")
-                a(f"  %yv{j}_{i} = select i1 %isfirst, float {val}, float %ya{j}_{i}")
-                a(f"  store float %yv{j}_{i}, ptr %yp{j}_{i}, align 4")
+                outs.append((j, g, f"%o{j}_{g}"))
+    for j, i, _ in outs:
+        a(f"  %yo{j}_{i} = mul i64 %ys, {i}")
+        a(f"  %yo{j}_{i}b = add i64 %yo{j}_{i}, {j}")
+        a(f"  %yp{j}_{i} = getelementptr float, ptr %yR, i64 %yo{j}_{i}b")
+    a("  br i1 %isfirst, label %yset, label %yadd")
+    a("yset:")   # the first tile: y = the sums
+    for j, i, val in outs:
+        a(f"  store float {val}, ptr %yp{j}_{i}, align 4")
+    a("  br label %rownext")
+    a("yadd:")   # later tiles: y += the sums
+    for j, i, val in outs:
+        a(f"  %yl{j}_{i} = load float, ptr %yp{j}_{i}, align 4")
+        a(f"  %ya{j}_{i} = fadd float %yl{j}_{i}, {val}")
+        a(f"  store float %ya{j}_{i}, ptr %yp{j}_{i}, align 4")
+    a("  br label %rownext")
+    a("rownext:")
     a("  %rr.next = add i64 %rr, 1")
     a("  %rdone = icmp eq i64 %rr.next, %nrow")
     a("  br i1 %rdone, label %exit, label %rowhead")
@@ -1022,6 +1035,55 @@ def _kbs(kb: int) -> list[int]:
     out = [kb]
     while out[-1] > 1:
         out.append(out[-1] // 2)
+    return out
+
+
+def _reduce_accs(a, accs: list[str], pair: bool, kb: int, tag: str) -> list[tuple[int, str]]:
+    """[(act row i, its float sum)] of a chunk's 16-lane accumulators: one per act row, or
+    (pair) one per act-row pair with lanes A, A, B, B in every 128 bits (rows 2g, 2g + 1).
+
+    Neighbouring accumulators are folded into one vector level by level (each level adds the
+    two halves of every segment: 3 ops per pair of vectors), then the rest of each segment is
+    summed in place; a pair's segments stop at 4 lanes, whose A and B halves are summed last.
+    At kb = 8: 23 ops for the 8 sums (Q6_K), 11 (Q4_K), where one tree per sum took 64 / 48."""
+    V = "<16 x float>"
+    level, seg, k = list(accs), 16, 0
+    while len(level) > 1 and seg > (4 if pair else 1):
+        half = seg // 2
+        lo = [s0 * seg + t for s0 in range(16 // seg) for t in range(half)]
+        nxt = []
+        for i in range(0, len(level), 2):
+            x, y = level[i], level[i + 1]
+            a(f"  {tag}{k}l = shufflevector {V} {x}, {V} {y}, {_mask(lo + [16 + j for j in lo])}")
+            a(f"  {tag}{k}h = shufflevector {V} {x}, {V} {y}, "
+              f"{_mask([j + half for j in lo] + [16 + j + half for j in lo])}")
+            a(f"  {tag}{k} = fadd {V} {tag}{k}l, {tag}{k}h")
+            nxt.append(f"{tag}{k}")
+            k += 1
+        level, seg = nxt, half
+    # each vector: 16 / seg accumulators, one per segment of seg lanes
+    stop = 4 if pair else 1
+    out = []
+    for vi, v in enumerate(level):
+        h = seg // 2
+        while h >= stop:   # lanes j and j + h of every segment (garbage lanes are never read)
+            a(f"  {tag}v{vi}_{h} = shufflevector {V} {v}, {V} poison, "
+              f"{_mask([(j + h) % 16 for j in range(16)])}")
+            a(f"  {tag}w{vi}_{h} = fadd {V} {v}, {tag}v{vi}_{h}")
+            v, h = f"{tag}w{vi}_{h}", h // 2
+        if pair:   # lanes (A, A, B, B): A at lane 0, B at lane 2 of each segment
+            a(f"  {tag}v{vi}_p = shufflevector {V} {v}, {V} poison, "
+              f"{_mask([(j + 1) % 16 for j in range(16)])}")
+            a(f"  {tag}w{vi}_p = fadd {V} {v}, {tag}v{vi}_p")
+            v = f"{tag}w{vi}_p"
+        per = 16 // seg
+        for t in range(per):
+            g = vi * per + t
+            rows = [(2 * g, 0), (2 * g + 1, 2)] if pair else [(g, 0)]
+            for i, lane in rows:
+                if i < kb:
+                    a(f"  {tag}o{i} = extractelement {V} {v}, i32 {t * seg + lane}")
+                    out.append((i, f"{tag}o{i}"))
     return out
 
 
