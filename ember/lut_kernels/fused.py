@@ -6,11 +6,12 @@ wherever a full vector is needed next. This module gives that code:
 
 - ``describe(matrix)``: one int64 row per weight matrix (kind, shape, kernel address, data
   addresses), so numba code can run any packed matrix through its llvmlite kernel;
-- ``prepare(desc, m0, m1, x, buf)``: the activation formats a set of matrices needs (T-MAC
+- ``prepare_rows(desc, m0, m1, X, buf)``: the activation formats a set of matrices needs (T-MAC
   tables for Q4_0/Q4_1, int8 blocks for the q8 kernels (``q8.INT8_TYPES``), int8
-  super-blocks for the K-quants, the float32 row for F16/BF16), each built once into a thread's ``scratch``; ``prepare_rows``
-  and ``matvec_rows``: the same for k rows at once (the K-quant kernels read each weight once
-  for all k; the others run row by row over L2-sized groups of units);
+  super-blocks for the K-quants, the float32 row for F16/BF16) of k input rows, each
+  built once into a thread's ``scratch``;
+  ``matvec_rows``: the rows of a matrix for those k rows (the K-quant kernels read each weight
+  once for all k; the others run row by row over L2-sized groups of units);
 - ``matvec_units(desc, m, buf, y, u0, u1)``: rows ``[64 u0, 64 u1)`` of matrix ``m`` (``UNIT``
   rows per unit; outputs are padded to whole units);
 - ``take(...)``: the next work units of a phase, claimed with an atomic fetch-and-add (dynamic
@@ -252,7 +253,7 @@ def describe(m) -> np.ndarray:
 
 
 def prep_fns() -> np.ndarray:
-    """Addresses of the activation builders ``prepare`` calls: T-MAC tables (16-bit), the
+    """Addresses of the activation builders ``prepare_rows`` calls: T-MAC tables (16-bit), the
     K-quant int8 super-blocks."""
     return np.array([tmac.fn_addresses(Q4_1)[0], kquant.quant_address()], np.int64)
 
@@ -322,37 +323,24 @@ def _prepare_row(fns, x, rb, q4, q8_, fl):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def prepare(desc, m0, m1, fns, x, buf):
-    """Activation formats of one row ``x`` for matrices m0..m1-1 (rows of desc) into ``buf``
-    (from ``scratch``), each format built once; ``fns`` from ``prep_fns``."""
-    q4, q8_, kq, fl = _kinds(desc, m0, m1)
-    _prepare_row(fns, x, _row(buf, 0), q4, q8_, fl)
-    if kq:
-        nsb = x.size // 256
-        call8(fns[1], x, buf[4], buf[5], buf[6], nsb, 1, 2, x.size)
-
-
-@njit(cache=True, nogil=True, inline="always")
 def prepare_rows(desc, m0, m1, fns, X, n_in, buf):
-    """``prepare`` for the first n_in columns of each row of X [k, >= n_in] (C-contiguous,
-    k <= the rows ``buf`` was made for): the K-quant kernels' k-row format, one-row formats
-    for the other kinds."""
-    if X.shape[0] == 1:
-        prepare(desc, m0, m1, fns, X[0][:n_in], buf)
-    else:
-        k = X.shape[0]
-        q4, q8_, kq, fl = _kinds(desc, m0, m1)
-        if q4 or q8_ or fl:
-            for i in range(k):
-                _prepare_row(fns, X[i][:n_in], _row(buf, i), q4, q8_, fl)
-        if kq:
-            call8(fns[1], X, buf[4], buf[5], buf[6], n_in // 256, k, k + (k & 1), X.shape[1])
+    """Activation formats of the first n_in columns of each row of X [k, >= n_in]
+    (C-contiguous, k <= the rows ``buf`` was made for) for matrices m0..m1-1 (rows of desc),
+    each format built once into ``buf`` (from ``scratch``): the K-quant kernels' k-row format,
+    one-row formats for the other kinds; ``fns`` from ``prep_fns``."""
+    k = X.shape[0]
+    q4, q8_, kq, fl = _kinds(desc, m0, m1)
+    if q4 or q8_ or fl:
+        for i in range(k):
+            _prepare_row(fns, X[i][:n_in], _row(buf, i), q4, q8_, fl)
+    if kq:
+        call8(fns[1], X, buf[4], buf[5], buf[6], n_in // 256, k, k + (k & 1), X.shape[1])
 
 
 @njit(cache=True, nogil=True, inline="always")
 def matvec_units(desc, m, buf, y, u0, u1):
     """Rows [UNIT u0, UNIT u1) of matrix m into y (y padded to whole units), with the
-    activation formats ``prepare`` put in ``buf`` (one input row's buffers, ``_row``)."""
+    activation formats ``prepare_rows`` put in ``buf`` (one input row's buffers, ``_row``)."""
     if u1 <= u0:
         return
     nb = desc[m, 2] // 32
@@ -374,16 +362,18 @@ def matvec_rows(desc, m, buf, Y, u0, u1):
     """``matvec_units`` for the k rows of Y [k, units * UNIT] (C-contiguous) that
     ``prepare_rows`` prepared. K-quant kernels take all k rows in one pass over the weights;
     the one-row kernels run row by row over ``ROW_GROUP`` units at a time, so each group's
-    weights come from DRAM once and from L2 for the other rows."""
-    if Y.shape[0] == 1:
-        matvec_units(desc, m, _row(buf, 0), Y[0], u0, u1)
-    elif u1 > u0:
-        if desc[m, 0] == KIND_KQ:
-            r1 = min(UNIT * u1, desc[m, 1])
-            call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], Y,
-                   desc[m, 2] // 256, UNIT * u0, r1, Y.shape[0], Y.shape[1])
-        else:
-            for g0 in range(u0, u1, ROW_GROUP):
-                g1 = min(g0 + ROW_GROUP, u1)
-                for i in range(Y.shape[0]):
-                    matvec_units(desc, m, _row(buf, i), Y[i], g0, g1)
+    weights come from DRAM once and from L2 for the other rows (one kernel call site: the
+    fused step inlines this at every matrix)."""
+    k = Y.shape[0]
+    if u1 <= u0:
+        return
+    if k > 1 and desc[m, 0] == KIND_KQ:
+        r1 = min(UNIT * u1, desc[m, 1])
+        call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], Y,
+               desc[m, 2] // 256, UNIT * u0, r1, k, Y.shape[1])
+        return
+    step = u1 - u0 if k == 1 else ROW_GROUP
+    for g0 in range(u0, u1, step):
+        g1 = min(g0 + step, u1)
+        for i in range(k):
+            matvec_units(desc, m, _row(buf, i), Y[i], g0, g1)
