@@ -831,7 +831,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     for j in range(nr):
         if vw == 64 and nacc > 1:   # all accumulators at once (transposed): fewer ops per row
             outs += [(j, i, val) for i, val in _reduce_accs(
-                a, [f"%acc{j}_{g}.{nh - 1}" for g in range(nacc)], pair, kb, f"%rd{j}_")]
+                a, [f"%acc{j}_{g}.{nh - 1}" for g in range(nacc)], pair, kb, f"rd{j}_")]
             continue
         for g in range(nacc):
             acc = f"%acc{j}_{g}.{nh - 1}"
@@ -1047,22 +1047,10 @@ def _reduce_accs(a, accs: list[str], pair: bool, kb: int, tag: str) -> list[tupl
     summed in place; a pair's segments stop at 4 lanes, whose A and B halves are summed last.
     At kb = 8: 23 ops for the 8 sums (Q6_K), 11 (Q4_K), where one tree per sum took 64 / 48."""
     V = "<16 x float>"
-    level, seg, k = list(accs), 16, 0
-    while len(level) > 1 and seg > (4 if pair else 1):
-        half = seg // 2
-        lo = [s0 * seg + t for s0 in range(16 // seg) for t in range(half)]
-        nxt = []
-        for i in range(0, len(level), 2):
-            x, y = level[i], level[i + 1]
-            a(f"  {tag}{k}l = shufflevector {V} {x}, {V} {y}, {_mask(lo + [16 + j for j in lo])}")
-            a(f"  {tag}{k}h = shufflevector {V} {x}, {V} {y}, "
-              f"{_mask([j + half for j in lo] + [16 + j + half for j in lo])}")
-            a(f"  {tag}{k} = fadd {V} {tag}{k}l, {tag}{k}h")
-            nxt.append(f"{tag}{k}")
-            k += 1
-        level, seg = nxt, half
-    # each vector: 16 / seg accumulators, one per segment of seg lanes
     stop = 4 if pair else 1
+    level, seg = _fold(a, accs, "float", tag, lambda x, y, o: f"  {o} = fadd {V} {x}, {y}", stop)
+    tag = "%" + tag
+    # each vector: 16 / seg accumulators, one per segment of seg lanes
     out = []
     for vi, v in enumerate(level):
         h = seg // 2
@@ -1087,15 +1075,16 @@ def _reduce_accs(a, accs: list[str], pair: bool, kb: int, tag: str) -> list[tupl
     return out
 
 
-def _transpose_reduce(a, vecs: list[str], elem: str, tag: str, op) -> str:
-    """Reduce each of n (a power of two, <= 16) 16-lane vectors with ``op`` (emits ``o = x op
-    y``) and return one 16-lane vector: vector i's result in lanes i * (16 / n) .. (the lanes
-    of one input are still to be combined when n < 16). Each level pairs neighbours and keeps
-    half of each one's lanes: n - 1 ops instead of n reductions."""
+def _fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1):
+    """Fold n (a power of two, <= 16) 16-lane vectors pairwise with ``op`` (emits ``o = x op
+    y``) while segments are longer than ``min_seg`` lanes: each level pairs neighbours and
+    combines the two halves of every segment (n - 1 ops in all instead of n reductions).
+    Returns (vectors, seg): vector j holds inputs j * (16 / seg) .. in order, one segment of
+    seg lanes each, whose lanes are still to be combined when seg > 1."""
     V = f"<16 x {elem}>"
     level, seg = list(vecs), 16
     k = 0
-    while len(level) > 1:
+    while len(level) > 1 and seg > min_seg:
         half = seg // 2
         lo = [s0 * seg + t for s0 in range(16 // seg) for t in range(half)]
         nxt = []
@@ -1109,7 +1098,13 @@ def _transpose_reduce(a, vecs: list[str], elem: str, tag: str, op) -> str:
             nxt.append(f"%{tag}{k}")
             k += 1
         level, seg = nxt, half
-    return level[0]
+    return level, seg
+
+
+def _transpose_reduce(a, vecs: list[str], elem: str, tag: str, op) -> str:
+    """``_fold`` to one 16-lane vector: vector i's result in lanes i * (16 / n) .. (the lanes
+    of one input are still to be combined when n < 16)."""
+    return _fold(a, vecs, elem, tag, op)[0][0]
 
 
 def _quant_ir() -> list[str]:
