@@ -212,7 +212,8 @@ def test_quantize_x(kernel, k):
     x[-1, 5] = -np.abs(x[-1, :32]).max() * 2  # a negative maximum
     xq, xd, xp = K.quantize_x(x, kernel=kernel)
     kp = k + k % 2
-    assert xq.shape == (3, kp, 256) and xd.shape == (2, 3, kp, 16) and xp.shape == (3, kp // 2, 32)
+    assert xq.shape == (3, kp, 256) and xd.shape == (4, 3, kp, 16) and xp.shape == (3, kp // 2, 32)
+    assert xq.dtype == np.int8
     for a in (xq, xd, xp):
         assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
     # the IR quantizer and the numba one agree bit for bit
@@ -220,10 +221,14 @@ def test_quantize_x(kernel, k):
     for a, b in zip((xq, xd, xp), n, strict=True):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), _msg(kernel=kernel, k=k)
     rq, rdx, rxs = K.quantize_x_reference(x)
-    # codes: offset binary in the lane order; byte 64 v + 4 L + t = weight 16 L + 4 v + t
-    nat = (xq.astype(np.int64) - 128).reshape(3, kp, 4, 16, 4).transpose(1, 0, 3, 2, 4)
+    # codes in the lane order; byte 64 v + 4 L + t = weight 16 L + 4 v + t
+    nat = xq.astype(np.int64).reshape(3, kp, 4, 16, 4).transpose(1, 0, 3, 2, 4)
     assert np.array_equal(nat.reshape(kp, 768)[:k], rq), _msg(k=k)
-    assert (xq[:, k:] == 128).all() and (xd[:, :, k:] == 0).all()
+    assert (xq[:, k:] == 0).all() and (xd[:, :, k:] == 0).all()
+    # the chain starts of the offset types: -16 and -32 times the 16-group sums, int32
+    xi = xd.view(np.int32)
+    for c, plane in ((-16, 2), (-32, 3)):
+        assert np.array_equal(xi[plane, :, :k].transpose(1, 0, 2).reshape(k, 48), c * rxs)
     assert np.array_equal(xd[0, :, :k].transpose(1, 0, 2).reshape(k, 48),
                           np.repeat(rdx, 2, axis=1))
     # per 16-group: float32(dx * xsum16)

@@ -57,10 +57,12 @@ Activation format (one for all types; ``kp`` = k rounded up to even, the padding
 -----------------------------------------------------------------------------------------
 Per 32-block of a row: ``amax = max |x|``, ``dx = amax / 127``, ``xq = rint(x * (127 /
 amax))`` (half to even, |xq| <= 127; amax = 0 gives dx = 0, xq = 0; x must be finite).
-``xq`` uint8 [nsb, kp, 256]: ``xq + 128`` (offset binary, the unsigned operand of
-    ``vpdpbusd``/``vpmaddubsw``) in the lane order above.
-``xd`` float32 [2, nsb, kp, 16]: ``xd[0]``: dx of lane L's 32-block (the per-16-group types);
-    ``xd[1]``: ``float32(dx * xsum16)`` (xsum16: lane L's 16-group sum of xq; Q2_K's mins).
+``xq`` int8 [nsb, kp, 256]: the codes in the lane order above (the signed, memory operand of
+    ``vpdpbusd``/``vpmaddubsw``; the weights' unsigned codes are the register one).
+``xd`` float32 [4, nsb, kp, 16]: ``xd[0]``: dx of lane L's 32-block (the per-16-group types);
+    ``xd[1]``: ``float32(dx * xsum16)`` (xsum16: lane L's 16-group sum of xq; Q2_K's mins);
+    ``xd[2]``, ``xd[3]``: int32 bit patterns (``xd.view(np.int32)``) of ``-16 * xsum16`` and
+    ``-32 * xsum16``, where the integer dot products of Q5_K / Q3_K and of Q6_K start.
 ``xp`` float32 [nsb, kp / 2, 32]: per row pair (2p, 2p+1), 16 lanes of dx then 16 of
     ``float32(dx * xsum)`` (xsum: the 32-block's sum of xq); lane ``4 c + 2 j + h`` = row
     2p + j, 32-block 2c + h (Q4_K/Q5_K; this is the lane order the pair trick below produces).
@@ -71,19 +73,21 @@ work (5 us per Python call), 16x8960 72 us (numba: 460 us).
 
 Math (exact integers, then float32)
 -----------------------------------
-Per (weight row, super-block): the codes as int8 ``w = code - o`` (o: Q2_K 0, Q3_K 4, Q4_K 0,
-Q5_K 16, Q6_K 32; so |w| <= 32) and the lane correction ``NW = -128 * (sum of the lane's 16
-w)`` (the 4 vectors summed bytewise, |sum| <= 128, then one ``vpdpbusd`` / ``vpmaddubsw``), so
-that for every act row ``I_L = NW + sum (xq + 128) w = sum xq w``, exactly, as int32 (4
-chained ``vpdpbusd`` per 64 weights x 4; or ``vpmaddubsw`` pairs (<= 2 * 255 * 32), two summed
-in int16 (<= 32640), ``vpmaddwd``).
+Per (weight row, super-block, act row): ``I_L = sum (code - o) xq`` over lane L's 16-group
+(o: Q2_K 0, Q3_K 4, Q4_K 0, Q5_K 16, Q6_K 32), exactly, as int32: the unsigned codes times the
+signed acts, a chain of 4 ``vpdpbusd`` that starts at ``-o * xsum16`` (``xd[2]`` / ``xd[3]``;
+Q3_K: ``xd[2] >> 2``; 0 for Q2_K and Q4_K); or ``vpmaddubsw`` pairs (<= 2 * 63 * 127), two
+summed in int16 (<= 32004), ``vpmaddwd``, the start added. The acts are the memory operand, and
+no per-weight-row correction is needed (an earlier offset-binary form, acts + 128, subtracted
+``128 * sum w`` per weight row: 4 more vector ops per (row, super-block), Q4_K 8960x1536 k = 8
+~4% slower, k = 1 ~5-10%).
 Per 16-group (Q2_K, Q3_K, Q6_K): ``y += float(I_L) * dx * SC_L`` per lane, Q2_K ``- MM_L *
 float32(dx xsum16_L)`` (from ``xd``).
 Per 32-block (Q4_K, Q5_K; pair trick): the int32 lanes of two act rows (|I_L| <= 16 * 16 *
 127 < 2^15) are packed to int16 (``vpackssdw``) and lane pairs summed (``vpmaddwd``): one
 vector then holds the 32-block sums ``I_b`` of both rows, and ``y += float(I_b) * dx_b * SC_b
 - MM'_b * float32(dx_b xsum_b)`` costs one cvt, mul and 2 FMAs per row PAIR (Q5_K: ``MM' =
-MM - 16 SC``, one FMA per 32-block and weight row, because its int8 weights are code - 16).
+MM - 16 SC``, one FMA per 32-block and weight row, because its dots are of code - 16).
 Accumulation in float32 lanes (FMA); at the end of a row the chunk's accumulators are summed
 together, neighbours folded into one vector level by level (``_reduce_accs``; avx512).
 
@@ -106,7 +110,7 @@ chunk with one accumulator per row (per-16-group types) / row pair (Q4_K, Q5_K).
 of the same super-blocks ``ceil(2048 / tile bytes)`` rows ahead on the q, sc and d streams (k = 1
 cold: 8.5 GB/s without, 9.9 with, 151936x1536).
 ``portable``: numba, each super-block decoded to float32 weights, 256 float32 lanes per act
-row accumulate ``w * ((xq - 128) dx)`` (exact products; float32 rounding differs only).
+row accumulate ``w * (xq dx)`` (exact products; float32 rounding differs only).
 
 Accuracy
 --------
@@ -206,7 +210,7 @@ _QB = {Q2_K: 64, Q3_K: 96, Q4_K: 128, Q5_K: 160, Q6_K: 192}  # bytes of codes, p
 _ND = {Q2_K: 2, Q3_K: 1, Q4_K: 2, Q5_K: 2, Q6_K: 1}  # f16 values per super-block (d[, dmin])
 _NAMES = {Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}
 _PAIR = (Q4_K, Q5_K)        # scales and mins per 32-block (the pair trick); others per 16-group
-_OFFSET = {Q2_K: 0, Q3_K: 4, Q4_K: 0, Q5_K: 16, Q6_K: 32}   # the int8 weight is code - offset
+_OFFSET = {Q2_K: 0, Q3_K: 4, Q4_K: 0, Q5_K: 16, Q6_K: 32}   # the integer dots are of code - offset
 
 DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
 _PF_LOCALITY = 3           # prefetcht0
@@ -480,23 +484,24 @@ class _Emit:
         self.fma = f"@llvm.fma.v{self.nl}f32"
 
     def dot(self, tag: str, W, X, init: str | None) -> str:
-        """init + sum_v (per 4-byte lane) W[v] (s8) . X[v] (u8) -> an exact int32 vector.
+        """init + sum_v (per 4-byte lane) W[v] (u8 codes) . X[v] (s8 acts) -> an exact int32
+        vector (X[v] are loads: the acts are the memory operand).
 
-        vnni: vpdpbusd chained. maddubs: vpmaddubsw(X u8, W s8) (|pair| <= 2 * 255 * 32 = 16320),
-        two of them summed in int16 (<= 32640, no wrap), vpmaddwd by 1, added in int32."""
+        vnni: vpdpbusd chained. maddubs: vpmaddubsw(W u8, X s8) (|pair| <= 2 * 63 * 127 = 16002),
+        two of them summed in int16 (<= 32004, no wrap), vpmaddwd by 1, added in int32."""
         a, V8, V16, V32, vw = self.a, self.V8, self.V16, self.V32, self.vw
         if self.combine == "vnni":
             prev = init or "zeroinitializer"
             for v in range(4):
                 a(f"  %{tag}d{v} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} {prev}, "
-                  f"{V8} {X[v]}, {V8} {W[v]})")
+                  f"{V8} {W[v]}, {V8} {X[v]})")
                 prev = f"%{tag}d{v}"
             return prev
         mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
         madd = "@llvm.x86.avx512.pmaddw.d.512" if vw == 64 else "@llvm.x86.avx2.pmadd.wd"
         ones = _splat("i16", vw // 2, 1)
         for v in range(4):
-            a(f"  %{tag}p{v} = call {V16} {mad}({V8} {X[v]}, {V8} {W[v]})")
+            a(f"  %{tag}p{v} = call {V16} {mad}({V8} {W[v]}, {V8} {X[v]})")
         a(f"  %{tag}p01 = add {V16} %{tag}p0, %{tag}p1")
         a(f"  %{tag}p23 = add {V16} %{tag}p2, %{tag}p3")
         a(f"  %{tag}ia = call {V32} {madd}({V16} %{tag}p01, {V16} {ones})")
@@ -506,24 +511,6 @@ class _Emit:
             return f"%{tag}i"
         a(f"  %{tag}ii = add {V32} %{tag}i, {init}")
         return f"%{tag}ii"
-
-    def negsum128(self, tag: str, ws: str, unsigned: bool) -> str:
-        """-128 * (per 4-byte lane sum of the int8 vector ws) as int32 lanes."""
-        a, V8, V16, V32, vw = self.a, self.V8, self.V16, self.V32, self.vw
-        if self.combine == "vnni" and unsigned:      # ws as u8 times -128 as s8
-            a(f"  %{tag}n = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
-              f"{V8} {ws}, {V8} {_splat('i8', vw, -128)})")
-            return f"%{tag}n"
-        if self.combine == "vnni":                   # 128 as u8 times ws as s8, negated
-            a(f"  %{tag}p = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
-              f"{V8} {_splat('i8', vw, -128)}, {V8} {ws})")
-        else:   # |pair| <= 2 * 128 * 128 = 32768: only -32768 reaches it, and it is exact
-            mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
-            madd = "@llvm.x86.avx512.pmaddw.d.512" if vw == 64 else "@llvm.x86.avx2.pmadd.wd"
-            a(f"  %{tag}w = call {V16} {mad}({V8} {_splat('i8', vw, -128)}, {V8} {ws})")
-            a(f"  %{tag}p = call {V32} {madd}({V16} %{tag}w, {V16} {_splat('i16', vw // 2, 1)})")
-        a(f"  %{tag}n = sub {V32} zeroinitializer, %{tag}p")
-        return f"%{tag}n"
 
 
 def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> list[str]:
@@ -559,6 +546,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %xds = mul i64 %kp, 16")
     a("  %xsn = mul i64 %nsb, %kp")          # xd[1] (dx xsum16) is nsb kp 16 floats after xd[0]
     a("  %xso = mul i64 %xsn, 16")
+    a(f"  %xsoc = mul i64 %xsn, {48 if coff == 32 else 32}")   # xd[3] or xd[2] (int32)
     a("  %xps = mul i64 %kp, 16")           # kp / 2 pairs x 32 floats
     a(f"  %qrs = mul i64 %nsb, {QB}")       # weight row strides (elements)
     a("  %scrs = mul i64 %nsb, 16")
@@ -599,7 +587,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
             a(f"  %dp{j}{sx} = getelementptr i16, ptr %d{j}, i64 %dso{sx}")
 
     def weights(sx: str) -> dict:
-        """Per weight row: scales (float, exact products), codes (s8), offset correction."""
+        """Per weight row: scales (float, exact products), codes (u8)."""
         out = {}
         for j in range(nr):
             t0 = f"{j}{sx}"
@@ -708,18 +696,9 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                         a(f"  %hm{v}.{t} = and {V8} {hs}, {_splat('i8', vw, hmask)}")
                         a(f"  %wu{v}.{t} = or {V8} {wv}, %hm{v}.{t}")
                         wv = f"%wu{v}.{t}"
-                    if coff:
-                        a(f"  %w{v}.{t} = sub {V8} {wv}, {_splat('i8', vw, coff)}")
-                        wv = f"%w{v}.{t}"
                     W.append(wv)
                 for v in range(4):
                     out["W", j, e, v] = (V8, W[v])
-                # the activations are x + 128 (u8): subtract 128 * (the lane's weight sum);
-                # the 4 vectors summed bytewise first (|sum| <= 4 * 32 = 128: no wrap)
-                a(f"  %ws01.{t} = add {V8} {W[0]}, {W[1]}")
-                a(f"  %ws23.{t} = add {V8} {W[2]}, {W[3]}")
-                a(f"  %ws.{t} = add {V8} %ws01.{t}, %ws23.{t}")
-                out["NW", j, e] = (V32, E_.negsum128(f"nw{t}.", f"%ws.{t}", unsigned=not coff))
         return out
 
     nacc = npair if pair else kb
@@ -758,7 +737,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     if pair:
         a("  %xpo = mul i64 %s, %xps")
         a("  %xpb = getelementptr float, ptr %xp, i64 %xpo")
-    else:
+    if not pair or coff:
         a("  %xdo = mul i64 %s, %xds")
         a("  %xdb = getelementptr float, ptr %xd, i64 %xdo")
     if pipe:   # the next super-block's weights (the last iteration repeats its own: no overrun)
@@ -776,7 +755,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     for e in range(nh):
         for g in range(nacc):
             rows_g = [i for i in ([2 * g, 2 * g + 1] if pair else [g]) if i < kb]
-            X = {}
+            X, X0 = {}, {i: None for i in rows_g}
             for i in rows_g:
                 X[i] = []
                 for v in range(4):
@@ -785,6 +764,14 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                     a(f"  %x{v}.{i}.{e} = load {V8}, ptr %xp{v}.{i}.{e}, align 1, "
                       "!invariant.load !0")
                     X[i].append(f"%x{v}.{i}.{e}")
+                if coff:   # the chain starts at -coff * xsum16 (xd[2], xd[3]: -16, -32 xsum16)
+                    a(f"  %oxp.{i}.{e} = getelementptr i32, ptr %xdb, i64 {16 * i + nl * e}")
+                    a(f"  %oxq.{i}.{e} = getelementptr i32, ptr %oxp.{i}.{e}, i64 %xsoc")
+                    a(f"  %ox.{i}.{e} = load {V32}, ptr %oxq.{i}.{e}, align 4, !invariant.load !0")
+                    X0[i] = f"%ox.{i}.{e}"
+                    if coff == 4:   # Q3_K: -16 xsum16 >> 2 (exact)
+                        a(f"  %ox4.{i}.{e} = ashr {V32} %ox.{i}.{e}, {_splat('i32', nl, 2)}")
+                        X0[i] = f"%ox4.{i}.{e}"
             if pair:
                 a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xpb, i64 {32 * g + nl * e}")
                 a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
@@ -800,7 +787,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
             for j in range(nr):
                 u = f"{j}_{g}.{e}"
                 Wv = [wv["W", j, e, v][1] for v in range(4)]
-                dots = [E_.dot(f"I{i}_{u}.", Wv, X[i], wv["NW", j, e][1]) for i in rows_g]
+                dots = [E_.dot(f"I{i}_{u}.", Wv, X[i], X0[i]) for i in rows_g]
                 if pair:   # pack the pair to int16 (|I| <= 16 * 16 * 127), sum lane pairs
                     pk = "@llvm.x86.avx512.packssdw.512" if vw == 64 else "@llvm.x86.avx2.packssdw"
                     madd = ("@llvm.x86.avx512.pmaddw.d.512" if vw == 64
@@ -886,7 +873,7 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     """``@kq_<t>(q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys)``: y[i * ys + r] for
     r0 <= r < r1 and every act row i < k.
 
-    Super-blocks go in tiles of ``ns = max(1, tile_bytes / (min(kp, kb) * 320))`` (the act
+    Super-blocks go in tiles of ``ns = max(1, tile_bytes / (min(kp, kb) * 384))`` (the act
     data a chunk call streams over a tile stays in L1); per tile, rows in groups of ``group``;
     per group, act rows in chunks of ``kbs[0]``, then one chunk of each smaller size for the
     rest; each chunk call runs over the group's rows (in blocks of ``nr``, then single rows):
@@ -916,7 +903,7 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     # its own rows; sizing by all kp rows made tiles of 1 super-block at large k: per (row,
     # chunk, super-block) a reduction, y update and decode prologue, 2x slower at k = 256)
     a(f"  %kpc = call i64 @llvm.umin.i64(i64 %kp, i64 {kb})")
-    a("  %tb = mul i64 %kpc, 320")
+    a("  %tb = mul i64 %kpc, 384")
     a(f"  %tsb0 = udiv i64 {tile_bytes}, %tb")
     a("  %tsb1 = call i64 @llvm.umax.i64(i64 %tsb0, i64 1)")
     a("  %tsb = call i64 @llvm.umin.i64(i64 %tsb1, i64 %nsb)")
@@ -1174,8 +1161,7 @@ def _quant_ir() -> list[str]:
             a(f"  %p{b}{h} = fmul {V} %v{b}{h}, %INV{b}")
             a(f"  %r{b}{h} = call {V} @llvm.roundeven.v16f32({V} %p{b}{h})")
             a(f"  %qi{b}{h} = fptosi {V} %r{b}{h} to {VI}")
-            a(f"  %qu{b}{h} = add {VI} %qi{b}{h}, {_splat('i32', 16, 128)}")
-            a(f"  %qb{b}{h} = trunc {VI} %qu{b}{h} to <16 x i8>")
+            a(f"  %qb{b}{h} = trunc {VI} %qi{b}{h} to <16 x i8>")
         a(f"  %nat{b} = shufflevector <16 x i8> %qb{b}0, <16 x i8> %qb{b}1, {_mask(range(32))}")
         a(f"  %natd{b} = bitcast <32 x i8> %nat{b} to <8 x i32>")
         dw.append(f"%natd{b}")
@@ -1189,6 +1175,12 @@ def _quant_ir() -> list[str]:
     a(f"  %DS16 = fmul {V} %DX16, %XS16f")
     a("  %xdsp = getelementptr float, ptr %dxp, i64 %xso")
     a(f"  store {V} %DS16, ptr %xdsp, align 4")
+    a(f"  %XS16n = mul {VI} {xs}, {_splat('i32', 16, -16)}")
+    a("  %xdip = getelementptr float, ptr %xdsp, i64 %xso")
+    a(f"  store {VI} %XS16n, ptr %xdip, align 4")
+    a(f"  %XS32n = mul {VI} {xs}, {_splat('i32', 16, -32)}")
+    a("  %xdip3 = getelementptr float, ptr %xdip, i64 %xso")
+    a(f"  store {VI} %XS32n, ptr %xdip3, align 4")
     a(f"  %xs8a = shufflevector {VI} {xs}, {VI} poison, {_mask(range(0, 16, 2))}")
     a(f"  %xs8b = shufflevector {VI} {xs}, {VI} poison, {_mask(range(1, 16, 2))}")
     a("  %XS8 = add <8 x i32> %xs8a, %xs8b")
@@ -1222,10 +1214,14 @@ def _quant_ir() -> list[str]:
     a("pad:")                                      # the padding row: x = 0
     for v in range(4):
         a(f"  %pq{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
-        a(f"  store <64 x i8> {_splat('i8', 64, -128)}, ptr %pq{v}, align 1")
+        a(f"  store <64 x i8> zeroinitializer, ptr %pq{v}, align 1")
     a(f"  store {V} zeroinitializer, ptr %dxp, align 4")
     a("  %dxp16 = getelementptr float, ptr %dxp, i64 %xso")
     a(f"  store {V} zeroinitializer, ptr %dxp16, align 4")
+    a("  %dxp32 = getelementptr float, ptr %dxp16, i64 %xso")
+    a(f"  store {V} zeroinitializer, ptr %dxp32, align 4")
+    a("  %dxp48 = getelementptr float, ptr %dxp32, i64 %xso")
+    a(f"  store {V} zeroinitializer, ptr %dxp48, align 4")
     for b in range(8):
         a(f"  %zl{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
         a(f"  %zp{b} = getelementptr float, ptr %pp, i64 %zl{b}")
@@ -1364,7 +1360,7 @@ def _call_kq(typingctx, fn, q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys):
     """kq_<t>(q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys) through a runtime address."""
     args = (fn, q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys)
     _check(args, (None, (types.uint8,), (types.uint8,), (types.uint16,),
-                  (types.uint8,), (types.float32,), (types.float32,), (types.float32,),
+                  (types.int8,), (types.float32,), (types.float32,), (types.float32,),
                   None, None, None, None, None))
     return types.void(*args), _emit_call
 
@@ -1373,7 +1369,7 @@ def _call_kq(typingctx, fn, q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys):
 def _call_quant(typingctx, fq, x, xq, xd, xp, nsb, k, kp, xs):
     """kq_quant(x, xq, xd, xp, nsb, k, kp, xs) through a runtime address."""
     args = (fq, x, xq, xd, xp, nsb, k, kp, xs)
-    _check(args, (None, (types.float32,), (types.uint8,), (types.float32,), (types.float32,),
+    _check(args, (None, (types.float32,), (types.int8,), (types.float32,), (types.float32,),
                   None, None, None, None))
     return types.void(*args), _emit_call
 
@@ -1395,12 +1391,13 @@ def _h2f(h):
 
 @njit(cache=True, nogil=True)
 def quantize_x_nb(x, xq, xd, xp):
-    """x float32 [k, n_in] -> the act format (module docstring): xq uint8 [nsb, kp, 256],
-    xd float32 [2, nsb, kp, 16], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
+    """x float32 [k, n_in] -> the act format (module docstring): xq int8 [nsb, kp, 256],
+    xd float32 [4, nsb, kp, 16], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
     padding row is x = 0)."""
     k, n = x.shape
     nsb = n // 256
     kp = xq.shape[1]
+    xi = xd.view(np.int32)
     q127 = np.float32(127.0)
     for s in range(nsb):
         for i in range(kp):
@@ -1427,10 +1424,12 @@ def quantize_x_nb(x, xq, xd, xp):
                             if i < k:
                                 val = np.int32(np.rint(x[i, o + 16 * h + 4 * v + t] * inv))
                             xs16 += val
-                            xq[s, i, 64 * v + 4 * g + t] = np.uint8(val + 128)
+                            xq[s, i, 64 * v + 4 * g + t] = np.int8(val)
                     xs += xs16
                     xd[0, s, i, g] = dx
                     xd[1, s, i, g] = dx * np.float32(xs16)
+                    xi[2, s, i, g] = -16 * xs16
+                    xi[3, s, i, g] = -32 * xs16
                 lane = 4 * (b // 2) + 2 * (i % 2) + (b % 2)
                 xp[s, i // 2, lane] = dx
                 xp[s, i // 2, 16 + lane] = dx * np.float32(xs)
@@ -1440,7 +1439,7 @@ def quantize_x_nb(x, xq, xd, xp):
 def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
     """Plain numba: each super-block of a row is decoded to float32 weights once (``SC q - MM``
     or ``SC (q - offset)``, kernel lane order; the type from the shapes), then 256 float32
-    lanes per act row accumulate ``w * xhat`` with ``xhat = (xq - 128) dx`` (exact products of
+    lanes per act row accumulate ``w * xhat`` with ``xhat = xq dx`` (exact products of
     the same quantized values: differs from the integer kernels by float32 rounding only), a
     tree sum at the end. The lanes are the vector: LLVM vectorizes without fastmath."""
     nsb, k = xq.shape[0], y.shape[0]
@@ -1457,7 +1456,7 @@ def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
         for i in range(k):
             xs_, xo_, dx_ = xf[s, i], xq[s, i], xd[0, s, i]
             for o in range(256):
-                xs_[o] = np.float32(np.int32(xo_[o]) - 128) * dx_[(o & 63) >> 2]
+                xs_[o] = np.float32(xo_[o]) * dx_[(o & 63) >> 2]
     acc = np.empty((k, 256), np.float32)
     for r in range(r0, r1):
         acc[:] = 0
@@ -1529,12 +1528,12 @@ def rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1):
 def act_buffers(nsb, kp):
     """Empty (xq, xd, xp) for kp (even) act rows of nsb super-blocks, in one 64-byte aligned
     block (act loads that split cache lines slowed the compute-bound k-row kernels)."""
-    nq, nd = nsb * kp * 256, nsb * kp * 128       # bytes of xq, of xd (xp: half of xd)
-    buf = np.empty(nq + nd + nd // 2 + 64, np.uint8)
+    nq, nd, npp = nsb * kp * 256, nsb * kp * 256, nsb * kp * 64   # bytes of xq, xd, xp
+    buf = np.empty(nq + nd + npp + 64, np.uint8)
     o = (-buf.ctypes.data) % 64
-    xq = buf[o:o + nq].reshape((nsb, kp, 256))
-    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((2, nsb, kp, 16))
-    xp = buf[o + nq + nd:o + nq + nd + nd // 2].view(np.float32).reshape((nsb, kp // 2, 32))
+    xq = buf[o:o + nq].view(np.int8).reshape((nsb, kp, 256))
+    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((4, nsb, kp, 16))
+    xp = buf[o + nq + nd:o + nq + nd + npp].view(np.float32).reshape((nsb, kp // 2, 32))
     return xq, xd, xp
 
 
@@ -1683,7 +1682,7 @@ def kq_matmul_reference(X, p: PackedKQ, return_scale: bool = False):
 
     Q4_K / Q5_K, per 32-block b of a row: ``I_b dx_b SC_b - MM_b float32(dx_b xsum_b)`` with
     ``I_b = sum (q - o) xq``, ``xsum_b = sum xq``, ``SC_b = d sc_b`` and ``MM_b = float32(dmin
-    m_b - o SC_b)`` (o = 0 for Q4_K, 16 for Q5_K: the kernel's int8 weights); Q2_K, Q3_K,
+    m_b - o SC_b)`` (o = 0 for Q4_K, 16 for Q5_K: the kernel's integer dots); Q2_K, Q3_K,
     Q6_K, per 16-group g: ``(sum (q - o) xq) dx SC_g`` (o = 0, 4, 32), Q2_K minus ``MM_g
     float32(dx xsum_g)``. ``SC``, ``MM``: ``PackedKQ.scales``. With ``return_scale`` also (per
     [k, n_out]) the sum over blocks / groups of the |terms| (the scale of float32 rounding)
