@@ -73,14 +73,15 @@ def test_pack_matches_dequantize(qt, n_out, n_in):
     raw = random_raw(_rng("pack", qt, n_out, n_in), qt, n_out, n_in)
     p = K.pack_kquant(raw, qt)
     assert (p.qtype, p.n_out, p.n_in, p.nsb) == (qt, n_out, n_in, n_in // 256)
+    rows = n_out + n_out % 2 if qt in (K.Q4_K, K.Q5_K) else n_out   # row pairs: a zero row
     for a in (p.q, p.sc, p.d):
-        assert a.flags.c_contiguous and a.shape[0] == n_out
+        assert a.flags.c_contiguous and a.shape[0] == rows
     assert p.q.ctypes.data % 64 == 0
-    # bytes read per matrix: Q2_K / Q6_K exactly the GGUF size, the others + 4 bytes per
+    # bytes read per row: Q2_K / Q6_K exactly the GGUF size, the others + 4 bytes per
     # super-block (12 packed 6-bit scale bytes become 16)
     extra = 0 if qt in (K.Q2_K, K.Q6_K) else 4
-    assert p.nbytes == p.gguf_nbytes + extra * n_out * (n_in // 256)
-    assert p.nbytes <= 1.037 * p.gguf_nbytes
+    assert p.nbytes == (p.gguf_nbytes // n_out + extra * (n_in // 256)) * rows
+    assert p.nbytes / rows <= 1.037 * p.gguf_nbytes / n_out
     deq = p.dequantize()
     assert deq.dtype == np.float32 and deq.shape == (n_out, n_in)
     assert np.array_equal(deq.view(np.uint32),
@@ -212,7 +213,7 @@ def test_quantize_x(kernel, k):
     x[-1, 5] = -np.abs(x[-1, :32]).max() * 2  # a negative maximum
     xq, xd, xp = K.quantize_x(x, kernel=kernel)
     kp = k + k % 2
-    assert xq.shape == (3, kp, 256) and xd.shape == (4, 3, kp, 16) and xp.shape == (3, kp // 2, 32)
+    assert xq.shape == (3, kp, 256) and xd.shape == (4, 3, kp, 16) and xp.shape == (3, kp, 16)
     assert xq.dtype == np.int8
     for a in (xq, xd, xp):
         assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
@@ -221,28 +222,29 @@ def test_quantize_x(kernel, k):
     for a, b in zip((xq, xd, xp), n, strict=True):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), _msg(kernel=kernel, k=k)
     rq, rdx, rxs = K.quantize_x_reference(x)
-    # codes in the lane order; byte 64 v + 4 L + t = weight 16 L + 4 v + t
-    nat = xq.astype(np.int64).reshape(3, kp, 4, 16, 4).transpose(1, 0, 3, 2, 4)
+    # lane L holds 16-group 2 (L % 8) + L // 8: lanes p and p + 8 are 32-block p
+    lane_group = np.array([2 * (L % 8) + L // 8 for L in range(16)])
+    assert np.array_equal(K._LANE_GROUP, lane_group)
+    natural = np.argsort(lane_group)
+
+    def per_group(a):   # [3 sb, kp, 16 lanes] -> [k, 48 16-groups] in natural order
+        return a[:, :k].transpose(1, 0, 2)[:, :, natural].reshape(k, 48)
+
+    # codes in the lane order; byte 64 v + 4 L + t = weight 16 g(L) + 4 v + t
+    nat = xq.astype(np.int64).reshape(3, kp, 4, 16, 4).transpose(1, 0, 3, 2, 4)[:, :, natural]
     assert np.array_equal(nat.reshape(kp, 768)[:k], rq), _msg(k=k)
-    assert (xq[:, k:] == 0).all() and (xd[:, :, k:] == 0).all()
-    # the chain starts of the offset types: -16 and -32 times the 16-group sums, int32
+    assert (xq[:, k:] == 0).all() and (xd[:, :, k:] == 0).all() and (xp[:, k:] == 0).all()
+    assert np.array_equal(per_group(xd[0]), np.repeat(rdx, 2, axis=1))
+    # per 16-group: float32(dx * xsum16); the chain starts of the offset types: -4 and -32
+    # times the 16-group sums, int32
+    assert np.array_equal(per_group(xd[1]), np.repeat(rdx, 2, axis=1) * rxs.astype(np.float32))
     xi = xd.view(np.int32)
-    for c, plane in ((-16, 2), (-32, 3)):
-        assert np.array_equal(xi[plane, :, :k].transpose(1, 0, 2).reshape(k, 48), c * rxs)
-    assert np.array_equal(xd[0, :, :k].transpose(1, 0, 2).reshape(k, 48),
-                          np.repeat(rdx, 2, axis=1))
-    # per 16-group: float32(dx * xsum16)
-    want16 = np.repeat(rdx, 2, axis=1) * rxs.astype(np.float32)
-    assert np.array_equal(xd[1, :, :k].transpose(1, 0, 2).reshape(k, 48), want16)
-    # pairs: lane 4 c + 2 (i % 2) + (b % 2) holds block b = 2 c + b % 2 of row i
+    for c, plane in ((-4, 2), (-32, 3)):
+        assert np.array_equal(per_group(xi[plane]), c * rxs)
+    # per 32-block, lanes p and p + 8: float32(dx * xsum32) of block p
     xs32 = rxs.reshape(k, 24, 2).sum(axis=2)
-    for i in range(kp):
-        for s in range(3):
-            for b in range(8):
-                lane = 4 * (b // 2) + 2 * (i % 2) + b % 2
-                dx = rdx[i, 8 * s + b] if i < k else 0
-                dxs = np.float32(dx) * np.float32(xs32[i, 8 * s + b]) if i < k else 0
-                assert xp[s, i // 2, lane] == dx and xp[s, i // 2, 16 + lane] == dxs
+    want = (rdx * xs32.astype(np.float32)).reshape(k, 3, 8).transpose(1, 0, 2)
+    assert np.array_equal(xp[:, :k], np.concatenate([want, want], axis=2))
     assert np.abs(rq.astype(int)).max() == 127 and rdx[0, 2] == 0 and not rq[0, 64:96].any()
     err = np.abs(x.reshape(k, 24, 32) - rq.reshape(k, 24, 32) * rdx[:, :, None])
     assert (err <= rdx[:, :, None] * (0.5 + 1e-5)).all(), _msg()
@@ -409,6 +411,23 @@ def test_numba_callers():
     by_rows(fn, fq, x, p.q, p.sc, p.d, out)
     assert np.array_equal(out, K.kq_matmul(x, p))
 
+    @njit
+    def by_odd_rows(fn, fq, x, q, sc, d, out, step):
+        xq, xd, xp = K.quantize_x_alloc(x, fq)
+        out[:] = np.nan
+        for r in range(0, out.shape[1], step):
+            K.rows_nb(fn, q, sc, d, xq, xd, xp, out, r, min(r + step, out.shape[1]))
+
+    # row-pair types: ranges that start and end inside a pair, an odd row count
+    for qt in (K.Q4_K, K.Q5_K):
+        _, x, p, ref, absum, *_ = case(qt, 37, 512, 3)
+        for kern in KERNELS:
+            fn = K.fn_address(qt, kern)
+            out = np.empty((3, 37), np.float32)
+            for step in (1, 3, 7, 37):
+                by_odd_rows(fn, fq, x, p.q, p.sc, p.d, out, step)
+                assert (np.abs(out - ref) <= ORACLE_RTOL * absum).all(), _msg(kern=kern, step=step)
+
 
 def test_env_var_selects_kernel(monkeypatch):
     _, x, p, ref, absum, *_ = case(K.Q4_K, 64, 512, 2)
@@ -438,7 +457,7 @@ def test_x86_assembly_uses_the_intended_instructions():
         assert "vpdpbusd" in body
     else:
         assert "vpmaddubsw" in body
-    assert "vpackssdw" in body and "vcvtph2ps" in body
+    assert "vbroadcasti64x4" in body and "vcvtph2ps" in body   # row pairs: act halves
     for qt in (K.Q2_K, K.Q3_K, K.Q5_K, K.Q6_K):
         nm = K._NAMES[qt]
         asm2 = K.kernel_asm("avx2", what=qt)

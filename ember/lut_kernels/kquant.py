@@ -29,24 +29,32 @@ on hosts without VNNI), ``avx512-novnni``, ``avx2`` (compiled for x86-64-v3), ``
 
 Packed layout (``PackedKQ``; all plain C-contiguous numpy arrays, ``q`` 64-byte aligned)
 -----------------------------------------------------------------------------------------
-Within a super-block of 256 weights, weight ``w = 16 L + 4 v + t`` (16-group L = 0..15, v, t =
-0..3) is "lane L, virtual vector v, byte t": a 4-byte lane of a 64-byte vector holds 4
-neighbouring weights of one 16-group, and 4 vectors cover a super-block. Codes are unsigned
-(Q2_K 0..3, Q3_K 0..7, Q4_K 0..15, Q5_K 0..31, Q6_K 0..63), built from these parts:
+Within a super-block of 256 weights, 16-group ``g`` (weights 16 g .. 16 g + 15) is lane
+``L`` with ``g = 2 (L % 8) + L // 8`` (``_LANE_GROUP``: lanes p and p + 8 hold the two halves
+of 32-block p), and weight ``16 g + 4 v + t`` (v, t = 0..3) is "lane L, virtual vector v, byte
+t": a 4-byte lane of a 64-byte vector holds 4 neighbouring weights of one 16-group, and 4
+vectors cover a super-block. Codes are unsigned (Q2_K 0..3, Q3_K 0..7, Q4_K 0..15, Q5_K 0..31,
+Q6_K 0..63).
+Q2_K, Q3_K, Q6_K (scales per 16-group), per row and super-block, from these parts:
     nibbles (128 bytes): byte ``64 c + 4 L + t`` = low 4 bits of v = 2c | of v = 2c + 1 << 4;
     crumbs (64 bytes): byte ``4 L + t``, bits 2v..2v+1 = 2 bits of virtual vector v;
     bit plane (32 bytes): byte ``4 L + t`` (L < 8), bit v for lane L and bit 4 + v for lane
     L + 8 (a kernel widens it to 64 bytes with one shift and a shuffle).
-``q``  uint8 [n_out, nsb * QB], per super-block:
-    Q2_K (QB = 64): crumbs.  Q3_K (96): crumbs, then the bit plane (bit 2 of the code).
-    Q4_K (128): nibbles.  Q5_K (160): nibbles, then the bit plane (bit 4).
-    Q6_K (192): nibbles, then crumbs (bits 4, 5).
-``sc`` uint8 [n_out, nsb * 16]. Q4_K/Q5_K: the 8 decoded 6-bit scales, then the 8 mins (per
-    32-block). Q2_K: the file's 16 bytes, scale | min << 4 (per 16-group). Q3_K: the 16 decoded
-    6-bit scales minus 32, Q6_K: the file's 16 int8 scales, as int8 bytes (``p.sc.view(np.int8)``;
-    one dtype for all keeps the numba entries to one compilation).
-``d``  uint16 [n_out, nsb * ND]: IEEE half bits (numba has no float16): ``d, dmin`` (ND = 2:
-    Q2_K, Q4_K, Q5_K) or ``d`` (ND = 1: Q3_K, Q6_K); the kernels widen them (``vcvtph2ps``).
+    ``q`` uint8 [n_out, nsb * QB]: Q2_K (QB = 64): crumbs. Q3_K (96): crumbs, then the bit
+    plane (bit 2 of the code). Q6_K (192): nibbles, then crumbs (bits 4, 5).
+    ``sc`` uint8 [n_out, nsb * 16], in lane order: Q2_K: the file's bytes, scale | min << 4;
+    Q3_K: the decoded 6-bit scales minus 32, Q6_K: the file's int8 scales, as int8 bytes
+    (``p.sc.view(np.int8)``; one dtype for all keeps the numba entries to one compilation).
+    ``d`` uint16 [n_out, nsb * ND]: IEEE half bits (numba has no float16): ``d, dmin`` (ND = 2,
+    Q2_K) or ``d`` (ND = 1); the kernels widen them (``vcvtph2ps``).
+Q4_K, Q5_K (scales and mins per 32-block): rows in pairs (a zero row appended to an odd
+    count; the arrays have ``n_out + n_out % 2`` rows, and array rows 2m, 2m + 1 are pair m,
+    super-block after super-block). Per pair and super-block, 8 code vectors (v, h), v, h =
+    0..3, 0..1: lane ``8 j + p``, byte t = the code of row j of the pair, weight ``32 p + 16 h
+    + 4 v + t`` (block p): a kernel lane sums one 32-block of one row over the 8 vectors.
+    ``q``: 4 x 64 bytes of nibbles (vector v: (v, 0) | (v, 1) << 4), Q5_K then 64 bytes, byte
+    ``4 lane + t`` bit ``2 v + h`` = bit 4 of code (v, h). ``sc``: 8 scales of row 0, 8 of row
+    1, 8 mins of row 0, 8 of row 1 (6-bit, decoded). ``d``: d0, d1, dmin0, dmin1.
 The weight is ``SC * code - MM`` (Q2_K, Q4_K, Q5_K; ``SC = d * scale``, ``MM = dmin * min``)
 or ``SC * (code - o)`` (Q3_K o = 4, Q6_K o = 32), every product exact in float32.
 Bytes per super-block against the file's: Q2_K 84 (84), Q3_K 114 (110: the 12 packed scale
@@ -59,13 +67,12 @@ Per 32-block of a row: ``amax = max |x|``, ``dx = amax / 127``, ``xq = rint(x * 
 amax))`` (half to even, |xq| <= 127; amax = 0 gives dx = 0, xq = 0; x must be finite).
 ``xq`` int8 [nsb, kp, 256]: the codes in the lane order above (the signed, memory operand of
     ``vpdpbusd``/``vpmaddubsw``; the weights' unsigned codes are the register one).
-``xd`` float32 [4, nsb, kp, 16]: ``xd[0]``: dx of lane L's 32-block (the per-16-group types);
-    ``xd[1]``: ``float32(dx * xsum16)`` (xsum16: lane L's 16-group sum of xq; Q2_K's mins);
-    ``xd[2]``, ``xd[3]``: int32 bit patterns (``xd.view(np.int32)``) of ``-16 * xsum16`` and
-    ``-32 * xsum16``, where the integer dot products of Q5_K / Q3_K and of Q6_K start.
-``xp`` float32 [nsb, kp / 2, 32]: per row pair (2p, 2p+1), 16 lanes of dx then 16 of
-    ``float32(dx * xsum)`` (xsum: the 32-block's sum of xq); lane ``4 c + 2 j + h`` = row
-    2p + j, 32-block 2c + h (Q4_K/Q5_K; this is the lane order the pair trick below produces).
+``xd`` float32 [4, nsb, kp, 16], per lane L: ``xd[0]``: dx of its 32-block (L % 8);
+    ``xd[1]``: ``float32(dx * xsum16)`` (xsum16: its 16-group's sum of xq; Q2_K's mins);
+    ``xd[2]``, ``xd[3]``: int32 bit patterns (``xd.view(np.int32)``) of ``-4 * xsum16`` and
+    ``-32 * xsum16``, where the integer dot products of Q3_K and of Q6_K start.
+``xp`` float32 [nsb, kp, 16]: lane L: ``float32(dx * xsum32)`` of 32-block L % 8 (xsum32: the
+    block's sum of xq; Q4_K/Q5_K's mins).
 Super-block-major, so a kernel reads the k rows of one super-block as one contiguous span.
 ``quantize_x_alloc`` allocates the three in one 64-byte aligned block and fills them with
 ``kq_quant`` (IR, vectorized; bit-identical to the numba ``quantize_x_nb``): 1x1536 ~1 us of
@@ -73,29 +80,36 @@ work (5 us per Python call), 16x8960 72 us (numba: 460 us).
 
 Math (exact integers, then float32)
 -----------------------------------
-Per (weight row, super-block, act row): ``I_L = sum (code - o) xq`` over lane L's 16-group
-(o: Q2_K 0, Q3_K 4, Q4_K 0, Q5_K 16, Q6_K 32), exactly, as int32: the unsigned codes times the
-signed acts, a chain of 4 ``vpdpbusd`` that starts at ``-o * xsum16`` (``xd[2]`` / ``xd[3]``;
-Q3_K: ``xd[2] >> 2``; 0 for Q2_K and Q4_K); or ``vpmaddubsw`` pairs (<= 2 * 63 * 127), two
-summed in int16 (<= 32004), ``vpmaddwd``, the start added. The acts are the memory operand, and
-no per-weight-row correction is needed (an earlier offset-binary form, acts + 128, subtracted
-``128 * sum w`` per weight row: 4 more vector ops per (row, super-block), Q4_K 8960x1536 k = 8
-~4% slower, k = 1 ~5-10%).
-Per 16-group (Q2_K, Q3_K, Q6_K): ``y += float(I_L) * dx * SC_L`` per lane, Q2_K ``- MM_L *
-float32(dx xsum16_L)`` (from ``xd``).
-Per 32-block (Q4_K, Q5_K; pair trick): the int32 lanes of two act rows (|I_L| <= 16 * 16 *
-127 < 2^15) are packed to int16 (``vpackssdw``) and lane pairs summed (``vpmaddwd``): one
-vector then holds the 32-block sums ``I_b`` of both rows, and ``y += float(I_b) * dx_b * SC_b
-- MM'_b * float32(dx_b xsum_b)`` costs one cvt, mul and 2 FMAs per row PAIR (Q5_K: ``MM' =
-MM - 16 SC``, one FMA per 32-block and weight row, because its dots are of code - 16).
-Accumulation in float32 lanes (FMA); at the end of a row the chunk's accumulators are summed
-together, neighbours folded into one vector level by level (``_reduce_accs``; avx512).
+Per 16-group (Q2_K, Q3_K, Q6_K), per (weight row, super-block, act row): ``I_L = sum (code -
+o) xq`` over lane L's 16 weights (o: Q2_K 0, Q3_K 4, Q6_K 32), exactly, as int32: the unsigned
+codes times the signed acts, a chain of 4 ``vpdpbusd`` that starts at ``-o * xsum16``
+(``xd[2]`` / ``xd[3]``; 0 for Q2_K); or ``vpmaddubsw`` pairs (<= 2 * 63 * 127), two summed in
+int16 (<= 32004), ``vpmaddwd``, the start added. ``y += float(I_L) * dx * SC_L`` per lane, Q2_K
+``- MM_L * float32(dx xsum16_L)``. The acts are the memory operand, and no per-weight-row
+correction is needed (an earlier offset-binary form, acts + 128, subtracted ``128 * sum w`` per
+weight row: 4 more vector ops per (row, super-block), Q4_K 8960x1536 k = 8 ~4% slower, k = 1
+~5-10%).
+Per 32-block (Q4_K, Q5_K), per (row pair, super-block, act row): 8 ``vpdpbusd``, one per code
+vector (v, h), against act vector v's half h (32 bytes, both halves of a zmm: lane 8 j + p
+meets 16-group 2 p + h) give ``I_b`` of block b = p of both rows of the pair in one vector
+(|I_b| <= 32 * 31 * 127, int32); ``y += float(I_b) * dx_b * SC_b - MM_b * float32(dx_b
+xsum_b)``: one cvt, mul and 2 FMAs per pair and act row. Per weight row and act row: 4
+``vpdpbusd`` + 2 ops. (The earlier form, one row at a time, had lanes of 16-groups and
+combined two act rows' lanes with ``vpackssdw`` + ``vpmaddwd``: + 1 op per weight row and act
+row, and half the lanes of a row's decode: 67 vector ops per (row, super-block) at k = 8
+against 56 now. Kernel alone, 8960x1536, 1 thread, hot: k = 8 965 -> 780 us, k = 1 351 -> 332-
+348; Q5_K k = 8 1135 -> 897, k = 1 466 -> 387. Q5_K's codes need no offset: int32 sums.)
+A call's rows need not start or end on a pair: the half pair is computed, its other row not
+stored.
+Accumulation in float32 lanes (FMA); at the end of a row (pair) the chunk's accumulators are
+summed together, neighbours folded into one vector level by level (``_reduce_accs``; avx512).
 
 The IR (``kernel_ir``; every argument an i64 or a pointer, C ABI, called from numba through a
 runtime address like q8.py / tmac.py):
 ``void kq_<type>(ptr q, ptr sc, ptr d, ptr xq, ptr xd, ptr xp, ptr y, i64 nsb, i64 r0, i64 r1,
                 i64 k, i64 y_stride)`` (``kq_q2_k`` .. ``kq_q6_k``)
-    ``y[i * y_stride + r]`` for r0 <= r < r1 (absolute row indices into q/sc/d) and i < k.
+    ``y[i * y_stride + r]`` for r0 <= r < r1 (absolute row indices; Q4_K/Q5_K: rows of the
+    pairs) and i < k.
 ``void kq_quant(ptr x, ptr xq, ptr xd, ptr xp, i64 nsb, i64 k, i64 kp, i64 x_stride)``.
 Structure: super-blocks in tiles whose act data stays in L1 (``DEFAULT_TILE_BYTES`` of the
 ``min(kp, kb)`` rows one chunk call reads; partial sums added into y: for n_in = 8960 and k >= 4
@@ -106,9 +120,10 @@ groups of 32, per group act-row chunks of 16, 8, 4, 2, 1 (each weight is read fr
 a group's later chunks re-read it from L1/L2); each chunk function (``noinline``) loops over
 the group's rows and the tile's super-blocks, decodes a super-block's weights once
 (software-pipelined one super-block ahead on avx512) and applies them to every act row of the
-chunk with one accumulator per row (per-16-group types) / row pair (Q4_K, Q5_K). Software prefetch (``prefetcht0``)
-of the same super-blocks ``ceil(2048 / tile bytes)`` rows ahead on the q, sc and d streams (k = 1
-cold: 8.5 GB/s without, 9.9 with, 151936x1536).
+chunk with one accumulator per act row (and row pair for Q4_K, Q5_K; on avx2 one per row of
+the pair). Software prefetch (``prefetcht0``) of the same super-blocks ``ceil(2048 / tile
+bytes)`` rows ahead on the q, sc and d streams (k = 1 cold: 8.5 GB/s without, 9.9 with,
+151936x1536).
 ``portable``: numba, each super-block decoded to float32 weights, 256 float32 lanes per act
 row accumulate ``w * (xq dx)`` (exact products; float32 rounding differs only).
 
@@ -209,8 +224,20 @@ QK = 256                                  # weights per super-block
 _QB = {Q2_K: 64, Q3_K: 96, Q4_K: 128, Q5_K: 160, Q6_K: 192}  # bytes of codes, packed layout
 _ND = {Q2_K: 2, Q3_K: 1, Q4_K: 2, Q5_K: 2, Q6_K: 1}  # f16 values per super-block (d[, dmin])
 _NAMES = {Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}
-_PAIR = (Q4_K, Q5_K)        # scales and mins per 32-block (the pair trick); others per 16-group
-_OFFSET = {Q2_K: 0, Q3_K: 4, Q4_K: 0, Q5_K: 16, Q6_K: 32}   # the integer dots are of code - offset
+_PAIR = (Q4_K, Q5_K)        # scales and mins per 32-block, rows in pairs; others per 16-group
+_OFFSET = {Q2_K: 0, Q3_K: 4, Q4_K: 0, Q5_K: 0, Q6_K: 32}   # the integer dots are of code - offset
+# act lane L holds 16-group _LANE_GROUP[L] = 2 (L % 8) + L // 8: lanes p and p + 8 hold the two
+# halves of 32-block p (what a row pair's kernel adds up in one lane)
+_LANE_GROUP = np.array([2 * (L % 8) + L // 8 for L in range(16)])
+_GROUP_LANE = np.argsort(_LANE_GROUP)
+
+
+def _unit_bytes(qt: int) -> tuple[int, int, int]:
+    """(code bytes, scale bytes, f16 values) per super-block of a kernel unit: one weight row,
+    or a row pair for Q4_K / Q5_K."""
+    if qt in _PAIR:
+        return 2 * _QB[qt], 32, 2 * _ND[qt]
+    return _QB[qt], 16, _ND[qt]
 
 DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
 _PF_LOCALITY = 3           # prefetcht0
@@ -262,9 +289,10 @@ class PackedKQ:
         if qtype not in _QB or n_out < 0 or n_in <= 0 or n_in % QK:
             raise ValueError(f"PackedKQ.from_arrays: bad meta {meta.tolist()}")
         nsb = n_in // QK
-        want = {"q": ((n_out, nsb * _QB[qtype]), np.uint8),
-                "sc": ((n_out, nsb * 16), np.uint8),
-                "d": ((n_out, nsb * _ND[qtype]), np.uint16)}
+        nr = _array_rows(qtype, n_out)
+        want = {"q": ((nr, nsb * _QB[qtype]), np.uint8),
+                "sc": ((nr, nsb * 16), np.uint8),
+                "d": ((nr, nsb * _ND[qtype]), np.uint16)}
         for nm, arr in (("q", q), ("sc", sc), ("d", d)):
             shape, dt = want[nm]
             if arr.shape != shape or arr.dtype != dt:
@@ -277,6 +305,17 @@ class PackedKQ:
         """The unsigned integer codes in natural order, uint8 [n_out, n_in] (Q2_K 0..3, Q3_K
         0..7, Q4_K 0..15, Q5_K 0..31, Q6_K 0..63)."""
         n, nsb, qt = self.n_out, self.nsb, self.qtype
+        if qt in _PAIR:
+            m = self.q.shape[0] // 2
+            b = self.q.reshape(m, nsb, 2 * _QB[qt])
+            nib = b[:, :, :256].reshape(m, nsb, 4, 1, 16, 4)
+            v = (nib >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1)) & 15
+            if qt == Q5_K:
+                sh = (2 * np.arange(4, dtype=np.uint8).reshape(4, 1)
+                      + np.arange(2, dtype=np.uint8)).reshape(1, 1, 4, 2, 1, 1)
+                v = v | (((b[:, :, 256:].reshape(m, nsb, 1, 1, 16, 4) >> sh) & 1) << 4)
+            nat = v.reshape(m, nsb, 4, 2, 2, 8, 4).transpose(0, 4, 1, 5, 3, 2, 6)
+            return np.ascontiguousarray(nat).reshape(2 * m, self.n_in)[:n]
         b = self.q.reshape(n, nsb, _QB[qt])
         if qt in (Q2_K, Q3_K):
             v = _crumbs(b[:, :, :64])
@@ -286,27 +325,30 @@ class PackedKQ:
             v = v.reshape(n, nsb, 4, 16, 4)
         if qt == Q6_K:
             v = v | (_crumbs(b[:, :, 128:]) << 4)
-        elif qt == Q5_K:
-            v = v | (_bits(b[:, :, 128:]) << 4)
         elif qt == Q3_K:
             v = v | (_bits(b[:, :, 64:]) << 2)
-        return np.ascontiguousarray(v.transpose(0, 1, 3, 2, 4)).reshape(n, self.n_in)
+        v = v.transpose(0, 1, 3, 2, 4)[:, :, _GROUP_LANE]
+        return np.ascontiguousarray(v).reshape(n, self.n_in)
 
     def scales(self):
         """(SC, MM): float32 [n_out, nsb * 8] per 32-block (Q4_K, Q5_K) or [n_out, nsb * 16] per
         16-group (the others): the weight is ``SC * code - MM`` (MM None for Q3_K/Q6_K, whose
         weight is ``SC * (code - offset)``), each product exact in float32."""
         n, nsb, qt = self.n_out, self.nsb, self.qtype
-        dd = self.d.view(np.float16).astype(np.float32).reshape(n, nsb, _ND[qt])
-        if qt in _PAIR:
-            s = self.sc.reshape(n, nsb, 2, 8).astype(np.float32)
+        if qt in _PAIR:   # [pair, sb, kind, row, 8] -> [row, sb, kind, 8]
+            m = self.q.shape[0] // 2
+            s = self.sc.reshape(m, nsb, 2, 2, 8).transpose(0, 3, 1, 2, 4).reshape(2 * m, nsb, 2, 8)
+            dd = self.d.view(np.float16).astype(np.float32).reshape(m, nsb, 2, 2)
+            dd = dd.transpose(0, 3, 1, 2).reshape(2 * m, nsb, 2)[:n]
+            s = s[:n].astype(np.float32)
             return ((dd[:, :, 0:1] * s[:, :, 0]).reshape(n, -1),
                     (dd[:, :, 1:2] * s[:, :, 1]).reshape(n, -1))
+        dd = self.d.view(np.float16).astype(np.float32).reshape(n, nsb, _ND[qt])
         if qt == Q2_K:
-            s = self.sc.reshape(n, nsb, 16)
+            s = self.sc.reshape(n, nsb, 16)[:, :, _GROUP_LANE]
             return ((dd[:, :, 0:1] * (s & 15).astype(np.float32)).reshape(n, -1),
                     (dd[:, :, 1:2] * (s >> 4).astype(np.float32)).reshape(n, -1))
-        s = self.sc.view(np.int8).reshape(n, nsb, 16).astype(np.float32)
+        s = self.sc.view(np.int8).reshape(n, nsb, 16)[:, :, _GROUP_LANE].astype(np.float32)
         return (dd[:, :, 0:1] * s).reshape(n, -1), None
 
     def dequantize(self) -> np.ndarray:
@@ -322,10 +364,25 @@ class PackedKQ:
         return w.reshape(n, self.n_in)
 
 
+def _array_rows(qt: int, n_out: int) -> int:
+    """Rows of a PackedKQ's arrays: n_out, rounded up to even for the row-pair types."""
+    return n_out + (n_out & 1) if qt in _PAIR else n_out
+
+
 def _to_kernel_order(codes: np.ndarray) -> np.ndarray:
-    """natural codes [n, nsb, 256] -> [n, nsb, 4 (v), 16 (L), 4 (t)] (virtual vectors)."""
+    """natural codes [n, nsb, 256] -> [n, nsb, 4 (v), 16 (L), 4 (t)] (virtual vectors; lane L
+    holds 16-group _LANE_GROUP[L])."""
     n, nsb = codes.shape[:2]
-    return codes.reshape(n, nsb, 16, 4, 4).transpose(0, 1, 3, 2, 4)
+    return codes.reshape(n, nsb, 16, 4, 4)[:, :, _LANE_GROUP].transpose(0, 1, 3, 2, 4)
+
+
+def _pair_order(codes: np.ndarray) -> np.ndarray:
+    """natural codes [n2, nsb, 256] (n2 even) -> [n2 / 2, nsb, 4 (v), 2 (h), 16 (lane), 4 (t)]:
+    code vector (v, h) of a row pair, lane 8 j + p = row j of the pair, byte t = weight
+    32 p + 16 h + 4 v + t (block p)."""
+    n2, nsb = codes.shape[:2]
+    return codes.reshape(n2 // 2, 2, nsb, 8, 2, 4, 4).transpose(0, 2, 5, 4, 1, 3, 6).reshape(
+        n2 // 2, nsb, 4, 2, 16, 4)
 
 
 def _nibbles(v: np.ndarray) -> np.ndarray:
@@ -399,11 +456,36 @@ def _hbit(qh: np.ndarray, n: int, nsb: int) -> np.ndarray:
     return ((qh.reshape(n, nsb, 1, 32) >> sh) & 1).reshape(n, nsb, QK)
 
 
+def _packed_pair(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> PackedKQ:
+    """``_packed`` for Q4_K / Q5_K: rows in pairs (a zero row appended to an odd count)."""
+    n, nsb = nat.shape[:2]
+    n2 = _array_rows(qt, n)
+    d = np.ascontiguousarray(d).view(np.uint16).reshape(n, nsb, 2)
+    if n2 > n:
+        nat, sc, d = (np.concatenate([a_, np.zeros((1, *a_.shape[1:]), a_.dtype)])
+                      for a_ in (nat, np.asarray(sc), d))
+    v = _pair_order(nat)
+    q = aligned_empty((n2, nsb * _QB[qt]), np.uint8)
+    q3 = q.reshape(n2 // 2, nsb, 2 * _QB[qt])
+    q3[:, :, :256] = ((v[:, :, :, 0] & 15) | ((v[:, :, :, 1] & 15) << 4)).reshape(n2 // 2, nsb, 256)
+    if qt == Q5_K:   # byte 4 lane + t, bit 2 v + h: bit 4 of code (v, h)
+        sh = (2 * np.arange(4, dtype=np.uint8).reshape(4, 1) + np.arange(2, dtype=np.uint8))
+        hb = ((v >> 4) & 1) << sh.reshape(1, 1, 4, 2, 1, 1)
+        q3[:, :, 256:] = np.bitwise_or.reduce(hb.reshape(n2 // 2, nsb, 8, 64), axis=2)
+    scp = np.asarray(sc).reshape(n2 // 2, 2, nsb, 2, 8).transpose(0, 2, 3, 1, 4)
+    dp = d.reshape(n2 // 2, 2, nsb, 2).transpose(0, 2, 3, 1)
+    return PackedKQ(q, np.ascontiguousarray(scp).reshape(n2, nsb * 16),
+                    np.ascontiguousarray(dp).reshape(n2, nsb * 2), n, nsb * QK, qt)
+
+
 def _packed(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> PackedKQ:
     """natural codes [n, nsb, 256] (unsigned), sc [n, nsb, 16] bytes, d [n, nsb, ND] f16 bits ->
     PackedKQ in the layout of the module docstring."""
+    if qt in _PAIR:
+        return _packed_pair(nat, qt, sc, d)
     n, nsb = nat.shape[:2]
     v = _to_kernel_order(nat)
+    sc = np.asarray(sc)[:, :, _LANE_GROUP]
     q = aligned_empty((n, nsb * _QB[qt]), np.uint8)
     q3 = q.reshape(n, nsb, _QB[qt])
     if qt in (Q2_K, Q3_K):
@@ -412,10 +494,7 @@ def _packed(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> PackedKQ
             q3[:, :, 64:] = _pack_bits(v >> 2)
     else:
         q3[:, :, :128] = _nibbles(v)
-        if qt == Q5_K:
-            q3[:, :, 128:] = _pack_bits(v >> 4)
-        elif qt == Q6_K:
-            q3[:, :, 128:] = _pack_crumbs(v >> 4)
+        q3[:, :, 128:] = _pack_crumbs(v >> 4)
     return PackedKQ(q, np.ascontiguousarray(sc).reshape(n, nsb * 16),
                     np.ascontiguousarray(d).view(np.uint16).reshape(n, nsb * _ND[qt]),
                     n, nsb * QK, qt)
@@ -485,14 +564,14 @@ class _Emit:
 
     def dot(self, tag: str, W, X, init: str | None) -> str:
         """init + sum_v (per 4-byte lane) W[v] (u8 codes) . X[v] (s8 acts) -> an exact int32
-        vector (X[v] are loads: the acts are the memory operand).
+        vector (X[v] are loads: the acts are the memory operand; an even number of them).
 
         vnni: vpdpbusd chained. maddubs: vpmaddubsw(W u8, X s8) (|pair| <= 2 * 63 * 127 = 16002),
         two of them summed in int16 (<= 32004, no wrap), vpmaddwd by 1, added in int32."""
         a, V8, V16, V32, vw = self.a, self.V8, self.V16, self.V32, self.vw
         if self.combine == "vnni":
             prev = init or "zeroinitializer"
-            for v in range(4):
+            for v in range(len(W)):
                 a(f"  %{tag}d{v} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} {prev}, "
                   f"{V8} {W[v]}, {V8} {X[v]})")
                 prev = f"%{tag}d{v}"
@@ -500,56 +579,60 @@ class _Emit:
         mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
         madd = "@llvm.x86.avx512.pmaddw.d.512" if vw == 64 else "@llvm.x86.avx2.pmadd.wd"
         ones = _splat("i16", vw // 2, 1)
-        for v in range(4):
-            a(f"  %{tag}p{v} = call {V16} {mad}({V8} {W[v]}, {V8} {X[v]})")
-        a(f"  %{tag}p01 = add {V16} %{tag}p0, %{tag}p1")
-        a(f"  %{tag}p23 = add {V16} %{tag}p2, %{tag}p3")
-        a(f"  %{tag}ia = call {V32} {madd}({V16} %{tag}p01, {V16} {ones})")
-        a(f"  %{tag}ib = call {V32} {madd}({V16} %{tag}p23, {V16} {ones})")
-        a(f"  %{tag}i = add {V32} %{tag}ia, %{tag}ib")
-        if init is None:
-            return f"%{tag}i"
-        a(f"  %{tag}ii = add {V32} %{tag}i, {init}")
-        return f"%{tag}ii"
+        parts = []
+        for v in range(0, len(W), 2):
+            for u in (v, v + 1):
+                a(f"  %{tag}p{u} = call {V16} {mad}({V8} {W[u]}, {V8} {X[u]})")
+            a(f"  %{tag}p{v}s = add {V16} %{tag}p{v}, %{tag}p{v + 1}")
+            a(f"  %{tag}i{v} = call {V32} {madd}({V16} %{tag}p{v}s, {V16} {ones})")
+            parts.append(f"%{tag}i{v}")
+        if init is not None:
+            parts.append(init)
+        while len(parts) > 1:
+            a(f"  %{tag}a{len(parts)} = add {V32} {parts[0]}, {parts[1]}")
+            parts = [f"%{tag}a{len(parts)}"] + parts[2:]
+        return parts[0]
 
 
 def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> list[str]:
-    """``@kq_<t>.r<nr>c<kb>(q, sc, d, xq, xd, xp, y, ns, nsb, ys, kp, first, pfr)``:
-    ``nr`` consecutive weight rows x ``kb`` act rows over ``ns`` super-blocks.
+    """``@kq_<t>.r<nr>c<kb>(q, sc, d, xq, xd, xp, y, ns, nsb, ys, kp, first, pfr, nrow, skip0,
+    last1)``: ``nrow`` blocks of ``nr`` consecutive units x ``kb`` act rows over ``ns``
+    super-blocks. A unit is one weight row, or (Q4_K, Q5_K) a row pair.
 
-    ``q``/``sc``/``d`` point at (first row, first super-block of the tile); a row is ``nsb``
+    ``q``/``sc``/``d`` point at (first unit, first super-block of the tile); a unit is ``nsb``
     super-blocks long. ``xq``/``xd``/``xp`` point at the tile's first super-block and the
-    chunk's first act row (pair, for ``xp``); a super-block of act data holds ``kp`` rows.
-    ``y`` points at y[i0, r]: y[i * ys + j] = (first ? 0 : y[i * ys + j]) + the sum for act
-    row i0 + i and weight row r + j. ``pfr``: software prefetch of the same super-blocks
-    ``pfr`` rows ahead in the three weight streams (0: none). Every loaded act vector serves
-    all ``nr`` rows. ``pipe``: the weights of super-block s + 1 are loaded and decoded in
-    iteration s (shorter dependency chains inside an iteration).
+    chunk's first act row; a super-block of act data holds ``kp`` rows. ``y`` points at
+    y[i0, r] (r: the first unit's first row): y[i * ys + j] = (first ? 0 : y[i * ys + j]) + the
+    sum for act row i0 + i and weight row r + j; row pairs: not the first row of the first unit
+    when ``skip0``, not the second row of the last one when ``last1`` (rows of another range,
+    or past the matrix). ``pfr``: software prefetch of the same super-blocks ``pfr`` units
+    ahead in the three weight streams (0: none). Every loaded act vector serves all ``nr``
+    units. ``pipe``: the weights of super-block s + 1 are loaded and decoded in iteration s
+    (shorter dependency chains inside an iteration).
     """
     L = []
     a = L.append
     E_ = _Emit(a, vw, combine)
     nl, nh = E_.nl, 64 // vw
     V8, V32, VF, fma = E_.V8, E_.V32, E_.VF, E_.fma
-    QB, ND = _QB[qt], _ND[qt]
+    QB, SCB, ND = _unit_bytes(qt)
     pair, coff = qt in _PAIR, _OFFSET[qt]
-    hoff, hbit = {Q3_K: (64, 2), Q5_K: (128, 4)}.get(qt, (0, 0))   # a 1-bit plane: where, to
     lmin = qt == Q2_K                                               # mins per 16-group
     name = f"@kq_{_NAMES[qt]}.r{nr}c{kb}"
-    npair = (kb + 1) // 2
     ro = "ptr noalias nocapture readonly"
     a(f"define internal void {name}({ro} %q, {ro} %sc, {ro} %d, {ro} %xq, {ro} %xd, {ro} %xp, "
       "ptr noalias nocapture %y, i64 %ns, i64 %nsb, i64 %ys, i64 %kp, i64 %first, i64 %pfr, "
-      "i64 %nrow) noinline #0 {")
+      "i64 %nrow, i64 %skip0, i64 %last1) noinline #0 {")
     a("entry:")
+    a("  %dummy = alloca float, align 4")    # where the stores of skipped rows go
     a("  %xqs = mul i64 %kp, 256")          # act strides per super-block (elements)
     a("  %xds = mul i64 %kp, 16")
     a("  %xsn = mul i64 %nsb, %kp")          # xd[1] (dx xsum16) is nsb kp 16 floats after xd[0]
     a("  %xso = mul i64 %xsn, 16")
-    a(f"  %xsoc = mul i64 %xsn, {48 if coff == 32 else 32}")   # xd[3] or xd[2] (int32)
-    a("  %xps = mul i64 %kp, 16")           # kp / 2 pairs x 32 floats
-    a(f"  %qrs = mul i64 %nsb, {QB}")       # weight row strides (elements)
-    a("  %scrs = mul i64 %nsb, 16")
+    if coff:
+        a(f"  %xsoc = mul i64 %xsn, {48 if coff == 32 else 32}")   # xd[3] or xd[2] (int32)
+    a(f"  %qrs = mul i64 %nsb, {QB}")       # unit strides (elements)
+    a(f"  %scrs = mul i64 %nsb, {SCB}")
     a(f"  %drs = mul i64 %nsb, {ND}")
     a("  %pf = icmp ne i64 %pfr, 0")
     a("  %pfq = mul i64 %pfr, %qrs")
@@ -557,8 +640,12 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %pfd = mul i64 %pfr, %drs")
     a("  %nsm1 = sub i64 %ns, 1")
     a("  %isfirst = icmp ne i64 %first, 0")
+    a(f"  %nu = mul i64 %nrow, {nr}")
+    a("  %nrm1u = sub i64 %nu, 1")               # the last unit of the call
+    a("  %sk0 = icmp ne i64 %skip0, 0")
+    a("  %la1 = icmp ne i64 %last1, 0")
     a("  br label %rowhead")
-    a("rowhead:")                             # row blocks: nrow of them, nr rows each
+    a("rowhead:")                             # unit blocks: nrow of them, nr units each
     a("  %rr = phi i64 [0, %entry], [%rr.next, %rownext]")
     a(f"  %rb = mul i64 %rr, {nr}")
     a("  %rqo = mul i64 %rb, %qrs")
@@ -567,7 +654,8 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %scR = getelementptr i8, ptr %sc, i64 %rso")
     a("  %rdo = mul i64 %rb, %drs")
     a("  %dR = getelementptr i16, ptr %d, i64 %rdo")
-    a("  %yR = getelementptr float, ptr %y, i64 %rb")
+    a(f"  %yro = mul i64 %rb, {2 if pair else 1}")
+    a("  %yR = getelementptr float, ptr %y, i64 %yro")
     for j in range(nr):
         a(f"  %qro{j} = mul i64 %qrs, {j}")
         a(f"  %q{j} = getelementptr i8, ptr %qR, i64 %qro{j}")
@@ -579,15 +667,79 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
 
     def ptrs(sx: str, sidx: str):
         a(f"  %qo{sx} = mul i64 {sidx}, {QB}")
-        a(f"  %so{sx} = mul i64 {sidx}, 16")
+        a(f"  %so{sx} = mul i64 {sidx}, {SCB}")
         a(f"  %dso{sx} = mul i64 {sidx}, {ND}")
         for j in range(nr):
             a(f"  %qp{j}{sx} = getelementptr i8, ptr %q{j}, i64 %qo{sx}")
             a(f"  %scp{j}{sx} = getelementptr i8, ptr %sc{j}, i64 %so{sx}")
             a(f"  %dp{j}{sx} = getelementptr i16, ptr %d{j}, i64 %dso{sx}")
 
+    def nibbles(t: str, base: str, e: int, n: int) -> list[str]:
+        """The low and high nibbles of n 64-byte vectors at base (half e on ymm), interleaved."""
+        src = []
+        for c in range(n):
+            a(f"  %qlp{c}.{t} = getelementptr i8, ptr {base}, i64 {64 * c + vw * e}")
+            a(f"  %ql{c}.{t} = load {V8}, ptr %qlp{c}.{t}, align 1")
+            a(f"  %lo{c}.{t} = and {V8} %ql{c}.{t}, {c15}")
+            a(f"  %hi{c}.{t} = lshr {V8} %ql{c}.{t}, {_splat('i8', vw, 4)}")
+            src += [f"%lo{c}.{t}", f"%hi{c}.{t}"]
+        return src
+
+    def merge_bits(t: str, src: list[str], hsrc: str, hpos: list[int], hmask: int) -> list[str]:
+        """src[u] | (hsrc shifted left by hpos[u] (right when negative) & hmask)."""
+        W = []
+        for u, wv in enumerate(src):
+            sh = hpos[u]
+            if sh > 0:
+                a(f"  %hs{u}.{t} = shl {V8} {hsrc}, {_splat('i8', vw, sh)}")
+            elif sh < 0:
+                a(f"  %hs{u}.{t} = lshr {V8} {hsrc}, {_splat('i8', vw, -sh)}")
+            hs = f"%hs{u}.{t}" if sh else hsrc
+            a(f"  %hm{u}.{t} = and {V8} {hs}, {_splat('i8', vw, hmask)}")
+            a(f"  %wu{u}.{t} = or {V8} {wv}, %hm{u}.{t}")
+            W.append(f"%wu{u}.{t}")
+        return W
+
+    def weights_pair(sx: str) -> dict:
+        """Per unit (row pair): SC, MM (lanes 0..7 the first row's 8 blocks, 8..15 the
+        second's) and the 8 code vectors (v, h) of the super-block."""
+        out = {}
+        for j in range(nr):
+            t0 = f"{j}{sx}"
+            a(f"  %sc8_{t0} = load <16 x i8>, ptr %scp{j}{sx}, align 1")
+            a(f"  %mnp{t0} = getelementptr i8, ptr %scp{j}{sx}, i64 16")
+            a(f"  %mn8_{t0} = load <16 x i8>, ptr %mnp{t0}, align 1")
+            a(f"  %dh{t0} = load <4 x half>, ptr %dp{j}{sx}, align 2")
+            a(f"  %df{t0} = fpext <4 x half> %dh{t0} to <4 x float>")
+            for nm, src, lanes in (("SCF", "sc8_", [0] * 8 + [1] * 8),
+                                   ("MMF", "mn8_", [2] * 8 + [3] * 8)):
+                a(f"  %{nm}d{t0} = shufflevector <4 x float> %df{t0}, <4 x float> poison, "
+                  f"{_mask(lanes)}")
+                a(f"  %{nm}i{t0} = zext <16 x i8> %{src}{t0} to <16 x i32>")
+                a(f"  %{nm}f{t0} = uitofp <16 x i32> %{nm}i{t0} to <16 x float>")
+                a(f"  %{nm}{t0} = fmul <16 x float> %{nm}f{t0}, %{nm}d{t0}")   # exact
+            for e in range(nh):
+                t = f"{j}.{e}{sx}"
+                for nm in ("SC", "MM"):
+                    if nh == 1:
+                        out[nm, j, e] = (VF, f"%{nm}F{t0}")
+                    else:
+                        a(f"  %{nm}{t} = shufflevector <16 x float> %{nm}F{t0}, <16 x float> "
+                          f"poison, {_mask(range(nl * e, nl * e + nl))}")
+                        out[nm, j, e] = (VF, f"%{nm}{t}")
+                W = nibbles(t, f"%qp{j}{sx}", e, 4)
+                if qt == Q5_K:   # bit 4: bit u = 2 v + h of the plane's byte
+                    a(f"  %hbp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {256 + vw * e}")
+                    a(f"  %hb.{t} = load {V8}, ptr %hbp.{t}, align 1")
+                    W = merge_bits(t, W, f"%hb.{t}", [4 - u for u in range(8)], 0x10)
+                for u in range(8):
+                    out["W", j, e, u] = (V8, W[u])
+        return out
+
     def weights(sx: str) -> dict:
         """Per weight row: scales (float, exact products), codes (u8)."""
+        if pair:
+            return weights_pair(sx)
         out = {}
         for j in range(nr):
             t0 = f"{j}{sx}"
@@ -603,20 +755,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                 a(f"  %Di{t0} = insertelement {VF} poison, float %df{t0}, i32 0")
                 a(f"  %D{t0} = shufflevector {VF} %Di{t0}, {VF} poison, "
                   f"<{nl} x i32> zeroinitializer")
-            if pair:
-                a(f"  %sc32_{t0} = zext <16 x i8> %sc8_{t0} to <16 x i32>")
-                a(f"  %scf{t0} = uitofp <16 x i32> %sc32_{t0} to <16 x float>")
-                a(f"  %SM{t0} = fmul <16 x float> %scf{t0}, %DD{t0}")   # d sc, dmin m: exact
-                if coff:   # codes - coff: the mins become dmin m - coff d sc (one rounding)
-                    a(f"  %SMd{t0} = shufflevector <16 x float> %SM{t0}, <16 x float> poison, "
-                      f"{_mask(list(range(8)) * 2)}")
-                    a(f"  %SMo{t0} = call <16 x float> @llvm.fma.v16f32(<16 x float> %SMd{t0}, "
-                      f"<16 x float> {_vec('float', [0.0] * 8 + [float(-coff)] * 8)}, "
-                      f"<16 x float> %SM{t0})")
-                    sm = f"%SMo{t0}"
-                else:
-                    sm = f"%SM{t0}"
-            elif qt == Q2_K:   # scale | min << 4 (4 bits each) per 16-group
+            if qt == Q2_K:   # scale | min << 4 (4 bits each) per 16-group
                 a(f"  %sc32_{t0} = zext <16 x i8> %sc8_{t0} to <16 x i32>")
                 a(f"  %scl{t0} = and <16 x i32> %sc32_{t0}, {_splat('i32', 16, 15)}")
                 a(f"  %sch{t0} = lshr <16 x i32> %sc32_{t0}, {_splat('i32', 16, 4)}")
@@ -631,8 +770,8 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
             else:              # int8 scales per 16-group
                 a(f"  %sc32_{t0} = sext <16 x i8> %sc8_{t0} to <16 x i32>")
                 a(f"  %scf{t0} = sitofp <16 x i32> %sc32_{t0} to <16 x float>")
-            if hoff:   # one more bit per weight, 32 bytes: lanes 8..15 in the high nibble
-                a(f"  %hbp{t0} = getelementptr i8, ptr %qp{j}{sx}, i64 {hoff}")
+            if qt == Q3_K:   # bit 2, 32 bytes: lanes 8..15 in the high nibble
+                a(f"  %hbp{t0} = getelementptr i8, ptr %qp{j}{sx}, i64 64")
                 a(f"  %hb{t0} = load <32 x i8>, ptr %hbp{t0}, align 1")
                 a(f"  %hbs{t0} = lshr <32 x i8> %hb{t0}, {_splat('i8', 32, 4)}")
                 if vw == 64:
@@ -640,14 +779,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                       f"{_mask(range(64))}")
             for e in range(nh):
                 t = f"{j}.{e}{sx}"
-                if pair:   # pair lanes (per 128 bits): sub-blocks 2c, 2c+1, 2c, 2c+1 (+4 e: ymm)
-                    sub = [4 * e + 2 * (lane // 4) + (lane % 2) for lane in range(nl)]
-                    a(f"  %SC{t} = shufflevector <16 x float> {sm}, <16 x float> poison, "
-                      f"{_mask(sub)}")
-                    a(f"  %MM{t} = shufflevector <16 x float> {sm}, <16 x float> poison, "
-                      f"{_mask([8 + b for b in sub])}")
-                    out["MM", j, e] = (VF, f"%MM{t}")
-                elif qt == Q2_K:   # lane L: 16-group L
+                if qt == Q2_K:   # lane L: 16-group L
                     lanes = _mask(range(nl * e, nl * e + nl))
                     a(f"  %SC{t} = shufflevector <16 x float> %SCL{t0}, <16 x float> poison, "
                       f"{lanes}")
@@ -662,56 +794,40 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                 if qt in (Q2_K, Q3_K):   # 2-bit codes: bits 2v..2v+1 of byte 4L + t
                     a(f"  %qcp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {vw * e}")
                     a(f"  %qc.{t} = load {V8}, ptr %qcp.{t}, align 1")
-                    src = []
+                    W = []
                     for v in range(4):
                         if v:
                             a(f"  %qcs{v}.{t} = lshr {V8} %qc.{t}, {_splat('i8', vw, 2 * v)}")
                         a(f"  %cr{v}.{t} = and {V8} {f'%qcs{v}.{t}' if v else f'%qc.{t}'}, "
                           f"{_splat('i8', vw, 3)}")
-                        src.append(f"%cr{v}.{t}")
+                        W.append(f"%cr{v}.{t}")
                 else:
-                    for c in range(2):
-                        a(f"  %qlp{c}.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {64 * c + vw * e}")
-                        a(f"  %ql{c}.{t} = load {V8}, ptr %qlp{c}.{t}, align 1")
-                        a(f"  %lo{c}.{t} = and {V8} %ql{c}.{t}, {c15}")
-                        a(f"  %hi{c}.{t} = lshr {V8} %ql{c}.{t}, {_splat('i8', vw, 4)}")
-                    src = [f"%lo0.{t}", f"%hi0.{t}", f"%lo1.{t}", f"%hi1.{t}"]
+                    W = nibbles(t, f"%qp{j}{sx}", e, 2)
                 if qt == Q6_K:   # high 2 bits of virtual vector v at bits 2v..2v+1 -> bits 4, 5
                     a(f"  %qhp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {128 + vw * e}")
                     a(f"  %qh.{t} = load {V8}, ptr %qhp.{t}, align 1")
-                    hsrc, hpos, hmask = f"%qh.{t}", [4 - 2 * v for v in range(4)], 0x30
-                elif hoff:       # bit v of the (widened) byte -> bit hbit
-                    hsrc = (f"%hbw{t0}" if vw == 64 else f"%hb{t0}" if e == 0 else f"%hbs{t0}")
-                    hpos, hmask = [hbit - v for v in range(4)], 1 << hbit
-                W = []
-                for v in range(4):
-                    wv = src[v]
-                    if qt == Q6_K or hoff:
-                        sh = hpos[v]
-                        if sh > 0:
-                            a(f"  %hs{v}.{t} = shl {V8} {hsrc}, {_splat('i8', vw, sh)}")
-                        elif sh < 0:
-                            a(f"  %hs{v}.{t} = lshr {V8} {hsrc}, {_splat('i8', vw, -sh)}")
-                        hs = f"%hs{v}.{t}" if sh else hsrc
-                        a(f"  %hm{v}.{t} = and {V8} {hs}, {_splat('i8', vw, hmask)}")
-                        a(f"  %wu{v}.{t} = or {V8} {wv}, %hm{v}.{t}")
-                        wv = f"%wu{v}.{t}"
-                    W.append(wv)
+                    W = merge_bits(t, W, f"%qh.{t}", [4 - 2 * v for v in range(4)], 0x30)
+                elif qt == Q3_K:   # bit v of the (widened) byte -> bit 2
+                    hsrc = f"%hbw{t0}" if vw == 64 else f"%hb{t0}" if e == 0 else f"%hbs{t0}"
+                    W = merge_bits(t, W, hsrc, [2 - v for v in range(4)], 4)
                 for v in range(4):
                     out["W", j, e, v] = (V8, W[v])
         return out
 
-    nacc = npair if pair else kb
+    # accumulators: per (unit, act row) and ymm half e (pair: e is the row of the pair on
+    # ymm), or per (unit, act row) with the halves chained (the others)
+    accs = [(j, i, e) for j in range(nr) for i in range(kb) for e in range(nh if pair else 1)]
+    last = (lambda j, i, e: f"%acc{j}_{i}_{e}.x") if pair else \
+        (lambda j, i, e: f"%acc{j}_{i}_0.{nh - 1}")
     if pipe:
         ptrs(".w0", "0")
         w0 = weights(".w0")
     a("  br label %loop")
     a("loop:")
     a("  %s = phi i64 [0, %rowhead], [%s.next, %loop.end]")
-    for j in range(nr):
-        for i in range(nacc):
-            a(f"  %acc{j}_{i} = phi {VF} [zeroinitializer, %rowhead], "
-              f"[%acc{j}_{i}.{nh - 1}, %loop.end]")
+    for j, i, e in accs:
+        a(f"  %acc{j}_{i}_{e} = phi {VF} [zeroinitializer, %rowhead], [{last(j, i, e)}, "
+          "%loop.end]")
     if pipe:
         cur = {}
         for key, (ty, val) in w0.items():
@@ -723,7 +839,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("loop.pf:")
     for j in range(nr):
         for nm, base, nbytes, ty, off in (("q", f"%qp{j}", QB, "i8", "%pfq"),
-                                          ("s", f"%scp{j}", 16, "i8", "%pfs"),
+                                          ("s", f"%scp{j}", SCB, "i8", "%pfs"),
                                           ("d", f"%dp{j}", 2 * ND, "i16", "%pfd")):
             for o in range(0, nbytes, 64):
                 a(f"  %pf{nm}{j}_{o}.b = getelementptr {ty}, ptr {base}, i64 {off}")
@@ -734,12 +850,10 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("loop.body:")
     a("  %xqo = mul i64 %s, %xqs")
     a("  %xqb = getelementptr i8, ptr %xq, i64 %xqo")
+    a("  %xdo = mul i64 %s, %xds")
+    a("  %xdb = getelementptr float, ptr %xd, i64 %xdo")
     if pair:
-        a("  %xpo = mul i64 %s, %xps")
-        a("  %xpb = getelementptr float, ptr %xp, i64 %xpo")
-    if not pair or coff:
-        a("  %xdo = mul i64 %s, %xds")
-        a("  %xdb = getelementptr float, ptr %xd, i64 %xdo")
+        a("  %xpb = getelementptr float, ptr %xp, i64 %xdo")
     if pipe:   # the next super-block's weights (the last iteration repeats its own: no overrun)
         a("  %s1a = add i64 %s, 1")
         a("  %s1 = call i64 @llvm.umin.i64(i64 %s1a, i64 %nsm1)")
@@ -752,111 +866,97 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
         wv = {key: (ty, cur[key]) for key, (ty, _) in w0.items()}
     else:
         wv = weights("")
-    for e in range(nh):
-        for g in range(nacc):
-            rows_g = [i for i in ([2 * g, 2 * g + 1] if pair else [g]) if i < kb]
-            X, X0 = {}, {i: None for i in rows_g}
-            for i in rows_g:
-                X[i] = []
+    for i in range(kb):
+        if pair:   # act vector v, half h: 32 bytes, both halves of a zmm (lane p: block p)
+            X = []
+            for u in range(8):
+                a(f"  %xp{u}.{i} = getelementptr i8, ptr %xqb, i64 {256 * i + 32 * u}")
+                a(f"  %xh{u}.{i} = load <32 x i8>, ptr %xp{u}.{i}, align 1, !invariant.load !0")
+                if vw == 64:
+                    a(f"  %x{u}.{i} = shufflevector <32 x i8> %xh{u}.{i}, <32 x i8> poison, "
+                      f"{_mask(list(range(32)) * 2)}")
+                    X.append(f"%x{u}.{i}")
+                else:
+                    X.append(f"%xh{u}.{i}")
+        for e in range(nh):
+            if not pair:
+                X = []
                 for v in range(4):
                     a(f"  %xp{v}.{i}.{e} = getelementptr i8, ptr %xqb, i64 "
                       f"{256 * i + 64 * v + vw * e}")
                     a(f"  %x{v}.{i}.{e} = load {V8}, ptr %xp{v}.{i}.{e}, align 1, "
                       "!invariant.load !0")
-                    X[i].append(f"%x{v}.{i}.{e}")
-                if coff:   # the chain starts at -coff * xsum16 (xd[2], xd[3]: -16, -32 xsum16)
-                    a(f"  %oxp.{i}.{e} = getelementptr i32, ptr %xdb, i64 {16 * i + nl * e}")
-                    a(f"  %oxq.{i}.{e} = getelementptr i32, ptr %oxp.{i}.{e}, i64 %xsoc")
-                    a(f"  %ox.{i}.{e} = load {V32}, ptr %oxq.{i}.{e}, align 4, !invariant.load !0")
-                    X0[i] = f"%ox.{i}.{e}"
-                    if coff == 4:   # Q3_K: -16 xsum16 >> 2 (exact)
-                        a(f"  %ox4.{i}.{e} = ashr {V32} %ox.{i}.{e}, {_splat('i32', nl, 2)}")
-                        X0[i] = f"%ox4.{i}.{e}"
-            if pair:
-                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xpb, i64 {32 * g + nl * e}")
-                a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
-                a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 16")
-                a(f"  %DS.{g}.{e} = load {VF}, ptr %dsp.{g}.{e}, align 4, !invariant.load !0")
-            else:   # xd[0]: 16 lanes of dx per act row; xd[1]: of float32(dx xsum16)
-                a(f"  %dxp.{g}.{e} = getelementptr float, ptr %xdb, i64 {16 * g + nl * e}")
-                a(f"  %DX.{g}.{e} = load {VF}, ptr %dxp.{g}.{e}, align 4, !invariant.load !0")
-                if lmin:
-                    a(f"  %dsp.{g}.{e} = getelementptr float, ptr %dxp.{g}.{e}, i64 %xso")
-                    a(f"  %DS.{g}.{e} = load {VF}, ptr %dsp.{g}.{e}, align 4, "
-                      "!invariant.load !0")
-            for j in range(nr):
-                u = f"{j}_{g}.{e}"
-                Wv = [wv["W", j, e, v][1] for v in range(4)]
-                dots = [E_.dot(f"I{i}_{u}.", Wv, X[i], X0[i]) for i in rows_g]
-                if pair:   # pack the pair to int16 (|I| <= 16 * 16 * 127), sum lane pairs
-                    pk = "@llvm.x86.avx512.packssdw.512" if vw == 64 else "@llvm.x86.avx2.packssdw"
-                    madd = ("@llvm.x86.avx512.pmaddw.d.512" if vw == 64
-                            else "@llvm.x86.avx2.pmadd.wd")
-                    other = dots[1] if len(dots) > 1 else "zeroinitializer"
-                    a(f"  %P.{u} = call {E_.V16} {pk}({V32} {dots[0]}, {V32} {other})")
-                    a(f"  %M.{u} = call {V32} {madd}({E_.V16} %P.{u}, "
-                      f"{E_.V16} {_splat('i16', vw // 2, 1)})")
-                    isum = f"%M.{u}"
+                    X.append(f"%x{v}.{i}.{e}")
+            X0 = None
+            if coff:   # the chain starts at -coff * xsum16 (xd[2]: -4 xsum16, xd[3]: -32)
+                a(f"  %oxp.{i}.{e} = getelementptr i32, ptr %xdb, i64 {16 * i + nl * e}")
+                a(f"  %oxq.{i}.{e} = getelementptr i32, ptr %oxp.{i}.{e}, i64 %xsoc")
+                a(f"  %ox.{i}.{e} = load {V32}, ptr %oxq.{i}.{e}, align 4, !invariant.load !0")
+                X0 = f"%ox.{i}.{e}"
+            a(f"  %dxp.{i}.{e} = getelementptr float, ptr %xdb, i64 {16 * i + nl * e}")
+            a(f"  %DX.{i}.{e} = load {VF}, ptr %dxp.{i}.{e}, align 4, !invariant.load !0")
+            if pair or lmin:   # float32(dx xsum): per block (xp, pair), per 16-group (xd[1])
+                if pair:
+                    a(f"  %dsp.{i}.{e} = getelementptr float, ptr %xpb, i64 {16 * i + nl * e}")
                 else:
-                    isum = dots[0]
+                    a(f"  %dsp.{i}.{e} = getelementptr float, ptr %dxp.{i}.{e}, i64 %xso")
+                a(f"  %DS.{i}.{e} = load {VF}, ptr %dsp.{i}.{e}, align 4, !invariant.load !0")
+            for j in range(nr):
+                u = f"{j}_{i}.{e}"
+                Wv = [wv["W", j, e, v][1] for v in range(8 if pair else 4)]
+                isum = E_.dot(f"I{u}.", Wv, X, X0)
                 a(f"  %F.{u} = sitofp {V32} {isum} to {VF}")
-                a(f"  %T.{u} = fmul {VF} %F.{u}, %DX.{g}.{e}")
-                prev = f"%acc{j}_{g}" if e == 0 else f"%acc{j}_{g}.{e - 1}"
+                a(f"  %T.{u} = fmul {VF} %F.{u}, %DX.{i}.{e}")
+                prev = f"%acc{j}_{i}_{e}" if pair or e == 0 else f"%acc{j}_{i}_0.{e - 1}"
                 if pair or lmin:   # - dmin m * float32(dx xsum)
                     a(f"  %mn.{u} = fneg {VF} {wv['MM', j, e][1]}")
-                    a(f"  %m.{u} = call {VF} {fma}({VF} %mn.{u}, {VF} %DS.{g}.{e}, {VF} {prev})")
+                    a(f"  %m.{u} = call {VF} {fma}({VF} %mn.{u}, {VF} %DS.{i}.{e}, {VF} {prev})")
                     prev = f"%m.{u}"
-                a(f"  %acc{j}_{g}.{e} = call {VF} {fma}({VF} %T.{u}, {VF} {wv['SC', j, e][1]}, "
-                  f"{VF} {prev})")
+                dst = f"%acc{j}_{i}_{e}.x" if pair else f"%acc{j}_{i}_0.{e}"
+                a(f"  {dst} = call {VF} {fma}({VF} %T.{u}, {VF} {wv['SC', j, e][1]}, {VF} {prev})")
     a("  br label %loop.end")
     a("loop.end:")
     a("  %s.next = add i64 %s, 1")
     a("  %done = icmp eq i64 %s.next, %ns")
     a("  br i1 %done, label %rowend, label %loop")
     a("rowend:")
-    outs = []   # (j, act row i, float sum)
+    outs = []   # (act row i, column j from yR, float sum)
     for j in range(nr):
-        if vw == 64 and nacc > 1:   # all accumulators at once (transposed): fewer ops per row
-            outs += [(j, i, val) for i, val in _reduce_accs(
-                a, [f"%acc{j}_{g}.{nh - 1}" for g in range(nacc)], pair, kb, f"rd{j}_")]
+        if vw == 64 and (kb > 1 or pair):   # all at once (transposed): fewer ops
+            seg0 = 8 if pair else 16
+            for g, val in _reduce_accs(a, [last(j, i, 0) for i in range(kb)], seg0, f"rd{j}_"):
+                outs.append((g // 2, 2 * j + g % 2, val) if pair else (g, j, val))
             continue
-        for g in range(nacc):
-            acc = f"%acc{j}_{g}.{nh - 1}"
-            if pair:   # lanes (per 128 bits): A, A, B, B
-                prev, n = acc, nl
-                while n > 4:
-                    h = n // 2
-                    vn = f"<{n} x float>"
-                    a(f"  %h{j}_{g}.{h}a = shufflevector {vn} {prev}, {vn} poison, "
-                      f"{_mask(range(h))}")
-                    a(f"  %h{j}_{g}.{h}b = shufflevector {vn} {prev}, {vn} poison, "
-                      f"{_mask(range(h, n))}")
-                    a(f"  %h{j}_{g}.{h} = fadd <{h} x float> %h{j}_{g}.{h}a, %h{j}_{g}.{h}b")
-                    prev, n = f"%h{j}_{g}.{h}", h
-                for half, lanes in ((0, (0, 1)), (1, (2, 3))):
-                    if 2 * g + half >= kb:
-                        continue
-                    a(f"  %o{j}_{g}_{half}a = extractelement <4 x float> {prev}, i32 {lanes[0]}")
-                    a(f"  %o{j}_{g}_{half}b = extractelement <4 x float> {prev}, i32 {lanes[1]}")
-                    a(f"  %o{j}_{g}_{half} = fadd float %o{j}_{g}_{half}a, %o{j}_{g}_{half}b")
-                    outs.append((j, 2 * g + half, f"%o{j}_{g}_{half}"))
+        for i in range(kb):
+            for e in range(nh if pair else 1):
+                codegen.emit_hsum(a, last(j, i, e), nl, f"%o{j}_{i}_{e}")
+                outs.append((i, 2 * j + e if pair else j, f"%o{j}_{i}_{e}"))
+    for i, col, _ in outs:
+        a(f"  %yo{col}_{i} = mul i64 %ys, {i}")
+        a(f"  %yo{col}_{i}b = add i64 %yo{col}_{i}, {col}")
+        a(f"  %yq{col}_{i} = getelementptr float, ptr %yR, i64 %yo{col}_{i}b")
+        if pair:   # rows outside the range: the store goes to %dummy
+            j, row = divmod(col, 2)
+            a(f"  %u{col}_{i} = add i64 %rb, {j}")
+            if row == 0:
+                a(f"  %e{col}_{i} = icmp eq i64 %u{col}_{i}, 0")
+                a(f"  %bad{col}_{i} = and i1 %e{col}_{i}, %sk0")
             else:
-                codegen.emit_hsum(a, acc, nl, f"%o{j}_{g}")
-                outs.append((j, g, f"%o{j}_{g}"))
-    for j, i, _ in outs:
-        a(f"  %yo{j}_{i} = mul i64 %ys, {i}")
-        a(f"  %yo{j}_{i}b = add i64 %yo{j}_{i}, {j}")
-        a(f"  %yp{j}_{i} = getelementptr float, ptr %yR, i64 %yo{j}_{i}b")
+                a(f"  %e{col}_{i} = icmp eq i64 %u{col}_{i}, %nrm1u")
+                a(f"  %bad{col}_{i} = and i1 %e{col}_{i}, %la1")
+            a(f"  %yp{col}_{i} = select i1 %bad{col}_{i}, ptr %dummy, ptr %yq{col}_{i}")
+        else:
+            a(f"  %yp{col}_{i} = getelementptr float, ptr %yq{col}_{i}, i64 0")
     a("  br i1 %isfirst, label %yset, label %yadd")
     a("yset:")   # the first tile: y = the sums
-    for j, i, val in outs:
-        a(f"  store float {val}, ptr %yp{j}_{i}, align 4")
+    for i, col, val in outs:
+        a(f"  store float {val}, ptr %yp{col}_{i}, align 4")
     a("  br label %rownext")
     a("yadd:")   # later tiles: y += the sums
-    for j, i, val in outs:
-        a(f"  %yl{j}_{i} = load float, ptr %yp{j}_{i}, align 4")
-        a(f"  %ya{j}_{i} = fadd float %yl{j}_{i}, {val}")
-        a(f"  store float %ya{j}_{i}, ptr %yp{j}_{i}, align 4")
+    for i, col, val in outs:
+        a(f"  %yl{col}_{i} = load float, ptr %yp{col}_{i}, align 4")
+        a(f"  %ya{col}_{i} = fadd float %yl{col}_{i}, {val}")
+        a(f"  store float %ya{col}_{i}, ptr %yp{col}_{i}, align 4")
     a("  br label %rownext")
     a("rownext:")
     a("  %rr.next = add i64 %rr, 1")
@@ -880,8 +980,9 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a group's weights are read from memory once and re-read from cache by its later chunks."""
     kb = kbs[0]
     nm = _NAMES[qt]
-    QB, ND = _QB[qt], _ND[qt]
-    group = max(group // nr, 1) * nr
+    QB, SCB, ND = _unit_bytes(qt)
+    pair = qt in _PAIR
+    group = max(group // (2 * nr if pair else nr), 1) * nr     # units (32 weight rows)
     L = []
     a = L.append
     ro = "ptr noalias nocapture readonly"
@@ -895,6 +996,15 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a("  %skip = or i1 %e12, %e3")
     a("  br i1 %skip, label %exit, label %pre")
     a("pre:")
+    if pair:   # units: row pairs; a half pair at either end is computed, not stored
+        a("  %u0 = lshr i64 %r0, 1")
+        a("  %r1p = add i64 %r1, 1")
+        a("  %u1 = lshr i64 %r1p, 1")
+        a("  %r0odd = and i64 %r0, 1")
+        a("  %r1odd = and i64 %r1, 1")
+    else:
+        a("  %u0 = add i64 %r0, 0")
+        a("  %u1 = add i64 %r1, 0")
     a("  %kodd = and i64 %k, 1")
     a("  %kp = add i64 %k, %kodd")
     a(f"  %nfull = udiv i64 %k, {kb}")
@@ -929,9 +1039,9 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a("  %xpt = getelementptr float, ptr %xp, i64 %xdt.o2")
     a("  br label %grp")
     a("grp:")
-    a("  %rg = phi i64 [%r0, %tile], [%rg.next, %grp.end]")
+    a("  %rg = phi i64 [%u0, %tile], [%rg.next, %grp.end]")
     a(f"  %rge = add i64 %rg, {group}")
-    a("  %rg1 = call i64 @llvm.umin.i64(i64 %rge, i64 %r1)")
+    a("  %rg1 = call i64 @llvm.umin.i64(i64 %rge, i64 %u1)")
     a("  %gn = sub i64 %rg1, %rg")
     a(f"  %gnb = udiv i64 %gn, {nr}")
     a(f"  %gnr = urem i64 %gn, {nr}")
@@ -944,10 +1054,20 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
         a(f"  %rs2{tag} = add i64 %rs{tag}, %s0")
         a(f"  %qo{tag} = mul i64 %rs2{tag}, {QB}")
         a(f"  %qr{tag} = getelementptr i8, ptr %q, i64 %qo{tag}")
-        a(f"  %so{tag} = mul i64 %rs2{tag}, 16")
+        a(f"  %so{tag} = mul i64 %rs2{tag}, {SCB}")
         a(f"  %scr{tag} = getelementptr i8, ptr %sc, i64 %so{tag}")
         a(f"  %do{tag} = mul i64 %rs2{tag}, {ND}")
         a(f"  %dr{tag} = getelementptr i16, ptr %d, i64 %do{tag}")
+        if pair:   # skip0: r is the range's first unit and r0 odd; last1: its last and r1 odd
+            a(f"  %isu0{tag} = icmp eq i64 {r}, %u0")
+            a(f"  %sk{tag} = select i1 %isu0{tag}, i64 %r0odd, i64 0")
+            a(f"  %nru{tag} = mul i64 {nrow}, {rows}")
+            a(f"  %ru{tag} = add i64 {r}, %nru{tag}")
+            a(f"  %isu1{tag} = icmp eq i64 %ru{tag}, %u1")
+            a(f"  %la{tag} = select i1 %isu1{tag}, i64 %r1odd, i64 0")
+            flags = f"i64 %sk{tag}, i64 %la{tag}"
+        else:
+            flags = "i64 0, i64 0"
         a(f"  %hasfull{tag} = icmp ugt i64 %nfull, 0")
         a(f"  br i1 %hasfull{tag}, label %full{tag}, label %tail{tag}")
 
@@ -958,11 +1078,12 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
             a(f"  %xdp{sfx} = getelementptr float, ptr %xdt, i64 %xdo{sfx}")
             a(f"  %xpp{sfx} = getelementptr float, ptr %xpt, i64 %xdo{sfx}")
             a(f"  %yo{sfx} = mul i64 {i0}, %ys")
-            a(f"  %yo2{sfx} = add i64 %yo{sfx}, {r}")
+            a(f"  %yr{sfx} = mul i64 {r}, {2 if pair else 1}")
+            a(f"  %yo2{sfx} = add i64 %yo{sfx}, %yr{sfx}")
             a(f"  %yp{sfx} = getelementptr float, ptr %y, i64 %yo2{sfx}")
             a(f"  call void @kq_{nm}.r{rows}c{ksz}(ptr %qr{tag}, ptr %scr{tag}, ptr %dr{tag}, "
               f"ptr %xqp{sfx}, ptr %xdp{sfx}, ptr %xpp{sfx}, ptr %yp{sfx}, i64 %ns, i64 %nsb, "
-              f"i64 %ys, i64 %kp, i64 %first, i64 %pfr, i64 {nrow})")
+              f"i64 %ys, i64 %kp, i64 %first, i64 %pfr, i64 {nrow}, {flags})")
 
         a(f"full{tag}:")
         a(f"  %c{tag} = phi i64 [0, %{tag}], [%c.next{tag}, %full{tag}]")
@@ -1001,7 +1122,7 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
         a("  br label %grp.end")
     a("grp.end:")
     a("  %rg.next = add i64 %rg, %gn")
-    a("  %gdone = icmp uge i64 %rg.next, %r1")
+    a("  %gdone = icmp uge i64 %rg.next, %u1")
     a("  br i1 %gdone, label %tile.end, label %grp")
     a("tile.end:")
     a("  %s0.next = add i64 %s0, %tsb")
@@ -1025,51 +1146,44 @@ def _kbs(kb: int) -> list[int]:
     return out
 
 
-def _reduce_accs(a, accs: list[str], pair: bool, kb: int, tag: str) -> list[tuple[int, str]]:
-    """[(act row i, its float sum)] of a chunk's 16-lane accumulators: one per act row, or
-    (pair) one per act-row pair with lanes A, A, B, B in every 128 bits (rows 2g, 2g + 1).
+def _reduce_accs(a, accs: list[str], seg0: int, tag: str) -> list[tuple[int, str]]:
+    """[(segment g, its float sum)] of a chunk's 16-lane accumulators, each 16 / seg0 segments
+    of seg0 lanes in order: one per act row (seg0 = 16), or (row pairs, seg0 = 8) one per (act
+    row i, row j of the pair), g = 2 i + j.
 
     Neighbouring accumulators are folded into one vector level by level (each level adds the
     two halves of every segment: 3 ops per pair of vectors), then the rest of each segment is
-    summed in place; a pair's segments stop at 4 lanes, whose A and B halves are summed last.
-    At kb = 8: 23 ops for the 8 sums (Q6_K), 11 (Q4_K), where one tree per sum took 64 / 48."""
+    summed in place. At kb = 8: 23 ops for the 8 sums, where one tree per sum took 64."""
     V = "<16 x float>"
-    stop = 4 if pair else 1
-    level, seg = _fold(a, accs, "float", tag, lambda x, y, o: f"  {o} = fadd {V} {x}, {y}", stop)
+    level, seg = _fold(a, accs, "float", tag, lambda x, y, o: f"  {o} = fadd {V} {x}, {y}",
+                       seg0=seg0)
     tag = "%" + tag
-    # each vector: 16 / seg accumulators, one per segment of seg lanes
+    nseg = len(accs) * (16 // seg0)
     out = []
     for vi, v in enumerate(level):
         h = seg // 2
-        while h >= stop:   # lanes j and j + h of every segment (garbage lanes are never read)
+        while h >= 1:   # lanes j and j + h of every segment (garbage lanes are never read)
             a(f"  {tag}v{vi}_{h} = shufflevector {V} {v}, {V} poison, "
               f"{_mask([(j + h) % 16 for j in range(16)])}")
             a(f"  {tag}w{vi}_{h} = fadd {V} {v}, {tag}v{vi}_{h}")
             v, h = f"{tag}w{vi}_{h}", h // 2
-        if pair:   # lanes (A, A, B, B): A at lane 0, B at lane 2 of each segment
-            a(f"  {tag}v{vi}_p = shufflevector {V} {v}, {V} poison, "
-              f"{_mask([(j + 1) % 16 for j in range(16)])}")
-            a(f"  {tag}w{vi}_p = fadd {V} {v}, {tag}v{vi}_p")
-            v = f"{tag}w{vi}_p"
         per = 16 // seg
         for t in range(per):
             g = vi * per + t
-            rows = [(2 * g, 0), (2 * g + 1, 2)] if pair else [(g, 0)]
-            for i, lane in rows:
-                if i < kb:
-                    a(f"  {tag}o{i} = extractelement {V} {v}, i32 {t * seg + lane}")
-                    out.append((i, f"{tag}o{i}"))
+            if g < nseg:
+                a(f"  {tag}o{g} = extractelement {V} {v}, i32 {t * seg}")
+                out.append((g, f"{tag}o{g}"))
     return out
 
 
-def _fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1):
-    """Fold n (a power of two, <= 16) 16-lane vectors pairwise with ``op`` (emits ``o = x op
-    y``) while segments are longer than ``min_seg`` lanes: each level pairs neighbours and
-    combines the two halves of every segment (n - 1 ops in all instead of n reductions).
-    Returns (vectors, seg): vector j holds inputs j * (16 / seg) .. in order, one segment of
-    seg lanes each, whose lanes are still to be combined when seg > 1."""
+def _fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: int = 16):
+    """Fold n (a power of two, <= 16) 16-lane vectors of segments of seg0 lanes pairwise with
+    ``op`` (emits ``o = x op y``) while segments are longer than ``min_seg`` lanes: each level
+    pairs neighbours and combines the two halves of every segment (n - 1 ops in all instead of
+    n reductions). Returns (vectors, seg): vector j holds the input segments j * (16 / seg) ..
+    in order (vector-major), seg lanes each, whose lanes are still to be combined when seg > 1."""
     V = f"<16 x {elem}>"
-    level, seg = list(vecs), 16
+    level, seg = list(vecs), seg0
     k = 0
     while len(level) > 1 and seg > min_seg:
         half = seg // 2
@@ -1115,10 +1229,6 @@ def _quant_ir() -> list[str]:
     a("  %real = icmp slt i64 %i, %k")
     a("  %xro = mul i64 %i, %xs")
     a("  %xr = getelementptr float, ptr %x, i64 %xro")
-    a("  %iodd = and i64 %i, 1")
-    a("  %rodd = icmp ne i64 %iodd, 0")
-    a("  %lane0 = mul i64 %iodd, 2")              # xp lane offset of this row in its pair
-    a("  %pair = lshr i64 %i, 1")
     a("  br label %sb")
     a("sb:")
     a("  %s = phi i64 [0, %row], [%s.next, %sb.end]")
@@ -1128,11 +1238,7 @@ def _quant_ir() -> list[str]:
     a("  %qp = getelementptr i8, ptr %xq, i64 %qo")
     a("  %dxo = mul i64 %sko, 16")
     a("  %dxp = getelementptr float, ptr %xd, i64 %dxo")
-    a("  %pko = add i64 %sk, %i")                  # (kp * s + i) / 2 = s * kp / 2 + pair
-    a("  %pko2 = lshr i64 %sk, 1")
-    a("  %pko3 = add i64 %pko2, %pair")
-    a("  %ppo = mul i64 %pko3, 32")
-    a("  %pp = getelementptr float, ptr %xp, i64 %ppo")
+    a("  %pp = getelementptr float, ptr %xp, i64 %dxo")
     a("  br i1 %real, label %q, label %pad")
     a("q:")
     a("  %xbo = mul i64 %s, 256")
@@ -1168,17 +1274,19 @@ def _quant_ir() -> list[str]:
     # per 16-group (lane g = 2 b + h) sums of xq, then per 32-block; dx and dx * xsum
     xs = _transpose_reduce(a, [f"%qi{g // 2}{g % 2}" for g in range(16)], "i32", "xs",
                            lambda x, y, o: f"  {o} = add {VI} {x}, {y}")
+    # in the lane order: lane L holds 16-group _LANE_GROUP[L] (of 32-block L % 8)
     a(f"  %DX16 = shufflevector <8 x float> %DX8, <8 x float> poison, "
-      f"{_mask([g // 2 for g in range(16)])}")
+      f"{_mask([L % 8 for L in range(16)])}")
     a(f"  store {V} %DX16, ptr %dxp, align 4")
-    a(f"  %XS16f = sitofp {VI} {xs} to {V}")
+    a(f"  %XSL = shufflevector {VI} {xs}, {VI} poison, {_mask(_LANE_GROUP.tolist())}")
+    a(f"  %XS16f = sitofp {VI} %XSL to {V}")
     a(f"  %DS16 = fmul {V} %DX16, %XS16f")
     a("  %xdsp = getelementptr float, ptr %dxp, i64 %xso")
     a(f"  store {V} %DS16, ptr %xdsp, align 4")
-    a(f"  %XS16n = mul {VI} {xs}, {_splat('i32', 16, -16)}")
+    a(f"  %XS4n = mul {VI} %XSL, {_splat('i32', 16, -4)}")
     a("  %xdip = getelementptr float, ptr %xdsp, i64 %xso")
-    a(f"  store {VI} %XS16n, ptr %xdip, align 4")
-    a(f"  %XS32n = mul {VI} {xs}, {_splat('i32', 16, -32)}")
+    a(f"  store {VI} %XS4n, ptr %xdip, align 4")
+    a(f"  %XS32n = mul {VI} %XSL, {_splat('i32', 16, -32)}")
     a("  %xdip3 = getelementptr float, ptr %xdip, i64 %xso")
     a(f"  store {VI} %XS32n, ptr %xdip3, align 4")
     a(f"  %xs8a = shufflevector {VI} {xs}, {VI} poison, {_mask(range(0, 16, 2))}")
@@ -1186,18 +1294,11 @@ def _quant_ir() -> list[str]:
     a("  %XS8 = add <8 x i32> %xs8a, %xs8b")
     a("  %XS8f = sitofp <8 x i32> %XS8 to <8 x float>")
     a("  %DXS8 = fmul <8 x float> %DX8, %XS8f")
-    # xp: block b = 2c + h of this row in lane 4c + 2j + h (j = row parity), the pair's other
-    # row in the other lanes: both lanes of a pair filled from this row, a masked store
-    pl = _mask([2 * (ln // 4) + ln % 2 for ln in range(16)])
-    a(f"  %XP = shufflevector <8 x float> %DX8, <8 x float> poison, {pl}")
-    a(f"  %XPS = shufflevector <8 x float> %DXS8, <8 x float> poison, {pl}")
-    even = [(ln // 2) % 2 == 0 for ln in range(16)]
-    a(f"  %pm = select i1 %rodd, <16 x i1> {_vec('i1', [int(not e) for e in even])}, "
-      f"<16 x i1> {_vec('i1', [int(e) for e in even])}")
-    a(f"  call void @llvm.masked.store.v16f32.p0({V} %XP, ptr %pp, i32 4, <16 x i1> %pm)")
-    a("  %pps = getelementptr float, ptr %pp, i64 16")
-    a(f"  call void @llvm.masked.store.v16f32.p0({V} %XPS, ptr %pps, i32 4, <16 x i1> %pm)")
-    # natural dword 4 g + v (g: 16-group, v: 0..3) -> position 16 v + g
+    # xp: lane L holds float32(dx xsum32) of block L % 8
+    a(f"  %XPS = shufflevector <8 x float> %DXS8, <8 x float> poison, "
+      f"{_mask([L % 8 for L in range(16)])}")
+    a(f"  store {V} %XPS, ptr %pp, align 4")
+    # natural dword 4 g + v (g: 16-group, v: 0..3) -> position 16 v + L (g = _LANE_GROUP[L])
     a(f"  %n01 = shufflevector <8 x i32> {dw[0]}, <8 x i32> {dw[1]}, {_mask(range(16))}")
     a(f"  %n23 = shufflevector <8 x i32> {dw[2]}, <8 x i32> {dw[3]}, {_mask(range(16))}")
     a(f"  %n45 = shufflevector <8 x i32> {dw[4]}, <8 x i32> {dw[5]}, {_mask(range(16))}")
@@ -1207,7 +1308,7 @@ def _quant_ir() -> list[str]:
     a(f"  %n07 = shufflevector <32 x i32> %n03, <32 x i32> %n47, {_mask(range(64))}")
     for v in range(4):
         a(f"  %o{v} = shufflevector <64 x i32> %n07, <64 x i32> poison, "
-          f"{_mask([4 * g + v for g in range(16)])}")
+          f"{_mask([4 * int(g) + v for g in _LANE_GROUP])}")
         a(f"  %op{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
         a(f"  store {VI} %o{v}, ptr %op{v}, align 4")
     a("  br label %sb.end")
@@ -1222,12 +1323,7 @@ def _quant_ir() -> list[str]:
     a(f"  store {V} zeroinitializer, ptr %dxp32, align 4")
     a("  %dxp48 = getelementptr float, ptr %dxp32, i64 %xso")
     a(f"  store {V} zeroinitializer, ptr %dxp48, align 4")
-    for b in range(8):
-        a(f"  %zl{b} = add i64 %lane0, {4 * (b // 2) + b % 2}")
-        a(f"  %zp{b} = getelementptr float, ptr %pp, i64 %zl{b}")
-        a(f"  store float 0.0, ptr %zp{b}, align 4")
-        a(f"  %zs{b} = getelementptr float, ptr %zp{b}, i64 16")
-        a(f"  store float 0.0, ptr %zs{b}, align 4")
+    a(f"  store {V} zeroinitializer, ptr %pp, align 4")
     a("  br label %sb.end")
     a("sb.end:")
     a("  %s.next = add i64 %s, 1")
@@ -1392,7 +1488,7 @@ def _h2f(h):
 @njit(cache=True, nogil=True)
 def quantize_x_nb(x, xq, xd, xp):
     """x float32 [k, n_in] -> the act format (module docstring): xq int8 [nsb, kp, 256],
-    xd float32 [4, nsb, kp, 16], xp float32 [nsb, kp / 2, 32]; kp = k rounded up to even (the
+    xd float32 [4, nsb, kp, 16], xp float32 [nsb, kp, 16]; kp = k rounded up to even (the
     padding row is x = 0)."""
     k, n = x.shape
     nsb = n // 256
@@ -1416,7 +1512,7 @@ def quantize_x_nb(x, xq, xd, xp):
                     dx = np.float32(0.0)
                 xs = 0
                 for h in range(2):
-                    g = 2 * b + h                      # 16-group (lane) L
+                    g = 8 * h + b                      # lane of 16-group 2 b + h
                     xs16 = 0
                     for v in range(4):
                         for t in range(4):
@@ -1428,11 +1524,10 @@ def quantize_x_nb(x, xq, xd, xp):
                     xs += xs16
                     xd[0, s, i, g] = dx
                     xd[1, s, i, g] = dx * np.float32(xs16)
-                    xi[2, s, i, g] = -16 * xs16
+                    xi[2, s, i, g] = -4 * xs16
                     xi[3, s, i, g] = -32 * xs16
-                lane = 4 * (b // 2) + 2 * (i % 2) + (b % 2)
-                xp[s, i // 2, lane] = dx
-                xp[s, i // 2, 16 + lane] = dx * np.float32(xs)
+                for h in range(2):
+                    xp[s, i, 8 * h + b] = dx * np.float32(xs)
 
 
 @njit(cache=True, nogil=True)
@@ -1444,7 +1539,7 @@ def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
     tree sum at the end. The lanes are the vector: LLVM vectorizes without fastmath."""
     nsb, k = xq.shape[0], y.shape[0]
     qb = q.shape[1] // nsb
-    pair = qb == 128 or qb == 160                  # Q4_K, Q5_K: per 32-block (lane >> 1)
+    pair = qb == 128 or qb == 160                  # Q4_K, Q5_K: row pairs, per 32-block
     crumbs = qb == 64 or qb == 96                  # Q2_K, Q3_K: 2-bit low codes
     off = 32 if qb == 192 else 4 if qb == 96 else 0
     w = np.empty(256, np.float32)
@@ -1458,12 +1553,30 @@ def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
             for o in range(256):
                 xs_[o] = np.float32(xo_[o]) * dx_[(o & 63) >> 2]
     acc = np.empty((k, 256), np.float32)
+    qf, scf, df = q.reshape(q.size), sc.reshape(sc.size), d.reshape(d.size)
     for r in range(r0, r1):
         acc[:] = 0
         qrow = q[r]
+        m, jr = r >> 1, r & 1
         for s in range(nsb):
             qo = s * qb
-            if crumbs:                              # byte j, bits 2v..2v+1: code (v, j)
+            if pair:   # the pair's super-block: code vector (v, h) lane 8 jr + p, byte t
+                base = 2 * m * nsb * qb + 2 * qb * s
+                for v in range(4):
+                    for j in range(64):      # act lane L = j >> 2 = 8 h + p, byte t = j & 3
+                        h, pl = j >> 5, (j >> 2) & 7
+                        o = base + 64 * v + 4 * (8 * jr + pl) + (j & 3)
+                        c = (np.int32(qf[o]) >> (4 * h)) & 15
+                        if qb == 160:        # Q5_K: bit 2 v + h of the plane byte
+                            c |= ((np.int32(qf[o - 64 * v + 256]) >> (2 * v + h)) & 1) << 4
+                        qi[64 * v + j] = c
+                sb, db = 2 * m * nsb * 16 + 32 * s, 2 * m * nsb * 2 + 4 * s
+                dd = _h2f(df[db + jr])
+                dm = _h2f(df[db + 2 + jr])
+                for j in range(64):          # lane j >> 2: block (j >> 2) & 7
+                    scv[j] = dd * np.float32(scf[sb + 8 * jr + ((j >> 2) & 7)])
+                    mmv[j] = dm * np.float32(scf[sb + 16 + 8 * jr + ((j >> 2) & 7)])
+            elif crumbs:                              # byte j, bits 2v..2v+1: code (v, j)
                 for v in range(4):
                     for j in range(64):
                         qi[64 * v + j] = (np.int32(qrow[qo + j]) >> (2 * v)) & 3
@@ -1477,26 +1590,19 @@ def _rows_portable(q, sc, d, xq, xd, xp, y, r0, r1):
                 for v in range(4):
                     for j in range(64):
                         qi[64 * v + j] |= ((np.int32(qrow[qo + 128 + j]) >> (2 * v)) & 3) << 4
-            elif qb == 160 or qb == 96:             # Q5_K / Q3_K: a 32-byte bit plane
-                ho, hb = (128, 4) if qb == 160 else (64, 2)
+            elif qb == 96:                          # Q3_K: a 32-byte bit plane
                 for v in range(4):
                     for j in range(64):
-                        byte = np.int32(qrow[qo + ho + (j & 31)])
-                        qi[64 * v + j] |= ((byte >> (v + 4 * (j >> 5))) & 1) << hb
-            if pair:
-                dd = _h2f(d[r, 2 * s])
-                dm = _h2f(d[r, 2 * s + 1])
-                for j in range(64):          # lane j % 64: sub-block j >> 3
-                    scv[j] = dd * np.float32(sc[r, 16 * s + (j >> 3)])
-                    mmv[j] = dm * np.float32(sc[r, 16 * s + 8 + (j >> 3)])
-            elif qb == 64:                   # Q2_K: scale | min << 4 per 16-group j >> 2
+                        byte = np.int32(qrow[qo + 64 + (j & 31)])
+                        qi[64 * v + j] |= ((byte >> (v + 4 * (j >> 5))) & 1) << 2
+            if qb == 64:                   # Q2_K: scale | min << 4 per 16-group j >> 2
                 dd = _h2f(d[r, 2 * s])
                 dm = _h2f(d[r, 2 * s + 1])
                 for j in range(64):
                     b = np.int32(sc[r, 16 * s + (j >> 2)])
                     scv[j] = dd * np.float32(b & 15)
                     mmv[j] = dm * np.float32(b >> 4)
-            else:                            # int8 scales per 16-group j >> 2
+            elif not pair:                   # int8 scales per 16-group j >> 2
                 dd = _h2f(d[r, s])
                 for j in range(64):
                     scv[j] = dd * np.float32((np.int32(sc[r, 16 * s + (j >> 2)]) ^ 0x80) - 0x80)
@@ -1533,7 +1639,7 @@ def act_buffers(nsb, kp):
     o = (-buf.ctypes.data) % 64
     xq = buf[o:o + nq].view(np.int8).reshape((nsb, kp, 256))
     xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((4, nsb, kp, 16))
-    xp = buf[o + nq + nd:o + nq + nd + npp].view(np.float32).reshape((nsb, kp // 2, 32))
+    xp = buf[o + nq + nd:o + nq + nd + npp].view(np.float32).reshape((nsb, kp, 16))
     return xq, xd, xp
 
 
@@ -1562,7 +1668,8 @@ def _prep(fq, x, q, sc, d, out):
         and q.shape[1] == qb * nsb and d.shape[1] == nd * nsb \
         and ((qb == 128 and nd == 2) or (qb == 160 and nd == 2) or (qb == 192 and nd == 1)
              or (qb == 64 and nd == 2) or (qb == 96 and nd == 1)) \
-        and out.shape[0] == k and out.shape[1] == q.shape[0]
+        and out.shape[0] == k and (out.shape[1] == q.shape[0] or (
+            (qb == 128 or qb == 160) and q.shape[0] % 2 == 0 and out.shape[1] == q.shape[0] - 1))
     if not ok:
         raise ValueError("kq_matmul: the shapes of x, the packed matrix and out differ")
     return quantize_x_alloc(x, fq)
@@ -1573,7 +1680,7 @@ def matmul_nb(fn, fq, x, q, sc, d, out):
     """numba-callable, single-threaded: out[k, n_out] = x[k, n_in] @ W.T (shapes checked;
     ``fn`` from ``fn_address``, ``fq`` from ``quant_address``, 0: portable)."""
     xq, xd, xp = _prep(fq, x, q, sc, d, out)
-    rows_nb(fn, q, sc, d, xq, xd, xp, out, 0, q.shape[0])
+    rows_nb(fn, q, sc, d, xq, xd, xp, out, 0, out.shape[1])
 
 
 @njit(cache=True, nogil=True)
@@ -1585,7 +1692,7 @@ def _mv_serial(fn, fq, x, q, sc, d, out):
 @njit(cache=True, nogil=True, parallel=True)
 def _mm_parallel(fn, fq, x, q, sc, d, out, nthreads):
     xq, xd, xp = _prep(fq, x, q, sc, d, out)
-    n = q.shape[0]
+    n = out.shape[1]
     nch = min(nthreads, n)
     for c in prange(nch):
         rows_nb(fn, q, sc, d, xq, xd, xp, out, c * n // nch, (c + 1) * n // nch)
@@ -1611,7 +1718,7 @@ def kq_matvec(x, p: PackedKQ, out: np.ndarray | None = None, threads: int = 1,
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if out is None:
         out = np.empty(p.n_out, np.float32)
-    elif out.ndim != 1 or out.dtype != _F32 or not out.flags.c_contiguous:
+    elif out.shape != (p.n_out,) or out.dtype != _F32 or not out.flags.c_contiguous:
         raise ValueError("kq_matvec: out must be a C-contiguous float32 [n_out] array")
     fn, fq = _addresses(p.qtype, kernel)
     if threads > 1:
@@ -1632,7 +1739,8 @@ def kq_matmul(X, p: PackedKQ, out: np.ndarray | None = None, kernel: str | None 
             raise ValueError("kq_matmul: X must be [k, n_in]")
     if out is None:
         out = np.empty((X.shape[0], p.n_out), np.float32)
-    elif out.ndim != 2 or out.dtype != _F32 or not out.flags.c_contiguous:
+    elif out.ndim != 2 or out.shape[1] != p.n_out or out.dtype != _F32 \
+            or not out.flags.c_contiguous:
         raise ValueError("kq_matmul: out must be a C-contiguous float32 [k, n_out] array")
     fn, fq = _addresses(p.qtype, kernel)
     if threads > 1 and X.shape[0] >= MIN_ROWS:
