@@ -64,7 +64,7 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
     if test.startswith("pp"):
         n = int(test[2:])
         ids = _prompt_ids(n, lambda t: m.tokenize(t, special=False))
-        m.session().feed_last(ids[:8])  # warm-up: compile and load weights
+        m.session().feed_last(ids[:64])  # warm-up: compile (the path n tokens take) and load
         s = m.session()
         t = time.perf_counter()
         s.feed_last(ids)
