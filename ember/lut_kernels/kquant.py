@@ -166,10 +166,12 @@ So k=1 streams at 8-9 GB/s in these runs (a plain numba uint64 sum over the same
 GB/s, and the bare kernel on 151936x1536 without Python: 9.9-10.2 GB/s, same minute; numpy's
 float32 sgemv 10.4-11.1 GB/s on 4.9x the bytes), 4.3-5.2x faster than float32 numpy per
 token, and speculative verification of k rows reads the weights once: k=2 costs what k=1
-does, k=4 1.2-1.4x, k=8 1.6-2.0x (target 1.5x: not reached), k=16 3.2-3.8x. At k >= 8 the
-kernel is compute bound: per (weight row, act row, super-block) 4 ``vpdpbusd`` + ~3-4 more
-vector ops (~5 cycles measured hot), plus ~20-30 ops per (row, super-block) of decode
-amortized over the chunk; 2 zmm ops / cycle is the port limit here. The same run hot (L2) at
+does, k=4 1.2-1.4x, k=8 1.6-2.0x, k=16 3.2-3.8x. At k >= 8 the kernel is compute bound: per
+(weight row, act row, super-block) 4 ``vpdpbusd`` + ~3-4 more vector ops (~5 cycles measured
+hot), plus ~20-30 ops per (row, super-block) of decode amortized over the chunk; 2 zmm ops /
+cycle is the port limit here. (This table predates the signed acts and the Q4_K/Q5_K row
+pairs, which took 71 -> 56 vector ops per (row, super-block) at k = 8 for Q4_K: see Math; the
+8-token step of Qwen2.5-1.5B costs 1.40-1.42x one token in ``bench/``.) The same run hot (L2) at
 1536x1536: k=8 x2.5, k=16 x4.8. Per call: 3.7 us for a 1x256 matrix from Python (2.2 us for
 ``matmul_nb``'s dispatch). MCJIT compile of a module: 25-40 ms, once per process and path.
 """

@@ -10,7 +10,7 @@ atomic counter, so a thread the OS delays does less of a phase. Python runs once
 embedding row, the call, the logits.
 
 `step_rows(tokens, cache)` runs up to MAX_ROWS new tokens through the same step. The K-quant
-kernels read each weight once for all rows, so speculative verification of 8 tokens costs ~1.5x
+kernels read each weight once for all rows, so speculative verification of 8 tokens costs ~1.4x
 one token (Qwen2.5-1.5B, 2 threads), where the op-by-op forward spent 1.65x in Python glue,
 thread-pool regions and scalar exp calls. The one-row kernels (T-MAC, q8, F16) run row by row
 over L2-sized groups of a matrix's rows, so the weights still stream from DRAM once (SmolLM2,
