@@ -1,13 +1,16 @@
 """The on-disk caches of derived data: packed weights (pack_cache.py) and JIT object code."""
 
+import hashlib
 import os
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 
 import ember
 import tiny_gguf as tg
-from ember.lut_kernels import codegen, pack_cache
+from ember.lut_kernels import codegen, ops, pack_cache
+from test_quants import F16_FIELDS
 
 
 @pytest.fixture
@@ -126,3 +129,36 @@ def test_jit_object_cache_is_verified(tmp_path, cache_env):
     obj.write_bytes(bytes(data))
     assert run()[0] == 12  # the damaged object is refused and compiled again
     assert codegen._read_object(obj.stem) is not None
+
+
+# The packed bytes of every kernel type on fixed inputs, for the current LAYOUT. Any change to a
+# packed format must come with a new LAYOUT (else older cache files are read in the new format:
+# garbage logits); record the new digest here when you bump it.
+LAYOUT_DIGEST = {"q4f16-tile64.q8f16.q5p.kq3.v8":
+                 "83d827fdbc41f6e964d9411d31359e4fd17fc5209a5bafda75a369caae1ac5b9"}
+
+
+def _fixed_rows(qt, n_out, n_in):
+    """Deterministic GGUF rows (sha256 bytes, every f16 field finite), the same on any host."""
+    bw, bb = GGML_QUANT_SIZES[qt]
+    nb = n_out * n_in // bw
+    stream = b"".join(hashlib.sha256(f"{qt}:{i}".encode()).digest()
+                      for i in range(-(-nb * bb // 32)))
+    raw = np.frombuffer(stream[:nb * bb], np.uint8).copy().reshape(nb, bb)
+    for off in F16_FIELDS[qt]:
+        h = raw[:, off:off + 2].copy().view(np.uint16)
+        h[(h & 0x7C00) == 0x7C00] ^= 0x4000
+        raw[:, off:off + 2] = h.view(np.uint8)
+    return raw.reshape(n_out, -1)
+
+
+def test_layout_names_the_packed_bytes():
+    h = hashlib.sha256()
+    for qt in sorted(int(t) for t in ops._KERNEL_TYPES):
+        p = ops.pack(_fixed_rows(qt, 7, 512), qt)
+        for name, arr in sorted(p.arrays().items()):
+            h.update(f"{qt}:{name}:{arr.dtype}:{arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+    assert LAYOUT_DIGEST.get(pack_cache.LAYOUT) == h.hexdigest(), (
+        f"the packed bytes changed ({h.hexdigest()}): bump pack_cache.LAYOUT and record the "
+        "digest in LAYOUT_DIGEST")
