@@ -63,6 +63,8 @@ bytes become 16), Q4_K 148 (144), Q5_K 180 (176), Q6_K 210 (210). Packing is vec
 
 Activation format (one for all types; ``kp`` = k rounded up to even, the padding row is 0)
 -----------------------------------------------------------------------------------------
+(No kernel reads the padding row any more: it served the act-row pairs that the Q4_K/Q5_K row
+pairs replaced. Dropping it is a layout change of its own, not yet made.)
 Per 32-block of a row: ``amax = max |x|``, ``dx = amax / 127``, ``xq = rint(x * (127 /
 amax))`` (half to even, |xq| <= 127; amax = 0 gives dx = 0, xq = 0; x must be finite).
 ``xq`` int8 [nsb, kp, 256]: the codes in the lane order above (the signed, memory operand of
