@@ -22,6 +22,7 @@ from numba import njit
 from ember.formats.quants import dequantize
 from ember.lut_kernels import codegen
 from ember.lut_kernels import kquant as K
+from ember.lut_kernels.split import MIN_ROWS
 
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
 KERNELS = [k for k in codegen.host_isas() if k != "neon"]
@@ -427,6 +428,12 @@ def test_numba_callers():
             for step in (1, 3, 7, 37):
                 by_odd_rows(fn, fq, x, p.q, p.sc, p.d, out, step)
                 assert (np.abs(out - ref) <= ORACLE_RTOL * absum).all(), _msg(kern=kern, step=step)
+        # threads: a batch (row ranges from split) and a few rows (prange), odd boundaries
+        for k in (3, MIN_ROWS + 1):
+            X = random_x(_rng("odd", qt, k), k, 512)
+            one = K.kq_matmul(X, p)
+            for th in (2, 3):
+                assert np.array_equal(K.kq_matmul(X, p, threads=th), one), _msg(k=k, th=th)
 
 
 def test_env_var_selects_kernel(monkeypatch):
