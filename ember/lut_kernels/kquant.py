@@ -118,8 +118,9 @@ Structure: super-blocks in tiles whose act data stays in L1 (``DEFAULT_TILE_BYTE
 the act data of a whole row is 100+ KB and its loads from L2 were THE bottleneck; sizing the
 tile by all kp rows instead gave 1-super-block tiles at k = 256 and a reduction + y update +
 decode prologue per (row, chunk, super-block): k = 256 ran at half the k = 16 rate), rows in
-groups of 32, per group act-row chunks of 16, 8, 4, 2, 1 (each weight is read from memory once;
-a group's later chunks re-read it from L1/L2); each chunk function (``noinline``) loops over
+groups of 32, per group act-row chunks of 16 (Q4_K/Q5_K: 8), 8, 4, 2, 1 (each weight is read
+from memory once; a group's later chunks re-read it from L1/L2); each chunk function
+(``noinline``) loops over
 the group's rows and the tile's super-blocks, decodes a super-block's weights once
 (software-pipelined one super-block ahead on avx512) and applies them to every act row of the
 chunk with one accumulator per act row (and row pair for Q4_K, Q5_K; on avx2 one per row of
@@ -249,6 +250,14 @@ DEFAULT_GROUP = 32         # weight rows per group (a group's later act chunks h
 DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}   # pipelined decode
 DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile (L1; 7 sb at kb = 16)
 DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per register block
+# Q4_K/Q5_K: 16 accumulators + two super-blocks' 8 code vectors spill at 16 act rows; 8960x1536
+# Q4_K at k = 16 / 64, 1 thread, two rounds: kb 16 1.67 / 7.03, 1.65 / 6.96 ms; kb 8 1.54 /
+# 6.34, 1.55 / 6.46 (Q5_K within noise; k = 8 the same)
+PAIR_KB = 8
+
+
+def _default_kb(isa: str, qt) -> int:
+    return min(DEFAULT_KB[isa], PAIR_KB) if qt in _PAIR else DEFAULT_KB[isa]
 DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
 
 
@@ -1363,7 +1372,7 @@ def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int
         L += _quant_ir()
         return codegen.finish_module(L, cpu, features)
     vw, combine = _SPECS[isa]
-    kbs = _kbs(kb or DEFAULT_KB[isa])
+    kbs = _kbs(kb or _default_kb(isa, what))
     nr = nr or DEFAULT_NR[isa]
     pipe = DEFAULT_PIPE[isa] if pipe is None else pipe
     for ksz in kbs:
@@ -1391,7 +1400,7 @@ def _compile(isa: str, what, **opts):
             raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
         spec = codegen.resolve_isa(isa)
         if what != "quant":
-            opts = {"kb": DEFAULT_KB[isa], "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
+            opts = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
                     **opts}
         ee, owners, secs = codegen.jit(
             lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
@@ -1403,7 +1412,8 @@ def _compile(isa: str, what, **opts):
 def kernel_asm(isa: str = "avx512", what=Q4_K, **opts) -> str:
     """The host assembly of a module (for inspection; runs nothing)."""
     spec = codegen.resolve_isa(isa)
-    opts = {"kb": DEFAULT_KB[isa], "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa], **opts}
+    opts = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
+            **opts}
     return codegen.host_asm(lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
 
 
