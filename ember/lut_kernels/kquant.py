@@ -59,7 +59,7 @@ The weight is ``SC * code - MM`` (Q2_K, Q4_K, Q5_K; ``SC = d * scale``, ``MM = d
 or ``SC * (code - o)`` (Q3_K o = 4, Q6_K o = 32), every product exact in float32.
 Bytes per super-block against the file's: Q2_K 84 (84), Q3_K 114 (110: the 12 packed scale
 bytes become 16), Q4_K 148 (144), Q5_K 180 (176), Q6_K 210 (210). Packing is vectorized NumPy
-(8960x1536 Q4_K ~105 ms, 1536x8960 Q6_K ~195 ms).
+(``benchmark()``: 8960x1536 Q4_K ~55 ms, 1536x8960 Q6_K ~114 ms).
 
 Activation format (one for all types; ``kp`` = k rounded up to even, the padding row is 0)
 -----------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ does, k=4 1.2-1.4x, k=8 1.6-2.0x, k=16 3.2-3.8x. At k >= 8 the kernel is compute
 hot), plus ~20-30 ops per (row, super-block) of decode amortized over the chunk; 2 zmm ops /
 cycle is the port limit here. (This table predates the signed acts and the Q4_K/Q5_K row
 pairs, which took 71 -> 56 vector ops per (row, super-block) at k = 8 for Q4_K: see Math; the
-8-token step of Qwen2.5-1.5B costs 1.40-1.42x one token in ``bench/``.) The same run hot (L2) at
+8-token step of Qwen2.5-1.5B costs 1.40-1.44x one token in ``bench/``.) The same run hot (L2) at
 1536x1536: k=8 x2.5, k=16 x4.8. Per call: 3.7 us for a 1x256 matrix from Python (2.2 us for
 ``matmul_nb``'s dispatch). MCJIT compile of a module: 25-40 ms, once per process and path.
 """
@@ -237,6 +237,12 @@ _LANE_GROUP = np.array([2 * (L % 8) + L // 8 for L in range(16)])
 _GROUP_LANE = np.argsort(_LANE_GROUP)
 
 
+# Q5_K row pairs: bit 2 v + h of a plane byte is bit 4 of code vector (v, h); shaped to
+# broadcast against [pair, sb, v, h, lane, t]
+_Q5_PLANE_BIT = (2 * np.arange(4, dtype=np.uint8).reshape(4, 1)
+                 + np.arange(2, dtype=np.uint8)).reshape(1, 1, 4, 2, 1, 1)
+
+
 def _unit_bytes(qt: int) -> tuple[int, int, int]:
     """(code bytes, scale bytes, f16 values) per super-block of a kernel unit: one weight row,
     or a row pair for Q4_K / Q5_K."""
@@ -254,11 +260,11 @@ DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per regi
 # Q4_K at k = 16 / 64, 1 thread, two rounds: kb 16 1.67 / 7.03, 1.65 / 6.96 ms; kb 8 1.54 /
 # 6.34, 1.55 / 6.46 (Q5_K within noise; k = 8 the same)
 PAIR_KB = 8
+DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
 
 
 def _default_kb(isa: str, qt) -> int:
     return min(DEFAULT_KB[isa], PAIR_KB) if qt in _PAIR else DEFAULT_KB[isa]
-DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,9 +330,8 @@ class PackedKQ:
             nib = b[:, :, :256].reshape(m, nsb, 4, 1, 16, 4)
             v = (nib >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1)) & 15
             if qt == Q5_K:
-                sh = (2 * np.arange(4, dtype=np.uint8).reshape(4, 1)
-                      + np.arange(2, dtype=np.uint8)).reshape(1, 1, 4, 2, 1, 1)
-                v = v | (((b[:, :, 256:].reshape(m, nsb, 1, 1, 16, 4) >> sh) & 1) << 4)
+                plane = b[:, :, 256:].reshape(m, nsb, 1, 1, 16, 4)
+                v = v | (((plane >> _Q5_PLANE_BIT) & 1) << 4)
             nat = v.reshape(m, nsb, 4, 2, 2, 8, 4).transpose(0, 4, 1, 5, 3, 2, 6)
             return np.ascontiguousarray(nat).reshape(2 * m, self.n_in)[:n]
         b = self.q.reshape(n, nsb, _QB[qt])
@@ -482,8 +487,7 @@ def _packed_pair(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> Pac
     q3 = q.reshape(n2 // 2, nsb, 2 * _QB[qt])
     q3[:, :, :256] = ((v[:, :, :, 0] & 15) | ((v[:, :, :, 1] & 15) << 4)).reshape(n2 // 2, nsb, 256)
     if qt == Q5_K:   # byte 4 lane + t, bit 2 v + h: bit 4 of code (v, h)
-        sh = (2 * np.arange(4, dtype=np.uint8).reshape(4, 1) + np.arange(2, dtype=np.uint8))
-        hb = ((v >> 4) & 1) << sh.reshape(1, 1, 4, 2, 1, 1)
+        hb = ((v >> 4) & 1) << _Q5_PLANE_BIT
         q3[:, :, 256:] = np.bitwise_or.reduce(hb.reshape(n2 // 2, nsb, 8, 64), axis=2)
     scp = np.asarray(sc).reshape(n2 // 2, 2, nsb, 2, 8).transpose(0, 2, 3, 1, 4)
     dp = d.reshape(n2 // 2, 2, nsb, 2).transpose(0, 2, 3, 1)
@@ -958,18 +962,17 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                 a(f"  %e{col}_{i} = icmp eq i64 %u{col}_{i}, %nrm1u")
                 a(f"  %bad{col}_{i} = and i1 %e{col}_{i}, %la1")
             a(f"  %yp{col}_{i} = select i1 %bad{col}_{i}, ptr %dummy, ptr %yq{col}_{i}")
-        else:
-            a(f"  %yp{col}_{i} = getelementptr float, ptr %yq{col}_{i}, i64 0")
+    yp = (lambda col, i: f"%yp{col}_{i}") if pair else (lambda col, i: f"%yq{col}_{i}")
     a("  br i1 %isfirst, label %yset, label %yadd")
     a("yset:")   # the first tile: y = the sums
     for i, col, val in outs:
-        a(f"  store float {val}, ptr %yp{col}_{i}, align 4")
+        a(f"  store float {val}, ptr {yp(col, i)}, align 4")
     a("  br label %rownext")
     a("yadd:")   # later tiles: y += the sums
     for i, col, val in outs:
-        a(f"  %yl{col}_{i} = load float, ptr %yp{col}_{i}, align 4")
+        a(f"  %yl{col}_{i} = load float, ptr {yp(col, i)}, align 4")
         a(f"  %ya{col}_{i} = fadd float %yl{col}_{i}, {val}")
-        a(f"  store float %ya{col}_{i}, ptr %yp{col}_{i}, align 4")
+        a(f"  store float %ya{col}_{i}, ptr {yp(col, i)}, align 4")
     a("  br label %rownext")
     a("rownext:")
     a("  %rr.next = add i64 %rr, 1")
@@ -1367,8 +1370,7 @@ def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int
               "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
               "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
               "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)",
-              "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)",
-              "declare void @llvm.masked.store.v16f32.p0(<16 x float>, ptr, i32, <16 x i1>)"]
+              "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)"]
         L += _quant_ir()
         return codegen.finish_module(L, cpu, features)
     vw, combine = _SPECS[isa]

@@ -25,7 +25,8 @@ def attend(Q, K, V, lo, hi, scale, S, out):
     kv group (K [T, d], V [T, dv]; S [g, >= hi - lo] scratch). Register-blocked: the scores
     of 2 heads x 4 keys share one pass over d (8 sums), and the output adds 4 keys per pass
     over dv (rows are views walked from index 0, so LLVM vectorizes the inner loops): 6 heads
-    x 72 keys x 128 took ~5.3 us, ~7.8 one dot product and one row update at a time."""
+    x 72 keys x 128 took ~5.3 us, ~7.8 one dot product and one row update at a time (a timing
+    script, not bench/)."""
     n = hi - lo
     g = Q.shape[0]
     Ks, Vs = K[lo:hi], V[lo:hi]
