@@ -274,9 +274,9 @@ def test_vector_exp_is_within_two_ulp_of_libm():
 
 
 @pytest.mark.parametrize("layer,v_down", [("Q5_0", "TQ2_0"), ("TQ1_0", "Q5_0")])
-def test_exact_int8_types_fused_match_op_by_op(tmp_path, layer, v_down):
-    """Q5_0 (its 5-bit layout) and TQ1_0 / TQ2_0 (repacked exactly into the Q8_0 layout) run
-    the q8 module's kernels in the fused step."""
+def test_q5_and_ternary_types_fused_match_op_by_op(tmp_path, layer, v_down):
+    """Q5_0 (its 5-bit layout, the q8 module's kernels) and TQ1_0 / TQ2_0 (rewritten exactly as
+    Q2_K, the K-quant kernels) in the fused step."""
     from gguf import GGMLQuantizationType as Q
     path = _random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
     m = ember.load(path)
@@ -290,7 +290,7 @@ def test_exact_int8_types_fused_match_op_by_op(tmp_path, layer, v_down):
     for threads in (1, 2):
         got = _fixed(tr, ids, threads, True)
         assert np.abs(got - exact).max() < 1.25 * noise + 1e-3 * ref.std()
-    # the q8 kernels run k rows in turn, the Q6_K output matrix all k in one pass
+    # the q8 kernels run k rows in turn, the K-quant ones (Q6_K, the ternary) all k in one pass
     _rows_agree(m, tr, ids, 2.5 * noise + 1e-3 * ref.std(), 1.25 * noise + 1e-3 * ref.std())
 
 

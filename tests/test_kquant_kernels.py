@@ -190,6 +190,27 @@ def test_from_arrays_rejects_bad_input():
             K.PackedKQ.from_arrays(a)
 
 
+@pytest.mark.parametrize("qt", K.TERNARY)
+@pytest.mark.parametrize("n_out,n_in", [(1, 256), (7, 768), (33, 512)])
+def test_ternary_rows_become_exact_q2_k(qt, n_out, n_in):
+    """TQ1_0 / TQ2_0 rows rewritten as Q2_K dequantize to the same numbers (a zero weight of a
+    block with d < 0 is +0 here, -0 in the file), and run the Q2_K kernels."""
+    from ember.lut_kernels.planes import random_rows
+    rng = _rng("ternary", qt, n_out, n_in)
+    raw = random_rows(rng, qt, n_out, n_in)
+    raw.reshape(n_out, -1)[0, -2:] = 0                   # one block with d = 0
+    q2 = K.ternary_as_q2_k(raw, qt)
+    assert q2.shape == (n_out, n_in // 256 * 84)
+    w = dequantize(raw, qt).reshape(n_out, n_in)
+    assert np.array_equal(dequantize(q2, K.Q2_K).reshape(n_out, n_in), w), _msg(qt=qt)
+    p = K.pack_kquant(q2, K.Q2_K)
+    x = random_x(rng, 3, n_in)
+    ref, absum, _ = K.kq_matmul_reference(x, p, return_scale=True)
+    assert np.all(np.abs(K.kq_matmul(x, p) - ref) <= ORACLE_RTOL * absum + 1e-30), _msg(qt=qt)
+    with pytest.raises(ValueError):
+        K.ternary_as_q2_k(raw, K.Q2_K)
+
+
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError):
         K.pack_kquant(np.zeros((3, 145), np.uint8), K.Q4_K)

@@ -134,8 +134,8 @@ def test_jit_object_cache_is_verified(tmp_path, cache_env):
 # The packed bytes of every kernel type on fixed inputs, for the current LAYOUT. Any change to a
 # packed format must come with a new LAYOUT (else older cache files are read in the new format:
 # garbage logits); record the new digest here when you bump it.
-LAYOUT_DIGEST = {"q4f16-tile64.q8f16.q5p.kq3.v8":
-                 "83d827fdbc41f6e964d9411d31359e4fd17fc5209a5bafda75a369caae1ac5b9"}
+LAYOUT_DIGEST = {"q4f16-tile64.q8f16.q5p.kq3.tq2k.v9":
+                 "90802fc4ca5a1dee41e8252d864aa589c3482938501f720a403d0ce868c8f470"}
 
 
 def _fixed_rows(qt, n_out, n_in):

@@ -228,7 +228,7 @@ def fusable(m) -> bool:
         return False
     if m.qtype in (Q4_0, Q4_1):
         return p.tile == UNIT
-    return m.qtype in (*q8.INT8_TYPES, *kquant.QTYPES, f16.F16, f16.BF16)
+    return m.qtype in (*q8.INT8_TYPES, f16.F16, f16.BF16) or isinstance(p, kquant.PackedKQ)
 
 
 def describe(m) -> np.ndarray:
@@ -248,7 +248,7 @@ def describe(m) -> np.ndarray:
     if m.qtype in (f16.F16, f16.BF16):
         return np.array([KIND_F16, m.n_out, m.n_in, f16.fn_address(m.qtype), p.w.ctypes.data,
                          0, units, 0], np.int64)
-    return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(m.qtype), p.q.ctypes.data,
+    return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(p.qtype), p.q.ctypes.data,
                      p.sc.ctypes.data, units, p.d.ctypes.data], np.int64)
 
 

@@ -221,6 +221,8 @@ __all__ = [
     "kernel_asm",
     "reset_kernel_choice",
     "random_kquant",
+    "TERNARY",
+    "ternary_as_q2_k",
 ]
 
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14   # GGMLQuantizationType values
@@ -550,6 +552,38 @@ def pack_kquant(raw2d, qtype: int) -> PackedKQ:
     qh = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)) & 3
     nat = (ql | (qh << 4)).reshape(n, nsb, QK)
     return _packed(nat, qtype, r3[:, :, 192:208], r3[:, :, 208:210])
+
+
+TQ1_0, TQ2_0 = 34, 35
+TERNARY = (TQ1_0, TQ2_0)
+
+
+def ternary_as_q2_k(raw2d, qtype: int) -> np.ndarray:
+    """GGUF TQ1_0 / TQ2_0 rows -> the Q2_K rows of the same weights, exactly: the weight
+    ``d (t - 1)`` (t = 0..2) is Q2_K's ``(d * 1) * t - d * 1`` (scale and min 1, dmin = d; both
+    products exact, so the one subtraction rounds to the same float32 as the file's).
+    TQ2_0's 64 code bytes are Q2_K's already (weight 128 h + 32 j + l: bits 2j of byte 32 h +
+    l, in both); TQ1_0's base-3 codes are decoded (``q8.pack_exact_int8``) and written so.
+    The K-quant kernels then read 84 bytes per 256 weights (the file: 54 / 66)."""
+    qtype = int(qtype)
+    if qtype not in TERNARY:
+        raise ValueError(f"ternary_as_q2_k: type {qtype} is not TQ1_0 (34) or TQ2_0 (35)")
+    bb = 54 if qtype == TQ1_0 else 66
+    r3 = gguf_blocks(raw2d, bb, "ternary_as_q2_k")
+    n, nsb = r3.shape[:2]
+    out = np.empty((n, nsb, 84), np.uint8)
+    out[:, :, :16] = 0x11
+    if qtype == TQ2_0:
+        out[:, :, 16:80] = r3[:, :, :64]
+    else:
+        from .q8 import pack_exact_int8
+        t = (pack_exact_int8(r3.reshape(n, -1), qtype).qs + 1).view(np.uint8)
+        t = t.reshape(n, nsb, 2, 4, 32)                       # [row, sb, h, j, l]
+        out[:, :, 16:80] = (t << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)).sum(
+            axis=3, dtype=np.uint8).reshape(n, nsb, 64)
+    out[:, :, 80:82] = r3[:, :, bb - 2:bb]
+    out[:, :, 82:84] = r3[:, :, bb - 2:bb]
+    return out.reshape(n, nsb * 84)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,10 +4,10 @@ Weights arrive in one of two forms:
 - a float32 array [n_out, n_in] (the NumPy reference path): BLAS;
 - a `QuantMatrix`: the file's own blocks, memory-mapped, plus a kernel layout when ember has a
   kernel for the type. One or a few rows of activations run a matvec kernel: table lookup (T-MAC,
-  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 (and, repacked exactly, on
-  TQ1_0, TQ2_0) and on Q5_0/Q5_1 (5-bit codes, the file's bytes), float FMAs on F16/BF16 rows
-  as they are in the file (`f16.py`); K-quant matrices (Q2_K..Q6_K) run the int8 kernels of `kquant.py` for
-  any number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
+  `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 and on Q5_0/Q5_1 (5-bit
+  codes, the file's bytes), float FMAs on F16/BF16 rows as they are in the file (`f16.py`);
+  K-quant matrices (Q2_K..Q6_K, and TQ1_0/TQ2_0 rewritten exactly as Q2_K) run the int8
+  kernels of `kquant.py` for any number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
   prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
   time into one reused buffer per thread and use single-threaded BLAS, the output columns split
   between ember's threads, so no float32 copy of the model is ever kept; a matrix that also has
@@ -26,10 +26,10 @@ from gguf import GGMLQuantizationType as T
 from ..formats.quants import dequantize_into
 from .f16 import f16_matvec, pack_f16
 from .kquant import QTYPES as KQ_TYPES  # Q2_K..Q6_K
-from .kquant import kq_matmul, kq_matvec, pack_kquant
+from .kquant import TERNARY, PackedKQ, kq_matmul, kq_matvec, pack_kquant, ternary_as_q2_k
 from .pack import pack_q4
-from .q8 import EXACT_INT8, INT8_TYPES  # Q8_0, the types repacked into its layout, Q5_0/Q5_1
-from .q8 import pack_exact_int8, pack_q5, pack_q8_0, q8_matvec
+from .q8 import INT8_TYPES  # Q8_0, Q5_0/Q5_1
+from .q8 import pack_q5, pack_q8_0, q8_matvec
 from .split import MIN_ROWS, split
 from .tmac import lut_matvec
 
@@ -83,7 +83,7 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
         split(w.shape[0], threads, lambda a, b: np.matmul(x, w[a:b].T, out=out[:, a:b]))
         return out
-    if w.qtype in KQ_TYPES and w.packed is not None:  # the weights read once per 16 rows
+    if isinstance(w.packed, PackedKQ):  # the weights read once per 16 rows
         return kq_matmul(np.ascontiguousarray(x, dtype=np.float32), w.packed, threads=threads)
     if w.packed is not None and x.shape[0] <= SMALL_BATCH:
         matvec = w.matvec
@@ -94,9 +94,14 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     return _tiled(x, w, threads)
 
 
-_KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, *KQ_TYPES)
+_KERNEL_TYPES = (T.Q4_0, T.Q4_1, *INT8_TYPES, *KQ_TYPES, *TERNARY)
 VIEW_TYPES = (T.F16, T.BF16)  # kernels on the file's own rows (f16.py): no repacking, no cache
-_SHARED_Q8 = (T.Q8_0, *EXACT_INT8)  # their layout is a PackedQ8, which records no qtype
+
+
+def _layout_qtype(qtype: int):
+    """The qtype a matrix's kernel layout records: None for Q8_0's PackedQ8, Q2_K for the
+    ternary types (run as Q2_K), else the type itself."""
+    return None if qtype == T.Q8_0 else T.Q2_K if qtype in TERNARY else qtype
 
 
 def has_kernel(qtype: int) -> bool:
@@ -110,9 +115,13 @@ def pack(raw: np.ndarray, qtype: int):
         return pack_q4(raw, qtype)
     if qtype in KQ_TYPES:
         return pack_kquant(raw, qtype)
+    if qtype in TERNARY:
+        return pack_kquant(ternary_as_q2_k(raw, qtype), T.Q2_K)
     if qtype in (T.Q5_0, T.Q5_1):
         return pack_q5(raw, qtype)
-    return pack_q8_0(raw) if qtype == T.Q8_0 else pack_exact_int8(raw, qtype)
+    if qtype == T.Q8_0:
+        return pack_q8_0(raw)
+    raise ValueError(f"no kernel layout for ggml type {qtype}")
 
 
 def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
@@ -125,12 +134,12 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
         return QuantMatrix(name, raw, qtype, n_out, n_in)
     if packed is None:
         packed = pack(raw, qtype)
-    elif (packed.n_out, packed.n_in) != (n_out, n_in) or getattr(packed, "qtype", None) != (
-            None if qtype in _SHARED_Q8 else qtype):
+    elif (packed.n_out, packed.n_in) != (n_out, n_in) \
+            or getattr(packed, "qtype", None) != _layout_qtype(qtype):
         raise ValueError(f"{name}: the cached kernel layout does not match the tensor")
     if qtype in INT8_TYPES:
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, q8_matvec)
-    if qtype in KQ_TYPES:
+    if isinstance(packed, PackedKQ):
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, kq_matvec)
     return QuantMatrix(name, raw, qtype, n_out, n_in, packed, lut_matvec)
 

@@ -40,7 +40,8 @@ __all__ = ["LAYOUT", "cache_path", "load", "save"]
 log = logging.getLogger("ember")
 
 MAGIC = b"EMBERPK\x01"
-LAYOUT = "q4f16-tile64.q8f16.q5p.kq3.v8"  # kq3: Q2_K..Q6_K in kquant (row pairs); q5p: PackedQ5
+LAYOUT = "q4f16-tile64.q8f16.q5p.kq3.tq2k.v9"  # kq3: Q2_K..Q6_K in kquant (row pairs); q5p: PackedQ5;
+#   tq2k: TQ1_0, TQ2_0 as Q2_K
 ALIGN = 64
 _CLASSES = {"q4": PackedQ4, "q8": PackedQ8, "q5": PackedQ5, "kq": PackedKQ}
 _DTYPES = {"uint8", "uint16", "int8", "float32", "int64"}

@@ -228,16 +228,17 @@ def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
 EXACT_INT8 = {34: (256, 54, 52),    # TQ1_0: d * (t - 1)
               35: (256, 66, 64)}    # TQ2_0: d * (t - 1)
 Q5_0, Q5_1 = 6, 7
-INT8_TYPES = (8, Q5_0, Q5_1, *EXACT_INT8)  # the types this module's kernels run (8: Q8_0 itself;
-#                                            Q5_0/Q5_1 in their own 5-bit layout)
+INT8_TYPES = (8, Q5_0, Q5_1)  # the types the runtime runs on this module's kernels (8: Q8_0;
+#                               Q5_0/Q5_1 in their own 5-bit layout; TQ1_0/TQ2_0 run as Q2_K)
 
 
 def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ8:
     """GGUF rows of a type in ``EXACT_INT8`` -> PackedQ8, exactly (``dequantize()`` gives the
     file's float32 weights bit for bit): the int8 codes are the dequantized weights divided by
     the block's f16 scale (a float32 division of an exact multiple is exact), checked.
-    The int8 kernels then run these types; they read 1.0625 bytes a weight instead of the
-    file's 0.21-0.26 until each has a kernel of its own."""
+    The int8 kernels can run these types, reading 1.0625 bytes a weight instead of the file's
+    0.21-0.26: the runtime runs them as Q2_K instead (``kquant.ternary_as_q2_k``, 0.33), and
+    uses this for their exact codes."""
     from ..formats.quants import dequantize_into
 
     bw, bb, off = EXACT_INT8[qtype]

@@ -33,6 +33,13 @@ Tolerances in tests/test_lut_kernels.py: 1e-4 / 2e-4 (16-bit), 2e-2 / 3e-2 (8-bi
 against the oracle: 1e-6 of the row's sum of |terms| (measured <= 2.2e-7).
 Cost of 16-bit over 8-bit tables: 0-10 % when the matrix streams from DRAM (the decode case:
 SmolLM2's 80 MB of Q4 weights are far beyond L2), 25-45 % when it sits in L2 (compute bound).
+On AVX2 (AMD EPYC Zen 3) the kernel is compute bound even when streaming (16-bit tables, 1
+thread: ~14 GB/s in cache, about the DRAM rate), and 8-bit tables let SmolLM2 decode 105-112
+tokens/s instead of 75-83 (ad hoc, 1 thread) with a perplexity as good (400 tokens fed one at
+a time: 29.404 against 16-bit 29.447 and NumPy 29.394), but over the 7 decode steps of
+``test_smollm2_fused_matches_op_by_op`` the logits differ from the float32 reference by up to
+24.9 (16-bit: 0.40): a block with one large activation leaves the others a few table steps.
+So 16-bit tables stay the default.
 
 Timing: ``python -m ember.lut_kernels.tmac`` (``benchmark()``). Dev box: a VM with 2 vCPUs
 reported as "Intel Xeon" (LLVM host cpu "rocketlake"; AVX-512 with VNNI/VBMI/GFNI, 2 MB L2 per
