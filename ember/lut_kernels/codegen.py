@@ -405,9 +405,19 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
             a(f"  %ynew{v} = {fma}({VF} %m{v}, {VF} %XS, {VF} %y1_{v})")
         else:
             a(f"  %ynew{v} = {fma}({VF} %u{v}, {VF} %d{v}, {VF} %yacc{v})")
-    a("  %b.next = add i64 %b, 1")
-    a("  %bdone = icmp eq i64 %b.next, %nb")
-    a("  br i1 %bdone, label %tile.end, label %blk")
+    emit_tile_end(a, "b", "%nb", "blk", tile, nv, nl)
+    return L
+
+
+def emit_tile_end(a, var: str, limit: str, loop: str, tile: int, nv: int, nl: int) -> None:
+    """The ends of an inner loop over ``%<var>`` (to ``limit``, block ``%<loop>``) and of the
+    tile loop around it over ``%t`` (``%t0`` to ``%t1``, block ``%tile``): the ``nv`` row sums
+    ``%ynew<v>`` (<nl x float>) into ``y[(t - t0) * tile + v * nl]``, then the next tile or the
+    function's return."""
+    VF = f"<{nl} x float>"
+    a(f"  %{var}.next = add i64 %{var}, 1")
+    a(f"  %{var}done = icmp eq i64 %{var}.next, {limit}")
+    a(f"  br i1 %{var}done, label %tile.end, label %{loop}")
     a("tile.end:")
     a("  %tr = sub i64 %t, %t0")
     a(f"  %yo = mul i64 %tr, {tile}")
@@ -421,7 +431,6 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
     a("exit:")
     a("  ret void")
     a("}")
-    return L
 
 
 def kernel_ir(isa: str, *, tile: int = 64, table_bits: int = 16, prefetch: int = DEFAULT_PREFETCH,

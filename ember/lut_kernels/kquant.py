@@ -193,7 +193,7 @@ from numba.extending import intrinsic
 from ..formats.quants import block_info
 from . import codegen
 from .codegen import _flt, _mask, _splat, _vec
-from .pack import aligned, aligned_empty, gguf_blocks, tree_sum
+from .pack import aligned, aligned_empty, gguf_blocks, stored_arrays, stored_meta, tree_sum
 from .split import MIN_ROWS, split
 from .tmac import _emit_call
 
@@ -301,24 +301,14 @@ class PackedKQ:
 
     @classmethod
     def from_arrays(cls, a) -> "PackedKQ":
-        try:
-            meta = np.asarray(a["meta"]).reshape(-1)
-            n_out, n_in, qtype = (int(v) for v in meta)
-            q, sc, d = np.asarray(a["q"]), np.asarray(a["sc"]), np.asarray(a["d"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"PackedKQ.from_arrays: missing or malformed arrays ({e})") from None
+        n_out, n_in, qtype = stored_meta(a, "PackedKQ", 3)
         if qtype not in _QB or n_out < 0 or n_in <= 0 or n_in % QK:
-            raise ValueError(f"PackedKQ.from_arrays: bad meta {meta.tolist()}")
+            raise ValueError(f"PackedKQ.from_arrays: bad meta {[n_out, n_in, qtype]}")
         nsb = n_in // QK
         nr = _array_rows(qtype, n_out)
-        want = {"q": ((nr, nsb * _QB[qtype]), np.uint8),
-                "sc": ((nr, nsb * 16), np.uint8),
-                "d": ((nr, nsb * _ND[qtype]), np.uint16)}
-        for nm, arr in (("q", q), ("sc", sc), ("d", d)):
-            shape, dt = want[nm]
-            if arr.shape != shape or arr.dtype != dt:
-                raise ValueError(f"PackedKQ.from_arrays: {nm} is {arr.dtype} {arr.shape}, "
-                                 f"expected {np.dtype(dt)} {shape}")
+        q, sc, d = stored_arrays(a, "PackedKQ", ("q", "sc", "d"), {
+            "q": ((nr, nsb * _QB[qtype]), np.uint8), "sc": ((nr, nsb * 16), np.uint8),
+            "d": ((nr, nsb * _ND[qtype]), np.uint16)})
         return cls(aligned(np.ascontiguousarray(q)), np.ascontiguousarray(sc),
                    np.ascontiguousarray(d), n_out, n_in, qtype)
 

@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["PackedQ4", "half_to_f32", "pack_q4", "unpack_q4", "aligned", "aligned_empty", "Q4_0", "Q4_1",
-           "DEFAULT_TILE", "gguf_blocks", "tree_sum"]
+           "DEFAULT_TILE", "gguf_blocks", "tree_sum", "stored_arrays", "stored_meta"]
 
 Q4_0 = 2   # GGMLQuantizationType values
 Q4_1 = 3
@@ -58,6 +58,34 @@ def gguf_blocks(raw2d, block_bytes: int, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected uint8 [n_out, n_blocks * {block_bytes}], got "
                          f"{raw.dtype} {raw.shape}")
     return raw.reshape(raw.shape[0], raw.shape[1] // block_bytes, block_bytes)
+
+
+def stored_arrays(a, what: str, names: tuple, shapes: dict) -> list:
+    """The arrays ``names`` of a stored layout (an ``np.load`` result or a dict) after checking
+    each against ``shapes[name] = (shape, dtype)``; ValueError naming ``what`` otherwise."""
+    out = []
+    for nm in names:
+        try:
+            arr = np.asarray(a[nm])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{what}.from_arrays: missing or malformed arrays ({e})") from None
+        shape, dt = shapes[nm]
+        if arr.shape != tuple(shape) or arr.dtype != dt:
+            raise ValueError(f"{what}.from_arrays: {nm} is {arr.dtype} {arr.shape}, expected "
+                             f"{np.dtype(dt)} {tuple(shape)}")
+        out.append(arr)
+    return out
+
+
+def stored_meta(a, what: str, n: int) -> tuple:
+    """The ``n`` integers of a stored layout's ``meta`` array; ValueError naming ``what``."""
+    try:
+        meta = tuple(int(v) for v in np.asarray(a["meta"]).reshape(-1))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{what}.from_arrays: missing or malformed arrays ({e})") from None
+    if len(meta) != n:
+        raise ValueError(f"{what}.from_arrays: bad meta {list(meta)}")
+    return meta
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:

@@ -39,7 +39,32 @@ integer ``I_s = sum_p 2^p sum_groups T[nibble]`` is ``sum_j (q_j - h) x_j / scal
 ``h = (2^b - 1) / 2``, so ``sum_j q_j x_j = scale I_s + h xs_s`` and, per row,
 ``y = sum_units D sum_s k_s F_s (- M sum_s m_s xs_s | + m xs)``, ``F_s = scale I_s + c xs_s``,
 ``c = h - z`` (-0.5 for Q4_0, Q5_0, Q3_K, Q6_K; 0.5 TQ; h for the min forms), ``xs_s`` the sub-
-block's sum of x (the tables' block sum for 32 weights, ``half_sums`` for 16).
+block's sum of x (the tables' block sum for 32 weights, ``half_sums`` for 16). Accuracy: the
+kernels equal the oracle to float32 rounding (tests: <= 1e-6 of the row's sum of |terms|,
+measured <= 1e-7), and the oracle is within ``sum_s |D k_s| scale_s groups (2^b - 1) / 2`` of
+the float truth (measured: 0.03-0.13 of that bound, 16-bit tables).
+
+Kernels (``kernel_ir``; per 16 rows and 32-block, ``b`` planes, 16-bit tables)
+--------------------------------------------------------------------------------
+``permb`` + ``vnni`` (AVX-512 VBMI + VNNI): ``4 b`` ``vpermb`` (index = nibble | group << 4,
+one ``vpternlog``/``vgf2p8affineqb`` each) and ``4 b`` ``vpdpbusd`` with the weights ``2^p``:
+Q4_0 75 instructions per (16 rows, block) in the loop, no spills (tmac.py's Q4 kernel: ~52, its
+dword being 4 planes of one group pair, which only a 4-bit code fills). ``shuf4`` (AVX2, AVX-512
+without VBMI): 4 ``vpshufb`` per lookup, one per table, each dot product's weight vector zero
+but in the byte lanes of its table. Only the AVX2 form runs on the dev host of this session
+(AMD EPYC, Zen 3, no AVX-512); the AVX-512 forms are compiled for icelake-server / skylake-
+avx512 in the tests (their instruction mix, no spills), not yet run or timed.
+
+Speed (``benchmark()``: 2048 x 2048, 1 thread, median of 7 alternating rounds, Zen 3, load
+~0.9): this kernel against the one the runtime runs for the type, us hot / cold (DRAM):
+Q4_0 673 / 692 vs tmac 242 / 321; Q4_1 659 / 662 vs 241 / 331; Q5_0 1008 / 1000 vs q8.py
+651 / 663; Q5_1 991 / 1004 vs 670 / 664; Q2_K 773 / 790 vs kquant 225 / 244; Q3_K 998 / 1053
+vs 207 / 231; Q4_K 1318 / 1397 vs 179 / 253; Q5_K 1683 / 1641 vs 229 / 303; Q6_K 1958 /
+1908 vs 229 / 414; TQ1_0 370 / 406 and TQ2_0 504 / 538 vs kquant's Q2_K form 158 / 174 and
+169 / 191. So on AVX2 the runtime keeps its int8 and tmac kernels for every type (4
+``vpshufb`` + 4 ``vpmaddubsw`` per lookup cannot keep up with one int8 dot product); whether
+the ``permb`` form wins on AVX-512 (the same lookups as tmac.py for Q4, half of them for
+2-bit codes) is not yet measured.
 """
 
 from __future__ import annotations
@@ -51,7 +76,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .pack import aligned, aligned_empty, gguf_blocks, half_to_f32
+from .pack import aligned, aligned_empty, gguf_blocks, half_to_f32, stored_arrays, stored_meta
 from .tmac import DEFAULT_TABLE_BITS, _build, _check_types, _emit_call, _table_values
 from .tmac import build_tables_reference
 from .tmac import fn_addresses as tmac_addresses
@@ -137,22 +162,14 @@ class PackedPlanes:
 
     @classmethod
     def from_arrays(cls, a) -> "PackedPlanes":
-        try:
-            n_out, n_in, qtype = (int(v) for v in np.asarray(a["meta"]).reshape(-1))
-            codes, sc, d = np.asarray(a["codes"]), np.asarray(a["sc"]), np.asarray(a["d"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"PackedPlanes.from_arrays: missing or malformed arrays ({e})") \
-                from None
+        n_out, n_in, qtype = stored_meta(a, "PackedPlanes", 3)
         s = _SPECS.get(qtype)
         if s is None or n_out <= 0 or n_in <= 0 or n_in % s.unit:
             raise ValueError(f"PackedPlanes.from_arrays: bad meta {(n_out, n_in, qtype)}")
         nt, nb, nsup = -(-n_out // ROWS), n_in // 32, n_in // s.unit
-        for nm, arr, shape, dt in (("codes", codes, (nt, nb, s.bits, ROWS, 4), np.uint8),
-                                   ("sc", sc, (nt, nsup, s.ns, ROWS), np.uint8),
-                                   ("d", d, (nt, nsup, s.nd, ROWS), np.uint16)):
-            if arr.shape != shape or arr.dtype != dt:
-                raise ValueError(f"PackedPlanes.from_arrays: {nm} is {arr.dtype} {arr.shape}, "
-                                 f"expected {np.dtype(dt)} {shape}")
+        codes, sc, d = stored_arrays(a, "PackedPlanes", ("codes", "sc", "d"), {
+            "codes": ((nt, nb, s.bits, ROWS, 4), np.uint8), "sc": ((nt, nsup, s.ns, ROWS), np.uint8),
+            "d": ((nt, nsup, s.nd, ROWS), np.uint16)})
         return cls(aligned(codes), np.ascontiguousarray(sc), np.ascontiguousarray(d),
                    n_out, n_in, qtype)
 
@@ -481,7 +498,7 @@ def _isa_form(isa: str) -> tuple[int, str, str]:
 
 def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                prefetch: int) -> list[str]:
-    from .codegen import _flt, _splat, _vec
+    from .codegen import _flt, _splat, _vec, emit_tile_end
     s = _SPECS[qt]
     nh, nl = 64 // vw, vw // 4
     V8, V16, V32, VF = f"<{vw} x i8>", f"<{vw // 2} x i16>", f"<{nl} x i32>", f"<{nl} x float>"
@@ -707,22 +724,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
             M = half_vec("%dp", ROWS + h * nl, f"M{h}")
             a(f"  %Mn{h} = fneg {VF} {M}")
             a(f"  %ynew{h} = call {VF} {fma}({VF} %Mn{h}, {VF} {maccs[h]}, {VF} %y1_{h})")
-    a("  %s.next = add i64 %s, 1")
-    a("  %sdone = icmp eq i64 %s.next, %nsup")
-    a("  br i1 %sdone, label %tile.end, label %unit")
-    a("tile.end:")
-    a("  %tr = sub i64 %t, %t0")
-    a(f"  %yo = mul i64 %tr, {ROWS}")
-    a("  %yb = getelementptr float, ptr %y, i64 %yo")
-    for h in range(nh):
-        a(f"  %yp{h} = getelementptr float, ptr %yb, i64 {h * nl}")
-        a(f"  store {VF} %ynew{h}, ptr %yp{h}, align 4")
-    a("  %t.next = add i64 %t, 1")
-    a("  %tdone = icmp eq i64 %t.next, %t1")
-    a("  br i1 %tdone, label %exit, label %tile")
-    a("exit:")
-    a("  ret void")
-    a("}")
+    emit_tile_end(a, "s", "%nsup", "unit", ROWS, nh, nl)
     return L
 
 
@@ -828,30 +830,32 @@ def _check(codes, sc, d, out, n_in, prm):
         raise ValueError("planes_matvec: the shapes of x, the packed matrix and out differ")
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _acts(ftab, x, bits):
+    """The activation formats of x: tables and block constants (tmac.py's), 16-weight sums."""
+    nb = x.size // 32
+    tab = np.empty((nb, 1 if bits == 8 else 2, 8, 16), np.int8)
+    bc = np.empty((nb, 4), np.float32)
+    hs = np.empty(2 * nb, np.float32)
+    _build(ftab, x, tab, bc, bits)
+    half_sums(x, hs)
+    return tab, bc, hs
+
+
 @njit(cache=True, nogil=True)
 def matvec_nb(ftab, fk, x, codes, sc, d, out, bits, prm):
     """numba-callable single-threaded matvec: ``ftab`` (tmac tables, 0: numba), ``fk``
     (``fn_address``, 0: portable), x float32 [n_in], a PackedPlanes' arrays, out float32
     [n_out]; ``prm`` = ``params(qtype)``."""
     _check(codes, sc, d, out, x.size, prm)
-    nb = x.size // 32
-    tab = np.empty((nb, 1 if bits == 8 else 2, 8, 16), np.int8)
-    bc = np.empty((nb, 4), np.float32)
-    hs = np.empty(2 * nb, np.float32)
-    _build(ftab, x, tab, bc, bits)
-    half_sums(x, hs)
+    tab, bc, hs = _acts(ftab, x, bits)
     _tiles(fk, codes, sc, d, tab, bc, hs, out, 0, codes.shape[0], prm)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _mv_parallel(ftab, fk, x, codes, sc, d, out, bits, prm, nthreads):
     _check(codes, sc, d, out, x.size, prm)
-    nb = x.size // 32
-    tab = np.empty((nb, 1 if bits == 8 else 2, 8, 16), np.int8)
-    bc = np.empty((nb, 4), np.float32)
-    hs = np.empty(2 * nb, np.float32)
-    _build(ftab, x, tab, bc, bits)
-    half_sums(x, hs)
+    tab, bc, hs = _acts(ftab, x, bits)
     nt = codes.shape[0]
     nch = min(nthreads, nt)
     for c in prange(nch):
