@@ -194,6 +194,7 @@ from ..formats.quants import block_info
 from . import codegen
 from .codegen import _flt, _mask, _splat, _vec
 from .pack import aligned, aligned_empty, gguf_blocks, stored_arrays, stored_meta, tree_sum
+from .q8 import EXACT_INT8, pack_exact_int8
 from .split import MIN_ROWS, split
 from .tmac import _emit_call
 
@@ -558,7 +559,7 @@ def ternary_as_q2_k(raw2d, qtype: int) -> np.ndarray:
     qtype = int(qtype)
     if qtype not in TERNARY:
         raise ValueError(f"ternary_as_q2_k: type {qtype} is not TQ1_0 (34) or TQ2_0 (35)")
-    bb = 54 if qtype == TQ1_0 else 66
+    _, bb, off = EXACT_INT8[qtype]                            # block bytes, offset of d
     r3 = gguf_blocks(raw2d, bb, "ternary_as_q2_k")
     n, nsb = r3.shape[:2]
     out = np.empty((n, nsb, 84), np.uint8)
@@ -566,13 +567,12 @@ def ternary_as_q2_k(raw2d, qtype: int) -> np.ndarray:
     if qtype == TQ2_0:
         out[:, :, 16:80] = r3[:, :, :64]
     else:
-        from .q8 import pack_exact_int8
         t = (pack_exact_int8(r3.reshape(n, -1), qtype).qs + 1).view(np.uint8)
         t = t.reshape(n, nsb, 2, 4, 32)                       # [row, sb, h, j, l]
         out[:, :, 16:80] = (t << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)).sum(
             axis=3, dtype=np.uint8).reshape(n, nsb, 64)
-    out[:, :, 80:82] = r3[:, :, bb - 2:bb]
-    out[:, :, 82:84] = r3[:, :, bb - 2:bb]
+    out[:, :, 80:82] = r3[:, :, off:off + 2]
+    out[:, :, 82:84] = r3[:, :, off:off + 2]
     return out.reshape(n, nsb * 84)
 
 

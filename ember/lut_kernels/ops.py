@@ -7,8 +7,8 @@ Weights arrive in one of two forms:
   `tmac.py`) on Q4_0/Q4_1, int8 dot products (`q8.py`) on Q8_0 and on Q5_0/Q5_1 (5-bit
   codes, the file's bytes), float FMAs on F16/BF16 rows as they are in the file (`f16.py`);
   K-quant matrices (Q2_K..Q6_K, and TQ1_0/TQ2_0 rewritten exactly as Q2_K) run the int8
-  kernels of `kquant.py` for any number of rows (weights read once per 16 rows, faster than BLAS on dequantized tiles for
-  prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
+  kernels of `kquant.py` for any number of rows (weights read once per 16 rows, faster than
+  BLAS on dequantized tiles for prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
   time into one reused buffer per thread and use single-threaded BLAS, the output columns split
   between ember's threads, so no float32 copy of the model is ever kept; a matrix that also has
   a kernel layout then gives its file pages back (`release`), so they do not stay resident

@@ -77,6 +77,11 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .pack import aligned, aligned_empty, gguf_blocks, half_to_f32, stored_arrays, stored_meta
+from . import codegen
+from .codegen import _flt, _init, _optimize, _splat, _vec, emit_tile_end, finish_module
+from .kquant import _GROUP_LANE, pack_kquant, random_kquant
+from .kquant import QTYPES as KQ_TYPES
+from .q8 import EXACT_INT8, pack_exact_int8
 from .tmac import DEFAULT_TABLE_BITS, _build, _check_types, _emit_call, _table_values
 from .tmac import build_tables_reference
 from .tmac import fn_addresses as tmac_addresses
@@ -243,12 +248,10 @@ def _decode(raw2d, qt: int):
         q, d = _decode_q45(r3, qt)
         return q, d, np.zeros((n, nsup, 0), np.uint8)
     if qt in (TQ1_0, TQ2_0):
-        from .q8 import pack_exact_int8
         q = (pack_exact_int8(r3.reshape(n, -1), qt).qs + 1).view(np.uint8)
-        o = s.block_bytes - 2
+        o = EXACT_INT8[qt][2]
         d = np.ascontiguousarray(r3[:, :, o:o + 2]).view(np.uint16).reshape(n, nsup, 1)
         return q, d, np.zeros((n, nsup, 0), np.uint8)
-    from .kquant import _GROUP_LANE, pack_kquant
     pk = pack_kquant(r3.reshape(n, -1), qt)
     q = pk.codes()
     if qt in (Q4_K, Q5_K):   # row pairs: [pair, sb, kind, row, 8] -> [row, sb, kind * 8]
@@ -484,7 +487,6 @@ def _isa_form(isa: str) -> tuple[int, str, str]:
     64 bytes over 4 tables (AVX-512 VBMI); ``shuf4`` = 4 ``vpshufb``, one per table, whose
     wrong bytes the dot product's weights zero. ``vnni`` = ``vpdpbusd``; ``maddubs`` =
     ``vpmaddubsw`` summed in int16 over a block, one ``vpmaddwd`` per block."""
-    from . import codegen
     f = codegen._host_features()
     if isa == "avx512":
         return 64, ("permb" if f.get("avx512vbmi") else "shuf4"), \
@@ -498,7 +500,6 @@ def _isa_form(isa: str) -> tuple[int, str, str]:
 
 def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                prefetch: int) -> list[str]:
-    from .codegen import _flt, _splat, _vec, emit_tile_end
     s = _SPECS[qt]
     nh, nl = 64 // vw, vw // 4
     V8, V16, V32, VF = f"<{vw} x i8>", f"<{vw // 2} x i16>", f"<{nl} x i32>", f"<{nl} x float>"
@@ -732,7 +733,6 @@ def kernel_ir(isa: str, qtype: int, table_bits: int = 16, prefetch: int = DEFAUL
               cpu: str = "", features: str = "", form: tuple | None = None) -> str:
     """The IR module of ``planes_<type>`` for an ISA on this host, or for ``form`` = (vector
     bytes, lookup, combine) whatever the host has (``kernel_asm``)."""
-    from .codegen import finish_module
     vw, lookup, combine = form or _isa_form(isa)
     return finish_module(list(_DECLS) + _kernel_ir(int(qtype), vw, lookup, combine, table_bits,
                                                    prefetch), cpu, features)
@@ -744,7 +744,6 @@ def kernel_asm(qtype: int, form=(64, "permb", "vnni"), cpu: str = "icelake-serve
     forms are checked on hosts without AVX-512."""
     import llvmlite.binding as llvm
 
-    from .codegen import _init, _optimize
     _init()
     mod = llvm.parse_assembly(kernel_ir("", qtype, table_bits, cpu=cpu, form=form))
     mod.verify()
@@ -769,7 +768,6 @@ def reset_kernel_choice() -> None:
 def fn_address(qtype: int, kernel: str | None = None, table_bits: int = 16,
                prefetch: int = DEFAULT_PREFETCH) -> int:
     """Address of ``planes_<type>`` for a kernel path (0: portable)."""
-    from . import codegen
     key = (int(qtype), kernel, table_bits, prefetch)
     r = _choice.get(key)
     if r is None:
@@ -905,9 +903,7 @@ _F16_AT = {Q4_0: (0,), Q4_1: (0, 2), Q5_0: (0,), Q5_1: (0, 2), TQ1_0: (52,), TQ2
 def random_rows(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
     """Random GGUF rows of a type in ``QTYPES``: random code and scale bytes, f16 scales ~1e-2
     of random sign (K-quants: ``kquant.random_kquant``)."""
-    from .kquant import QTYPES as KQ
-    from .kquant import random_kquant
-    if qtype in KQ:
+    if qtype in KQ_TYPES:
         return random_kquant(rng, qtype, n_out, n_in)
     s = spec(qtype)
     nu = n_in // s.unit
@@ -972,7 +968,6 @@ def benchmark(qtypes=QTYPES, shape=(2048, 2048), rounds: int = 7, cold_bytes: in
 if __name__ == "__main__":
     import subprocess
 
-    from . import codegen
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print("host:", codegen.host_isas(), "cpu:", codegen.llvm.get_host_cpu_name())
     benchmark()
