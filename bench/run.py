@@ -5,7 +5,8 @@ Measures, per engine and thread count, medians of --reps runs, each run in a fre
   tg128         128 greedy single-token decodes after a 16-token prompt, tokens/s
   k8            a forward over 8 new tokens after a 64-token context (speculative
                 verification's shape), tokens/s, and its cost relative to one new token
-  peak RSS      of the process that ran the test
+  peak RSS      of the process that ran the test (each test first runs once untimed, so the
+                numba and pack caches are warm, as on every run after a model's first)
 Plus, for ember: time from process start to the first generated token of `ember run` (warm, and
 cold with empty numba/pack caches), bytes of weights read per decoded token, the measured memory
 bandwidth and the share of that roofline the decode reaches.
@@ -268,6 +269,9 @@ def main() -> int:
     for t in threads:
         results["bandwidth_bytes_per_s"][t] = _run_worker(["bandwidth", str(t)])["bytes_per_s"]
     for test in tests:
+        # An untimed first process per test fills the numba and pack caches, so each timed one is
+        # warm (its peak RSS without the JIT's); the first run of all is timed as TTFT cold.
+        _run_worker(["ember", args.model, test, str(threads[0])])
         for t in threads:
             for rep in range(args.reps):
                 for engine in engines:  # alternate engines, run by run

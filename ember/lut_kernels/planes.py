@@ -51,20 +51,28 @@ one ``vpternlog``/``vgf2p8affineqb`` each) and ``4 b`` ``vpdpbusd`` with the wei
 Q4_0 75 instructions per (16 rows, block) in the loop, no spills (tmac.py's Q4 kernel: ~52, its
 dword being 4 planes of one group pair, which only a 4-bit code fills). ``shuf4`` (AVX2, AVX-512
 without VBMI): 4 ``vpshufb`` per lookup, one per table, each dot product's weight vector zero
-but in the byte lanes of its table. Only the AVX2 form runs on the dev host of this session
-(AMD EPYC, Zen 3, no AVX-512); the AVX-512 forms are compiled for icelake-server / skylake-
-avx512 in the tests (their instruction mix, no spills), not yet run or timed.
+but in the byte lanes of its table. Both forms are measured below; the tests also compile the
+AVX-512 forms for icelake-server / skylake-avx512 (their instruction mix, no spills).
 
-Speed (``benchmark()``: 2048 x 2048, 1 thread, median of 7 alternating rounds, Zen 3, load
-~0.9): this kernel against the one the runtime runs for the type, us hot / cold (DRAM):
-Q4_0 673 / 692 vs tmac 242 / 321; Q4_1 659 / 662 vs 241 / 331; Q5_0 1008 / 1000 vs q8.py
-651 / 663; Q5_1 991 / 1004 vs 670 / 664; Q2_K 773 / 790 vs kquant 225 / 244; Q3_K 998 / 1053
-vs 207 / 231; Q4_K 1318 / 1397 vs 179 / 253; Q5_K 1683 / 1641 vs 229 / 303; Q6_K 1958 /
-1908 vs 229 / 414; TQ1_0 370 / 406 and TQ2_0 504 / 538 vs kquant's Q2_K form 158 / 174 and
-169 / 191. So on AVX2 the runtime keeps its int8 and tmac kernels for every type (4
-``vpshufb`` + 4 ``vpmaddubsw`` per lookup cannot keep up with one int8 dot product); whether
-the ``permb`` form wins on AVX-512 (the same lookups as tmac.py for Q4, half of them for
-2-bit codes) is not yet measured.
+Speed (``benchmark()``, ``python -m ember.lut_kernels.planes``: 2048 x 2048, 1 thread, median of
+7 alternating rounds): this kernel against the one the runtime runs for the type, us hot / cold
+(DRAM).
+AVX2 (AMD EPYC Zen 3, ``shuf4``, load ~0.9): Q4_0 673 / 692 vs tmac 242 / 321; Q4_1 659 / 662
+vs 241 / 331; Q5_0 1008 / 1000 vs q8.py 651 / 663; Q5_1 991 / 1004 vs 670 / 664; Q2_K 773 / 790
+vs kquant 225 / 244; Q3_K 998 / 1053 vs 207 / 231; Q4_K 1318 / 1397 vs 179 / 253; Q5_K 1683 /
+1641 vs 229 / 303; Q6_K 1958 / 1908 vs 229 / 414; TQ1_0 370 / 406 and TQ2_0 504 / 538 vs
+kquant's Q2_K form 158 / 174 and 169 / 191: 4 ``vpshufb`` + 4 ``vpmaddubsw`` per lookup cannot
+keep up with one int8 dot product.
+AVX-512 VBMI + VNNI (Xeon, Emerald Rapids, ``permb``, idle): Q4_0 135 / 252 vs tmac 136 / 253;
+Q4_1 111 / 242 vs 122 / 247; Q5_0 127 / 273 vs q8.py 219 / 274; Q5_1 234 / 339 vs 437 / 465;
+Q2_K 100 / 143 vs kquant 122 / 138; Q3_K 113 / 189 vs 124 / 187; Q4_K 110 / 244 vs 86 / 223;
+Q5_K 142 / 293 vs 151 / 256; Q6_K 252 / 385 vs 169 / 317; TQ1_0 60 / 99 and TQ2_0 62 / 101 vs
+the Q2_K form 100 / 117 and 101 / 121 (1.08 MB against 1.38 MB). There the lookups are as cheap
+as int8 dot products: cold, the two tie for Q4_0..Q5_0 and Q2_K/Q3_K (both at the bandwidth),
+planes win for Q5_1 (1.37x) and the ternary types (1.18-1.20x, fewer bytes) and lose for
+Q4_K..Q6_K (0.82-0.91x). The runtime does not use them yet: its fused decode and its k-token and
+prefill kernels read their own layouts, and a second layout per matrix would double the weights
+held.
 """
 
 from __future__ import annotations
