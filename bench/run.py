@@ -270,7 +270,7 @@ def main() -> int:
         results["bandwidth_bytes_per_s"][t] = _run_worker(["bandwidth", str(t)])["bytes_per_s"]
     for test in tests:
         # An untimed first process per test fills the numba and pack caches, so each timed one is
-        # warm (its peak RSS without the JIT's); the first run of all is timed as TTFT cold.
+        # warm (its peak RSS without the JIT's); TTFT cold has its own empty caches.
         _run_worker(["ember", args.model, test, str(threads[0])])
         for t in threads:
             for rep in range(args.reps):
