@@ -213,18 +213,30 @@ def machine_load() -> float:
 
 
 def time_to_first_token(model: str, cold: bool) -> float:
-    """Wall time of `ember run MODEL PROMPT -n 1` (start, load, 16-token prompt, one token, exit)."""
+    """Wall time of `ember run MODEL PROMPT -n 1` (start, load, 16-token prompt, one token, exit),
+    run from a neutral folder so that it is the installed ember (``-m`` puts the working folder
+    first on sys.path: from a checkout's root it would be the checkout's sources)."""
     env = dict(os.environ)
-    tmp = None
-    if cold:
-        tmp = tempfile.mkdtemp(prefix="ember-cold-")
-        env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "numba")
-        env["EMBER_CACHE_DIR"] = os.path.join(tmp, "cache")
     prompt = "The river runs through the old town, past the mill and under the stone bridge"
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ember.cli", "run", model, prompt, "--raw", "-n", "1"],
-                   capture_output=True, env=env, check=True)
-    return time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="ember-ttft-") as tmp:
+        if cold:
+            env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "numba")
+            env["EMBER_CACHE_DIR"] = os.path.join(tmp, "cache")
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ember.cli", "run", model, prompt, "--raw", "-n", "1"],
+                       capture_output=True, env=env, check=True, cwd=tmp)
+        return time.perf_counter() - t
+
+
+def ember_bytecode() -> bool:
+    """Whether a start of the installed ember loads its modules from bytecode. Not when Python may
+    not write it (PYTHONDONTWRITEBYTECODE) and the install has none (an editable one): then every
+    start compiles ember's sources first (0.2-0.3 s). `pip install .` writes the bytecode."""
+    import importlib.util
+
+    import ember.cli
+
+    return not sys.dont_write_bytecode or os.path.exists(importlib.util.cache_from_source(ember.cli.__file__))
 
 
 def main() -> int:
@@ -280,6 +292,7 @@ def main() -> int:
                     print(f"{engine:>9} {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     results["ttft_warm_s"] = statistics.median(time_to_first_token(args.model, cold=False) for _ in range(3))
     results["ttft_cold_s"] = time_to_first_token(args.model, cold=True)
+    results["ttft_bytecode"] = ember_bytecode()
     results["summary"] = _summarize(results, engines, tests, threads)
     md = _markdown(results, engines, tests, threads)
     if args.out:
@@ -352,7 +365,11 @@ def _markdown(results: dict, engines, tests, threads) -> str:
         gen = [v[e]["peak_rss_bytes"] for k, v in results["summary"].items() if k.startswith("tg128|")]
         gen_s = f"; generation (tg128) {max(gen) / 1e6:.0f} MB" if gen else ""
         lines.append(f"- peak RSS {e}: {rss / 1e6:.0f} MB over all tests{gen_s}")
-    lines.append(f"- ember run, process start to first token: warm {results['ttft_warm_s']:.2f} s, cold {results['ttft_cold_s']:.2f} s")
+    source = "" if results["ttft_bytecode"] else (
+        " (ember's sources compiled at every start: an editable install and PYTHONDONTWRITEBYTECODE;"
+        " `pip install .` installs the bytecode)")
+    lines.append(f"- ember run, process start to first token: warm {results['ttft_warm_s']:.2f} s, "
+                 f"cold {results['ttft_cold_s']:.2f} s{source}")
     lines.append(f"- other processes at start: {results['load_cores_at_start']:.1f} cores")
     return "\n".join(lines) + "\n"
 
