@@ -415,6 +415,20 @@ def test_arrays_nested_too_deeply(tmp_path):
     assert inner[0].tolist() == ["x"] and inner[1].tolist() == [-1]
 
 
+@pytest.mark.parametrize("odd", [[], [b"a\x00b"], [b"\xff", b"\xc3"], [b"\xe2\x82", b"\xac"]],
+                         ids=["valid", "nul", "invalid", "split-sequence"])
+def test_string_arrays_decode_each_string_alone(tmp_path, odd):
+    """The one-decode fast path and the string-by-string one give the same strings, U+FFFD for
+    invalid bytes, whatever the strings hold (a multi-byte character cut across two strings
+    stays two invalid strings)."""
+    rng = np.random.default_rng(7)
+    words = ["", "in", "Ġthe", "<|im_end|>", "é", "日本", "🙂x", " "] + ["".join(map(chr, rng.integers(32, 0x3000, 5)))
+                                                             for _ in range(40)]
+    items = [w.encode() for w in words] + list(odd) + [b"end"]
+    f = GGUFFile(raw_file(tmp_path, tg.gguf_bytes([("s", V.ARRAY, (V.STRING, items))])))
+    assert f.get("s").tolist() == [b.decode("utf-8", errors="replace") for b in items]
+
+
 @pytest.mark.parametrize("dims", [[64, 2**40], [2**64 - 1, 1], [2**32, 2**32, 2**32, 2**32]], ids=["2^40", "u64max", "4x2^32"])
 def test_absurd_dimensions(tmp_path, dims):
     data = tg.gguf_bytes([], [RawTensor("t", dims, Q.F32, offset=0)])

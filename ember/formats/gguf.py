@@ -95,12 +95,34 @@ class LazyStrings(Sequence):
 
     def tolist(self) -> list[str]:
         if self._decoded is None:
-            buf = self._buf
-            self._decoded = [
-                buf[o : o + n].decode("utf-8", errors="replace")
-                for o, n in zip(self._offsets.tolist(), self._lengths.tolist())
-            ]
+            self._decoded = self._decode_all()
         return self._decoded
+
+    def _decode_all(self) -> list[str]:
+        """Each string decoded as UTF-8 (invalid bytes -> U+FFFD). Fast path: the strings joined
+        by NUL bytes (each length field's first byte, the other 7 dropped), decoded at once and
+        split; a vocabulary where that is not exact (a string with a NUL, or invalid UTF-8)
+        takes the string-by-string path."""
+        n = len(self)
+        if n:
+            start = int(self._offsets[0]) - 8
+            end = int(self._offsets[-1] + self._lengths[-1])
+            region = np.frombuffer(self._buf, np.uint8, count=end - start, offset=start).copy()
+            fields = self._offsets - 8 - start
+            region[fields] = 0
+            keep = np.ones(region.size, bool)
+            keep[(fields[:, None] + np.arange(1, 8)).ravel()] = False
+            joined = region[keep].tobytes()
+            if joined.count(b"\0") == n:
+                try:
+                    return joined.decode("utf-8").split("\0")[1:]
+                except UnicodeDecodeError:
+                    pass
+        buf = self._buf
+        return [
+            buf[o : o + k].decode("utf-8", errors="replace")
+            for o, k in zip(self._offsets.tolist(), self._lengths.tolist())
+        ]
 
     def __getitem__(self, i):
         return self.tolist()[i]
