@@ -5,7 +5,8 @@ import random
 import pytest
 
 from conftest import REFERENCES, reference
-from ember.formats.tokenizer import StreamDecoder, _complete_utf8_prefix
+from ember.errors import FormatError
+from ember.formats.tokenizer import StreamDecoder, _complete_utf8_prefix, split_merges
 
 MODELS = list(REFERENCES)
 
@@ -78,6 +79,14 @@ def test_complete_utf8_prefix():
             n = _complete_utf8_prefix(b[:cut])
             b[:n].decode("utf-8")  # the prefix is always whole characters
             assert n >= cut - 3
+
+
+def test_split_merges():
+    assert split_merges(["Ġ t", "h e", "a b c"], "m") == [("Ġ", "t"), ("h", "e"), ("a", "b c")]
+    assert split_merges([], "m") == []
+    for bad in (["ab", "c d e"], ["a b", "cd"], ["a b c", "de"]):
+        with pytest.raises(FormatError, match="malformed merge"):
+            split_merges(bad, "m")
 
 
 def test_bad_token_ids_raise(catalog_model):

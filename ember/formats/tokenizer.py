@@ -157,12 +157,7 @@ class Tokenizer:
         raw_merges = self._gguf.get("tokenizer.ggml.merges")
         if raw_merges is None:
             raise FormatError(f"{self.path}: a gpt2 tokenizer needs tokenizer.ggml.merges, which is missing")
-        merges = []
-        for m in raw_merges.tolist():
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise FormatError(f"{self.path}: malformed merge {m!r} (expected two tokens separated by a space)")
-            merges.append((a, b))
+        merges = split_merges(raw_merges.tolist(), self.path)
         hf = HFTokenizer(models.BPE(vocab=self._vocab, merges=merges, ignore_merges=ignore_merges))
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
@@ -292,6 +287,24 @@ class Tokenizer:
 
     def stream(self, special: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, special)
+
+
+def split_merges(raw: list[str], path) -> list[tuple[str, str]]:
+    """BPE merges "a b" -> ("a", "b"), split at the first space. Fast path: all merges joined by
+    spaces and split at once, kept when every pair's lengths plus the space make its merge's length
+    (no merge lacked its space while another had two); else merge by merge."""
+    halves = " ".join(raw).split(" ")
+    if len(halves) == 2 * len(raw):
+        lens = np.fromiter(map(len, halves), np.int64, len(halves))
+        if np.array_equal(lens[::2] + lens[1::2] + 1, np.fromiter(map(len, raw), np.int64, len(raw))):
+            return list(zip(halves[::2], halves[1::2]))
+    merges = []
+    for m in raw:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise FormatError(f"{path}: malformed merge {m!r} (expected two tokens separated by a space)")
+        merges.append((a, b))
+    return merges
 
 
 def _raise_id(i: int, n: int) -> bytes:
