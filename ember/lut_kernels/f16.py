@@ -123,7 +123,7 @@ def _rows_ir(vw: int, qtype: int, prefetch: int) -> list[str]:
     if prefetch:
         a("  %pfb = getelementptr i16, ptr %wr, i64 %ko")
         a(f"  %pfp = getelementptr i8, ptr %pfb, i64 {prefetch}")
-        a("  call void @llvm.prefetch.p0(ptr %pfp, i32 0, i32 3, i32 1)")
+        codegen.emit_prefetch(a, "%pfp")
     for j in range(4):
         a(f"  %o{j} = add i64 %ko, {j * nl}")
         a(f"  %wp{j} = getelementptr i16, ptr %wr, i64 %o{j}")
@@ -168,8 +168,7 @@ def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", feature
     nl = vw // 4
     L = [f"declare <{nl} x float> @llvm.fma.v{nl}f32(<{nl} x float>, <{nl} x float>, "
          f"<{nl} x float>)",
-         "declare float @llvm.fma.f32(float, float, float)",
-         "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
+         "declare float @llvm.fma.f32(float, float, float)"]
     for qt in _NAMES:
         L += _rows_ir(vw, qt, prefetch)
     return codegen.finish_module(L, cpu, features)

@@ -124,8 +124,8 @@ from memory once; a group's later chunks re-read it from L1/L2); each chunk func
 the group's rows and the tile's super-blocks, decodes a super-block's weights once
 (software-pipelined one super-block ahead on avx512) and applies them to every act row of the
 chunk with one accumulator per act row (and row pair for Q4_K, Q5_K; on avx2 one per row of
-the pair). Software prefetch (``prefetcht0``) of the same super-blocks ``ceil(2048 / tile
-bytes)`` rows ahead on the q, sc and d streams (k = 1 cold: 8.5 GB/s without, 9.9 with,
+the pair). Software prefetch (``codegen.emit_prefetch``) of the same super-blocks ``ceil(2048
+/ tile bytes)`` rows ahead on the q, sc and d streams (k = 1 cold: 8.5 GB/s without, 9.9 with,
 151936x1536).
 ``portable``: numba, each super-block decoded to float32 weights, 256 float32 lanes per act
 row accumulate ``w * (xq dx)`` (exact products; float32 rounding differs only).
@@ -254,7 +254,6 @@ def _unit_bytes(qt: int) -> tuple[int, int, int]:
     return _QB[qt], 16, _ND[qt]
 
 DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
-_PF_LOCALITY = 3           # prefetcht0
 DEFAULT_GROUP = 32         # weight rows per group (a group's later act chunks hit cache)
 DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}   # pipelined decode
 DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile (L1; 7 sb at kb = 16)
@@ -589,7 +588,6 @@ _DECLS = (
     "declare <16 x i16> @llvm.x86.avx2.packssdw(<8 x i32>, <8 x i32>)",
     "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)",
     "declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)",
-    "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)",
 )
 
 
@@ -885,8 +883,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
             for o in range(0, nbytes, 64):
                 a(f"  %pf{nm}{j}_{o}.b = getelementptr {ty}, ptr {base}, i64 {off}")
                 a(f"  %pf{nm}{j}_{o} = getelementptr i8, ptr %pf{nm}{j}_{o}.b, i64 {o}")
-                a(f"  call void @llvm.prefetch.p0(ptr %pf{nm}{j}_{o}, i32 0, "
-                  f"i32 {_PF_LOCALITY}, i32 1)")
+                codegen.emit_prefetch(a, f"%pf{nm}{j}_{o}")
     a("  br label %loop.body")
     a("loop.body:")
     a("  %xqo = mul i64 %s, %xqs")

@@ -486,7 +486,6 @@ _DECLS = (
     "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)",
     "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)",
     "declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)",
-    "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)",
 )
 
 
@@ -613,7 +612,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
         if prefetch:
             for p in range(s.bits):
                 a(f"  %{B}.pf{p} = getelementptr i8, ptr %{B}.cb, i64 {p * 64 + prefetch}")
-                a(f"  call void @llvm.prefetch.p0(ptr %{B}.pf{p}, i32 0, i32 3, i32 1)")
+                codegen.emit_prefetch(a, f"%{B}.pf{p}")
         for h in range(nh):
             H = f"{B}h{h}"
             acc = {}                      # (nib, Lb) -> accumulator name (i32 vnni, i16 maddubs)

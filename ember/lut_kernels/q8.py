@@ -348,7 +348,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
             a(f"  %wp{tag} = getelementptr i8, ptr %qrow, i64 %wo{tag}")
             if prefetch and not tag:
                 a(f"  %pfp = getelementptr i8, ptr %wp, i64 {prefetch}")
-                a("  call void @llvm.prefetch.p0(ptr %pfp, i32 0, i32 3, i32 1)")
+                codegen.emit_prefetch(a, "%pfp")
             if tag:   # the odd last block (avx512): 32 bytes, zero-extended
                 a(f"  %w32{tag} = load <32 x i8>, ptr %wp{tag}, align 1")
                 a(f"  %w{tag} = shufflevector <32 x i8> %w32{tag}, <32 x i8> zeroinitializer, "
@@ -362,7 +362,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         a(f"  %pp{tag} = getelementptr i8, ptr %qrow, i64 %po{tag}")
         if prefetch and not tag:
             a(f"  %pfp = getelementptr i8, ptr %pp, i64 {prefetch * 5 // 8}")
-            a("  call void @llvm.prefetch.p0(ptr %pfp, i32 0, i32 3, i32 1)")
+            codegen.emit_prefetch(a, "%pfp")
         a(f"  %nib{tag} = load <32 x i8>, ptr %pp{tag}, align 1")
         a(f"  %lo{tag} = and <32 x i8> %nib{tag}, {_splat('i8', 32, 15)}")
         a(f"  %hp{tag} = getelementptr i8, ptr %pp{tag}, i64 32")
@@ -515,8 +515,7 @@ def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", feature
          "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)",
          f"declare <{vw} x i8> @llvm.abs.v{vw}i8(<{vw} x i8>, i1)",
          f"declare <{nl} x float> @llvm.fma.v{nl}f32(<{nl} x float>, <{nl} x float>, "
-         f"<{nl} x float>)",
-         "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)"]
+         f"<{nl} x float>)"]
     if combine != "vnni":
         L = L[1:]
     for kind in KINDS:
