@@ -70,7 +70,13 @@ Q5_K 142 / 293 vs 151 / 256; Q6_K 252 / 385 vs 169 / 317; TQ1_0 60 / 99 and TQ2_
 the Q2_K form 100 / 117 and 101 / 121 (1.08 MB against 1.38 MB). There the lookups are as cheap
 as int8 dot products: cold, the two tie for Q4_0..Q5_0 and Q2_K/Q3_K (both at the bandwidth),
 planes win for Q5_1 (1.37x) and the ternary types (1.18-1.20x, fewer bytes) and lose for
-Q4_K..Q6_K (0.82-0.91x). The runtime does not use them yet: its fused decode and its k-token and
+Q4_K..Q6_K (0.82-0.91x).
+AVX-512 VBMI + VNNI (AMD EPYC Zen 4, ``permb``, load ~0.2, prefetcht1 on both sides): Q4_0 93 /
+190 vs tmac 86 / 119; Q4_1 114 / 217 vs 115 / 150; Q5_0 117 / 232 vs q8.py 200 / 229; Q5_1 133
+/ 246 vs 220 / 233; Q2_K 113 / 143 vs kquant 116 / 135; Q3_K 104 / 162 vs 121 / 135; Q4_K 134 /
+244 vs 90 / 153; Q5_K 177 / 324 vs 156 / 236; Q6_K 217 / 380 vs 129 / 225; TQ1_0 61 / 105 and
+TQ2_0 66 / 108 vs the Q2_K form 109 / 115 and 104 / 115: cold, only the ternary types gain
+(1.07-1.09x). The runtime does not use them yet: its fused decode and its k-token and
 prefill kernels read their own layouts, and a second layout per matrix would double the weights
 held.
 """
