@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REFERENCES, reference
 from ember.errors import FormatError
-from ember.formats.tokenizer import StreamDecoder, _complete_utf8_prefix, split_merges
+from ember.formats.tokenizer import StreamDecoder, Tokenizer, _complete_utf8_prefix, split_merges
 
 MODELS = list(REFERENCES)
 
@@ -87,6 +87,13 @@ def test_split_merges():
     for bad in (["ab", "c d e"], ["a b", "cd"], ["a b c", "de"]):
         with pytest.raises(FormatError, match="malformed merge"):
             split_merges(bad, "m")
+
+
+def test_vocab_maps_a_repeated_text_to_its_first_id():
+    class Stub:
+        tokens = ["a", "b", "a", "c", "b"]
+
+    assert Tokenizer.__dict__["_vocab"].func(Stub()) == {"a": 0, "b": 1, "c": 3}
 
 
 def test_bad_token_ids_raise(catalog_model):

@@ -118,10 +118,10 @@ class Tokenizer:
 
     @cached_property
     def _vocab(self) -> dict[str, int]:
-        vocab: dict[str, int] = {}
-        for i, s in enumerate(self.tokens):
-            vocab.setdefault(s, i)
-        return vocab
+        """Token text -> id; a text listed twice maps to its first id (built back to front, so
+        the first id is the one written last)."""
+        tokens = self.tokens
+        return dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
 
     @cached_property
     def stop_ids(self) -> frozenset[int]:
