@@ -287,9 +287,12 @@ def test_x86_assembly_uses_the_intended_instructions():
 @pytest.mark.parametrize("host, hint", [("znver4", "prefetcht1"), ("znver3", "prefetcht1"),
                                         ("sapphirerapids", "prefetcht0"), ("skylake-avx512", "prefetcht0")])
 def test_prefetch_hint_follows_the_host(monkeypatch, host, hint):
-    """The weight streams' prefetches go to L2 on AMD Zen, to L1 elsewhere, for every ISA's module."""
+    """The weight streams' prefetches go to L2 (and >= 8 KiB ahead) on AMD Zen, to L1 elsewhere,
+    for every ISA's module."""
     monkeypatch.setattr(codegen.llvm, "get_host_cpu_name", lambda: host)
     assert codegen.prefetch_locality() == (2 if hint == "prefetcht1" else 3)
+    assert codegen.prefetch_bytes(2048) == (8192 if hint == "prefetcht1" else 2048)
+    assert codegen.prefetch_bytes(16384) == 16384 and codegen.prefetch_bytes(0) == 0
     asm = codegen.kernel_asm("avx2", table_bits=16)
     body = asm.split("tmac_q4_1:")[1].split(".Lfunc_end")[0]
     assert hint in body and {"prefetcht0", "prefetcht1"} - {hint} & set(body.split()) == set()

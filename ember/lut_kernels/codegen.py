@@ -489,15 +489,30 @@ def emit_prefetch(a, ptr: str) -> None:
     a(f"  call void @ember.prefetch(ptr {ptr})")
 
 
+def _zen() -> bool:
+    return llvm.get_host_cpu_name().startswith("znver")
+
+
 def prefetch_locality() -> int:
     """The llvm.prefetch locality of the kernels' weight streams on this host: 3 (``prefetcht0``,
     into L1) except on AMD Zen, 2 (``prefetcht1``, into L2), whatever ISA a module is compiled
-    for. Measured on an AMD EPYC Zen 4 (znver4, 32 KB L1D), 1 thread: SmolLM2's 210 Q4_1
-    matrices in a row 7.3 -> 4.1 ms, its decode 116 -> 155 tokens/s and Qwen2.5-1.5B's 16.5 ->
-    19 (ad hoc); t0 there pushed the tables and activations the kernels re-read out of L1.
-    Intel hosts (48 KB L1D) keep t0, measured there against no prefetch (+20-30 %), not
-    against t1."""
-    return 2 if llvm.get_host_cpu_name().startswith("znver") else 3
+    for. On an AMD EPYC Zen 4 (znver4, 32 KB L1D) t0 pushed the tables and activations the
+    kernels re-read out of L1. Intel hosts (48 KB L1D) keep t0, measured there against no
+    prefetch (+20-30 %), not against t1. Zen 4, the one-token step, two copies of the model in
+    one process alternating (median of 40 each), t0 and the Intel distances -> t1 and
+    prefetch_bytes, 1 / 2 threads, ms: SmolLM2 9.24 -> 5.96 / 6.68 -> 5.29, Qwen2.5-0.5B 24.0 ->
+    23.5 / 17.9 -> 15.7, Qwen2.5-1.5B 55.3 -> 47.7 / 42.8 -> 37.4."""
+    return 2 if _zen() else 3
+
+
+def prefetch_bytes(default: int) -> int:
+    """A module's prefetch distance on this host: its `default` (tuned with t0 on Intel hosts),
+    at least 8 KiB on AMD Zen, where the lines go to the 1 MB L2 (prefetch_locality). Zen 4,
+    with t1, 1 thread: the one-token step as above, the modules' defaults -> 8 KiB, Qwen2.5-0.5B
+    (Q8_0, Q5_0/Q5_1) 25.3 -> 22.8 ms, Qwen2.5-1.5B (K-quants) 54.5 -> 47.2; from DRAM, its 198
+    K-quant matrices in a row 2048 B ahead 63.1 ms, 8192 55.5, 16384 58.5, 32768 56.9. (The
+    T-MAC kernel's 8 steps are 8 KiB already: 4 and 16 steps measured slower there.)"""
+    return max(default, 8192) if default and _zen() else default
 
 
 def finish_module(lines: list[str], cpu: str | None, features: str | None) -> str:

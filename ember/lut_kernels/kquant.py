@@ -1424,7 +1424,7 @@ def _compile(isa: str, what, **opts):
         spec = codegen.resolve_isa(isa)
         if what != "quant":
             opts = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
-                    **opts}
+                    "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), **opts}
         ee, owners, secs = codegen.jit(
             lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
         name = "kq_quant" if what == "quant" else f"kq_{_NAMES[what]}"

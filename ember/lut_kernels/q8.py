@@ -561,7 +561,8 @@ def fn_address(kernel: str | None = None, prefetch: int | None = None, qtype: in
         if name not in _SPECS:   # portable (neon is never executed here)
             r = 0
         else:
-            r = _compile(name, DEFAULT_PREFETCH if prefetch is None else prefetch)[0][kind]
+            pf = codegen.prefetch_bytes(DEFAULT_PREFETCH) if prefetch is None else prefetch
+            r = _compile(name, pf)[0][kind]
         _choice[key] = r
     return r
 
