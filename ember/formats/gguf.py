@@ -105,10 +105,8 @@ class LazyStrings(Sequence):
         takes the string-by-string path."""
         n = len(self)
         if n:
-            start = int(self._offsets[0]) - 8
-            end = int(self._offsets[-1] + self._lengths[-1])
-            region = np.frombuffer(self._buf, np.uint8, count=end - start, offset=start).copy()
-            fields = self._offsets - 8 - start
+            region = np.frombuffer(self.raw_region(), np.uint8).copy()
+            fields = self._offsets - self._offsets[0]   # each length field's first byte
             region[fields] = 0
             keep = np.ones(region.size, bool)
             keep[(fields[:, None] + np.arange(1, 8)).ravel()] = False
