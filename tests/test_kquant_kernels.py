@@ -493,3 +493,23 @@ def test_x86_assembly_uses_the_intended_instructions():
         assert "vpmaddubsw" in body2 and "vpmaddwd" in body2 and "zmm" not in body2, nm
         body = K.kernel_asm("avx512", what=qt)
         assert "zmm" in body and "vpdpbusd" in body or "vpmaddubsw" in body, nm
+
+
+def test_tile_follows_the_l1d(tmp_path, monkeypatch):
+    """The act tile is 3/4 of the host's L1D, read from sysfs (the 48 KB default otherwise)."""
+    for name, level, kind, size in (("index0", 1, "Instruction", "64K"), ("index1", 1, "Data", "32K"),
+                                    ("index2", 2, "Unified", "1024K")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert codegen.l1d_bytes(root=str(tmp_path)) == 32 << 10
+    assert codegen.l1d_bytes(root=str(tmp_path / "missing")) == 48 << 10
+    (tmp_path / "index1" / "size").write_text("garbage\n")
+    assert codegen.l1d_bytes(root=str(tmp_path)) == 48 << 10
+    monkeypatch.setattr(codegen, "l1d_bytes", lambda: 32 << 10)
+    assert K.tile_bytes() == 24576
+    assert K._host_opts("avx512", K.Q6_K)["tile_bytes"] == 24576
+    monkeypatch.setattr(codegen, "l1d_bytes", lambda: 48 << 10)
+    assert K.tile_bytes() == K.DEFAULT_TILE_BYTES

@@ -489,8 +489,28 @@ def emit_prefetch(a, ptr: str) -> None:
     a(f"  call void @ember.prefetch(ptr {ptr})")
 
 
-def _zen() -> bool:
-    return llvm.get_host_cpu_name().startswith("znver")
+def is_zen(cpu: str | None = None) -> bool:
+    """Whether `cpu` (an LLVM cpu name; default: this host's) is an AMD Zen core."""
+    return (cpu or llvm.get_host_cpu_name()).startswith("znver")
+
+
+def l1d_bytes(default: int = 48 << 10, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """This host's L1 data cache per core, in bytes (Linux sysfs; `default` where it cannot be
+    read: the 48 KB of the Intel hosts the kernels were first tuned on)."""
+    try:
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            with open(os.path.join(d, "level")) as f1, open(os.path.join(d, "type")) as f2:
+                if f1.read().strip() != "1" or f2.read().strip() != "Data":
+                    continue
+            with open(os.path.join(d, "size")) as f:
+                size = f.read().strip().upper()
+            shift = {"K": 10, "M": 20}.get(size[-1:], 0)
+            n = int(size.rstrip("KM")) << shift
+            return n if n > 0 else default
+    except (OSError, ValueError):
+        pass
+    return default
 
 
 def prefetch_locality() -> int:
@@ -502,7 +522,7 @@ def prefetch_locality() -> int:
     one process alternating (median of 40 each), t0 and the Intel distances -> t1 and
     prefetch_bytes, 1 / 2 threads, ms: SmolLM2 9.24 -> 5.96 / 6.68 -> 5.29, Qwen2.5-0.5B 24.0 ->
     23.5 / 17.9 -> 15.7, Qwen2.5-1.5B 55.3 -> 47.7 / 42.8 -> 37.4."""
-    return 2 if _zen() else 3
+    return 2 if is_zen() else 3
 
 
 def prefetch_bytes(default: int) -> int:
@@ -512,7 +532,7 @@ def prefetch_bytes(default: int) -> int:
     (Q8_0, Q5_0/Q5_1) 25.3 -> 22.8 ms, Qwen2.5-1.5B (K-quants) 54.5 -> 47.2; from DRAM, its 198
     K-quant matrices in a row 2048 B ahead 63.1 ms, 8192 55.5, 16384 58.5, 32768 56.9. (The
     T-MAC kernel's 8 steps are 8 KiB already: 4 and 16 steps measured slower there.)"""
-    return max(default, 8192) if default and _zen() else default
+    return max(default, 8192) if default and is_zen() else default
 
 
 def finish_module(lines: list[str], cpu: str | None, features: str | None) -> str:

@@ -113,8 +113,8 @@ runtime address like q8.py / tmac.py):
     ``y[i * y_stride + r]`` for r0 <= r < r1 (absolute row indices; Q4_K/Q5_K: rows of the
     pairs) and i < k.
 ``void kq_quant(ptr x, ptr xq, ptr xd, ptr xp, i64 nsb, i64 k, i64 kp, i64 x_stride)``.
-Structure: super-blocks in tiles whose act data stays in L1 (``DEFAULT_TILE_BYTES`` of the
-``min(kp, kb)`` rows one chunk call reads; partial sums added into y: for n_in = 8960 and k >= 4
+Structure: super-blocks in tiles whose act data stays in L1 (``tile_bytes()``, 3/4 of the L1D,
+of the ``min(kp, kb)`` rows one chunk call reads; partial sums added into y: for n_in = 8960 and k >= 4
 the act data of a whole row is 100+ KB and its loads from L2 were THE bottleneck; sizing the
 tile by all kp rows instead gave 1-super-block tiles at k = 256 and a reduction + y update +
 decode prologue per (row, chunk, super-block): k = 256 ran at half the k = 16 rate), rows in
@@ -256,7 +256,7 @@ def _unit_bytes(qt: int) -> tuple[int, int, int]:
 DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
 DEFAULT_GROUP = 32         # weight rows per group (a group's later act chunks hit cache)
 DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}   # pipelined decode
-DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile (L1; 7 sb at kb = 16)
+DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile at a 48 KB L1D (7 sb at kb = 16)
 DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per register block
 # Q4_K/Q5_K: 16 accumulators + two super-blocks' 8 code vectors spill at 16 act rows; 8960x1536
 # Q4_K at k = 16 / 64, 1 thread, two rounds: kb 16 1.67 / 7.03, 1.65 / 6.96 ms; kb 8 1.54 /
@@ -1405,6 +1405,23 @@ def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int
     return codegen.finish_module(L, cpu, features)
 
 
+def tile_bytes() -> int:
+    """The act bytes per tile on this host: 3/4 of its L1D (``DEFAULT_TILE_BYTES`` at 48 KB).
+    AMD EPYC Zen 4 (32 KB L1D), 1 thread, hot, min of 5 calls, median of 3 rounds, 36864 ->
+    24576 bytes: Q6_K 1536x8960 k = 8 1416 -> 1009 us, k = 16 2747 -> 2099; 8960x1536 k = 16
+    2716 -> 1970; 151936x1536 k = 16 48.0 -> 34.1 ms; Q4_K within 3 %; 16384 and 12288 no
+    better. (Tried there, not kept: byte shifts as 16-bit shifts + masks instead of the
+    ``vgf2p8affineqb`` LLVM emits, which shares the ``vpdpbusd`` pipes on Zen 4: Q4_K k = 8 7 %
+    slower, Q6_K the same.)"""
+    return DEFAULT_TILE_BYTES * codegen.l1d_bytes() // (48 << 10)
+
+
+def _host_opts(isa: str, what) -> dict:
+    """The kernel options a K-quant module is compiled with on this host."""
+    return {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
+            "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), "tile_bytes": tile_bytes()}
+
+
 _lock = threading.Lock()
 _cache: dict = {}
 
@@ -1423,8 +1440,7 @@ def _compile(isa: str, what, **opts):
             raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
         spec = codegen.resolve_isa(isa)
         if what != "quant":
-            opts = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
-                    "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), **opts}
+            opts = {**_host_opts(isa, what), **opts}
         ee, owners, secs = codegen.jit(
             lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
         name = "kq_quant" if what == "quant" else f"kq_{_NAMES[what]}"
@@ -1435,8 +1451,7 @@ def _compile(isa: str, what, **opts):
 def kernel_asm(isa: str = "avx512", what=Q4_K, **opts) -> str:
     """The host assembly of a module (for inspection; runs nothing)."""
     spec = codegen.resolve_isa(isa)
-    opts = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
-            **opts}
+    opts = {**_host_opts(isa, what), **opts}
     return codegen.host_asm(lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
 
 
