@@ -1412,7 +1412,11 @@ def tile_bytes() -> int:
     2716 -> 1970; 151936x1536 k = 16 48.0 -> 34.1 ms; Q4_K within 3 %; 16384 and 12288 no
     better. (Tried there, not kept: byte shifts as 16-bit shifts + masks instead of the
     ``vgf2p8affineqb`` LLVM emits, which shares the ``vpdpbusd`` pipes on Zen 4: Q4_K k = 8 7 %
-    slower, Q6_K the same.)"""
+    slower, Q6_K the same. And a "pair view" of the acts, each 32-byte half stored twice so the
+    row-pair kernels' dot products take a 64-byte memory operand instead of a
+    ``vbroadcasti64x4``: the kernel alone, hot, Q4_K 8960x1536 k = 8 917 -> 809 us, but
+    through ``kq_matmul`` from DRAM 954 -> 950, and Qwen2.5-1.5B's 198 matrices in a row at
+    k = 8 110.9 -> 110.4 ms (1 thread), 59.5 -> 59.7 (2), for twice the act bytes.)"""
     return DEFAULT_TILE_BYTES * codegen.l1d_bytes() // (48 << 10)
 
 
