@@ -478,7 +478,7 @@ def test_env_var_selects_kernel(monkeypatch):
 
 @pytest.mark.skipif("avx512" not in KERNELS, reason="host has no AVX-512BW")
 def test_x86_assembly_uses_the_intended_instructions():
-    asm = K.kernel_asm("avx512")
+    asm = K.kernel_asm("avx512", width=64, pipe=True)
     body = asm[asm.index("kq_q4_k.r1c"):]     # the chunk functions and the dispatchers
     assert "zmm" in body and "prefetch" in body
     if codegen._host_features().get("avx512vnni"):
@@ -486,6 +486,11 @@ def test_x86_assembly_uses_the_intended_instructions():
     else:
         assert "vpmaddubsw" in body
     assert "vbroadcasti64x4" in body and "vcvtph2ps" in body   # row pairs: act halves
+    if codegen._host_features().get("avx512vnni") and codegen._host_features().get("avx512vl"):
+        y = K.kernel_asm("avx512", width=32)
+        y = y[y.index("kq_q4_k.r1c8:"):y.index(".Lfunc_end", y.index("kq_q4_k.r1c8:"))]
+        dots = [ln for ln in y.splitlines() if ln.split()[:1] == ["vpdpbusd"]]
+        assert len(dots) >= 64 and all("ymm" in ln and "zmm" not in ln for ln in dots)
     for qt in (K.Q2_K, K.Q3_K, K.Q5_K, K.Q6_K):
         nm = K._NAMES[qt]
         asm2 = K.kernel_asm("avx2", what=qt)
@@ -513,3 +518,35 @@ def test_tile_follows_the_l1d(tmp_path, monkeypatch):
     assert K._host_opts("avx512", K.Q6_K)["tile_bytes"] == 24576
     monkeypatch.setattr(codegen, "l1d_bytes", lambda: 48 << 10)
     assert K.tile_bytes() == K.DEFAULT_TILE_BYTES
+
+
+@pytest.mark.skipif("avx512" not in KERNELS or not codegen._host_features().get("avx512vl")
+                    or not codegen._host_features().get("avx512vnni"),
+                    reason="host has no AVX-512 VNNI/VL")
+@pytest.mark.parametrize("qt", [K.Q4_K, K.Q5_K])
+@pytest.mark.parametrize("width,pipe", [(64, True), (64, False), (32, True), (32, False)])
+def test_row_pair_widths_match_the_oracle(qt, width, pipe):
+    """Both vector widths of the row-pair kernels (zmm; ymm for 2+ act rows, the form AMD Zen
+    hosts run), on any host: odd shapes, k across the chunk sizes, several tiles."""
+    fq = K.quant_address()
+    fn = K.fn_address(qt, width=width, pipe=pipe, tile_bytes=4096)
+    for n_out, n_in, k in ((37, 1536, 1), (64, 2048, 3), (9, 768, 8), (33, 512, 17)):
+        _, x, p, ref, absum, *_ = case(qt, n_out, n_in, k)
+        out = np.empty((k, n_out), np.float32)
+        K.matmul_nb(fn, fq, x, p.q, p.sc, p.d, out)
+        assert (np.abs(out - ref) <= ORACLE_RTOL * absum).all(), _msg(qt=qt, width=width, k=k)
+
+
+def test_zen_hosts_run_row_pairs_on_ymm(monkeypatch):
+    """On AMD Zen (with AVX-512 VNNI/VL) the Q4_K/Q5_K modules compile their chunks of 2+ act
+    rows for ymm; elsewhere, and for the other types, the path's own width."""
+    feats = {"avx512vl": True, "avx512vnni": True, "avx512f": True, "avx512bw": True}
+    monkeypatch.setattr(codegen, "_host_features", lambda: feats)
+    for host, ymm in (("znver4", True), ("sapphirerapids", False)):
+        monkeypatch.setattr(codegen.llvm, "get_host_cpu_name", lambda h=host: h)
+        for qt in K.QTYPES:
+            o = K._host_opts("avx512", qt)
+            assert (o.get("width") == 32) == (ymm and qt in (K.Q4_K, K.Q5_K))
+        assert "width" not in K._host_opts("avx2", K.Q4_K)
+    with pytest.raises(ValueError):
+        K.kernel_ir("avx2", what=K.Q4_K, width=64)

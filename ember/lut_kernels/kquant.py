@@ -262,6 +262,14 @@ DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per regi
 # Q4_K at k = 16 / 64, 1 thread, two rounds: kb 16 1.67 / 7.03, 1.65 / 6.96 ms; kb 8 1.54 /
 # 6.34, 1.55 / 6.46 (Q5_K within noise; k = 8 the same)
 PAIR_KB = 8
+# PAIR_YMM: on AMD Zen the row-pair kernels (Q4_K, Q5_K) of 2+ act rows run on ymm halves
+# (EVEX vpdpbusd, 32 bytes, no pipelining; _host_opts): the 64-byte form takes a
+# vbroadcasti64x4 per act half, and Zen 4 runs 512-bit ops as two 256-bit halves anyway.
+# AMD EPYC Zen 4, 1 thread, from DRAM, zmm -> ymm, us: Q4_K 8960x1536 k = 8 939 -> 834,
+# k = 16 1879 -> 1773; 1536x8960 k = 8 995 -> 889; Q5_K 8960x1536 k = 8 1028 -> 920. One row
+# stays 64 bytes: Qwen2.5-1.5B's 198 matrices in a row at k = 1 took 3 % longer on ymm.
+# Kept 64 bytes: Q2_K, Q3_K, Q6_K (ymm 2-13 % slower at k = 8, 9-46 % at k = 16; Q6_K k = 1
+# 4-15 % faster, not split per chunk size).
 DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
 
 
@@ -580,6 +588,7 @@ def ternary_as_q2_k(raw2d, qtype: int) -> np.ndarray:
 
 _DECLS = (
     "declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)",
+    "declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <32 x i8>, <32 x i8>)",
     "declare <32 x i16> @llvm.x86.avx512.pmaddubs.w.512(<64 x i8>, <64 x i8>)",
     "declare <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16>, <32 x i16>)",
     "declare <32 x i16> @llvm.x86.avx512.packssdw.512(<16 x i32>, <16 x i32>)",
@@ -611,7 +620,7 @@ class _Emit:
         if self.combine == "vnni":
             prev = init or "zeroinitializer"
             for v in range(len(W)):
-                a(f"  %{tag}d{v} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} {prev}, "
+                a(f"  %{tag}d{v} = call {V32} @llvm.x86.avx512.vpdpbusd.{8 * vw}({V32} {prev}, "
                   f"{V8} {W[v]}, {V8} {X[v]})")
                 prev = f"%{tag}d{v}"
             return prev
@@ -1379,10 +1388,11 @@ def _quant_ir() -> list[str]:
 def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int | None = None,
               nr: int | None = None, prefetch: int = DEFAULT_PREFETCH,
               tile_bytes: int = DEFAULT_TILE_BYTES, pipe: bool | None = None,
-              group: int = DEFAULT_GROUP) -> str:
+              group: int = DEFAULT_GROUP, width: int | None = None) -> str:
     """The IR module text for an x86 path (an ``_SPECS`` name): ``kq_<type>`` for ``what`` a
     qtype, or ``kq_quant`` for ``what="quant"`` (a module each, so a process parses only the
-    ones its model uses)."""
+    ones its model uses). ``width``: the vector bytes of the chunks of 2+ act rows, when not
+    the path's own (32 on avx512: ymm ``vpdpbusd``, AVX-512VL; not pipelined)."""
     L = list(_DECLS) + ["declare i64 @llvm.umax.i64(i64, i64)",
                         "declare i64 @llvm.umin.i64(i64, i64)"]
     if what == "quant":
@@ -1395,12 +1405,15 @@ def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int
         L += _quant_ir()
         return codegen.finish_module(L, cpu, features)
     vw, combine = _SPECS[isa]
+    if width is not None and (width not in (32, 64) or (width == 64 and vw == 32)):
+        raise ValueError(f"kernel_ir: width {width} on the {isa} path")
     kbs = _kbs(kb or _default_kb(isa, what))
     nr = nr or DEFAULT_NR[isa]
     pipe = DEFAULT_PIPE[isa] if pipe is None else pipe
     for ksz in kbs:
+        wide = width is None or width == vw or ksz == 1
         for rows in sorted({1, nr}):
-            L += _chunk_ir(what, vw, combine, rows, ksz, pipe)
+            L += _chunk_ir(what, vw if wide else width, combine, rows, ksz, pipe and wide)
     L += _fn_ir(what, nr, kbs, tile_bytes, prefetch, group)
     return codegen.finish_module(L, cpu, features)
 
@@ -1422,8 +1435,12 @@ def tile_bytes() -> int:
 
 def _host_opts(isa: str, what) -> dict:
     """The kernel options a K-quant module is compiled with on this host."""
-    return {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
-            "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), "tile_bytes": tile_bytes()}
+    o = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
+         "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), "tile_bytes": tile_bytes()}
+    if what in _PAIR and codegen.resolve_isa(isa) == "avx512" and codegen.is_zen() \
+            and codegen._host_features().get("avx512vl"):
+        o["width"] = 32   # PAIR_YMM
+    return o
 
 
 _lock = threading.Lock()
