@@ -502,7 +502,8 @@ def test_x86_assembly_uses_the_intended_instructions():
 
 def test_tile_follows_the_l1d(tmp_path, monkeypatch):
     """The act tile is 3/4 of the host's L1D, read from sysfs (the 48 KB default otherwise)."""
-    for name, level, kind, size in (("index0", 1, "Instruction", "64K"), ("index1", 1, "Data", "32K"),
+    for name, level, kind, size in (("index0", 1, "Instruction", "64K"),
+                                    ("index1", 1, "Data", "32K"),
                                     ("index2", 2, "Unified", "1024K")):
         d = tmp_path / name
         d.mkdir()
@@ -523,18 +524,30 @@ def test_tile_follows_the_l1d(tmp_path, monkeypatch):
 @pytest.mark.skipif("avx512" not in KERNELS or not codegen._host_features().get("avx512vl")
                     or not codegen._host_features().get("avx512vnni"),
                     reason="host has no AVX-512 VNNI/VL")
-@pytest.mark.parametrize("qt", [K.Q4_K, K.Q5_K])
-@pytest.mark.parametrize("width,pipe", [(64, True), (64, False), (32, True), (32, False)])
-def test_row_pair_widths_match_the_oracle(qt, width, pipe):
-    """Both vector widths of the row-pair kernels (zmm; ymm for 2+ act rows, the form AMD Zen
-    hosts run), on any host: odd shapes, k across the chunk sizes, several tiles."""
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("opts", [{}, {"width": 32}, {"width": 32, "pipe": False}])
+def test_vector_widths_match_the_oracle(qt, opts):
+    """The ymm chunk functions of 2+ act rows (the form AMD Zen hosts run for Q4_K and Q5_K) and
+    the zmm ones, on any AVX-512 VNNI host: odd shapes, k across the chunk sizes, several
+    tiles. For the row pairs, within one tile, a row's result is bit-identical whatever k."""
     fq = K.quant_address()
-    fn = K.fn_address(qt, width=width, pipe=pipe, tile_bytes=4096)
+
+    def mm(fn, x, n_out):
+        out = np.empty((x.shape[0], n_out), np.float32)
+        K.matmul_nb(fn, fq, np.ascontiguousarray(x), p.q, p.sc, p.d, out)
+        return out
+
+    fn = K.fn_address(qt, tile_bytes=4096, **opts)
+    one_tile = K.fn_address(qt, tile_bytes=1 << 24, **opts)
     for n_out, n_in, k in ((37, 1536, 1), (64, 2048, 3), (9, 768, 8), (33, 512, 17)):
         _, x, p, ref, absum, *_ = case(qt, n_out, n_in, k)
-        out = np.empty((k, n_out), np.float32)
-        K.matmul_nb(fn, fq, x, p.q, p.sc, p.d, out)
-        assert (np.abs(out - ref) <= ORACLE_RTOL * absum).all(), _msg(qt=qt, width=width, k=k)
+        out = mm(fn, x, n_out)
+        assert (np.abs(out - ref) <= ORACLE_RTOL * absum).all(), _msg(qt=qt, opts=opts, k=k)
+        if qt in (K.Q4_K, K.Q5_K) or not opts:
+            out = mm(one_tile, x, n_out)
+            for i in {0, k // 2, k - 1}:
+                one = mm(one_tile, x[i:i + 1], n_out)[0]
+                assert np.array_equal(one, out[i]), _msg(qt=qt, opts=opts, i=i)
 
 
 def test_zen_hosts_run_row_pairs_on_ymm(monkeypatch):

@@ -114,10 +114,11 @@ runtime address like q8.py / tmac.py):
     pairs) and i < k.
 ``void kq_quant(ptr x, ptr xq, ptr xd, ptr xp, i64 nsb, i64 k, i64 kp, i64 x_stride)``.
 Structure: super-blocks in tiles whose act data stays in L1 (``tile_bytes()``, 3/4 of the L1D,
-of the ``min(kp, kb)`` rows one chunk call reads; partial sums added into y: for n_in = 8960 and k >= 4
-the act data of a whole row is 100+ KB and its loads from L2 were THE bottleneck; sizing the
-tile by all kp rows instead gave 1-super-block tiles at k = 256 and a reduction + y update +
-decode prologue per (row, chunk, super-block): k = 256 ran at half the k = 16 rate), rows in
+of the ``min(kp, kb)`` rows one chunk call reads; partial sums added into y: for n_in = 8960
+and k >= 4 the act data of a whole row is 100+ KB and its loads from L2 were THE bottleneck;
+sizing the tile by all kp rows instead gave 1-super-block tiles at k = 256 and a reduction + y
+update + decode prologue per (row, chunk, super-block): k = 256 ran at half the k = 16 rate;
+so a row's sum is bit-identical for any k only while its n_in fits one tile), rows in
 groups of 32, per group act-row chunks of 16 (Q4_K/Q5_K: 8), 8, 4, 2, 1 (each weight is read
 from memory once; a group's later chunks re-read it from L1/L2); each chunk function
 (``noinline``) loops over
@@ -256,20 +257,21 @@ def _unit_bytes(qt: int) -> tuple[int, int, int]:
 DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
 DEFAULT_GROUP = 32         # weight rows per group (a group's later act chunks hit cache)
 DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}   # pipelined decode
-DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile at a 48 KB L1D (7 sb at kb = 16)
+DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile, 48 KB L1D (7 sb at kb = 16)
 DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per register block
 # Q4_K/Q5_K: 16 accumulators + two super-blocks' 8 code vectors spill at 16 act rows; 8960x1536
 # Q4_K at k = 16 / 64, 1 thread, two rounds: kb 16 1.67 / 7.03, 1.65 / 6.96 ms; kb 8 1.54 /
 # 6.34, 1.55 / 6.46 (Q5_K within noise; k = 8 the same)
 PAIR_KB = 8
-# PAIR_YMM: on AMD Zen the row-pair kernels (Q4_K, Q5_K) of 2+ act rows run on ymm halves
-# (EVEX vpdpbusd, 32 bytes, no pipelining; _host_opts): the 64-byte form takes a
-# vbroadcasti64x4 per act half, and Zen 4 runs 512-bit ops as two 256-bit halves anyway.
-# AMD EPYC Zen 4, 1 thread, from DRAM, zmm -> ymm, us: Q4_K 8960x1536 k = 8 939 -> 834,
-# k = 16 1879 -> 1773; 1536x8960 k = 8 995 -> 889; Q5_K 8960x1536 k = 8 1028 -> 920. One row
-# stays 64 bytes: Qwen2.5-1.5B's 198 matrices in a row at k = 1 took 3 % longer on ymm.
-# Kept 64 bytes: Q2_K, Q3_K, Q6_K (ymm 2-13 % slower at k = 8, 9-46 % at k = 16; Q6_K k = 1
-# 4-15 % faster, not split per chunk size).
+# ZEN_YMM: on AMD Zen the row-pair kernels (Q4_K, Q5_K) of 2+ act rows run on ymm (EVEX
+# vpdpbusd, 32 bytes, not pipelined; _host_opts), which Zen 4 executes as fast as the two
+# halves of a zmm op; the zmm form takes a vbroadcasti64x4 per act half. Each lane sums what
+# it does on zmm, in the same order, so a row's result stays bit-identical whatever k (as
+# speculative verification needs). AMD EPYC Zen 4, 1 thread, from DRAM, zmm -> ymm, us: Q4_K
+# 8960x1536 k = 8 939 -> 834, k = 16 1879 -> 1773; 1536x8960 k = 8 995 -> 889; Q5_K
+# 8960x1536 k = 8 1028 -> 920. One row stays zmm (ymm: Q4_K -2 to -6 %, noise-level, Q5_K
+# +15 % / -2 %). Q2_K, Q3_K, Q6_K stay zmm: ymm 2-13 % slower at k = 8, 9-46 % at k = 16
+# (Q6_K's one row 10-14 % faster on ymm, but its ymm lanes sum in another order than zmm's).
 DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
 
 
@@ -1411,9 +1413,9 @@ def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int
     nr = nr or DEFAULT_NR[isa]
     pipe = DEFAULT_PIPE[isa] if pipe is None else pipe
     for ksz in kbs:
-        wide = width is None or width == vw or ksz == 1
+        w = vw if ksz == 1 else width or vw
         for rows in sorted({1, nr}):
-            L += _chunk_ir(what, vw if wide else width, combine, rows, ksz, pipe and wide)
+            L += _chunk_ir(what, w, combine, rows, ksz, pipe and (w == vw or ksz == 1))
     L += _fn_ir(what, nr, kbs, tile_bytes, prefetch, group)
     return codegen.finish_module(L, cpu, features)
 
@@ -1437,9 +1439,10 @@ def _host_opts(isa: str, what) -> dict:
     """The kernel options a K-quant module is compiled with on this host."""
     o = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
          "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), "tile_bytes": tile_bytes()}
-    if what in _PAIR and codegen.resolve_isa(isa) == "avx512" and codegen.is_zen() \
-            and codegen._host_features().get("avx512vl"):
-        o["width"] = 32   # PAIR_YMM
+    if codegen.resolve_isa(isa) == "avx512" and codegen.is_zen() \
+            and codegen._host_features().get("avx512vl"):   # ZEN_YMM
+        if what in _PAIR:
+            o["width"] = 32
     return o
 
 
