@@ -11,7 +11,8 @@ embedding row, the call, the logits.
 
 `step_rows(tokens, cache)` runs up to MAX_ROWS new tokens through the same step. The K-quant
 kernels read each weight once for all rows, so speculative verification of 8 tokens costs ~1.4x
-one token (Qwen2.5-1.5B, 2 threads), where the op-by-op forward spent 1.65x in Python glue,
+one token (Qwen2.5-1.5B, 2 threads, AVX-512 VNNI Xeon; ~1.9x on a Zen 4 EPYC, where the kernels
+are compute-bound at 8 rows), where the op-by-op forward spent 1.65x in Python glue,
 thread-pool regions and scalar exp calls. The one-row kernels (T-MAC, q8, F16) run row by row
 over L2-sized groups of a matrix's rows, so the weights still stream from DRAM once (SmolLM2,
 16 prompt tokens: ~2x faster than 16 steps). With `all_logits=False` only the last token's
