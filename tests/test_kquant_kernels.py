@@ -513,6 +513,7 @@ def test_tile_follows_the_l1d(tmp_path, monkeypatch):
     assert codegen.l1d_bytes(root=str(tmp_path)) == 32 << 10
     assert codegen.l1d_bytes(root=str(tmp_path / "missing")) == 48 << 10
     (tmp_path / "index1" / "size").write_text("garbage\n")
+    codegen.l1d_bytes.cache_clear()   # read once per root and process
     assert codegen.l1d_bytes(root=str(tmp_path)) == 48 << 10
     monkeypatch.setattr(codegen, "l1d_bytes", lambda: 32 << 10)
     assert K.tile_bytes() == 24576

@@ -45,6 +45,7 @@ avx2; the aarch64 object 440 ms) and cached, engine included, for the life of th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -489,11 +490,12 @@ def emit_prefetch(a, ptr: str) -> None:
     a(f"  call void @ember.prefetch(ptr {ptr})")
 
 
-def is_zen(cpu: str | None = None) -> bool:
-    """Whether `cpu` (an LLVM cpu name; default: this host's) is an AMD Zen core."""
-    return (cpu or llvm.get_host_cpu_name()).startswith("znver")
+def is_zen() -> bool:
+    """Whether this host is an AMD Zen core (its LLVM cpu name)."""
+    return llvm.get_host_cpu_name().startswith("znver")
 
 
+@functools.lru_cache(maxsize=None)
 def l1d_bytes(default: int = 48 << 10, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """This host's L1 data cache per core, in bytes (Linux sysfs; `default` where it cannot be
     read: the 48 KB of the Intel hosts the kernels were first tuned on)."""

@@ -272,6 +272,12 @@ PAIR_KB = 8
 # 8960x1536 k = 8 1028 -> 920. One row stays zmm (ymm: Q4_K -2 to -6 %, noise-level, Q5_K
 # +15 % / -2 %). Q2_K, Q3_K, Q6_K stay zmm: ymm 2-13 % slower at k = 8, 9-46 % at k = 16
 # (Q6_K's one row 10-14 % faster on ymm, but its ymm lanes sum in another order than zmm's).
+# Also tried on Zen 4, not kept: byte shifts as 16-bit shifts + masks instead of the
+# vgf2p8affineqb LLVM emits (which shares the vpdpbusd pipes there): Q4_K k = 8 7 % slower,
+# Q6_K the same; a "pair view" of the acts (each 32-byte half stored twice, so the zmm row-pair
+# dots take a 64-byte memory operand): the kernel alone, hot, Q4_K 8960x1536 k = 8 917 -> 809
+# us, but through kq_matmul from DRAM 954 -> 950 and Qwen2.5-1.5B's 198 matrices at k = 8
+# 110.9 -> 110.4 ms (1 thread), 59.5 -> 59.7 (2), for twice the act bytes.
 DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
 
 
@@ -1415,7 +1421,7 @@ def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int
     for ksz in kbs:
         w = vw if ksz == 1 else width or vw
         for rows in sorted({1, nr}):
-            L += _chunk_ir(what, w, combine, rows, ksz, pipe and (w == vw or ksz == 1))
+            L += _chunk_ir(what, w, combine, rows, ksz, pipe and w == vw)
     L += _fn_ir(what, nr, kbs, tile_bytes, prefetch, group)
     return codegen.finish_module(L, cpu, features)
 
@@ -1425,13 +1431,7 @@ def tile_bytes() -> int:
     AMD EPYC Zen 4 (32 KB L1D), 1 thread, hot, min of 5 calls, median of 3 rounds, 36864 ->
     24576 bytes: Q6_K 1536x8960 k = 8 1416 -> 1009 us, k = 16 2747 -> 2099; 8960x1536 k = 16
     2716 -> 1970; 151936x1536 k = 16 48.0 -> 34.1 ms; Q4_K within 3 %; 16384 and 12288 no
-    better. (Tried there, not kept: byte shifts as 16-bit shifts + masks instead of the
-    ``vgf2p8affineqb`` LLVM emits, which shares the ``vpdpbusd`` pipes on Zen 4: Q4_K k = 8 7 %
-    slower, Q6_K the same. And a "pair view" of the acts, each 32-byte half stored twice so the
-    row-pair kernels' dot products take a 64-byte memory operand instead of a
-    ``vbroadcasti64x4``: the kernel alone, hot, Q4_K 8960x1536 k = 8 917 -> 809 us, but
-    through ``kq_matmul`` from DRAM 954 -> 950, and Qwen2.5-1.5B's 198 matrices in a row at
-    k = 8 110.9 -> 110.4 ms (1 thread), 59.5 -> 59.7 (2), for twice the act bytes.)"""
+    better."""
     return DEFAULT_TILE_BYTES * codegen.l1d_bytes() // (48 << 10)
 
 
@@ -1439,10 +1439,9 @@ def _host_opts(isa: str, what) -> dict:
     """The kernel options a K-quant module is compiled with on this host."""
     o = {"kb": _default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
          "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), "tile_bytes": tile_bytes()}
-    if codegen.resolve_isa(isa) == "avx512" and codegen.is_zen() \
+    if what in _PAIR and codegen.resolve_isa(isa) == "avx512" and codegen.is_zen() \
             and codegen._host_features().get("avx512vl"):   # ZEN_YMM
-        if what in _PAIR:
-            o["width"] = 32
+        o["width"] = 32
     return o
 
 
