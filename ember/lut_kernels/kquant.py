@@ -272,6 +272,10 @@ PAIR_KB = 8
 # 8960x1536 k = 8 1028 -> 920. One row stays zmm (ymm: Q4_K -2 to -6 %, noise-level, Q5_K
 # +15 % / -2 %). Q2_K, Q3_K, Q6_K stay zmm: ymm 2-13 % slower at k = 8, 9-46 % at k = 16
 # (Q6_K's one row 10-14 % faster on ymm, but its ymm lanes sum in another order than zmm's).
+# A throughput probe there (ad hoc, 3.6 GHz from the 4-cycle dot latency): vpdpbusd zmm 1 per
+# cycle, sharing its pipes with FMAs and vmulps (8 dots + 4 FMAs: 11.8 cycles); conversions,
+# shifts and logic run beside them. Qwen2.5-1.5B's 1.54 G weights x 8 rows are 193 M dots, ~27
+# ms on 2 cores before any float work; the Q4_K loop runs ~14-16 cycles per 8 dots.
 # Also tried on Zen 4, not kept: byte shifts as 16-bit shifts + masks instead of the
 # vgf2p8affineqb LLVM emits (which shares the vpdpbusd pipes there): Q4_K k = 8 7 % slower,
 # Q6_K the same; a "pair view" of the acts (each 32-byte half stored twice, so the zmm row-pair
