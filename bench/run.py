@@ -5,6 +5,7 @@ Measures, per engine and thread count, medians of --reps runs, each run in a fre
   tg128         128 greedy single-token decodes after a 16-token prompt, tokens/s
   k8            a forward over 8 new tokens after a 64-token context (speculative
                 verification's shape), tokens/s, and its cost relative to one new token
+                (forwards of 1 and of 8 tokens alternating, medians of 11 each)
   peak RSS      of the process that ran the test (each test first runs once untimed, so the
                 numba and pack caches are warm, as on every run after a model's first)
 Plus, for ember: time from process start to the first generated token of `ember run` (warm, and
@@ -33,7 +34,7 @@ from pathlib import Path
 import psutil
 
 TESTS = ("pp128", "pp512", "tg128", "k8")
-K_SMALL, K_CONTEXT, K_REPS = 8, 64, 7
+K_SMALL, K_CONTEXT, K_REPS = 8, 64, 11
 PROMPT_TG = 16
 N_TG = 128
 
@@ -47,7 +48,17 @@ def _prompt_ids(n: int, vocab_ids) -> list[int]:
     return ids[:n]
 
 
-def _k_result(dt1: float, dtk: float) -> dict:
+def _k_interleaved(timed) -> dict:
+    """k8's result from ``timed(n)`` (seconds of one forward over n new tokens after the
+    context): one untimed call of each size, then K_REPS of each, 1 and K_SMALL alternating so
+    that drift in the machine's speed hits both sizes alike; medians."""
+    timed(1)
+    timed(K_SMALL)
+    t1, tk = [], []
+    for _ in range(K_REPS):
+        t1.append(timed(1))
+        tk.append(timed(K_SMALL))
+    dt1, dtk = statistics.median(t1), statistics.median(tk)
     return {"tokens_per_s": K_SMALL / dtk, "k_cost_ratio": dtk / dt1, "one_token_s": dt1,
             "peak_rss_bytes": _peak_rss()}
 
@@ -77,17 +88,13 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
         s.feed_last(ids[:K_CONTEXT])
 
         def timed(n):
-            s.feed(ids[K_CONTEXT:K_CONTEXT + n])  # warm-up
+            t = time.perf_counter()
+            s.feed(ids[K_CONTEXT:K_CONTEXT + n])
+            dt = time.perf_counter() - t
             s.truncate(K_CONTEXT)
-            ts = []
-            for _ in range(K_REPS):
-                t = time.perf_counter()
-                s.feed(ids[K_CONTEXT:K_CONTEXT + n])
-                ts.append(time.perf_counter() - t)
-                s.truncate(K_CONTEXT)
-            return statistics.median(ts)
+            return dt
 
-        return _k_result(timed(1), timed(K_SMALL))
+        return _k_interleaved(timed)
     ids = _prompt_ids(PROMPT_TG, lambda t: m.tokenize(t, special=False))
     for _ in m.generate(ids, max_tokens=2, ignore_eos=True):  # warm-up
         pass
@@ -112,15 +119,12 @@ def worker_llama(model: str, test: str, threads: int) -> dict:
         llm.eval(ids[:K_CONTEXT])
 
         def timed(n):
-            ts = []
-            for _ in range(K_REPS + 1):
-                llm.n_tokens = K_CONTEXT  # eval() drops the cache after n_tokens
-                t = time.perf_counter()
-                llm.eval(ids[K_CONTEXT:K_CONTEXT + n])
-                ts.append(time.perf_counter() - t)
-            return statistics.median(ts[1:])
+            llm.n_tokens = K_CONTEXT  # eval() drops the cache after n_tokens
+            t = time.perf_counter()
+            llm.eval(ids[K_CONTEXT:K_CONTEXT + n])
+            return time.perf_counter() - t
 
-        return _k_result(timed(1), timed(K_SMALL))
+        return _k_interleaved(timed)
     if test.startswith("pp"):
         n = int(test[2:])
         ids = _prompt_ids(n, tok)
