@@ -86,6 +86,35 @@ def test_changed_model_gets_a_new_key(tmp_path, cache_env):
     assert [f.name for f in (cache_env / "packed").glob("*.pack")] == [pack_cache.cache_path(path).name]
 
 
+def _vm_flags(path) -> list[str]:
+    """The VmFlags of this process's mappings of `path` (/proc/self/smaps)."""
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                cur = line.split()[-1] if len(line.split()) >= 6 else None
+            elif line.startswith("VmFlags:") and cur == str(path):
+                out.append(line)
+    return out
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE") or
+                    not os.path.exists("/proc/self/smaps"), reason="Linux madvise and smaps")
+def test_the_mapping_is_advised_for_huge_pages(tmp_path, cache_env):
+    path = _model(tmp_path)
+    _logits(path)
+    (f,) = (cache_env / "packed").glob("*.pack")
+    back = pack_cache.load(path)
+    assert back
+    flags = _vm_flags(f.resolve())
+    assert flags and all(" hg" in fl for fl in flags), flags   # MADV_HUGEPAGE
+    del back
+
+
+def test_uncache_is_harmless_on_a_missing_file(tmp_path):
+    pack_cache._uncache(tmp_path / "absent.pack")   # logs at debug level, never raises
+
+
 def test_roundtrip_of_both_packed_classes(tmp_path, cache_env):
     path = _model(tmp_path)
     m = ember.load(path)
