@@ -1,6 +1,7 @@
 """The on-disk caches of derived data: packed weights (pack_cache.py) and JIT object code."""
 
 import hashlib
+import mmap
 import os
 
 import numpy as np
@@ -91,15 +92,16 @@ def _vm_flags(path) -> list[str]:
     out, cur = [], None
     with open("/proc/self/smaps") as f:
         for line in f:
-            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
-                cur = line.split()[-1] if len(line.split()) >= 6 else None
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):   # a mapping's first line
+                cur = head[-1] if len(head) >= 6 else None
             elif line.startswith("VmFlags:") and cur == str(path):
                 out.append(line)
     return out
 
 
-@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE") or
-                    not os.path.exists("/proc/self/smaps"), reason="Linux madvise and smaps")
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"),
+                    reason="Linux madvise and smaps")
 def test_the_mapping_is_advised_for_huge_pages(tmp_path, cache_env):
     path = _model(tmp_path)
     _logits(path)
@@ -108,11 +110,25 @@ def test_the_mapping_is_advised_for_huge_pages(tmp_path, cache_env):
     assert back
     flags = _vm_flags(f.resolve())
     assert flags and all(" hg" in fl for fl in flags), flags   # MADV_HUGEPAGE
-    del back
 
 
-def test_uncache_is_harmless_on_a_missing_file(tmp_path):
-    pack_cache._uncache(tmp_path / "absent.pack")   # logs at debug level, never raises
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/fd"),
+                    reason="posix_fadvise and /proc")
+def test_a_written_file_is_dropped_from_the_page_cache(tmp_path, cache_env, monkeypatch):
+    calls, real = [], os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    path = _model(tmp_path)
+    _logits(path)   # packs and writes the cache
+    (f,) = (cache_env / "packed").glob("*.pack")
+    assert (str(f.resolve()), os.POSIX_FADV_DONTNEED) in calls
+    calls.clear()
+    pack_cache._uncache(tmp_path / "absent.pack")   # a missing file: logged, not raised
+    assert calls == []
 
 
 def test_roundtrip_of_both_packed_classes(tmp_path, cache_env):

@@ -21,8 +21,9 @@ Huge pages: the decode streams every weight once a token, and through 4 KB pages
 TLB miss every 4 KB. The mapping is advised ``MADV_HUGEPAGE`` (Linux), so the pages the kernel
 reads in come as 2 MB folios, mapped with one entry each; pages already cached stay as they
 were read. A freshly written file's pages are cached as they were written, mostly small, so
-`save` flushes the file and drops it from the page cache (``_uncache``): the next start reads
-it back once, in 2 MB folios, and every start after that maps them. Qwen2.5-1.5B's one-token
+`save` writes the file through to disk (fsync) and drops it from the page cache
+(``_uncache``): the next start reads it back once, in 2 MB folios, and every start after that
+maps them. Qwen2.5-1.5B's one-token
 step, 2 threads, the file cached as written (243 of its 1104 MB in 2 MB folios) -> read back
 this way (1104 MB): 50-52 -> 43-45 ms; 1 thread 98-99 -> 84-89 (a timing script, alternating
 processes; not bench/). Kernels that cannot do this (no ``MADV_HUGEPAGE``, or a filesystem
@@ -137,7 +138,7 @@ def save(model_path: Path, packed: dict) -> Path:
             yield memoryview(a).cast("B")
             pos = off + a.nbytes
 
-    write_atomic(path, chunks(), fsync=False)
+    write_atomic(path, chunks())   # fsynced: the page cache can drop only clean pages
     _uncache(path)
     _remove_older(path, source)
     log.debug("packed weights cached in %s (%d bytes)", path, head_len + offset)
@@ -145,17 +146,13 @@ def save(model_path: Path, packed: dict) -> Path:
 
 
 def _uncache(path: Path) -> None:
-    """Write `path` to disk and drop its pages from the page cache (where the OS can), so the
+    """Drop the (written-back) pages of `path` from the page cache where the OS can, so the
     next load reads it in huge folios (module docstring)."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError as e:   # only the speed of later loads depends on it
         log.debug("ember: could not drop %s from the page cache (%s)", path, e)
 
@@ -198,11 +195,6 @@ def load(model_path: Path) -> dict | None:
     try:
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                mm.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:   # no transparent huge pages here: 4 KB pages
-                pass
     except (FileNotFoundError, ValueError):  # absent, or empty (mmap of 0 bytes)
         if path.exists():
             _drop(path, "empty file")
@@ -210,6 +202,11 @@ def load(model_path: Path) -> dict | None:
     except OSError as e:
         log.warning("ember: cannot read %s (%s)", path, e)
         return None
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:   # no transparent huge pages here: 4 KB pages
+            pass
     try:
         return _parse(mm, path)
     except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as e:
