@@ -154,7 +154,7 @@ def _uncache(path: Path) -> None:
         with open(path, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError as e:   # only the speed of later loads depends on it
-        log.debug("ember: could not drop %s from the page cache (%s)", path, e)
+        log.debug("could not drop %s from the page cache (%s)", path, e)
 
 
 def _source(path: Path) -> str | None:
