@@ -27,7 +27,6 @@ depend on the thread count: every row is computed whole by one thread.
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 
 import numpy as np
@@ -36,6 +35,7 @@ from numba import njit
 from ..errors import EmberError
 from ..lut_kernels import fused
 from ..lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratch, take
+from ..lut_kernels.split import Team
 from .attention import attend
 from .config import ROPE_NEOX
 from .model import rope_tables
@@ -312,59 +312,6 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
 
 
 # ---------------------------------------------------------------------------------------------
-# threads
-
-
-class _Pool:
-    """`n` worker threads that each run one call of a job when released (tids 1..n)."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self._go = [threading.Semaphore(0) for _ in range(n)]
-        self._done = threading.Semaphore(0)
-        self._job = None
-        self._results: list = [None] * n
-        self._stop = False
-        self._threads = [threading.Thread(target=self._work, args=(i,), daemon=True,
-                                          name=f"ember-decode-{i + 1}") for i in range(n)]
-        for t in self._threads:
-            t.start()
-
-    def _work(self, i: int) -> None:
-        while True:
-            self._go[i].acquire()
-            if self._stop:
-                return
-            fn, args, on_error = self._job
-            try:
-                self._results[i] = fn(i + 1, *args)
-            except BaseException as e:  # reported by run() on the calling thread
-                on_error()
-                self._results[i] = e
-            self._done.release()
-
-    def run(self, fn, args, on_error) -> list:
-        """fn(0, *args) here and fn(i, *args) on worker i; all results, tid order."""
-        self._job = (fn, args, on_error)
-        for g in self._go:
-            g.release()
-        try:
-            r0 = fn(0, *args)
-        except BaseException:
-            on_error()
-            raise
-        finally:
-            for _ in range(self.n):
-                self._done.acquire()
-        return [r0] + self._results
-
-    def close(self) -> None:
-        self._stop = True
-        for g in self._go:
-            g.release()
-
-
-# ---------------------------------------------------------------------------------------------
 # Python side
 
 
@@ -429,7 +376,7 @@ class FusedDecoder:
         self.bfn, self.yfn, self.tfn = fused.barrier_address()
         self.bst = fused.new_barrier_state()
         self.cnt = np.zeros(8 * (PHASES * c.n_layer + 1), np.int64)  # one cache line per phase
-        self._pool = _Pool(self.threads - 1) if self.threads > 1 else None
+        self._pool = Team(self.threads - 1, "ember-decode") if self.threads > 1 else None
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
 
