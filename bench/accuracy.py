@@ -1,7 +1,7 @@
 """Agreement of ember with llama.cpp on the catalog models, from the reference outputs in tests/data.
 
 For each model: top-5 sets at the last prompt position, per-position argmax, greedy continuations
-up to llama.cpp's first close call (margin < 0.5), and perplexity on tests/data/ppl_public.txt.
+up to llama.cpp's first close call (margin < 0.5), and perplexity on ember/bench/ppl_public.txt.
 
     python bench/accuracy.py [--models smollm2-135m,...] [--kernels auto|numpy] [--json]
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import ember
+from ember.bench.scenarios import english_text
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 REFERENCES = {
@@ -54,7 +55,7 @@ def measure(name: str, kernels: str = "auto") -> dict:
             last = s.feed([tok])[-1]
         greedy_total += n_sure
     t = time.perf_counter()
-    ppl = m.perplexity((DATA / "ppl_public.txt").read_text(encoding="utf-8"))
+    ppl = m.perplexity(english_text())
     ppl_s = time.perf_counter() - t
     ref_ppl = ref["perplexity"]["full_context"]["ppl"]
     n = len(ref["prompts"])

@@ -1,5 +1,5 @@
 """Start-up costs per catalog model: import, GGUF open (first and warm), tokenizer build, and
-encoding tests/data/ppl_public.txt (median of 20).
+encoding ember/bench/ppl_public.txt (median of 20).
 
     python bench/startup.py [--models smollm2-135m,...] [--json]
 """
@@ -11,14 +11,14 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 t_start = time.perf_counter()
 import ember  # noqa: E402
+from ember.bench.scenarios import english_text  # noqa: E402
 from ember.formats.gguf import GGUFFile  # noqa: E402
 
 IMPORT_S = time.perf_counter() - t_start
-TEXT = (Path(__file__).resolve().parent.parent / "tests" / "data" / "ppl_public.txt").read_text(encoding="utf-8")
+TEXT = english_text()
 
 
 def timed(f) -> float:

@@ -61,4 +61,6 @@ def catalog_model(catalog_path):
 
 @pytest.fixture(scope="session")
 def ppl_text() -> str:
-    return (DATA / "ppl_public.txt").read_text(encoding="utf-8")
+    from ember.bench.scenarios import english_text
+
+    return english_text()
