@@ -83,6 +83,12 @@ class Model:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.gguf)
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the file carries a chat template: an instruct (chat) model. Base models have
+        none; `chat()` then uses a built-in format, and the command line continues plain text."""
+        return bool(self.gguf.get("tokenizer.chat_template"))
+
     @cached_property
     def chat_format(self) -> ChatFormat:
         tok = self.tokenizer
@@ -132,8 +138,11 @@ class Model:
 
     def generate(self, prompt, **kwargs) -> Iterator[Chunk]:
         """Stream the continuation of `prompt` (raw text, no template, or token ids).
-        kwargs: the fields of GenerationConfig (max_tokens, temperature, top_k, top_p, min_p,
-        repeat_penalty, repeat_last_n, seed, stop, ignore_eos)."""
+        kwargs: the fields of GenerationConfig. The library's defaults are reproducible: greedy
+        (temperature=0.0, every filter off), seed=0, max_tokens=128 (None: until the end of the
+        turn or the context). For sampling as the command line does it, pass e.g.
+        temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=None
+        (a fresh seed, recorded in `stats["seed"]`)."""
         cfg = GenerationConfig(**kwargs)
         ids = self._prompt_ids(prompt)
         return generate(self.session(), self.tokenizer, ids, cfg, self.stats)
@@ -184,7 +193,8 @@ class Model:
             "expert_count": g.arch_get("expert_count"),
             "context_length": g.arch_get("context_length"),
             "rope_freq_base": g.arch_get("rope.freq_base"),
-            "file_type": g.get("general.file_type"),
+            "file_type": file_type_name(g.get("general.file_type")),
+            "kind": "instruct" if self.has_chat_template else "base",
             "tensor_count": len(g.tensors),
             "tensor_types": g.type_histogram(),
             "tokenizer": {
@@ -200,6 +210,19 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<ember.Model {self.path.name} ({self.architecture})>"
+
+
+def file_type_name(code) -> str | None:
+    """llama.cpp's name of a `general.file_type` code (3 -> "Q4_1", 15 -> "Q4_K_M")."""
+    if code is None:
+        return None
+    from gguf import LlamaFileType
+
+    try:
+        name = LlamaFileType(int(code)).name
+    except ValueError:
+        return f"unknown ({code})"
+    return name.removeprefix("MOSTLY_").replace("ALL_F32", "F32")
 
 
 def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **options) -> Model:

@@ -1,7 +1,8 @@
-"""The `ember` command line: pull, list, info, tokenize, run, perplexity.
+"""The `ember` command line: pull, list, info, tokenize, run, perplexity, bench.
 
 Every command that prints data takes `--json`. Errors print one line and exit with status 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. Ctrl-C ends any command within a second with status 130
+(`interrupt_watchdog`), leaving no half-written file behind.
 """
 
 from __future__ import annotations
@@ -21,8 +22,29 @@ from .errors import EmberError
 EXIT_ERROR = 2
 
 
+def _json_text(obj: Any, depth: int = 0) -> str:
+    """JSON indented by object, with lists of plain values (token ids) on one line."""
+    pad = "  " * depth
+    if isinstance(obj, dict) and obj:
+        items = (f"{pad}  {json.dumps(str(k), ensure_ascii=False)}: {_json_text(v, depth + 1)}"
+                 for k, v in obj.items())
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        items = (f"{pad}  {_json_text(v, depth + 1)}" for v in obj)
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    return json.dumps(obj, ensure_ascii=False, default=str)
+
+
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+    print(_json_text(obj))
+
+
+def _warn(message: str) -> None:
+    print(f"ember: warning: {message}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    print(f"ember: {message}", file=sys.stderr)
 
 
 def _human_bytes(n: int) -> str:
@@ -47,7 +69,8 @@ def cmd_list(args) -> int:
     for r in rows:
         mark = "*" if r["default"] else " "
         state = "pulled" if r["present"] else "not pulled"
-        print(f"{mark} {r['name']:<20} {r['arch']:<8} {r['params']:>5}  {_human_bytes(r['size']):>9}  {state:<10}  {r['description']}")
+        print(f"{mark} {r['name']:<20} {r['arch']:<8} {r['params']:>5}  {r['kind']:<8}  "
+              f"{_human_bytes(r['size']):>9}  {state:<10}  {r['description']}")
     print(f"(* default; models live in {hub.models_dir()})")
     return 0
 
@@ -56,6 +79,15 @@ def _load(model: str, **options):
     from .api import load
 
     return load(model, **options)
+
+
+def _check_threads(threads: int | None) -> None:
+    import psutil
+
+    cpus = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    if threads is not None and threads > cpus:
+        _warn(f"-t {threads} is more threads than this machine's {cpus} CPUs; decoding is "
+              f"fastest at one thread per physical core (the default)")
 
 
 def cmd_info(args) -> int:
@@ -86,23 +118,72 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def _is_model(arg: str) -> bool:
+    """Whether a lone positional of `run` names a model (a catalog name or a .gguf file)."""
+    return arg in hub.CATALOG or arg.endswith(".gguf") or os.path.isfile(os.path.expanduser(arg))
+
+
+def _model_and_prompt(args) -> tuple[str, str | None]:
+    """(model, prompt): the prompt from the arguments, else from stdin when it is not a
+    terminal; None on a terminal (a conversation)."""
+    model, prompt = args.model, args.prompt
+    if prompt is None and model is not None and not _is_model(model):
+        model, prompt = None, model  # one positional that is no model: the prompt
+    model = model or hub.DEFAULT_MODEL
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().rstrip("\n")  # echo's newline is not part of the prompt
+        if not prompt.strip():
+            raise EmberError("no prompt: give one as an argument, or pipe it in on stdin")
+    if prompt is None and args.json:
+        raise EmberError("--json needs a prompt (an argument or stdin)")
+    return model, prompt
+
+
+def _unescape(s: str) -> str:
+    """The usual backslash escapes of a command-line string (\\n, \\t, \\\\, \\xNN, \\uNNNN)."""
+    try:
+        return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise EmberError(f"bad escape in {s!r}: {e.reason}") from None
+
+
+def _generation_options(args) -> dict:
+    return dict(
+        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+        seed=None if args.seed < 0 else args.seed, stop=[_unescape(s) for s in args.stop or ()],
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _limit_note(m, stats: dict) -> None:
+    if stats.get("stopped_by") == "max_tokens":
+        _note(f"[the reply was cut at {stats['tokens_generated']} tokens by -n; raise it or leave "
+              "it out to let the reply finish]")
+    elif stats.get("stopped_by") == "context":
+        _note(f"[the reply was cut: the context window of {m.n_ctx} tokens is full (-c)]")
+
+
 def cmd_run(args) -> int:
-    if args.prompt is None:  # one positional: it is the prompt, for the default model
-        args.model, args.prompt = hub.DEFAULT_MODEL, args.model
-    m = _load(args.model, n_ctx=args.ctx_size, threads=args.threads, device=args.device)
+    model, prompt = _model_and_prompt(args)
+    opts = _generation_options(args)
+    _check_threads(args.threads)
+    m = _load(model, n_ctx=args.ctx_size, threads=args.threads, device=args.device)
+    trained = m.gguf.arch_get("context_length")
+    if args.ctx_size and trained and args.ctx_size > trained:
+        _warn(f"-c {args.ctx_size} is past the {trained} tokens {m.path.name} was trained on; "
+              "replies degrade beyond that")
+    raw = args.raw or not m.has_chat_template
+    if raw and not args.raw:
+        _note(f"{m.path.name} has no chat template (a base model): the prompt is continued as "
+              "plain text")
     from .runtime.decode import compiled
 
     if not compiled():
         logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
-    opts = dict(
-        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or (),
-        ignore_eos=args.ignore_eos,
-    )
-    if args.raw:
-        stream = m.generate(args.prompt, **opts)
-    else:
-        stream = m.chat([{"role": "user", "content": args.prompt}], **opts)
+    if prompt is None:
+        return _conversation(m, opts, raw)
+    stream = m.generate(prompt, **opts) if raw else m.chat([{"role": "user", "content": prompt}], **opts)
     ids, parts, finish = [], [], None
     for chunk in stream:
         ids += chunk.token_ids
@@ -114,20 +195,74 @@ def cmd_run(args) -> int:
     stats = dict(m.stats, finish_reason=finish)
     if args.json:
         _print_json({"ids": ids, "text": "".join(parts), "stats": stats})
-    else:
-        print()
-        if args.verbose:
-            print(_stats_line(stats), file=sys.stderr)
+        return 0
+    print()
+    _limit_note(m, stats)
+    if args.verbose:
+        print(_stats_line(stats), file=sys.stderr)
     return 0
+
+
+CHAT_HELP = ("Type a message and press Enter (end a line with \\ to continue it). /clear forgets "
+             "the conversation, /bye (or Ctrl-D) leaves; Ctrl-C stops a reply.")
+
+
+def _conversation(m, opts: dict, raw: bool) -> int:
+    """A line-by-line chat on a terminal, until the Textual app takes this place: each line is
+    a user message (a text to continue, for a base model); Ctrl-C stops a reply."""
+    try:
+        import readline  # noqa: F401  (line editing and Up/Down history for input())
+    except ImportError:
+        pass
+    print(f"chatting with {m.path.name}. {CHAT_HELP}")
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input(">>> ")
+            while line.endswith("\\"):
+                line = line[:-1] + "\n" + input("... ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /bye leaves)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return 0
+        if text == "/clear":
+            messages.clear()
+            print("(the conversation is cleared)")
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}. {CHAT_HELP}")
+            continue
+        messages.append({"role": "user", "content": text})
+        stream = m.generate(text, **opts) if raw else m.chat(messages, **opts)
+        reply = []
+        try:
+            for chunk in stream:
+                reply.append(chunk.text)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            print()
+            _limit_note(m, m.stats)
+        except KeyboardInterrupt:
+            print(" [stopped]")
+        messages.append({"role": "assistant", "content": "".join(reply)})
 
 
 def _stats_line(st: dict) -> str:
     return (f"[{st['prompt_tokens']} prompt tokens, {st['prefill_tokens_per_s']:.1f} tok/s; "
             f"{st['tokens_generated']} generated, {st['decode_tokens_per_s']:.1f} tok/s; "
-            f"first token {st['ttft_s']:.2f} s; peak RSS {st['peak_rss_bytes'] / 1e6:.0f} MB]")
+            f"first token {st['ttft_s']:.2f} s; peak RSS {st['peak_rss_bytes'] / 1e6:.0f} MB; "
+            f"seed {st['seed']}]")
 
 
 def cmd_perplexity(args) -> int:
+    _check_threads(args.threads)
     m = _load(args.model, threads=args.threads)
     try:
         with open(args.file, encoding="utf-8") as f:
@@ -147,20 +282,17 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    import runpy
-    from pathlib import Path
+def cmd_bench(argv: list[str]) -> int:
+    from .bench.run import main as bench_main
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "run.py"
-    if not script.exists():
-        raise EmberError(f"the benchmark script is not installed ({script}); run it from a checkout: python bench/run.py")
-    sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    return bench_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="ember", description="Run GGUF language models locally.")
+    p.add_argument("--version", action="version", version=f"ember {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -187,31 +319,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
     sp.add_argument("--pieces", action="store_true", help="one token per line with its text")
 
-    sp = add("run", cmd_run, "generate a reply (chat template applied unless --raw)")
-    sp.add_argument("model", help="catalog name or path; with one positional it is the prompt (default model)")
-    sp.add_argument("prompt", nargs="?")
+    sp = add("run", cmd_run, "generate a reply (chat template applied unless --raw); with no "
+             "prompt, read it from stdin, or chat on a terminal")
+    sp.add_argument("model", nargs="?", help="catalog name or path to a .gguf (default: "
+                    f"{hub.DEFAULT_MODEL}); a lone argument that names no model is the prompt")
+    sp.add_argument("prompt", nargs="?", help="the prompt (default: stdin, or a chat on a terminal)")
     sp.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
-    sp.add_argument("-n", "--max-tokens", type=int, default=128)
-    sp.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
-    sp.add_argument("--top-k", type=int, default=0)
-    sp.add_argument("--top-p", type=float, default=1.0)
-    sp.add_argument("--min-p", type=float, default=0.0)
-    sp.add_argument("--repeat-penalty", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--stop", action="append", help="stop string (repeatable)")
+    sp.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N",
+                    help="cap the reply at N tokens (default: until the end of the turn or the context)")
+    sp.add_argument("--temp", type=float, default=0.8, metavar="T", help="temperature (default 0.8; 0 = greedy)")
+    sp.add_argument("--top-k", type=int, default=40, metavar="K", help="keep the K likeliest tokens (default 40; 0 = off)")
+    sp.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                    help="keep the likeliest tokens up to probability P (default 0.95; 1 = off)")
+    sp.add_argument("--min-p", type=float, default=0.05, metavar="P",
+                    help="drop tokens less likely than P times the likeliest (default 0.05; 0 = off)")
+    sp.add_argument("--repeat-penalty", type=float, default=1.1, metavar="R",
+                    help="penalize tokens seen in the last --repeat-last-n (default 1.1; 1 = off)")
+    sp.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
+                    help="how many recent tokens the repeat penalty looks at (default 64; -1 = all)")
+    sp.add_argument("--seed", type=int, default=-1, metavar="S",
+                    help="random seed (default -1: a fresh one, shown by -v and --json)")
+    sp.add_argument("--stop", action="append", metavar="STR",
+                    help="stop before this text (repeatable; escapes like \\n are understood)")
     sp.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text tokens")
-    sp.add_argument("-c", "--ctx-size", type=int, default=None, help="context window (default: the model's)")
-    sp.add_argument("-t", "--threads", type=int, default=None)
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "opencl", "cuda"])
-    sp.add_argument("-v", "--verbose", action="store_true", help="print speed and memory after the reply")
+    sp.add_argument("-c", "--ctx-size", type=int, default=None, metavar="CTX",
+                    help="context window in tokens (default: the model's)")
+    sp.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                    help="CPU threads (default: $EMBER_THREADS or the physical cores)")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "opencl", "cuda"],
+                    help="where the model runs (default auto; only the CPU is implemented yet)")
+    sp.add_argument("-v", "--verbose", action="store_true",
+                    help="print speed, memory and the seed after the reply")
 
     sp = add("perplexity", cmd_perplexity, "perplexity of a text file (one causal pass)")
     sp.add_argument("model", help="catalog name or path to a .gguf")
-    sp.add_argument("file")
-    sp.add_argument("-t", "--threads", type=int, default=None)
+    sp.add_argument("file", help="a UTF-8 text file")
+    sp.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                    help="CPU threads (default: $EMBER_THREADS or the physical cores)")
 
-    sp = add("bench", cmd_bench, "on-device benchmark (same as python bench/run.py)", json_flag=False)
-    sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench/run.py (see --help there)")
+    sub.add_parser("bench", help="on-device benchmark: speed against llama.cpp, TTFT, memory "
+                   "(`ember bench --help` for its options)", add_help=False)
     return p
 
 
@@ -234,41 +381,96 @@ def _quiet_startup() -> None:
         log.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_ERROR
-    if argv is None:
-        _quiet_startup()
+def interrupt_watchdog(grace_s: float = 1.0) -> None:
+    """Make Ctrl-C end the process within `grace_s` even while the main thread is inside one
+    long native call (a compile, a big matrix), where Python cannot raise KeyboardInterrupt:
+    a daemon thread wakes on the signal (signal.set_wakeup_fd writes to a pipe from C), and
+    when the main thread has not started handling it after `grace_s` it deletes the files being
+    written (home.remove_unfinished), says "interrupted" and exits with status 130."""
+    import signal
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
     try:
-        code = args.func(args)
-    except EmberError as e:
-        if args.debug:
-            raise
-        print(f"ember: error: {e}", file=sys.stderr)
-        code = EXIT_ERROR
-    except KeyboardInterrupt:
-        print("ember: interrupted", file=sys.stderr)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: nothing to watch
+        os.close(r)
+        os.close(w)
+        return
+    seen = [0]
+
+    def on_sigint(signum, frame):
+        seen[0] += 1
+        raise KeyboardInterrupt
+
+    def watch() -> None:
+        import time
+
+        from .home import remove_unfinished
+
+        while True:
+            if os.read(r, 1) != bytes([signal.SIGINT]):
+                continue
+            before, deadline = seen[0], time.monotonic() + grace_s
+            while seen[0] == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if seen[0] == before:
+                remove_unfinished()
+                os.write(2, b"\nember: interrupted\n")
+                os._exit(130)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    threading.Thread(target=watch, daemon=True, name="ember-interrupt").start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    as_process = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if as_process:
+        _quiet_startup()
+        interrupt_watchdog()
+    try:
+        if argv[:1] == ["bench"]:  # every argument, --help included, is the benchmark's
+            code = _run(lambda: cmd_bench(argv[1:]), "--debug" in argv)
+        else:
+            args = build_parser().parse_args(argv)
+            if not getattr(args, "func", None):
+                build_parser().print_help()
+                return EXIT_ERROR
+            code = _run(lambda: args.func(args), args.debug)
+    except KeyboardInterrupt:  # during the parsing or the imports
+        print("\nember: interrupted", file=sys.stderr)
         code = 130
-    except BrokenPipeError:
-        code = 0
-    if argv is None:
+    if as_process:
         _exit_now(code)
     return code
+
+
+def _run(command: Callable[[], int], debug: bool) -> int:
+    try:
+        return command()
+    except EmberError as e:
+        if debug:
+            raise
+        print(f"ember: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nember: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
 
 
 def _exit_now(code: int) -> None:
     """End the command line process without the interpreter's teardown, which collects and
     frees every object one by one: with numba's registries loaded that took 0.1-0.2 s of
-    `ember run`. What a normal exit does that matters still happens first: other non-daemon
-    threads are joined, atexit handlers run (logging's flushes its handlers), the standard
-    streams are flushed."""
-    me = threading.current_thread()
-    for t in threading.enumerate():
-        if t is not me and not t.daemon:
-            t.join()
+    `ember run`. What a normal exit does that matters still happens first: atexit handlers
+    run (logging's flushes its handlers) and the standard streams are flushed. Threads are
+    not waited for: every thread ember starts is a daemon that holds no unfinished output,
+    so a finished command never waits on one. A second Ctrl-C from here on is ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     atexit._run_exitfuncs()
     for f in (sys.stdout, sys.stderr):
         try:

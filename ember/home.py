@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+_unfinished: set[str] = set()  # temporary files and folders being written right now
 
 
 def ember_home() -> Path:
@@ -54,11 +57,43 @@ def numba_cache_dir() -> Path | None:
     return path
 
 
+@contextmanager
+def unfinished(path):
+    """Marks `path` (a temporary file or folder) as being written while the block runs, so that
+    `remove_unfinished` can delete it when the process must end at once (Ctrl-C during a long
+    native call). The block itself still cleans up after itself on an exception."""
+    key = os.fspath(path)
+    _unfinished.add(key)
+    try:
+        yield path
+    finally:
+        _unfinished.discard(key)
+
+
+def remove_unfinished() -> None:
+    """Delete every temporary file or folder that is being written right now."""
+    import shutil
+
+    for p in list(_unfinished):
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
 def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
     """Write `data` (bytes, str, or an iterable of bytes-like chunks) to `path` through a
     temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with unfinished(tmp):
+        _write_then_rename(fd, tmp, path, data, fsync)
+
+
+def _write_then_rename(fd: int, tmp: str, path: Path, data, fsync: bool) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, (bytes, bytearray, memoryview, str)):

@@ -40,12 +40,29 @@ def test_tokenize(capsys, catalog_path):
 
 def test_run_json_greedy(capsys, catalog_path):
     code, out, _ = run_cli(capsys, "run", str(catalog_path("smollm2-135m")), "The capital of France is",
-                           "--raw", "-n", "4", "--json")
+                           "--raw", "-n", "4", "--temp", "0", "--json")
     res = json.loads(out)
     assert code == 0 and len(res["ids"]) == 4 and "Paris" in res["text"]
     for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "tokens_generated", "peak_rss_bytes"):
         assert key in res["stats"]
     assert res["stats"]["finish_reason"] == "length"
+
+
+def test_commands_leave_no_thread_that_keeps_a_process_alive(capsys, catalog_path, tmp_path):
+    """Every thread ember starts (the decode and batch teams) is a daemon: a finished command
+    never waits on one (the batch path's pool once kept `ember perplexity` alive forever)."""
+    import threading
+
+    from ember.bench.scenarios import english_text
+
+    text = tmp_path / "t.txt"
+    text.write_text(english_text()[:3000])
+    path = str(catalog_path("smollm2-135m"))
+    assert run_cli(capsys, "perplexity", path, str(text), "-t", "2")[0] == 0
+    assert run_cli(capsys, "run", path, "hi " * 100, "-n", "2", "-t", "2")[0] == 0
+    ember_threads = [t for t in threading.enumerate() if t.name.startswith("ember-")]
+    assert {t.name.rsplit("-", 1)[0] for t in ember_threads} >= {"ember-split", "ember-decode"}
+    assert all(t.daemon for t in ember_threads)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -72,12 +89,30 @@ def test_bad_generation_args(capsys, catalog_path):
     code, _, err = run_cli(capsys, "run", path, "hi", "--temp", "-1")
     assert code == 2 and "temperature" in err
     code, _, err = run_cli(capsys, "run", path, "word " * 40, "--raw", "-c", "16")
-    assert code == 2 and "context window" in err
+    assert code == 2 and "context window" in err and "-c" in err
 
 
 def test_console_script_entry_point():
     res = subprocess.run([sys.executable, "-m", "ember.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "perplexity" in res.stdout
+
+
+@pytest.mark.parametrize("given, meant", [
+    (r"\n", "\n"), (r"a\tb", "a\tb"), (r"\\n", "\\n"), (r"\x41\u00e9", "A\u00e9"), ("é\\n", "é\n"),
+    ("plain", "plain"),
+])
+def test_stop_escapes(given, meant):
+    from ember.cli import _unescape
+
+    assert _unescape(given) == meant
+
+
+def test_json_output_keeps_lists_of_values_on_one_line():
+    from ember.cli import _json_text
+
+    obj = {"ids": [1, 2, 3], "text": "a\nb", "stats": {"x": 1.5, "rows": [{"a": [4, 5]}]}, "empty": []}
+    text = _json_text(obj)
+    assert json.loads(text) == obj and '"ids": [1, 2, 3]' in text and '"a": [4, 5]' in text
 
 
 def test_process_exit_keeps_output_and_status(catalog_path, tmp_path):

@@ -1,13 +1,16 @@
 """Generation: prefill the prompt, then sample and decode token by token, streaming text chunks.
 
 Stops at the model's end-of-generation tokens (unless `ignore_eos`), at a stop string (the text
-before it is emitted, the stop string is not), at `max_tokens`, or when the context is full.
-Records time to first token, prefill and decode speeds, and peak memory.
+before it is emitted, the stop string is not), at `max_tokens` (None: no cap), or when the
+context is full. Records time to first token, prefill and decode speeds, peak memory, the seed
+drawn (`seed=None` draws a fresh one, recorded so the run can be repeated) and why it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ class GenerationError(EmberError, ValueError):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_tokens: int = 128
+    max_tokens: int | None = 128  # None: until the end of the turn or the context
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -39,8 +42,9 @@ class GenerationConfig:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise GenerationError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        m = self.max_tokens
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m <= 0):
+            raise GenerationError(f"max_tokens must be a positive integer or None, got {m!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -108,17 +112,19 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
     if len(prompt_ids) >= n_ctx:
         raise GenerationError(
             f"the prompt has {len(prompt_ids)} tokens but the context window holds {n_ctx} "
-            f"(and one more is needed to generate): shorten the prompt or raise n_ctx"
+            f"(and one more is needed to generate): shorten the prompt or raise the context size "
+            f"(n_ctx=, or -c on the command line)"
         )
     bad = [i for i in prompt_ids if not 0 <= i < tokenizer.n_vocab]
     if bad:
         raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.n_vocab - 1})")
-    sampler = Sampler(cfg.sampling, tokenizer.n_vocab)
+    seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+    sampler = Sampler(dataclasses.replace(cfg.sampling, seed=seed), tokenizer.n_vocab)
     stop_ids = frozenset() if cfg.ignore_eos else tokenizer.stop_ids
     detok = tokenizer.stream(special=False)
     stops = _StopFilter(cfg.stop)
     stats.clear()
-    stats.update(prompt_tokens=len(prompt_ids), tokens_generated=0)
+    stats.update(prompt_tokens=len(prompt_ids), tokens_generated=0, seed=seed)
 
     t0 = time.perf_counter()
     session.reset()
@@ -135,29 +141,33 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
             stats["ttft_s"] = t_first - t0
         if token in stop_ids:
             tail = stops.flush() + detok.flush()
-            _finish(stats, generated, t_first)
+            _finish(stats, generated, t_first, "eos")
             yield Chunk(tail, [], "stop")
             return
         generated.append(token)
         history.append(token)
         text, hit = stops.push(detok.feed([token]))
         if hit:
-            _finish(stats, generated, t_first)
+            _finish(stats, generated, t_first, "stop_string")
             yield Chunk(text, [token], "stop")
             return
-        if len(generated) >= cfg.max_tokens or len(session) + 1 >= n_ctx:
+        capped = cfg.max_tokens is not None and len(generated) >= cfg.max_tokens
+        if capped or len(session) + 1 >= n_ctx:
             text += stops.push(detok.flush())[0] + stops.flush()
-            _finish(stats, generated, t_first)
+            _finish(stats, generated, t_first, "max_tokens" if capped else "context")
             yield Chunk(text, [token], "length")
             return
         yield Chunk(text, [token])
         logits = session.feed_last([token])
 
 
-def _finish(stats: dict, generated: list[int], t_first: float) -> None:
+def _finish(stats: dict, generated: list[int], t_first: float, why: str) -> None:
+    """Records the decode figures and why generation ended: "eos", "stop_string", "max_tokens"
+    or "context" (the chunk's finish_reason is "stop" for the first two, "length" otherwise)."""
     t_decode = time.perf_counter() - t_first
     n = len(generated)
     stats.update(
+        stopped_by=why,
         tokens_generated=n,
         decode_s=t_decode,
         decode_tokens_per_s=(n - 1) / t_decode if n > 1 and t_decode > 0 else 0.0,

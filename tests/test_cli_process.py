@@ -1,0 +1,324 @@
+"""The installed `ember` command as users run it: a real process, its exit status, what it prints,
+and that it ends within a second of its last line (a finished command once hung on a thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+EXIT_GRACE_S = 1.0  # a finished command ends this soon after its last output
+BIN = Path(sys.executable).parent
+
+
+def ember_exe() -> str:
+    exe = shutil.which("ember", path=str(BIN)) or shutil.which("ember")
+    assert exe, "the `ember` console script is not installed (pip install -e '.[test]')"
+    return exe
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str, tail_s: float):
+        self.code, self.out, self.err, self.tail_s = code, out, err, tail_s
+
+    def __repr__(self) -> str:
+        return f"<exit {self.code}, {self.tail_s:.2f} s after the last output\n{self.out}\n{self.err}>"
+
+
+class Process:
+    """A running `ember` whose output is read as it comes, with the time of the last byte."""
+
+    def __init__(self, *args, stdin=subprocess.DEVNULL, env=None, **kw):
+        self.p = subprocess.Popen([ember_exe(), *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env, **kw)
+        self.last = time.monotonic()
+        self.buf = {1: bytearray(), 2: bytearray()}
+        self.pumps = [threading.Thread(target=self._pump, args=(f, n), daemon=True)
+                      for f, n in ((self.p.stdout, 1), (self.p.stderr, 2))]
+        for t in self.pumps:
+            t.start()
+
+    def _pump(self, stream, n: int) -> None:
+        while data := os.read(stream.fileno(), 65536):
+            self.buf[n] += data
+            self.last = time.monotonic()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while text.encode() not in self.buf[1] + self.buf[2]:
+            assert self.p.poll() is None, f"exited before printing {text!r}: {self.finish(1)}"
+            assert time.monotonic() < end, f"{text!r} not printed in {timeout} s"
+            time.sleep(0.02)
+
+    def finish(self, timeout: float) -> Result:
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            pytest.fail(f"ember did not exit within {timeout} s; it printed:\n{self.buf[1].decode()}\n"
+                        f"{self.buf[2].decode()}")
+        ended = time.monotonic()
+        for t in self.pumps:
+            t.join(5)
+        return Result(self.p.returncode, self.buf[1].decode("utf-8", "replace"),
+                      self.buf[2].decode("utf-8", "replace"), ended - self.last)
+
+
+def ember(*args, input: str | None = None, timeout: float = 300, env=None) -> Result:
+    proc = Process(*args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL, env=env)
+    if input is not None:
+        proc.p.stdin.write(input.encode())
+        proc.p.stdin.close()
+    res = proc.finish(timeout)
+    assert res.tail_s < EXIT_GRACE_S, f"exited {res.tail_s:.2f} s after its last output: {res!r}"
+    assert "Traceback" not in res.err, res.err
+    return res
+
+
+@pytest.fixture(scope="module")
+def smol(catalog_path) -> str:
+    return str(catalog_path("smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def long_text(ppl_text) -> str:
+    return ppl_text[:3000]
+
+
+# ---- the hang: commands that ran the batch path on 2 threads never exited ----------------------
+
+
+def test_perplexity_exits(smol, long_text, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(long_text)
+    res = ember("perplexity", smol, text, "-t", "2")
+    assert res.code == 0 and res.out.startswith("perplexity ") and "tokens" in res.out
+    res = ember("perplexity", smol, text, "-t", "2", "--json")
+    assert res.code == 0 and json.loads(res.out)["tokens"] > 500
+
+
+LONG_PROMPT_MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LONG_PROMPT_MODELS)
+def test_run_long_prompt_exits(name, catalog_path, ppl_text):
+    """A prompt of ~1,000 tokens (the batch path, both threads) on every catalog model."""
+    res = ember("run", catalog_path(name), "Summarize this text:\n" + ppl_text[:4500], "-n", "4",
+                "-t", "2", "--temp", "0", "--json")
+    assert res.code == 0, res
+    out = json.loads(res.out)
+    assert out["stats"]["prompt_tokens"] >= 900 and len(out["ids"]) == 4
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+
+def test_run_short_prompt(smol):
+    res = ember("run", smol, "The capital of France is", "--raw", "-n", "4", "--temp", "0")
+    assert res.code == 0 and "Paris" in res.out
+    assert "cut at 4 tokens by -n" in res.err  # the cap is said, not silent
+
+
+def test_run_one_positional_is_the_prompt_unless_it_names_a_model(smol):
+    res = ember("run", "The capital of France is", "--raw", "-n", "4", "--temp", "0", "--json")
+    assert res.code == 0 and json.loads(res.out)["text"].strip().startswith("Paris")
+    res = ember("run", smol, "--raw", "-n", "4", "--temp", "0", "--json", input="The capital of France is")
+    assert res.code == 0 and "Paris" in json.loads(res.out)["text"]
+
+
+def test_run_prompt_from_stdin(smol):
+    piped = ember("run", smol, "-n", "12", "--temp", "0", input="What is the capital of France?\n")
+    given = ember("run", smol, "What is the capital of France?", "-n", "12", "--temp", "0")
+    assert piped.code == 0 and piped.out == given.out and len(piped.out) > 10
+    res = ember("run", smol, input="  \n")
+    assert res.code == 2 and "no prompt" in res.err and res.err.count("\n") == 1
+
+
+def test_run_json_one_object_ids_on_one_line(smol):
+    res = ember("run", smol, "Count: one, two, three,", "--raw", "-n", "6", "--temp", "0", "--ignore-eos",
+                "--json")
+    obj = json.loads(res.out)
+    assert res.code == 0 and len(obj["ids"]) == 6
+    assert f'"ids": {json.dumps(obj["ids"])}' in res.out  # ids on one line, not one per line
+    st = obj["stats"]
+    assert st["finish_reason"] == "length" and st["stopped_by"] == "max_tokens"
+    assert st["tokens_generated"] == 6 and isinstance(st["seed"], int)
+
+
+def test_run_stop_string_escapes(smol):
+    prompt = "Shopping list:\n1. apples\n2. pears\n3."
+    res = ember("run", smol, prompt, "--raw", "-n", "30", "--temp", "0", "--ignore-eos", "--stop", r"\n",
+                "--json")
+    obj = json.loads(res.out)
+    assert res.code == 0 and obj["text"] and "\n" not in obj["text"]
+    assert obj["stats"]["stopped_by"] == "stop_string"
+    res = ember("run", smol, "hi", "--stop", "trailing\\")
+    assert res.code == 2 and "bad escape" in res.err
+
+
+def test_run_samples_by_default_with_a_reported_seed(smol):
+    args = ("run", smol, "Write one sentence about the sea.", "-n", "16", "--json")
+    runs = [json.loads(ember(*args).out) for _ in range(2)]
+    seeds = [r["stats"]["seed"] for r in runs]
+    assert seeds[0] != seeds[1]  # a fresh seed per run
+    again = json.loads(ember(*args, "--seed", str(seeds[0])).out)
+    assert again["ids"] == runs[0]["ids"]  # ... that reproduces the run
+    res = ember("run", smol, "Write one sentence about the sea.", "-n", "4", "-v", "--seed", "7")
+    assert res.code == 0 and "seed 7" in res.err
+    greedy = [json.loads(ember(*args, "--temp", "0", "--seed", str(s)).out)["ids"] for s in (1, 2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_run_base_model_continues_plain_text(catalog_path):
+    args = ("run", catalog_path("gemma3-270m"), "The capital of France is", "-n", "6", "--temp", "0")
+    res, raw = ember(*args), ember(*args, "--raw")
+    assert res.code == 0 and res.out == raw.out and len(res.out) > 10
+    assert "no chat template" in res.err and "plain text" in res.err
+    assert "no chat template" not in raw.err
+
+
+def test_run_warnings_and_context_error(smol):
+    res = ember("run", smol, "hi", "-n", "2", "-t", "64", "-c", "100000")
+    assert res.code == 0
+    assert "warning: -t 64 is more threads" in res.err and "warning: -c 100000 is past the 8192" in res.err
+    res = ember("run", smol, "word " * 40, "--raw", "-c", "16")
+    assert res.code == 2 and "-c" in res.err and "context window" in res.err
+
+
+def test_run_conversation_on_a_terminal(smol):
+    """No prompt and a terminal: a line-by-line chat; Ctrl-C stops a reply, /bye leaves."""
+    import fcntl
+    import pty
+    import termios
+
+    def controlling_terminal():  # as a shell starts a program: the terminal turns Ctrl-C into SIGINT
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    main, sub = pty.openpty()
+    proc = subprocess.Popen([ember_exe(), "run", smol, "-n", "300", "--ignore-eos", "--temp", "0"],
+                            stdin=sub, stdout=sub, stderr=sub, preexec_fn=controlling_terminal)
+    os.close(sub)
+    out, seen = bytearray(), [0]
+
+    def read_until(text: bytes, timeout: float = 120) -> bytes:
+        """What the terminal shows from the last match on, up to the next `text`."""
+        end = time.monotonic() + timeout
+        while text not in out[seen[0]:]:
+            left = end - time.monotonic()
+            assert left > 0, f"{text!r} not seen; the screen:\n{out.decode()}"
+            if select.select([main], [], [], left)[0]:
+                out.extend(os.read(main, 4096))
+        start, seen[0] = seen[0], out.index(text, seen[0]) + len(text)
+        return bytes(out[start:seen[0]])
+
+    read_until(b">>> ")
+    os.write(main, b"What is the capital of France?\n")
+    assert b"Paris" in read_until(b">>> ")
+    os.write(main, b"Now tell me a very long story about Paris.\n")
+    read_until(b"Paris.\r\n")  # the terminal's echo of the line
+    read_until(b" ")  # the reply has begun
+    os.write(main, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+    read_until(b"[stopped]")
+    read_until(b">>> ")
+    os.write(main, b"/bye\n")
+    assert proc.wait(10) == 0
+    os.close(main)
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_a_reply(smol):
+    proc = Process("run", smol, "Tell me a very long story.", "--ignore-eos", "-n", "2000")
+    proc.wait_for(" ", timeout=120)
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.p.send_signal(signal.SIGINT)
+    res = proc.finish(10)
+    assert res.code == 130 and "interrupted" in res.err and "Traceback" not in res.err
+    assert time.monotonic() - sent < 1.0 + EXIT_GRACE_S
+
+
+def test_ctrl_c_during_a_long_native_call(tmp_path):
+    """The watchdog ends a process whose main thread is stuck in native code (a compile, a big
+    matrix) within ~1 s of Ctrl-C, and deletes the file it was writing."""
+    script = tmp_path / "spin.py"
+    script.write_text(
+        "import sys, time\n"
+        "from numba import njit\n"
+        "from ember.cli import interrupt_watchdog\n"
+        "from ember.home import unfinished\n"
+        "@njit(nogil=True)\n"
+        "def spin(n):\n"
+        "    x = 1.0\n"
+        "    for i in range(n):\n"
+        "        x = x * 1.0000001 + 1e-9\n"
+        "    return x\n"
+        "spin(10)\n"
+        "interrupt_watchdog()\n"
+        "with unfinished(sys.argv[1]):\n"
+        "    open(sys.argv[1], 'w').write('half')\n"
+        "    print('spinning', flush=True)\n"
+        "    spin(10**11)\n")
+    partial = tmp_path / "file.partial"
+    p = subprocess.Popen([sys.executable, str(script), str(partial)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "spinning\n"
+    time.sleep(0.2)
+    sent = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    code = p.wait(10)
+    assert code == 130 and time.monotonic() - sent < 2.0
+    assert "interrupted" in p.stderr.read() and not partial.exists()
+
+
+# ---- the other commands ----------------------------------------------------------------------
+
+
+def test_info_names_the_file_type_and_kind(smol, catalog_path):
+    res = ember("info", smol)
+    assert res.code == 0 and "Q4_1" in res.out and "instruct" in res.out
+    info = json.loads(ember("info", catalog_path("gemma3-270m"), "--json").out)
+    assert info["file_type"] == "Q4_K_M" and info["kind"] == "base"
+
+
+def test_tokenize_list_pull_version(smol):
+    res = ember("tokenize", smol, "<|im_start|>user", "--json")
+    assert res.code == 0 and json.loads(res.out)["ids"] == [1, 4093]
+    res = ember("list")
+    assert res.code == 0 and "smollm2-135m" in res.out and "base" in res.out
+    res = ember("pull", "smollm2-135m")
+    assert res.code == 0 and res.out.strip().endswith(".gguf") and Path(res.out.strip()).is_file()
+    res = ember("--version")
+    assert res.code == 0 and res.out.startswith("ember ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "/nonexistent/model.gguf"], "does not exist"),
+    (["run", "no-such-model.gguf", "hi"], "does not exist"),
+    (["pull", "no-such-model"], "unknown model"),
+    (["perplexity", "smollm2-135m", "/nonexistent.txt"], "cannot read"),
+])
+def test_errors_are_one_line_exit_2(argv, message, smol):
+    res = ember(*argv)
+    assert res.code == 2 and message in res.err and res.err.count("\n") == 1
+
+
+def test_bench_quick(smol):
+    res = ember("bench", "--help")
+    assert res.code == 0 and "--quick" in res.out and "ember bench" in res.out
+    res = ember("bench", "--quick", "--json", timeout=600)
+    assert res.code == 0, res
+    assert json.loads(res.out)
