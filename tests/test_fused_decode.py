@@ -12,7 +12,7 @@ import ember
 import tiny_gguf as tg
 from ember.errors import EmberError
 from ember.lut_kernels import fused
-from ember.runtime.decode import FusedDecoder, _Pool
+from ember.runtime.decode import FusedDecoder
 from ember.runtime.vmath import exp_into
 from ember.runtime.session import Session
 
@@ -155,23 +155,6 @@ def test_barrier_synchronizes_and_aborts():
     timer.start()
     assert _two_party(fn, yf, st, 2) == 2
     timer.join()
-
-
-def test_pool_reports_worker_errors():
-    pool = _Pool(1)
-    aborted = []
-
-    def job(tid, x):
-        if tid == 1:
-            raise RuntimeError("boom")
-        return x
-
-    try:
-        out = pool.run(job, (5,), lambda: aborted.append(1))
-        assert out[0] == 5 and isinstance(out[1], RuntimeError) and aborted
-        assert pool.run(lambda tid: tid * 10, (), lambda: None) == [0, 10]
-    finally:
-        pool.close()
 
 
 def test_decoder_refuses_unfusable_matrices(tmp_path):
