@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,10 +52,14 @@ class Model:
             raise EmberError(f"threads must be a positive integer, got {threads!r}")
         self.threads = threads or default_threads()
         if kernels not in ("auto", "numpy"):
-            raise EmberError(f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}")
+            raise EmberError(
+                f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}"
+            )
         self.kernels = kernels
         self._n_ctx = n_ctx
         self.stats: dict[str, Any] = {}
+        self._own_session: Session | None = None  # what generate() and chat() run on
+        self._own_session_lock = threading.Lock()
 
     @cached_property
     def config(self) -> ModelConfig:
@@ -144,13 +150,28 @@ class Model:
         temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=None
         (a fresh seed, recorded in `stats["seed"]`)."""
         cfg = GenerationConfig(**kwargs)
-        ids = self._prompt_ids(prompt)
-        return generate(self.session(), self.tokenizer, ids, cfg, self.stats)
+        return self._stream(self._prompt_ids(prompt), cfg)
 
     def chat(self, messages, **kwargs) -> Iterator[Chunk]:
-        """Like generate(), on the messages rendered with the model's chat template."""
+        """Like generate(), on the messages rendered with the model's chat template. The next
+        call with the conversation so far plus new messages prefills only the new ones."""
         cfg = GenerationConfig(**kwargs)
-        return generate(self.session(), self.tokenizer, self.chat_ids(messages), cfg, self.stats)
+        return self._stream(self.chat_ids(messages), cfg)
+
+    def _stream(self, ids: list[int], cfg: GenerationConfig) -> Iterator[Chunk]:
+        """generate() on the model's own session, which keeps the last call's tokens for the
+        next to reuse; a call made while another one streams gets a fresh session. `stats` is
+        the figures of the latest call (each chunk carries its own call's)."""
+        self.stats = stats = {}
+        if not self._own_session_lock.acquire(blocking=False):
+            yield from generate(self.session(), self.tokenizer, ids, cfg, stats)
+            return
+        try:
+            if self._own_session is None:
+                self._own_session = self.session()
+            yield from generate(self._own_session, self.tokenizer, ids, cfg, stats)
+        finally:
+            self._own_session_lock.release()
 
     def perplexity(self, text: str, add_bos: bool | None = None) -> float:
         """exp(mean NLL) of every token after the first, in one causal pass (batches of 512 with the

@@ -35,6 +35,43 @@ def test_greedy_stream_is_deterministic_and_matches_logits(smol):
     assert st["ttft_s"] > 0 and st["decode_tokens_per_s"] > 0 and st["peak_rss_bytes"] > 10_000_000
 
 
+def test_next_turn_feeds_only_what_is_new(smol):
+    """The model's session keeps the last call's tokens: a follow-up prefills only the new
+    messages, and gives what a fresh session gives."""
+    turn1 = [{"role": "user", "content": "Name a fruit."}]
+    _, reply, _ = collect(smol.chat(turn1, max_tokens=8))
+    first = dict(smol.stats)
+    assert first["prompt_tokens_reused"] == 0 or first["prompt_tokens_reused"] < first["prompt_tokens"]
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And a colour?"}]
+    chunks, _, ids = collect(smol.chat(turn2, max_tokens=8))
+    st = chunks[-1].stats
+    assert st is smol.stats and st["prompt_tokens"] == len(smol.chat_ids(turn2))
+    assert st["prompt_tokens_reused"] >= first["prompt_tokens"]  # turn 1's prompt at least
+    assert st["prompt_tokens"] - st["prompt_tokens_reused"] < 30
+    fresh = smol.session()
+    prompt = smol.chat_ids(turn2)
+    logits = fresh.feed(prompt + ids[:-1])
+    assert logits[len(prompt) - 1:].argmax(axis=1).tolist() == ids
+
+
+def test_keep_prefix_truncates_to_the_shared_part(smol):
+    s = smol.session()
+    s.feed([1, 2, 3, 4, 5])
+    assert s.keep_prefix([1, 2, 9, 4]) == 2 and s.ids == [1, 2]
+    s.feed([3])
+    assert s.keep_prefix([1, 2, 3]) == 2  # the last token is always fed again: its logits
+    assert s.keep_prefix([7]) == 0 and len(s) == 0
+
+
+def test_overlapping_generations_keep_their_own_stats(smol):
+    a = smol.generate(PROMPT, max_tokens=3)
+    first = next(a)
+    b = collect(smol.generate("Once upon a time", max_tokens=2))[0]  # while `a` streams
+    rest = list(a)
+    assert rest[-1].stats is first.stats and rest[-1].stats["tokens_generated"] == 3
+    assert b[-1].stats["tokens_generated"] == 2 and b[-1].stats is not first.stats
+
+
 def test_stop_string_cuts_text(smol):
     _, text, _ = collect(smol.generate(PROMPT, max_tokens=6))
     word = text.split()[0]
@@ -46,7 +83,8 @@ def test_eos_stops_unless_ignored(smol):
     chunks, text, ids = collect(smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=64))
     assert chunks[-1].finish_reason == "stop" and len(ids) < 64
     assert not set(ids) & smol.tokenizer.stop_ids and "<|im_end|>" not in text
-    chunks, _, ids2 = collect(smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=len(ids) + 3, ignore_eos=True))
+    chunks, _, ids2 = collect(smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=len(ids) + 3,
+                                        ignore_eos=True))
     assert chunks[-1].finish_reason == "length" and len(ids2) == len(ids) + 3
 
 

@@ -4,6 +4,9 @@ Stops at the model's end-of-generation tokens (unless `ignore_eos`), at a stop s
 before it is emitted, the stop string is not), at `max_tokens` (None: no cap), or when the
 context is full. Records time to first token, prefill and decode speeds, peak memory, the seed
 drawn (`seed=None` draws a fresh one, recorded so the run can be repeated) and why it stopped.
+
+The session keeps what it held before: only the prompt's tokens after the longest prefix it
+shares with the session's are fed (a chat's next turn prefills only the new messages).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import resource
 import secrets
 import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import EmberError
 from ..formats.tokenizer import Tokenizer
@@ -49,7 +53,7 @@ class GenerationConfig:
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop strings must be non-empty strings")
-        self.sampling  # validates the sampling values now, not at the first token
+        _ = self.sampling  # validates the sampling values now, not at the first token
 
     @property
     def sampling(self) -> SamplingParams:
@@ -64,6 +68,7 @@ class Chunk:
     text: str  # complete UTF-8 text this chunk adds
     token_ids: list[int]  # ids this chunk adds
     finish_reason: str | None = None  # None, "stop" or "length"
+    stats: dict = field(default_factory=dict, repr=False)  # the call's figures, complete at the end
 
 
 def peak_rss_bytes() -> int:
@@ -104,8 +109,10 @@ class _StopFilter:
 
 
 def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
-             stats: dict) -> Iterator[Chunk]:
-    """Stream the continuation of `prompt_ids`; fills `stats` as it goes."""
+             stats: dict | None = None) -> Iterator[Chunk]:
+    """Stream the continuation of `prompt_ids` after what `session` holds of it; fills `stats`
+    (a new dict when None; every chunk carries it) as it goes."""
+    stats = {} if stats is None else stats
     if not prompt_ids:
         raise GenerationError("the prompt is empty: give some text or token ids")
     n_ctx = session.n_ctx
@@ -127,10 +134,11 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
     stats.update(prompt_tokens=len(prompt_ids), tokens_generated=0, seed=seed)
 
     t0 = time.perf_counter()
-    session.reset()
-    logits = session.feed_last(prompt_ids)
+    reused = session.keep_prefix(prompt_ids)
+    logits = session.feed_last(prompt_ids[reused:])
     t_prefill = time.perf_counter() - t0
-    stats.update(prefill_s=t_prefill, prefill_tokens_per_s=len(prompt_ids) / max(t_prefill, 1e-9))
+    stats.update(prompt_tokens_reused=reused, prefill_s=t_prefill,
+                 prefill_tokens_per_s=(len(prompt_ids) - reused) / max(t_prefill, 1e-9))
     history = list(prompt_ids)
     generated: list[int] = []
     t_first = None
@@ -142,22 +150,22 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
         if token in stop_ids:
             tail = stops.flush() + detok.flush()
             _finish(stats, generated, t_first, "eos")
-            yield Chunk(tail, [], "stop")
+            yield Chunk(tail, [], "stop", stats)
             return
         generated.append(token)
         history.append(token)
         text, hit = stops.push(detok.feed([token]))
         if hit:
             _finish(stats, generated, t_first, "stop_string")
-            yield Chunk(text, [token], "stop")
+            yield Chunk(text, [token], "stop", stats)
             return
         capped = cfg.max_tokens is not None and len(generated) >= cfg.max_tokens
         if capped or len(session) + 1 >= n_ctx:
             text += stops.push(detok.flush())[0] + stops.flush()
             _finish(stats, generated, t_first, "max_tokens" if capped else "context")
-            yield Chunk(text, [token], "length")
+            yield Chunk(text, [token], "length", stats)
             return
-        yield Chunk(text, [token])
+        yield Chunk(text, [token], None, stats)
         logits = session.feed_last([token])
 
 

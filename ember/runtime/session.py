@@ -13,7 +13,7 @@ splits a batch between ember's threads itself (and runs batches under 64 rows on
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -69,8 +69,8 @@ class Session:
     def feed_last(self, ids) -> np.ndarray:
         """Append `ids`; return only the logits after the last one [n_vocab]."""
         out = None
-        for out in self.feed_batches(ids, all_logits=False):
-            pass
+        for batch in self.feed_batches(ids, all_logits=False):
+            out = batch
         return out[-1]
 
     def feed_batches(self, ids, all_logits: bool = True) -> Iterator[np.ndarray]:
@@ -93,6 +93,16 @@ class Session:
                 logits = self.model.forward(batch, self.cache, all_logits=all_logits, threads=self.threads)
             self.ids.extend(batch)
             yield logits
+
+    def keep_prefix(self, ids) -> int:
+        """Truncate to the longest prefix that the session shares with `ids`, leaving at least
+        the last of `ids` to feed (its logits are wanted); returns that prefix's length."""
+        limit = min(len(self.ids), len(ids) - 1)
+        n = 0
+        while n < limit and self.ids[n] == ids[n]:
+            n += 1
+        self.truncate(n)
+        return n
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= len(self.ids):
