@@ -38,7 +38,7 @@ from ..lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratc
 from ..lut_kernels.split import Team
 from .attention import attend
 from .config import ROPE_NEOX
-from .model import rope_tables
+from .rope import rope_tables
 from .vmath import exp_into
 
 # per-layer vectors, columns of the offsets table (-1: absent)

@@ -18,8 +18,9 @@ from ..errors import FormatError
 from ..lut_kernels.ops import matmul
 from ..offload.store import WeightStore
 from .attention import attention_batch
-from .config import ROPE_NEOX, ModelConfig
+from .config import ModelConfig
 from .kv_cache import KVCache
+from .rope import apply_rope, rope_tables
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -44,29 +45,6 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     np.exp(e, out=e)
     e /= np.sum(e, axis=axis, keepdims=True)
     return e
-
-
-def rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [n, dim/2] of position * base^(-2j/dim), computed in float64."""
-    inv = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-    ang = positions.astype(np.float64)[:, None] * inv[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:
-    """Rotate the first 2*cos.shape[1] dims of x [n, heads, head_dim]."""
-    d = 2 * cos.shape[1]
-    out = x.copy()
-    c, s = cos[:, None, :], sin[:, None, :]
-    if style == ROPE_NEOX:
-        a, b = x[..., : d // 2], x[..., d // 2 : d]
-        out[..., : d // 2] = a * c - b * s
-        out[..., d // 2 : d] = a * s + b * c
-    else:
-        a, b = x[..., 0:d:2], x[..., 1:d:2]
-        out[..., 0:d:2] = a * c - b * s
-        out[..., 1:d:2] = a * s + b * c
-    return out
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float, window: int) -> np.ndarray:
@@ -160,7 +138,9 @@ class Transformer:
                     self._expect(name, (d,))
             if self.store.has(L.ffn_gate_inp):
                 if not c.is_moe:
-                    raise FormatError(f"{self.store.gguf.path}: {L.ffn_gate_inp} is present but {c.arch}.expert_count is not")
+                    raise FormatError(
+                        f"{self.store.gguf.path}: {L.ffn_gate_inp} is present but {c.arch}.expert_count is not"
+                    )
                 ff = c.n_ff_exp or c.n_ff
                 self._expect(L.ffn_gate_inp, (c.n_expert, d))
                 self._expect(L.ffn_gate_exps, (c.n_expert, ff, d))
@@ -175,7 +155,10 @@ class Transformer:
                     self._expect(L.ffn_up_shexp, (sh, d))
                     self._expect(L.ffn_down_shexp, (d, sh))
             elif c.is_moe:
-                raise FormatError(f"{self.store.gguf.path}: MoE model without {L.ffn_gate_inp} (per-expert tensors from old converters are not supported; reconvert the model)")
+                raise FormatError(
+                    f"{self.store.gguf.path}: MoE model without {L.ffn_gate_inp} (per-expert tensors "
+                    "from old converters are not supported; reconvert the model)"
+                )
             else:
                 for name, shape in ((L.ffn_gate, (c.n_ff, d)), (L.ffn_up, (c.n_ff, d)), (L.ffn_down, (d, c.n_ff))):
                     self._expect(name, shape)
