@@ -84,7 +84,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print("| model | top-5 set equal | top-5 overlap | argmax agree | greedy (sure steps) | ppl ember | ppl llama.cpp | diff |")
+    print("| model | top-5 set equal | top-5 overlap | argmax agree | greedy (sure steps) "
+          "| ppl ember | ppl llama.cpp | diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['top5_set_equal']}/{r['prompts']} | {r['top5_mean_overlap']:.1f}/5 | "

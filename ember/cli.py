@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import logging
 import json
+import logging
 import os
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import hub
 from .errors import EmberError
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N",
                     help="cap the reply at N tokens (default: until the end of the turn or the context)")
     sp.add_argument("--temp", type=float, default=0.8, metavar="T", help="temperature (default 0.8; 0 = greedy)")
-    sp.add_argument("--top-k", type=int, default=40, metavar="K", help="keep the K likeliest tokens (default 40; 0 = off)")
+    sp.add_argument("--top-k", type=int, default=40, metavar="K",
+                    help="keep the K likeliest tokens (default 40; 0 = off)")
     sp.add_argument("--top-p", type=float, default=0.95, metavar="P",
                     help="keep the likeliest tokens up to probability P (default 0.95; 1 = off)")
     sp.add_argument("--min-p", type=float, default=0.05, metavar="P",

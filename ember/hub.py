@@ -26,9 +26,10 @@ import tempfile
 import time
 import zipfile
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from ember.errors import ModelNotFoundError, PullError
 from ember.home import ember_home, write_atomic

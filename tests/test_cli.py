@@ -18,7 +18,8 @@ def run_cli(capsys, *argv):
 def test_list_json(capsys):
     code, out, _ = run_cli(capsys, "list", "--json")
     rows = json.loads(out)
-    assert code == 0 and {r["name"] for r in rows} >= {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert code == 0 and {r["name"] for r in rows} >= {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b",
+                                                       "qwen2.5-coder-1.5b"}
 
 
 def test_info_json(capsys, catalog_path):

@@ -1,7 +1,6 @@
 """The fast CPU path (quantized weights in place, table-lookup matvec) against the float32 reference."""
 
 import numpy as np
-
 from conftest import reference
 
 
@@ -32,8 +31,9 @@ def test_batch_split_between_threads_agrees(tmp_path):
     """A batch of >= 64 rows runs its tiles, float matmuls and attention on several threads.
     Every output is computed whole by one thread, but BLAS may round a column block at the
     edge of a share differently: the logits agree to float32 rounding, not bit for bit."""
-    import ember
     import tiny_gguf as tg
+
+    import ember
 
     for qtype in ("BF16", "F32"):  # dequantized tiles; a float matrix
         path = tg.write_family(tmp_path / f"{qtype}.gguf", "qwen2", qtype=qtype, n_ctx=128)

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_gguf as tg
 from numba import njit
 
 import ember
-import tiny_gguf as tg
 from ember.errors import EmberError
 from ember.lut_kernels import fused
 from ember.runtime.decode import FusedDecoder
-from ember.runtime.vmath import exp_into
 from ember.runtime.session import Session
+from ember.runtime.vmath import exp_into
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no native x86 kernel path")
 
@@ -281,9 +281,10 @@ def test_numba_cache_is_keyed_on_all_of_embers_numba_sources(tmp_path, monkeypat
     """The fused step inlines code from the kernel modules; numba alone would keep its cached
     machine code after one of them changed. ember points numba's cache at a folder named by a
     digest of every ember source that uses numba."""
+    from numba.core import config
+
     import ember.runtime.decode as decode
     from ember import home
-    from numba.core import config
 
     want = home.numba_cache_dir()   # (conftest moved $EMBER_CACHE_DIR after `import ember`)
     if not os.environ.get("NUMBA_CACHE_DIR"):

@@ -14,12 +14,13 @@ import tracemalloc
 import gguf
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 import tiny_gguf as tg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_gguf import Q, RawTensor, V
+
 from ember.errors import FormatError
 from ember.formats.gguf import GGUFFile, LazyStrings
-from tiny_gguf import Q, V, RawTensor
 
 BIG = 2**60
 
@@ -82,7 +83,7 @@ def test_tiny_model_metadata(tiny):
     assert f.arch_get("attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
     assert f.arch_get("vocab_size") == len(f.get("tokenizer.ggml.tokens")) == model.hparams["n_vocab"]
     toks = f.get("tokenizer.ggml.tokens")
-    assert toks.raw(256) == "in".encode() and toks[-1] == "<|im_end|>"
+    assert toks.raw(256) == b"in" and toks[-1] == "<|im_end|>"
     assert f.get("tokenizer.ggml.token_type").dtype == np.int32
     assert f.get("tokenizer.ggml.add_bos_token") is False
     assert f.get("tokenizer.chat_template") == tg.CHATML_TEMPLATE
@@ -274,9 +275,11 @@ def test_truncated_in_tensor_data(tiny, tmp_path):
 def test_truncated_in_string_value(tiny, tmp_path):
     # claim only the first metadata entry, so the counts fit the cut file
     f = tiny[2].fields["general.architecture"]
-    one_entry = tg.chain(lambda b: tg.set_u64(b, tg.Layout.N_TENSORS_POS, 0), lambda b: tg.set_u64(b, tg.Layout.N_KV_POS, 1))
+    one_entry = tg.chain(lambda b: tg.set_u64(b, tg.Layout.N_TENSORS_POS, 0),
+                         lambda b: tg.set_u64(b, tg.Layout.N_KV_POS, 1))
     open_bad(tiny, tmp_path, tg.chain(one_entry, tg.truncate(f.value_pos + 8 + 2)),
-             rf"value of 'general.architecture' needs 5 bytes at offset {f.value_pos + 8}, past the end of the file \({f.value_pos + 10} bytes\)")
+             rf"value of 'general.architecture' needs 5 bytes at offset {f.value_pos + 8}, "
+             rf"past the end of the file \({f.value_pos + 10} bytes\)")
 
 
 def test_truncated_in_string_array(tiny, tmp_path):
@@ -312,7 +315,8 @@ def test_truncated_in_metadata_key(tmp_path):
     entry = len(tg.encode_string(kv[0][0])) + 4 + len(tg.encode_value(V.STRING, "llama"))
     cut = 24 + 2 * entry + 8 + 10  # 10 bytes into the third key
     data = tg.gguf_bytes(kv)[:cut]
-    with pytest.raises(FormatError, match=rf"metadata key 2 needs 22 bytes at offset {cut - 10}, past the end of the file \({cut} bytes\)"):
+    with pytest.raises(FormatError, match=rf"metadata key 2 needs 22 bytes at offset {cut - 10}, "
+                                          rf"past the end of the file \({cut} bytes\)"):
         GGUFFile(raw_file(tmp_path, data))
 
 
@@ -334,7 +338,8 @@ def test_missing_file_and_directory(tmp_path):
 def test_tensor_offset_out_of_range(tiny, tmp_path, offset):
     t = tiny[2].tensors["blk.1.ffn_up.weight"]
     open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, t.offset_pos, offset),
-             rf"tensor 'blk.1.ffn_up.weight' \(8704 bytes at offset {tiny[2].data_offset + offset}\) runs past the end of the file")
+             rf"tensor 'blk.1.ffn_up.weight' \(8704 bytes at offset {tiny[2].data_offset + offset}\) "
+             r"runs past the end of the file")
 
 
 def test_misaligned_tensor_offset(tiny, tmp_path):
@@ -410,7 +415,8 @@ def test_arrays_nested_too_deeply(tmp_path):
         arr = (V.ARRAY, [arr])
     with pytest.raises(FormatError, match=r"metadata 'deep' nests arrays too deeply"):
         GGUFFile(raw_file(tmp_path, tg.gguf_bytes([("deep", V.ARRAY, arr)])))
-    two_levels = GGUFFile(raw_file(tmp_path, tg.gguf_bytes([("ok", V.ARRAY, (V.ARRAY, [(V.STRING, ["x"]), (V.INT16, [-1])]))])))
+    two_levels = GGUFFile(raw_file(tmp_path, tg.gguf_bytes([("ok", V.ARRAY,
+                                                             (V.ARRAY, [(V.STRING, ["x"]), (V.INT16, [-1])]))])))
     inner = two_levels.get("ok")
     assert inner[0].tolist() == ["x"] and inner[1].tolist() == [-1]
 
@@ -429,7 +435,8 @@ def test_string_arrays_decode_each_string_alone(tmp_path, odd):
     assert f.get("s").tolist() == [b.decode("utf-8", errors="replace") for b in items]
 
 
-@pytest.mark.parametrize("dims", [[64, 2**40], [2**64 - 1, 1], [2**32, 2**32, 2**32, 2**32]], ids=["2^40", "u64max", "4x2^32"])
+@pytest.mark.parametrize("dims", [[64, 2**40], [2**64 - 1, 1], [2**32, 2**32, 2**32, 2**32]],
+                         ids=["2^40", "u64max", "4x2^32"])
 def test_absurd_dimensions(tmp_path, dims):
     data = tg.gguf_bytes([], [RawTensor("t", dims, Q.F32, offset=0)])
     with pytest.raises(FormatError, match=r"tensor 't' has absurd dimensions"):
@@ -500,12 +507,14 @@ def test_duplicate_key(tmp_path):
 def test_duplicate_key_patched(tiny, tmp_path):
     # rename general.file_type (key 2) to llama.block_count (key 6): same length, so the file stays well-formed
     f = tiny[2].fields["general.file_type"]
-    open_bad(tiny, tmp_path, tg.overwrite(f.key_pos, b"llama.block_count"), r"metadata key 'llama.block_count' appears twice")
+    open_bad(tiny, tmp_path, tg.overwrite(f.key_pos, b"llama.block_count"),
+             r"metadata key 'llama.block_count' appears twice")
 
 
 def test_duplicate_tensor(tmp_path):
     d = np.ones(32, dtype=np.float32).tobytes()
-    data = tg.gguf_bytes([], [RawTensor("w", [32], Q.F32, d), RawTensor("v", [32], Q.F32, d), RawTensor("w", [32], Q.F32, d)])
+    data = tg.gguf_bytes([], [RawTensor("w", [32], Q.F32, d), RawTensor("v", [32], Q.F32, d),
+                              RawTensor("w", [32], Q.F32, d)])
     with pytest.raises(FormatError, match=r"tensor 'w' appears twice"):
         GGUFFile(raw_file(tmp_path, data))
 
@@ -521,7 +530,8 @@ def test_bad_alignment(tmp_path, align):
 
 def test_custom_alignment(tmp_path):
     d = np.arange(32, dtype=np.float32).tobytes()
-    data = tg.gguf_bytes([("general.alignment", V.UINT32, 8)], [RawTensor("a", [3], Q.F32, d[:12]), RawTensor("b", [32], Q.F32, d)],
+    data = tg.gguf_bytes([("general.alignment", V.UINT32, 8)],
+                         [RawTensor("a", [3], Q.F32, d[:12]), RawTensor("b", [32], Q.F32, d)],
                          alignment=8)
     f = GGUFFile(raw_file(tmp_path, data))
     assert f.alignment == 8 and f.tensors["b"].offset - f.data_offset == 16
@@ -532,7 +542,7 @@ def test_missing_architecture(tmp_path):
     f = GGUFFile(tg.write_tiny_model(tmp_path / "m.gguf", extra_metadata={"general.architecture": None}))
     assert "general.architecture" not in f.metadata
     with pytest.raises(FormatError, match=r"required metadata key 'general.architecture' is missing"):
-        f.architecture
+        _ = f.architecture
     with pytest.raises(FormatError, match=r"required metadata key 'general.architecture' is missing"):
         f.validate_model()
     with pytest.raises(FormatError, match=r"required metadata key 'general.architecture' is missing"):

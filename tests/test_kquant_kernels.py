@@ -52,7 +52,7 @@ def random_x(rng, k: int, n: int) -> np.ndarray:
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(qt: int, n_out: int, n_in: int, k: int):
     rng = _rng("case", qt, n_out, n_in, k)
     raw = random_raw(rng, qt, n_out, n_in)

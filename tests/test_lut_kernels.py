@@ -60,7 +60,7 @@ def random_x(rng, n: int) -> np.ndarray:
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(qtype: int, n_out: int, n_in: int, bits: int):
     """Random matrix + x, packed, with the oracle and the float truth (shared by all kernels)."""
     rng = _rng("case", qtype, n_out, n_in)

@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
+import tiny_gguf as tg
 from gguf import GGML_QUANT_SIZES
+from test_quants import F16_FIELDS
 
 import ember
-import tiny_gguf as tg
 from ember.lut_kernels import codegen, ops, pack_cache
-from test_quants import F16_FIELDS
 
 
 @pytest.fixture
@@ -42,8 +42,8 @@ def test_second_load_uses_the_cache_and_gives_the_same_logits(tmp_path, cache_en
     assert st.prepare() == "none"
     m2, b = _logits(path)
     assert np.array_equal(a, b)
-    from ember.offload.store import WeightStore
     from ember.formats.gguf import GGUFFile
+    from ember.offload.store import WeightStore
     assert WeightStore(GGUFFile(path)).prepare() == "cached"
 
 

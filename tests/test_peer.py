@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_gguf as tg
 
 import ember
-import tiny_gguf as tg
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `peer` extra) is not installed")
 

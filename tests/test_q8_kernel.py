@@ -54,7 +54,7 @@ def random_x(rng, n: int) -> np.ndarray:
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(n_out: int, n_in: int):
     rng = _rng("case", n_out, n_in)
     raw = random_q8(rng, n_out, n_in)

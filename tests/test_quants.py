@@ -11,7 +11,8 @@ import os
 import gguf.quants
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from ember.errors import FormatError, UnsupportedError
 from ember.formats import quants as q

@@ -3,9 +3,9 @@ NumPy reference (`gguf.quants.dequantize`)."""
 
 import numpy as np
 import pytest
+from conftest import REFERENCES
 from gguf.quants import dequantize as oracle
 
-from conftest import REFERENCES
 from ember.formats.gguf import GGUFFile
 from ember.formats.quants import dequantize, dequantize_rows
 

@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import REFERENCES, reference
 
 MODELS = list(REFERENCES)

@@ -16,9 +16,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import tiny_gguf as tg
 
 import ember
-import tiny_gguf as tg
 from ember.errors import FormatError, UnsupportedError
 
 FAMILIES = list(tg.FAMILIES)

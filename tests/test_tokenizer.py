@@ -3,10 +3,10 @@
 import random
 
 import pytest
-
 from conftest import REFERENCES, reference
+
 from ember.errors import FormatError
-from ember.formats.tokenizer import StreamDecoder, Tokenizer, _complete_utf8_prefix, split_merges
+from ember.formats.tokenizer import Tokenizer, _complete_utf8_prefix, split_merges
 
 MODELS = list(REFERENCES)
 

@@ -35,15 +35,17 @@ from __future__ import annotations
 import re
 import struct
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
-import numpy as np
 import gguf
-from ember.formats.tokenizer import bytes_to_unicode
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+from ember.formats.tokenizer import bytes_to_unicode
 
 Q = GGMLQuantizationType
 V = GGUFValueType
@@ -124,7 +126,7 @@ class TinyTokenizer:
         return self.tokens.index(token)
 
 
-@lru_cache(maxsize=None)
+@cache
 def gpt2_tokenizer(n_merges: int = 48, corpus: str = CORPUS) -> TinyTokenizer:
     """Byte-level BPE: 256 byte symbols (id = byte value), one token per merge, then control tokens."""
     sym = bytes_to_unicode()
@@ -152,7 +154,7 @@ def gpt2_tokenizer(n_merges: int = 48, corpus: str = CORPUS) -> TinyTokenizer:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def spm_tokenizer(n_merges: int = 48, corpus: str = CORPUS) -> TinyTokenizer:
     """SentencePiece-style: <unk> <s> </s>, <0xNN> byte tokens, the corpus' characters and merged
     pieces scored by merge order (earlier merge = higher score), then the ChatML control tokens."""
@@ -256,7 +258,9 @@ def as_qtype(qtype: GGMLQuantizationType | int | str) -> GGMLQuantizationType:
 def quantize(weights: np.ndarray, qtype: GGMLQuantizationType | int | str) -> np.ndarray:
     qtype = as_qtype(qtype)
     if qtype not in WRITABLE_QTYPES:
-        raise ValueError(f"cannot write {qtype.name} tensors (gguf.quants can write {[t.name for t in WRITABLE_QTYPES]})")
+        raise ValueError(
+            f"cannot write {qtype.name} tensors (gguf.quants can write {[t.name for t in WRITABLE_QTYPES]})"
+        )
     block = GGML_QUANT_SIZES[qtype][0]
     if weights.shape[-1] % block:
         raise ValueError(f"row length {weights.shape[-1]} is not a multiple of the {qtype.name} block size {block}")
@@ -322,7 +326,7 @@ def family_kwargs(family: str, **overrides: Any) -> dict[str, Any]:
     return {**FAMILIES[family], **overrides}
 
 
-def build_family(family: str, **overrides: Any) -> "TinyModel":
+def build_family(family: str, **overrides: Any) -> TinyModel:
     return build_tiny_model(**family_kwargs(family, **overrides))
 
 

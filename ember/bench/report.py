@@ -56,7 +56,8 @@ def markdown(results: dict, engines, tests, threads) -> str:
             continue
         for t in threads:
             e = results["summary"][f"{test}|{t}"]["ember"]
-            line = f"- decode ({test}) at {t} thread(s): {e['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token"
+            line = (f"- decode ({test}) at {t} thread(s): "
+                    f"{e['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token")
             if "roofline_share" in e:
                 bw = results["bandwidth_bytes_per_s"][t]
                 line += f", {100 * e['roofline_share']:.0f}% of the measured {bw / 1e9:.1f} GB/s"

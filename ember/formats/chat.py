@@ -9,11 +9,15 @@ when the vocabulary has `<|im_start|>`, and a plain "User:/Assistant:" transcrip
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ChatTemplateError
+
+if TYPE_CHECKING:
+    import jinja2
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -115,4 +119,6 @@ class ChatFormat:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template ({self.name}) failed to render: {e}") from None
         except Exception as e:  # a template is code from the file: any failure is the template's
-            raise ChatTemplateError(f"the chat template ({self.name}) failed to render: {type(e).__name__}: {e}") from None
+            raise ChatTemplateError(
+                f"the chat template ({self.name}) failed to render: {type(e).__name__}: {e}"
+            ) from None

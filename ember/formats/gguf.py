@@ -16,9 +16,10 @@ import os
 import stat
 import struct
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -143,7 +144,9 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise self.fail(f"{what} needs {n} bytes at offset {self.pos}, past the end of the file ({self.size} bytes)")
+            raise self.fail(
+                f"{what} needs {n} bytes at offset {self.pos}, past the end of the file ({self.size} bytes)"
+            )
 
     def u32(self, what: str) -> int:
         self.need(4, what)
@@ -273,7 +276,9 @@ class GGUFFile:
         n_kv = c.u64("metadata count")
         # every metadata entry takes >= 12 bytes and every tensor info >= 24: bound the counts
         if n_kv * 12 > self.file_size or n_tensors * 24 > self.file_size:
-            raise c.fail(f"absurd counts: {n_tensors} tensors and {n_kv} metadata entries in a {self.file_size}-byte file")
+            raise c.fail(
+                f"absurd counts: {n_tensors} tensors and {n_kv} metadata entries in a {self.file_size}-byte file"
+            )
 
         self.metadata: dict[str, Any] = {}
         for i in range(n_kv):

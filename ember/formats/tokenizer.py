@@ -20,7 +20,8 @@ import io
 from functools import cached_property
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import FormatError, UnsupportedError
 from ..home import cache_dir, write_atomic
@@ -78,7 +79,8 @@ class Tokenizer:
             raise FormatError(f"{gguf.path}: no tokenizer in this file (tokenizer.ggml.model is missing)")
         if self.model not in ("gpt2", "llama"):
             raise UnsupportedError(
-                f"tokenizer model {self.model!r} is not supported (ember knows 'gpt2' byte-level BPE and 'llama' SentencePiece)"
+                f"tokenizer model {self.model!r} is not supported "
+                "(ember knows 'gpt2' byte-level BPE and 'llama' SentencePiece)"
             )
         tokens = gguf.get("tokenizer.ggml.tokens")
         if tokens is None or len(tokens) == 0:
@@ -168,7 +170,9 @@ class Tokenizer:
     def _build_spm(self) -> HFTokenizer:
         scores = self._gguf.get("tokenizer.ggml.scores")
         if scores is None or len(scores) != self.n_vocab:
-            raise FormatError(f"{self.path}: a SentencePiece tokenizer needs one score per token in tokenizer.ggml.scores")
+            raise FormatError(
+                f"{self.path}: a SentencePiece tokenizer needs one score per token in tokenizer.ggml.scores"
+            )
         unk = self._token_id(self._gguf, "unknown")
         hf = HFTokenizer(
             models.BPE(
@@ -194,7 +198,8 @@ class Tokenizer:
         tokens = self.tokens
         try:
             pairs = np.load(cache, allow_pickle=False)
-            if pairs.ndim == 2 and pairs.shape[1] == 2 and pairs.size and 0 <= pairs.min() and pairs.max() < self.n_vocab:
+            if (pairs.ndim == 2 and pairs.shape[1] == 2 and pairs.size
+                    and 0 <= pairs.min() and pairs.max() < self.n_vocab):
                 return [(tokens[a], tokens[b]) for a, b in pairs.tolist()]
         except (OSError, ValueError):
             pass
@@ -266,7 +271,7 @@ class Tokenizer:
         if t == NORMAL or t == UNUSED:
             return s.replace("▁", " ").encode("utf-8")
         if t == UNKNOWN:
-            return "▅".encode("utf-8")
+            return "▅".encode()
         return s.encode("utf-8")
 
     def token_bytes(self, token_id: int, special: bool = True) -> bytes:
@@ -285,7 +290,7 @@ class Tokenizer:
         """Text of `ids`; invalid UTF-8 (a token sequence cut inside a character) becomes U+FFFD."""
         return self.decode_bytes(ids, special).decode("utf-8", errors="replace")
 
-    def stream(self, special: bool = False) -> "StreamDecoder":
+    def stream(self, special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, special)
 
 

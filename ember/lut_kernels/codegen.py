@@ -173,7 +173,7 @@ def _mask(idx) -> str:
 def _flt(v: float) -> str:
     """An LLVM float literal (a double that is exactly representable as float)."""
     import struct
-    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(v)))[0]
+    return f"0x{struct.unpack('<Q', struct.pack('<d', float(v)))[0]:016X}"
 
 
 def _tables_ir(bits: int) -> list[str]:
@@ -495,7 +495,7 @@ def is_zen() -> bool:
     return llvm.get_host_cpu_name().startswith("znver")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def l1d_bytes(default: int = 48 << 10, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """This host's L1 data cache per core, in bytes (Linux sysfs; `default` where it cannot be
     read: the 48 KB of the Intel hosts the kernels were first tuned on)."""

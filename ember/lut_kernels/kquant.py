@@ -193,7 +193,7 @@ from numba.extending import intrinsic
 
 from ..formats.quants import block_info
 from . import codegen
-from .codegen import _flt, _mask, _splat, _vec
+from .codegen import _flt, _mask, _splat
 from .pack import aligned, aligned_empty, gguf_blocks, stored_arrays, stored_meta, tree_sum
 from .q8 import EXACT_INT8, pack_exact_int8
 from .split import MIN_ROWS, split
@@ -320,7 +320,7 @@ class PackedKQ:
                 "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
 
     @classmethod
-    def from_arrays(cls, a) -> "PackedKQ":
+    def from_arrays(cls, a) -> PackedKQ:
         n_out, n_in, qtype = stored_meta(a, "PackedKQ", 3)
         if qtype not in _QB or n_out < 0 or n_in <= 0 or n_in % QK:
             raise ValueError(f"PackedKQ.from_arrays: bad meta {[n_out, n_in, qtype]}")

@@ -8,8 +8,9 @@ Weights arrive in one of two forms:
   codes, the file's bytes), float FMAs on F16/BF16 rows as they are in the file (`f16.py`);
   K-quant matrices (Q2_K..Q6_K, and TQ1_0/TQ2_0 rewritten exactly as Q2_K) run the int8
   kernels of `kquant.py` for any number of rows (weights read once per 16 rows, faster than
-  BLAS on dequantized tiles for prefill too). Other types and larger batches dequantize the file's blocks a tile of rows at a
-  time into one reused buffer per thread and use single-threaded BLAS, the output columns split
+  BLAS on dequantized tiles for prefill too). Other types and larger batches dequantize the
+  file's blocks a tile of rows at a time into one reused buffer per thread and use
+  single-threaded BLAS, the output columns split
   between ember's threads, so no float32 copy of the model is ever kept; a matrix that also has
   a kernel layout then gives its file pages back (`release`), so they do not stay resident
   twice.
@@ -28,8 +29,12 @@ from .f16 import f16_matvec, pack_f16
 from .kquant import QTYPES as KQ_TYPES  # Q2_K..Q6_K
 from .kquant import TERNARY, PackedKQ, kq_matmul, kq_matvec, pack_kquant, ternary_as_q2_k
 from .pack import pack_q4
-from .q8 import INT8_TYPES  # Q8_0, Q5_0/Q5_1
-from .q8 import pack_q5, pack_q8_0, q8_matvec
+from .q8 import (
+    INT8_TYPES,  # Q8_0, Q5_0/Q5_1
+    pack_q5,
+    pack_q8_0,
+    q8_matvec,
+)
 from .split import MIN_ROWS, split
 from .tmac import lut_matvec
 

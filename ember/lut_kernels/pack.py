@@ -14,7 +14,8 @@ Layout of ``PackedQ4`` (``tile`` rows per tile, default 64; ``nb = n_in // 32`` 
     one (block, group pair) of a tile is ``4 * tile`` contiguous bytes.
 ``dm``     uint16 [n_tiles, nb, S, tile]  S = 1 (Q4_0): the block scales ``d``; S = 2 (Q4_1):
     ``d`` then the block mins ``m``, as the file's IEEE half bits (the kernels widen 16 of them
-    with one ``vcvtph2ps``). ``p.d`` / ``p.m`` are their float32 values, [n_tiles, nb, tile] (``p.m`` is None for Q4_0, whose zero-point is the implicit 8: value
+    with one ``vcvtph2ps``). ``p.d`` / ``p.m`` are their float32 values, [n_tiles, nb, tile]
+    (``p.m`` is None for Q4_0, whose zero-point is the implicit 8: value
     ``(q - 8) * d``; Q4_1: ``q * d + m``). One (tile, block) step of the kernel reads
     ``16 * tile`` bytes of codes and ``2 * S * tile`` bytes of ``dm``, both sequential.
 
@@ -144,7 +145,7 @@ class PackedQ4:
                 "meta": np.array([self.n_out, self.n_in, self.qtype, self.tile], np.int64)}
 
     @classmethod
-    def from_arrays(cls, arrs) -> "PackedQ4":
+    def from_arrays(cls, arrs) -> PackedQ4:
         n_out, n_in, qtype, tile = (int(v) for v in arrs["meta"])
         codes, dm = np.asarray(arrs["codes"]), np.asarray(arrs["dm"])
         nb, S = n_in // 32, 2 if qtype == Q4_1 else 1

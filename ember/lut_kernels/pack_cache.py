@@ -7,7 +7,8 @@ changes whenever a packed format does. A changed model file therefore gets a new
 is stale and never read.
 
 File layout: ``MAGIC``, a little-endian u64 index length, the index (JSON), zero padding to a
-multiple of 64, then the arrays' bytes, each at a 64-byte aligned offset from there. The index names, per matrix, its packed class and arrays (dtype,
+multiple of 64, then the arrays' bytes, each at a 64-byte aligned offset from there. The index
+names, per matrix, its packed class and arrays (dtype,
 shape, offset, byte count, checksum). Loading checks the magic, the layout, the key, that every
 array lies inside the file with a known dtype and a consistent shape, and every checksum; a file
 failing any check is deleted and rebuilt, never used. The checksum (``checksum``) is a 64-bit

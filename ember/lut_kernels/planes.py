@@ -90,14 +90,13 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .pack import aligned, aligned_empty, gguf_blocks, half_to_f32, stored_arrays, stored_meta
 from . import codegen
 from .codegen import _flt, _init, _optimize, _splat, _vec, emit_tile_end, finish_module
 from .kquant import _GROUP_LANE, pack_kquant, random_kquant
 from .kquant import QTYPES as KQ_TYPES
+from .pack import aligned, aligned_empty, gguf_blocks, half_to_f32, stored_arrays, stored_meta
 from .q8 import EXACT_INT8, pack_exact_int8
-from .tmac import DEFAULT_TABLE_BITS, _build, _check_types, _emit_call, _table_values
-from .tmac import build_tables_reference
+from .tmac import DEFAULT_TABLE_BITS, _build, _check_types, _emit_call, _table_values, build_tables_reference
 from .tmac import fn_addresses as tmac_addresses
 
 __all__ = ["PackedPlanes", "QTYPES", "pack_planes", "planes_matvec", "planes_matvec_reference",
@@ -180,7 +179,7 @@ class PackedPlanes:
                 "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
 
     @classmethod
-    def from_arrays(cls, a) -> "PackedPlanes":
+    def from_arrays(cls, a) -> PackedPlanes:
         n_out, n_in, qtype = stored_meta(a, "PackedPlanes", 3)
         s = _SPECS.get(qtype)
         if s is None or n_out <= 0 or n_in <= 0 or n_in % s.unit:

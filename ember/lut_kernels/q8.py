@@ -41,7 +41,8 @@ file's dev box, 1 / 2 threads, cold, Q5_0 4864x896 / 896x4864 / 151936x896): 270
 128, 6748 / 3529 us; the same matrices in the Q8_0 layout (where Q5_0 ran before): 330 / 179,
 404 / 211, 8989 / 4618 us.
 The native paths: per 4-byte lane ``float(partial) * s_b`` (``s_b = d_w[b] * d_x[b]``)
-accumulated by FMA into a float vector, one horizontal tree reduction per row. Modules are compiled with codegen's MCJIT helpers and cached.
+accumulated by FMA into a float vector, one horizontal tree reduction per row. Modules are
+compiled with codegen's MCJIT helpers and cached.
 
 Accuracy. Kernel vs oracle: float32 accumulation order only (measured <= 8e-8 of the row's
 sum of |terms|; tests assert 1e-5). Against the float truth ``dequantize(W) @ x`` (float64):
@@ -68,7 +69,8 @@ again (it may sit in L3), cold = rotating over 512 MB of copies (DRAM). GB/s = p
 
 So one thread is at the DRAM roofline (10.1 GB/s measured for a plain f32 sum), ~4x faster than
 float32 BLAS on the pre-dequantized matrix (ember's tile-wise dequantize + BLAS: ~25 ms per the
-task brief, not re-measured here). Software prefetch ``DEFAULT_PREFETCH`` = 4096 bytes ahead on qs: cold 4443 us without,
+task brief, not re-measured here). Software prefetch ``DEFAULT_PREFETCH`` = 4096 bytes ahead
+on qs: cold 4443 us without,
 3924 (1 KiB), 3339 (2 KiB), 3083 (4 KiB), 3069 (8 KiB). Compute bound (2048 x 576, 1.2 MB, L2
 resident, min of 11): avx512 44 us (30 GB/s, 21 ns/row), avx2 62 us, portable 144 us (the
 int8 -> float lanes vectorize; an int32-per-block numba loop was 5x slower: not vectorized). Per call: 1.9 us
@@ -129,7 +131,7 @@ class PackedQ8:
         return self.d.view(np.float16).astype(np.float32)
 
     @classmethod
-    def from_arrays(cls, a) -> "PackedQ8":
+    def from_arrays(cls, a) -> PackedQ8:
         qs = np.ascontiguousarray(a["qs"], dtype=np.int8)
         d = np.asarray(a["d"])
         if d.dtype != np.uint16:
@@ -171,7 +173,7 @@ class PackedQ5:
                 "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
 
     @classmethod
-    def from_arrays(cls, a) -> "PackedQ5":
+    def from_arrays(cls, a) -> PackedQ5:
         try:
             n_out, n_in, qtype = (int(v) for v in np.asarray(a["meta"]).reshape(-1))
             q, d = np.asarray(a["q"]), np.asarray(a["d"])
@@ -817,7 +819,7 @@ def benchmark(n_out: int = 49152, n_in: int = 576, rounds: int = 9, kernels=None
             f(0)
             f(1)
         for _ in range(rounds):
-            for nm, (f, nbytes) in variants.items():
+            for nm, (f, _nbytes) in variants.items():
                 reps = 3 if nm != "portable" else 1
                 f(0)
                 f(0)
@@ -832,7 +834,7 @@ def benchmark(n_out: int = 49152, n_in: int = 576, rounds: int = 9, kernels=None
     out(f"{n_out}x{n_in} Q8_0 packed {p.nbytes / 1e6:.1f} MB (f32 {w.nbytes / 1e6:.1f} MB): "
         "median hot us (GB/s) | cold us (GB/s)")
     rows = {}
-    for nm, (f, nbytes) in variants.items():
+    for nm, (_f, nbytes) in variants.items():
         h, c = np.median(res[nm][0]), np.median(res[nm][1])
         rows[nm] = (h, c)
         out(f"  {nm:16s} {h * 1e6:9.0f} ({nbytes / h / 1e9:5.1f}) | {c * 1e6:9.0f} "

@@ -44,7 +44,8 @@ So 16-bit tables stay the default.
 Timing: ``python -m ember.lut_kernels.tmac`` (``benchmark()``). Dev box: a VM with 2 vCPUs
 reported as "Intel Xeon" (LLVM host cpu "rocketlake"; AVX-512 with VNNI/VBMI/GFNI, 2 MB L2 per
 core), load average 0.6-1.0 during the run (other jobs share the machine; hot numbers move
-+-30 % between runs, cold ones +-10 %). Its DRAM read roofline, 1 thread: 10.1 GB/s (numba float32 sum over 256 MB, same session); L2
++-30 % between runs, cold ones +-10 %). Its DRAM read roofline, 1 thread: 10.1 GB/s (numba
+float32 sum over 256 MB, same session); L2
 45 GB/s. One thread, the whole ``lut_matvec`` Python call, median of 15 interleaved rounds,
 hot = the same matrix again (L2/L3 resident), cold = rotating over 256 MB of copies (DRAM).
 GB/s = packed bytes (codes + dm) / time. Baselines: ``x @ W.T`` (numpy/BLAS, float32, 1 thread)
@@ -588,7 +589,7 @@ def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), round
             variants["f32 numpy x@W.T"] = ((lambda i, ws=ws: x @ ws[i].T), w.nbytes, ncold)
             variants["f32 numba"] = ((lambda i, ws=ws: numba_f32(ws[i], x, y)), w.nbytes, ncold)
             res = {nm: ([], []) for nm in variants}
-            for nm, (f, _, _) in variants.items():
+            for _nm, (f, _, _) in variants.items():
                 f(0)
                 f(1)
             for _ in range(rounds):
@@ -606,7 +607,7 @@ def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), round
                     res[nm][1].append((time.perf_counter() - t0) / ncold)
             base = {c: np.median(res["f32 numpy x@W.T"][c]) for c in (0, 1)}
             out(f"{n_out}x{n_in}: hot us (GB/s, x numpy) | cold us (GB/s, x numpy)")
-            for nm, (f, nbytes, _) in variants.items():
+            for nm, (_f, nbytes, _) in variants.items():
                 h, c = np.median(res[nm][0]), np.median(res[nm][1])
                 rows.append(dict(shape=(n_out, n_in), name=nm, hot_us=h * 1e6, cold_us=c * 1e6,
                                  bytes=nbytes))
@@ -655,8 +656,8 @@ def _bench_pack(out=print) -> None:
 
 
 if __name__ == "__main__":
-    import sys
     import subprocess
+    import sys
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print("host:", codegen.host_isas(), "default:", codegen.best_isa())
     _bench_pack()

@@ -72,7 +72,7 @@ class ModelConfig:
         return self.n_expert > 0
 
     @classmethod
-    def from_gguf(cls, g: GGUFFile, n_vocab: int) -> "ModelConfig":
+    def from_gguf(cls, g: GGUFFile, n_vocab: int) -> ModelConfig:
         arch = g.architecture
         if arch not in ARCHITECTURES:
             raise UnsupportedError(
@@ -127,14 +127,18 @@ class ModelConfig:
             sliding_window = int(g.arch_get("attention.sliding_window", 0) or 0)
             period = g.arch_get("attention.sliding_window_pattern", GEMMA3_SWA_PERIOD)
             if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-                raise FormatError(f"{g.path}: '{arch}.attention.sliding_window_pattern' = {period!r} is not a positive integer")
+                raise FormatError(
+                    f"{g.path}: '{arch}.attention.sliding_window_pattern' = {period!r} is not a positive integer"
+                )
             if sliding_window:
                 swa_layers = tuple((i + 1) % period != 0 for i in range(n_layer))
             rope_base_local = float(g.arch_get("rope.freq_base_swa", GEMMA3_ROPE_BASE_LOCAL))
             embed_scale = math.sqrt(n_embd)
-        if g.arch_get("rope.scaling.type", "none") not in ("none", None) and g.arch_get("rope.scaling.factor", 1.0) != 1.0:
+        if (g.arch_get("rope.scaling.type", "none") not in ("none", None)
+                and g.arch_get("rope.scaling.factor", 1.0) != 1.0):
             raise UnsupportedError(
-                f"RoPE scaling ({g.arch_get('rope.scaling.type')} x{g.arch_get('rope.scaling.factor')}) is not supported yet"
+                f"RoPE scaling ({g.arch_get('rope.scaling.type')} x{g.arch_get('rope.scaling.factor')}) "
+                "is not supported yet"
             )
         return cls(
             arch=arch, spec=spec, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
