@@ -73,9 +73,16 @@ class Model:
 
         mode = "reference" if self.kernels == "numpy" else "fast"
         store = WeightStore(self.gguf, mode=mode)
-        tr = Transformer(self.config, store)
+        tr = Transformer(self.config, store, ops=None if mode == "reference" else self.device.ops)
         store.prepare()
         return tr
+
+    @cached_property
+    def device(self):
+        """Where the model runs (the CPU: the only device so far)."""
+        from .devices.cpu import CpuDevice
+
+        return CpuDevice(self.threads)
 
     @property
     def n_ctx(self) -> int:
@@ -129,7 +136,7 @@ class Model:
         """A fresh KV cache over this model: feed(ids) -> logits, truncate(n), reset()."""
         from .runtime.session import Session
 
-        return Session(self.transformer, self.n_ctx, self.threads)
+        return Session(self.transformer, self.n_ctx, device=self.device)
 
     def logits(self, ids) -> np.ndarray:
         """Logits [len(ids), n_vocab] of one causal pass over `ids` from an empty cache."""
@@ -181,7 +188,7 @@ class Model:
             raise EmberError("perplexity needs a text of at least two tokens")
         from .runtime.session import Session
 
-        s = Session(self.transformer, max(self.n_ctx, len(ids)), self.threads)
+        s = Session(self.transformer, max(self.n_ctx, len(ids)), device=self.device)
         nll, pos = 0.0, 0
         for logits in s.feed_batches(ids):
             n = logits.shape[0]

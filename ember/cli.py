@@ -178,7 +178,7 @@ def cmd_run(args) -> int:
     if raw and not args.raw:
         _note(f"{m.path.name} has no chat template (a base model): the prompt is continued as "
               "plain text")
-    from .runtime.decode import compiled
+    from .devices.cpu.step import compiled
 
     if not compiled():
         logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")

@@ -1,9 +1,9 @@
-"""The numba attention (runtime/attention.py) against the NumPy reference `model.attention`."""
+"""The numba attention (devices/cpu/attention.py) against the NumPy reference `model.attention`."""
 
 import numpy as np
 import pytest
 
-from ember.runtime.attention import attention_batch
+from ember.devices.cpu.attention import attention_batch
 from ember.runtime.model import attention
 
 

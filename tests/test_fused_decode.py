@@ -1,4 +1,4 @@
-"""The fused one-token decode step (runtime/decode.py) against the op-by-op forward pass."""
+"""The CPU device's fused step (devices/cpu/step.py) against the op-by-op forward pass."""
 
 import os
 import threading
@@ -10,34 +10,31 @@ import tiny_gguf as tg
 from numba import njit
 
 import ember
+from ember.devices.cpu import CpuDevice
+from ember.devices.cpu.step import FusedDecoder
+from ember.devices.cpu.vmath import exp_into
 from ember.errors import EmberError
 from ember.lut_kernels import fused
-from ember.runtime.decode import FusedDecoder
 from ember.runtime.session import Session
-from ember.runtime.vmath import exp_into
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no native x86 kernel path")
 
 
 def _steps(tr, ids, threads, fused_on, n_gen=6):
     """Prefill ids[:-1], then feed ids[-1] and n_gen greedy tokens one at a time: their logits."""
-    tr.fused = fused_on
-    tr._decoders.clear()
-    s = Session(tr, 256, threads)
+    s = Session(tr, 256, device=CpuDevice(threads, fused=fused_on))
     if len(ids) > 1:
         s.feed(ids[:-1])
     out = [s.feed([ids[-1]])[0]]
     for _ in range(n_gen):
         out.append(s.feed([int(np.argmax(out[-1]))])[0])
-    tr.fused = True
-    tr._decoders.clear()
     return np.stack(out)
 
 
 def test_smollm2_fused_matches_op_by_op(catalog_model):
     m = catalog_model("smollm2-135m")
     tr = m.transformer
-    assert tr.decoder(1) is not None, "smollm2 (Q4_1 + Q8_0) must take the fused path"
+    assert CpuDevice(1).decoder(tr) is not None, "smollm2 (Q4_1 + Q8_0) must take the fused path"
     ids = m.tokenize("The capital of France is", special=False)
     ref = _steps(tr, ids, 1, False)
     got1 = _steps(tr, ids, 1, True)
@@ -64,7 +61,7 @@ def test_tiny_families_fused_match_op_by_op(tmp_path, family, qtype):
                            n_embd=96, n_ff=160, n_ctx=64)
     m = ember.load(path)
     tr = m.transformer
-    assert tr.decoder(2) is not None
+    assert CpuDevice(2).decoder(tr) is not None
     rng = np.random.default_rng(1)
     ids = rng.integers(0, m.config.n_vocab, 9).tolist()
     ref = _steps(tr, ids, 1, False, n_gen=12)   # positions 8..20: past gemma3's window of 4
@@ -98,14 +95,14 @@ def _rows_agree(m, tr, ids, tol_steps, tol_forward):
     assert np.abs(many - op_by_op).max() < tol_forward
     for threads in (1, 3):  # rows are computed whole by one thread: the count changes nothing
         c2 = tr.new_cache(64)
-        tr.decoder(threads).step_rows(ids[:2], c2)
-        assert np.array_equal(tr.decoder(threads).step_rows(ids[2:9], c2), many)
+        CpuDevice(threads).decoder(tr).step_rows(ids[:2], c2)
+        assert np.array_equal(CpuDevice(threads).decoder(tr).step_rows(ids[2:9], c2), many)
     c3 = tr.new_cache(64)
-    tr.decoder(2).step_rows(ids[:2], c3)
-    assert np.array_equal(tr.decoder(2).step_rows(ids[2:9], c3, all_logits=False), many[-1:])
+    CpuDevice(2).decoder(tr).step_rows(ids[:2], c3)
+    assert np.array_equal(CpuDevice(2).decoder(tr).step_rows(ids[2:9], c3, all_logits=False), many[-1:])
     assert c3.length == 9
     with pytest.raises(ValueError, match="tokens at once"):
-        tr.decoder(1).step_rows(list(range(17)), tr.new_cache(64))
+        CpuDevice(1).decoder(tr).step_rows(list(range(17)), tr.new_cache(64))
     # a longer input runs the fused step 16 tokens at a time
     long = (list(ids) * 5)[:37]
     got = m.session().feed(long)
@@ -117,15 +114,15 @@ def _rows_agree(m, tr, ids, tol_steps, tol_forward):
 
 def test_moe_and_reference_mode_are_not_fused(tmp_path):
     path = tg.write_family(tmp_path / "moe.gguf", "mixtral")
-    assert ember.load(path).transformer.decoder(1) is None
+    assert CpuDevice(1).decoder(ember.load(path).transformer) is None
     path = tg.write_family(tmp_path / "d.gguf", "llama")
-    assert ember.load(path, kernels="numpy").transformer.decoder(1) is None
+    assert CpuDevice(1).decoder(ember.load(path, kernels="numpy").transformer) is None
 
 
 def test_fused_step_checks_token_and_context(tmp_path):
     path = tg.write_family(tmp_path / "m.gguf", "llama", n_ctx=8)
     m = ember.load(path)
-    dec = m.transformer.decoder(1)
+    dec = CpuDevice(1).decoder(m.transformer)
     cache = m.transformer.new_cache(4)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         dec.step(m.config.n_vocab, cache)
@@ -159,7 +156,7 @@ def test_barrier_synchronizes_and_aborts():
 
 def test_decoder_refuses_unfusable_matrices(tmp_path):
     path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="F32")  # float32 arrays
-    from ember.runtime.decode import NotFusable
+    from ember.devices.cpu.step import NotFusable
     with pytest.raises(NotFusable):
         FusedDecoder(ember.load(path).transformer, 1)
 
@@ -206,14 +203,9 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
 
 def _fixed(tr, ids, threads, fused_on, n_prefix=3):
     """Logits of ids[n_prefix:], fed one at a time after a prefill of ids[:n_prefix]."""
-    tr.fused = fused_on
-    tr._decoders.clear()
-    s = Session(tr, 64, threads)
+    s = Session(tr, 64, device=CpuDevice(threads, fused=fused_on))
     s.feed(ids[:n_prefix])
-    out = np.stack([s.feed([t])[0] for t in ids[n_prefix:]])
-    tr.fused = True
-    tr._decoders.clear()
-    return out
+    return np.stack([s.feed([t])[0] for t in ids[n_prefix:]])
 
 
 @pytest.mark.parametrize("layer,v_down,embd", [("Q4_K", "Q6_K", "Q6_K"),
@@ -225,7 +217,7 @@ def test_kquant_model_fused_matches_op_by_op(tmp_path, layer, v_down, embd):
     path = _random_blocks_model(tmp_path / "kq.gguf", Q[layer], Q[v_down], Q[embd])
     m = ember.load(path)
     tr = m.transformer
-    assert tr.decoder(2) is not None
+    assert CpuDevice(2).decoder(tr) is not None
     ids = np.random.default_rng(1).integers(0, m.config.n_vocab, 12).tolist()
     ref = _fixed(tr, ids, 1, False)
     exact = _fixed(ember.load(path, kernels="numpy").transformer, ids, 1, False)
@@ -264,7 +256,7 @@ def test_q5_and_ternary_types_fused_match_op_by_op(tmp_path, layer, v_down):
     path = _random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
     m = ember.load(path)
     tr = m.transformer
-    assert tr.decoder(2) is not None
+    assert CpuDevice(2).decoder(tr) is not None
     ids = np.random.default_rng(2).integers(0, m.config.n_vocab, 10).tolist()
     ref = _fixed(tr, ids, 1, False)
     exact = _fixed(ember.load(path, kernels="numpy").transformer, ids, 1, False)
@@ -283,7 +275,7 @@ def test_numba_cache_is_keyed_on_all_of_embers_numba_sources(tmp_path, monkeypat
     digest of every ember source that uses numba."""
     from numba.core import config
 
-    import ember.runtime.decode as decode
+    import ember.devices.cpu.step as decode
     from ember import home
 
     want = home.numba_cache_dir()   # (conftest moved $EMBER_CACHE_DIR after `import ember`)

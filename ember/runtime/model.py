@@ -5,7 +5,11 @@ then per layer RMSNorm -> q/k/v -> (q/k norms) -> RoPE -> KV cache -> grouped-qu
 causal and sliding-window masks -> output projection -> (post-norm) -> residual -> RMSNorm -> gated
 FFN or top-k experts -> (post-norm) -> residual; then the final norm and the output projection.
 
-Weights come from a `WeightStore`; every projection goes through `ops.matmul`. Activations are float32.
+Weights come from a `WeightStore`; the math of projections and attention comes from an `ops`
+object: `ReferenceOps` here (NumPy, float32 weights: the oracle), or a device's (the CPU's
+quantized kernels, `devices.cpu.ops`). Activations are float32. `forward` runs a range of layers
+(`layers=`): from token ids when it starts at layer 0, else from the hidden state a previous range
+returned; it returns logits when it ends at the last layer, else the hidden state.
 """
 
 from __future__ import annotations
@@ -15,9 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FormatError
-from ..lut_kernels.ops import matmul
 from ..offload.store import WeightStore
-from .attention import attention_batch
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_tables
@@ -66,6 +68,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     return out.reshape(n_kv, g, n, dv).transpose(2, 0, 1, 3).reshape(n, n_head * dv)
 
 
+class ReferenceOps:
+    """The reference math: float32 weight arrays [n_out, n_in] and NumPy attention over the keys
+    written so far. `threads` is accepted and unused (BLAS threads are BLAS's own)."""
+
+    def matmul(self, x: np.ndarray, w: np.ndarray, threads: int = 1) -> np.ndarray:
+        return x @ w.T
+
+    def attention(self, q, cache: KVCache, il: int, pos: np.ndarray, scale: float, window: int,
+                  threads: int = 1) -> np.ndarray:
+        end = int(pos[-1]) + 1
+        return attention(q, cache.k[il][:, :end], cache.v[il][:, :end], pos, scale, window)
+
+
 @dataclass
 class LayerNames:
     """Tensor names of one block."""
@@ -80,27 +95,13 @@ class LayerNames:
 
 
 class Transformer:
-    fused = True  # decode single tokens with the fused step where possible
-
-    def __init__(self, config: ModelConfig, store: WeightStore):
+    def __init__(self, config: ModelConfig, store: WeightStore, ops=None):
         self.cfg = config
         self.store = store
+        self.ops = ops or ReferenceOps()
         self.output_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
         self._check_tensors()
-        self._decoders: dict[int, object] = {}
         self._threads = 1
-
-    def decoder(self, threads: int):
-        """The fused one-token step (`decode.FusedDecoder`) for `threads`, or None where the model
-        or the host has no fused path (then one token runs through `forward`)."""
-        if threads not in self._decoders:
-            from .decode import FusedDecoder, NotFusable
-
-            try:
-                self._decoders[threads] = FusedDecoder(self, threads) if self.fused else None
-            except NotFusable:
-                self._decoders[threads] = None
-        return self._decoders[threads]
 
     # ---- validation ----------------------------------------------------------------------
     def _expect(self, name: str, shape: tuple[int, ...], required: bool = True) -> None:
@@ -181,31 +182,52 @@ class Transformer:
         c = self.cfg
         return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, max_len or c.context_length)
 
-    def forward(self, ids, cache: KVCache, all_logits: bool = True, threads: int = 1) -> np.ndarray:
-        """Run `ids` at the positions after the cache's; append their keys and values.
-        Returns logits [n, n_vocab] (or [1, n_vocab] for the last position when all_logits is False).
-        `threads`: for the matrix kernels (BLAS threads are set by the caller)."""
-        self._threads = threads
+    def check_layers(self, layers: range | None) -> range:
+        """`layers` (None: all of them), checked: a non-empty range of layers, step 1."""
+        n = self.cfg.n_layer
+        if layers is None:
+            return range(n)
+        if not isinstance(layers, range) or not 0 <= layers.start < layers.stop <= n or layers.step != 1:
+            raise ValueError(f"layers must be a non-empty range within 0..{n} with step 1, got {layers!r}")
+        return layers
+
+    def embed(self, ids) -> np.ndarray:
+        """The input hidden state [n, n_embd] of token ids (checked against the vocabulary)."""
         c = self.cfg
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n = len(ids)
-        if n == 0:
+        if ids.size == 0:
             raise ValueError("forward() needs at least one token")
         if ids.min() < 0 or ids.max() >= c.n_vocab:
             bad = ids[(ids < 0) | (ids >= c.n_vocab)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
+        x = self.store.rows("token_embd.weight", ids).astype(np.float32)
+        if c.embed_scale != 1.0:
+            x *= np.float32(c.embed_scale)
+        return x
+
+    def forward(self, ids, cache: KVCache, all_logits: bool = True, threads: int = 1,
+                layers: range | None = None) -> np.ndarray:
+        """Run layers `layers` (default: all) at the positions after the cache's; append their
+        keys and values. The input is token ids when the range starts at layer 0, else the
+        hidden state [n, n_embd] the previous range returned. A range that ends at the last
+        layer commits the positions to the cache and returns logits [n, n_vocab] (or
+        [1, n_vocab] for the last position when all_logits is False); another returns the
+        hidden state. `threads`: for the ops (BLAS threads are set by the caller)."""
+        self._threads = threads
+        c = self.cfg
+        layers = self.check_layers(layers)
+        x = self.embed(ids) if layers.start == 0 else np.asarray(ids, dtype=np.float32)
+        n = x.shape[0]
         cache.check_room(n)
         pos = np.arange(cache.length, cache.length + n)
         ropes = {False: rope_tables(pos, c.rope_dim, c.rope_base)}
         if any(c.swa_layers):
             ropes[True] = rope_tables(pos, c.rope_dim, c.rope_base_local)
-
-        x = self.store.rows("token_embd.weight", ids).astype(np.float32)
-        if c.embed_scale != 1.0:
-            x *= np.float32(c.embed_scale)
-        for il in range(c.n_layer):
+        for il in layers:
             swa = c.swa_layers[il]
             x = self._block(il, x, pos, cache, ropes[swa], c.sliding_window if swa else 0)
+        if layers.stop < c.n_layer:
+            return x
         cache.commit(n)
         if not all_logits:
             x = x[-1:]
@@ -213,7 +235,7 @@ class Transformer:
         return self._mm(x, self.store.matrix(self.output_name))
 
     def _mm(self, x: np.ndarray, w) -> np.ndarray:
-        return matmul(x, w, self._threads)
+        return self.ops.matmul(x, w, self._threads)
 
     def _proj(self, x: np.ndarray, name: str, bias: str | None = None) -> np.ndarray:
         y = self._mm(x, self.store.matrix(name))
@@ -234,12 +256,8 @@ class Transformer:
         v = v.reshape(n, c.n_head_kv, c.head_dim_v)
         q = apply_rope(q, *rope, c.spec.rope)
         k = apply_rope(k, *rope, c.spec.rope)
-        keys, values = cache.store(il, k, v)
-        if st.mode == "fast":  # the cache's whole arrays (C-contiguous); the mask bounds the keys
-            a = attention_batch(q, cache.k[il], cache.v[il], pos, c.attn_scale, window,
-                                self._threads)
-        else:
-            a = attention(q, keys, values, pos, c.attn_scale, window)
+        cache.store(il, k, v)
+        a = self.ops.attention(q, cache, il, pos, c.attn_scale, window, self._threads)
         o = self._mm(a, st.matrix(L.attn_output))
         if c.spec.gemma:
             o = rms_norm(o, st.get(L.post_attention_norm), c.rms_eps)
@@ -289,6 +307,6 @@ class Transformer:
         if st.has(L.ffn_up_shexp):
             y = self._ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp)
             if st.has(L.ffn_gate_inp_shexp):
-                y = y * (1.0 / (1.0 + np.exp(-matmul(h, st.get(L.ffn_gate_inp_shexp).reshape(1, -1)))))
+                y = y * (1.0 / (1.0 + np.exp(-self._mm(h, st.get(L.ffn_gate_inp_shexp).reshape(1, -1)))))
             out += y
         return out

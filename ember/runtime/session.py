@@ -1,14 +1,10 @@
-"""Session: a KV cache and a position over one model, the low-level handle speculation builds on.
+"""Session: a KV cache and a position over one model on a device, the low-level handle that
+generation and speculation build on.
 
-`feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens.
-New tokens run the fused decode step (`FusedDecoder.step_rows`), 16 at a time: all of them
-when every matrix is a K-quant (their kernels read each weight once for the 16 rows: Qwen2.5-1.5B
-512 tokens at 2 threads 3.9 s, 4.6 s through `Transformer.forward`), up to N_FUSED_STEPS otherwise
-(the one-row kernels re-read each weight group from L2 per row; past ~48 tokens the forward's
-dequantized BLAS wins for the q8-heavy models).
-Long inputs are fed in batches so memory stays bounded. BLAS runs on one thread: `ops.matmul`
-splits a batch between ember's threads itself (and runs batches under 64 rows on one, since on a
-2-core machine a second busy process stalls a multi-threaded small matmul by milliseconds).
+`feed(ids)` appends tokens and returns their logits; `truncate(n)` rolls back to n tokens;
+`keep_prefix(ids)` keeps what the session shares with a new prompt. Long inputs are fed in
+batches of N_BATCH so memory stays bounded; how a batch runs is the device's business
+(`devices.cpu.CpuDevice` by default).
 """
 
 from __future__ import annotations
@@ -16,35 +12,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
+from ..devices.cpu import CpuDevice
 from ..errors import EmberError
-from .allocator import keep_large_blocks
-from .decode import MAX_ROWS
 from .model import Transformer
-from .threads import default_threads
 
-N_BATCH = 512  # positions per forward call when feeding long inputs
-# Up to this many new tokens go through the fused step (in steps of decode.MAX_ROWS) when some
-# matrix has only a one-row kernel: 2 threads, fused vs forward, ms: SmolLM2 (T-MAC) 48 tokens
-# 85 vs 220, 192: 331 vs 363; Qwen2.5-0.5B (Q8_0) 48: 361 vs 482, 128: 956 vs 574; Gemma3-270M
-# 48: 154 vs 157.
-N_FUSED_STEPS = 48
-_BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
-
-
-def _blas_threads(n: int):
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=n, user_api="blas")
+N_BATCH = 512  # positions per device call when feeding long inputs
 
 
 class Session:
-    def __init__(self, model: Transformer, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, model: Transformer, n_ctx: int | None = None, threads: int | None = None,
+                 device=None):
         self.model = model
-        self.threads = threads or default_threads()
-        self.cache = model.new_cache(n_ctx)
+        self.device = device or CpuDevice(threads)
+        self.threads = self.device.threads
+        self.cache = self.device.new_cache(model, n_ctx)
         self.ids: list[int] = []
 
     def __len__(self) -> int:
@@ -79,19 +61,10 @@ class Session:
         ids = self._check(ids)
         for start in range(0, len(ids), N_BATCH):
             batch = ids[start : start + N_BATCH]
-            dec = self.model.decoder(self.threads)
-            if dec is not None and (dec.multi_row or len(batch) <= N_FUSED_STEPS):
-                parts = []
-                for i in range(0, len(batch), MAX_ROWS):
-                    part = batch[i : i + MAX_ROWS]
-                    parts.append(dec.step_rows(part, self.cache, all_logits))
-                    self.ids.extend(part)
-                yield np.concatenate(parts) if all_logits and len(parts) > 1 else parts[-1]
-                continue
-            keep_large_blocks()  # from the first batch on (decode alone allocates little)
-            with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
-                logits = self.model.forward(batch, self.cache, all_logits=all_logits, threads=self.threads)
-            self.ids.extend(batch)
+            try:
+                logits = self.device.forward(self.model, batch, self.cache, all_logits=all_logits)
+            finally:  # what the cache committed, even when interrupted part way (Ctrl-C)
+                self.ids.extend(batch[: self.cache.length - len(self.ids)])
             yield logits
 
     def keep_prefix(self, ids) -> int:

@@ -32,13 +32,13 @@ import weakref
 import numpy as np
 from numba import njit
 
-from ..errors import EmberError
-from ..lut_kernels import fused
-from ..lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratch, take
-from ..lut_kernels.split import Team
+from ...errors import EmberError
+from ...lut_kernels import fused
+from ...lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratch, take
+from ...lut_kernels.split import Team
+from ...runtime.config import ROPE_NEOX
+from ...runtime.rope import rope_tables
 from .attention import attend
-from .config import ROPE_NEOX
-from .rope import rope_tables
 from .vmath import exp_into
 
 # per-layer vectors, columns of the offsets table (-1: absent)
@@ -189,10 +189,11 @@ def _act(gb, ub, ab, r0, r1, gelu, e2):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos,
             cos_g, sin_g, cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb,
-            logits, last_only):
-    """k = x0.shape[0] new tokens at positions pos..pos+k-1; activations and outputs are
-    [k, ...] (cos_*/sin_* [k, rope_dim / 2]); ``last_only``: logits of the last token only
-    (into logits[k - 1])."""
+            logits, last_only, l0, l1, xo):
+    """Layers l0..l1-1 of k = x0.shape[0] new tokens at positions pos..pos+k-1, from their
+    hidden state x0 (the embeddings when l0 = 0); activations and outputs are [k, ...]
+    (cos_*/sin_* [k, rope_dim / 2]). When l1 is the last layer: the logits (``last_only``: of
+    the last token only, into logits[k - 1]); else the hidden state, into xo (by thread 0)."""
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
     k = x0.shape[0]
@@ -207,7 +208,7 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
     S = np.empty((group, pos + k), np.float32)
     e2 = np.empty(ab.shape[1], np.int32)
     ci = 0  # phase counter index (work units are claimed with take())
-    for il in range(nl):
+    for il in range(l0, l1):
         m0 = il * 7
         cs = cos_l if swa[il] else cos_g
         sn = sin_l if swa[il] else sin_g
@@ -303,6 +304,10 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
             return st
         for i in range(k):
             _residual(x[i], fb[i, :d], gemma, _vec(vecs, voff, il, V_POST_FFW, d), eps, h[i])
+    if l1 < nl:
+        if tid == 0:
+            xo[:] = x
+        return 0
     # final norm, output projection
     i0 = k - 1 if last_only else 0
     for i in range(i0, k):
@@ -384,34 +389,42 @@ class FusedDecoder:
         """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
         return self.step_rows([token], cache)[0]
 
-    def step_rows(self, tokens, cache, all_logits: bool = True) -> np.ndarray:
+    def step_rows(self, tokens, cache, all_logits: bool = True, layers: range | None = None) -> np.ndarray:
         """Logits [k, n_vocab] of k <= MAX_ROWS new tokens at positions len(cache)... (only
         the last one's, [1, n_vocab], when all_logits is False); appends their keys and
-        values."""
-        c, st = self.model.cfg, self.model.store
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        k = ids.size
-        if not 1 <= k <= MAX_ROWS:
-            raise ValueError(f"the fused step takes 1..{MAX_ROWS} tokens at once, got {k}")
-        bad = ids[(ids < 0) | (ids >= c.n_vocab)]
-        if bad.size:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{c.n_vocab - 1})")
+        values. With `layers`, a range of layers only (`Transformer.forward`'s contract): from
+        the hidden state [k, n_embd] given for `tokens` when it starts past layer 0, and to
+        the hidden state when it ends before the last layer (the positions are committed to
+        the cache by the range that ends there)."""
+        c = self.model.cfg
+        layers = self.model.check_layers(layers)
+        if layers.start == 0:
+            k = len(tokens)
+            if not 1 <= k <= MAX_ROWS:
+                raise ValueError(f"the fused step takes 1..{MAX_ROWS} tokens at once, got {k}")
+            x0 = self.model.embed(tokens)
+        else:
+            x0 = np.ascontiguousarray(tokens, dtype=np.float32)
+            k = x0.shape[0]
+            if not 1 <= k <= MAX_ROWS or x0.shape != (k, c.n_embd):
+                raise ValueError(f"the fused step takes a hidden state of 1..{MAX_ROWS} rows of "
+                                 f"{c.n_embd}, got {x0.shape}")
+        last = layers.stop == c.n_layer
         cache.reserve(k)
         pos = cache.length
-        x0 = st.rows("token_embd.weight", ids).reshape(k, -1).astype(np.float32)
-        if c.embed_scale != 1.0:
-            x0 *= np.float32(c.embed_scale)
         positions = np.arange(pos, pos + k)
         cg, sg = rope_tables(positions, c.rope_dim, c.rope_base)
         cl, sl = rope_tables(positions, c.rope_dim, c.rope_base_local)
         self.bst[:] = 0
         self.cnt[:] = 0
-        logits = np.empty((k, self.logits_width), np.float32)   # returned: no copy to make
+        # returned, no copy to make; the other output is a placeholder of the same type
+        logits = np.empty((k if last else 1, self.logits_width), np.float32)
+        xo = np.empty((1 if last else k, c.n_embd), np.float32)
         args = (self.threads, self.bfn, self.yfn, self.tfn, self.cnt, self.fns, self.bst, x0,
                 self.desc, self.vecs, self.voff, self.out_norm, cache.k_all, cache.v_all, pos,
                 cg, sg, cl, sl, self.swa, self.ip, float(c.rms_eps), np.float32(c.attn_scale),
                 self.qb[:k], self.kb[:k], self.vb[:k], self.ab[:k], self.ob[:k], self.gb[:k],
-                self.ub[:k], self.fb[:k], logits, not all_logits)
+                self.ub[:k], self.fb[:k], logits, not all_logits, layers.start, layers.stop, xo)
         if self._pool is None:
             status = [_decode(0, *args)]
         else:
@@ -422,6 +435,8 @@ class FusedDecoder:
         if any(status):
             raise EmberError(f"fused decode: a thread stalled at a barrier (status {status}); "
                              "another process may be starving the CPU")
+        if not last:
+            return xo
         cache.commit(k)
         out = logits[0 if all_logits else k - 1:]
         return out if out.shape[1] == c.n_vocab else np.ascontiguousarray(out[:, : c.n_vocab])

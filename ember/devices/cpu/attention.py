@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..lut_kernels.split import MIN_ROWS, split
+from ...lut_kernels.split import MIN_ROWS, split
 from .vmath import exp_into
 
 Q_CHUNK = 8  # query positions per work item of attention_batch

@@ -1,0 +1,94 @@
+"""The CPU device: ember's quantized kernels (`lut_kernels`), the fused step over the whole
+model (`step`), the batch attention (`attention`), and the policy of which runs when.
+
+New tokens run the fused step (`FusedDecoder.step_rows`), MAX_ROWS at a time: all of them when
+every matrix is a K-quant (their kernels read each weight once for the 16 rows), up to
+N_FUSED_STEPS otherwise (the one-row kernels re-read each weight group from L2 per row; past
+that the batch forward's dequantized BLAS wins for the q8-heavy models), for the whole model or
+a range of its layers. Other inputs run the batch forward (`Transformer.forward` with
+`CpuOps`), BLAS on one thread: `ops.matmul` splits a batch between ember's threads itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from ...lut_kernels.ops import matmul
+from ...runtime.threads import default_threads
+from .allocator import keep_large_blocks
+from .attention import attention_batch
+from .step import MAX_ROWS, FusedDecoder, NotFusable
+
+# Up to this many new tokens go through the fused step (in steps of MAX_ROWS) when some matrix
+# has only a one-row kernel; the timings behind it are in docs/kernels.md.
+N_FUSED_STEPS = 48
+_BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
+
+
+def _blas_threads(n: int):
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=n, user_api="blas")
+
+
+class CpuOps:
+    """A Transformer's math on the CPU: any weight through `lut_kernels.ops.matmul` (kernels on
+    the packed layouts, tiles + BLAS otherwise), attention over the cache's whole arrays
+    (C-contiguous; the causal mask bounds the keys)."""
+
+    def matmul(self, x: np.ndarray, w, threads: int = 1) -> np.ndarray:
+        return matmul(x, w, threads)
+
+    def attention(self, q, cache, il: int, pos: np.ndarray, scale: float, window: int,
+                  threads: int = 1) -> np.ndarray:
+        return attention_batch(q, cache.k[il], cache.v[il], pos, scale, window, threads)
+
+
+OPS = CpuOps()
+
+
+class CpuDevice:
+    """`threads` CPU threads (default: EMBER_THREADS or the physical cores); `fused=False` runs
+    every token through the batch forward (the tests' op-by-op baseline)."""
+
+    name = "cpu"
+    ops = OPS
+
+    def __init__(self, threads: int | None = None, fused: bool = True):
+        self.threads = threads or default_threads()
+        self.fused = fused
+        self._decoders: dict[int, tuple[object, FusedDecoder | None]] = {}
+
+    def decoder(self, model) -> FusedDecoder | None:
+        """The fused step for `model` on this device's threads, or None where the model or the
+        host has none."""
+        got = self._decoders.get(id(model))
+        if got is None or got[0] is not model:
+            dec = None
+            if self.fused:
+                try:
+                    dec = FusedDecoder(model, self.threads)
+                except NotFusable:
+                    pass
+            got = self._decoders[id(model)] = (model, dec)
+        return got[1]
+
+    def new_cache(self, model, n_ctx: int | None = None):
+        return model.new_cache(n_ctx)
+
+    def forward(self, model, ids, cache, *, all_logits: bool = True,
+                layers: range | None = None) -> np.ndarray:
+        layers = model.check_layers(layers)
+        dec = self.decoder(model)
+        if dec is not None and (dec.multi_row or len(ids) <= N_FUSED_STEPS):
+            parts = [dec.step_rows(ids[i : i + MAX_ROWS], cache, all_logits, layers)
+                     for i in range(0, len(ids), MAX_ROWS)]
+            if layers.stop < model.cfg.n_layer:  # hidden states
+                return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            return np.concatenate(parts) if all_logits and len(parts) > 1 else parts[-1]
+        keep_large_blocks()  # from the first batch on (decode alone allocates little)
+        with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
+            return model.forward(ids, cache, all_logits=all_logits, threads=self.threads,
+                                 layers=layers)

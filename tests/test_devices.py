@@ -1,0 +1,54 @@
+"""The device protocol on the CPU: a model runs whole or as layer ranges over one KV cache, and
+every way gives the same logits."""
+
+import numpy as np
+import pytest
+import tiny_gguf as tg
+
+import ember
+from ember.devices.base import Device
+from ember.devices.cpu import CpuDevice
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral"])
+@pytest.mark.parametrize("kernels", ["auto", "numpy"])
+def test_layer_ranges_give_the_whole_model(tmp_path, family, kernels):
+    path = tg.write_family(tmp_path / "m.gguf", family, qtype="Q8_0", n_ctx=64)
+    m = ember.load(path, kernels=kernels)
+    tr, dev = m.transformer, m.device
+    assert isinstance(dev, Device)
+    n_layer = m.config.n_layer
+    ids = np.random.default_rng(3).integers(0, m.config.n_vocab, 11).tolist()
+    whole_cache = dev.new_cache(tr, 64)
+    whole = np.concatenate([dev.forward(tr, ids[:7], whole_cache),
+                            dev.forward(tr, ids[7:], whole_cache)])
+    cache = dev.new_cache(tr, 64)
+    outs = []
+    for part in (ids[:7], ids[7:]):
+        h = part
+        for lo in range(n_layer):  # one layer at a time
+            h = dev.forward(tr, h, cache, layers=range(lo, lo + 1))
+            if lo < n_layer - 1:  # the hidden state; the positions are not committed yet
+                assert h.shape == (len(part), m.config.n_embd)
+                assert cache.length == (7 if outs else 0)
+        outs.append(h)
+    assert cache.length == whole_cache.length == len(ids)
+    got = np.concatenate(outs)
+    if dev.decoder(tr) is not None:  # the fused step over ranges: the same arithmetic, bit for bit
+        assert np.array_equal(got, whole)
+    np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
+
+
+def test_bad_layer_ranges(tmp_path):
+    path = tg.write_family(tmp_path / "m.gguf", "llama", n_ctx=16)
+    m = ember.load(path)
+    for bad in (range(0, 0), range(0, m.config.n_layer + 1), range(0, 2, 2)):
+        with pytest.raises(ValueError, match="layers"):
+            m.device.forward(m.transformer, [1, 2], m.device.new_cache(m.transformer, 16), layers=bad)
+
+
+def test_cpu_device_caches_its_fused_step_per_model(catalog_model):
+    m = catalog_model("smollm2-135m")
+    dev = CpuDevice(2)
+    assert dev.decoder(m.transformer) is dev.decoder(m.transformer) is not None
+    assert CpuDevice(1, fused=False).decoder(m.transformer) is None
