@@ -20,8 +20,9 @@ import pytest
 from numba import njit
 
 from ember.formats.quants import dequantize
-from ember.lut_kernels import codegen
+from ember.lut_kernels import codegen, kquant_ir, kquant_layout, q8
 from ember.lut_kernels import kquant as K
+from ember.lut_kernels.kquant_reference import kq_matmul_reference, quantize_x_reference
 from ember.lut_kernels.split import MIN_ROWS
 
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
@@ -46,6 +47,16 @@ def random_raw(rng, qt: int, n_out: int, n_in: int) -> np.ndarray:
     return K.random_kquant(rng, qt, n_out, n_in)
 
 
+def random_ternary(rng, qt: int, n_out: int, n_in: int) -> np.ndarray:
+    """GGUF TQ1_0 / TQ2_0 rows: random code bytes, f16 block scales ~1e-2 of random sign."""
+    _, bb, off = q8.EXACT_INT8[qt]                      # block bytes, offset of d
+    nb = n_in // 256
+    raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
+    v = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * 1e-2
+    raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    return raw.reshape(n_out, nb * bb)
+
+
 def random_x(rng, k: int, n: int) -> np.ndarray:
     x = (rng.standard_normal((k, n)) * rng.uniform(0.1, 10, (k, 1))).astype(np.float32)
     x[x == 0] = 0.5
@@ -58,7 +69,7 @@ def case(qt: int, n_out: int, n_in: int, k: int):
     raw = random_raw(rng, qt, n_out, n_in)
     x = random_x(rng, k, n_in)
     p = K.pack_kquant(raw, qt)
-    ref, absum, bound = K.kq_matmul_reference(x, p, return_scale=True)
+    ref, absum, bound = kq_matmul_reference(x, p, return_scale=True)
     w = dequantize(raw, qt).reshape(n_out, n_in).astype(np.float64)
     truth = x.astype(np.float64) @ w.T
     return raw, x, p, ref, absum, bound, truth
@@ -144,7 +155,7 @@ def test_codes_roundtrip(qt):
     raw = random_raw(_rng("codes", qt), qt, 3, 512)
     p = K.pack_kquant(raw, qt)
     SC, MM = p.scales()
-    codes = p.codes().astype(np.int64).reshape(3, 2, 256) - (K._OFFSET[qt] if MM is None else 0)
+    codes = p.codes().astype(np.int64).reshape(3, 2, 256) - (kquant_layout.OFFSET[qt] if MM is None else 0)
     gw = 256 // SC.reshape(3, 2, -1).shape[2]
     SC = np.repeat(SC.reshape(3, 2, -1), gw, axis=2)
     MM = np.zeros_like(SC) if MM is None else np.repeat(MM.reshape(3, 2, -1), gw, axis=2)
@@ -195,9 +206,8 @@ def test_from_arrays_rejects_bad_input():
 def test_ternary_rows_become_exact_q2_k(qt, n_out, n_in):
     """TQ1_0 / TQ2_0 rows rewritten as Q2_K dequantize to the same numbers (a zero weight of a
     block with d < 0 is +0 here, -0 in the file), and run the Q2_K kernels."""
-    from ember.lut_kernels.planes import random_rows
     rng = _rng("ternary", qt, n_out, n_in)
-    raw = random_rows(rng, qt, n_out, n_in)
+    raw = random_ternary(rng, qt, n_out, n_in)
     raw.reshape(n_out, -1)[0, -2:] = 0                   # one block with d = 0
     q2 = K.ternary_as_q2_k(raw, qt)
     assert q2.shape == (n_out, n_in // 256 * 84)
@@ -205,7 +215,7 @@ def test_ternary_rows_become_exact_q2_k(qt, n_out, n_in):
     assert np.array_equal(dequantize(q2, K.Q2_K).reshape(n_out, n_in), w), _msg(qt=qt)
     p = K.pack_kquant(q2, K.Q2_K)
     x = random_x(rng, 3, n_in)
-    ref, absum, _ = K.kq_matmul_reference(x, p, return_scale=True)
+    ref, absum, _ = kq_matmul_reference(x, p, return_scale=True)
     assert np.all(np.abs(K.kq_matmul(x, p) - ref) <= ORACLE_RTOL * absum + 1e-30), _msg(qt=qt)
     with pytest.raises(ValueError):
         K.ternary_as_q2_k(raw, K.Q2_K)
@@ -243,10 +253,10 @@ def test_quantize_x(kernel, k):
     n = K.quantize_x(x, kernel="portable")
     for a, b in zip((xq, xd, xp), n, strict=True):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), _msg(kernel=kernel, k=k)
-    rq, rdx, rxs = K.quantize_x_reference(x)
+    rq, rdx, rxs = quantize_x_reference(x)
     # lane L holds 16-group 2 (L % 8) + L // 8: lanes p and p + 8 are 32-block p
     lane_group = np.array([2 * (L % 8) + L // 8 for L in range(16)])
-    assert np.array_equal(K._LANE_GROUP, lane_group)
+    assert np.array_equal(kquant_layout.LANE_GROUP, lane_group)
     natural = np.argsort(lane_group)
 
     def per_group(a):   # [3 sb, kp, 16 lanes] -> [k, 48 16-groups] in natural order
@@ -382,7 +392,7 @@ def test_extreme_codes_and_activations(qt):
     x[2] = np.where(np.arange(n_in) % 2, 2.0, -2.0)
     x[3] = random_x(rng, 1, n_in)[0]
     x[3, 32:64] = 0
-    ref, absum, bound = K.kq_matmul_reference(x, p, return_scale=True)
+    ref, absum, bound = kq_matmul_reference(x, p, return_scale=True)
     truth = x.astype(np.float64) @ dequantize(raw, qt).reshape(n_out, n_in).T.astype(np.float64)
     for kernel in KERNELS:
         y = K.kq_matmul(x, p, kernel=kernel)
@@ -481,18 +491,18 @@ def test_x86_assembly_uses_the_intended_instructions():
     asm = K.kernel_asm("avx512", width=64, pipe=True)
     body = asm[asm.index("kq_q4_k.r1c"):]     # the chunk functions and the dispatchers
     assert "zmm" in body and "prefetch" in body
-    if codegen._host_features().get("avx512vnni"):
+    if codegen.host_features().get("avx512vnni"):
         assert "vpdpbusd" in body
     else:
         assert "vpmaddubsw" in body
     assert "vbroadcasti64x4" in body and "vcvtph2ps" in body   # row pairs: act halves
-    if codegen._host_features().get("avx512vnni") and codegen._host_features().get("avx512vl"):
+    if codegen.host_features().get("avx512vnni") and codegen.host_features().get("avx512vl"):
         y = K.kernel_asm("avx512", width=32)
         y = y[y.index("kq_q4_k.r1c8:"):y.index(".Lfunc_end", y.index("kq_q4_k.r1c8:"))]
         dots = [ln for ln in y.splitlines() if ln.split()[:1] == ["vpdpbusd"]]
         assert len(dots) >= 64 and all("ymm" in ln and "zmm" not in ln for ln in dots)
     for qt in (K.Q2_K, K.Q3_K, K.Q5_K, K.Q6_K):
-        nm = K._NAMES[qt]
+        nm = kquant_layout.NAMES[qt]
         asm2 = K.kernel_asm("avx2", what=qt)
         body2 = asm2[asm2.index(f"kq_{nm}.r1c"):]
         assert "vpmaddubsw" in body2 and "vpmaddwd" in body2 and "zmm" not in body2, nm
@@ -517,13 +527,13 @@ def test_tile_follows_the_l1d(tmp_path, monkeypatch):
     assert codegen.l1d_bytes(root=str(tmp_path)) == 48 << 10
     monkeypatch.setattr(codegen, "l1d_bytes", lambda: 32 << 10)
     assert K.tile_bytes() == 24576
-    assert K._host_opts("avx512", K.Q6_K)["tile_bytes"] == 24576
+    assert K.host_opts("avx512", K.Q6_K)["tile_bytes"] == 24576
     monkeypatch.setattr(codegen, "l1d_bytes", lambda: 48 << 10)
-    assert K.tile_bytes() == K.DEFAULT_TILE_BYTES
+    assert K.tile_bytes() == kquant_ir.DEFAULT_TILE_BYTES
 
 
-@pytest.mark.skipif("avx512" not in KERNELS or not codegen._host_features().get("avx512vl")
-                    or not codegen._host_features().get("avx512vnni"),
+@pytest.mark.skipif("avx512" not in KERNELS or not codegen.host_features().get("avx512vl")
+                    or not codegen.host_features().get("avx512vnni"),
                     reason="host has no AVX-512 VNNI/VL")
 @pytest.mark.parametrize("qt", QTYPES)
 @pytest.mark.parametrize("opts", [{}, {"width": 32}, {"width": 32, "pipe": False}])
@@ -555,12 +565,12 @@ def test_zen_hosts_run_row_pairs_on_ymm(monkeypatch):
     """On AMD Zen (with AVX-512 VNNI/VL) the Q4_K/Q5_K modules compile their chunks of 2+ act
     rows for ymm; elsewhere, and for the other types, the path's own width."""
     feats = {"avx512vl": True, "avx512vnni": True, "avx512f": True, "avx512bw": True}
-    monkeypatch.setattr(codegen, "_host_features", lambda: feats)
+    monkeypatch.setattr(codegen, "host_features", lambda: feats)
     for host, ymm in (("znver4", True), ("sapphirerapids", False)):
         monkeypatch.setattr(codegen.llvm, "get_host_cpu_name", lambda h=host: h)
         for qt in K.QTYPES:
-            o = K._host_opts("avx512", qt)
+            o = K.host_opts("avx512", qt)
             assert (o.get("width") == 32) == (ymm and qt in (K.Q4_K, K.Q5_K))
-        assert "width" not in K._host_opts("avx2", K.Q4_K)
+        assert "width" not in K.host_opts("avx2", K.Q4_K)
     with pytest.raises(ValueError):
         K.kernel_ir("avx2", what=K.Q4_K, width=64)

@@ -19,7 +19,7 @@ import pytest
 from numba import njit
 
 from ember.formats.quants import dequantize
-from ember.lut_kernels import codegen, pack, tmac
+from ember.lut_kernels import codegen, pack, tmac, tmac_ir
 from ember.lut_kernels.pack import Q4_0, Q4_1
 
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
@@ -265,21 +265,21 @@ def test_env_var_selects_kernel(monkeypatch):
 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_aarch64_object_compiles(bits):
-    obj = codegen.compile_object("neon", "aarch64-unknown-linux-gnu", table_bits=bits)
+    obj = tmac_ir.compile_object("neon", "aarch64-unknown-linux-gnu", table_bits=bits)
     assert obj[:4] == b"\x7fELF" and int.from_bytes(obj[18:20], "little") == 183   # EM_AARCH64
     for name in (b"tmac_tables", b"tmac_q4_0", b"tmac_q4_1"):
         assert name in obj
-    asm = codegen.compile_object("neon", table_bits=bits, asm=True)
+    asm = tmac_ir.compile_object("neon", table_bits=bits, asm=True)
     assert "tbl\t" in asm and "sdot\t" in asm
 
 
 @pytest.mark.skipif("avx512" not in KERNELS, reason="host has no AVX-512BW")
 def test_x86_assembly_uses_the_intended_instructions():
-    asm = codegen.kernel_asm("avx512", table_bits=16)
+    asm = tmac_ir.kernel_asm("avx512", table_bits=16)
     body = asm.split("tmac_q4_1:")[1].split(".Lfunc_end")[0]
     assert body.count("vpshufb") == 64 and "zmm" in body   # 4 row vectors x 4 gp x 4 lookups
-    assert ("vpdpbusd" in body) == codegen._host_features().get("avx512vnni", False)
-    asm2 = codegen.kernel_asm("avx2", table_bits=8)
+    assert ("vpdpbusd" in body) == codegen.host_features().get("avx512vnni", False)
+    asm2 = tmac_ir.kernel_asm("avx2", table_bits=8)
     body2 = asm2.split("tmac_q4_1:")[1].split(".Lfunc_end")[0]
     assert "vpshufb" in body2 and "vpmaddubsw" in body2 and "zmm" not in body2
 
@@ -293,7 +293,7 @@ def test_prefetch_hint_follows_the_host(monkeypatch, host, hint):
     assert codegen.prefetch_locality() == (2 if hint == "prefetcht1" else 3)
     assert codegen.prefetch_bytes(2048) == (8192 if hint == "prefetcht1" else 2048)
     assert codegen.prefetch_bytes(16384) == 16384 and codegen.prefetch_bytes(0) == 0
-    asm = codegen.kernel_asm("avx2", table_bits=16)
+    asm = tmac_ir.kernel_asm("avx2", table_bits=16)
     body = asm.split("tmac_q4_1:")[1].split(".Lfunc_end")[0]
     assert hint in body and {"prefetcht0", "prefetcht1"} - {hint} & set(body.split()) == set()
     assert "ember.prefetch" not in codegen.finish_module(["define void @f() #0 {", "  ret void", "}"], "", "")

@@ -173,7 +173,7 @@ def test_jit_object_cache_is_verified(tmp_path, cache_env):
     data[-1] ^= 0xFF
     obj.write_bytes(bytes(data))
     assert run()[0] == 12  # the damaged object is refused and compiled again
-    assert codegen._read_object(obj.stem) is not None
+    assert codegen.read_object(obj.stem) is not None
 
 
 # The packed bytes of every kernel type on fixed inputs, for the current LAYOUT. Any change to a

@@ -1,4 +1,5 @@
-"""The bit-plane table-lookup matvec for every low-bit type (ember.lut_kernels.planes).
+"""The bit-plane table-lookup matvec for every low-bit type (bench/experiments/planes.py: an
+experiment the runtime does not use, kept tested so its measured results stay reproducible).
 
 Packing must reproduce the file's weights bit for bit; every kernel path this host can run
 (avx512, avx512-novnni, avx2, portable) must equal the NumPy oracle up to float32 rounding,
@@ -14,14 +15,18 @@ from __future__ import annotations
 import collections
 import os
 import secrets
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ember.formats.quants import dequantize
 from ember.lut_kernels import codegen
-from ember.lut_kernels import planes as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: bench/
+from bench.experiments import planes as P  # noqa: E402
 
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
 KERNELS = [k for k in codegen.host_isas() if k != "neon"]

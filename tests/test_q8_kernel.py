@@ -208,7 +208,7 @@ def test_quantize_x_matches_reference():
     x[5] = -np.abs(x[:32]).max() * 2  # a negative maximum
     xq = np.empty(576, np.int8)
     dxv = np.full(16 * 18 + 40, np.nan, np.float32)      # a longer scratch buffer is fine
-    q8._quantize_x(x, xq, dxv)
+    q8.quantize_x_nb(x, xq, dxv)
     rq, rdx = q8.quantize_x_reference(x)
     assert np.array_equal(xq, rq), _msg()
     assert np.array_equal(dxv[:8 * 18], np.repeat(rdx, 8)), _msg()
@@ -320,7 +320,7 @@ def test_env_var_selects_kernel(monkeypatch):
 def test_x86_assembly_uses_the_intended_instructions():
     body = q8.kernel_asm("avx512").split("q8_rows:")[1]
     assert "zmm" in body and "prefetch" in body
-    if codegen._host_features().get("avx512vnni"):
+    if codegen.host_features().get("avx512vnni"):
         assert "vpdpbusd" in body
     else:
         assert "vpmaddubsw" in body

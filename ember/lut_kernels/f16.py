@@ -29,8 +29,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import codegen
+from .codegen import check_types, emit_call
 from .pack import half_to_f32, tree_sum
-from .tmac import _check_types, _emit_call
 
 __all__ = ["F16", "BF16", "PackedF16", "pack_f16", "f16_matvec", "f16_matvec_reference",
            "fn_address", "rows_nb", "kernel_ir"]
@@ -93,7 +93,7 @@ def _rows_ir(vw: int, qtype: int, prefetch: int) -> list[str]:
         else:
             it, ft = (VI, VF) if vec else ("i32", "float")
             a(f"  {out}.z = zext {VH if vec else 'i16'} {src} to {it}")
-            sh = codegen._splat("i32", nl, 16) if vec else "16"
+            sh = codegen.splat("i32", nl, 16) if vec else "16"
             a(f"  {out}.s = shl {it} {out}.z, {sh}")
             a(f"  {out} = bitcast {it} {out}.s to {ft}")
 
@@ -215,9 +215,9 @@ def fn_address(qtype: int, kernel: str | None = None) -> int:
 @intrinsic
 def _call_rows(typingctx, fn, w, x, y, n, r0, r1):
     """<f16|bf16>_rows(w, x, y, n, r0, r1) through a runtime address."""
-    _check_types((fn, w, x, y, n, r0, r1),
+    check_types((fn, w, x, y, n, r0, r1),
                  (None, types.uint16, types.float32, types.float32, None, None, None))
-    return types.void(fn, w, x, y, n, r0, r1), _emit_call
+    return types.void(fn, w, x, y, n, r0, r1), emit_call
 
 
 @njit(cache=True, nogil=True)

@@ -1,6 +1,6 @@
 """Building blocks for fused, multi-threaded numba code: matrices as descriptors, a spin barrier.
 
-A fused step (``runtime/decode.py``) runs the same ``nogil`` numba function on N OS threads at
+A fused step (``devices/cpu/step.py``) runs the same ``nogil`` numba function on N OS threads at
 once; each thread computes its share of every matvec's rows, and the threads meet at a barrier
 wherever a full vector is needed next. This module gives that code:
 
@@ -32,12 +32,11 @@ import ctypes
 import threading
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
 from numba.core import errors
 from numba.extending import intrinsic
 
-from . import codegen, f16, kquant, q8, tmac
+from . import codegen, f16, kquant, kquant_acts, q8, tmac
 from .pack import DEFAULT_TILE, Q4_0, Q4_1
 
 __all__ = ["KIND_Q4", "KIND_Q8", "KIND_KQ", "KIND_F16", "UNIT", "NCOL", "available", "describe",
@@ -57,26 +56,10 @@ ABORT = 16  # index of the abort word in the barrier state (count at 0, generati
 # calls through runtime addresses
 
 
-def _i64(context, builder, ty, val):
-    if isinstance(ty, types.Array):
-        return builder.ptrtoint(context.make_array(ty)(context, builder, val).data, ir.IntType(64))
-    return context.cast(builder, val, ty, types.int64)
-
-
 def _check(tys):
     for t in tys:
         if not (isinstance(t, types.Integer) or (isinstance(t, types.Array) and t.layout == "C")):
             raise errors.TypingError(f"expected an integer or a C-contiguous array, got {t}")
-
-
-def _codegen(ret):
-    def gen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        fnty = ir.FunctionType(i64 if ret else ir.VoidType(), [i64] * (len(args) - 1))
-        fp = builder.inttoptr(_i64(context, builder, sig.args[0], args[0]), fnty.as_pointer())
-        r = builder.call(fp, [_i64(context, builder, t, v) for t, v in zip(sig.args[1:], args[1:])])
-        return r if ret else context.get_dummy_value()
-    return gen
 
 
 @intrinsic
@@ -85,7 +68,7 @@ def addr(typingctx, a):
     _check((a,))
 
     def gen(context, builder, sig, args):
-        return _i64(context, builder, sig.args[0], args[0])
+        return codegen.as_i64(context, builder, sig.args[0], args[0])
     return types.int64(a), gen
 
 
@@ -93,31 +76,31 @@ def addr(typingctx, a):
 def call4(typingctx, fn, a, b, c, d):
     """void fn(a, b, c, d); arrays pass their data pointers, integers their values."""
     _check((fn, a, b, c, d))
-    return types.void(fn, a, b, c, d), _codegen(False)
+    return types.void(fn, a, b, c, d), codegen.call_codegen(False)
 
 
 @intrinsic
 def call6(typingctx, fn, a, b, c, d, e, f):
     _check((fn, a, b, c, d, e, f))
-    return types.void(fn, a, b, c, d, e, f), _codegen(False)
+    return types.void(fn, a, b, c, d, e, f), codegen.call_codegen(False)
 
 
 @intrinsic
 def call8(typingctx, fn, a, b, c, d, e, f, g, h):
     _check((fn, a, b, c, d, e, f, g, h))
-    return types.void(fn, a, b, c, d, e, f, g, h), _codegen(False)
+    return types.void(fn, a, b, c, d, e, f, g, h), codegen.call_codegen(False)
 
 
 @intrinsic
 def call12(typingctx, fn, a, b, c, d, e, f, g, h, i, j, k, m):
     _check((fn, a, b, c, d, e, f, g, h, i, j, k, m))
-    return types.void(fn, a, b, c, d, e, f, g, h, i, j, k, m), _codegen(False)
+    return types.void(fn, a, b, c, d, e, f, g, h, i, j, k, m), codegen.call_codegen(False)
 
 
 @intrinsic
 def call3_i64(typingctx, fn, a, b, c):
     _check((fn, a, b, c))
-    return types.int64(fn, a, b, c), _codegen(True)
+    return types.int64(fn, a, b, c), codegen.call_codegen(True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +263,7 @@ def scratch(n_in_max, k=1):
     all k rows), then the float32 rows for the F16/BF16 kernels. The one-row formats are
     [k, ...] arrays, one row per input row (``_row``)."""
     nb, nsb = n_in_max // 32 + 1, n_in_max // 256 + 1
-    xq, xd, xp = kquant.act_buffers(nsb, k + (k & 1))
+    xq, xd, xp = kquant_acts.act_buffers(nsb, k + (k & 1))
     return (np.empty((k, nb * 256), np.int8), np.empty((k, nb * 4), np.float32),
             np.empty((k, nb * 32), np.int8), np.empty((k, 16 * (nb + 1)), np.float32), xq, xd, xp,
             np.empty((k, n_in_max), np.float32))
@@ -319,7 +302,7 @@ def _prepare_row(fns, x, rb, q4, q8_, fl):
     if q4:
         call4(fns[0], x, rb[0], rb[1], x.size // 32)
     if q8_:
-        q8._quantize_x(x, rb[2], rb[3])
+        q8.quantize_x_nb(x, rb[2], rb[3])
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit
 
 from ..home import cache_dir, write_atomic
-from .kquant import PackedKQ
+from .kquant_layout import PackedKQ
 from .pack import PackedQ4
 from .q8 import PackedQ5, PackedQ8
 

@@ -36,51 +36,23 @@ numba, 32 float32 lanes ``acc[j] += qs[j] * (xq[j] * s_b)`` per row (vectorizes)
 Q5_0 / Q5_1 (``q5_0_rows``, ``q5_1_rows``): the unsigned codes (0..31) are ``vpdpbusd``'s u8
 operand and the activations its s8 one (one instruction per 64 weights; ``vpmaddubsw`` pairs
 <= 2 * 31 * 127 on the other paths), and per block ``m * float32(d_x * xsum)`` (m = -16 d for
-Q5_0) is added from the activations' block sums (the second half of ``dxv``). Measured (this
-file's dev box, 1 / 2 threads, cold, Q5_0 4864x896 / 896x4864 / 151936x896): 270 / 143, 244 /
-128, 6748 / 3529 us; the same matrices in the Q8_0 layout (where Q5_0 ran before): 330 / 179,
-404 / 211, 8989 / 4618 us.
+Q5_0) is added from the activations' block sums (the second half of ``dxv``).
 The native paths: per 4-byte lane ``float(partial) * s_b`` (``s_b = d_w[b] * d_x[b]``)
 accumulated by FMA into a float vector, one horizontal tree reduction per row. Modules are
 compiled with codegen's MCJIT helpers and cached.
 
-Accuracy. Kernel vs oracle: float32 accumulation order only (measured <= 8e-8 of the row's
-sum of |terms|; tests assert 1e-5). Against the float truth ``dequantize(W) @ x`` (float64):
-guaranteed per row ``|err| <= sum_b |d_w[b]| * d_x[b] / 2 * sum_j |qs_j|`` (half an activation
-step per weight) + float32 rounding (measured <= 0.47 of it). Typical (Gaussian x, uniform qs):
-max |err| / sum_j |w_j x_j| per row, 20 seeds: 7e-3 at n_in = 32 (1.1e-2 once in 300 seeds x 1000
-rows: one block, a wide tail), 4.4e-3 at 96, 1.4e-3 at 576. Tests (tests/test_q8_kernel.py)
-assert the guaranteed bound and 1e-2 (2e-2 for n_in = 32) of sum |w x| per row.
+Accuracy. Kernel vs oracle: float32 accumulation order only (tests assert 1e-5 of the row's
+sum of |terms|). Against the float truth ``dequantize(W) @ x`` (float64): guaranteed per row
+``|err| <= sum_b |d_w[b]| * d_x[b] / 2 * sum_j |qs_j|`` (half an activation step per weight) +
+float32 rounding. Tests (tests/test_q8_kernel.py) assert the guaranteed bound and 1e-2 (2e-2 for
+n_in = 32) of sum |w x| per row.
 
-Timing: ``python -m ember.lut_kernels.q8`` (``benchmark()``). Dev box: 2 vCPUs "Intel Xeon"
-(LLVM cpu rocketlake, AVX-512 VNNI; 2 MB L2/core, 105 MB shared L3), load average 0.5-0.6,
-1 thread unless said, whole Python call, median of 9 interleaved rounds; hot = the same matrix
-again (it may sit in L3), cold = rotating over 512 MB of copies (DRAM). GB/s = packed bytes
-(qs + d) / time. 49152 x 576 (SmolLM2-135M's tied output matrix), 31.9 MB packed (measured when
-``d`` was still float32; it is f16 now, 30.1 MB)::
-
-                       hot us (GB/s)    cold us (GB/s)
-    avx512 (vnni)       2704 (11.8)      2969 (10.7)     two runs: 2704-2786 / 2969-3101
-    avx512-novnni       2854 (11.2)      3024 (10.5)
-    avx2                2756 (11.6)      3036 (10.5)
-    portable            5451 ( 5.8)      5581 ( 5.7)
-    avx512, threads=2   1097 (29.0)      1701 (18.7)
-    f32 numpy W @ x    11733 ( 9.7)     12125 ( 9.3)     (W dequantized beforehand: 113 MB)
-
-So one thread is at the DRAM roofline (10.1 GB/s measured for a plain f32 sum), ~4x faster than
-float32 BLAS on the pre-dequantized matrix (ember's tile-wise dequantize + BLAS: ~25 ms per the
-task brief, not re-measured here). Software prefetch ``DEFAULT_PREFETCH`` = 4096 bytes ahead
-on qs: cold 4443 us without,
-3924 (1 KiB), 3339 (2 KiB), 3083 (4 KiB), 3069 (8 KiB). Compute bound (2048 x 576, 1.2 MB, L2
-resident, min of 11): avx512 44 us (30 GB/s, 21 ns/row), avx2 62 us, portable 144 us (the
-int8 -> float lanes vectorize; an int32-per-block numba loop was 5x slower: not vectorized). Per call: 1.9 us
-from Python on a 1 x 32 matrix (1.5 us for ``matvec_nb``'s numba dispatch). MCJIT compile of a
-module 30-60 ms, once per process. ``pack_q8_0`` 49152 x 576: 18-26 ms.
+Timing: ``python -m bench.experiments.bench_q8``; measured figures (per path, hot and
+cold, the prefetch distance, Q5_0 against the Q8_0 layout): docs/kernels.md.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,9 +60,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import codegen
-from .codegen import _flt, _mask, _splat
+from .codegen import check_types, emit_call, flt, mask, splat
 from .pack import gguf_blocks, half_to_f32, tree_sum
-from .tmac import _check_types, _emit_call
 
 __all__ = [
     "PackedQ8",
@@ -338,7 +309,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         a("  %tqo = mul i64 %lastb, 32")
         a("  %txp = getelementptr i8, ptr %xq, i64 %tqo")
         a("  %tx32 = load <32 x i8>, ptr %txp, align 1")
-        a(f"  %tx = shufflevector <32 x i8> %tx32, <32 x i8> zeroinitializer, {_mask(range(64))}")
+        a(f"  %tx = shufflevector <32 x i8> %tx32, <32 x i8> zeroinitializer, {mask(range(64))}")
         a("  %tdxo = mul i64 %np, 16")
         a("  %tdxp = getelementptr float, ptr %dxv, i64 %tdxo")
     a("  br label %row")
@@ -354,7 +325,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
             if tag:   # the odd last block (avx512): 32 bytes, zero-extended
                 a(f"  %w32{tag} = load <32 x i8>, ptr %wp{tag}, align 1")
                 a(f"  %w{tag} = shufflevector <32 x i8> %w32{tag}, <32 x i8> zeroinitializer, "
-                  f"{_mask(range(64))}")
+                  f"{mask(range(64))}")
             else:
                 a(f"  %w{tag} = load {V8}, ptr %wp{tag}, align 1")
             return f"%w{tag}"
@@ -366,17 +337,17 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
             a(f"  %pfp = getelementptr i8, ptr %pp, i64 {prefetch * 5 // 8}")
             codegen.emit_prefetch(a, "%pfp")
         a(f"  %nib{tag} = load <32 x i8>, ptr %pp{tag}, align 1")
-        a(f"  %lo{tag} = and <32 x i8> %nib{tag}, {_splat('i8', 32, 15)}")
+        a(f"  %lo{tag} = and <32 x i8> %nib{tag}, {splat('i8', 32, 15)}")
         a(f"  %hp{tag} = getelementptr i8, ptr %pp{tag}, i64 32")
         if vw == 64 and not tag:
-            a(f"  %hi{tag} = lshr <32 x i8> %nib{tag}, {_splat('i8', 32, 4)}")
+            a(f"  %hi{tag} = lshr <32 x i8> %nib{tag}, {splat('i8', 32, 4)}")
             a(f"  %c{tag} = shufflevector <32 x i8> %lo{tag}, <32 x i8> %hi{tag}, "
-              f"{_mask(range(64))}")
+              f"{mask(range(64))}")
             a(f"  %hb{tag} = load i64, ptr %hp{tag}, align 1")
             a(f"  %hm{tag} = bitcast i64 %hb{tag} to <64 x i1>")
         elif vw == 64:   # the odd last block: low nibbles only
             a(f"  %c{tag} = shufflevector <32 x i8> %lo{tag}, <32 x i8> zeroinitializer, "
-              f"{_mask(range(64))}")
+              f"{mask(range(64))}")
             a(f"  %hb32{tag} = load i32, ptr %hp{tag}, align 1")
             a(f"  %hb{tag} = zext i32 %hb32{tag} to i64")
             a(f"  %hm{tag} = bitcast i64 %hb{tag} to <64 x i1>")
@@ -388,12 +359,12 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
             a(f"  %shv{tag} = shufflevector <32 x i8> %shi{tag}, <32 x i8> poison, "
               f"<32 x i32> zeroinitializer")
             a(f"  %ns{tag} = lshr <32 x i8> %nib{tag}, %shv{tag}")
-            a(f"  %c{tag} = and <32 x i8> %ns{tag}, {_splat('i8', 32, 15)}")
+            a(f"  %c{tag} = and <32 x i8> %ns{tag}, {splat('i8', 32, 15)}")
             a(f"  %ho{tag} = mul i64 %h1{tag}, 4")
             a(f"  %hq{tag} = getelementptr i8, ptr %hp{tag}, i64 %ho{tag}")
             a(f"  %hb{tag} = load i32, ptr %hq{tag}, align 1")
             a(f"  %hm{tag} = bitcast i32 %hb{tag} to <32 x i1>")
-        a(f"  %h16{tag} = select <{vw} x i1> %hm{tag}, {V8} {_splat('i8', vw, 16)}, "
+        a(f"  %h16{tag} = select <{vw} x i1> %hm{tag}, {V8} {splat('i8', vw, 16)}, "
           f"{V8} zeroinitializer")
         a(f"  %w{tag} = or {V8} %c{tag}, %h16{tag}")
         return f"%w{tag}"
@@ -407,13 +378,13 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
               f"{V8} {w}, {V8} {x})")
         elif q5:                           # pairs <= 2 * 31 * 127: no saturation
             a(f"  %m{tag} = call {V16} {mad}({V8} {w}, {V8} {x})")
-            a(f"  %I{tag} = call {V32} {madd}({V16} %m{tag}, {V16} {_splat('i16', vw // 2, 1)})")
+            a(f"  %I{tag} = call {V32} {madd}({V16} %m{tag}, {V16} {splat('i16', vw // 2, 1)})")
         elif combine == "vnni":
-            a(f"  %xu{tag} = xor {V8} {x}, {_splat('i8', vw, -128)}")
+            a(f"  %xu{tag} = xor {V8} {x}, {splat('i8', vw, -128)}")
             a(f"  %p1{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
               f"{V8} %xu{tag}, {V8} {w})")
             a(f"  %p2{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
-              f"{V8} {_splat('i8', vw, -128)}, {V8} {w})")
+              f"{V8} {splat('i8', vw, -128)}, {V8} {w})")
             a(f"  %I{tag} = sub {V32} %p1{tag}, %p2{tag}")
         else:
             a(f"  %aw{tag} = call {V8} @llvm.abs.v{vw}i8({V8} {w}, i1 false)")
@@ -421,7 +392,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
             a(f"  %nx{tag} = sub {V8} zeroinitializer, {x}")
             a(f"  %sx{tag} = select <{vw} x i1> %ng{tag}, {V8} %nx{tag}, {V8} {x}")
             a(f"  %m{tag} = call {V16} {mad}({V8} %aw{tag}, {V8} %sx{tag})")
-            a(f"  %I{tag} = call {V32} {madd}({V16} %m{tag}, {V16} {_splat('i16', vw // 2, 1)})")
+            a(f"  %I{tag} = call {V32} {madd}({V16} %m{tag}, {V16} {splat('i16', vw // 2, 1)})")
         a(f"  %f{tag} = sitofp {V32} %I{tag} to {VF}")
         a(f"  {out} = call {VF} @llvm.fma.v{nl}f32({VF} %f{tag}, {VF} {dvec}, {VF} {acc})")
 
@@ -432,7 +403,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
             a(f"  %h2{tag}.h = load <2 x half>, ptr %hp{tag}.h, align 2")
             a(f"  %f2{tag}.h = fpext <2 x half> %h2{tag}.h to <2 x float>")
             a(f"  %V{tag} = shufflevector <2 x float> %f2{tag}.h, <2 x float> poison, "
-              f"{_mask([0] * 8 + [1] * 8)}")
+              f"{mask([0] * 8 + [1] * 8)}")
         else:
             a(f"  %h1{tag}.h = load half, ptr %hp{tag}.h, align 2")
             a(f"  %f1{tag}.h = fpext half %h1{tag}.h to float")
@@ -453,7 +424,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         if kind == "q5_1":
             M = halves(f"m{tag}", "%mrow", blk, nblk)
         else:
-            a(f"  %M{tag} = fmul {VF} {D}, {_splat('float', nl, _flt(-16.0))}")
+            a(f"  %M{tag} = fmul {VF} {D}, {splat('float', nl, flt(-16.0))}")
             M = f"%M{tag}"
         a(f"  %XS{tag} = load {VF}, ptr {xsp}, align 4, !invariant.load !0")
         a(f"  {out} = call {VF} @llvm.fma.v{nl}f32({VF} {M}, {VF} %XS{tag}, {VF} %acc1{tag})")
@@ -493,7 +464,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
     else:
         a("  br label %fin")
         a("fin:")
-        a(f"  %accF = fadd {VF} %accA, {_splat('float', nl, '-0.0')}")
+        a(f"  %accF = fadd {VF} %accA, {splat('float', nl, '-0.0')}")
     codegen.emit_hsum(a, "%accF", nl, "%ys")
     codegen.emit_row_end(a, "%ys")
     return L
@@ -579,14 +550,14 @@ def _call_rows(typingctx, fn, qs, d, xq, dxv, y, nb, r0, r1):
     or a PackedQ5's uint8 bytes)."""
     qdt = qs.dtype if isinstance(qs, types.Array) and qs.dtype in (types.int8, types.uint8) \
         else types.int8
-    _check_types((fn, qs, d, xq, dxv, y, nb, r0, r1),
+    check_types((fn, qs, d, xq, dxv, y, nb, r0, r1),
                  (None, qdt, types.uint16, types.int8, types.float32, types.float32,
                   None, None, None))
-    return types.void(fn, qs, d, xq, dxv, y, nb, r0, r1), _emit_call
+    return types.void(fn, qs, d, xq, dxv, y, nb, r0, r1), emit_call
 
 
 @njit(cache=True, nogil=True)
-def _quantize_x(x, xq, dxv):
+def quantize_x_nb(x, xq, dxv):
     """int8 xq [n_in] and dxv [16 * (nb + nb % 2)]: d_x per block repeated 8x (zero padded),
     then per block float32(d_x * xsum) and 7 zeros (xsum: the block's sum of xq; the mins)."""
     nb = x.size // 32
@@ -683,7 +654,7 @@ def _prep(x, qs, d, out):
         raise ValueError("q8_matvec: the shapes of x, the packed matrix and out differ")
     xq = np.empty(x.size, np.int8)
     dxv = np.empty(16 * nbp, np.float32)
-    _quantize_x(x, xq, dxv)
+    quantize_x_nb(x, xq, dxv)
     return xq, dxv, kind
 
 
@@ -778,83 +749,3 @@ def q8_matvec_reference(x, p, return_scale: bool = False):
     w = np.abs(p.dequantize().astype(np.float64)).reshape(p.n_out, nb, 32).sum(axis=2)
     bound = (w * dx.astype(np.float64)[None, :] / 2).sum(axis=1)
     return y, absum.sum(axis=1), bound
-
-
-# ---------------------------------------------------------------------------------------------
-# benchmark: python -m ember.lut_kernels.q8
-
-
-def random_q8_0(rng, n_out: int, n_in: int) -> np.ndarray:
-    """Random GGUF Q8_0 rows: uint8 [n_out, n_in / 32 * 34], f16 scales ~ 0.01, qs uniform."""
-    nb = n_in // 32
-    raw = rng.integers(0, 256, (n_out, nb, 34), dtype=np.uint8)
-    dd = (np.abs(rng.standard_normal((n_out, nb))) * 0.01 + 1e-4).astype(np.float16)
-    raw[:, :, 0:2] = dd.view(np.uint8).reshape(n_out, nb, 2)
-    return raw.reshape(n_out, nb * 34)
-
-
-def benchmark(n_out: int = 49152, n_in: int = 576, rounds: int = 9, kernels=None,
-              cold_bytes: int = 512 << 20, out=print) -> dict:
-    from threadpoolctl import threadpool_limits
-    rng = np.random.default_rng(0)
-    kernels = kernels or [k for k in codegen.host_isas() if k != "neon"]
-    p = pack_q8_0(random_q8_0(rng, n_out, n_in))
-    ncold = max(2, cold_bytes // p.nbytes)
-    cps = [p] + [PackedQ8(p.qs.copy(), p.d.copy(), n_out, n_in) for _ in range(ncold - 1)]
-    x = rng.standard_normal(n_in).astype(np.float32)
-    y = np.empty(n_out, np.float32)
-    w = p.dequantize()
-    nw = max(2, cold_bytes // w.nbytes)
-    ws = [w] + [w.copy() for _ in range(nw - 1)]
-    variants = {}
-    for k in kernels:
-        variants[k] = ((lambda i, k=k: q8_matvec(x, cps[i % ncold], out=y, kernel=k)), p.nbytes)
-    variants[f"{kernels[0]} 2thr"] = ((lambda i: q8_matvec(x, cps[i % ncold], out=y,
-                                                           kernel=kernels[0], threads=2)),
-                                      p.nbytes)
-    variants["f32 numpy"] = ((lambda i: ws[i % nw] @ x), w.nbytes)
-    res = {nm: ([], []) for nm in variants}
-    with threadpool_limits(1):
-        for f, _ in variants.values():
-            f(0)
-            f(1)
-        for _ in range(rounds):
-            for nm, (f, _nbytes) in variants.items():
-                reps = 3 if nm != "portable" else 1
-                f(0)
-                f(0)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    f(0)
-                res[nm][0].append((time.perf_counter() - t0) / reps)
-                t0 = time.perf_counter()
-                for i in range(1, 1 + ncold):
-                    f(i)
-                res[nm][1].append((time.perf_counter() - t0) / ncold)
-    out(f"{n_out}x{n_in} Q8_0 packed {p.nbytes / 1e6:.1f} MB (f32 {w.nbytes / 1e6:.1f} MB): "
-        "median hot us (GB/s) | cold us (GB/s)")
-    rows = {}
-    for nm, (_f, nbytes) in variants.items():
-        h, c = np.median(res[nm][0]), np.median(res[nm][1])
-        rows[nm] = (h, c)
-        out(f"  {nm:16s} {h * 1e6:9.0f} ({nbytes / h / 1e9:5.1f}) | {c * 1e6:9.0f} "
-            f"({nbytes / c / 1e9:5.1f})")
-    return rows
-
-
-if __name__ == "__main__":
-    import subprocess
-    import sys
-    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    print("host:", codegen.host_isas())
-    rng = np.random.default_rng(1)
-    raw = random_q8_0(rng, 49152, 576)
-    pack_q8_0(raw)
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        pack_q8_0(raw)
-        ts.append(time.perf_counter() - t0)
-    print(f"pack_q8_0 49152x576: {np.median(ts) * 1e3:.1f} ms")
-    benchmark(rounds=3 if "--quick" in sys.argv else 9)
-    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

@@ -18,62 +18,20 @@ Kernel paths (``kernel=`` or ``$EMBER_KERNEL``, read once; ``reset_kernel_choice
 ``avx512`` (vpshufb zmm + vpdpbusd; default on AVX-512BW hosts), ``avx512-novnni``, ``avx2``
 (compiled for x86-64-v3), ``portable`` (plain numba, no SIMD intrinsics, same results).
 
-Math (see ``codegen.py``): per group of 4 activations a 16-entry table of mirrored subset sums
+Math (see ``tmac_ir.py``): per group of 4 activations a 16-entry table of mirrored subset sums
 ``sum_j (bit_j - 1/2) x_j``, quantized per 32-block with one scale; per block and row an exact
 integer ``I = sum_planes 2^p sum_groups T[...]``; ``y = sum_b d (scale I + z_b) (+ m xs_b)``
 with ``z = -0.5 xs`` (Q4_0), ``7.5 xs`` (Q4_1).
 
 Accuracy, against the float truth ``dequantize(W) @ x`` (float64). Default: 16-bit tables
-(``DEFAULT_TABLE_BITS = 16``). Guaranteed per row: ``|y - y_true| <= 60 * sum_b |d_b| *
-scale_b`` (8 groups x (1+2+4+8) x half a table step) plus float32 rounding; measured at <= 0.51
-of that bound. Typical, random Gaussian x and random codes, 6 seeds x 48 shapes x 2 types:
-16-bit tables max |err| / sum_j |w_j x_j| = 2.4e-5 per row and max |err| / max |y| = 3.7e-5 per
-matrix; 8-bit tables 5.8e-3 and 8.5e-3 (kernels.md's 1.3e-2 was for unmirrored tables).
-Tolerances in tests/test_lut_kernels.py: 1e-4 / 2e-4 (16-bit), 2e-2 / 3e-2 (8-bit); every path
-against the oracle: 1e-6 of the row's sum of |terms| (measured <= 2.2e-7).
-Cost of 16-bit over 8-bit tables: 0-10 % when the matrix streams from DRAM (the decode case:
-SmolLM2's 80 MB of Q4 weights are far beyond L2), 25-45 % when it sits in L2 (compute bound).
-On AVX2 (AMD EPYC Zen 3) the kernel is compute bound even when streaming (16-bit tables, 1
-thread: ~14 GB/s in cache, about the DRAM rate), and 8-bit tables let SmolLM2 decode 105-112
-tokens/s instead of 75-83 (ad hoc, 1 thread) with a perplexity as good (400 tokens fed one at
-a time: 29.404 against 16-bit 29.447 and NumPy 29.394), but over the 7 decode steps of
-``test_smollm2_fused_matches_op_by_op`` the logits differ from the float32 reference by up to
-24.9 (16-bit: 0.40): a block with one large activation leaves the others a few table steps.
-So 16-bit tables stay the default.
+(``DEFAULT_TABLE_BITS = 16``; 8-bit tables cost less compute but lose accuracy: docs/kernels.md).
+Guaranteed per row: ``|y - y_true| <= 60 * sum_b |d_b| * scale_b`` (8 groups x (1+2+4+8) x half
+a table step) plus float32 rounding. Tolerances in tests/test_lut_kernels.py: 1e-4 / 2e-4 of
+``sum_j |w_j x_j|`` per row / of ``max |y|`` (16-bit), 2e-2 / 3e-2 (8-bit); every path against
+the oracle: 1e-6 of the row's sum of |terms|.
 
-Timing: ``python -m ember.lut_kernels.tmac`` (``benchmark()``). Dev box: a VM with 2 vCPUs
-reported as "Intel Xeon" (LLVM host cpu "rocketlake"; AVX-512 with VNNI/VBMI/GFNI, 2 MB L2 per
-core), load average 0.6-1.0 during the run (other jobs share the machine; hot numbers move
-+-30 % between runs, cold ones +-10 %). Its DRAM read roofline, 1 thread: 10.1 GB/s (numba
-float32 sum over 256 MB, same session); L2
-45 GB/s. One thread, the whole ``lut_matvec`` Python call, median of 15 interleaved rounds,
-hot = the same matrix again (L2/L3 resident), cold = rotating over 256 MB of copies (DRAM).
-GB/s = packed bytes (codes + dm) / time. Baselines: ``x @ W.T`` (numpy/BLAS, float32, 1 thread)
-and a ``fastmath`` numba float32 row-dot loop, float32 weights (4 B per weight)::
-
-                          avx512, 16-bit tables   avx512, 8-bit   f32 numpy     f32 numba
-    shape           packed  hot us      cold us     hot    cold     hot    cold   hot    cold
-    576x576   Q4_0  207 KB    14 (15 GB/s)  25 (8.2)  10     25       32     159    43     163
-    576x576   Q4_1  249 KB    15 (17)       29 (8.6)  12     29
-    1536x576  Q4_0  553 KB    28 (20)       61 (9.1)  20     60      193     425   194     443
-    1536x576  Q4_1  664 KB    32 (21)       66 (10.1) 22     64
-    576x1536  Q4_0  553 KB    26 (21)       63 (8.8)  18     59      180     297   169     421
-    576x1536  Q4_1  664 KB    31 (21)       66 (10.1) 20     64
-    4096x4096 Q4_0  10.5 MB  617 (17)     1036 (10.1) 586  1054     5606    5610  8382    8260
-    4096x4096 Q4_1  12.6 MB  727 (17)     1211 (10.4) 726  1232
-
-So cold = at the DRAM roofline (10 GB/s), 5-7x faster than float32 numpy; hot = 2-9x faster.
-A quieter rerun (load 0.6) gave hot 576x576 Q4_1 10.0 us (25 GB/s), 1536x576 22 us (30 GB/s),
-4096x4096 Q4_1 610 us hot / 1005 us cold. Other paths, 16-bit tables, Q4_1, hot / cold us:
-avx512-novnni 1536x576 33 / 68, 4096x4096 767 / 1240; avx2 1536x576 52 / 72, 4096x4096
-1101 / 1362; portable (plain numba) 1536x576 ~350 hot (under load). ``threads=2`` (numba
-prange over tile chunks; only worth it on idle cores: under load a parallel region stalled for
-5-8 ms): 1536x576 Q4_1 25 / 45 us, 4096x4096 Q4_1 381 / 664 us (1.8x).
-
-Per-call overhead (a 1x32 matrix: one tile, one block): 1.6-2.9 us for ``lut_matvec`` from
-Python, of which 1.1-2.0 us is numba's dispatch of ``_mv_serial`` (7 arguments); table building
-itself is ~0.05 us per 32 activations. Callers that are numba code call ``matvec_nb`` and skip
-the dispatch. First use in a process: MCJIT compile of the module ~0.1 s, numba cache load.
+Timing: ``python -m ember.lut_kernels.tmac`` (``benchmark()``); the measured speeds and costs are
+in docs/kernels.md. Callers that are numba code call ``matvec_nb`` and skip numba's dispatch.
 """
 
 from __future__ import annotations
@@ -81,12 +39,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import errors
 from numba.extending import intrinsic
 
-from . import codegen
+from . import codegen, tmac_ir
+from .codegen import check_types, emit_call
 from .pack import Q4_0, Q4_1, PackedQ4, half_to_f32
 
 __all__ = [
@@ -105,48 +62,20 @@ __all__ = [
 DEFAULT_TABLE_BITS = 16
 
 
-# ---------------------------------------------------------------------------------------------
-# calling the llvmlite functions from numba: addresses are runtime int64 values (cacheable)
-
-
-def _as_i64(context, builder, ty, val):
-    if isinstance(ty, types.Array):
-        ary = context.make_array(ty)(context, builder, val)
-        return builder.ptrtoint(ary.data, ir.IntType(64))
-    return context.cast(builder, val, ty, types.int64)
-
-
-def _check_types(tys, dtypes):
-    for t, dt in zip(tys, dtypes):
-        if dt is None:
-            if not isinstance(t, types.Integer):
-                raise errors.TypingError(f"expected an integer, got {t}")
-        elif not (isinstance(t, types.Array) and t.layout == "C" and t.dtype == dt):
-            raise errors.TypingError(f"expected a C-contiguous {dt} array, got {t}")
-
-
-def _emit_call(context, builder, sig, args):
-    i64 = ir.IntType(64)
-    fnty = ir.FunctionType(ir.VoidType(), [i64] * (len(args) - 1))
-    fp = builder.inttoptr(_as_i64(context, builder, sig.args[0], args[0]), fnty.as_pointer())
-    builder.call(fp, [_as_i64(context, builder, t, v) for t, v in zip(sig.args[1:], args[1:])])
-    return context.get_dummy_value()
-
-
 @intrinsic
 def _call_tables(typingctx, fn, x, tab, bc, nb):
     """tmac_tables(x, tab, bc, nb) through a runtime address (so the caller stays cacheable)."""
-    _check_types((fn, x, tab, bc, nb), (None, types.float32, types.int8, types.float32, None))
-    return types.void(fn, x, tab, bc, nb), _emit_call
+    check_types((fn, x, tab, bc, nb), (None, types.float32, types.int8, types.float32, None))
+    return types.void(fn, x, tab, bc, nb), emit_call
 
 
 @intrinsic
 def _call_kernel(typingctx, fn, codes, dm, tab, bc, y, nb, t0, t1):
     """tmac_q4_*(codes, dm, tab, bc, y, nb, t0, t1) through a runtime address."""
-    _check_types((fn, codes, dm, tab, bc, y, nb, t0, t1),
+    check_types((fn, codes, dm, tab, bc, y, nb, t0, t1),
                  (None, types.uint8, types.uint16, types.int8, types.float32, types.float32,
                   None, None, None))
-    return types.void(fn, codes, dm, tab, bc, y, nb, t0, t1), _emit_call
+    return types.void(fn, codes, dm, tab, bc, y, nb, t0, t1), emit_call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +84,7 @@ def _call_kernel(typingctx, fn, codes, dm, tab, bc, y, nb, t0, t1):
 
 @njit(cache=True, nogil=True)
 def _tables_portable(x, tab, bc, bits):
-    """Same float32 operations, in the same order, as ``tmac_tables`` in codegen.py."""
+    """Same float32 operations, in the same order, as ``tmac_tables`` in tmac_ir.py."""
     qmax = np.float32(127.0) if bits == 8 else np.float32(32767.0)
     half = np.float32(0.5)
     nb = x.size // 32
@@ -205,7 +134,7 @@ def _tables_portable(x, tab, bc, bits):
 
 
 @njit(cache=True, nogil=True)
-def _table_values(tab):
+def table_values(tab):
     """int8 [nb, L, 8, 16] -> the int32 table entries [nb, 8, 16]."""
     nb = tab.shape[0]
     out = np.empty((nb, 8, 16), np.int32)
@@ -229,7 +158,7 @@ def _kernel_portable(codes, dm, tab, bc, y, t0, t1):
     """
     nb, tile = codes.shape[1], codes.shape[3]
     has_min = dm.shape[2] > 1
-    tv = _table_values(tab)
+    tv = table_values(tab)
     pair = np.empty((nb, 4, 256), np.int32)
     for b in range(nb):
         for gp in range(4):
@@ -264,7 +193,7 @@ def _kernel_portable(codes, dm, tab, bc, y, t0, t1):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _build(ftab, x, tab, bc, bits):
+def build_tables_nb(ftab, x, tab, bc, bits):
     if ftab != 0:
         _call_tables(ftab, x, tab, bc, tab.shape[0])
     else:
@@ -308,7 +237,7 @@ def _mv_serial(ftab, fk, x, codes, dm, out, bits):
     _check(codes, dm, out, nb, x.size)
     tab = np.empty((nb, 1 if bits == 8 else 2, 8, 16), np.int8)
     bc = np.empty((nb, 4), np.float32)
-    _build(ftab, x, tab, bc, bits)
+    build_tables_nb(ftab, x, tab, bc, bits)
     _tiles(fk, codes, dm, tab, bc, out, 0, codes.shape[0])
 
 
@@ -318,7 +247,7 @@ def _mv_parallel(ftab, fk, x, codes, dm, out, bits, nthreads):
     _check(codes, dm, out, nb, x.size)
     tab = np.empty((nb, 1 if bits == 8 else 2, 8, 16), np.int8)
     bc = np.empty((nb, 4), np.float32)
-    _build(ftab, x, tab, bc, bits)
+    build_tables_nb(ftab, x, tab, bc, bits)
     nt = codes.shape[0]
     nch = min(nthreads, nt)
     for c in prange(nch):
@@ -372,7 +301,7 @@ def fn_addresses(qtype: int, tile: int = 64, table_bits: int | None = None,
         if name == "portable":
             r = (0, 0, 0, bits)
         else:
-            k = codegen.native_kernels(name, tile=tile, table_bits=bits)
+            k = tmac_ir.native_kernels(name, tile=tile, table_bits=bits)
             r = (k.tables, k.q4_0, k.q4_1, bits)   # indexed by qtype - 1 (Q4_0 = 2, Q4_1 = 3)
         _choice[key] = r
     if qtype not in (Q4_0, Q4_1):
@@ -397,7 +326,7 @@ class LutTables(NamedTuple):
     @property
     def values(self) -> np.ndarray:
         """int32 [nb, 8, 16]: entry i of group g is ~ sum_j (bit_j(i) - 1/2) x_j / scale."""
-        return _table_values(self.tab)
+        return table_values(self.tab)
 
 
 def _x32(x) -> np.ndarray:
@@ -421,7 +350,7 @@ def build_tables(x, table_bits: int | None = None, kernel: str | None = None) ->
 
 @njit(cache=True, nogil=True)
 def _build_entry(ftab, x, tab, bc, bits):
-    _build(ftab, x, tab, bc, bits)
+    build_tables_nb(ftab, x, tab, bc, bits)
 
 
 _F32 = np.dtype(np.float32)

@@ -54,31 +54,12 @@ without VBMI): 4 ``vpshufb`` per lookup, one per table, each dot product's weigh
 but in the byte lanes of its table. Both forms are measured below; the tests also compile the
 AVX-512 forms for icelake-server / skylake-avx512 (their instruction mix, no spills).
 
-Speed (``benchmark()``, ``python -m ember.lut_kernels.planes``: 2048 x 2048, 1 thread, median of
-7 alternating rounds): this kernel against the one the runtime runs for the type, us hot / cold
-(DRAM).
-AVX2 (AMD EPYC Zen 3, ``shuf4``, load ~0.9): Q4_0 673 / 692 vs tmac 242 / 321; Q4_1 659 / 662
-vs 241 / 331; Q5_0 1008 / 1000 vs q8.py 651 / 663; Q5_1 991 / 1004 vs 670 / 664; Q2_K 773 / 790
-vs kquant 225 / 244; Q3_K 998 / 1053 vs 207 / 231; Q4_K 1318 / 1397 vs 179 / 253; Q5_K 1683 /
-1641 vs 229 / 303; Q6_K 1958 / 1908 vs 229 / 414; TQ1_0 370 / 406 and TQ2_0 504 / 538 vs
-kquant's Q2_K form 158 / 174 and 169 / 191: 4 ``vpshufb`` + 4 ``vpmaddubsw`` per lookup cannot
-keep up with one int8 dot product.
-AVX-512 VBMI + VNNI (Xeon, Emerald Rapids, ``permb``, idle): Q4_0 135 / 252 vs tmac 136 / 253;
-Q4_1 111 / 242 vs 122 / 247; Q5_0 127 / 273 vs q8.py 219 / 274; Q5_1 234 / 339 vs 437 / 465;
-Q2_K 100 / 143 vs kquant 122 / 138; Q3_K 113 / 189 vs 124 / 187; Q4_K 110 / 244 vs 86 / 223;
-Q5_K 142 / 293 vs 151 / 256; Q6_K 252 / 385 vs 169 / 317; TQ1_0 60 / 99 and TQ2_0 62 / 101 vs
-the Q2_K form 100 / 117 and 101 / 121 (1.08 MB against 1.38 MB). There the lookups are as cheap
-as int8 dot products: cold, the two tie for Q4_0..Q5_0 and Q2_K/Q3_K (both at the bandwidth),
-planes win for Q5_1 (1.37x) and the ternary types (1.18-1.20x, fewer bytes) and lose for
-Q4_K..Q6_K (0.82-0.91x).
-AVX-512 VBMI + VNNI (AMD EPYC Zen 4, ``permb``, load ~0.2, prefetcht1 on both sides): Q4_0 93 /
-190 vs tmac 86 / 119; Q4_1 114 / 217 vs 115 / 150; Q5_0 117 / 232 vs q8.py 200 / 229; Q5_1 133
-/ 246 vs 220 / 233; Q2_K 113 / 143 vs kquant 116 / 135; Q3_K 104 / 162 vs 121 / 135; Q4_K 134 /
-244 vs 90 / 153; Q5_K 177 / 324 vs 156 / 236; Q6_K 217 / 380 vs 129 / 225; TQ1_0 61 / 105 and
-TQ2_0 66 / 108 vs the Q2_K form 109 / 115 and 104 / 115: cold, only the ternary types gain
-(1.07-1.09x). The runtime does not use them yet: its fused decode and its k-token and
-prefill kernels read their own layouts, and a second layout per matrix would double the weights
-held.
+Speed: ``python -m bench.experiments.planes`` (``benchmark()``: 2048 x 2048, 1 thread, this
+kernel against the one the runtime runs for the type, hot and cold). The results on AVX2 (AMD
+EPYC Zen 3) and AVX-512 VBMI + VNNI (Intel Emerald Rapids, AMD EPYC Zen 4) are in
+docs/kernels.md ("Bit-plane kernels"): only the ternary types gain, and only on AVX-512, so the
+runtime does not use this module: its fused decode and its k-token and prefill kernels read
+their own layouts, and a second layout per matrix would double the weights held.
 """
 
 from __future__ import annotations
@@ -90,14 +71,25 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import codegen
-from .codegen import _flt, _init, _optimize, _splat, _vec, emit_tile_end, finish_module
-from .kquant import _GROUP_LANE, pack_kquant, random_kquant
-from .kquant import QTYPES as KQ_TYPES
-from .pack import aligned, aligned_empty, gguf_blocks, half_to_f32, stored_arrays, stored_meta
-from .q8 import EXACT_INT8, pack_exact_int8
-from .tmac import DEFAULT_TABLE_BITS, _build, _check_types, _emit_call, _table_values, build_tables_reference
-from .tmac import fn_addresses as tmac_addresses
+from ember.lut_kernels import codegen
+from ember.lut_kernels.codegen import (
+    check_types,
+    emit_call,
+    emit_tile_end,
+    finish_module,
+    flt,
+    init_llvm,
+    optimize,
+    splat,
+    vec,
+)
+from ember.lut_kernels.kquant import QTYPES as KQ_TYPES
+from ember.lut_kernels.kquant import pack_kquant, random_kquant
+from ember.lut_kernels.kquant_layout import GROUP_LANE
+from ember.lut_kernels.pack import aligned, aligned_empty, gguf_blocks, half_to_f32, stored_arrays, stored_meta
+from ember.lut_kernels.q8 import EXACT_INT8, pack_exact_int8
+from ember.lut_kernels.tmac import DEFAULT_TABLE_BITS, build_tables_nb, build_tables_reference, table_values
+from ember.lut_kernels.tmac import fn_addresses as tmac_addresses
 
 __all__ = ["PackedPlanes", "QTYPES", "pack_planes", "planes_matvec", "planes_matvec_reference",
            "half_sums", "half_sums_reference", "spec", "params", "fn_address", "matvec_nb",
@@ -272,7 +264,7 @@ def _decode(raw2d, qt: int):
         sc = pk.sc.reshape(m, nsup, 2, 2, 8).transpose(0, 3, 1, 2, 4).reshape(2 * m, nsup, 16)
         d = pk.d.reshape(m, nsup, 2, 2).transpose(0, 3, 1, 2).reshape(2 * m, nsup, 2)
         return q, np.ascontiguousarray(d[:n]), np.ascontiguousarray(sc[:n])
-    sc = pk.sc.reshape(n, nsup, 16)[:, :, _GROUP_LANE]
+    sc = pk.sc.reshape(n, nsup, 16)[:, :, GROUP_LANE]
     return q, pk.d.reshape(n, nsup, s.nd), np.ascontiguousarray(sc)
 
 
@@ -420,7 +412,7 @@ def _kernel_portable(codes, sc, d, tab, bc, hs, y, t0, t1, form, sub, bpu, c):
     nb, bits = codes.shape[1], codes.shape[2]
     nsup = nb // bpu
     nsub = bpu * 32 // sub
-    tv = _table_values(tab)
+    tv = table_values(tab)
     cf = np.float32(c)
     acc = np.empty(ROWS, np.float32)
     macc = np.empty(ROWS, np.float32)
@@ -499,7 +491,7 @@ def _isa_form(isa: str) -> tuple[int, str, str]:
     64 bytes over 4 tables (AVX-512 VBMI); ``shuf4`` = 4 ``vpshufb``, one per table, whose
     wrong bytes the dot product's weights zero. ``vnni`` = ``vpdpbusd``; ``maddubs`` =
     ``vpmaddubsw`` summed in int16 over a block, one ``vpmaddwd`` per block."""
-    f = codegen._host_features()
+    f = codegen.host_features()
     if isa == "avx512":
         return 64, ("permb" if f.get("avx512vbmi") else "shuf4"), \
             ("vnni" if f.get("avx512vnni") else "maddubs")
@@ -529,7 +521,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
     tstride = 128 * nL
     signed = [False, True] if nL == 2 else [True]   # low bytes of 16-bit tables are unsigned
     bcast16 = "<" + ", ".join(f"i32 {i % 16}" for i in range(vw)) + ">"
-    K = _vec("i8", [(i % 4) << 4 for i in range(vw)])
+    K = vec("i8", [(i % 4) << 4 for i in range(vw)])
     zf = "zeroinitializer"
     L = []
     a = L.append
@@ -625,8 +617,8 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                 P = f"{H}p{p}"
                 a(f"  %{P}.cp = getelementptr i8, ptr %{B}.cb, i64 {p * 64 + h * vw}")
                 a(f"  %{P}.c = load {V8}, ptr %{P}.cp, align 1")
-                a(f"  %{P}.lo = and {V8} %{P}.c, {_splat('i8', vw, 15)}")
-                a(f"  %{P}.hi = lshr {V8} %{P}.c, {_splat('i8', vw, 4)}")
+                a(f"  %{P}.lo = and {V8} %{P}.c, {splat('i8', vw, 15)}")
+                a(f"  %{P}.hi = lshr {V8} %{P}.c, {splat('i8', vw, 4)}")
                 for nib in range(2):
                     raw = f"%{P}.{'lo' if nib == 0 else 'hi'}"
                     if lookup == "permb":
@@ -637,12 +629,12 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                             nm = f"%{P}.l{nib}{Lb}"
                             a(f"  {nm} = call <64 x i8> {perm}(<64 x i8> {T[nib, Lb]}, "
                               f"<64 x i8> %{P}.i{nib})")
-                            parts.append((nm, _splat("i8", vw, 1 << p)))
+                            parts.append((nm, splat("i8", vw, 1 << p)))
                         else:
                             for k in range(4):
                                 nm = f"%{P}.l{nib}{Lb}{k}"
                                 a(f"  {nm} = call {V8} {shuf}({V8} {T[nib, Lb, k]}, {V8} {raw})")
-                                parts.append((nm, _vec("i8", [(1 << p) if i % 4 == k else 0
+                                parts.append((nm, vec("i8", [(1 << p) if i % 4 == k else 0
                                                                 for i in range(vw)])))
                         for q, (lk, w) in enumerate(parts):
                             ops = f"{V8} {w}, {V8} {lk}" if signed[Lb] else f"{V8} {lk}, {V8} {w}"
@@ -665,11 +657,11 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                     v = acc[nib, Lb]
                     if combine != "vnni":
                         a(f"  %{H}.w{nib}{Lb} = call {V32} {madd}({V16} {v}, "
-                          f"{V16} {_splat('i16', vw // 2, 1)})")
+                          f"{V16} {splat('i16', vw // 2, 1)})")
                         v = f"%{H}.w{nib}{Lb}"
                     parts.append(v)
                 if nL == 2:
-                    a(f"  %{H}.sh{nib} = shl {V32} {parts[1]}, {_splat('i32', nl, 8)}")
+                    a(f"  %{H}.sh{nib} = shl {V32} {parts[1]}, {splat('i32', nl, 8)}")
                     a(f"  %{H}.I{nib} = add {V32} {parts[0]}, %{H}.sh{nib}")
                     Inib.append(f"%{H}.I{nib}")
                 else:
@@ -695,7 +687,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
             for u, (Iv, xv) in enumerate(zip(Is, xss)):
                 j = jb * nsub_b + u                               # sub-block within the unit
                 U = f"{H}u{u}"
-                a(f"  %{U}.cx = fmul float {xv}, {_flt(s.c)}")
+                a(f"  %{U}.cx = fmul float {xv}, {flt(s.c)}")
                 CX = splat_f(f"%{U}.cx", f"{U}.CX")
                 a(f"  %{U}.If = sitofp {V32} {Iv} to {VF}")
                 a(f"  %{U}.F = call {VF} {fma}({VF} %{U}.If, {VF} {SCL}, {VF} {CX})")
@@ -715,9 +707,9 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                     m = byte_vec((nsub + j) * ROWS + h * nl, f"{U}.m", "u")
                 else:
                     k = byte_vec(j * ROWS + h * nl, f"{U}.k", "u",
-                                 "and {ty} {src}, " + _splat("i8", nl, 15))
+                                 "and {ty} {src}, " + splat("i8", nl, 15))
                     m = byte_vec(j * ROWS + h * nl, f"{U}.m", "u",
-                                 "lshr {ty} {src}, " + _splat("i8", nl, 4))
+                                 "lshr {ty} {src}, " + splat("i8", nl, 4))
                 a(f"  %{U}.acc = call {VF} {fma}({VF} {k}, {VF} {F}, {VF} {prev or zf})")
                 accs[h] = f"%{U}.acc"
                 if s.form != "kzero":
@@ -756,14 +748,14 @@ def kernel_asm(qtype: int, form=(64, "permb", "vnni"), cpu: str = "icelake-serve
     forms are checked on hosts without AVX-512."""
     import llvmlite.binding as llvm
 
-    _init()
+    init_llvm()
     mod = llvm.parse_assembly(kernel_ir("", qtype, table_bits, cpu=cpu, form=form))
     mod.verify()
     tm = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(
         cpu=cpu, opt=3)
     mod.triple = "x86_64-unknown-linux-gnu"
     mod.data_layout = str(tm.target_data)
-    _optimize(mod, tm)
+    optimize(mod, tm)
     return tm.emit_assembly(mod)
 
 
@@ -800,10 +792,10 @@ def fn_address(qtype: int, kernel: str | None = None, table_bits: int = 16,
 @intrinsic
 def _call_planes(typingctx, fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1):
     """planes_<type>(codes, sc, d, tab, bc, hs, y, nb, t0, t1) through a runtime address."""
-    _check_types((fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1),
+    check_types((fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1),
                  (None, types.uint8, types.uint8, types.uint16, types.int8, types.float32,
                   types.float32, types.float32, None, None, None))
-    return types.void(fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1), _emit_call
+    return types.void(fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1), emit_call
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -847,7 +839,7 @@ def _acts(ftab, x, bits):
     tab = np.empty((nb, 1 if bits == 8 else 2, 8, 16), np.int8)
     bc = np.empty((nb, 4), np.float32)
     hs = np.empty(2 * nb, np.float32)
-    _build(ftab, x, tab, bc, bits)
+    build_tables_nb(ftab, x, tab, bc, bits)
     half_sums(x, hs)
     return tab, bc, hs
 
@@ -907,7 +899,7 @@ def planes_matvec(x, p: PackedPlanes, out: np.ndarray | None = None, threads: in
 
 
 # ---------------------------------------------------------------------------------------------
-# test data and the benchmark: python -m ember.lut_kernels.planes
+# test data and the benchmark: python -m bench.experiments.planes
 
 _F16_AT = {Q4_0: (0,), Q4_1: (0, 2), Q5_0: (0,), Q5_1: (0, 2), TQ1_0: (52,), TQ2_0: (64,)}
 
@@ -936,7 +928,7 @@ def benchmark(qtypes=QTYPES, shape=(2048, 2048), rounds: int = 7, cold_bytes: in
     import copy
     import time
 
-    from .ops import quant_matrix
+    from ember.lut_kernels.ops import quant_matrix
     rng = np.random.default_rng(0)
     n_out, n_in = shape
     x = rng.standard_normal(n_in).astype(np.float32)
