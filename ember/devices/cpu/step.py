@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -187,13 +188,16 @@ def _act(gb, ub, ab, r0, r1, gelu, e2):
 # error_model="numpy": float divisions without a zero test, so _act's SiLU loop vectorizes (the
 # test kept it scalar: ~1.2% of the perf samples of Qwen2.5-1.5B's 8-token step)
 @njit(cache=True, nogil=True, error_model="numpy")
-def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_norm, kc, vc, pos,
-            cos_g, sin_g, cos_l, sin_l, swa, ip, eps, scale, qb, kb, vb, ab, ob, gb, ub, fb,
-            logits, last_only, l0, l1, xo):
+def _decode(tid, nth, sync, weights, call, bufs):
     """Layers l0..l1-1 of k = x0.shape[0] new tokens at positions pos..pos+k-1, from their
     hidden state x0 (the embeddings when l0 = 0); activations and outputs are [k, ...]
     (cos_*/sin_* [k, rope_dim / 2]). When l1 is the last layer: the logits (``last_only``: of
-    the last token only, into logits[k - 1]); else the hidden state, into xo (by thread 0)."""
+    the last token only, into logits[k - 1]); else the hidden state, into xo (by thread 0).
+    The arguments are the `Sync`, `Weights`, `Call` and `Buffers` tuples."""
+    bfn, yfn, tfn, cnt, bst = sync
+    fns, desc, vecs, voff, out_norm, swa, ip, eps, scale = weights
+    x0, kc, vc, pos, cos_g, sin_g, cos_l, sin_l, logits, last_only, l0, l1, xo = call
+    qb, kb, vb, ab, ob, gb, ub, fb = bufs
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
     k = x0.shape[0]
@@ -320,6 +324,62 @@ def _decode(tid, nth, bfn, yfn, tfn, cnt, fns, bst, x0, desc, vecs, voff, out_no
 # Python side
 
 
+class Sync(NamedTuple):
+    """The threads' meeting points: barrier and yield function addresses, the work counters."""
+
+    bfn: int
+    yfn: int
+    tfn: int
+    cnt: np.ndarray
+    bst: np.ndarray
+
+
+class Weights(NamedTuple):
+    """The model as the step reads it: kernel entry points, matrix descriptors (7 a layer, then
+    the output matrix), the norm and bias vectors with their offsets, the shape parameters."""
+
+    fns: np.ndarray
+    desc: np.ndarray
+    vecs: np.ndarray
+    voff: np.ndarray
+    out_norm: int
+    swa: np.ndarray
+    ip: np.ndarray
+    eps: float
+    scale: np.float32
+
+
+class Call(NamedTuple):
+    """One call: the rows' hidden state, the KV cache, positions, RoPE tables, outputs, range."""
+
+    x0: np.ndarray
+    kc: np.ndarray
+    vc: np.ndarray
+    pos: int
+    cos_g: np.ndarray
+    sin_g: np.ndarray
+    cos_l: np.ndarray
+    sin_l: np.ndarray
+    logits: np.ndarray
+    last_only: bool
+    l0: int
+    l1: int
+    xo: np.ndarray
+
+
+class Buffers(NamedTuple):
+    """Activation buffers [k, ...]: q, k, v, attention/activation, o, gate, up, down outputs."""
+
+    qb: np.ndarray
+    kb: np.ndarray
+    vb: np.ndarray
+    ab: np.ndarray
+    ob: np.ndarray
+    gb: np.ndarray
+    ub: np.ndarray
+    fb: np.ndarray
+
+
 class FusedDecoder:
     """One-token decode of a dense model in one numba call per thread."""
 
@@ -365,15 +425,9 @@ class FusedDecoder:
                             c.rope_dim, c.spec.rope == ROPE_NEOX, c.spec.ffn_act == "gelu", qkn,
                             bool(c.spec.gemma), c.sliding_window, c.n_vocab], np.int64)
         self.swa = np.array(c.swa_layers, np.int64)
-        f32, kr = np.float32, MAX_ROWS
-        self.qb = np.zeros((kr, _units(c.n_head * c.head_dim)), f32)
-        self.kb = np.zeros((kr, _units(c.n_head_kv * c.head_dim)), f32)
-        self.vb = np.zeros((kr, _units(c.n_head_kv * c.head_dim_v)), f32)
-        self.ab = np.zeros((kr, max(_units(c.n_ff), c.n_head * c.head_dim_v)), f32)
-        self.ob = np.zeros((kr, _units(c.n_embd)), f32)
-        self.gb = np.zeros((kr, _units(c.n_ff)), f32)
-        self.ub = np.zeros((kr, _units(c.n_ff)), f32)
-        self.fb = np.zeros((kr, _units(c.n_embd)), f32)
+        widths = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v,
+                  max(c.n_ff, c.n_head * c.head_dim_v), c.n_embd, c.n_ff, c.n_ff, c.n_embd)
+        self.bufs = Buffers(*(np.zeros((MAX_ROWS, _units(w)), np.float32) for w in widths))
         self.logits_width = _units(c.n_vocab)
         for m, n_out in ((M_Q, c.n_head * c.head_dim), (M_GATE, c.n_ff), (M_DOWN, c.n_embd)):
             if self.desc[m, 1] != n_out:
@@ -381,6 +435,9 @@ class FusedDecoder:
         self.bfn, self.yfn, self.tfn = fused.barrier_address()
         self.bst = fused.new_barrier_state()
         self.cnt = np.zeros(8 * (PHASES * c.n_layer + 1), np.int64)  # one cache line per phase
+        self.sync = Sync(self.bfn, self.yfn, self.tfn, self.cnt, self.bst)
+        self.weights = Weights(self.fns, self.desc, self.vecs, self.voff, self.out_norm, self.swa,
+                               self.ip, float(c.rms_eps), np.float32(c.attn_scale))
         self._pool = Team(self.threads - 1, "ember-decode") if self.threads > 1 else None
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
@@ -420,11 +477,9 @@ class FusedDecoder:
         # returned, no copy to make; the other output is a placeholder of the same type
         logits = np.empty((k if last else 1, self.logits_width), np.float32)
         xo = np.empty((1 if last else k, c.n_embd), np.float32)
-        args = (self.threads, self.bfn, self.yfn, self.tfn, self.cnt, self.fns, self.bst, x0,
-                self.desc, self.vecs, self.voff, self.out_norm, cache.k_all, cache.v_all, pos,
-                cg, sg, cl, sl, self.swa, self.ip, float(c.rms_eps), np.float32(c.attn_scale),
-                self.qb[:k], self.kb[:k], self.vb[:k], self.ab[:k], self.ob[:k], self.gb[:k],
-                self.ub[:k], self.fb[:k], logits, not all_logits, layers.start, layers.stop, xo)
+        call = Call(x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits,
+                    layers.start, layers.stop, xo)
+        args = (self.threads, self.sync, self.weights, call, Buffers(*(b[:k] for b in self.bufs)))
         if self._pool is None:
             status = [_decode(0, *args)]
         else:
