@@ -71,9 +71,10 @@ class Model:
         from .offload.store import WeightStore
         from .runtime.model import Transformer
 
-        mode = "reference" if self.kernels == "numpy" else "fast"
-        store = WeightStore(self.gguf, mode=mode)
-        tr = Transformer(self.config, store, ops=None if mode == "reference" else self.device.ops)
+        # kernels="numpy": float32 weights and NumPy math (the reference); else the device's
+        reference = self.kernels == "numpy"
+        store = WeightStore(self.gguf, placement=None if reference else self.device.placement)
+        tr = Transformer(self.config, store, ops=None if reference else self.device.ops)
         store.prepare()
         return tr
 

@@ -15,7 +15,7 @@ MODEL_DEFINITION = {"runtime.config", "runtime.model", "runtime.rope", "runtime.
 ALLOWED = {
     "formats": set(),
     "lut_kernels": {"formats"},
-    "offload": {"formats", "lut_kernels"},
+    "offload": {"formats"},
     # the model's definition, and above it the session and generation, which run on a device
     "runtime": {"formats", "lut_kernels", "offload", "devices"},
     # a device runs the model's definition; it never imports the session or generation

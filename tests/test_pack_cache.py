@@ -42,9 +42,11 @@ def test_second_load_uses_the_cache_and_gives_the_same_logits(tmp_path, cache_en
     assert st.prepare() == "none"
     m2, b = _logits(path)
     assert np.array_equal(a, b)
+    from ember.devices.cpu.placement import CpuPlacement
     from ember.formats.gguf import GGUFFile
     from ember.offload.store import WeightStore
-    assert WeightStore(GGUFFile(path)).prepare() == "cached"
+    assert WeightStore(GGUFFile(path)).prepare() == "none"  # no placement: float32, nothing packed
+    assert WeightStore(GGUFFile(path), placement=CpuPlacement()).prepare() == "cached"
 
 
 def _corrupt(f, how):

@@ -1,7 +1,8 @@
 """The device protocol: what a session needs of the hardware that runs a model.
 
-A device turns token ids (or the hidden state of a previous layer range) into logits over a KV
-cache it created, for a `runtime.model.Transformer`:
+A device places a model's weights (`placement`: the form each matrix takes, given to the
+`WeightStore`), supplies the model's math (`ops`, given to the `Transformer`), and turns token
+ids (or the hidden state of a previous layer range) into logits over a KV cache it created:
 
     cache = device.new_cache(model, n_ctx)
     logits = device.forward(model, ids, cache, all_logits=True)       # all layers
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 class Device(Protocol):
     name: str
     threads: int
+    placement: object  # a WeightStore's placement: the form the device's matrices take
+    ops: object  # a Transformer's ops: matmul and attention on the device
 
     def new_cache(self, model: Transformer, n_ctx: int | None = None) -> KVCache: ...
 

@@ -1,5 +1,6 @@
-"""The CPU device: ember's quantized kernels (`lut_kernels`), the fused step over the whole
-model (`step`), the batch attention (`attention`), and the policy of which runs when.
+"""The CPU device: where the weights live (`placement`: kernel layouts, the pack cache), ember's
+quantized kernels (`lut_kernels`), the fused step over the whole model or a layer range (`step`),
+the batch attention (`attention`), and the policy of which runs when.
 
 New tokens run the fused step (`FusedDecoder.step_rows`), MAX_ROWS at a time: all of them when
 every matrix is a K-quant (their kernels read each weight once for the 16 rows), up to
@@ -18,6 +19,7 @@ from ...lut_kernels.ops import matmul
 from ...runtime.threads import default_threads
 from .allocator import keep_large_blocks
 from .attention import attention_batch
+from .placement import CpuPlacement
 from .step import MAX_ROWS, FusedDecoder, NotFusable
 
 # Up to this many new tokens go through the fused step (in steps of MAX_ROWS) when some matrix
@@ -59,6 +61,7 @@ class CpuDevice:
     def __init__(self, threads: int | None = None, fused: bool = True):
         self.threads = threads or default_threads()
         self.fused = fused
+        self.placement = CpuPlacement()
         self._decoders: dict[int, tuple[object, FusedDecoder | None]] = {}
 
     def decoder(self, model) -> FusedDecoder | None:

@@ -1,0 +1,67 @@
+"""Where a model's weights live on the CPU: quantized matrices stay in the file's encoding,
+memory-mapped (`QuantMatrix`), with the kernel layout of their type (Q4_0/Q4_1 table lookup; the
+int8 dot layouts of Q8_0, Q5_0/Q5_1 and the K-quants; F16/BF16 rows are their own layout), packed
+once per model and kept in the on-disk pack cache (`lut_kernels.pack_cache`). F32 matrices are
+float32 arrays. A matrix whose kernel reads only its packed copy gives its file pages back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+from gguf import GGMLQuantizationType as T
+
+from ...lut_kernels import pack_cache
+from ...lut_kernels.ops import VIEW_TYPES, has_kernel, quant_matrix
+
+log = logging.getLogger("ember")
+
+
+class CpuPlacement:
+    """The `placement` of a `WeightStore` for the CPU's kernels."""
+
+    name = "cpu"
+
+    def __init__(self, use_cache: bool = True):
+        self.use_cache = use_cache
+
+    def matrix(self, store, name: str, expert: int | None = None):
+        info = store.gguf.info(name)
+        if info.qtype == T.F32:
+            full = store.get(name)
+            return full if expert is None else full[expert]
+        m = quant_matrix(name, store.raw_rows(name, expert), info.qtype, info.shape[-2], info.shape[-1])
+        if m.packed is not None and expert is None and info.qtype not in VIEW_TYPES:
+            m.release = functools.partial(store.gguf.release, name)
+            m.release()  # decode reads only the packed copy
+        return m
+
+    def prepare(self, store) -> str:
+        """Give every 2-D matrix that has a kernel its kernel layout now: from the on-disk pack
+        cache when a valid one exists, else packed here (and the cache written). Returns
+        "cached", "packed" or "none" (no matrix with a kernel left to prepare)."""
+        g = store.gguf
+        names = [n for n, t in g.tensors.items()
+                 if len(t.shape) == 2 and has_kernel(t.qtype) and (n, -1) not in store._matrices]
+        if not names:
+            return "none"
+        cached = pack_cache.load(g.path) if self.use_cache else None
+        if cached is not None and set(names) <= set(cached):
+            for n in names:
+                info = g.info(n)
+                m = quant_matrix(n, g.tensor_rows(n), info.qtype, info.shape[0], info.shape[1], cached[n])
+                m.release = functools.partial(g.release, n)
+                store._matrices[(n, -1)] = m
+            return "cached"
+        t0 = time.perf_counter()
+        log.info("ember: packing %d matrices of %s for the fast kernels (once per model)", len(names), g.path.name)
+        packed = {n: store.matrix(n).packed for n in names}
+        if self.use_cache:
+            try:
+                path = pack_cache.save(g.path, packed)
+                log.info("ember: packed in %.1f s, cached in %s", time.perf_counter() - t0, path)
+            except OSError as e:
+                log.warning("ember: could not write the pack cache (%s); packing again next time", e)
+        return "packed"
