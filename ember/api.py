@@ -44,8 +44,6 @@ class Model:
             raise DeviceError(f"device {device!r} is not available yet; use 'cpu' (or 'auto')")
         if memory_budget is not None:
             raise UnsupportedError("memory_budget (weight streaming) is not implemented yet")
-        if draft is not None:
-            raise UnsupportedError("speculative decoding (draft=) is not implemented yet")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2):
             raise EmberError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -60,6 +58,18 @@ class Model:
         self.stats: dict[str, Any] = {}
         self._own_session: Session | None = None  # what generate() and chat() run on
         self._own_session_lock = threading.Lock()
+        self.drafter = None if draft is None else self._drafter(draft, n_ctx)
+
+    def _drafter(self, draft, n_ctx: int | None):
+        """draft="lookup": prompt lookup; a catalog name or a .gguf path: that model drafts, on
+        the same threads, after a check that its vocabulary is the target's."""
+        from .speculative import ModelDrafter, PromptLookup
+
+        if isinstance(draft, str) and draft == "lookup":
+            return PromptLookup()
+        if not isinstance(draft, (str, os.PathLike)):
+            raise EmberError(f"draft must be 'lookup', a catalog name or a .gguf path, got {draft!r}")
+        return ModelDrafter(load(draft, n_ctx=n_ctx, threads=self.threads, kernels=self.kernels), self)
 
     @cached_property
     def config(self) -> ModelConfig:
@@ -172,12 +182,13 @@ class Model:
         the figures of the latest call (each chunk carries its own call's)."""
         self.stats = stats = {}
         if not self._own_session_lock.acquire(blocking=False):
-            yield from generate(self.session(), self.tokenizer, ids, cfg, stats)
+            drafter = self.drafter and self.drafter.fork()
+            yield from generate(self.session(), self.tokenizer, ids, cfg, stats, drafter=drafter)
             return
         try:
             if self._own_session is None:
                 self._own_session = self.session()
-            yield from generate(self._own_session, self.tokenizer, ids, cfg, stats)
+            yield from generate(self._own_session, self.tokenizer, ids, cfg, stats, drafter=self.drafter)
         finally:
             self._own_session_lock.release()
 
@@ -256,6 +267,7 @@ def file_type_name(code) -> str | None:
 
 def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **options) -> Model:
     """Open a catalog model by name (pulled on first use) or a local .gguf file by path.
-    options: n_ctx, threads, device, memory_budget, draft, kernels ("auto" or "numpy": the float32
-    reference path)."""
+    options: n_ctx, threads, device, memory_budget, draft ("lookup", or a catalog name or .gguf path
+    of a draft model with the target's vocabulary: speculative decoding, see docs/speculative.md),
+    kernels ("auto" or "numpy": the float32 reference path)."""
     return Model(hub.resolve(model, pull_missing=pull), **options)

@@ -169,7 +169,8 @@ def cmd_run(args) -> int:
     model, prompt = _model_and_prompt(args)
     opts = _generation_options(args)
     _check_threads(args.threads)
-    m = _load(model, n_ctx=args.ctx_size, threads=args.threads, device=args.device)
+    draft = "lookup" if args.lookup else args.draft
+    m = _load(model, n_ctx=args.ctx_size, threads=args.threads, device=args.device, draft=draft)
     trained = m.gguf.arch_get("context_length")
     if args.ctx_size and trained and args.ctx_size > trained:
         _warn(f"-c {args.ctx_size} is past the {trained} tokens {m.path.name} was trained on; "
@@ -350,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads (default: $EMBER_THREADS or the physical cores)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "opencl", "cuda"],
                     help="where the model runs (default auto; only the CPU is implemented yet)")
+    spec = sp.add_mutually_exclusive_group()
+    spec.add_argument("--draft", metavar="MODEL", default=None,
+                      help="speculative decoding with this draft model (catalog name or .gguf; the "
+                      "target's vocabulary), e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b")
+    spec.add_argument("--lookup", action="store_true",
+                      help="speculative decoding with prompt lookup (drafts what followed the same "
+                      "tokens earlier in the prompt or reply; pays when the reply echoes the prompt)")
     sp.add_argument("-v", "--verbose", action="store_true",
                     help="print speed, memory and the seed after the reply")
 

@@ -20,7 +20,9 @@ ALLOWED = {
     "runtime": {"formats", "lut_kernels", "offload", "devices"},
     # a device runs the model's definition; it never imports the session or generation
     "devices": {"formats", "lut_kernels", "offload"} | MODEL_DEFINITION,
-    "api": {"hub", "formats", "runtime", "offload", "lut_kernels", "devices"},
+    # drafters run models' sessions; generation drives them through a protocol, never importing them
+    "speculative": {"formats", "runtime"},
+    "api": {"hub", "formats", "runtime", "offload", "lut_kernels", "devices", "speculative"},
     "bench": {"ember", "api", "hub", "formats", "runtime", "lut_kernels"},  # "ember": the public API
 }
 BASE = {"errors", "home"}

@@ -6,7 +6,17 @@ context is full. Records time to first token, prefill and decode speeds, peak me
 drawn (`seed=None` draws a fresh one, recorded so the run can be repeated) and why it stopped.
 
 The session keeps what it held before: only the prompt's tokens after the longest prefix it
-shares with the session's are fed (a chat's next turn prefills only the new messages).
+shares with the session's are fed (a chat's next turn prefills only the new messages). When a
+generation ends the session holds every token it emitted but the last one (and the last one too
+when it ended at an end-of-generation token, which is not emitted).
+
+Speculative decoding (`drafter=`, see `ember.speculative` and docs/speculative.md): each step
+feeds the last emitted token and the drafter's proposal (k tokens) in one `Session.feed`, so the
+fused step reads each weight once for all k+1 rows; `verify_draft` keeps the drafted tokens the
+target agrees with (greedy: its argmax; sampling: the rejection rule, which leaves the output
+distribution exactly the target's) plus one token of the target's own, the session is truncated
+to drop the rejected rows, and the tokens go out one by one through the same stop / EOS /
+max_tokens / context rules as plain generation.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..errors import EmberError
 from ..formats.tokenizer import Tokenizer
@@ -108,10 +120,66 @@ class _StopFilter:
         return out
 
 
+MAX_DRAFT = 15  # drafted tokens per verify step: with the last token, one fused step of 16 rows
+
+
+class _Emitter:
+    """Turns sampled tokens into chunks under the stop rules: end-of-generation tokens (unless
+    ignore_eos), stop strings, max_tokens and the context. One token at a time, for plain and
+    speculative generation alike; `done` once a chunk carried a finish_reason."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: GenerationConfig, prompt_ids: list[int], n_ctx: int,
+                 stats: dict):
+        self.cfg, self.n_ctx, self.stats = cfg, n_ctx, stats
+        self.stop_ids = frozenset() if cfg.ignore_eos else tokenizer.stop_ids
+        self.detok = tokenizer.stream(special=False)
+        self.stops = _StopFilter(cfg.stop)
+        self.history = list(prompt_ids)  # the prompt and the emitted tokens
+        self.generated: list[int] = []
+        self.t_first: float | None = None
+        self.done = False
+        self.eos = False
+
+    @property
+    def held(self) -> int:
+        """How many tokens the session holds once generation ends (or pauses at a chunk): all of
+        the history but the last token, which is fed with the next step; all of it after an EOS."""
+        return len(self.history) - (0 if self.eos else 1)
+
+    def emit(self, token: int, t0: float) -> Chunk:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            self.stats["ttft_s"] = self.t_first - t0
+        stats, generated = self.stats, self.generated
+        if token in self.stop_ids:
+            tail = self.stops.flush() + self.detok.flush()
+            self.done = self.eos = True
+            _finish(stats, generated, self.t_first, "eos")
+            return Chunk(tail, [], "stop", stats)
+        generated.append(token)
+        self.history.append(token)
+        text, hit = self.stops.push(self.detok.feed([token]))
+        if hit:
+            self.done = True
+            _finish(stats, generated, self.t_first, "stop_string")
+            return Chunk(text, [token], "stop", stats)
+        capped = self.cfg.max_tokens is not None and len(generated) >= self.cfg.max_tokens
+        if capped or len(self.history) >= self.n_ctx:  # the session holds all but this token
+            text += self.stops.push(self.detok.flush())[0] + self.stops.flush()
+            self.done = True
+            _finish(stats, generated, self.t_first, "max_tokens" if capped else "context")
+            return Chunk(text, [token], "length", stats)
+        return Chunk(text, [token], None, stats)
+
+
 def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
-             stats: dict | None = None) -> Iterator[Chunk]:
+             stats: dict | None = None, drafter=None, k: int | None = None) -> Iterator[Chunk]:
     """Stream the continuation of `prompt_ids` after what `session` holds of it; fills `stats`
-    (a new dict when None; every chunk carries it) as it goes."""
+    (a new dict when None; every chunk carries it) as it goes.
+
+    `drafter` (an `ember.speculative` drafter, or None for plain decoding) proposes up to `k`
+    tokens per step (None: the drafter's `default_k`; 1..MAX_DRAFT). Greedy output is the same
+    tokens as plain decoding; sampled output has the same distribution."""
     stats = {} if stats is None else stats
     if not prompt_ids:
         raise GenerationError("the prompt is empty: give some text or token ids")
@@ -125,11 +193,14 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
     bad = [i for i in prompt_ids if not 0 <= i < tokenizer.n_vocab]
     if bad:
         raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.n_vocab - 1})")
+    if drafter is not None:
+        k = drafter.default_k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
+            raise GenerationError(f"the draft length k must be an integer from 1 to {MAX_DRAFT}, got {k!r}")
     seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
-    sampler = Sampler(dataclasses.replace(cfg.sampling, seed=seed), tokenizer.n_vocab)
-    stop_ids = frozenset() if cfg.ignore_eos else tokenizer.stop_ids
-    detok = tokenizer.stream(special=False)
-    stops = _StopFilter(cfg.stop)
+    params = dataclasses.replace(cfg.sampling, seed=seed)
+    sampler = Sampler(params, tokenizer.n_vocab)
+    out = _Emitter(tokenizer, cfg, prompt_ids, n_ctx, stats)
     stats.clear()
     stats.update(prompt_tokens=len(prompt_ids), tokens_generated=0, seed=seed)
 
@@ -139,34 +210,90 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
     t_prefill = time.perf_counter() - t0
     stats.update(prompt_tokens_reused=reused, prefill_s=t_prefill,
                  prefill_tokens_per_s=(len(prompt_ids) - reused) / max(t_prefill, 1e-9))
-    history = list(prompt_ids)
-    generated: list[int] = []
-    t_first = None
-    while True:
-        token = sampler.sample(logits, history)
-        if t_first is None:
-            t_first = time.perf_counter()
-            stats["ttft_s"] = t_first - t0
-        if token in stop_ids:
-            tail = stops.flush() + detok.flush()
-            _finish(stats, generated, t_first, "eos")
-            yield Chunk(tail, [], "stop", stats)
-            return
-        generated.append(token)
-        history.append(token)
-        text, hit = stops.push(detok.feed([token]))
-        if hit:
-            _finish(stats, generated, t_first, "stop_string")
-            yield Chunk(text, [token], "stop", stats)
-            return
-        capped = cfg.max_tokens is not None and len(generated) >= cfg.max_tokens
-        if capped or len(session) + 1 >= n_ctx:
-            text += stops.push(detok.flush())[0] + stops.flush()
-            _finish(stats, generated, t_first, "max_tokens" if capped else "context")
-            yield Chunk(text, [token], "length", stats)
-            return
-        yield Chunk(text, [token], None, stats)
-        logits = session.feed_last([token])
+    if drafter is None:
+        while True:
+            token = sampler.sample(logits, out.history)
+            yield out.emit(token, t0)
+            if out.done:
+                return
+            logits = session.feed_last([token])
+
+    drafter.start(params, tokenizer.n_vocab)
+    spec = dict(drafter=drafter.name, draft_k=k, verify_steps=0, drafted_tokens=0, accepted_tokens=0,
+                acceptance_rate=0.0, mean_accepted_length=0.0)
+    stats.update(spec)
+    try:
+        yield out.emit(sampler.sample(logits, out.history), t0)  # the first token: from the prefill
+        while not out.done:
+            history = out.history
+            base = len(session)  # == len(history) - 1: all but the last token
+            left = k if cfg.max_tokens is None else cfg.max_tokens - len(out.generated) - 1
+            n = max(0, min(k, left, n_ctx - len(history)))  # n + 1 rows fit in the context
+            draft = [int(t) for t in drafter.propose(history, n)][:n] if n else []
+            q = drafter.probs() if draft and not params.greedy else None
+            rows = session.feed([history[-1], *draft])
+            tokens, accepted = verify_draft(sampler, rows, draft, q, history)
+            session.truncate(base + 1 + accepted)
+            drafter.accepted(accepted)
+            spec["verify_steps"] += 1
+            spec["drafted_tokens"] += len(draft)
+            spec["accepted_tokens"] += accepted
+            spec["acceptance_rate"] = spec["accepted_tokens"] / max(spec["drafted_tokens"], 1)
+            spec["mean_accepted_length"] = spec["accepted_tokens"] / spec["verify_steps"]
+            stats.update(spec)
+            for token in tokens:
+                yield out.emit(token, t0)
+                if out.done:
+                    break
+    finally:  # also when the caller stops reading: the session holds what plain decoding would
+        if len(session) > out.held:
+            session.truncate(out.held)
+
+
+def verify_draft(sampler: Sampler, rows: np.ndarray, draft: Sequence[int], q, history: Sequence[int]
+                 ) -> tuple[list[int], int]:
+    """The tokens one verify step emits, and how many of `draft` it accepted.
+
+    rows: the target's logits [len(draft) + 1, n_vocab] after history[-1] and after each drafted
+    token. Position i is judged under the target's sampling settings with `history` plus the
+    drafted tokens before i (the repeat penalty's view, as in plain decoding). Greedy: the
+    longest drafted prefix equal to the target's argmax, then the argmax after it. Sampling: the
+    rejection rule; d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+    rejection the token is drawn from normalize(max(0, p_i - q_i)); when all are accepted one more
+    is drawn from p_k. q: the drafter's distributions, one float vector per drafted token, or None
+    for a deterministic drafter (q_i one-hot at d_i). Random numbers come from `sampler.rng`.
+    """
+    hist = list(history)
+    if sampler.params.greedy:
+        for i, d in enumerate(draft):
+            t = sampler.sample(rows[i], hist)
+            if t != d:
+                return [*draft[:i], t], i
+            hist.append(d)
+        return [*draft, sampler.sample(rows[len(draft)], hist)], len(draft)
+    rng = sampler.rng
+    for i, d in enumerate(draft):
+        p = sampler.probabilities(rows[i], hist)
+        qd = 1.0 if q is None else float(q[i][d])
+        if rng.random() * qd < p[d]:  # accepted with probability min(1, p(d) / q(d))
+            hist.append(d)
+            continue
+        if q is None:
+            r = p
+            r[d] = 0.0
+        else:
+            r = np.maximum(p - q[i], 0.0)
+        return [*draft[:i], draw(r if r.sum() > 0 else p, rng)], i
+    return [*draft, draw(sampler.probabilities(rows[len(draft)], hist), rng)], len(draft)
+
+
+def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """An index j drawn with probability weights[j] / weights.sum() (weights >= 0, not all 0),
+    from one uniform number of `rng`; never a j whose weight is 0."""
+    nz = np.flatnonzero(weights)
+    c = np.cumsum(weights[nz])
+    j = int(np.searchsorted(c, rng.random() * c[-1], side="right"))
+    return int(nz[min(j, nz.shape[0] - 1)])
 
 
 def _finish(stats: dict, generated: list[int], t_first: float, why: str) -> None:

@@ -246,6 +246,28 @@ class Sampler:
         ids, v = ids[order], v[order]
         return ids[v > -np.inf]
 
+    def probabilities(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
+        """The distribution sample() draws from for these logits, as a float64 vector [n_vocab]
+        summing to 1: the penalized, filtered and tempered softmax, 0 outside the candidates.
+        Greedy: one-hot at the argmax. Draws nothing (the generator is untouched); speculative
+        verification compares the target's and the draft's vectors."""
+        x = self._penalized(logits, history)
+        out = np.zeros(self.n_vocab, dtype=np.float64)
+        if self.params.greedy:
+            i = int(np.argmax(x))
+            self._check_max(x[i])
+            out[i] = 1.0
+            return out
+        ids, v = self._filtered(x)
+        v -= v.max()
+        np.divide(v, self.params.temperature, out=v)
+        w = np.exp(v, out=v)
+        w /= w.sum()
+        if ids is None:
+            return w
+        out[ids] = w
+        return out
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _draw(self, w: np.ndarray) -> int:

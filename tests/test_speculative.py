@@ -1,0 +1,223 @@
+"""Speculative decoding: drafters, the verify rule, and that speculation never changes the output
+(greedy: the same tokens as the target alone; sampling: the same distribution)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import ember
+from ember.cli import main
+from ember.errors import EmberError
+from ember.runtime.generate import GenerationConfig, GenerationError, generate, verify_draft
+from ember.runtime.sampling import Sampler, SamplingParams
+from ember.speculative import ModelDrafter, PromptLookup
+
+ECHO = ("monday tuesday wednesday thursday friday\nmonday tuesday wednesday thursday friday\n"
+        "monday tuesday")  # smollm2-135m repeats it: long accepted runs
+
+
+def run(model, prompt_ids, drafter=None, k=None, session=None, **cfg):
+    """(ids, text, finish_reason, stats, session) of one generation."""
+    stats = {}
+    session = session or model.session()
+    chunks = list(generate(session, model.tokenizer, prompt_ids, GenerationConfig(**cfg), stats,
+                           drafter=drafter, k=k))
+    ids = [i for c in chunks for i in c.token_ids]
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    return ids, "".join(c.text for c in chunks), chunks[-1].finish_reason, stats, session
+
+
+def same_as_plain(model, prompt_ids, drafter, k=None, **cfg):
+    """Generate with and without the drafter; assert the same ids, text, end and session."""
+    a_ids, a_text, a_fin, a_st, a_s = run(model, prompt_ids, **cfg)
+    b_ids, b_text, b_fin, b_st, b_s = run(model, prompt_ids, drafter, k, **cfg)
+    if a_ids != b_ids:
+        j = next((i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y), min(len(a_ids), len(b_ids)))
+        pytest.fail(f"speculative output differs from plain at generated token {j}: "
+                    f"{a_ids[j:j + 4]} (plain) vs {b_ids[j:j + 4]} ({b_st['drafter']})")
+    assert (b_text, b_fin, b_st["stopped_by"]) == (a_text, a_fin, a_st["stopped_by"])
+    assert b_s.ids == a_s.ids  # the session holds what plain decoding leaves there
+    assert b_st["verify_steps"] >= 1 and 0 <= b_st["accepted_tokens"] <= b_st["drafted_tokens"]
+    return a_ids, a_text, b_st
+
+
+# ---- prompt lookup ------------------------------------------------------------------------------
+
+def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
+    d = PromptLookup(n_max=3, n_min=1)
+    #          0  1  2  3  4  5  6  7  8  9
+    ctx = [5, 6, 7, 1, 5, 6, 7, 2, 9, 6, 7]
+    assert d.propose(ctx, 3) == [2, 9, 6]  # "6 7" last seen at 5..6 (3-gram "9 6 7" never before)
+    assert d.propose([5, 6, 7, 1, 5, 6, 7, 2, 5, 6, 7], 2) == [2, 5]  # the 3-gram, latest match
+    assert d.propose([1, 2, 3], 4) == []  # no earlier occurrence of any suffix
+    assert d.propose([4, 4], 3) == [4]  # the match may run into the tail
+    assert PromptLookup(n_max=2, n_min=2).propose([1, 2, 3, 2], 2) == []
+    with pytest.raises(EmberError, match="n_min"):
+        PromptLookup(n_max=1, n_min=2)
+
+
+@pytest.fixture(scope="module")
+def smol(catalog_model):
+    return catalog_model("smollm2-135m")
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is", ECHO, "Repeat after me: the quick brown fox",
+                                    "def fibonacci(n):\n    if n < 2:\n        return n\n    return"])
+def test_lookup_greedy_is_lossless(smol, prompt):
+    ids = smol.tokenize(prompt)
+    plain, text, st = same_as_plain(smol, ids, PromptLookup(), max_tokens=48)
+    if prompt == ECHO:
+        assert st["accepted_tokens"] >= 30 and st["mean_accepted_length"] > 4
+
+
+def test_lookup_greedy_cut_by_stop_string_eos_and_max_tokens(smol):
+    ids = smol.tokenize(ECHO)
+    plain, text, _ = same_as_plain(smol, ids, PromptLookup(), max_tokens=48)
+    # a stop string in the middle of an accepted run: cut at the same place
+    stop = text[len(text) // 2 : len(text) // 2 + 6]
+    assert stop.strip()
+    _, t2, _ = same_as_plain(smol, ids, PromptLookup(), max_tokens=48, stop=[stop])
+    assert t2 == text[: text.index(stop)]
+    # max_tokens inside a step, for several k
+    for k in (1, 3, 15):
+        same_as_plain(smol, ids, PromptLookup(), k=k, max_tokens=7)
+    # EOS: a chat reply that ends its turn (plain decoding ends at EOS before 64 tokens)
+    chat = smol.chat_ids([{"role": "user", "content": "Say hello."}])
+    _, _, st = same_as_plain(smol, chat, PromptLookup(), max_tokens=64)
+    assert st["stopped_by"] == "eos"
+    # the context limit: a window just past the prompt
+    small = ember.load(smol.path, n_ctx=len(ids) + 9)
+    same_as_plain(small, ids, PromptLookup(), max_tokens=48)
+    with pytest.raises(GenerationError, match="draft length"):
+        run(smol, ids, PromptLookup(), k=16)
+
+
+def test_load_with_lookup_and_sampling(smol):
+    m = ember.load(smol.path, draft="lookup")
+    assert isinstance(m.drafter, PromptLookup)
+    greedy = [i for c in m.generate(ECHO, max_tokens=32) for i in c.token_ids]
+    assert greedy == [i for c in smol.generate(ECHO, max_tokens=32) for i in c.token_ids]
+    assert m.stats["drafter"] == "lookup" and m.stats["accepted_tokens"] > 0
+    cfg = dict(max_tokens=32, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=7)
+    a = [i for c in m.generate(ECHO, **cfg) for i in c.token_ids]
+    assert a == [i for c in m.generate(ECHO, **cfg) for i in c.token_ids]  # seeded: reproducible
+    assert len(a) >= 1 and m.stats["verify_steps"] >= 1
+
+
+# ---- the verify rule ----------------------------------------------------------------------------
+
+def test_verify_greedy_accepts_the_agreeing_prefix_and_adds_the_target_token():
+    rows = np.full((4, 5), -1.0, dtype=np.float32)
+    for i, t in enumerate([3, 1, 4, 0]):
+        rows[i, t] = 2.0
+    s = Sampler(SamplingParams(), 5)
+    assert verify_draft(s, rows, [3, 1, 4], None, [0]) == ([3, 1, 4, 0], 3)
+    assert verify_draft(s, rows, [3, 2, 4], None, [0]) == ([3, 1], 1)
+    assert verify_draft(s, rows, [0, 1, 4], None, [0]) == ([3], 0)
+    assert verify_draft(s, rows[:1], [], None, [0]) == ([3], 0)
+
+
+# chi-squared critical values at p = 0.001, by degrees of freedom
+CHI2_001 = {3: 16.266, 5: 20.515, 15: 37.697, 35: 66.619}
+
+
+def chi2_ok(counts: np.ndarray, probs: np.ndarray) -> None:
+    """Assert that counts could come from probs (chi-squared test at p = 0.001)."""
+    n = counts.sum()
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was emitted"
+    e = n * probs[keep]
+    stat = float(((counts[keep] - e) ** 2 / e).sum())
+    dof = int(keep.sum()) - 1
+    assert stat < CHI2_001[dof], f"chi-squared {stat:.1f} with {dof} degrees of freedom"
+
+
+@pytest.mark.parametrize("case", ["model-q", "one-hot-q", "filtered"])
+def test_verify_sampling_reproduces_the_target_distribution(case):
+    """Over many seeds, the first two tokens that speculation emits (a second from the next step's
+    logits when the first step ends after one) are distributed as p0 x p1 exactly."""
+    V, N = 6, 30000
+    rng = np.random.default_rng(1234)
+    rows = np.log(np.array([[0.30, 0.05, 0.25, 0.10, 0.20, 0.10],
+                            [0.10, 0.35, 0.05, 0.15, 0.15, 0.20],
+                            [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]]))
+    q = np.array([[0.05, 0.30, 0.10, 0.35, 0.10, 0.10],  # the draft favours other tokens
+                  [0.30, 0.10, 0.30, 0.10, 0.10, 0.10]])
+    params = SamplingParams(temperature=1.0)
+    if case == "filtered":  # p has zeros where q has mass: those tokens must never come out
+        params = SamplingParams(temperature=0.7, top_k=4, min_p=0.3)
+    p = [Sampler(params, V).probabilities(r) for r in rows[:2]]
+    counts = np.zeros((V, V))
+    for seed in range(N):
+        s = Sampler(dataclasses.replace(params, seed=seed), V)
+        if case == "one-hot-q":
+            draft, qs = [int(rng.integers(V)), int(rng.integers(V))], None
+        else:
+            draft = [int(rng.choice(V, p=q[0])), int(rng.choice(V, p=q[1]))]
+            qs = [q[0], q[1]]
+        tokens, n = verify_draft(s, rows, draft, qs, [])
+        assert tokens[:n] == draft[:n] and len(tokens) == n + 1
+        t1 = tokens[1] if len(tokens) > 1 else verify_draft(s, rows[1:2], [], None, [])[0][0]
+        counts[tokens[0], t1] += 1
+    chi2_ok(counts.sum(axis=1), p[0])
+    chi2_ok(counts.ravel(), np.outer(p[0], p[1]).ravel())
+
+
+# ---- a draft model ------------------------------------------------------------------------------
+
+CODE_PROMPTS = [
+    "Write a Python function is_prime(n). Only the code.",
+    "Complete this function:\n```python\ndef flatten(xs):\n    \"\"\"Flatten a list of lists.\"\"\"\n",
+    "Write a JavaScript function that reverses a string, with a one-line comment.",
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(catalog_model):
+    target = catalog_model("qwen2.5-coder-1.5b")
+    return target, ModelDrafter(catalog_model("qwen2.5-coder-0.5b"), target)
+
+
+@pytest.mark.parametrize("prompt", CODE_PROMPTS)
+def test_draft_model_greedy_is_lossless(qwen_pair, prompt):
+    target, drafter = qwen_pair
+    ids = target.chat_ids([{"role": "user", "content": prompt}])
+    plain, text, st = same_as_plain(target, ids, drafter, max_tokens=48)
+    assert st["drafter"].startswith("model:") and st["acceptance_rate"] > 0.3
+    if prompt is CODE_PROMPTS[0]:  # a stop string inside an accepted run
+        stop = text[len(text) // 3 : len(text) // 3 + 5]
+        _, t2, _ = same_as_plain(target, ids, drafter, max_tokens=48, stop=[stop])
+        assert t2 == text[: text.index(stop)]
+
+
+def test_draft_model_eos_and_sampling(qwen_pair):
+    target, drafter = qwen_pair
+    ids = target.chat_ids([{"role": "user", "content": "Reply with just the word: yes"}])
+    _, _, st = same_as_plain(target, ids, drafter, max_tokens=48)
+    assert st["stopped_by"] == "eos"
+    cfg = dict(max_tokens=16, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=3)
+    a, _, _, st, _ = run(target, ids, drafter, **cfg)
+    assert a == run(target, ids, drafter, **cfg)[0] and st["verify_steps"] >= 1
+
+
+def test_draft_vocabulary_mismatch_is_a_clear_error(catalog_path):
+    with pytest.raises(EmberError, match=r"differ at token id 0 \('!' in the target, '<\|endoftext\|>' in the draft\)"):
+        ember.load(catalog_path("qwen2.5-coder-1.5b"), draft=str(catalog_path("smollm2-135m")))
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_cli_lookup_gives_the_same_ids_and_reports_acceptance(capsys, catalog_path):
+    argv = ["run", str(catalog_path("smollm2-135m")), ECHO, "--raw", "--temp", "0", "-n", "32", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--lookup"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["ids"] == plain["ids"] and spec["text"] == plain["text"]
+    st = spec["stats"]
+    assert st["drafter"] == "lookup" and st["accepted_tokens"] > 0
+    for key in ("draft_k", "drafted_tokens", "acceptance_rate", "mean_accepted_length", "verify_steps"):
+        assert key in st
+    assert "drafter" not in plain["stats"]
