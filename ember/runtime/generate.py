@@ -207,6 +207,8 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
     t0 = time.perf_counter()
     reused = session.keep_prefix(prompt_ids)
     logits = session.feed_last(prompt_ids[reused:])
+    if drafter is not None:  # a draft model reads the prompt now: part of the prompt's time
+        drafter.start(params, tokenizer.n_vocab, prompt_ids)
     t_prefill = time.perf_counter() - t0
     stats.update(prompt_tokens_reused=reused, prefill_s=t_prefill,
                  prefill_tokens_per_s=(len(prompt_ids) - reused) / max(t_prefill, 1e-9))
@@ -218,7 +220,6 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
                 return
             logits = session.feed_last([token])
 
-    drafter.start(params, tokenizer.n_vocab)
     spec = dict(drafter=drafter.name, draft_k=k, verify_steps=0, drafted_tokens=0, accepted_tokens=0,
                 acceptance_rate=0.0, mean_accepted_length=0.0)
     stats.update(spec)

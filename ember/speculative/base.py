@@ -1,8 +1,9 @@
 """The drafter protocol that speculative generation (`ember.runtime.generate`) drives.
 
-Per generation: `start(params, n_vocab)` once, then per verify step `propose(context_ids, k)`,
-`probs()` (only when sampling) and `accepted(n)`. Generation never asks for more than fits the
-target's context or the tokens still wanted, and truncates the target's session itself.
+Per generation: `start(params, n_vocab, prompt_ids)` once (with the target's prefill), then per
+verify step `propose(context_ids, k)`, `probs()` (only when sampling) and `accepted(n)`.
+Generation never asks for more than fits the target's context or the tokens still wanted, and
+truncates the target's session itself.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ class Drafter(Protocol):
     name: str  # what stats["drafter"] shows
     default_k: int  # drafted tokens per verify step when generate() is given no k
 
-    def start(self, params: SamplingParams, n_vocab: int) -> None:
-        """A generation begins, under these sampling settings (the seed resolved)."""
+    def start(self, params: SamplingParams, n_vocab: int, prompt_ids: Sequence[int]) -> None:
+        """A generation of `prompt_ids` begins, under these sampling settings (the seed resolved);
+        a drafter that keeps state reads the prompt now (it counts as the prompt's time)."""
 
     def propose(self, context_ids: Sequence[int], k: int) -> list[int]:
         """Up to k token ids to follow `context_ids` (the prompt and every token emitted so far);

@@ -22,7 +22,7 @@ class PromptLookup:
             raise EmberError(f"prompt lookup needs 1 <= n_min <= n_max, got n_min={n_min!r}, n_max={n_max!r}")
         self.n_max, self.n_min = n_max, n_min
 
-    def start(self, params, n_vocab: int) -> None:
+    def start(self, params, n_vocab: int, prompt_ids: Sequence[int]) -> None:
         pass
 
     def propose(self, context_ids: Sequence[int], k: int) -> list[int]:

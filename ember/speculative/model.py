@@ -57,9 +57,14 @@ class ModelDrafter:
             self._session = self.model.session()
         return self._session
 
-    def start(self, params: SamplingParams, n_vocab: int) -> None:
+    def start(self, params: SamplingParams, n_vocab: int, prompt_ids: Sequence[int]) -> None:
         seed = int(np.random.SeedSequence([params.seed or 0, 1]).generate_state(1)[0]) >> 1
         self._sampler = Sampler(dataclasses.replace(params, seed=seed), n_vocab)
+        s = self.session  # holds the prompt but its last token, which the first proposal feeds
+        n = s.keep_prefix(prompt_ids)
+        if n < len(prompt_ids) - 1:
+            for _ in s.feed_batches(prompt_ids[n:-1], all_logits=False):
+                pass
 
     def propose(self, context_ids: Sequence[int], k: int) -> list[int]:
         s, sampler = self.session, self._sampler
