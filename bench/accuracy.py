@@ -84,13 +84,17 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print("| model | top-5 set equal | top-5 overlap | argmax agree | greedy (sure steps) "
-          "| ppl ember | ppl llama.cpp | diff |")
+    print(
+        "| model | top-5 set equal | top-5 overlap | argmax agree | greedy (sure steps) "
+        "| ppl ember | ppl llama.cpp | diff |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['top5_set_equal']}/{r['prompts']} | {r['top5_mean_overlap']:.1f}/5 | "
-              f"{100 * r['argmax_agreement']:.1f}% | {r['greedy_tokens_agreeing_before_first_close_call']} | "
-              f"{r['perplexity']:.3f} | {r['perplexity_llama_cpp']:.3f} | {100 * r['perplexity_rel_diff']:+.2f}% |")
+        print(
+            f"| {r['model']} | {r['top5_set_equal']}/{r['prompts']} | {r['top5_mean_overlap']:.1f}/5 | "
+            f"{100 * r['argmax_agreement']:.1f}% | {r['greedy_tokens_agreeing_before_first_close_call']} | "
+            f"{r['perplexity']:.3f} | {r['perplexity_llama_cpp']:.3f} | {100 * r['perplexity_rel_diff']:+.2f}% |"
+        )
     return 0
 
 

@@ -34,8 +34,14 @@ def measure(name: str) -> dict:
     m = ember.load(path)
     build = timed(lambda: m.tokenize("x"))
     encode = statistics.median(timed(lambda: m.tokenize(TEXT, special=False)) for _ in range(20))
-    return {"model": name, "open_first_s": first, "open_warm_s": warm, "tokenizer_build_s": build,
-            "encode_ppl_text_s": encode, "ppl_text_chars": len(TEXT)}
+    return {
+        "model": name,
+        "open_first_s": first,
+        "open_warm_s": warm,
+        "tokenizer_build_s": build,
+        "encode_ppl_text_s": encode,
+        "ppl_text_chars": len(TEXT),
+    }
 
 
 def main() -> int:
@@ -51,8 +57,10 @@ def main() -> int:
     print("| model | open (first) | open (warm) | tokenizer build | encode ppl text |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {1e3 * r['open_first_s']:.0f} ms | {1e3 * r['open_warm_s']:.0f} ms | "
-              f"{1e3 * r['tokenizer_build_s']:.0f} ms | {1e3 * r['encode_ppl_text_s']:.1f} ms |")
+        print(
+            f"| {r['model']} | {1e3 * r['open_first_s']:.0f} ms | {1e3 * r['open_warm_s']:.0f} ms | "
+            f"{1e3 * r['tokenizer_build_s']:.0f} ms | {1e3 * r['encode_ppl_text_s']:.1f} ms |"
+        )
     return 0
 
 

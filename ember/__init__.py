@@ -1,8 +1,8 @@
 """ember: a lightweight local inference runtime for GGUF language models on edge machines.
 
-    import ember
-    m = ember.load("smollm2-135m")      # a catalog name (pulled on first use) or a path to a .gguf
-    m.tokenize("Hello")
+import ember
+m = ember.load("smollm2-135m")      # a catalog name (pulled on first use) or a path to a .gguf
+m.tokenize("Hello")
 """
 
 import os
@@ -56,7 +56,14 @@ from .errors import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model",
-    "EmberError", "FormatError", "UnsupportedError", "ModelNotFoundError", "BudgetError",
-    "DeviceError", "PullError", "ChatTemplateError",
+    "load",
+    "Model",
+    "EmberError",
+    "FormatError",
+    "UnsupportedError",
+    "ModelNotFoundError",
+    "BudgetError",
+    "DeviceError",
+    "PullError",
+    "ChatTemplateError",
 ]

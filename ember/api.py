@@ -34,9 +34,17 @@ if TYPE_CHECKING:
 class Model:
     """A language model loaded from a GGUF file."""
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
-                 device: str = "auto", memory_budget: str | int | None = None, draft: str | None = None,
-                 kernels: str = "auto"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        device: str = "auto",
+        memory_budget: str | int | None = None,
+        draft: str | None = None,
+        kernels: str = "auto",
+    ):
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.gguf.validate_model()

@@ -27,8 +27,7 @@ def _json_text(obj: Any, depth: int = 0) -> str:
     """JSON indented by object, with lists of plain values (token ids) on one line."""
     pad = "  " * depth
     if isinstance(obj, dict) and obj:
-        items = (f"{pad}  {json.dumps(str(k), ensure_ascii=False)}: {_json_text(v, depth + 1)}"
-                 for k, v in obj.items())
+        items = (f"{pad}  {json.dumps(str(k), ensure_ascii=False)}: {_json_text(v, depth + 1)}" for k, v in obj.items())
         return "{\n" + ",\n".join(items) + f"\n{pad}}}"
     if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
         items = (f"{pad}  {_json_text(v, depth + 1)}" for v in obj)
@@ -70,8 +69,10 @@ def cmd_list(args) -> int:
     for r in rows:
         mark = "*" if r["default"] else " "
         state = "pulled" if r["present"] else "not pulled"
-        print(f"{mark} {r['name']:<20} {r['arch']:<8} {r['params']:>5}  {r['kind']:<8}  "
-              f"{_human_bytes(r['size']):>9}  {state:<10}  {r['description']}")
+        print(
+            f"{mark} {r['name']:<20} {r['arch']:<8} {r['params']:>5}  {r['kind']:<8}  "
+            f"{_human_bytes(r['size']):>9}  {state:<10}  {r['description']}"
+        )
     print(f"(* default; models live in {hub.models_dir()})")
     return 0
 
@@ -87,8 +88,10 @@ def _check_threads(threads: int | None) -> None:
 
     cpus = psutil.cpu_count(logical=True) or os.cpu_count() or 1
     if threads is not None and threads > cpus:
-        _warn(f"-t {threads} is more threads than this machine's {cpus} CPUs; decoding is "
-              f"fastest at one thread per physical core (the default)")
+        _warn(
+            f"-t {threads} is more threads than this machine's {cpus} CPUs; decoding is "
+            f"fastest at one thread per physical core (the default)"
+        )
 
 
 def cmd_info(args) -> int:
@@ -150,17 +153,25 @@ def _unescape(s: str) -> str:
 
 def _generation_options(args) -> dict:
     return dict(
-        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
-        seed=None if args.seed < 0 else args.seed, stop=[_unescape(s) for s in args.stop or ()],
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        seed=None if args.seed < 0 else args.seed,
+        stop=[_unescape(s) for s in args.stop or ()],
         ignore_eos=args.ignore_eos,
     )
 
 
 def _limit_note(m, stats: dict) -> None:
     if stats.get("stopped_by") == "max_tokens":
-        _note(f"[the reply was cut at {stats['tokens_generated']} tokens by -n; raise it or leave "
-              "it out to let the reply finish]")
+        _note(
+            f"[the reply was cut at {stats['tokens_generated']} tokens by -n; raise it or leave "
+            "it out to let the reply finish]"
+        )
     elif stats.get("stopped_by") == "context":
         _note(f"[the reply was cut: the context window of {m.n_ctx} tokens is full (-c)]")
 
@@ -173,12 +184,12 @@ def cmd_run(args) -> int:
     m = _load(model, n_ctx=args.ctx_size, threads=args.threads, device=args.device, draft=draft)
     trained = m.gguf.arch_get("context_length")
     if args.ctx_size and trained and args.ctx_size > trained:
-        _warn(f"-c {args.ctx_size} is past the {trained} tokens {m.path.name} was trained on; "
-              "replies degrade beyond that")
+        _warn(
+            f"-c {args.ctx_size} is past the {trained} tokens {m.path.name} was trained on; replies degrade beyond that"
+        )
     raw = args.raw or not m.has_chat_template
     if raw and not args.raw:
-        _note(f"{m.path.name} has no chat template (a base model): the prompt is continued as "
-              "plain text")
+        _note(f"{m.path.name} has no chat template (a base model): the prompt is continued as plain text")
     from .devices.cpu.step import compiled
 
     if not compiled():
@@ -205,8 +216,10 @@ def cmd_run(args) -> int:
     return 0
 
 
-CHAT_HELP = ("Type a message and press Enter (end a line with \\ to continue it). /clear forgets "
-             "the conversation, /bye (or Ctrl-D) leaves; Ctrl-C stops a reply.")
+CHAT_HELP = (
+    "Type a message and press Enter (end a line with \\ to continue it). /clear forgets "
+    "the conversation, /bye (or Ctrl-D) leaves; Ctrl-C stops a reply."
+)
 
 
 def _conversation(m, opts: dict, raw: bool) -> int:
@@ -257,10 +270,12 @@ def _conversation(m, opts: dict, raw: bool) -> int:
 
 
 def _stats_line(st: dict) -> str:
-    return (f"[{st['prompt_tokens']} prompt tokens, {st['prefill_tokens_per_s']:.1f} tok/s; "
-            f"{st['tokens_generated']} generated, {st['decode_tokens_per_s']:.1f} tok/s; "
-            f"first token {st['ttft_s']:.2f} s; peak RSS {st['peak_rss_bytes'] / 1e6:.0f} MB; "
-            f"seed {st['seed']}]")
+    return (
+        f"[{st['prompt_tokens']} prompt tokens, {st['prefill_tokens_per_s']:.1f} tok/s; "
+        f"{st['tokens_generated']} generated, {st['decode_tokens_per_s']:.1f} tok/s; "
+        f"first token {st['ttft_s']:.2f} s; peak RSS {st['peak_rss_bytes'] / 1e6:.0f} MB; "
+        f"seed {st['seed']}]"
+    )
 
 
 def cmd_perplexity(args) -> int:
@@ -321,54 +336,129 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
     sp.add_argument("--pieces", action="store_true", help="one token per line with its text")
 
-    sp = add("run", cmd_run, "generate a reply (chat template applied unless --raw); with no "
-             "prompt, read it from stdin, or chat on a terminal")
-    sp.add_argument("model", nargs="?", help="catalog name or path to a .gguf (default: "
-                    f"{hub.DEFAULT_MODEL}); a lone argument that names no model is the prompt")
+    sp = add(
+        "run",
+        cmd_run,
+        "generate a reply (chat template applied unless --raw); with no "
+        "prompt, read it from stdin, or chat on a terminal",
+    )
+    sp.add_argument(
+        "model",
+        nargs="?",
+        help="catalog name or path to a .gguf (default: "
+        f"{hub.DEFAULT_MODEL}); a lone argument that names no model is the prompt",
+    )
     sp.add_argument("prompt", nargs="?", help="the prompt (default: stdin, or a chat on a terminal)")
     sp.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
-    sp.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N",
-                    help="cap the reply at N tokens (default: until the end of the turn or the context)")
+    sp.add_argument(
+        "-n",
+        "--max-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cap the reply at N tokens (default: until the end of the turn or the context)",
+    )
     sp.add_argument("--temp", type=float, default=0.8, metavar="T", help="temperature (default 0.8; 0 = greedy)")
-    sp.add_argument("--top-k", type=int, default=40, metavar="K",
-                    help="keep the K likeliest tokens (default 40; 0 = off)")
-    sp.add_argument("--top-p", type=float, default=0.95, metavar="P",
-                    help="keep the likeliest tokens up to probability P (default 0.95; 1 = off)")
-    sp.add_argument("--min-p", type=float, default=0.05, metavar="P",
-                    help="drop tokens less likely than P times the likeliest (default 0.05; 0 = off)")
-    sp.add_argument("--repeat-penalty", type=float, default=1.1, metavar="R",
-                    help="penalize tokens seen in the last --repeat-last-n (default 1.1; 1 = off)")
-    sp.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
-                    help="how many recent tokens the repeat penalty looks at (default 64; -1 = all)")
-    sp.add_argument("--seed", type=int, default=-1, metavar="S",
-                    help="random seed (default -1: a fresh one, shown by -v and --json)")
-    sp.add_argument("--stop", action="append", metavar="STR",
-                    help="stop before this text (repeatable; escapes like \\n are understood)")
+    sp.add_argument(
+        "--top-k", type=int, default=40, metavar="K", help="keep the K likeliest tokens (default 40; 0 = off)"
+    )
+    sp.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        metavar="P",
+        help="keep the likeliest tokens up to probability P (default 0.95; 1 = off)",
+    )
+    sp.add_argument(
+        "--min-p",
+        type=float,
+        default=0.05,
+        metavar="P",
+        help="drop tokens less likely than P times the likeliest (default 0.05; 0 = off)",
+    )
+    sp.add_argument(
+        "--repeat-penalty",
+        type=float,
+        default=1.1,
+        metavar="R",
+        help="penalize tokens seen in the last --repeat-last-n (default 1.1; 1 = off)",
+    )
+    sp.add_argument(
+        "--repeat-last-n",
+        type=int,
+        default=64,
+        metavar="N",
+        help="how many recent tokens the repeat penalty looks at (default 64; -1 = all)",
+    )
+    sp.add_argument(
+        "--seed",
+        type=int,
+        default=-1,
+        metavar="S",
+        help="random seed (default -1: a fresh one, shown by -v and --json)",
+    )
+    sp.add_argument(
+        "--stop",
+        action="append",
+        metavar="STR",
+        help="stop before this text (repeatable; escapes like \\n are understood)",
+    )
     sp.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text tokens")
-    sp.add_argument("-c", "--ctx-size", type=int, default=None, metavar="CTX",
-                    help="context window in tokens (default: the model's)")
-    sp.add_argument("-t", "--threads", type=int, default=None, metavar="N",
-                    help="CPU threads (default: $EMBER_THREADS or the physical cores)")
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "opencl", "cuda"],
-                    help="where the model runs (default auto; only the CPU is implemented yet)")
+    sp.add_argument(
+        "-c",
+        "--ctx-size",
+        type=int,
+        default=None,
+        metavar="CTX",
+        help="context window in tokens (default: the model's)",
+    )
+    sp.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: $EMBER_THREADS or the physical cores)",
+    )
+    sp.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "opencl", "cuda"],
+        help="where the model runs (default auto; only the CPU is implemented yet)",
+    )
     spec = sp.add_mutually_exclusive_group()
-    spec.add_argument("--draft", metavar="MODEL", default=None,
-                      help="speculative decoding with this draft model (catalog name or .gguf; the "
-                      "target's vocabulary), e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b")
-    spec.add_argument("--lookup", action="store_true",
-                      help="speculative decoding with prompt lookup (drafts what followed the same "
-                      "tokens earlier in the prompt or reply; pays when the reply echoes the prompt)")
-    sp.add_argument("-v", "--verbose", action="store_true",
-                    help="print speed, memory and the seed after the reply")
+    spec.add_argument(
+        "--draft",
+        metavar="MODEL",
+        default=None,
+        help="speculative decoding with this draft model (catalog name or .gguf; the "
+        "target's vocabulary), e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b",
+    )
+    spec.add_argument(
+        "--lookup",
+        action="store_true",
+        help="speculative decoding with prompt lookup (drafts what followed the same "
+        "tokens earlier in the prompt or reply; pays when the reply echoes the prompt)",
+    )
+    sp.add_argument("-v", "--verbose", action="store_true", help="print speed, memory and the seed after the reply")
 
     sp = add("perplexity", cmd_perplexity, "perplexity of a text file (one causal pass)")
     sp.add_argument("model", help="catalog name or path to a .gguf")
     sp.add_argument("file", help="a UTF-8 text file")
-    sp.add_argument("-t", "--threads", type=int, default=None, metavar="N",
-                    help="CPU threads (default: $EMBER_THREADS or the physical cores)")
+    sp.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: $EMBER_THREADS or the physical cores)",
+    )
 
-    sub.add_parser("bench", help="on-device benchmark: speed against llama.cpp, TTFT, memory "
-                   "(`ember bench --help` for its options)", add_help=False)
+    sub.add_parser(
+        "bench",
+        help="on-device benchmark: speed against llama.cpp, TTFT, memory (`ember bench --help` for its options)",
+        add_help=False,
+    )
     return p
 
 

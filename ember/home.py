@@ -46,8 +46,7 @@ def numba_cache_dir() -> Path | None:
     try:
         if not path.is_dir():
             path.mkdir(parents=True, exist_ok=True)
-            old = sorted((p for p in root.iterdir() if p.is_dir() and p != path),
-                         key=lambda p: p.stat().st_mtime)
+            old = sorted((p for p in root.iterdir() if p.is_dir() and p != path), key=lambda p: p.stat().st_mtime)
             for p in old[:-2]:
                 shutil.rmtree(p, ignore_errors=True)
         if not os.access(path, os.W_OK | os.X_OK):

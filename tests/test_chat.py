@@ -39,8 +39,11 @@ def test_fallbacks():
 
 
 def test_template_variables_and_tojson():
-    t = ChatFormat("{{ bos_token }}{% for m in messages %}{{ m | tojson }}{% endfor %}{{ eos_token }}",
-                   bos_token="<s>", eos_token="</s>")
+    t = ChatFormat(
+        "{{ bos_token }}{% for m in messages %}{{ m | tojson }}{% endfor %}{{ eos_token }}",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     assert t.render([{"role": "user", "content": "é"}]) == '<s>{"role": "user", "content": "é"}</s>'
 
 
@@ -60,8 +63,9 @@ def test_sandbox_blocks_unsafe_access():
         ChatFormat("{{ messages.__class__.__mro__[1].__subclasses__() }}").render(MESSAGES)
 
 
-@pytest.mark.parametrize("bad", ["hello", [], [{"role": "user"}], [{"role": "wizard", "content": "x"}],
-                                 [{"role": "user", "content": 3}]])
+@pytest.mark.parametrize(
+    "bad", ["hello", [], [{"role": "user"}], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 3}]]
+)
 def test_bad_messages(bad):
     with pytest.raises(ChatTemplateError):
         ChatFormat(None).render(bad)

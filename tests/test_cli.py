@@ -18,8 +18,12 @@ def run_cli(capsys, *argv):
 def test_list_json(capsys):
     code, out, _ = run_cli(capsys, "list", "--json")
     rows = json.loads(out)
-    assert code == 0 and {r["name"] for r in rows} >= {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b",
-                                                       "qwen2.5-coder-1.5b"}
+    assert code == 0 and {r["name"] for r in rows} >= {
+        "smollm2-135m",
+        "gemma3-270m",
+        "qwen2.5-coder-0.5b",
+        "qwen2.5-coder-1.5b",
+    }
 
 
 def test_info_json(capsys, catalog_path):
@@ -40,8 +44,18 @@ def test_tokenize(capsys, catalog_path):
 
 
 def test_run_json_greedy(capsys, catalog_path):
-    code, out, _ = run_cli(capsys, "run", str(catalog_path("smollm2-135m")), "The capital of France is",
-                           "--raw", "-n", "4", "--temp", "0", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "run",
+        str(catalog_path("smollm2-135m")),
+        "The capital of France is",
+        "--raw",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+        "--json",
+    )
     res = json.loads(out)
     assert code == 0 and len(res["ids"]) == 4 and "Paris" in res["text"]
     for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "tokens_generated", "peak_rss_bytes"):
@@ -66,11 +80,14 @@ def test_commands_leave_no_thread_that_keeps_a_process_alive(capsys, catalog_pat
     assert all(t.daemon for t in ember_threads)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info", "/nonexistent/model.gguf"], "does not exist"),
-    (["info", "no-such-model"], "unknown model"),
-    (["pull", "no-such-model"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/nonexistent/model.gguf"], "does not exist"),
+        (["info", "no-such-model"], "unknown model"),
+        (["pull", "no-such-model"], "unknown model"),
+    ],
+)
 def test_errors_are_one_line_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
@@ -98,10 +115,17 @@ def test_console_script_entry_point():
     assert res.returncode == 0 and "perplexity" in res.stdout
 
 
-@pytest.mark.parametrize("given, meant", [
-    (r"\n", "\n"), (r"a\tb", "a\tb"), (r"\\n", "\\n"), (r"\x41\u00e9", "A\u00e9"), ("é\\n", "é\n"),
-    ("plain", "plain"),
-])
+@pytest.mark.parametrize(
+    "given, meant",
+    [
+        (r"\n", "\n"),
+        (r"a\tb", "a\tb"),
+        (r"\\n", "\\n"),
+        (r"\x41\u00e9", "A\u00e9"),
+        ("é\\n", "é\n"),
+        ("plain", "plain"),
+    ],
+)
 def test_stop_escapes(given, meant):
     from ember.cli import _unescape
 
@@ -120,15 +144,21 @@ def test_process_exit_keeps_output_and_status(catalog_path, tmp_path):
     """As a process the CLI ends with os._exit (no interpreter teardown): everything it wrote
     still arrives through the pipes, atexit handlers still run, and the status is kept."""
     path = str(catalog_path("smollm2-135m"))
-    res = subprocess.run([sys.executable, "-m", "ember.cli", "run", path, "The capital of France is",
-                          "--raw", "-n", "4", "--json"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "run", path, "The capital of France is", "--raw", "-n", "4", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and len(json.loads(res.stdout)["ids"]) == 4
-    res = subprocess.run([sys.executable, "-m", "ember.cli", "info", str(tmp_path / "none.gguf")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "info", str(tmp_path / "none.gguf")], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "does not exist" in res.stderr
     flag = tmp_path / "atexit-ran"
-    code = ("import atexit, pathlib, sys; atexit.register(pathlib.Path(sys.argv[1]).touch); "
-            "from ember.cli import main; sys.argv[1:] = ['list']; main()")
+    code = (
+        "import atexit, pathlib, sys; atexit.register(pathlib.Path(sys.argv[1]).touch); "
+        "from ember.cli import main; sys.argv[1:] = ['list']; main()"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(flag)], capture_output=True, text=True)
     assert res.returncode == 0 and "smollm2-135m" in res.stdout and flag.exists()
 

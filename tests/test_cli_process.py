@@ -38,12 +38,15 @@ class Process:
     """A running `ember` whose output is read as it comes, with the time of the last byte."""
 
     def __init__(self, *args, stdin=subprocess.DEVNULL, env=None, **kw):
-        self.p = subprocess.Popen([ember_exe(), *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env, **kw)
+        self.p = subprocess.Popen(
+            [ember_exe(), *map(str, args)], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw
+        )
         self.last = time.monotonic()
         self.buf = {1: bytearray(), 2: bytearray()}
-        self.pumps = [threading.Thread(target=self._pump, args=(f, n), daemon=True)
-                      for f, n in ((self.p.stdout, 1), (self.p.stderr, 2))]
+        self.pumps = [
+            threading.Thread(target=self._pump, args=(f, n), daemon=True)
+            for f, n in ((self.p.stdout, 1), (self.p.stderr, 2))
+        ]
         for t in self.pumps:
             t.start()
 
@@ -65,13 +68,18 @@ class Process:
         except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait()
-            pytest.fail(f"ember did not exit within {timeout} s; it printed:\n{self.buf[1].decode()}\n"
-                        f"{self.buf[2].decode()}")
+            pytest.fail(
+                f"ember did not exit within {timeout} s; it printed:\n{self.buf[1].decode()}\n{self.buf[2].decode()}"
+            )
         ended = time.monotonic()
         for t in self.pumps:
             t.join(5)
-        return Result(self.p.returncode, self.buf[1].decode("utf-8", "replace"),
-                      self.buf[2].decode("utf-8", "replace"), ended - self.last)
+        return Result(
+            self.p.returncode,
+            self.buf[1].decode("utf-8", "replace"),
+            self.buf[2].decode("utf-8", "replace"),
+            ended - self.last,
+        )
 
 
 def ember(*args, input: str | None = None, timeout: float = 300, env=None) -> Result:
@@ -114,8 +122,18 @@ LONG_PROMPT_MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen
 @pytest.mark.parametrize("name", LONG_PROMPT_MODELS)
 def test_run_long_prompt_exits(name, catalog_path, ppl_text):
     """A prompt of ~1,000 tokens (the batch path, both threads) on every catalog model."""
-    res = ember("run", catalog_path(name), "Summarize this text:\n" + ppl_text[:4500], "-n", "4",
-                "-t", "2", "--temp", "0", "--json")
+    res = ember(
+        "run",
+        catalog_path(name),
+        "Summarize this text:\n" + ppl_text[:4500],
+        "-n",
+        "4",
+        "-t",
+        "2",
+        "--temp",
+        "0",
+        "--json",
+    )
     assert res.code == 0, res
     out = json.loads(res.out)
     assert out["stats"]["prompt_tokens"] >= 900 and len(out["ids"]) == 4
@@ -146,8 +164,7 @@ def test_run_prompt_from_stdin(smol):
 
 
 def test_run_json_one_object_ids_on_one_line(smol):
-    res = ember("run", smol, "Count: one, two, three,", "--raw", "-n", "6", "--temp", "0", "--ignore-eos",
-                "--json")
+    res = ember("run", smol, "Count: one, two, three,", "--raw", "-n", "6", "--temp", "0", "--ignore-eos", "--json")
     obj = json.loads(res.out)
     assert res.code == 0 and len(obj["ids"]) == 6
     assert f'"ids": {json.dumps(obj["ids"])}' in res.out  # ids on one line, not one per line
@@ -158,8 +175,7 @@ def test_run_json_one_object_ids_on_one_line(smol):
 
 def test_run_stop_string_escapes(smol):
     prompt = "Shopping list:\n1. apples\n2. pears\n3."
-    res = ember("run", smol, prompt, "--raw", "-n", "30", "--temp", "0", "--ignore-eos", "--stop", r"\n",
-                "--json")
+    res = ember("run", smol, prompt, "--raw", "-n", "30", "--temp", "0", "--ignore-eos", "--stop", r"\n", "--json")
     obj = json.loads(res.out)
     assert res.code == 0 and obj["text"] and "\n" not in obj["text"]
     assert obj["stats"]["stopped_by"] == "stop_string"
@@ -207,21 +223,26 @@ def test_run_conversation_on_a_terminal(smol):
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     main, sub = pty.openpty()
-    proc = subprocess.Popen([ember_exe(), "run", smol, "-n", "300", "--ignore-eos", "--temp", "0"],
-                            stdin=sub, stdout=sub, stderr=sub, preexec_fn=controlling_terminal)
+    proc = subprocess.Popen(
+        [ember_exe(), "run", smol, "-n", "300", "--ignore-eos", "--temp", "0"],
+        stdin=sub,
+        stdout=sub,
+        stderr=sub,
+        preexec_fn=controlling_terminal,
+    )
     os.close(sub)
     out, seen = bytearray(), [0]
 
     def read_until(text: bytes, timeout: float = 120) -> bytes:
         """What the terminal shows from the last match on, up to the next `text`."""
         end = time.monotonic() + timeout
-        while text not in out[seen[0]:]:
+        while text not in out[seen[0] :]:
             left = end - time.monotonic()
             assert left > 0, f"{text!r} not seen; the screen:\n{out.decode()}"
             if select.select([main], [], [], left)[0]:
                 out.extend(os.read(main, 4096))
         start, seen[0] = seen[0], out.index(text, seen[0]) + len(text)
-        return bytes(out[start:seen[0]])
+        return bytes(out[start : seen[0]])
 
     read_until(b">>> ")
     os.write(main, b"What is the capital of France?\n")
@@ -271,10 +292,12 @@ def test_ctrl_c_during_a_long_native_call(tmp_path):
         "with unfinished(sys.argv[1]):\n"
         "    open(sys.argv[1], 'w').write('half')\n"
         "    print('spinning', flush=True)\n"
-        "    spin(10**11)\n")
+        "    spin(10**11)\n"
+    )
     partial = tmp_path / "file.partial"
-    p = subprocess.Popen([sys.executable, str(script), str(partial)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(partial)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline() == "spinning\n"
     time.sleep(0.2)
     sent = time.monotonic()
@@ -305,12 +328,15 @@ def test_tokenize_list_pull_version(smol):
     assert res.code == 0 and res.out.startswith("ember ")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info", "/nonexistent/model.gguf"], "does not exist"),
-    (["run", "no-such-model.gguf", "hi"], "does not exist"),
-    (["pull", "no-such-model"], "unknown model"),
-    (["perplexity", "smollm2-135m", "/nonexistent.txt"], "cannot read"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/nonexistent/model.gguf"], "does not exist"),
+        (["run", "no-such-model.gguf", "hi"], "does not exist"),
+        (["pull", "no-such-model"], "unknown model"),
+        (["perplexity", "smollm2-135m", "/nonexistent.txt"], "cannot read"),
+    ],
+)
 def test_errors_are_one_line_exit_2(argv, message, smol):
     res = ember(*argv)
     assert res.code == 2 and message in res.err and res.err.count("\n") == 1

@@ -20,8 +20,7 @@ def test_layer_ranges_give_the_whole_model(tmp_path, family, kernels):
     n_layer = m.config.n_layer
     ids = np.random.default_rng(3).integers(0, m.config.n_vocab, 11).tolist()
     whole_cache = dev.new_cache(tr, 64)
-    whole = np.concatenate([dev.forward(tr, ids[:7], whole_cache),
-                            dev.forward(tr, ids[7:], whole_cache)])
+    whole = np.concatenate([dev.forward(tr, ids[:7], whole_cache), dev.forward(tr, ids[7:], whole_cache)])
     cache = dev.new_cache(tr, 64)
     outs = []
     for part in (ids[:7], ids[7:]):

@@ -16,7 +16,7 @@ from ember.lut_kernels import codegen, f16
 
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
 KERNELS = [k for k in codegen.host_isas() if k != "neon"]
-RTOL = 1e-5   # of sum_j |w_j x_j|: float32 accumulation only (measured <= 4e-8)
+RTOL = 1e-5  # of sum_j |w_j x_j|: float32 accumulation only (measured <= 4e-8)
 
 
 def _rng(*key) -> np.random.Generator:
@@ -26,8 +26,7 @@ def _rng(*key) -> np.random.Generator:
 def random_rows(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
     """GGUF rows (uint8 [n_out, 2 n_in]) of random finite F16 / BF16 values of mixed scale."""
     w = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.01, 3, (n_out, 1))).astype(np.float32)
-    bits = (w.astype(np.float16).view(np.uint16) if qtype == f16.F16
-            else (w.view(np.uint32) >> 16).astype(np.uint16))
+    bits = w.astype(np.float16).view(np.uint16) if qtype == f16.F16 else (w.view(np.uint32) >> 16).astype(np.uint16)
     return bits.view(np.uint8).reshape(n_out, 2 * n_in)
 
 
@@ -38,9 +37,8 @@ def test_matvec(kernel, qtype, n_out, n_in):
     rng = _rng("mv", qtype, n_out, n_in)
     raw = random_rows(rng, qtype, n_out, n_in)
     p = f16.pack_f16(raw, qtype)
-    assert p.w.base is not None and p.nbytes == raw.nbytes          # a view, the file's bytes
-    assert np.array_equal(p.dequantize().view(np.uint32),
-                          dequantize(raw, qtype).reshape(n_out, n_in).view(np.uint32))
+    assert p.w.base is not None and p.nbytes == raw.nbytes  # a view, the file's bytes
+    assert np.array_equal(p.dequantize().view(np.uint32), dequantize(raw, qtype).reshape(n_out, n_in).view(np.uint32))
     x = (rng.standard_normal(n_in) * rng.uniform(0.1, 10)).astype(np.float32)
     ref, absum = f16.f16_matvec_reference(x, p)
     for threads in (1, 2):
@@ -68,7 +66,7 @@ def test_bad_input():
 @pytest.mark.skipif("avx512" not in KERNELS, reason="host has no AVX-512")
 def test_x86_assembly_uses_the_intended_instructions():
     asm = f16.kernel_asm("avx512")
-    body = asm[asm.index("f16_rows:"):asm.index("bf16_rows:")]
+    body = asm[asm.index("f16_rows:") : asm.index("bf16_rows:")]
     assert "vcvtph2ps" in body and "zmm" in body and "vfmadd" in body
     body2 = f16.kernel_asm("avx2")
     assert "vcvtph2ps" in body2 and "zmm" not in body2

@@ -57,14 +57,13 @@ FUSABLE = ["llama", "qwen2", "gemma3"]
 @pytest.mark.parametrize("family", FUSABLE)
 def test_tiny_families_fused_match_op_by_op(tmp_path, family, qtype):
     # n_embd 96 / n_ff 160: matrices with partial 64-row units and an odd number of 32-blocks
-    path = tg.write_family(tmp_path / "m.gguf", family, qtype=qtype, embd_qtype="Q8_0",
-                           n_embd=96, n_ff=160, n_ctx=64)
+    path = tg.write_family(tmp_path / "m.gguf", family, qtype=qtype, embd_qtype="Q8_0", n_embd=96, n_ff=160, n_ctx=64)
     m = ember.load(path)
     tr = m.transformer
     assert CpuDevice(2).decoder(tr) is not None
     rng = np.random.default_rng(1)
     ids = rng.integers(0, m.config.n_vocab, 9).tolist()
-    ref = _steps(tr, ids, 1, False, n_gen=12)   # positions 8..20: past gemma3's window of 4
+    ref = _steps(tr, ids, 1, False, n_gen=12)  # positions 8..20: past gemma3's window of 4
     exact = _steps(ember.load(path, kernels="numpy").transformer, ids, 1, False, n_gen=12)
     noise = np.abs(ref - exact).max()  # the kernels' own activation quantization
     # A last-bit difference (attention, norms) can flip the rounding of an int8 activation, and
@@ -157,6 +156,7 @@ def test_barrier_synchronizes_and_aborts():
 def test_decoder_refuses_unfusable_matrices(tmp_path):
     path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="F32")  # float32 arrays
     from ember.devices.cpu.step import NotFusable
+
     with pytest.raises(NotFusable):
         FusedDecoder(ember.load(path).transformer, 1)
 
@@ -175,30 +175,34 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
     for name, t in model.tensors.items():
         if t.weights.ndim != 2:
             continue
-        qt = (embd_qtype if name == "token_embd.weight" else
-              v_down_qtype if name.endswith(("attn_v.weight", "ffn_down.weight")) else layer_qtype)
+        qt = (
+            embd_qtype
+            if name == "token_embd.weight"
+            else v_down_qtype
+            if name.endswith(("attn_v.weight", "ffn_down.weight"))
+            else layer_qtype
+        )
         n_out, n_in = t.weights.shape
         if qt in kquant.QTYPES:
             raw = kquant.random_kquant(rng, qt, n_out, n_in)
             offs, nbytes = kquant._F16_FIELDS[qt], block_info(qt)[1]
-        else:   # Q5_0 (d at 0), TQ1_0 / TQ2_0 (d at 52 / 64)
+        else:  # Q5_0 (d at 0), TQ1_0 / TQ2_0 (d at 52 / 64)
             bw, nbytes = block_info(qt)
             off = {Q.Q5_0: 0, Q.TQ1_0: 52, Q.TQ2_0: 64}[qt]
             raw = rng.integers(0, 256, (n_out, n_in // bw * nbytes), dtype=np.uint8)
             d = rng.uniform(0.5, 1.5, (n_out, n_in // bw)) * 1e-3 * (32 / bw)
-            raw.reshape(n_out, -1, nbytes)[:, :, off:off + 2] = \
+            raw.reshape(n_out, -1, nbytes)[:, :, off : off + 2] = (
                 d.astype(np.float16).view(np.uint8).reshape(n_out, -1, 2)
+            )
             offs = ()
         # scale the f16 d (and dmin) down: weights ~0.02, like a trained model's, so attention
         # is not a one-hot softmax that any rounding can flip
         blk = raw.reshape(n_out, -1, nbytes)
         for off in offs:
-            h = blk[:, :, off:off + 2].copy().view(np.float16) * np.float16(0.03)
-            blk[:, :, off:off + 2] = h.view(np.uint8)
+            h = blk[:, :, off : off + 2].copy().view(np.float16) * np.float16(0.03)
+            blk[:, :, off : off + 2] = h.view(np.uint8)
         t.qtype, t.data = qt, raw
     return tg.write_model(model, path)
-
-
 
 
 def _fixed(tr, ids, threads, fused_on, n_prefix=3):
@@ -208,12 +212,12 @@ def _fixed(tr, ids, threads, fused_on, n_prefix=3):
     return np.stack([s.feed([t])[0] for t in ids[n_prefix:]])
 
 
-@pytest.mark.parametrize("layer,v_down,embd", [("Q4_K", "Q6_K", "Q6_K"),
-                                               ("Q5_K", "Q3_K", "Q2_K")])
+@pytest.mark.parametrize("layer,v_down,embd", [("Q4_K", "Q6_K", "Q6_K"), ("Q5_K", "Q3_K", "Q2_K")])
 def test_kquant_model_fused_matches_op_by_op(tmp_path, layer, v_down, embd):
     """Random K-quant layer matrices (one type for most, one for attn_v / ffn_down) and a tied
     embedding of a third."""
     from gguf import GGMLQuantizationType as Q
+
     path = _random_blocks_model(tmp_path / "kq.gguf", Q[layer], Q[v_down], Q[embd])
     m = ember.load(path)
     tr = m.transformer
@@ -241,8 +245,9 @@ def _exp_of(x):
 
 def test_vector_exp_is_within_two_ulp_of_libm():
     rng = np.random.default_rng(3)
-    x = np.concatenate([np.linspace(-87, 87, 100_001), rng.normal(0, 5, 10_001),
-                        [-1e30, -100.0, 0.0, -0.0, 100.0, 1e30]]).astype(np.float32)
+    x = np.concatenate(
+        [np.linspace(-87, 87, 100_001), rng.normal(0, 5, 10_001), [-1e30, -100.0, 0.0, -0.0, 100.0, 1e30]]
+    ).astype(np.float32)
     got = _exp_of(x).astype(np.float64)
     want = np.exp(np.clip(x, -87, 87).astype(np.float64))
     assert (np.abs(got - want) <= 2 * np.spacing(want.astype(np.float32)).astype(np.float64)).all()
@@ -253,6 +258,7 @@ def test_q5_and_ternary_types_fused_match_op_by_op(tmp_path, layer, v_down):
     """Q5_0 (its 5-bit layout, the q8 module's kernels) and TQ1_0 / TQ2_0 (rewritten exactly as
     Q2_K, the K-quant kernels) in the fused step."""
     from gguf import GGMLQuantizationType as Q
+
     path = _random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
     m = ember.load(path)
     tr = m.transformer
@@ -278,7 +284,7 @@ def test_numba_cache_is_keyed_on_all_of_embers_numba_sources(tmp_path, monkeypat
     import ember.devices.cpu.step as decode
     from ember import home
 
-    want = home.numba_cache_dir()   # (conftest moved $EMBER_CACHE_DIR after `import ember`)
+    want = home.numba_cache_dir()  # (conftest moved $EMBER_CACHE_DIR after `import ember`)
     if not os.environ.get("NUMBA_CACHE_DIR"):
         got = Path(config.CACHE_DIR)
         assert got.name == want.name and got.parent.name == "numba"
@@ -289,8 +295,11 @@ def test_numba_cache_is_keyed_on_all_of_embers_numba_sources(tmp_path, monkeypat
     seen = set()
     real = Path.read_bytes
     for i in range(5):
-        monkeypatch.setattr(Path, "read_bytes", lambda self, i=i: real(self) + (
-            f"# numba {i}".encode() if self.name == "kquant.py" else b""))
+        monkeypatch.setattr(
+            Path,
+            "read_bytes",
+            lambda self, i=i: real(self) + (f"# numba {i}".encode() if self.name == "kquant.py" else b""),
+        )
         seen.add(home.numba_cache_dir().name)
     assert len(seen) == 5
     assert len(list((tmp_path / "numba").iterdir())) == 3

@@ -51,7 +51,7 @@ def test_next_turn_feeds_only_what_is_new(smol):
     fresh = smol.session()
     prompt = smol.chat_ids(turn2)
     logits = fresh.feed(prompt + ids[:-1])
-    assert logits[len(prompt) - 1:].argmax(axis=1).tolist() == ids
+    assert logits[len(prompt) - 1 :].argmax(axis=1).tolist() == ids
 
 
 def test_keep_prefix_truncates_to_the_shared_part(smol):
@@ -83,8 +83,9 @@ def test_eos_stops_unless_ignored(smol):
     chunks, text, ids = collect(smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=64))
     assert chunks[-1].finish_reason == "stop" and len(ids) < 64
     assert not set(ids) & smol.tokenizer.stop_ids and "<|im_end|>" not in text
-    chunks, _, ids2 = collect(smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=len(ids) + 3,
-                                        ignore_eos=True))
+    chunks, _, ids2 = collect(
+        smol.chat([{"role": "user", "content": "Say OK."}], max_tokens=len(ids) + 3, ignore_eos=True)
+    )
     assert chunks[-1].finish_reason == "length" and len(ids2) == len(ids) + 3
 
 
@@ -114,16 +115,19 @@ def test_session_feed_truncate(smol):
         s.truncate(5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(max_tokens=-3), "max_tokens"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(min_p=2.0), "min_p"),
-    (dict(repeat_penalty=0.0), "repeat_penalty"),
-    (dict(stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repeat_penalty=0.0), "repeat_penalty"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
 def test_invalid_generation_values(smol, kwargs, message):
     with pytest.raises(EmberError, match=message):
         smol.generate(PROMPT, **kwargs)

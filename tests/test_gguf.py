@@ -96,12 +96,30 @@ def test_tiny_model_tensors(tmp_path, qtype):
     f = GGUFFile(path)
     names = ["token_embd.weight"]
     for i in range(2):
-        names += [f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                                                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+        names += [
+            f"blk.{i}.{n}.weight"
+            for n in (
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            )
+        ]
     names += ["output_norm.weight", "output.weight"]
     assert list(f.tensors) == names == list(model.tensors)
-    shapes = {"token_embd.weight": (307, 64), "blk.0.attn_q.weight": (64, 64), "blk.0.attn_k.weight": (32, 64),
-              "blk.1.ffn_down.weight": (64, 128), "blk.1.ffn_up.weight": (128, 64), "output_norm.weight": (64,)}
+    shapes = {
+        "token_embd.weight": (307, 64),
+        "blk.0.attn_q.weight": (64, 64),
+        "blk.0.attn_k.weight": (32, 64),
+        "blk.1.ffn_down.weight": (64, 128),
+        "blk.1.ffn_up.weight": (128, 64),
+        "output_norm.weight": (64,),
+    }
     for name, shape in shapes.items():
         assert f.tensors[name].shape == shape, name
     end = f.data_offset
@@ -172,8 +190,17 @@ def test_tiny_model_variants(tmp_path, kwargs):
 
 
 def test_extra_metadata_overrides_and_removes(tmp_path):
-    f = GGUFFile(tg.write_tiny_model(tmp_path / "m.gguf", extra_metadata={
-        "llama.context_length": 8192, "general.name": None, "x.f64": (0.5, V.FLOAT64), "x.i8": (-3, V.INT8)}))
+    f = GGUFFile(
+        tg.write_tiny_model(
+            tmp_path / "m.gguf",
+            extra_metadata={
+                "llama.context_length": 8192,
+                "general.name": None,
+                "x.f64": (0.5, V.FLOAT64),
+                "x.i8": (-3, V.INT8),
+            },
+        )
+    )
     assert f.arch_get("context_length") == 8192 and "general.name" not in f.metadata
     assert f.get("x.f64") == 0.5 and f.get("x.i8") == -3
 
@@ -253,8 +280,12 @@ def test_wrong_magic(tiny, tmp_path):
 
 @pytest.mark.parametrize("version", [0, 1, 4, 99, 3 << 24])  # 3 << 24: a big-endian v3 file
 def test_unsupported_version(tiny, tmp_path, version):
-    open_bad(tiny, tmp_path, lambda b: tg.set_u32(b, tg.Layout.VERSION_POS, version),
-             rf"GGUF version {version} is not supported \(ember reads versions 2, 3\)")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u32(b, tg.Layout.VERSION_POS, version),
+        rf"GGUF version {version} is not supported \(ember reads versions 2, 3\)",
+    )
 
 
 def test_version_2_is_read(tiny, tmp_path):
@@ -264,9 +295,13 @@ def test_version_2_is_read(tiny, tmp_path):
 
 def test_truncated_in_tensor_data(tiny, tmp_path):
     path, data, layout, _ = tiny
-    e = open_bad(tiny, tmp_path, tg.truncate(len(data) - 100),
-                 r"tensor 'output_norm.weight' \(256 bytes at offset \d+\) runs past the end of the file "
-                 rf"\({len(data) - 100} bytes\): the file is truncated")
+    e = open_bad(
+        tiny,
+        tmp_path,
+        tg.truncate(len(data) - 100),
+        r"tensor 'output_norm.weight' \(256 bytes at offset \d+\) runs past the end of the file "
+        rf"\({len(data) - 100} bytes\): the file is truncated",
+    )
     assert "re-download" in str(e)
     # cut just after the header: the first tensor is already missing
     open_bad(tiny, tmp_path, tg.truncate(layout.data_offset + 1), r"tensor 'token_embd.weight' .* runs past the end")
@@ -275,34 +310,54 @@ def test_truncated_in_tensor_data(tiny, tmp_path):
 def test_truncated_in_string_value(tiny, tmp_path):
     # claim only the first metadata entry, so the counts fit the cut file
     f = tiny[2].fields["general.architecture"]
-    one_entry = tg.chain(lambda b: tg.set_u64(b, tg.Layout.N_TENSORS_POS, 0),
-                         lambda b: tg.set_u64(b, tg.Layout.N_KV_POS, 1))
-    open_bad(tiny, tmp_path, tg.chain(one_entry, tg.truncate(f.value_pos + 8 + 2)),
-             rf"value of 'general.architecture' needs 5 bytes at offset {f.value_pos + 8}, "
-             rf"past the end of the file \({f.value_pos + 10} bytes\)")
+    one_entry = tg.chain(
+        lambda b: tg.set_u64(b, tg.Layout.N_TENSORS_POS, 0), lambda b: tg.set_u64(b, tg.Layout.N_KV_POS, 1)
+    )
+    open_bad(
+        tiny,
+        tmp_path,
+        tg.chain(one_entry, tg.truncate(f.value_pos + 8 + 2)),
+        rf"value of 'general.architecture' needs 5 bytes at offset {f.value_pos + 8}, "
+        rf"past the end of the file \({f.value_pos + 10} bytes\)",
+    )
 
 
 def test_truncated_in_string_array(tiny, tmp_path):
     f = tiny[2].fields["tokenizer.ggml.tokens"]
     last = f.item_pos[-1]
-    open_bad(tiny, tmp_path, tg.truncate(last + 8 + 3),
-             r"array 'tokenizer.ggml.tokens': string 306 of 307 claims 10 bytes, past the end of the file")
-    open_bad(tiny, tmp_path, tg.truncate(last + 4),
-             r"array 'tokenizer.ggml.tokens': string 306 of 307 starts past the end of the file")
-    open_bad(tiny, tmp_path, tg.truncate(f.item_pos[100]),
-             r"array 'tokenizer.ggml.tokens' needs 2456 bytes at offset")
+    open_bad(
+        tiny,
+        tmp_path,
+        tg.truncate(last + 8 + 3),
+        r"array 'tokenizer.ggml.tokens': string 306 of 307 claims 10 bytes, past the end of the file",
+    )
+    open_bad(
+        tiny,
+        tmp_path,
+        tg.truncate(last + 4),
+        r"array 'tokenizer.ggml.tokens': string 306 of 307 starts past the end of the file",
+    )
+    open_bad(tiny, tmp_path, tg.truncate(f.item_pos[100]), r"array 'tokenizer.ggml.tokens' needs 2456 bytes at offset")
 
 
 def test_truncated_in_numeric_array(tiny, tmp_path):
     f = tiny[2].fields["tokenizer.ggml.token_type"]
-    open_bad(tiny, tmp_path, tg.truncate(f.item_pos[5]),
-             r"array 'tokenizer.ggml.token_type' of 307 elements needs 1228 bytes")
+    open_bad(
+        tiny,
+        tmp_path,
+        tg.truncate(f.item_pos[5]),
+        r"array 'tokenizer.ggml.token_type' of 307 elements needs 1228 bytes",
+    )
 
 
 def test_truncated_in_tensor_infos(tiny, tmp_path):
     t = tiny[2].tensors["output_norm.weight"]
-    open_bad(tiny, tmp_path, tg.truncate(t.offset_pos + 3),
-             rf"offset of tensor 'output_norm.weight' needs 8 bytes at offset {t.offset_pos}, past the end")
+    open_bad(
+        tiny,
+        tmp_path,
+        tg.truncate(t.offset_pos + 3),
+        rf"offset of tensor 'output_norm.weight' needs 8 bytes at offset {t.offset_pos}, past the end",
+    )
 
 
 def test_truncated_right_after_counts(tiny, tmp_path):
@@ -315,8 +370,11 @@ def test_truncated_in_metadata_key(tmp_path):
     entry = len(tg.encode_string(kv[0][0])) + 4 + len(tg.encode_value(V.STRING, "llama"))
     cut = 24 + 2 * entry + 8 + 10  # 10 bytes into the third key
     data = tg.gguf_bytes(kv)[:cut]
-    with pytest.raises(FormatError, match=rf"metadata key 2 needs 22 bytes at offset {cut - 10}, "
-                                          rf"past the end of the file \({cut} bytes\)"):
+    with pytest.raises(
+        FormatError,
+        match=rf"metadata key 2 needs 22 bytes at offset {cut - 10}, "
+        rf"past the end of the file \({cut} bytes\)",
+    ):
         GGUFFile(raw_file(tmp_path, data))
 
 
@@ -337,65 +395,100 @@ def test_missing_file_and_directory(tmp_path):
 @pytest.mark.parametrize("offset", [2**40, 2**64 - 32])
 def test_tensor_offset_out_of_range(tiny, tmp_path, offset):
     t = tiny[2].tensors["blk.1.ffn_up.weight"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, t.offset_pos, offset),
-             rf"tensor 'blk.1.ffn_up.weight' \(8704 bytes at offset {tiny[2].data_offset + offset}\) "
-             r"runs past the end of the file")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, t.offset_pos, offset),
+        rf"tensor 'blk.1.ffn_up.weight' \(8704 bytes at offset {tiny[2].data_offset + offset}\) "
+        r"runs past the end of the file",
+    )
 
 
 def test_misaligned_tensor_offset(tiny, tmp_path):
     t = tiny[2].tensors["blk.0.attn_k.weight"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, t.offset_pos, t.offset + 4),
-             rf"tensor 'blk.0.attn_k.weight': data offset {t.offset + 4} is not aligned to 32 bytes")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, t.offset_pos, t.offset + 4),
+        rf"tensor 'blk.0.attn_k.weight': data offset {t.offset + 4} is not aligned to 32 bytes",
+    )
 
 
 @pytest.mark.parametrize("count", [BIG, 2**64 - 1])
 def test_absurd_tensor_count(tiny, tmp_path, count):
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, tg.Layout.N_TENSORS_POS, count),
-             rf"absurd counts: {count} tensors and 24 metadata entries in a \d+-byte file")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, tg.Layout.N_TENSORS_POS, count),
+        rf"absurd counts: {count} tensors and 24 metadata entries in a \d+-byte file",
+    )
 
 
 @pytest.mark.parametrize("count", [BIG, 2**64 - 1])
 def test_absurd_metadata_count(tiny, tmp_path, count):
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, tg.Layout.N_KV_POS, count),
-             rf"absurd counts: 20 tensors and {count} metadata entries")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, tg.Layout.N_KV_POS, count),
+        rf"absurd counts: 20 tensors and {count} metadata entries",
+    )
 
 
 def test_absurd_key_length(tiny, tmp_path):
     pos = tiny[2].fields["general.name"].pos
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, pos, BIG),
-             rf"metadata key 1 claims {BIG} bytes \(limit 65536\)")
+    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, pos, BIG), rf"metadata key 1 claims {BIG} bytes \(limit 65536\)")
 
 
 def test_absurd_tensor_name_length(tiny, tmp_path):
     pos = tiny[2].tensors["blk.0.attn_norm.weight"].pos
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, pos, 2**64 - 1),
-             rf"name of tensor 1 claims {2**64 - 1} bytes \(limit 65536\)")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, pos, 2**64 - 1),
+        rf"name of tensor 1 claims {2**64 - 1} bytes \(limit 65536\)",
+    )
 
 
 def test_absurd_string_value_length(tiny, tmp_path):
     f = tiny[2].fields["general.architecture"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, f.value_pos, BIG),
-             rf"value of 'general.architecture' needs {BIG} bytes at offset {f.value_pos + 8}, past the end")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, f.value_pos, BIG),
+        rf"value of 'general.architecture' needs {BIG} bytes at offset {f.value_pos + 8}, past the end",
+    )
 
 
 @pytest.mark.parametrize("length", [BIG, 2**63 + 5, 2**64 - 1])
 def test_absurd_string_length_in_array(tiny, tmp_path, length):
     f = tiny[2].fields["tokenizer.ggml.merges"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, f.item_pos[3], length),
-             rf"array 'tokenizer.ggml.merges': string 3 of 48 claims {length} bytes, past the end of the file")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, f.item_pos[3], length),
+        rf"array 'tokenizer.ggml.merges': string 3 of 48 claims {length} bytes, past the end of the file",
+    )
 
 
 @pytest.mark.parametrize("count", [BIG, 2**64 - 1])
 def test_absurd_array_length(tiny, tmp_path, count):
     f = tiny[2].fields["tokenizer.ggml.token_type"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, f.array_count_pos, count),
-             rf"array 'tokenizer.ggml.token_type' of {count} elements needs {count * 4} bytes")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, f.array_count_pos, count),
+        rf"array 'tokenizer.ggml.token_type' of {count} elements needs {count * 4} bytes",
+    )
 
 
 def test_absurd_string_array_length(tiny, tmp_path):
     f = tiny[2].fields["tokenizer.ggml.tokens"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, f.array_count_pos, BIG),
-             rf"array 'tokenizer.ggml.tokens' needs {8 * BIG} bytes at offset {f.array_count_pos + 8}")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, f.array_count_pos, BIG),
+        rf"array 'tokenizer.ggml.tokens' needs {8 * BIG} bytes at offset {f.array_count_pos + 8}",
+    )
 
 
 def test_absurd_nested_array_length(tmp_path):
@@ -415,28 +508,34 @@ def test_arrays_nested_too_deeply(tmp_path):
         arr = (V.ARRAY, [arr])
     with pytest.raises(FormatError, match=r"metadata 'deep' nests arrays too deeply"):
         GGUFFile(raw_file(tmp_path, tg.gguf_bytes([("deep", V.ARRAY, arr)])))
-    two_levels = GGUFFile(raw_file(tmp_path, tg.gguf_bytes([("ok", V.ARRAY,
-                                                             (V.ARRAY, [(V.STRING, ["x"]), (V.INT16, [-1])]))])))
+    two_levels = GGUFFile(
+        raw_file(tmp_path, tg.gguf_bytes([("ok", V.ARRAY, (V.ARRAY, [(V.STRING, ["x"]), (V.INT16, [-1])]))]))
+    )
     inner = two_levels.get("ok")
     assert inner[0].tolist() == ["x"] and inner[1].tolist() == [-1]
 
 
-@pytest.mark.parametrize("odd", [[], [b"a\x00b"], [b"\xff", b"\xc3"], [b"\xe2\x82", b"\xac"]],
-                         ids=["valid", "nul", "invalid", "split-sequence"])
+@pytest.mark.parametrize(
+    "odd",
+    [[], [b"a\x00b"], [b"\xff", b"\xc3"], [b"\xe2\x82", b"\xac"]],
+    ids=["valid", "nul", "invalid", "split-sequence"],
+)
 def test_string_arrays_decode_each_string_alone(tmp_path, odd):
     """The one-decode fast path and the string-by-string one give the same strings, U+FFFD for
     invalid bytes, whatever the strings hold (a multi-byte character cut across two strings
     stays two invalid strings)."""
     rng = np.random.default_rng(7)
-    words = ["", "in", "Ġthe", "<|im_end|>", "é", "日本", "🙂x", " "] + ["".join(map(chr, rng.integers(32, 0x3000, 5)))
-                                                             for _ in range(40)]
+    words = ["", "in", "Ġthe", "<|im_end|>", "é", "日本", "🙂x", " "] + [
+        "".join(map(chr, rng.integers(32, 0x3000, 5))) for _ in range(40)
+    ]
     items = [w.encode() for w in words] + list(odd) + [b"end"]
     f = GGUFFile(raw_file(tmp_path, tg.gguf_bytes([("s", V.ARRAY, (V.STRING, items))])))
     assert f.get("s").tolist() == [b.decode("utf-8", errors="replace") for b in items]
 
 
-@pytest.mark.parametrize("dims", [[64, 2**40], [2**64 - 1, 1], [2**32, 2**32, 2**32, 2**32]],
-                         ids=["2^40", "u64max", "4x2^32"])
+@pytest.mark.parametrize(
+    "dims", [[64, 2**40], [2**64 - 1, 1], [2**32, 2**32, 2**32, 2**32]], ids=["2^40", "u64max", "4x2^32"]
+)
 def test_absurd_dimensions(tmp_path, dims):
     data = tg.gguf_bytes([], [RawTensor("t", dims, Q.F32, offset=0)])
     with pytest.raises(FormatError, match=r"tensor 't' has absurd dimensions"):
@@ -445,21 +544,33 @@ def test_absurd_dimensions(tmp_path, dims):
 
 def test_absurd_dimensions_patched(tiny, tmp_path):
     t = tiny[2].tensors["token_embd.weight"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, t.dims_pos[1], 2**40),
-             rf"tensor 'token_embd.weight' has absurd dimensions \[64, {2**40}\]")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, t.dims_pos[1], 2**40),
+        rf"tensor 'token_embd.weight' has absurd dimensions \[64, {2**40}\]",
+    )
 
 
 def test_zero_dimension(tiny, tmp_path):
     t = tiny[2].tensors["blk.0.ffn_gate.weight"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, t.dims_pos[1], 0),
-             r"tensor 'blk.0.ffn_gate.weight' has a zero dimension \[64, 0\]")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, t.dims_pos[1], 0),
+        r"tensor 'blk.0.ffn_gate.weight' has a zero dimension \[64, 0\]",
+    )
 
 
 @pytest.mark.parametrize("n_dims", [0, 5, 2**32 - 1])
 def test_bad_dimension_count(tiny, tmp_path, n_dims):
     t = tiny[2].tensors["blk.0.attn_v.weight"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u32(b, t.n_dims_pos, n_dims),
-             rf"tensor 'blk.0.attn_v.weight' has {n_dims} dimensions \(1 to 4 allowed\)")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u32(b, t.n_dims_pos, n_dims),
+        rf"tensor 'blk.0.attn_v.weight' has {n_dims} dimensions \(1 to 4 allowed\)",
+    )
 
 
 def test_four_dimensions_are_allowed(tmp_path):
@@ -471,35 +582,60 @@ def test_four_dimensions_are_allowed(tmp_path):
 @pytest.mark.parametrize("type_id", [4, 5, 255, 2**32 - 1])  # 4, 5: the removed Q4_2 / Q4_3
 def test_unknown_tensor_type(tiny, tmp_path, type_id):
     t = tiny[2].tensors["blk.1.attn_output.weight"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u32(b, t.type_pos, type_id),
-             rf"tensor 'blk.1.attn_output.weight' has unknown ggml type id {type_id}")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u32(b, t.type_pos, type_id),
+        rf"tensor 'blk.1.attn_output.weight' has unknown ggml type id {type_id}",
+    )
 
 
 @pytest.mark.parametrize("vtype", [13, 2**32 - 1])
 def test_unknown_metadata_value_type(tiny, tmp_path, vtype):
     f = tiny[2].fields["general.name"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u32(b, f.type_pos, vtype),
-             rf"metadata 'general.name' has unknown value type {vtype}")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u32(b, f.type_pos, vtype),
+        rf"metadata 'general.name' has unknown value type {vtype}",
+    )
 
 
 def test_unknown_array_element_type(tiny, tmp_path):
     f = tiny[2].fields["tokenizer.ggml.token_type"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u32(b, f.value_pos, 13),
-             r"metadata 'tokenizer.ggml.token_type' has an array of unknown value type 13")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u32(b, f.value_pos, 13),
+        r"metadata 'tokenizer.ggml.token_type' has an array of unknown value type 13",
+    )
 
 
 def test_row_length_not_a_block_multiple(tiny, tmp_path):
     t = tiny[2].tensors["blk.0.attn_q.weight"]
-    open_bad(tiny, tmp_path, lambda b: tg.set_u64(b, t.dims_pos[0], 48),
-             r"tensor 'blk.0.attn_q.weight': row length 48 is not a multiple of the Q8_0 block size 32")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u64(b, t.dims_pos[0], 48),
+        r"tensor 'blk.0.attn_q.weight': row length 48 is not a multiple of the Q8_0 block size 32",
+    )
     # a 64-wide row labelled as a 256-wide-block type
-    open_bad(tiny, tmp_path, lambda b: tg.set_u32(b, t.type_pos, Q.Q4_K),
-             r"tensor 'blk.0.attn_q.weight': row length 64 is not a multiple of the Q4_K block size 256")
+    open_bad(
+        tiny,
+        tmp_path,
+        lambda b: tg.set_u32(b, t.type_pos, Q.Q4_K),
+        r"tensor 'blk.0.attn_q.weight': row length 64 is not a multiple of the Q4_K block size 256",
+    )
 
 
 def test_duplicate_key(tmp_path):
-    data = tg.gguf_bytes([("general.architecture", V.STRING, "llama"), ("llama.block_count", V.UINT32, 1),
-                          ("general.architecture", V.STRING, "qwen2")])
+    data = tg.gguf_bytes(
+        [
+            ("general.architecture", V.STRING, "llama"),
+            ("llama.block_count", V.UINT32, 1),
+            ("general.architecture", V.STRING, "qwen2"),
+        ]
+    )
     with pytest.raises(FormatError, match=r"metadata key 'general.architecture' appears twice"):
         GGUFFile(raw_file(tmp_path, data))
 
@@ -507,20 +643,32 @@ def test_duplicate_key(tmp_path):
 def test_duplicate_key_patched(tiny, tmp_path):
     # rename general.file_type (key 2) to llama.block_count (key 6): same length, so the file stays well-formed
     f = tiny[2].fields["general.file_type"]
-    open_bad(tiny, tmp_path, tg.overwrite(f.key_pos, b"llama.block_count"),
-             r"metadata key 'llama.block_count' appears twice")
+    open_bad(
+        tiny, tmp_path, tg.overwrite(f.key_pos, b"llama.block_count"), r"metadata key 'llama.block_count' appears twice"
+    )
 
 
 def test_duplicate_tensor(tmp_path):
     d = np.ones(32, dtype=np.float32).tobytes()
-    data = tg.gguf_bytes([], [RawTensor("w", [32], Q.F32, d), RawTensor("v", [32], Q.F32, d),
-                              RawTensor("w", [32], Q.F32, d)])
+    data = tg.gguf_bytes(
+        [], [RawTensor("w", [32], Q.F32, d), RawTensor("v", [32], Q.F32, d), RawTensor("w", [32], Q.F32, d)]
+    )
     with pytest.raises(FormatError, match=r"tensor 'w' appears twice"):
         GGUFFile(raw_file(tmp_path, data))
 
 
-@pytest.mark.parametrize("align", [(V.UINT32, 0), (V.UINT32, 3), (V.UINT32, 48), (V.UINT32, 2**21),
-                                   (V.INT32, -32), (V.FLOAT32, 32.0), (V.STRING, "32")])
+@pytest.mark.parametrize(
+    "align",
+    [
+        (V.UINT32, 0),
+        (V.UINT32, 3),
+        (V.UINT32, 48),
+        (V.UINT32, 2**21),
+        (V.INT32, -32),
+        (V.FLOAT32, 32.0),
+        (V.STRING, "32"),
+    ],
+)
 def test_bad_alignment(tmp_path, align):
     vt, value = align
     data = tg.gguf_bytes([("general.alignment", vt, value)])
@@ -530,9 +678,11 @@ def test_bad_alignment(tmp_path, align):
 
 def test_custom_alignment(tmp_path):
     d = np.arange(32, dtype=np.float32).tobytes()
-    data = tg.gguf_bytes([("general.alignment", V.UINT32, 8)],
-                         [RawTensor("a", [3], Q.F32, d[:12]), RawTensor("b", [32], Q.F32, d)],
-                         alignment=8)
+    data = tg.gguf_bytes(
+        [("general.alignment", V.UINT32, 8)],
+        [RawTensor("a", [3], Q.F32, d[:12]), RawTensor("b", [32], Q.F32, d)],
+        alignment=8,
+    )
     f = GGUFFile(raw_file(tmp_path, data))
     assert f.alignment == 8 and f.tensors["b"].offset - f.data_offset == 16
     np.testing.assert_array_equal(f.tensor("b"), np.arange(32, dtype=np.float32))
@@ -576,8 +726,9 @@ def fuzz_base(tmp_path_factory):
     """A smaller model (with an explicit general.alignment, so that is fuzzed too) and the byte
     positions of every integer field of its header."""
     d = tmp_path_factory.mktemp("fuzz")
-    path = tg.write_tiny_model(d / "base.gguf", n_layer=1, n_embd=32, n_head=2, n_head_kv=1, n_ff=64,
-                               extra_metadata={"general.alignment": 32})
+    path = tg.write_tiny_model(
+        d / "base.gguf", n_layer=1, n_embd=32, n_head=2, n_head_kv=1, n_ff=64, extra_metadata={"general.alignment": 32}
+    )
     data = path.read_bytes()
     layout = tg.parse_layout(data)
     fields = [(tg.Layout.VERSION_POS, 4), (tg.Layout.N_TENSORS_POS, 8), (tg.Layout.N_KV_POS, 8)]
@@ -596,8 +747,31 @@ def fuzz_base(tmp_path_factory):
     return d, data, layout, fields
 
 
-INTERESTING = [0, 1, 2, 3, 4, 5, 7, 8, 13, 31, 32, 33, 255, 256, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
-               2**60, 2**63 - 1, 2**63, 2**64 - 32, 2**64 - 1]
+INTERESTING = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    7,
+    8,
+    13,
+    31,
+    32,
+    33,
+    255,
+    256,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**60,
+    2**63 - 1,
+    2**63,
+    2**64 - 32,
+    2**64 - 1,
+]
 
 
 def _exercise(path) -> None:

@@ -44,8 +44,10 @@ def fake_wheels(tmp_path_factory):
     wheel_dir = tmp_path_factory.mktemp("wheels")
     data = os.urandom(10_000)
     slices = [data[:4000], data[4000:7000], data[7000:]]
-    parts = [make_wheel(wheel_dir, f"emberfakepart{i}", f"emberfakepart{i}/data/part{i:02d}.bin", s)
-             for i, s in enumerate(slices, 1)]
+    parts = [
+        make_wheel(wheel_dir, f"emberfakepart{i}", f"emberfakepart{i}/data/part{i:02d}.bin", s)
+        for i, s in enumerate(slices, 1)
+    ]
     return wheel_dir, parts, data
 
 
@@ -61,8 +63,9 @@ def home(tmp_path, monkeypatch):
 def fake(fake_wheels, monkeypatch):
     """Registers a catalog entry "fake" built from the fake wheels; returns (entry, pip_args, data)."""
     wheel_dir, parts, data = fake_wheels
-    entry = hub.CatalogEntry("fake", "fake.gguf", len(data), hashlib.sha256(data).hexdigest(), list(parts),
-                             "a test model", "llama", "1K")
+    entry = hub.CatalogEntry(
+        "fake", "fake.gguf", len(data), hashlib.sha256(data).hexdigest(), list(parts), "a test model", "llama", "1K"
+    )
     monkeypatch.setitem(hub.CATALOG, "fake", entry)
     return entry, ("--no-index", "--find-links", str(wheel_dir)), data
 
@@ -83,6 +86,7 @@ def assert_clean(home: Path):
 def forbid_pip(monkeypatch):
     def no_pip(*a, **k):
         raise AssertionError("pip must not run")
+
     monkeypatch.setattr(hub.subprocess, "Popen", no_pip)
 
 
@@ -114,8 +118,19 @@ if mode == "fail":
 
 
 def fake_pip(monkeypatch, wheel_dir: Path, mode: str = "ok"):
-    monkeypatch.setattr(hub, "_pip_command", lambda req_file, dest, pip_args: [
-        sys.executable, "-c", FAKE_PIP, str(req_file), str(dest), str(wheel_dir), mode])
+    monkeypatch.setattr(
+        hub,
+        "_pip_command",
+        lambda req_file, dest, pip_args: [
+            sys.executable,
+            "-c",
+            FAKE_PIP,
+            str(req_file),
+            str(dest),
+            str(wheel_dir),
+            mode,
+        ],
+    )
     monkeypatch.setattr(hub, "_POLL_S", 0.02)
 
 
@@ -214,10 +229,13 @@ def test_wrong_size_file_with_marker_is_pulled_again(home, fake):
     assert path.read_bytes() == data
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"sha256": "0" * 64}, "sha256"),
-    ({"size": 10_001}, "10,000 bytes"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sha256": "0" * 64}, "sha256"),
+        ({"size": 10_001}, "10,000 bytes"),
+    ],
+)
 def test_wrong_sha_or_size_leaves_nothing(home, fake, monkeypatch, change, message):
     entry, pip_args, _ = fake
     register(monkeypatch, entry, **change)
@@ -384,8 +402,11 @@ def test_list_models(home, fake):
     for r in rows.values():
         assert {"name", "filename", "size", "present", "path", "description", "kind"} <= set(r)
     assert {name: r["kind"] for name, r in rows.items() if name != "fake"} == {
-        "smollm2-135m": "instruct", "gemma3-270m": "base", "qwen2.5-coder-0.5b": "instruct",
-        "qwen2.5-coder-1.5b": "instruct"}
+        "smollm2-135m": "instruct",
+        "gemma3-270m": "base",
+        "qwen2.5-coder-0.5b": "instruct",
+        "qwen2.5-coder-1.5b": "instruct",
+    }
 
 
 def test_ember_home_default(monkeypatch):
@@ -401,8 +422,12 @@ def test_real_catalog_is_consistent():
     counts = {name: len(e.parts) for name, e in hub.CATALOG.items()}
     assert counts == {"smollm2-135m": 1, "gemma3-270m": 4, "qwen2.5-coder-0.5b": 6, "qwen2.5-coder-1.5b": 22}
     sizes = {name: e.size for name, e in hub.CATALOG.items()}
-    assert sizes == {"smollm2-135m": 98_362_432, "gemma3-270m": 253_113_024,
-                     "qwen2.5-coder-0.5b": 491_400_064, "qwen2.5-coder-1.5b": 1_117_320_768}
+    assert sizes == {
+        "smollm2-135m": 98_362_432,
+        "gemma3-270m": 253_113_024,
+        "qwen2.5-coder-0.5b": 491_400_064,
+        "qwen2.5-coder-1.5b": 1_117_320_768,
+    }
     wheels = []
     for name, e in hub.CATALOG.items():
         assert e.name == name and e.filename.endswith(".gguf") and hexdigest.match(e.sha256)

@@ -72,7 +72,8 @@ def _allowed(area: str, target: str) -> bool:
     t_area = _area(target)
     named = ".".join(target.split(".")[1:3])  # e.g. runtime.model
     return (t_area in (area, *BASE) and not (area == "devices" and t_area == "runtime")) or (
-        t_area in ALLOWED[area] or named in ALLOWED[area])
+        t_area in ALLOWED[area] or named in ALLOWED[area]
+    )
 
 
 GRAPH = _graph()
@@ -94,7 +95,7 @@ def test_no_import_cycles():
             if d.startswith(m + ".") or m == "ember":
                 continue  # a package's __init__ importing its own modules
             if state.get(d) == 1:
-                cycle = path[path.index(d):] + [d]
+                cycle = path[path.index(d) :] + [d]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if d not in state:
                 visit(d)
@@ -120,6 +121,5 @@ def test_imports_point_down_the_data_flow(area):
 
 def test_nothing_below_the_front_ends_imports_them():
     front = {"cli", "tui", "bench"}
-    bad = [f"{m} imports {d}" for m, deps in GRAPH.items() for d in deps
-           if _area(d) in front and _area(m) not in front]
+    bad = [f"{m} imports {d}" for m, deps in GRAPH.items() for d in deps if _area(d) in front and _area(m) not in front]
     assert not bad, "\n".join(sorted(bad))

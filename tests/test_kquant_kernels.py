@@ -49,11 +49,11 @@ def random_raw(rng, qt: int, n_out: int, n_in: int) -> np.ndarray:
 
 def random_ternary(rng, qt: int, n_out: int, n_in: int) -> np.ndarray:
     """GGUF TQ1_0 / TQ2_0 rows: random code bytes, f16 block scales ~1e-2 of random sign."""
-    _, bb, off = q8.EXACT_INT8[qt]                      # block bytes, offset of d
+    _, bb, off = q8.EXACT_INT8[qt]  # block bytes, offset of d
     nb = n_in // 256
     raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
     v = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * 1e-2
-    raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    raw[:, :, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
     return raw.reshape(n_out, nb * bb)
 
 
@@ -85,7 +85,7 @@ def test_pack_matches_dequantize(qt, n_out, n_in):
     raw = random_raw(_rng("pack", qt, n_out, n_in), qt, n_out, n_in)
     p = K.pack_kquant(raw, qt)
     assert (p.qtype, p.n_out, p.n_in, p.nsb) == (qt, n_out, n_in, n_in // 256)
-    rows = n_out + n_out % 2 if qt in (K.Q4_K, K.Q5_K) else n_out   # row pairs: a zero row
+    rows = n_out + n_out % 2 if qt in (K.Q4_K, K.Q5_K) else n_out  # row pairs: a zero row
     for a in (p.q, p.sc, p.d):
         assert a.flags.c_contiguous and a.shape[0] == rows
     assert p.q.ctypes.data % 64 == 0
@@ -96,15 +96,14 @@ def test_pack_matches_dequantize(qt, n_out, n_in):
     assert p.nbytes / rows <= 1.037 * p.gguf_nbytes / n_out
     deq = p.dequantize()
     assert deq.dtype == np.float32 and deq.shape == (n_out, n_in)
-    assert np.array_equal(deq.view(np.uint32),
-                          dequantize(raw, qt).reshape(n_out, n_in).view(np.uint32)), _msg(qt=qt)
+    assert np.array_equal(deq.view(np.uint32), dequantize(raw, qt).reshape(n_out, n_in).view(np.uint32)), _msg(qt=qt)
 
 
 def _ggml_block(qt: int, blk: bytes):
     """(codes, scales, mins) of one GGUF super-block, weight by weight as ggml-quants.c's
     dequantize_row_* reads it: weight = scale * code - min (Q3_K / Q6_K: code already minus
     its offset; min 0). Plain Python, independent of the packing code."""
-    f16 = lambda o: float(np.frombuffer(blk[o:o + 2], np.float16)[0])  # noqa: E731
+    f16 = lambda o: float(np.frombuffer(blk[o : o + 2], np.float16)[0])  # noqa: E731
     code, scale, mn = [0] * 256, [0.0] * 256, [0.0] * 256
     if qt in (K.Q4_K, K.Q5_K):
         d, dmin, sc12 = f16(0), f16(2), blk[4:16]
@@ -162,7 +161,7 @@ def test_codes_roundtrip(qt):
     bb = raw.shape[1] // 2
     for r in range(3):
         for s_ in range(2):
-            c, sc, mn = _ggml_block(qt, bytes(raw[r, bb * s_:bb * (s_ + 1)]))
+            c, sc, mn = _ggml_block(qt, bytes(raw[r, bb * s_ : bb * (s_ + 1)]))
             m = _msg(qt=qt, r=r, s=s_)
             assert codes[r, s_].tolist() == c, m
             assert np.array_equal(SC[r, s_], np.array(sc, np.float32)), m
@@ -189,11 +188,11 @@ def test_from_arrays_rejects_bad_input():
         dict(good, q=good["q"][:, :-1]),
         dict(good, sc=good["sc"][:-1]),
         dict(good, d=good["d"].astype(np.float16)),
-        dict(good, sc=good["sc"].view(np.int8)),          # Q4_K scales are uint8
-        dict(good, meta=np.array([7, 500, K.Q4_K])),       # n_in not a multiple of 256
-        dict(good, meta=np.array([7, 512, 2])),            # not a K-quant
+        dict(good, sc=good["sc"].view(np.int8)),  # Q4_K scales are uint8
+        dict(good, meta=np.array([7, 500, K.Q4_K])),  # n_in not a multiple of 256
+        dict(good, meta=np.array([7, 512, 2])),  # not a K-quant
         dict(good, meta=np.array([7, 512])),
-        dict(good, meta=np.array([7, 768, K.Q4_K])),       # shapes disagree with meta
+        dict(good, meta=np.array([7, 768, K.Q4_K])),  # shapes disagree with meta
         {k: v for k, v in good.items() if k != "d"},
     ]
     for a in bad:
@@ -208,7 +207,7 @@ def test_ternary_rows_become_exact_q2_k(qt, n_out, n_in):
     block with d < 0 is +0 here, -0 in the file), and run the Q2_K kernels."""
     rng = _rng("ternary", qt, n_out, n_in)
     raw = random_ternary(rng, qt, n_out, n_in)
-    raw.reshape(n_out, -1)[0, -2:] = 0                   # one block with d = 0
+    raw.reshape(n_out, -1)[0, -2:] = 0  # one block with d = 0
     q2 = K.ternary_as_q2_k(raw, qt)
     assert q2.shape == (n_out, n_in // 256 * 84)
     w = dequantize(raw, qt).reshape(n_out, n_in)
@@ -241,7 +240,7 @@ def test_pack_rejects_bad_input():
 def test_quantize_x(kernel, k):
     rng = _rng("qx", k)
     x = random_x(rng, k, 768)
-    x[0, 64:96] = 0.0                      # an all-zero block: scale 0, codes 0
+    x[0, 64:96] = 0.0  # an all-zero block: scale 0, codes 0
     x[-1, 5] = -np.abs(x[-1, :32]).max() * 2  # a negative maximum
     xq, xd, xp = K.quantize_x(x, kernel=kernel)
     kp = k + k % 2
@@ -259,7 +258,7 @@ def test_quantize_x(kernel, k):
     assert np.array_equal(kquant_layout.LANE_GROUP, lane_group)
     natural = np.argsort(lane_group)
 
-    def per_group(a):   # [3 sb, kp, 16 lanes] -> [k, 48 16-groups] in natural order
+    def per_group(a):  # [3 sb, kp, 16 lanes] -> [k, 48 16-groups] in natural order
         return a[:, :k].transpose(1, 0, 2)[:, :, natural].reshape(k, 48)
 
     # codes in the lane order; byte 64 v + 4 L + t = weight 16 g(L) + 4 v + t
@@ -292,7 +291,7 @@ def _check(y, qt, n_out, n_in, k, **kw):
     assert y.dtype == np.float32 and y.shape == (k, n_out), m
     assert (np.abs(y - ref) <= ORACLE_RTOL * absum + 1e-30).all(), m
     err = np.abs(y.astype(np.float64) - truth)
-    assert (err <= bound + ORACLE_RTOL * absum).all(), m           # guaranteed
+    assert (err <= bound + ORACLE_RTOL * absum).all(), m  # guaranteed
     assert np.abs(y).max() > 0, m
 
 
@@ -309,9 +308,20 @@ def test_oracle_against_float_truth(qt, n_out, n_in):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("qt", QTYPES)
-@pytest.mark.parametrize("n_out,n_in,k", [
-    (1, 256, 1), (7, 512, 2), (64, 256, 3), (65, 1536, 8), (300, 512, 16), (7, 2560, 16),
-    (65, 768, 1), (1, 1536, 3), (64, 512, 8)])
+@pytest.mark.parametrize(
+    "n_out,n_in,k",
+    [
+        (1, 256, 1),
+        (7, 512, 2),
+        (64, 256, 3),
+        (65, 1536, 8),
+        (300, 512, 16),
+        (7, 2560, 16),
+        (65, 768, 1),
+        (1, 1536, 3),
+        (64, 512, 8),
+    ],
+)
 def test_matmul(kernel, qt, n_out, n_in, k):
     _, x, p, *_ = case(qt, n_out, n_in, k)
     y = K.kq_matmul(x, p, kernel=kernel)
@@ -330,9 +340,9 @@ def test_matvec_threads_and_out(kernel, qt):
         assert r is out
         if kernel == "portable":
             assert (np.abs(out - y1) <= ORACLE_RTOL * absum[0]).all(), _msg(threads=th)
-        else:   # the same machine code on each row range
+        else:  # the same machine code on each row range
             assert np.array_equal(out, y1), _msg(kernel=kernel, threads=th)
-    x64 = np.repeat(x[0].astype(np.float64), 2)[::2]        # strided float64: converted
+    x64 = np.repeat(x[0].astype(np.float64), 2)[::2]  # strided float64: converted
     assert np.array_equal(K.kq_matvec(x64, p, kernel=kernel), y1)
     # matmul of one row == matvec; rows of a matmul == matmul of each row alone
     assert np.array_equal(K.kq_matmul(x[:1], p, kernel=kernel)[0], y1)
@@ -345,13 +355,14 @@ def test_rows_independent_of_batch(kernel, qt):
     _, x, p, *_ = case(qt, 65, 768, 16)
     y = K.kq_matmul(x, p, kernel=kernel)
     for i in (0, 5, 15):
-        assert np.array_equal(K.kq_matmul(x[i:i + 1], p, kernel=kernel)[0], y[i]), _msg(i=i)
+        assert np.array_equal(K.kq_matmul(x[i : i + 1], p, kernel=kernel)[0], y[i]), _msg(i=i)
     assert np.array_equal(K.kq_matmul(x[3:10], p, kernel=kernel), y[3:10])
 
 
 @pytest.mark.parametrize("qt", QTYPES)
-@pytest.mark.parametrize("opts", [{"tile_bytes": 1}, {"nr": 2}, {"kb": 2}, {"prefetch": 0},
-                                  {"pipe": False}, {"group": 1}])
+@pytest.mark.parametrize(
+    "opts", [{"tile_bytes": 1}, {"nr": 2}, {"kb": 2}, {"prefetch": 0}, {"pipe": False}, {"group": 1}]
+)
 def test_kernel_variants(qt, opts):
     """Tiling, row blocks, act chunks, prefetch and pipelining change no result."""
     kernel = NATIVE[0] if NATIVE else pytest.skip("no native kernel on this host")
@@ -373,22 +384,26 @@ def test_extreme_codes_and_activations(qt):
     r3 = raw.reshape(n_out, 2, -1)
     # (code bytes, scale bytes): every code at its top on even rows, at 0 on odd rows, with
     # the scales (and mins) that make the largest products
-    codes, scales = {K.Q2_K: ((16, 80), (0, 16)), K.Q3_K: ((0, 96), (96, 108)),
-                     K.Q4_K: ((16, 144), (4, 16)), K.Q5_K: ((16, 176), (4, 16)),
-                     K.Q6_K: ((0, 192), (192, 208))}[qt]
-    r3[0::2, :, codes[0]:codes[1]] = 0xFF
-    r3[1::2, :, codes[0]:codes[1]] = 0x00
+    codes, scales = {
+        K.Q2_K: ((16, 80), (0, 16)),
+        K.Q3_K: ((0, 96), (96, 108)),
+        K.Q4_K: ((16, 144), (4, 16)),
+        K.Q5_K: ((16, 176), (4, 16)),
+        K.Q6_K: ((0, 192), (192, 208)),
+    }[qt]
+    r3[0::2, :, codes[0] : codes[1]] = 0xFF
+    r3[1::2, :, codes[0] : codes[1]] = 0x00
     if qt == K.Q6_K:
         r3[:, :, 192:208] = np.array([-128, 127] * 8, np.int8).view(np.uint8)
-    elif qt == K.Q3_K:                                # scales 31 (even rows), -32 (odd rows)
+    elif qt == K.Q3_K:  # scales 31 (even rows), -32 (odd rows)
         r3[0::2, :, 96:108] = 0xFF
         r3[1::2, :, 96:108] = 0x00
-    else:                                             # scales and mins at their maximum
-        r3[:, :, scales[0]:scales[1]] = 0xFF
+    else:  # scales and mins at their maximum
+        r3[:, :, scales[0] : scales[1]] = 0xFF
     p = K.pack_kquant(raw, qt)
     x = np.empty((4, n_in), np.float32)
-    x[0] = 3.0                                        # +127 everywhere
-    x[1] = -3.0                                       # -127 everywhere
+    x[0] = 3.0  # +127 everywhere
+    x[1] = -3.0  # -127 everywhere
     x[2] = np.where(np.arange(n_in) % 2, 2.0, -2.0)
     x[3] = random_x(rng, 1, n_in)[0]
     x[3, 32:64] = 0
@@ -403,9 +418,9 @@ def test_extreme_codes_and_activations(qt):
 def test_shape_errors():
     _, x, p, *_ = case(K.Q4_K, 7, 512, 2)
     with pytest.raises(ValueError):
-        K.kq_matvec(x[0, :256], p)                    # wrong n_in
+        K.kq_matvec(x[0, :256], p)  # wrong n_in
     with pytest.raises(ValueError):
-        K.kq_matvec(x[0, :300], p)                    # not a multiple of 256
+        K.kq_matvec(x[0, :300], p)  # not a multiple of 256
     with pytest.raises(ValueError):
         K.kq_matvec(x[0], p, out=np.empty(8, np.float32))
     with pytest.raises(ValueError):
@@ -413,9 +428,9 @@ def test_shape_errors():
     with pytest.raises(ValueError):
         K.kq_matmul(x, p, out=np.empty((3, 7), np.float32))
     with pytest.raises(ValueError):
-        K.kq_matmul(x[:0], p)                         # k = 0
+        K.kq_matmul(x[:0], p)  # k = 0
     with pytest.raises(ValueError):
-        K.kq_matmul(x[:, :512 - 256], p, kernel="portable")
+        K.kq_matmul(x[:, : 512 - 256], p, kernel="portable")
     with pytest.raises(ValueError):
         K.kq_matmul(np.zeros((2, 2, 512), np.float32), p)
     with pytest.raises(ValueError):
@@ -434,7 +449,7 @@ def test_numba_callers():
     @njit
     def by_rows(fn, fq, x, q, sc, d, out):
         xq, xd, xp = K.quantize_x_alloc(x, fq)
-        for r in range(0, q.shape[0], 10):   # in row ranges, as a scheduler would
+        for r in range(0, q.shape[0], 10):  # in row ranges, as a scheduler would
             K.rows_nb(fn, q, sc, d, xq, xd, xp, out, r, min(r + 10, q.shape[0]))
 
     out = np.empty((3, 64), np.float32)
@@ -489,22 +504,22 @@ def test_env_var_selects_kernel(monkeypatch):
 @pytest.mark.skipif("avx512" not in KERNELS, reason="host has no AVX-512BW")
 def test_x86_assembly_uses_the_intended_instructions():
     asm = K.kernel_asm("avx512", width=64, pipe=True)
-    body = asm[asm.index("kq_q4_k.r1c"):]     # the chunk functions and the dispatchers
+    body = asm[asm.index("kq_q4_k.r1c") :]  # the chunk functions and the dispatchers
     assert "zmm" in body and "prefetch" in body
     if codegen.host_features().get("avx512vnni"):
         assert "vpdpbusd" in body
     else:
         assert "vpmaddubsw" in body
-    assert "vbroadcasti64x4" in body and "vcvtph2ps" in body   # row pairs: act halves
+    assert "vbroadcasti64x4" in body and "vcvtph2ps" in body  # row pairs: act halves
     if codegen.host_features().get("avx512vnni") and codegen.host_features().get("avx512vl"):
         y = K.kernel_asm("avx512", width=32)
-        y = y[y.index("kq_q4_k.r1c8:"):y.index(".Lfunc_end", y.index("kq_q4_k.r1c8:"))]
+        y = y[y.index("kq_q4_k.r1c8:") : y.index(".Lfunc_end", y.index("kq_q4_k.r1c8:"))]
         dots = [ln for ln in y.splitlines() if ln.split()[:1] == ["vpdpbusd"]]
         assert len(dots) >= 64 and all("ymm" in ln and "zmm" not in ln for ln in dots)
     for qt in (K.Q2_K, K.Q3_K, K.Q5_K, K.Q6_K):
         nm = kquant_layout.NAMES[qt]
         asm2 = K.kernel_asm("avx2", what=qt)
-        body2 = asm2[asm2.index(f"kq_{nm}.r1c"):]
+        body2 = asm2[asm2.index(f"kq_{nm}.r1c") :]
         assert "vpmaddubsw" in body2 and "vpmaddwd" in body2 and "zmm" not in body2, nm
         body = K.kernel_asm("avx512", what=qt)
         assert "zmm" in body and "vpdpbusd" in body or "vpmaddubsw" in body, nm
@@ -512,9 +527,11 @@ def test_x86_assembly_uses_the_intended_instructions():
 
 def test_tile_follows_the_l1d(tmp_path, monkeypatch):
     """The act tile is 3/4 of the host's L1D, read from sysfs (the 48 KB default otherwise)."""
-    for name, level, kind, size in (("index0", 1, "Instruction", "64K"),
-                                    ("index1", 1, "Data", "32K"),
-                                    ("index2", 2, "Unified", "1024K")):
+    for name, level, kind, size in (
+        ("index0", 1, "Instruction", "64K"),
+        ("index1", 1, "Data", "32K"),
+        ("index2", 2, "Unified", "1024K"),
+    ):
         d = tmp_path / name
         d.mkdir()
         (d / "level").write_text(f"{level}\n")
@@ -523,7 +540,7 @@ def test_tile_follows_the_l1d(tmp_path, monkeypatch):
     assert codegen.l1d_bytes(root=str(tmp_path)) == 32 << 10
     assert codegen.l1d_bytes(root=str(tmp_path / "missing")) == 48 << 10
     (tmp_path / "index1" / "size").write_text("garbage\n")
-    codegen.l1d_bytes.cache_clear()   # read once per root and process
+    codegen.l1d_bytes.cache_clear()  # read once per root and process
     assert codegen.l1d_bytes(root=str(tmp_path)) == 48 << 10
     monkeypatch.setattr(codegen, "l1d_bytes", lambda: 32 << 10)
     assert K.tile_bytes() == 24576
@@ -532,9 +549,12 @@ def test_tile_follows_the_l1d(tmp_path, monkeypatch):
     assert K.tile_bytes() == kquant_ir.DEFAULT_TILE_BYTES
 
 
-@pytest.mark.skipif("avx512" not in KERNELS or not codegen.host_features().get("avx512vl")
-                    or not codegen.host_features().get("avx512vnni"),
-                    reason="host has no AVX-512 VNNI/VL")
+@pytest.mark.skipif(
+    "avx512" not in KERNELS
+    or not codegen.host_features().get("avx512vl")
+    or not codegen.host_features().get("avx512vnni"),
+    reason="host has no AVX-512 VNNI/VL",
+)
 @pytest.mark.parametrize("qt", QTYPES)
 @pytest.mark.parametrize("opts", [{}, {"width": 32}, {"width": 32, "pipe": False}])
 def test_vector_widths_match_the_oracle(qt, opts):
@@ -557,7 +577,7 @@ def test_vector_widths_match_the_oracle(qt, opts):
         if qt in (K.Q4_K, K.Q5_K) or not opts:
             out = mm(one_tile, x, n_out)
             for i in {0, k // 2, k - 1}:
-                one = mm(one_tile, x[i:i + 1], n_out)[0]
+                one = mm(one_tile, x[i : i + 1], n_out)[0]
                 assert np.array_equal(one, out[i]), _msg(qt=qt, opts=opts, i=i)
 
 

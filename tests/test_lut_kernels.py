@@ -94,7 +94,7 @@ def test_pack_roundtrip(qtype, n_out, n_in):
     # and the layout means what the docstring says: nibbles and scales, row by row
     blk = raw.reshape(n_out, nb, -1)
     qs = blk[:, :, -16:]
-    q = np.concatenate([qs & 15, qs >> 4], axis=2)                   # [n_out, nb, 32] weights
+    q = np.concatenate([qs & 15, qs >> 4], axis=2)  # [n_out, nb, 32] weights
     c = p.codes.transpose(0, 3, 1, 2, 4).reshape(-1, nb, 4, 4)[:n_out]  # [row, b, gp, plane]
     got = np.zeros_like(q)
     for gp in range(4):
@@ -135,7 +135,7 @@ def test_pack_rejects_bad_input():
     with pytest.raises(ValueError):
         pack.pack_q4(np.zeros((4, 19), np.uint8), Q4_0)
     with pytest.raises(ValueError):
-        pack.pack_q4(np.zeros((4, 18), np.uint8), 8)       # Q8_0 is not a Q4 type
+        pack.pack_q4(np.zeros((4, 18), np.uint8), 8)  # Q8_0 is not a Q4 type
     with pytest.raises(ValueError):
         pack.pack_q4(np.zeros((4, 18), np.uint8), Q4_0, tile=24)
 
@@ -152,8 +152,8 @@ def test_tables_match_reference(kernel, bits):
         for scale in (1.0, 1e-4, 3e3):
             x = (random_x(rng, n) * scale).astype(np.float32)
             if n >= 96:
-                x[32:64] = 0          # a zero block: scale 0, table 0
-                x[64:68] = 0          # a zero group inside a live block
+                x[32:64] = 0  # a zero block: scale 0, table 0
+                x[64:68] = 0  # a zero group inside a live block
             t = tmac.build_tables(x, bits, kernel)
             q, sc, xs = tmac.build_tables_reference(x, bits)
             msg = f"seed {SEED} n {n} scale {scale}"
@@ -161,7 +161,7 @@ def test_tables_match_reference(kernel, bits):
             assert np.array_equal(t.scale, sc), msg
             assert np.array_equal(t.xsum, xs), msg
             qmax = 127 if bits == 8 else 32767
-            assert np.abs(q).max() == qmax and (q[:, :, ::-1] == -q).all()   # mirror symmetric
+            assert np.abs(q).max() == qmax and (q[:, :, ::-1] == -q).all()  # mirror symmetric
             if n >= 96:
                 assert sc[1] == 0 and not q[1].any()
 
@@ -207,8 +207,7 @@ def test_threads_tables_and_out(kernel):
     assert np.array_equal(tmac.lut_matvec(x2, p, kernel=kernel), y1)
     # a partial last tile with threads
     raw, x, p, ref, absum, bound, truth, l1 = case(Q4_0, 100, 96, 16)
-    assert np.array_equal(tmac.lut_matvec(x, p, threads=2, kernel=kernel),
-                          tmac.lut_matvec(x, p, kernel=kernel))
+    assert np.array_equal(tmac.lut_matvec(x, p, threads=2, kernel=kernel), tmac.lut_matvec(x, p, kernel=kernel))
 
 
 def test_shape_errors():
@@ -216,7 +215,7 @@ def test_shape_errors():
     with pytest.raises(ValueError):
         tmac.lut_matvec(np.ones(64, np.float32), p)
     with pytest.raises(ValueError):
-        tmac.lut_matvec(np.ones(100, np.float32), p)     # 96 + 4 stray values
+        tmac.lut_matvec(np.ones(100, np.float32), p)  # 96 + 4 stray values
     with pytest.raises(ValueError):
         tmac.lut_matvec(x, p, out=np.empty(200, np.float32))
     with pytest.raises(ValueError):
@@ -266,7 +265,7 @@ def test_env_var_selects_kernel(monkeypatch):
 @pytest.mark.parametrize("bits", [8, 16])
 def test_aarch64_object_compiles(bits):
     obj = tmac_ir.compile_object("neon", "aarch64-unknown-linux-gnu", table_bits=bits)
-    assert obj[:4] == b"\x7fELF" and int.from_bytes(obj[18:20], "little") == 183   # EM_AARCH64
+    assert obj[:4] == b"\x7fELF" and int.from_bytes(obj[18:20], "little") == 183  # EM_AARCH64
     for name in (b"tmac_tables", b"tmac_q4_0", b"tmac_q4_1"):
         assert name in obj
     asm = tmac_ir.compile_object("neon", table_bits=bits, asm=True)
@@ -277,15 +276,22 @@ def test_aarch64_object_compiles(bits):
 def test_x86_assembly_uses_the_intended_instructions():
     asm = tmac_ir.kernel_asm("avx512", table_bits=16)
     body = asm.split("tmac_q4_1:")[1].split(".Lfunc_end")[0]
-    assert body.count("vpshufb") == 64 and "zmm" in body   # 4 row vectors x 4 gp x 4 lookups
+    assert body.count("vpshufb") == 64 and "zmm" in body  # 4 row vectors x 4 gp x 4 lookups
     assert ("vpdpbusd" in body) == codegen.host_features().get("avx512vnni", False)
     asm2 = tmac_ir.kernel_asm("avx2", table_bits=8)
     body2 = asm2.split("tmac_q4_1:")[1].split(".Lfunc_end")[0]
     assert "vpshufb" in body2 and "vpmaddubsw" in body2 and "zmm" not in body2
 
 
-@pytest.mark.parametrize("host, hint", [("znver4", "prefetcht1"), ("znver3", "prefetcht1"),
-                                        ("sapphirerapids", "prefetcht0"), ("skylake-avx512", "prefetcht0")])
+@pytest.mark.parametrize(
+    "host, hint",
+    [
+        ("znver4", "prefetcht1"),
+        ("znver3", "prefetcht1"),
+        ("sapphirerapids", "prefetcht0"),
+        ("skylake-avx512", "prefetcht0"),
+    ],
+)
 def test_prefetch_hint_follows_the_host(monkeypatch, host, hint):
     """The weight streams' prefetches go to L2 (and >= 8 KiB ahead) on AMD Zen, to L1 elsewhere,
     for every ISA's module."""

@@ -21,8 +21,7 @@ def cache_env(tmp_path, monkeypatch):
 
 
 def _model(tmp_path, qtype="Q4_1", **kw):
-    return tg.write_family(tmp_path / "m.gguf", "llama", qtype=qtype, embd_qtype="Q8_0",
-                           n_embd=96, n_ff=160, **kw)
+    return tg.write_family(tmp_path / "m.gguf", "llama", qtype=qtype, embd_qtype="Q8_0", n_embd=96, n_ff=160, **kw)
 
 
 def _logits(path):
@@ -45,6 +44,7 @@ def test_second_load_uses_the_cache_and_gives_the_same_logits(tmp_path, cache_en
     from ember.devices.cpu.placement import CpuPlacement
     from ember.formats.gguf import GGUFFile
     from ember.offload.store import WeightStore
+
     assert WeightStore(GGUFFile(path)).prepare() == "none"  # no placement: float32, nothing packed
     assert WeightStore(GGUFFile(path), placement=CpuPlacement()).prepare() == "cached"
 
@@ -95,15 +95,16 @@ def _vm_flags(path) -> list[str]:
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()
-            if head and "-" in head[0] and not head[0].endswith(":"):   # a mapping's first line
+            if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
                 cur = head[-1] if len(head) >= 6 else None
             elif line.startswith("VmFlags:") and cur == str(path):
                 out.append(line)
     return out
 
 
-@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"),
-                    reason="Linux madvise and smaps")
+@pytest.mark.skipif(
+    not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"), reason="Linux madvise and smaps"
+)
 def test_the_mapping_is_advised_for_huge_pages(tmp_path, cache_env):
     path = _model(tmp_path)
     _logits(path)
@@ -111,11 +112,12 @@ def test_the_mapping_is_advised_for_huge_pages(tmp_path, cache_env):
     back = pack_cache.load(path)
     assert back
     flags = _vm_flags(f.resolve())
-    assert flags and all(" hg" in fl for fl in flags), flags   # MADV_HUGEPAGE
+    assert flags and all(" hg" in fl for fl in flags), flags  # MADV_HUGEPAGE
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/fd"),
-                    reason="posix_fadvise and /proc")
+@pytest.mark.skipif(
+    not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/fd"), reason="posix_fadvise and /proc"
+)
 def test_a_written_file_is_dropped_from_the_page_cache(tmp_path, cache_env, monkeypatch):
     calls, real = [], os.posix_fadvise
 
@@ -125,11 +127,11 @@ def test_a_written_file_is_dropped_from_the_page_cache(tmp_path, cache_env, monk
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
     path = _model(tmp_path)
-    _logits(path)   # packs and writes the cache
+    _logits(path)  # packs and writes the cache
     (f,) = (cache_env / "packed").glob("*.pack")
     assert (str(f.resolve()), os.POSIX_FADV_DONTNEED) in calls
     calls.clear()
-    pack_cache._uncache(tmp_path / "absent.pack")   # a missing file: logged, not raised
+    pack_cache._uncache(tmp_path / "absent.pack")  # a missing file: logged, not raised
     assert calls == []
 
 
@@ -156,8 +158,7 @@ def test_unwritable_cache_still_runs(tmp_path, monkeypatch):
 
 
 def test_jit_object_cache_is_verified(tmp_path, cache_env):
-    ir = codegen.finish_module(["define i64 @f(i64 %x) #0 {", "  %y = add i64 %x, 7",
-                                "  ret i64 %y", "}"], "", "")
+    ir = codegen.finish_module(["define i64 @f(i64 %x) #0 {", "  %y = add i64 %x, 7", "  ret i64 %y", "}"], "", "")
     isa = codegen.select_kernel(None)
     if isa not in ("avx512", "avx512-novnni", "avx2"):
         pytest.skip("no native JIT on this host")
@@ -181,21 +182,21 @@ def test_jit_object_cache_is_verified(tmp_path, cache_env):
 # The packed bytes of every kernel type on fixed inputs, for the current LAYOUT. Any change to a
 # packed format must come with a new LAYOUT (else older cache files are read in the new format:
 # garbage logits); record the new digest here when you bump it.
-LAYOUT_DIGEST = {"q4f16-tile64.q8f16.q5p.kq3.tq2k.v9":
-                 "90802fc4ca5a1dee41e8252d864aa589c3482938501f720a403d0ce868c8f470"}
+LAYOUT_DIGEST = {
+    "q4f16-tile64.q8f16.q5p.kq3.tq2k.v9": "90802fc4ca5a1dee41e8252d864aa589c3482938501f720a403d0ce868c8f470"
+}
 
 
 def _fixed_rows(qt, n_out, n_in):
     """Deterministic GGUF rows (sha256 bytes, every f16 field finite), the same on any host."""
     bw, bb = GGML_QUANT_SIZES[qt]
     nb = n_out * n_in // bw
-    stream = b"".join(hashlib.sha256(f"{qt}:{i}".encode()).digest()
-                      for i in range(-(-nb * bb // 32)))
-    raw = np.frombuffer(stream[:nb * bb], np.uint8).copy().reshape(nb, bb)
+    stream = b"".join(hashlib.sha256(f"{qt}:{i}".encode()).digest() for i in range(-(-nb * bb // 32)))
+    raw = np.frombuffer(stream[: nb * bb], np.uint8).copy().reshape(nb, bb)
     for off in F16_FIELDS[qt]:
-        h = raw[:, off:off + 2].copy().view(np.uint16)
+        h = raw[:, off : off + 2].copy().view(np.uint16)
         h[(h & 0x7C00) == 0x7C00] ^= 0x4000
-        raw[:, off:off + 2] = h.view(np.uint8)
+        raw[:, off : off + 2] = h.view(np.uint8)
     return raw.reshape(n_out, -1)
 
 
@@ -207,5 +208,5 @@ def test_layout_names_the_packed_bytes():
             h.update(f"{qt}:{name}:{arr.dtype}:{arr.shape}".encode())
             h.update(np.ascontiguousarray(arr).tobytes())
     assert LAYOUT_DIGEST.get(pack_cache.LAYOUT) == h.hexdigest(), (
-        f"the packed bytes changed ({h.hexdigest()}): bump pack_cache.LAYOUT and record the "
-        "digest in LAYOUT_DIGEST")
+        f"the packed bytes changed ({h.hexdigest()}): bump pack_cache.LAYOUT and record the digest in LAYOUT_DIGEST"
+    )

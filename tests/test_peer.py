@@ -50,8 +50,17 @@ def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
 
 
 def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, n_threads=2,
-                          n_threads_batch=2, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        logits_all=True,
+        n_ctx=64,
+        verbose=False,
+        n_threads=2,
+        n_threads_batch=2,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        flash_attn=False,
+    )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float64)

@@ -25,13 +25,15 @@ import pytest
 from ember.formats.quants import dequantize
 from ember.lut_kernels import codegen
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: bench/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: bench/
 from bench.experiments import planes as P  # noqa: E402
 
 SEED = int(os.environ.get("EMBER_TEST_SEED", secrets.randbits(32)))
 KERNELS = [k for k in codegen.host_isas() if k != "neon"]
 # kernel vs oracle, per row: float32 sums against float64 (measured <= 1e-7 of sum |terms|)
 ORACLE_RTOL = 1e-6
+
+
 def _rng(*key) -> np.random.Generator:
     return np.random.default_rng([SEED, zlib.crc32(repr(key).encode())])
 
@@ -67,14 +69,15 @@ def test_kernels_match_the_oracle_and_the_truth(qt, n_out, n_in, bits):
     x = (rng.standard_normal(n_in) * rng.uniform(0.1, 10)).astype(np.float32)
     ref, absum, bound = P.planes_matvec_reference(x, p, bits, return_scale=True)
     truth = dequantize(raw, qt).reshape(n_out, n_in).astype(np.float64) @ x.astype(np.float64)
-    slack = 1e-5 * absum + 1e-30                        # float32 rounding of the sums
+    slack = 1e-5 * absum + 1e-30  # float32 rounding of the sums
     assert np.all(np.abs(ref - truth) <= bound + slack), f"seed={SEED}"
     for kernel in KERNELS:
         for threads in (1, 2):
             y = P.planes_matvec(x, p, kernel=kernel, threads=threads, table_bits=bits)
             err = np.abs(y - ref)
-            assert y.shape == (n_out,) and np.all(err <= ORACLE_RTOL * absum + 1e-30), \
+            assert y.shape == (n_out,) and np.all(err <= ORACLE_RTOL * absum + 1e-30), (
                 f"seed={SEED} {kernel} threads={threads} max {np.max(err / absum):.2e}"
+            )
 
 
 def test_the_bound_is_tight_enough_to_mean_something():
@@ -92,16 +95,22 @@ def test_the_bound_is_tight_enough_to_mean_something():
         assert np.all(np.abs(ref - w @ x) <= 1e-4 * l1), f"seed={SEED}"
 
 
-@pytest.mark.parametrize("form,cpu", [((64, "permb", "vnni"), "icelake-server"),
-                                      ((64, "shuf4", "maddubs"), "skylake-avx512"),
-                                      ((32, "shuf4", "maddubs"), "haswell")])
+@pytest.mark.parametrize(
+    "form,cpu",
+    [
+        ((64, "permb", "vnni"), "icelake-server"),
+        ((64, "shuf4", "maddubs"), "skylake-avx512"),
+        ((32, "shuf4", "maddubs"), "haswell"),
+    ],
+)
 @pytest.mark.parametrize("qt", P.QTYPES)
 def test_every_form_compiles_to_its_instruction_mix(qt, form, cpu):
     """Lookups and dot products per (16 rows, 32-block): permb 2 bits x 2 nibbles x 2 table
     bytes each; shuf4 4 times the lookups. No register spills in the zmm forms."""
     asm = P.kernel_asm(qt, form, cpu)
-    ops = collections.Counter(ln.split()[0] for ln in asm.splitlines()
-                              if ln.startswith("\t") and not ln.lstrip().startswith("."))
+    ops = collections.Counter(
+        ln.split()[0] for ln in asm.splitlines() if ln.startswith("\t") and not ln.lstrip().startswith(".")
+    )
     s = P.spec(qt)
     per_block = 4 * s.bits * (1 if form[1] == "permb" else 4) * (64 // form[0])
     blocks = s.unit // 32
@@ -120,9 +129,9 @@ def test_bad_input():
     with pytest.raises(ValueError):
         P.planes_matvec(np.ones(512, np.float32), p, out=np.empty(6, np.float32))
     with pytest.raises(ValueError):
-        P.pack_planes(np.zeros((3, 83), np.uint8), P.Q2_K)          # not whole blocks
+        P.pack_planes(np.zeros((3, 83), np.uint8), P.Q2_K)  # not whole blocks
     with pytest.raises(ValueError):
-        P.pack_planes(np.zeros((3, 34), np.uint8), 8)               # Q8_0: no planes
+        P.pack_planes(np.zeros((3, 34), np.uint8), 8)  # Q8_0: no planes
     a = p.arrays()
     a["codes"] = a["codes"][:, :1]
     with pytest.raises(ValueError):

@@ -28,6 +28,8 @@ N_OUT = [1, 7, 64, 1000]
 N_IN = [32, 96, 576]
 # kernel vs oracle, per row: float32 accumulation order only (measured <= 6e-8 of sum |terms|)
 ORACLE_RTOL = 1e-5
+
+
 # kernel vs float truth, per row: |err| / sum_j |w_j x_j|. Measured max: n_in = 32: 7e-3 over
 # 20 seeds, 1.1e-2 once in 300 seeds x 1000 rows (one block: the ratio's tail is wide);
 # n_in = 96: 4.4e-3, 576: 1.4e-3 (20 seeds). The guaranteed bound is asserted as well.
@@ -101,7 +103,7 @@ def random_exact_int8_blocks(rng, qtype: int, n_out: int, n_in: int) -> np.ndarr
     nb = n_in // bw
     raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
     d = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * 1e-2
-    raw[:, :, off:off + 2] = d.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    raw[:, :, off : off + 2] = d.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
     return raw.reshape(n_out, nb * bb)
 
 
@@ -141,9 +143,9 @@ def random_q5(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
     nb = n_in // 32
     bb = 22 if qtype == 6 else 24
     raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
-    for off, mag in ((0, 1e-2), (2, 3e-2))[:1 if qtype == 6 else 2]:
+    for off, mag in ((0, 1e-2), (2, 3e-2))[: 1 if qtype == 6 else 2]:
         v = rng.uniform(0.5, 1.5, (n_out, nb)) * rng.choice([-1.0, 1.0], (n_out, nb)) * mag
-        raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+        raw[:, :, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
     return raw.reshape(n_out, nb * bb)
 
 
@@ -184,8 +186,12 @@ def test_q5_savez_roundtrip_and_bad_input(tmp_path):
     x = random_x(rng, 96)
     assert np.array_equal(q8.q8_matvec(x, p2), q8.q8_matvec(x, p))
     good = p.arrays()
-    for bad in (dict(good, d=good["d"][:, :-1]), dict(good, q=good["q"][:, :-1]),
-                dict(good, meta=np.array([9, 96, 6])), {"q": good["q"], "d": good["d"]}):
+    for bad in (
+        dict(good, d=good["d"][:, :-1]),
+        dict(good, q=good["q"][:, :-1]),
+        dict(good, meta=np.array([9, 96, 6])),
+        {"q": good["q"], "d": good["d"]},
+    ):
         with pytest.raises(ValueError):
             q8.PackedQ5.from_arrays(bad)
     with pytest.raises(ValueError):
@@ -204,15 +210,15 @@ def test_pack_rejects_bad_input():
 def test_quantize_x_matches_reference():
     rng = _rng("qx")
     x = random_x(rng, 576)
-    x[64:96] = 0.0                    # one all-zero block: scale 0, codes 0
+    x[64:96] = 0.0  # one all-zero block: scale 0, codes 0
     x[5] = -np.abs(x[:32]).max() * 2  # a negative maximum
     xq = np.empty(576, np.int8)
-    dxv = np.full(16 * 18 + 40, np.nan, np.float32)      # a longer scratch buffer is fine
+    dxv = np.full(16 * 18 + 40, np.nan, np.float32)  # a longer scratch buffer is fine
     q8.quantize_x_nb(x, xq, dxv)
     rq, rdx = q8.quantize_x_reference(x)
     assert np.array_equal(xq, rq), _msg()
-    assert np.array_equal(dxv[:8 * 18], np.repeat(rdx, 8)), _msg()
-    dxs = dxv[8 * 18:16 * 18].reshape(18, 8)           # per block: float32(dx xsum), 7 zeros
+    assert np.array_equal(dxv[: 8 * 18], np.repeat(rdx, 8)), _msg()
+    dxs = dxv[8 * 18 : 16 * 18].reshape(18, 8)  # per block: float32(dx xsum), 7 zeros
     want = rdx * rq.reshape(18, 32).astype(np.int32).sum(axis=1).astype(np.float32)
     assert np.array_equal(dxs[:, 0], want) and not dxs[:, 1:].any(), _msg()
     assert np.abs(rq.astype(int)).max() == 127 and rdx[2] == 0 and not rq[64:96].any()
@@ -235,8 +241,8 @@ def test_matvec(kernel, n_out, n_in):
     m = _msg(kernel=kernel, n_out=n_out, n_in=n_in)
     assert (np.abs(y - ref) <= ORACLE_RTOL * absum + 1e-30).all(), m
     err = np.abs(y.astype(np.float64) - truth)
-    assert (err <= bound + ORACLE_RTOL * absum).all(), m          # guaranteed
-    assert (err <= truth_l1_rtol(n_in) * l1).all(), m                   # typical data
+    assert (err <= bound + ORACLE_RTOL * absum).all(), m  # guaranteed
+    assert (err <= truth_l1_rtol(n_in) * l1).all(), m  # typical data
     assert np.abs(y).max() > 0, m
 
 
@@ -248,9 +254,9 @@ def test_threads_and_out(kernel):
         out = np.full(1000, np.nan, np.float32)
         r = q8.q8_matvec(x, p, out=out, threads=th, kernel=kernel)
         assert r is out, _msg(kernel=kernel, threads=th)
-        if kernel == "portable":   # (numba may contract to FMAs differently once inlined)
+        if kernel == "portable":  # (numba may contract to FMAs differently once inlined)
             assert (np.abs(out - y1) <= ORACLE_RTOL * absum).all(), _msg(threads=th)
-        else:                      # the same machine code on each row range
+        else:  # the same machine code on each row range
             assert np.array_equal(out, y1), _msg(kernel=kernel, threads=th)
     # a strided / float64 x is converted
     x64 = np.repeat(x.astype(np.float64), 2)[::2]
@@ -262,8 +268,8 @@ def test_zero_block_and_extreme_weights():
     rng = _rng("extreme")
     raw = random_q8(rng, 64, 96)
     r3 = raw.reshape(64, 3, 34)
-    r3[::2, :, 2:] = 0x80             # -128
-    r3[1::2, :, 2:] = 0x7F            # 127
+    r3[::2, :, 2:] = 0x80  # -128
+    r3[1::2, :, 2:] = 0x7F  # 127
     p = q8.pack_q8_0(raw)
     x = random_x(rng, 96)
     x[32:64] = 0

@@ -20,15 +20,39 @@ from ember.formats import quants as q
 SEED = int(os.environ.get("EMBER_QUANTS_SEED", np.random.SeedSequence().entropy % 2**32))
 ERR = f"(replay with EMBER_QUANTS_SEED={SEED})"
 
-TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-         T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ1_0, T.TQ2_0]
+TYPES = [
+    T.F32,
+    T.F16,
+    T.BF16,
+    T.Q4_0,
+    T.Q4_1,
+    T.Q5_0,
+    T.Q5_1,
+    T.Q8_0,
+    T.Q2_K,
+    T.Q3_K,
+    T.Q4_K,
+    T.Q5_K,
+    T.Q6_K,
+    T.TQ1_0,
+    T.TQ2_0,
+]
 
 # Byte offsets of the f16 scale fields within one block. This is test-data generation only:
 # a wrong entry would leave a random (possibly NaN) scale, and the finite-scale test would see it.
 F16_FIELDS = {
-    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-    T.TQ1_0: (52,), T.TQ2_0: (64,),
+    T.Q4_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q8_0: (0,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+    T.TQ1_0: (52,),
+    T.TQ2_0: (64,),
 }
 
 ids = [t.name for t in TYPES]
@@ -62,7 +86,7 @@ def random_blocks(rng, qtype, n_blocks, finite=True):
     raw = rng.integers(0, 256, (n_blocks, bb), dtype=np.uint8)
     if finite:
         for off in F16_FIELDS[qtype]:
-            raw[:, off:off + 2] = finite_halves(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
+            raw[:, off : off + 2] = finite_halves(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
     assert raw.any()
     return raw.reshape(-1)
 
@@ -77,8 +101,7 @@ def assert_bits_equal(got, want, what):
     assert got.dtype == np.float32 and got.shape == want.shape, what
     nan = np.isnan(want)
     np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{what} NaN positions {ERR}")
-    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan],
-                                  err_msg=f"{what} {ERR}")
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan], err_msg=f"{what} {ERR}")
 
 
 def n_units(qtype, n_blocks):
@@ -98,8 +121,7 @@ def test_matches_gguf_finite_scales(rng, qtype, n_blocks):
     assert np.isfinite(want).all(), f"test data made a non-finite value {ERR}"
     got = q.dequantize(raw, int(qtype))
     assert got.shape == (n_units(qtype, n_blocks) * GGML_QUANT_SIZES[qtype][0],)
-    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
-                                  err_msg=f"{qtype.name} {ERR}")
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"{qtype.name} {ERR}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=ids)
@@ -133,7 +155,7 @@ def test_many_blocks_and_tiles(rng, qtype):
     np.testing.assert_array_equal(q.dequantize(raw, int(qtype)), want, err_msg=ERR)
     out = np.full(n_blocks * bw, np.nan, np.float32)
     for lo, hi in [(0, 1), (1, 64), (64, 65), (65, n_blocks)]:
-        q.dequantize_into(raw[lo * bb:hi * bb], int(qtype), out[lo * bw:hi * bw])
+        q.dequantize_into(raw[lo * bb : hi * bb], int(qtype), out[lo * bw : hi * bw])
     np.testing.assert_array_equal(out, want, err_msg=ERR)
 
 
@@ -151,8 +173,15 @@ def test_accepts_any_buffer(rng, qtype):
     unaligned = padded[1:-2]  # not aligned to anything bigger than a byte
     readonly = np.frombuffer(raw.tobytes(), np.uint8)
     strided = np.repeat(raw, 2)[::2]  # not contiguous
-    for buf in (raw.tobytes(), bytearray(raw.tobytes()), memoryview(raw.tobytes()),
-                unaligned, readonly, strided, raw.reshape(-1, 1)):
+    for buf in (
+        raw.tobytes(),
+        bytearray(raw.tobytes()),
+        memoryview(raw.tobytes()),
+        unaligned,
+        readonly,
+        strided,
+        raw.reshape(-1, 1),
+    ):
         got = q.dequantize(buf, qtype, n)  # GGMLQuantizationType works as the id too
         assert got.flags.writeable and got.flags.owndata
         np.testing.assert_array_equal(got, want, err_msg=f"{type(buf)} {ERR}")
@@ -165,8 +194,7 @@ def test_memmap_slice(rng, tmp_path):
     path = tmp_path / "t.bin"
     path.write_bytes(b"\x01" * 7 + raw.tobytes())
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    np.testing.assert_array_equal(q.dequantize(mm[7:], int(T.Q6_K), 5 * 256),
-                                  reference(raw, T.Q6_K))
+    np.testing.assert_array_equal(q.dequantize(mm[7:], int(T.Q6_K), 5 * 256), reference(raw, T.Q6_K))
 
 
 def test_empty_input():
@@ -201,8 +229,7 @@ def test_rows_of_readonly_and_typed_matrices(rng):
     whole = q.dequantize(raw, int(T.Q8_0)).reshape(4, 64)
     np.testing.assert_array_equal(q.dequantize_rows(ro, int(T.Q8_0), [2, 1], 64), whole[[2, 1]])
     halves = finite_halves(rng, 5 * 9).view(np.float16).reshape(5, 9)  # as GGUFReader gives F16
-    np.testing.assert_array_equal(q.dequantize_rows(halves, int(T.F16), [4, 0], 9),
-                                  halves[[4, 0]].astype(np.float32))
+    np.testing.assert_array_equal(q.dequantize_rows(halves, int(T.F16), [4, 0], 9), halves[[4, 0]].astype(np.float32))
 
 
 def test_rows_errors(rng):

@@ -179,16 +179,28 @@ def test_candidates_match_oracle(seed, n, top_k, top_p, min_p, ties):
 
 @pytest.mark.parametrize(
     "top_k,top_p,min_p",
-    [(0, 0.95, 0.0), (0, 0.3, 0.0), (0, 1.0, 0.05), (0, 0.9, 0.02), (5, 1.0, 0.0), (40, 0.95, 0.05),
-     (60, 0.8, 0.0), (200, 1.0, 0.1), (5000, 0.95, 0.0)],
+    [
+        (0, 0.95, 0.0),
+        (0, 0.3, 0.0),
+        (0, 1.0, 0.05),
+        (0, 0.9, 0.02),
+        (5, 1.0, 0.0),
+        (40, 0.95, 0.05),
+        (60, 0.8, 0.0),
+        (200, 1.0, 0.1),
+        (5000, 0.95, 0.0),
+    ],
 )
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
 def test_candidates_match_oracle_large_vocab(top_k, top_p, min_p, kind):
     """Exercises the large-vocabulary paths: the block prefilter of top-k, top-p's growing head."""
     n = 60_001
     rng = np.random.default_rng()
-    logits = {"flat": lambda: rand_logits(rng, n, 1.0), "peaked": lambda: rand_logits(rng, n, 4.0),
-              "ties": lambda: tied_logits(rng, n)}[kind]()
+    logits = {
+        "flat": lambda: rand_logits(rng, n, 1.0),
+        "peaked": lambda: rand_logits(rng, n, 4.0),
+        "ties": lambda: tied_logits(rng, n),
+    }[kind]()
     params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
     s = Sampler(params, n)
     allowed = assert_matches_oracle(s.candidates(logits).tolist(), logits, params)
@@ -343,9 +355,14 @@ def test_all_neg_inf_raises():
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(), SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=4),
-     SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, min_p=0.1),
-     SamplingParams(temperature=0.7, repeat_penalty=1.3)],
+    [
+        SamplingParams(),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.7, top_k=4),
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=0.7, min_p=0.1),
+        SamplingParams(temperature=0.7, repeat_penalty=1.3),
+    ],
 )
 def test_nan_and_pos_inf_raise(params):
     rng = np.random.default_rng()
@@ -376,9 +393,14 @@ def test_logits_shape_and_dtype():
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(), SamplingParams(repeat_penalty=1.3), SamplingParams(temperature=0.8),
-     SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1),
-     SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.8, min_p=0.05, top_p=0.5)],
+    [
+        SamplingParams(),
+        SamplingParams(repeat_penalty=1.3),
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1),
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=0.8, min_p=0.05, top_p=0.5),
+    ],
 )
 def test_input_logits_unchanged(params):
     rng = np.random.default_rng()

@@ -14,16 +14,17 @@ from ember.runtime.generate import GenerationConfig, GenerationError, generate, 
 from ember.runtime.sampling import Sampler, SamplingParams
 from ember.speculative import ModelDrafter, PromptLookup
 
-ECHO = ("monday tuesday wednesday thursday friday\nmonday tuesday wednesday thursday friday\n"
-        "monday tuesday")  # smollm2-135m repeats it: long accepted runs
+ECHO = (
+    "monday tuesday wednesday thursday friday\nmonday tuesday wednesday thursday friday\n"
+    "monday tuesday"
+)  # smollm2-135m repeats it: long accepted runs
 
 
 def run(model, prompt_ids, drafter=None, k=None, session=None, **cfg):
     """(ids, text, finish_reason, stats, session) of one generation."""
     stats = {}
     session = session or model.session()
-    chunks = list(generate(session, model.tokenizer, prompt_ids, GenerationConfig(**cfg), stats,
-                           drafter=drafter, k=k))
+    chunks = list(generate(session, model.tokenizer, prompt_ids, GenerationConfig(**cfg), stats, drafter=drafter, k=k))
     ids = [i for c in chunks for i in c.token_ids]
     assert all(c.finish_reason is None for c in chunks[:-1])
     return ids, "".join(c.text for c in chunks), chunks[-1].finish_reason, stats, session
@@ -35,8 +36,10 @@ def same_as_plain(model, prompt_ids, drafter, k=None, **cfg):
     b_ids, b_text, b_fin, b_st, b_s = run(model, prompt_ids, drafter, k, **cfg)
     if a_ids != b_ids:
         j = next((i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y), min(len(a_ids), len(b_ids)))
-        pytest.fail(f"speculative output differs from plain at generated token {j}: "
-                    f"{a_ids[j:j + 4]} (plain) vs {b_ids[j:j + 4]} ({b_st['drafter']})")
+        pytest.fail(
+            f"speculative output differs from plain at generated token {j}: "
+            f"{a_ids[j : j + 4]} (plain) vs {b_ids[j : j + 4]} ({b_st['drafter']})"
+        )
     assert (b_text, b_fin, b_st["stopped_by"]) == (a_text, a_fin, a_st["stopped_by"])
     assert b_s.ids == a_s.ids  # the session holds what plain decoding leaves there
     assert b_st["verify_steps"] >= 1 and 0 <= b_st["accepted_tokens"] <= b_st["drafted_tokens"]
@@ -44,6 +47,7 @@ def same_as_plain(model, prompt_ids, drafter, k=None, **cfg):
 
 
 # ---- prompt lookup ------------------------------------------------------------------------------
+
 
 def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
     d = PromptLookup(n_max=3, n_min=1)
@@ -63,8 +67,15 @@ def smol(catalog_model):
     return catalog_model("smollm2-135m")
 
 
-@pytest.mark.parametrize("prompt", ["The capital of France is", ECHO, "Repeat after me: the quick brown fox",
-                                    "def fibonacci(n):\n    if n < 2:\n        return n\n    return"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "The capital of France is",
+        ECHO,
+        "Repeat after me: the quick brown fox",
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    ],
+)
 def test_lookup_greedy_is_lossless(smol, prompt):
     ids = smol.tokenize(prompt)
     plain, text, st = same_as_plain(smol, ids, PromptLookup(), max_tokens=48)
@@ -108,6 +119,7 @@ def test_load_with_lookup_and_sampling(smol):
 
 # ---- the verify rule ----------------------------------------------------------------------------
 
+
 def test_verify_greedy_accepts_the_agreeing_prefix_and_adds_the_target_token():
     rows = np.full((4, 5), -1.0, dtype=np.float32)
     for i, t in enumerate([3, 1, 4, 0]):
@@ -140,11 +152,17 @@ def test_verify_sampling_reproduces_the_target_distribution(case):
     logits when the first step ends after one) are distributed as p0 x p1 exactly."""
     V, N = 6, 30000
     rng = np.random.default_rng(1234)
-    rows = np.log(np.array([[0.30, 0.05, 0.25, 0.10, 0.20, 0.10],
-                            [0.10, 0.35, 0.05, 0.15, 0.15, 0.20],
-                            [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]]))
-    q = np.array([[0.05, 0.30, 0.10, 0.35, 0.10, 0.10],  # the draft favours other tokens
-                  [0.30, 0.10, 0.30, 0.10, 0.10, 0.10]])
+    rows = np.log(
+        np.array(
+            [[0.30, 0.05, 0.25, 0.10, 0.20, 0.10], [0.10, 0.35, 0.05, 0.15, 0.15, 0.20], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]]
+        )
+    )
+    q = np.array(
+        [
+            [0.05, 0.30, 0.10, 0.35, 0.10, 0.10],  # the draft favours other tokens
+            [0.30, 0.10, 0.30, 0.10, 0.10, 0.10],
+        ]
+    )
     params = SamplingParams(temperature=1.0)
     if case == "filtered":  # p has zeros where q has mass: those tokens must never come out
         params = SamplingParams(temperature=0.7, top_k=4, min_p=0.3)
@@ -169,7 +187,7 @@ def test_verify_sampling_reproduces_the_target_distribution(case):
 
 CODE_PROMPTS = [
     "Write a Python function is_prime(n). Only the code.",
-    "Complete this function:\n```python\ndef flatten(xs):\n    \"\"\"Flatten a list of lists.\"\"\"\n",
+    'Complete this function:\n```python\ndef flatten(xs):\n    """Flatten a list of lists."""\n',
     "Write a JavaScript function that reverses a string, with a one-line comment.",
 ]
 
@@ -208,6 +226,7 @@ def test_draft_vocabulary_mismatch_is_a_clear_error(catalog_path):
 
 
 # ---- the command line ---------------------------------------------------------------------------
+
 
 def test_cli_lookup_gives_the_same_ids_and_reports_acceptance(capsys, catalog_path):
     argv = ["run", str(catalog_path("smollm2-135m")), ECHO, "--raw", "--temp", "0", "-n", "32", "--json"]

@@ -99,8 +99,9 @@ class OracleStats:
     min_route_gap: float = math.inf  # smallest gap between the k-th and (k+1)-th router logit
 
 
-def oracle_logits(hp: dict, W: dict[str, np.ndarray], ids, sem: Semantics | None = None,
-                  stats: OracleStats | None = None) -> np.ndarray:
+def oracle_logits(
+    hp: dict, W: dict[str, np.ndarray], ids, sem: Semantics | None = None, stats: OracleStats | None = None
+) -> np.ndarray:
     """Logits [len(ids), n_vocab] of one causal pass, in float64."""
     sem = sem or SEMANTICS[hp["arch"]]
     stats = stats or OracleStats()
@@ -156,8 +157,15 @@ def oracle_logits(hp: dict, W: dict[str, np.ndarray], ids, sem: Semantics | None
                 top = order[t, :k_used]
                 w = probs[t, top] / (probs[t, top].sum() if sem.norm_topk else 1.0)
                 for e, we in zip(top, w):
-                    f[t] += we * ffn(h[t : t + 1], W[p + "ffn_gate_exps.weight"][e], W[p + "ffn_up_exps.weight"][e],
-                                     W[p + "ffn_down_exps.weight"][e])[0]
+                    f[t] += (
+                        we
+                        * ffn(
+                            h[t : t + 1],
+                            W[p + "ffn_gate_exps.weight"][e],
+                            W[p + "ffn_up_exps.weight"][e],
+                            W[p + "ffn_down_exps.weight"][e],
+                        )[0]
+                    )
             if p + "ffn_up_shexp.weight" in W:
                 y = ffn(h, W[p + "ffn_gate_shexp.weight"], W[p + "ffn_up_shexp.weight"], W[p + "ffn_down_shexp.weight"])
                 g = h @ W[p + "ffn_gate_inp_shexp.weight"]
@@ -296,7 +304,12 @@ def test_config_reads_the_written_hyperparameters(written, family):
     model, path = written(family, "Q8_0")
     hp, cfg = model.hparams, ember.load(path).config
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim) == (
-        hp["n_layer"], hp["n_embd"], hp["n_head"], hp["n_head_kv"], hp["head_dim"])
+        hp["n_layer"],
+        hp["n_embd"],
+        hp["n_head"],
+        hp["n_head_kv"],
+        hp["head_dim"],
+    )
     assert (cfg.n_expert, cfg.n_expert_used) == (hp["n_expert"], hp["n_expert_used"])
     assert cfg.n_vocab == hp["n_vocab"] and cfg.rms_eps == pytest.approx(hp["rms_eps"])
     assert cfg.rope_base == pytest.approx(hp["rope_freq_base"])
@@ -335,17 +348,20 @@ def _without(model: tg.TinyModel, name: str) -> tg.TinyModel:
     return dataclasses.replace(model, tensors={k: t for k, t in model.tensors.items() if k != name})
 
 
-@pytest.mark.parametrize("family, name", [
-    ("llama", "blk.1.ffn_down.weight"),
-    ("llama", "output_norm.weight"),
-    ("qwen2", "blk.0.attn_v.weight"),
-    ("gemma3", "blk.5.post_ffw_norm.weight"),
-    ("gemma3", "blk.2.attn_k_norm.weight"),
-    ("mixtral", "blk.1.ffn_gate_exps.weight"),
-    ("qwen2moe", "blk.0.ffn_down_shexp.weight"),
-    ("qwen3moe", "blk.1.ffn_up_exps.weight"),
-    ("olmoe", "output.weight"),
-])
+@pytest.mark.parametrize(
+    "family, name",
+    [
+        ("llama", "blk.1.ffn_down.weight"),
+        ("llama", "output_norm.weight"),
+        ("qwen2", "blk.0.attn_v.weight"),
+        ("gemma3", "blk.5.post_ffw_norm.weight"),
+        ("gemma3", "blk.2.attn_k_norm.weight"),
+        ("mixtral", "blk.1.ffn_gate_exps.weight"),
+        ("qwen2moe", "blk.0.ffn_down_shexp.weight"),
+        ("qwen3moe", "blk.1.ffn_up_exps.weight"),
+        ("olmoe", "output.weight"),
+    ],
+)
 def test_missing_tensor(tmp_path, family, name):
     model = tg.build_family(family)
     path = tg.write_model(_without(model, name), tmp_path / "m.gguf")
@@ -370,8 +386,11 @@ LOOSE = {
     "qwen3moe-no-qk-norms": ("qwen3moe", ["blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"], None),
     "olmoe-no-qk-norms": ("olmoe", ["blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"], None),
     "qwen2moe-no-shexp-gate": ("qwen2moe", ["blk.0.ffn_gate_inp_shexp.weight"], None),
-    "qwen2moe-no-shared-expert": ("qwen2moe", [f"blk.0.ffn_{n}.weight" for n in
-                                               ("gate_inp_shexp", "gate_shexp", "up_shexp", "down_shexp")], None),
+    "qwen2moe-no-shared-expert": (
+        "qwen2moe",
+        [f"blk.0.ffn_{n}.weight" for n in ("gate_inp_shexp", "gate_shexp", "up_shexp", "down_shexp")],
+        None,
+    ),
     "qwen2-k-bias-len": ("qwen2", ["blk.0.attn_k.bias"], (64,)),
     "qwen2-q-bias-len1": ("qwen2", ["blk.1.attn_q.bias"], (1,)),
     "qwen2moe-shexp-gate-len": ("qwen2moe", ["blk.0.ffn_gate_inp_shexp.weight"], (32,)),
@@ -399,30 +418,36 @@ def test_malformed_tensor_llama_cpp_refuses(tmp_path, case):
     raise AssertionError(f"ember ran {case} without complaint")
 
 
-@pytest.mark.parametrize("family, name, shape", [
-    ("llama", "blk.0.attn_q.weight", (32, 64)),
-    ("llama", "blk.1.ffn_norm.weight", (32,)),
-    ("qwen2", "token_embd.weight", (200, 64)),
-    ("gemma3", "blk.4.attn_q_norm.weight", (16,)),
-    ("mixtral", "blk.0.ffn_down_exps.weight", (4, 64, 32)),
-    ("qwen2moe", "blk.1.ffn_up_shexp.weight", (64, 64)),
-    ("qwen3moe", "blk.0.ffn_gate_inp.weight", (3, 64)),
-    ("olmoe", "blk.1.attn_k.weight", (32, 64)),
-])
+@pytest.mark.parametrize(
+    "family, name, shape",
+    [
+        ("llama", "blk.0.attn_q.weight", (32, 64)),
+        ("llama", "blk.1.ffn_norm.weight", (32,)),
+        ("qwen2", "token_embd.weight", (200, 64)),
+        ("gemma3", "blk.4.attn_q_norm.weight", (16,)),
+        ("mixtral", "blk.0.ffn_down_exps.weight", (4, 64, 32)),
+        ("qwen2moe", "blk.1.ffn_up_shexp.weight", (64, 64)),
+        ("qwen3moe", "blk.0.ffn_gate_inp.weight", (3, 64)),
+        ("olmoe", "blk.1.attn_k.weight", (32, 64)),
+    ],
+)
 def test_wrong_tensor_shape(tmp_path, family, name, shape):
     path = tg.write_model(_reshaped(tg.build_family(family, qtype="F32"), name, shape), tmp_path / "m.gguf")
     with pytest.raises(FormatError, match=name.replace(".", r"\.")):
         ember.load(path).logits([1, 2])
 
 
-@pytest.mark.parametrize("family, key, match", [
-    ("llama", "llama.block_count", r"llama\.block_count"),
-    ("qwen2", "qwen2.embedding_length", r"qwen2\.embedding_length"),
-    ("gemma3", "gemma3.attention.head_count", r"gemma3\.attention\.head_count"),
-    ("mixtral", "llama.expert_count", r"llama\.expert_count"),
-    ("qwen3moe", "qwen3moe.expert_used_count", r"expert_used_count"),
-    ("olmoe", "general.architecture", r"general\.architecture"),
-])
+@pytest.mark.parametrize(
+    "family, key, match",
+    [
+        ("llama", "llama.block_count", r"llama\.block_count"),
+        ("qwen2", "qwen2.embedding_length", r"qwen2\.embedding_length"),
+        ("gemma3", "gemma3.attention.head_count", r"gemma3\.attention\.head_count"),
+        ("mixtral", "llama.expert_count", r"llama\.expert_count"),
+        ("qwen3moe", "qwen3moe.expert_used_count", r"expert_used_count"),
+        ("olmoe", "general.architecture", r"general\.architecture"),
+    ],
+)
 def test_missing_metadata_key(tmp_path, family, key, match):
     path = tg.write_family(tmp_path / "m.gguf", family, extra_metadata={key: None})
     with pytest.raises(FormatError, match=match):

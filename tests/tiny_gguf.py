@@ -281,8 +281,14 @@ def _infer_meta(key: str, v: Any) -> MetaValue:
     if isinstance(v, str):
         return MetaValue(v, V.STRING)
     if isinstance(v, np.ndarray):
-        sub = {np.dtype(np.int32): V.INT32, np.dtype(np.float32): V.FLOAT32, np.dtype(np.uint32): V.UINT32,
-               np.dtype(np.int64): V.INT64, np.dtype(np.uint8): V.UINT8, np.dtype(np.float64): V.FLOAT64}
+        sub = {
+            np.dtype(np.int32): V.INT32,
+            np.dtype(np.float32): V.FLOAT32,
+            np.dtype(np.uint32): V.UINT32,
+            np.dtype(np.int64): V.INT64,
+            np.dtype(np.uint8): V.UINT8,
+            np.dtype(np.float64): V.FLOAT64,
+        }
         return MetaValue(v.tolist(), V.ARRAY, sub[v.dtype])
     if isinstance(v, (list, tuple)):
         if all(isinstance(x, str) for x in v):
@@ -530,13 +536,30 @@ def build_tiny_model(
     if "general.alignment" in md:
         alignment = int(md["general.alignment"].value)
 
-    hparams = dict(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
-                   n_vocab=n_vocab, head_dim=head_dim, n_ctx=n_ctx, rope_freq_base=rope_freq_base,
-                   rms_eps=rms_eps, tied_output=tied_output, qtype=qtype, n_expert=n_expert,
-                   n_expert_used=n_expert_used if n_expert else 0, n_ff_exp=ff_exp if n_expert else 0,
-                   n_ff_shexp=n_ff_shexp if shared else 0, qkv_bias=qkv_bias, sliding_window=sliding_window,
-                   swa_layers=tuple(bool(sliding_window) and (i + 1) % GEMMA3_SWA_PERIOD != 0 if gemma else False
-                                    for i in range(n_layer)))
+    hparams = dict(
+        arch=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_ff=n_ff,
+        n_vocab=n_vocab,
+        head_dim=head_dim,
+        n_ctx=n_ctx,
+        rope_freq_base=rope_freq_base,
+        rms_eps=rms_eps,
+        tied_output=tied_output,
+        qtype=qtype,
+        n_expert=n_expert,
+        n_expert_used=n_expert_used if n_expert else 0,
+        n_ff_exp=ff_exp if n_expert else 0,
+        n_ff_shexp=n_ff_shexp if shared else 0,
+        qkv_bias=qkv_bias,
+        sliding_window=sliding_window,
+        swa_layers=tuple(
+            bool(sliding_window) and (i + 1) % GEMMA3_SWA_PERIOD != 0 if gemma else False for i in range(n_layer)
+        ),
+    )
     return TinyModel(arch, md, tensors, tok, hparams, alignment)
 
 
@@ -588,8 +611,19 @@ def write_tiny_model(path: str | Path, **kwargs: Any) -> Path:
 
 # ---- taking files apart ----------------------------------------------------------------------
 
-_SCALAR_FMT = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
-               V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+_SCALAR_FMT = {
+    V.UINT8: "<B",
+    V.INT8: "<b",
+    V.UINT16: "<H",
+    V.INT16: "<h",
+    V.UINT32: "<I",
+    V.INT32: "<i",
+    V.FLOAT32: "<f",
+    V.BOOL: "<?",
+    V.UINT64: "<Q",
+    V.INT64: "<q",
+    V.FLOAT64: "<d",
+}
 
 
 @dataclass
@@ -735,6 +769,7 @@ def truncate(n: int) -> Mutation:
 def overwrite(pos: int, new: bytes) -> Mutation:
     def m(data: bytearray) -> None:
         data[pos : pos + len(new)] = new
+
     return m
 
 
@@ -745,6 +780,7 @@ def chain(*mutations: Mutation) -> Mutation:
             if out is not None:
                 data = bytearray(out)
         return data
+
     return m
 
 
@@ -788,8 +824,9 @@ def gguf_bytes(
     """A GGUF file byte by byte, with nothing checked: kv = (key, value type, value) entries.
     `alignment` is only used to place the data (add a general.alignment entry yourself)."""
     kv, tensors = list(kv), list(tensors)
-    head = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
-                               len(kv) if n_kv is None else n_kv)
+    head = magic + struct.pack(
+        "<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kv) if n_kv is None else n_kv
+    )
     for key, vt, v in kv:
         head += encode_string(key) + struct.pack("<I", vt) + encode_value(vt, v)
     blob = bytearray()

@@ -33,25 +33,32 @@ def _copy(p: PackedKQ) -> PackedKQ:
 SHAPES = ((Q4_K, 1536, 1536), (Q4_K, 8960, 1536), (Q6_K, 1536, 8960), (Q6_K, 151936, 1536))
 
 
-def benchmark(shapes=SHAPES, rounds: int = 5, kernels=None, ks=(1, 2, 4, 8, 16),
-              cold_bytes: int = 512 << 20, portable_max_bytes: int = 4 << 20,
-              out=print) -> dict:
+def benchmark(
+    shapes=SHAPES,
+    rounds: int = 5,
+    kernels=None,
+    ks=(1, 2, 4, 8, 16),
+    cold_bytes: int = 512 << 20,
+    portable_max_bytes: int = 4 << 20,
+    out=print,
+) -> dict:
     """Median times, one thread unless said, whole Python calls (``kq_matvec`` for k = 1,
     ``kq_matmul`` above). hot = the same matrix again; cold = rotating over ``cold_bytes`` of
     copies (a matrix larger than the L3 is cold either way). GB/s = packed bytes / time."""
     from threadpoolctl import threadpool_limits
+
     rng = np.random.default_rng(0)
     kernels = kernels or [k for k in codegen.host_isas() if k != "neon"]
     results = {}
     with threadpool_limits(1):
         for qt, n_out, n_in in shapes:
-            results[(qt, n_out, n_in)] = _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks,
-                                                      cold_bytes, portable_max_bytes, out)
+            results[(qt, n_out, n_in)] = _bench_shape(
+                rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable_max_bytes, out
+            )
     return results
 
 
-def _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable_max_bytes,
-                 out) -> dict:
+def _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable_max_bytes, out) -> dict:
     best = kernels[0]
     p = pack_kquant(random_kquant(rng, qt, n_out, n_in), qt)
     ncold = max(2, cold_bytes // p.nbytes)
@@ -94,8 +101,10 @@ def _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable
                 f(i)
             res[nm][1].append((time.perf_counter() - t0) / nrot)
     name = NAMES[qt].upper()
-    out(f"{n_out}x{n_in} {name}: packed {p.nbytes / 1e6:.2f} MB (GGUF {p.gguf_nbytes / 1e6:.2f}"
-        f" MB, f32 {w.nbytes / 1e6:.1f} MB); median us (GB/s) hot | cold; x: / k=1")
+    out(
+        f"{n_out}x{n_in} {name}: packed {p.nbytes / 1e6:.2f} MB (GGUF {p.gguf_nbytes / 1e6:.2f}"
+        f" MB, f32 {w.nbytes / 1e6:.1f} MB); median us (GB/s) hot | cold; x: / k=1"
+    )
     rows = {}
     for nm, (_, k, _) in variants.items():
         h, c = float(np.median(res[nm][0])), float(np.median(res[nm][1]))
@@ -104,18 +113,19 @@ def _bench_shape(rng, qt, n_out, n_in, rounds, kernels, ks, cold_bytes, portable
         nbytes = w.nbytes if f32 else p.nbytes
         base = rows.get("f32 numpy k=1" if f32 else f"{best} k=1")
         rel = f"  x{h / base[0]:4.2f} | x{c / base[1]:4.2f}" if base and k > 1 else ""
-        out(f"  {nm:18s} {h * 1e6:9.0f} ({nbytes / h / 1e9:5.1f}) | {c * 1e6:9.0f} "
-            f"({nbytes / c / 1e9:5.1f}){rel}")
+        out(f"  {nm:18s} {h * 1e6:9.0f} ({nbytes / h / 1e9:5.1f}) | {c * 1e6:9.0f} ({nbytes / c / 1e9:5.1f}){rel}")
     return rows
 
 
 if __name__ == "__main__":
     import subprocess
     import sys
+
     print(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
     print("host:", codegen.host_isas())
     rng = np.random.default_rng(1)
     import timeit
+
     for qt, shape in ((Q4_K, (8960, 1536)), (Q6_K, (1536, 8960))):
         raw = random_kquant(rng, qt, *shape)
         t = np.median(timeit.repeat(lambda: pack_kquant(raw, qt), number=1, repeat=6)[1:])

@@ -23,9 +23,11 @@ def random_q8_0(rng, n_out: int, n_in: int) -> np.ndarray:
     return raw.reshape(n_out, nb * 34)
 
 
-def benchmark(n_out: int = 49152, n_in: int = 576, rounds: int = 9, kernels=None,
-              cold_bytes: int = 512 << 20, out=print) -> dict:
+def benchmark(
+    n_out: int = 49152, n_in: int = 576, rounds: int = 9, kernels=None, cold_bytes: int = 512 << 20, out=print
+) -> dict:
     from threadpoolctl import threadpool_limits
+
     rng = np.random.default_rng(0)
     kernels = kernels or [k for k in codegen.host_isas() if k != "neon"]
     p = pack_q8_0(random_q8_0(rng, n_out, n_in))
@@ -39,9 +41,10 @@ def benchmark(n_out: int = 49152, n_in: int = 576, rounds: int = 9, kernels=None
     variants = {}
     for k in kernels:
         variants[k] = ((lambda i, k=k: q8_matvec(x, cps[i % ncold], out=y, kernel=k)), p.nbytes)
-    variants[f"{kernels[0]} 2thr"] = ((lambda i: q8_matvec(x, cps[i % ncold], out=y,
-                                                           kernel=kernels[0], threads=2)),
-                                      p.nbytes)
+    variants[f"{kernels[0]} 2thr"] = (
+        (lambda i: q8_matvec(x, cps[i % ncold], out=y, kernel=kernels[0], threads=2)),
+        p.nbytes,
+    )
     variants["f32 numpy"] = ((lambda i: ws[i % nw] @ x), w.nbytes)
     res = {nm: ([], []) for nm in variants}
     with threadpool_limits(1):
@@ -61,20 +64,22 @@ def benchmark(n_out: int = 49152, n_in: int = 576, rounds: int = 9, kernels=None
                 for i in range(1, 1 + ncold):
                     f(i)
                 res[nm][1].append((time.perf_counter() - t0) / ncold)
-    out(f"{n_out}x{n_in} Q8_0 packed {p.nbytes / 1e6:.1f} MB (f32 {w.nbytes / 1e6:.1f} MB): "
-        "median hot us (GB/s) | cold us (GB/s)")
+    out(
+        f"{n_out}x{n_in} Q8_0 packed {p.nbytes / 1e6:.1f} MB (f32 {w.nbytes / 1e6:.1f} MB): "
+        "median hot us (GB/s) | cold us (GB/s)"
+    )
     rows = {}
     for nm, (_f, nbytes) in variants.items():
         h, c = np.median(res[nm][0]), np.median(res[nm][1])
         rows[nm] = (h, c)
-        out(f"  {nm:16s} {h * 1e6:9.0f} ({nbytes / h / 1e9:5.1f}) | {c * 1e6:9.0f} "
-            f"({nbytes / c / 1e9:5.1f})")
+        out(f"  {nm:16s} {h * 1e6:9.0f} ({nbytes / h / 1e9:5.1f}) | {c * 1e6:9.0f} ({nbytes / c / 1e9:5.1f})")
     return rows
 
 
 if __name__ == "__main__":
     import subprocess
     import sys
+
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print("host:", codegen.host_isas())
     rng = np.random.default_rng(1)

@@ -91,26 +91,41 @@ from ember.lut_kernels.q8 import EXACT_INT8, pack_exact_int8
 from ember.lut_kernels.tmac import DEFAULT_TABLE_BITS, build_tables_nb, build_tables_reference, table_values
 from ember.lut_kernels.tmac import fn_addresses as tmac_addresses
 
-__all__ = ["PackedPlanes", "QTYPES", "pack_planes", "planes_matvec", "planes_matvec_reference",
-           "half_sums", "half_sums_reference", "spec", "params", "fn_address", "matvec_nb",
-           "kernel_ir", "kernel_asm", "random_rows", "benchmark", "reset_kernel_choice"]
+__all__ = [
+    "PackedPlanes",
+    "QTYPES",
+    "pack_planes",
+    "planes_matvec",
+    "planes_matvec_reference",
+    "half_sums",
+    "half_sums_reference",
+    "spec",
+    "params",
+    "fn_address",
+    "matvec_nb",
+    "kernel_ir",
+    "kernel_asm",
+    "random_rows",
+    "benchmark",
+    "reset_kernel_choice",
+]
 
 Q4_0, Q4_1, Q5_0, Q5_1 = 2, 3, 6, 7
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14
 TQ1_0, TQ2_0 = 34, 35
-ROWS = 16   # rows per tile: one 16-lane int32 / float32 vector
+ROWS = 16  # rows per tile: one 16-lane int32 / float32 vector
 
 
 class Spec(NamedTuple):
     name: str
-    bits: int      # planes
-    sub: int       # weights per sub-block (16 or 32)
-    unit: int      # weights per scale unit (32 or 256)
-    nd: int        # f16 values per unit and row
-    ns: int        # sub-scale bytes per unit and row
-    form: str      # zero (D (q - z)), fmin (d q + m), kzero (D k (q - z)), kmin (D k q - M m),
-                   # kmin4 (kmin, k | m << 4 in one byte)
-    c: float       # h - z: F_s = scale I_s + c xs_s
+    bits: int  # planes
+    sub: int  # weights per sub-block (16 or 32)
+    unit: int  # weights per scale unit (32 or 256)
+    nd: int  # f16 values per unit and row
+    ns: int  # sub-scale bytes per unit and row
+    form: str  # zero (D (q - z)), fmin (d q + m), kzero (D k (q - z)), kmin (D k q - M m),
+    # kmin4 (kmin, k | m << 4 in one byte)
+    c: float  # h - z: F_s = scale I_s + c xs_s
     block_bytes: int
 
 
@@ -141,6 +156,7 @@ def spec(qtype: int) -> Spec:
 @dataclass
 class PackedPlanes:
     """A matrix [n_out, n_in] of a type in ``QTYPES`` in the bit-plane layout (module docstring)."""
+
     codes: np.ndarray
     sc: np.ndarray
     d: np.ndarray
@@ -167,8 +183,12 @@ class PackedPlanes:
         return self.n_out * self.n_in // s.unit * s.block_bytes
 
     def arrays(self) -> dict:
-        return {"codes": self.codes, "sc": self.sc, "d": self.d,
-                "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
+        return {
+            "codes": self.codes,
+            "sc": self.sc,
+            "d": self.d,
+            "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64),
+        }
 
     @classmethod
     def from_arrays(cls, a) -> PackedPlanes:
@@ -177,24 +197,33 @@ class PackedPlanes:
         if s is None or n_out <= 0 or n_in <= 0 or n_in % s.unit:
             raise ValueError(f"PackedPlanes.from_arrays: bad meta {(n_out, n_in, qtype)}")
         nt, nb, nsup = -(-n_out // ROWS), n_in // 32, n_in // s.unit
-        codes, sc, d = stored_arrays(a, "PackedPlanes", ("codes", "sc", "d"), {
-            "codes": ((nt, nb, s.bits, ROWS, 4), np.uint8), "sc": ((nt, nsup, s.ns, ROWS), np.uint8),
-            "d": ((nt, nsup, s.nd, ROWS), np.uint16)})
-        return cls(aligned(codes), np.ascontiguousarray(sc), np.ascontiguousarray(d),
-                   n_out, n_in, qtype)
+        codes, sc, d = stored_arrays(
+            a,
+            "PackedPlanes",
+            ("codes", "sc", "d"),
+            {
+                "codes": ((nt, nb, s.bits, ROWS, 4), np.uint8),
+                "sc": ((nt, nsup, s.ns, ROWS), np.uint8),
+                "d": ((nt, nsup, s.nd, ROWS), np.uint16),
+            },
+        )
+        return cls(aligned(codes), np.ascontiguousarray(sc), np.ascontiguousarray(d), n_out, n_in, qtype)
 
     def natural(self):
         """(codes uint8 [n_out, n_in], d uint16 [n_out, nsup, ND], sc uint8 [n_out, nsup, NS])."""
         n, s = self.n_out, _SPECS[self.qtype]
-        c = self.codes.transpose(0, 3, 1, 2, 4)           # [t, r, b, p, k]
+        c = self.codes.transpose(0, 3, 1, 2, 4)  # [t, r, b, p, k]
         shifts = np.array([0, 4], np.uint8).reshape(1, 1, 1, 1, 1, 2, 1)
         j = np.arange(4, dtype=np.uint8).reshape(1, 1, 1, 1, 1, 1, 4)
-        bit = (c[..., None, None] >> (shifts + j)) & 1    # [t, r, b, p, k, half, j]
+        bit = (c[..., None, None] >> (shifts + j)) & 1  # [t, r, b, p, k, half, j]
         q = (bit << np.arange(s.bits, dtype=np.uint8).reshape(1, 1, 1, -1, 1, 1, 1)).sum(
-            axis=3, dtype=np.uint8)                       # [t, r, b, k, half, j]
+            axis=3, dtype=np.uint8
+        )  # [t, r, b, k, half, j]
         q = q.transpose(0, 1, 2, 4, 3, 5).reshape(-1, self.n_in)[:n]
+
         def rows(a):
             return a.transpose(0, 3, 1, 2).reshape(a.shape[0] * ROWS, *a.shape[1:3])[:n]
+
         return q, rows(self.d), rows(self.sc)
 
     def dequantize(self) -> np.ndarray:
@@ -203,7 +232,7 @@ class PackedPlanes:
         s = _SPECS[self.qtype]
         q, d, sc = self.natural()
         n, nsup = q.shape[0], self.n_in // s.unit
-        f = d.view(np.float16).astype(np.float32)          # [n, nsup, ND]
+        f = d.view(np.float16).astype(np.float32)  # [n, nsup, ND]
         qf = q.reshape(n, nsup, -1, s.sub).astype(np.float32)  # [n, nsup, subs, sub]
         D = f[:, :, 0, None, None]
         if s.form == "zero":
@@ -219,8 +248,7 @@ class PackedPlanes:
                 k, m = sc & 15, sc >> 4
             else:
                 k, m = sc[:, :, :nsub], sc[:, :, nsub:]
-            w = (D * k.astype(np.float32)[..., None]) * qf \
-                - f[:, :, 1, None, None] * m.astype(np.float32)[..., None]
+            w = (D * k.astype(np.float32)[..., None]) * qf - f[:, :, 1, None, None] * m.astype(np.float32)[..., None]
         return w.reshape(n, self.n_in).astype(np.float32)
 
 
@@ -232,12 +260,12 @@ def _decode_q45(r3: np.ndarray, qt: int):
     """Q4_0/Q4_1/Q5_0/Q5_1 blocks [n, nb, bb] -> codes [n, nb * 32], d [n, nb, ND]."""
     nd = _SPECS[qt].nd
     n, nb = r3.shape[:2]
-    d = np.ascontiguousarray(r3[:, :, :2 * nd]).view(np.uint16).reshape(n, nb, nd)
+    d = np.ascontiguousarray(r3[:, :, : 2 * nd]).view(np.uint16).reshape(n, nb, nd)
     o = 2 * nd
     if qt in (Q5_0, Q5_1):
-        qh = np.ascontiguousarray(r3[:, :, o:o + 4]).view(np.uint32).reshape(n, nb, 1)
+        qh = np.ascontiguousarray(r3[:, :, o : o + 4]).view(np.uint32).reshape(n, nb, 1)
         o += 4
-    qs = r3[:, :, o:o + 16]
+    qs = r3[:, :, o : o + 16]
     q = np.concatenate([qs & 15, qs >> 4], axis=2)
     if qt in (Q5_0, Q5_1):
         q |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
@@ -255,11 +283,11 @@ def _decode(raw2d, qt: int):
     if qt in (TQ1_0, TQ2_0):
         q = (pack_exact_int8(r3.reshape(n, -1), qt).qs + 1).view(np.uint8)
         o = EXACT_INT8[qt][2]
-        d = np.ascontiguousarray(r3[:, :, o:o + 2]).view(np.uint16).reshape(n, nsup, 1)
+        d = np.ascontiguousarray(r3[:, :, o : o + 2]).view(np.uint16).reshape(n, nsup, 1)
         return q, d, np.zeros((n, nsup, 0), np.uint8)
     pk = pack_kquant(r3.reshape(n, -1), qt)
     q = pk.codes()
-    if qt in (Q4_K, Q5_K):   # row pairs: [pair, sb, kind, row, 8] -> [row, sb, kind * 8]
+    if qt in (Q4_K, Q5_K):  # row pairs: [pair, sb, kind, row, 8] -> [row, sb, kind * 8]
         m = pk.q.shape[0] // 2
         sc = pk.sc.reshape(m, nsup, 2, 2, 8).transpose(0, 3, 1, 2, 4).reshape(2 * m, nsup, 16)
         d = pk.d.reshape(m, nsup, 2, 2).transpose(0, 3, 1, 2).reshape(2 * m, nsup, 2)
@@ -271,12 +299,13 @@ def _decode(raw2d, qt: int):
 def _to_tiles(a: np.ndarray, nt: int) -> np.ndarray:
     """[n, u, v] -> [nt, u, v, 16] (rows padded with zeros)."""
     out = np.zeros((nt * ROWS, *a.shape[1:]), a.dtype)
-    out[:a.shape[0]] = a
+    out[: a.shape[0]] = a
     return np.ascontiguousarray(out.reshape(nt, ROWS, *a.shape[1:]).transpose(0, 2, 3, 1))
 
 
-_PLANE_W = (np.uint8(1) << (4 * np.arange(2, dtype=np.uint8)[:, None, None]
-                            + np.arange(4, dtype=np.uint8)[None, None, :])).astype(np.uint8)
+_PLANE_W = (
+    np.uint8(1) << (4 * np.arange(2, dtype=np.uint8)[:, None, None] + np.arange(4, dtype=np.uint8)[None, None, :])
+).astype(np.uint8)
 
 
 def _plane_codes(q: np.ndarray, bits: int, nt: int, chunk: int = 1024) -> np.ndarray:
@@ -288,15 +317,14 @@ def _plane_codes(q: np.ndarray, bits: int, nt: int, chunk: int = 1024) -> np.nda
     step = max(ROWS, chunk // ROWS * ROWS)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        qq = q[r0:r1].reshape(r1 - r0, nb, 2, 4, 4)            # [r, b, half, k, j]
+        qq = q[r0:r1].reshape(r1 - r0, nb, 2, 4, 4)  # [r, b, half, k, j]
         planes = np.empty((r1 - r0, nb, bits, 4), np.uint8)
         for p in range(bits):
             planes[:, :, p] = (((qq >> p) & 1) * _PLANE_W).sum(axis=(2, 4), dtype=np.uint8)
         t0, nr = r0 // ROWS, r1 - r0
         full = np.zeros((-(-nr // ROWS) * ROWS, nb, bits, 4), np.uint8)
         full[:nr] = planes
-        out[t0:t0 + full.shape[0] // ROWS] = full.reshape(-1, ROWS, nb, bits, 4).transpose(
-            0, 2, 3, 1, 4)
+        out[t0 : t0 + full.shape[0] // ROWS] = full.reshape(-1, ROWS, nb, bits, 4).transpose(0, 2, 3, 1, 4)
     return out
 
 
@@ -307,8 +335,7 @@ def pack_planes(raw2d, qtype: int) -> PackedPlanes:
     q, d, sc = _decode(raw2d, qtype)
     n, n_in = q.shape
     nt = -(-n // ROWS)
-    return PackedPlanes(_plane_codes(q, s.bits, nt), _to_tiles(sc, nt), _to_tiles(d, nt), n, n_in,
-                        qtype)
+    return PackedPlanes(_plane_codes(q, s.bits, nt), _to_tiles(sc, nt), _to_tiles(d, nt), n, n_in, qtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,31 +366,30 @@ def half_sums_reference(x) -> np.ndarray:
     return (v[:, 0] + v[:, 1]).astype(np.float32)
 
 
-def planes_matvec_reference(x, p: PackedPlanes, table_bits: int | None = None,
-                            return_scale: bool = False):
+def planes_matvec_reference(x, p: PackedPlanes, table_bits: int | None = None, return_scale: bool = False):
     """What the kernels compute, in NumPy: the same tables (``tmac.build_tables_reference``),
     the same exact integers I_s, and the same float32 per-sub-block values (``c xs_s`` in float32),
     summed in float64 (the kernels add in float32: they agree to ~1e-6 of the row's sum of
     |terms|). ``return_scale`` also returns that sum of |terms| per row and the guaranteed table
     rounding bound against the float truth: ``sum_s |D k_s| scale_s * groups (2^b - 1) / 2``."""
     s = _SPECS[p.qtype]
-    tq, tsc, xs = build_tables_reference(x, table_bits)     # [nb, 8, 16], [nb], [nb]
+    tq, tsc, xs = build_tables_reference(x, table_bits)  # [nb, 8, 16], [nb], [nb]
     nb = tq.shape[0]
-    c = p.codes.astype(np.intp)                              # [t, b, p, r, k]
+    c = p.codes.astype(np.intp)  # [t, b, p, r, k]
     bi = np.arange(nb).reshape(1, nb, 1, 1, 1)
     ki = np.arange(4).reshape(1, 1, 1, 1, 4)
     pw = (1 << np.arange(s.bits)).reshape(1, 1, -1, 1, 1)
-    I_lo = (tq[bi, ki, c & 15].astype(np.int64) * pw).sum(axis=(2, 4))      # [t, b, r]
+    I_lo = (tq[bi, ki, c & 15].astype(np.int64) * pw).sum(axis=(2, 4))  # [t, b, r]
     I_hi = (tq[bi, ki + 4, c >> 4].astype(np.int64) * pw).sum(axis=(2, 4))
-    I_lo = I_lo.transpose(0, 2, 1).reshape(-1, nb)[:p.n_out]                 # [n, b]
-    I_hi = I_hi.transpose(0, 2, 1).reshape(-1, nb)[:p.n_out]
+    I_lo = I_lo.transpose(0, 2, 1).reshape(-1, nb)[: p.n_out]  # [n, b]
+    I_hi = I_hi.transpose(0, 2, 1).reshape(-1, nb)[: p.n_out]
     cf = np.float32(s.c)
     scl = tsc.astype(np.float64)
     if s.sub == 32:
-        Is = (I_lo + I_hi)[:, :, None]                                       # [n, b, 1]
+        Is = (I_lo + I_hi)[:, :, None]  # [n, b, 1]
         xsub = xs.reshape(nb, 1)
     else:
-        Is = np.stack([I_lo, I_hi], axis=2)                                  # [n, b, 2]
+        Is = np.stack([I_lo, I_hi], axis=2)  # [n, b, 2]
         xsub = half_sums_reference(x).reshape(nb, 2)
     si = Is * scl[None, :, None]
     cx = (cf * xsub).astype(np.float64)
@@ -395,8 +421,9 @@ def planes_matvec_reference(x, p: PackedPlanes, table_bits: int | None = None,
     absum = (np.abs(f[:, :, 0]) * (np.abs(k) * aF).sum(axis=2) + np.abs(m_term)).sum(axis=1)
     groups = s.sub // 4
     step = np.repeat(tsc.astype(np.float64), 32 // s.sub).reshape(nsup, nsub)
-    bound = (np.abs(f[:, :, 0])[:, :, None] * np.abs(k) * step[None]).sum(axis=(1, 2)) \
-        * groups * ((1 << s.bits) - 1) / 2
+    bound = (
+        (np.abs(f[:, :, 0])[:, :, None] * np.abs(k) * step[None]).sum(axis=(1, 2)) * groups * ((1 << s.bits) - 1) / 2
+    )
     return y.astype(np.float32), absum, bound
 
 
@@ -464,13 +491,13 @@ def _kernel_portable(codes, sc, d, tab, bc, hs, y, t0, t1, form, sub, bpu, c):
                 elif form >= 3:
                     yr -= half_to_f32(d[t, s, 1, r]) * macc[r]
                 yacc[r] = yr
-        y[(t - t0) * ROWS:(t - t0 + 1) * ROWS] = yacc
+        y[(t - t0) * ROWS : (t - t0 + 1) * ROWS] = yacc
 
 
 # ---------------------------------------------------------------------------------------------
 # IR: ``void planes_<type>(codes, sc, d, tab, bc, hs, y, i64 nb, i64 t0, i64 t1)``
 
-DEFAULT_PREFETCH = 2048   # bytes of codes ahead (0: none)
+DEFAULT_PREFETCH = 2048  # bytes of codes ahead (0: none)
 
 _DECLS = (
     "declare <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8>, <64 x i8>)",
@@ -493,8 +520,7 @@ def _isa_form(isa: str) -> tuple[int, str, str]:
     ``vpmaddubsw`` summed in int16 over a block, one ``vpmaddwd`` per block."""
     f = codegen.host_features()
     if isa == "avx512":
-        return 64, ("permb" if f.get("avx512vbmi") else "shuf4"), \
-            ("vnni" if f.get("avx512vnni") else "maddubs")
+        return 64, ("permb" if f.get("avx512vbmi") else "shuf4"), ("vnni" if f.get("avx512vnni") else "maddubs")
     if isa == "avx512-novnni":
         return 64, "shuf4", "maddubs"
     if isa == "avx2":
@@ -502,8 +528,7 @@ def _isa_form(isa: str) -> tuple[int, str, str]:
     raise ValueError(f"no planes kernel for isa {isa!r}")
 
 
-def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
-               prefetch: int) -> list[str]:
+def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int, prefetch: int) -> list[str]:
     s = _SPECS[qt]
     nh, nl = 64 // vw, vw // 4
     V8, V16, V32, VF = f"<{vw} x i8>", f"<{vw // 2} x i16>", f"<{nl} x i32>", f"<{nl} x float>"
@@ -512,22 +537,23 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
         perm, shuf = "@llvm.x86.avx512.permvar.qi.512", "@llvm.x86.avx512.pshuf.b.512"
         mad, madd = "@llvm.x86.avx512.pmaddubs.w.512", "@llvm.x86.avx512.pmaddw.d.512"
     else:
-        shuf, mad, madd = "@llvm.x86.avx2.pshuf.b", "@llvm.x86.avx2.pmadd.ub.sw", \
-            "@llvm.x86.avx2.pmadd.wd"
+        shuf, mad, madd = "@llvm.x86.avx2.pshuf.b", "@llvm.x86.avx2.pmadd.ub.sw", "@llvm.x86.avx2.pmadd.wd"
     assert lookup == "shuf4" or vw == 64
-    bpu, nsub_b = s.unit // 32, 32 // s.sub      # blocks per unit, sub-blocks per block
+    bpu, nsub_b = s.unit // 32, 32 // s.sub  # blocks per unit, sub-blocks per block
     nsub = bpu * nsub_b
     nL = 2 if table_bits == 16 else 1
     tstride = 128 * nL
-    signed = [False, True] if nL == 2 else [True]   # low bytes of 16-bit tables are unsigned
+    signed = [False, True] if nL == 2 else [True]  # low bytes of 16-bit tables are unsigned
     bcast16 = "<" + ", ".join(f"i32 {i % 16}" for i in range(vw)) + ">"
     K = vec("i8", [(i % 4) << 4 for i in range(vw)])
     zf = "zeroinitializer"
     L = []
     a = L.append
     ro = "ptr noalias nocapture readonly"
-    a(f"define void @planes_{s.name}({ro} %codes, {ro} %sc, {ro} %d, {ro} %tab, {ro} %bc, "
-      f"{ro} %hs, ptr noalias nocapture %y, i64 %nb, i64 %t0, i64 %t1) #0 {{")
+    a(
+        f"define void @planes_{s.name}({ro} %codes, {ro} %sc, {ro} %d, {ro} %tab, {ro} %bc, "
+        f"{ro} %hs, ptr noalias nocapture %y, i64 %nb, i64 %t0, i64 %t1) #0 {{"
+    )
     a("entry:")
     a("  %e1 = icmp sge i64 %t0, %t1")
     a("  %e2 = icmp sle i64 %nb, 0")
@@ -561,7 +587,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
         a(f"  %{tag} = shufflevector {VF} %{tag}.i, {VF} poison, <{nl} x i32> {zf}")
         return f"%{tag}"
 
-    def half_vec(ptr: str, off: int, tag: str) -> str:      # 16 halves -> floats of half h
+    def half_vec(ptr: str, off: int, tag: str) -> str:  # 16 halves -> floats of half h
         a(f"  %{tag}.p = getelementptr i16, ptr {ptr}, i64 {off}")
         a(f"  %{tag}.h = load <{nl} x half>, ptr %{tag}.p, align 2")
         a(f"  %{tag} = fpext <{nl} x half> %{tag}.h to {VF}")
@@ -579,7 +605,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
         a(f"  %{tag} = {cvt} {V32} %{tag}.w to {VF}")
         return f"%{tag}"
 
-    accs = {h: None for h in range(nh)}     # per-unit float sums (k_s F_s) and mins
+    accs = {h: None for h in range(nh)}  # per-unit float sums (k_s F_s) and mins
     maccs = {h: None for h in range(nh)}
     for jb in range(bpu):
         B = f"j{jb}"
@@ -603,8 +629,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                         nm = f"%{B}.T{nib}{Lb}{k}"
                         a(f"  {nm}.p = getelementptr i8, ptr %{B}.tb, i64 {base + 16 * k}")
                         a(f"  {nm}.x = load <16 x i8>, ptr {nm}.p, align 1")
-                        a(f"  {nm} = shufflevector <16 x i8> {nm}.x, <16 x i8> poison, "
-                          f"<{vw} x i32> {bcast16}")
+                        a(f"  {nm} = shufflevector <16 x i8> {nm}.x, <16 x i8> poison, <{vw} x i32> {bcast16}")
                         T[nib, Lb, k] = nm
         if prefetch:
             for p in range(s.bits):
@@ -612,7 +637,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                 codegen.emit_prefetch(a, f"%{B}.pf{p}")
         for h in range(nh):
             H = f"{B}h{h}"
-            acc = {}                      # (nib, Lb) -> accumulator name (i32 vnni, i16 maddubs)
+            acc = {}  # (nib, Lb) -> accumulator name (i32 vnni, i16 maddubs)
             for p in range(s.bits):
                 P = f"{H}p{p}"
                 a(f"  %{P}.cp = getelementptr i8, ptr %{B}.cb, i64 {p * 64 + h * vw}")
@@ -624,25 +649,22 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                     if lookup == "permb":
                         a(f"  %{P}.i{nib} = or {V8} {raw}, {K}")
                     for Lb in range(nL):
-                        parts = []    # (lookup vector, weight vector)
+                        parts = []  # (lookup vector, weight vector)
                         if lookup == "permb":
                             nm = f"%{P}.l{nib}{Lb}"
-                            a(f"  {nm} = call <64 x i8> {perm}(<64 x i8> {T[nib, Lb]}, "
-                              f"<64 x i8> %{P}.i{nib})")
+                            a(f"  {nm} = call <64 x i8> {perm}(<64 x i8> {T[nib, Lb]}, <64 x i8> %{P}.i{nib})")
                             parts.append((nm, splat("i8", vw, 1 << p)))
                         else:
                             for k in range(4):
                                 nm = f"%{P}.l{nib}{Lb}{k}"
                                 a(f"  {nm} = call {V8} {shuf}({V8} {T[nib, Lb, k]}, {V8} {raw})")
-                                parts.append((nm, vec("i8", [(1 << p) if i % 4 == k else 0
-                                                                for i in range(vw)])))
+                                parts.append((nm, vec("i8", [(1 << p) if i % 4 == k else 0 for i in range(vw)])))
                         for q, (lk, w) in enumerate(parts):
                             ops = f"{V8} {w}, {V8} {lk}" if signed[Lb] else f"{V8} {lk}, {V8} {w}"
                             prev = acc.get((nib, Lb))
                             nm = f"%{P}.a{nib}{Lb}{q}"
                             if combine == "vnni":
-                                a(f"  {nm} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} "
-                                  f"{prev or zf}, {ops})")
+                                a(f"  {nm} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} {prev or zf}, {ops})")
                             else:
                                 a(f"  {nm}.m = call {V16} {mad}({ops})")
                                 if prev is None:
@@ -656,8 +678,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                 for Lb in range(nL):
                     v = acc[nib, Lb]
                     if combine != "vnni":
-                        a(f"  %{H}.w{nib}{Lb} = call {V32} {madd}({V16} {v}, "
-                          f"{V16} {splat('i16', vw // 2, 1)})")
+                        a(f"  %{H}.w{nib}{Lb} = call {V32} {madd}({V16} {v}, {V16} {splat('i16', vw // 2, 1)})")
                         v = f"%{H}.w{nib}{Lb}"
                     parts.append(v)
                 if nL == 2:
@@ -685,7 +706,7 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
             else:
                 Is, xss = Inib, [f"%{B}.hs0", f"%{B}.hs1"]
             for u, (Iv, xv) in enumerate(zip(Is, xss)):
-                j = jb * nsub_b + u                               # sub-block within the unit
+                j = jb * nsub_b + u  # sub-block within the unit
                 U = f"{H}u{u}"
                 a(f"  %{U}.cx = fmul float {xv}, {flt(s.c)}")
                 CX = splat_f(f"%{U}.cx", f"{U}.CX")
@@ -706,16 +727,13 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
                     k = byte_vec(j * ROWS + h * nl, f"{U}.k", "u")
                     m = byte_vec((nsub + j) * ROWS + h * nl, f"{U}.m", "u")
                 else:
-                    k = byte_vec(j * ROWS + h * nl, f"{U}.k", "u",
-                                 "and {ty} {src}, " + splat("i8", nl, 15))
-                    m = byte_vec(j * ROWS + h * nl, f"{U}.m", "u",
-                                 "lshr {ty} {src}, " + splat("i8", nl, 4))
+                    k = byte_vec(j * ROWS + h * nl, f"{U}.k", "u", "and {ty} {src}, " + splat("i8", nl, 15))
+                    m = byte_vec(j * ROWS + h * nl, f"{U}.m", "u", "lshr {ty} {src}, " + splat("i8", nl, 4))
                 a(f"  %{U}.acc = call {VF} {fma}({VF} {k}, {VF} {F}, {VF} {prev or zf})")
                 accs[h] = f"%{U}.acc"
                 if s.form != "kzero":
                     XS = splat_f(xv, f"{U}.XS")
-                    a(f"  %{U}.macc = call {VF} {fma}({VF} {m}, {VF} {XS}, "
-                      f"{VF} {maccs[h] or zf})")
+                    a(f"  %{U}.macc = call {VF} {fma}({VF} {m}, {VF} {XS}, {VF} {maccs[h] or zf})")
                     maccs[h] = f"%{U}.macc"
     for h in range(nh):
         D = half_vec("%dp", h * nl, f"D{h}")
@@ -733,17 +751,24 @@ def _kernel_ir(qt: int, vw: int, lookup: str, combine: str, table_bits: int,
     return L
 
 
-def kernel_ir(isa: str, qtype: int, table_bits: int = 16, prefetch: int = DEFAULT_PREFETCH,
-              cpu: str = "", features: str = "", form: tuple | None = None) -> str:
+def kernel_ir(
+    isa: str,
+    qtype: int,
+    table_bits: int = 16,
+    prefetch: int = DEFAULT_PREFETCH,
+    cpu: str = "",
+    features: str = "",
+    form: tuple | None = None,
+) -> str:
     """The IR module of ``planes_<type>`` for an ISA on this host, or for ``form`` = (vector
     bytes, lookup, combine) whatever the host has (``kernel_asm``)."""
     vw, lookup, combine = form or _isa_form(isa)
-    return finish_module(list(_DECLS) + _kernel_ir(int(qtype), vw, lookup, combine, table_bits,
-                                                   prefetch), cpu, features)
+    return finish_module(
+        list(_DECLS) + _kernel_ir(int(qtype), vw, lookup, combine, table_bits, prefetch), cpu, features
+    )
 
 
-def kernel_asm(qtype: int, form=(64, "permb", "vnni"), cpu: str = "icelake-server",
-               table_bits: int = 16) -> str:
+def kernel_asm(qtype: int, form=(64, "permb", "vnni"), cpu: str = "icelake-server", table_bits: int = 16) -> str:
     """x86-64 assembly of a kernel form for ``cpu`` (compiled, never run): how the AVX-512
     forms are checked on hosts without AVX-512."""
     import llvmlite.binding as llvm
@@ -751,8 +776,7 @@ def kernel_asm(qtype: int, form=(64, "permb", "vnni"), cpu: str = "icelake-serve
     init_llvm()
     mod = llvm.parse_assembly(kernel_ir("", qtype, table_bits, cpu=cpu, form=form))
     mod.verify()
-    tm = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(
-        cpu=cpu, opt=3)
+    tm = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=cpu, opt=3)
     mod.triple = "x86_64-unknown-linux-gnu"
     mod.data_layout = str(tm.target_data)
     optimize(mod, tm)
@@ -769,8 +793,7 @@ def reset_kernel_choice() -> None:
     _choice.clear()
 
 
-def fn_address(qtype: int, kernel: str | None = None, table_bits: int = 16,
-               prefetch: int = DEFAULT_PREFETCH) -> int:
+def fn_address(qtype: int, kernel: str | None = None, table_bits: int = 16, prefetch: int = DEFAULT_PREFETCH) -> int:
     """Address of ``planes_<type>`` for a kernel path (0: portable)."""
     key = (int(qtype), kernel, table_bits, prefetch)
     r = _choice.get(key)
@@ -780,10 +803,13 @@ def fn_address(qtype: int, kernel: str | None = None, table_bits: int = 16,
         if name in ("portable", "neon"):
             r = 0
         else:
+
             def build():
-                ee, owners, _ = codegen.jit(lambda cpu, feat: kernel_ir(
-                    name, qtype, table_bits, prefetch, cpu, feat), name)
+                ee, owners, _ = codegen.jit(
+                    lambda cpu, feat: kernel_ir(name, qtype, table_bits, prefetch, cpu, feat), name
+                )
                 return ee.get_function_address(f"planes_{s.name}"), owners
+
             r = codegen.once(("planes", name, int(qtype), table_bits, prefetch), build)[0]
         _choice[key] = r
     return r
@@ -792,9 +818,22 @@ def fn_address(qtype: int, kernel: str | None = None, table_bits: int = 16,
 @intrinsic
 def _call_planes(typingctx, fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1):
     """planes_<type>(codes, sc, d, tab, bc, hs, y, nb, t0, t1) through a runtime address."""
-    check_types((fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1),
-                 (None, types.uint8, types.uint8, types.uint16, types.int8, types.float32,
-                  types.float32, types.float32, None, None, None))
+    check_types(
+        (fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1),
+        (
+            None,
+            types.uint8,
+            types.uint8,
+            types.uint16,
+            types.int8,
+            types.float32,
+            types.float32,
+            types.float32,
+            None,
+            None,
+            None,
+        ),
+    )
     return types.void(fn, codes, sc, d, tab, bc, hs, y, nb, t0, t1), emit_call
 
 
@@ -803,8 +842,9 @@ def _run(fk, codes, sc, d, tab, bc, hs, y, t0, t1, prm):
     if fk != 0:
         _call_planes(fk, codes, sc, d, tab, bc, hs, y, codes.shape[1], t0, t1)
     else:
-        _kernel_portable(codes, sc, d, tab, bc, hs, y, t0, t1, prm[0], prm[1], prm[2],
-                         np.float32(prm[3]) / np.float32(2))
+        _kernel_portable(
+            codes, sc, d, tab, bc, hs, y, t0, t1, prm[0], prm[1], prm[2], np.float32(prm[3]) / np.float32(2)
+        )
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -812,12 +852,12 @@ def _tiles(fk, codes, sc, d, tab, bc, hs, out, t0, t1, prm):
     """Tiles [t0, t1) into out[16 t0:]; a last, partial tile goes through a scratch row."""
     nfull = min(t1, out.size // ROWS)
     if nfull > t0:
-        _run(fk, codes, sc, d, tab, bc, hs, out[t0 * ROWS:], t0, nfull, prm)
+        _run(fk, codes, sc, d, tab, bc, hs, out[t0 * ROWS :], t0, nfull, prm)
     s = max(nfull, t0)
     if t1 > s:
         tmp = np.empty((t1 - s) * ROWS, np.float32)
         _run(fk, codes, sc, d, tab, bc, hs, tmp, s, t1, prm)
-        out[s * ROWS:] = tmp[:out.size - s * ROWS]
+        out[s * ROWS :] = tmp[: out.size - s * ROWS]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -825,10 +865,20 @@ def _check(codes, sc, d, out, n_in, prm):
     nb = n_in // 32
     nsup = nb // prm[2]
     nt = codes.shape[0]
-    if n_in % (32 * prm[2]) or codes.shape[1] != nb or codes.shape[3] != ROWS \
-            or codes.shape[4] != 4 or sc.shape[0] != nt or d.shape[0] != nt \
-            or sc.shape[1] != nsup or d.shape[1] != nsup or sc.shape[3] != ROWS \
-            or d.shape[3] != ROWS or out.size > nt * ROWS or out.size <= (nt - 1) * ROWS:
+    if (
+        n_in % (32 * prm[2])
+        or codes.shape[1] != nb
+        or codes.shape[3] != ROWS
+        or codes.shape[4] != 4
+        or sc.shape[0] != nt
+        or d.shape[0] != nt
+        or sc.shape[1] != nsup
+        or d.shape[1] != nsup
+        or sc.shape[3] != ROWS
+        or d.shape[3] != ROWS
+        or out.size > nt * ROWS
+        or out.size <= (nt - 1) * ROWS
+    ):
         raise ValueError("planes_matvec: the shapes of x, the packed matrix and out differ")
 
 
@@ -873,8 +923,14 @@ def params(qtype: int) -> np.ndarray:
 _F32 = np.dtype(np.float32)
 
 
-def planes_matvec(x, p: PackedPlanes, out: np.ndarray | None = None, threads: int = 1,
-                  kernel: str | None = None, table_bits: int | None = None) -> np.ndarray:
+def planes_matvec(
+    x,
+    p: PackedPlanes,
+    out: np.ndarray | None = None,
+    threads: int = 1,
+    kernel: str | None = None,
+    table_bits: int | None = None,
+) -> np.ndarray:
     """y = W @ x for a PackedPlanes W (float32 [n_out]); ``out`` may be given."""
     key = ("mv", p.qtype, kernel, table_bits)
     r = _choice.get(key)
@@ -882,8 +938,7 @@ def planes_matvec(x, p: PackedPlanes, out: np.ndarray | None = None, threads: in
         bits = table_bits or DEFAULT_TABLE_BITS
         ftab = tmac_addresses(Q4_1, table_bits=bits, kernel=kernel)[0]
         r = _choice[key] = (ftab, fn_address(p.qtype, kernel, bits), bits, params(p.qtype))
-    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
-            or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if out is None:
         out = np.empty(p.n_out, np.float32)
@@ -914,12 +969,13 @@ def random_rows(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
     raw = rng.integers(0, 256, (n_out, nu, s.block_bytes), dtype=np.uint8)
     for off in _F16_AT[qtype]:
         v = rng.uniform(0.5, 1.5, (n_out, nu)) * rng.choice([-1.0, 1.0], (n_out, nu)) * 1e-2
-        raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nu, 2)
+        raw[:, :, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nu, 2)
     return raw.reshape(n_out, nu * s.block_bytes)
 
 
-def benchmark(qtypes=QTYPES, shape=(2048, 2048), rounds: int = 7, cold_bytes: int = 96 << 20,
-              kernel: str | None = None, out=print) -> list[dict]:
+def benchmark(
+    qtypes=QTYPES, shape=(2048, 2048), rounds: int = 7, cold_bytes: int = 96 << 20, kernel: str | None = None, out=print
+) -> list[dict]:
     """One thread, y = W x for one matrix of each type: this module's kernel against the kernel
     the runtime runs for the type (``ops.quant_matrix``: tmac.py's for Q4_0/Q4_1, the int8
     kernels of q8.py / kquant.py for the others). hot = the same matrix again (cache
@@ -929,6 +985,7 @@ def benchmark(qtypes=QTYPES, shape=(2048, 2048), rounds: int = 7, cold_bytes: in
     import time
 
     from ember.lut_kernels.ops import quant_matrix
+
     rng = np.random.default_rng(0)
     n_out, n_in = shape
     x = rng.standard_normal(n_in).astype(np.float32)
@@ -941,8 +998,10 @@ def benchmark(qtypes=QTYPES, shape=(2048, 2048), rounds: int = 7, cold_bytes: in
         ncold = max(2, cold_bytes // pl.nbytes)
         pls = [pl] + [copy.deepcopy(pl) for _ in range(ncold - 1)]
         pks = [m.packed] + [copy.deepcopy(m.packed) for _ in range(ncold - 1)]
-        fs = {"planes": lambda i: planes_matvec(x, pls[i], out=y, kernel=kernel),
-              "runtime": lambda i: m.matvec(x, pks[i], out=y, kernel=kernel)}
+        fs = {
+            "planes": lambda i: planes_matvec(x, pls[i], out=y, kernel=kernel),
+            "runtime": lambda i: m.matvec(x, pks[i], out=y, kernel=kernel),
+        }
         res = {k: ([], []) for k in fs}
         for f in fs.values():
             f(0)
@@ -958,14 +1017,21 @@ def benchmark(qtypes=QTYPES, shape=(2048, 2048), rounds: int = 7, cold_bytes: in
                     f(i)
                 res[k][1].append((time.perf_counter() - t0) / ncold)
         med = {k: (np.median(v[0]) * 1e6, np.median(v[1]) * 1e6) for k, v in res.items()}
-        row = dict(qtype=spec(qt).name, planes_bytes=pl.nbytes, runtime_bytes=m.packed.nbytes,
-                   runtime=type(m.packed).__name__, planes_us=med["planes"],
-                   runtime_us=med["runtime"])
+        row = dict(
+            qtype=spec(qt).name,
+            planes_bytes=pl.nbytes,
+            runtime_bytes=m.packed.nbytes,
+            runtime=type(m.packed).__name__,
+            planes_us=med["planes"],
+            runtime_us=med["runtime"],
+        )
         rows.append(row)
-        out(f"{row['qtype']:6s} planes {pl.nbytes / 1e6:5.2f} MB hot {med['planes'][0]:6.0f} us "
+        out(
+            f"{row['qtype']:6s} planes {pl.nbytes / 1e6:5.2f} MB hot {med['planes'][0]:6.0f} us "
             f"cold {med['planes'][1]:6.0f} | {row['runtime']} {m.packed.nbytes / 1e6:5.2f} MB "
             f"hot {med['runtime'][0]:6.0f} cold {med['runtime'][1]:6.0f} | cold: runtime / "
-            f"planes {med['runtime'][1] / med['planes'][1]:.2f}")
+            f"planes {med['runtime'][1] / med['planes'][1]:.2f}"
+        )
     return rows
 
 

@@ -56,8 +56,9 @@ def markdown(results: dict, engines, tests, threads) -> str:
             continue
         for t in threads:
             e = results["summary"][f"{test}|{t}"]["ember"]
-            line = (f"- decode ({test}) at {t} thread(s): "
-                    f"{e['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token")
+            line = (
+                f"- decode ({test}) at {t} thread(s): {e['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token"
+            )
             if "roofline_share" in e:
                 bw = results["bandwidth_bytes_per_s"][t]
                 line += f", {100 * e['roofline_share']:.0f}% of the measured {bw / 1e9:.1f} GB/s"
@@ -82,9 +83,14 @@ def markdown(results: dict, engines, tests, threads) -> str:
             parts.append(f"warm {warm:.2f} s")
         if cold is not None:
             parts.append(f"cold {cold:.2f} s")
-        source = "" if results.get("ttft_bytecode", True) else (
-            " (ember's sources compiled at every start: an editable install and PYTHONDONTWRITEBYTECODE;"
-            " `pip install .` installs the bytecode)")
+        source = (
+            ""
+            if results.get("ttft_bytecode", True)
+            else (
+                " (ember's sources compiled at every start: an editable install and PYTHONDONTWRITEBYTECODE;"
+                " `pip install .` installs the bytecode)"
+            )
+        )
         lines.append(f"- ember run, process start to first token: {', '.join(parts)}{source}")
     lines.append(f"- other processes at start: {results['load_cores_at_start']:.1f} cores")
     for w in results.get("warnings", []):

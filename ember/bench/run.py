@@ -128,8 +128,13 @@ def time_to_first_token(script: Path, model: str, cold: bool) -> float:
             env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "numba")
             env["EMBER_CACHE_DIR"] = os.path.join(tmp, "cache")
         t = time.perf_counter()
-        res = subprocess.run([str(script), "run", model, TTFT_PROMPT, "--raw", "-n", "1"],
-                             capture_output=True, text=True, env=env, cwd=tmp)
+        res = subprocess.run(
+            [str(script), "run", model, TTFT_PROMPT, "--raw", "-n", "1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
         dt = time.perf_counter() - t
     if res.returncode != 0:
         err = res.stderr.strip().splitlines()
@@ -152,25 +157,41 @@ def machine() -> dict:
 
     import psutil
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(logical=False),
-            "memory_bytes": psutil.virtual_memory().total, "python": platform.python_version()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(logical=False),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ember bench",
         description="On-device benchmark: prompt (ppN) and decode (tgN) tokens/s, the cost of N new "
-                    "tokens after a context (kN), peak RSS and `ember run` start-up time; with --peer "
-                    "also llama.cpp on the same model. Each measurement runs in a fresh process.")
+        "tokens after a context (kN), peak RSS and `ember run` start-up time; with --peer "
+        "also llama.cpp on the same model. Each measurement runs in a fresh process.",
+    )
     ap.add_argument("--model", default="smollm2-135m", help="catalog name or path to a .gguf (default: %(default)s)")
-    ap.add_argument("--threads", help=f"comma-separated thread counts (default: {DEFAULT_THREADS}; "
-                                      "--quick: ember's default, EMBER_THREADS or the physical cores)")
-    ap.add_argument("--tests", help=f"comma-separated tests: ppN, tgN, kN (default: {','.join(TESTS)}; "
-                                    f"--quick: {','.join(QUICK_TESTS)})")
-    ap.add_argument("--reps", type=int, help=f"timed runs per test, engine and thread count; the median counts "
-                                             f"(default: {DEFAULT_REPS}; --quick: 1)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: one rep, one thread count, small tests, no cold start-up time")
+    ap.add_argument(
+        "--threads",
+        help=f"comma-separated thread counts (default: {DEFAULT_THREADS}; "
+        "--quick: ember's default, EMBER_THREADS or the physical cores)",
+    )
+    ap.add_argument(
+        "--tests",
+        help=f"comma-separated tests: ppN, tgN, kN (default: {','.join(TESTS)}; --quick: {','.join(QUICK_TESTS)})",
+    )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        help=f"timed runs per test, engine and thread count; the median counts (default: {DEFAULT_REPS}; --quick: 1)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one rep, one thread count, small tests, no cold start-up time",
+    )
     ap.add_argument("--peer", action="store_true", help="also run llama.cpp (needs llama-cpp-python: the peer extra)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     ap.add_argument("--out", help="folder to write results.json and results.md into")
@@ -214,8 +235,9 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            raise BenchError("--peer needs llama-cpp-python: pip install 'ember[peer]' "
-                             "(builds llama.cpp, ~7 min)") from None
+            raise BenchError(
+                "--peer needs llama-cpp-python: pip install 'ember[peer]' (builds llama.cpp, ~7 min)"
+            ) from None
     engines = ["ember"] + (["llama.cpp"] if args.peer else [])
     # A name not in the catalog fails here, in one line; a catalog model is pulled once, here.
     # Workers get the file's absolute path: they run from another folder.
@@ -228,13 +250,25 @@ def _bench(args: argparse.Namespace) -> int:
         _note("warning: " + warnings[-1])
     script = ember_script()
     if script is None:
-        warnings.append("no `ember` console script next to this Python: start-up time (TTFT) skipped; "
-                        "pip install the package to measure it")
+        warnings.append(
+            "no `ember` console script next to this Python: start-up time (TTFT) skipped; "
+            "pip install the package to measure it"
+        )
         _note("warning: " + warnings[-1])
 
-    results: dict = {"model": args.model, "model_path": model_path, "quick": args.quick, "machine": machine(),
-                     "load_cores_at_start": load, "warnings": warnings, "threads": threads, "tests": tests,
-                     "reps": reps, "bandwidth_bytes_per_s": {}, "runs": {}}
+    results: dict = {
+        "model": args.model,
+        "model_path": model_path,
+        "quick": args.quick,
+        "machine": machine(),
+        "load_cores_at_start": load,
+        "warnings": warnings,
+        "threads": threads,
+        "tests": tests,
+        "reps": reps,
+        "bandwidth_bytes_per_s": {},
+        "runs": {},
+    }
     for t in threads:
         bw = run_worker(["bandwidth", str(t)], args.debug)["bytes_per_s"]
         results["bandwidth_bytes_per_s"][t] = bw
@@ -254,8 +288,9 @@ def _bench(args: argparse.Namespace) -> int:
     if script is not None:
         try:
             n_warm = 1 if args.quick else 3
-            results["ttft_warm_s"] = statistics.median(time_to_first_token(script, model_path, cold=False)
-                                                       for _ in range(n_warm))
+            results["ttft_warm_s"] = statistics.median(
+                time_to_first_token(script, model_path, cold=False) for _ in range(n_warm)
+            )
             _note(f"ember run, start to first token (warm): {results['ttft_warm_s']:.2f} s")
             if not args.quick:
                 results["ttft_cold_s"] = time_to_first_token(script, model_path, cold=True)

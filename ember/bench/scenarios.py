@@ -1,10 +1,10 @@
 """The benchmark's tests: their names, what they measure, and the prompts they feed.
 
-    ppN   one batch of N prompt tokens from an empty cache, tokens/s
-    tgN   N greedy single-token decodes after a PROMPT_TG-token prompt, tokens/s
-    kN    a forward over N new tokens after a K_CONTEXT-token context (speculative
-          verification's shape), tokens/s, and its cost relative to one new token
-          (forwards of 1 and of N tokens alternating, medians of K_REPS each)
+ppN   one batch of N prompt tokens from an empty cache, tokens/s
+tgN   N greedy single-token decodes after a PROMPT_TG-token prompt, tokens/s
+kN    a forward over N new tokens after a K_CONTEXT-token context (speculative
+      verification's shape), tokens/s, and its cost relative to one new token
+      (forwards of 1 and of N tokens alternating, medians of K_REPS each)
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def parse_test(name: str) -> tuple[str, int]:
     """("pp" | "tg" | "k", N) of a test name such as pp128, tg32 or k8."""
     m = _TEST.fullmatch(name.strip())
     if not m or not 1 <= int(m.group(2)) <= MAX_TOKENS:
-        raise BenchError(f"unknown test {name!r}: give ppN (prompt), tgN (decode) or kN (N new tokens "
-                         f"after a context), N from 1 to {MAX_TOKENS}, e.g. --tests {','.join(TESTS)}")
+        raise BenchError(
+            f"unknown test {name!r}: give ppN (prompt), tgN (decode) or kN (N new tokens "
+            f"after a context), N from 1 to {MAX_TOKENS}, e.g. --tests {','.join(TESTS)}"
+        )
     return m.group(1), int(m.group(2))
 
 

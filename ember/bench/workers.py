@@ -36,8 +36,7 @@ def _k_interleaved(timed, k: int) -> dict:
         t1.append(timed(1))
         tk.append(timed(k))
     dt1, dtk = statistics.median(t1), statistics.median(tk)
-    return {"tokens_per_s": k / dtk, "k_cost_ratio": dtk / dt1, "one_token_s": dt1,
-            "peak_rss_bytes": _peak_rss()}
+    return {"tokens_per_s": k / dtk, "k_cost_ratio": dtk / dt1, "one_token_s": dt1, "peak_rss_bytes": _peak_rss()}
 
 
 def worker_ember(model: str, test: str, threads: int) -> dict:
@@ -61,7 +60,7 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
 
         def timed(k):
             t = time.perf_counter()
-            s.feed(ids[K_CONTEXT:K_CONTEXT + k])
+            s.feed(ids[K_CONTEXT : K_CONTEXT + k])
             dt = time.perf_counter() - t
             s.truncate(K_CONTEXT)
             return dt
@@ -72,8 +71,11 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
         pass
     for _ in m.generate(ids, max_tokens=n, ignore_eos=True):
         pass
-    return {"tokens_per_s": m.stats["decode_tokens_per_s"], "peak_rss_bytes": _peak_rss(),
-            "weight_bytes_per_token": m.transformer.weight_bytes_per_token()}
+    return {
+        "tokens_per_s": m.stats["decode_tokens_per_s"],
+        "peak_rss_bytes": _peak_rss(),
+        "weight_bytes_per_token": m.transformer.weight_bytes_per_token(),
+    }
 
 
 def worker_llama(model: str, test: str, threads: int) -> dict:
@@ -83,8 +85,15 @@ def worker_llama(model: str, test: str, threads: int) -> dict:
 
     kind, n = parse_test(test)
     path = str(ember.hub.resolve(model))
-    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=2048,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     tok = lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)  # noqa: E731
     if kind == "k":
         ids = prompt_ids(K_CONTEXT + n, tok)
@@ -93,7 +102,7 @@ def worker_llama(model: str, test: str, threads: int) -> dict:
         def timed(k):
             llm.n_tokens = K_CONTEXT  # eval() drops the cache after n_tokens
             t = time.perf_counter()
-            llm.eval(ids[K_CONTEXT:K_CONTEXT + k])
+            llm.eval(ids[K_CONTEXT : K_CONTEXT + k])
             return time.perf_counter() - t
 
         return _k_interleaved(timed, n)
@@ -139,8 +148,16 @@ def worker_bandwidth(threads: int) -> dict:
         n = a.shape[0] // 8
         s = np.float32(0.0)
         for i in range(n):
-            s += (a[i] + a[n + i] + a[2 * n + i] + a[3 * n + i] + a[4 * n + i] + a[5 * n + i]
-                  + a[6 * n + i] + a[7 * n + i])
+            s += (
+                a[i]
+                + a[n + i]
+                + a[2 * n + i]
+                + a[3 * n + i]
+                + a[4 * n + i]
+                + a[5 * n + i]
+                + a[6 * n + i]
+                + a[7 * n + i]
+            )
         return s
 
     a = np.ones(1 << 28, dtype=np.float32)
@@ -170,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             engine, model, test, threads = args
             out = (worker_ember if engine == "ember" else worker_llama)(model, test, int(threads))
         else:
-            print("usage: python -m ember.bench.workers {ember|llama} MODEL TEST THREADS"
-                  " | bandwidth THREADS", file=sys.stderr)
+            print(
+                "usage: python -m ember.bench.workers {ember|llama} MODEL TEST THREADS | bandwidth THREADS",
+                file=sys.stderr,
+            )
             return 2
     except EmberError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)

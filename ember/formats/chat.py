@@ -86,8 +86,15 @@ def check_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
 class ChatFormat:
     """A model's chat template with the tokens it refers to."""
 
-    def __init__(self, template: str | None, *, bos_token: str = "", eos_token: str = "",
-                 architecture: str = "", vocab_has_chatml: bool = False):
+    def __init__(
+        self,
+        template: str | None,
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+        architecture: str = "",
+        vocab_has_chatml: bool = False,
+    ):
         self.builtin = template is None
         if template is None:
             if architecture.startswith("gemma"):

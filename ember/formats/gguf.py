@@ -36,9 +36,17 @@ MAX_KEY_BYTES = 1 << 16
 # GGUF metadata value types
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
 _SCALARS = {
-    _U8: np.dtype("<u1"), _I8: np.dtype("<i1"), _U16: np.dtype("<u2"), _I16: np.dtype("<i2"),
-    _U32: np.dtype("<u4"), _I32: np.dtype("<i4"), _F32: np.dtype("<f4"), _BOOL: np.dtype("<u1"),
-    _U64: np.dtype("<u8"), _I64: np.dtype("<i8"), _F64: np.dtype("<f8"),
+    _U8: np.dtype("<u1"),
+    _I8: np.dtype("<i1"),
+    _U16: np.dtype("<u2"),
+    _I16: np.dtype("<i2"),
+    _U32: np.dtype("<u4"),
+    _I32: np.dtype("<i4"),
+    _F32: np.dtype("<f4"),
+    _BOOL: np.dtype("<u1"),
+    _U64: np.dtype("<u8"),
+    _I64: np.dtype("<i8"),
+    _F64: np.dtype("<f8"),
 }
 _U64S = struct.Struct("<Q")
 _U32S = struct.Struct("<I")
@@ -107,7 +115,7 @@ class LazyStrings(Sequence):
         n = len(self)
         if n:
             region = np.frombuffer(self.raw_region(), np.uint8).copy()
-            fields = self._offsets - self._offsets[0]   # each length field's first byte
+            fields = self._offsets - self._offsets[0]  # each length field's first byte
             region[fields] = 0
             keep = np.ones(region.size, bool)
             keep[(fields[:, None] + np.arange(1, 8)).ravel()] = False

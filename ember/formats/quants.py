@@ -79,9 +79,11 @@ def _opaque(typingctx, n):
     slower. When the trip count is a value LLVM cannot see, the loop vectorizer takes the loop
     and adds a cheap runtime overlap check.
     """
+
     def codegen(context, builder, signature, args):
         fnty = ir.FunctionType(args[0].type, [args[0].type])
         return builder.call(ir.InlineAsm(fnty, "", "=r,0"), [args[0]])
+
     return types.intp(types.intp), codegen
 
 
@@ -114,8 +116,12 @@ def _i8(x):
 @njit(cache=True, nogil=True, inline="always")
 def _u32(src, off):
     """Little-endian uint32 at src[off:off+4], as an int64."""
-    return (np.int64(src[off]) | (np.int64(src[off + 1]) << 8)
-            | (np.int64(src[off + 2]) << 16) | (np.int64(src[off + 3]) << 24))
+    return (
+        np.int64(src[off])
+        | (np.int64(src[off + 1]) << 8)
+        | (np.int64(src[off + 2]) << 16)
+        | (np.int64(src[off + 3]) << 24)
+    )
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -176,8 +182,7 @@ def _deq_q5_0(src, out):  # d:f16, qh:u32, qs[16]
     n16 = _opaque(16)
     for b in range(out.size // 32):
         o = b * 22
-        _nibble_block(src, out, o + 6, b * 32, _u32(src, o + 2), _f16(src, o), _F32(0), 16,
-                      False, n16)
+        _nibble_block(src, out, o + 6, b * 32, _u32(src, o + 2), _f16(src, o), _F32(0), 16, False, n16)
 
 
 @njit(cache=True, nogil=True)
@@ -185,8 +190,7 @@ def _deq_q5_1(src, out):  # d:f16, m:f16, qh:u32, qs[16]
     n16 = _opaque(16)
     for b in range(out.size // 32):
         o = b * 24
-        _nibble_block(src, out, o + 8, b * 32, _u32(src, o + 4), _f16(src, o), _f16(src, o + 2),
-                      0, True, n16)
+        _nibble_block(src, out, o + 8, b * 32, _u32(src, o + 4), _f16(src, o), _f16(src, o + 2), 0, True, n16)
 
 
 @njit(cache=True, nogil=True)
@@ -367,8 +371,7 @@ def _deq_f16(src, out):
             v = _F32(em) * _TWO_M24
             out[i] = -v if h & 0x8000 else v
         else:  # rebias the exponent (15 -> 127). inf/NaN go to exponent 255, payload kept
-            bits[i] = np.uint32(((h & 0x8000) << 16)
-                                | ((em << 13) + (0x70000000 if em >= 0x7C00 else 0x38000000)))
+            bits[i] = np.uint32(((h & 0x8000) << 16) | ((em << 13) + (0x70000000 if em >= 0x7C00 else 0x38000000)))
 
 
 @njit(cache=True, nogil=True)
@@ -382,23 +385,26 @@ def _deq_bf16(src, out):
 # public API
 
 # type id -> kernel(src, out), in the order error messages list them
-_KERNELS: dict[int, Callable[[np.ndarray, np.ndarray], None]] = {int(t): k for t, k in {
-    _T.F32: _deq_f32,
-    _T.F16: _deq_f16,
-    _T.BF16: _deq_bf16,
-    _T.Q4_0: _deq_q4_0,
-    _T.Q4_1: _deq_q4_1,
-    _T.Q5_0: _deq_q5_0,
-    _T.Q5_1: _deq_q5_1,
-    _T.Q8_0: _deq_q8_0,
-    _T.Q2_K: _deq_q2_k,
-    _T.Q3_K: _deq_q3_k,
-    _T.Q4_K: _deq_q4_k,
-    _T.Q5_K: _deq_q5_k,
-    _T.Q6_K: _deq_q6_k,
-    _T.TQ1_0: _deq_tq1_0,
-    _T.TQ2_0: _deq_tq2_0,
-}.items()}
+_KERNELS: dict[int, Callable[[np.ndarray, np.ndarray], None]] = {
+    int(t): k
+    for t, k in {
+        _T.F32: _deq_f32,
+        _T.F16: _deq_f16,
+        _T.BF16: _deq_bf16,
+        _T.Q4_0: _deq_q4_0,
+        _T.Q4_1: _deq_q4_1,
+        _T.Q5_0: _deq_q5_0,
+        _T.Q5_1: _deq_q5_1,
+        _T.Q8_0: _deq_q8_0,
+        _T.Q2_K: _deq_q2_k,
+        _T.Q3_K: _deq_q3_k,
+        _T.Q4_K: _deq_q4_k,
+        _T.Q5_K: _deq_q5_k,
+        _T.Q6_K: _deq_q6_k,
+        _T.TQ1_0: _deq_tq1_0,
+        _T.TQ2_0: _deq_tq2_0,
+    }.items()
+}
 
 SUPPORTED: frozenset[int] = frozenset(_KERNELS)
 """ggml type ids that ``dequantize`` can decode."""
@@ -420,8 +426,8 @@ def block_info(qtype: int) -> tuple[int, int]:
         return _SIZES[int(qtype)]
     except KeyError:
         raise UnsupportedError(
-            f"ggml type {_describe(qtype)} has no known block layout; the file is corrupt "
-            f"or needs a newer ember") from None
+            f"ggml type {_describe(qtype)} has no known block layout; the file is corrupt or needs a newer ember"
+        ) from None
 
 
 def row_nbytes(qtype: int, n: int) -> int:
@@ -431,7 +437,8 @@ def row_nbytes(qtype: int, n: int) -> int:
     if n < 0 or n % bw:
         raise FormatError(
             f"{n} weights of type {type_name(qtype)} is not a whole number of "
-            f"{bw}-weight blocks; the tensor shape is corrupt")
+            f"{bw}-weight blocks; the tensor shape is corrupt"
+        )
     return n // bw * bb
 
 
@@ -440,8 +447,8 @@ def _kernel(qtype: int, name: str) -> Callable[[np.ndarray, np.ndarray], None]:
     if kernel is None:
         supported = ", ".join(type_name(t) for t in _KERNELS)
         raise UnsupportedError(
-            f"tensor {name!r} has ggml type {_describe(qtype)}, which ember cannot decode yet; "
-            f"supported: {supported}")
+            f"tensor {name!r} has ggml type {_describe(qtype)}, which ember cannot decode yet; supported: {supported}"
+        )
     return kernel
 
 
@@ -470,13 +477,15 @@ def _checked_bytes(raw, qtype: int, n_elements: int | None, name: str) -> tuple[
         if src.size % bb:
             raise FormatError(
                 f"tensor {name!r} ({type_name(qtype)}) has {src.size} bytes, not a whole "
-                f"number of {bb}-byte blocks; the file is truncated or corrupt")
+                f"number of {bb}-byte blocks; the file is truncated or corrupt"
+            )
         return src, src.size // bb * bw
     expected = _named_row_nbytes(qtype, n_elements, name)
     if src.size != expected:
         raise FormatError(
             f"tensor {name!r} ({type_name(qtype)}, {n_elements} weights) should be "
-            f"{expected} bytes but is {src.size} bytes; the file is truncated or corrupt")
+            f"{expected} bytes but is {src.size} bytes; the file is truncated or corrupt"
+        )
     return src, int(n_elements)
 
 
@@ -506,8 +515,9 @@ def dequantize_into(raw, qtype: int, out: np.ndarray, name: str = "tensor") -> n
     return out
 
 
-def dequantize_rows(raw2d: np.ndarray, qtype: int, rows: int | Sequence[int] | np.ndarray,
-                    n_cols: int, name: str = "tensor") -> np.ndarray:
+def dequantize_rows(
+    raw2d: np.ndarray, qtype: int, rows: int | Sequence[int] | np.ndarray, n_cols: int, name: str = "tensor"
+) -> np.ndarray:
     """Decode only the given rows of a matrix, e.g. token embeddings on demand.
 
     ``raw2d`` is the matrix as stored: uint8 [n_rows, row_nbytes(qtype, n_cols)]. A typed array
@@ -523,7 +533,8 @@ def dequantize_rows(raw2d: np.ndarray, qtype: int, rows: int | Sequence[int] | n
     if raw2d.ndim != 2 or raw2d.dtype != np.uint8 or raw2d.shape[1] != expected:
         raise FormatError(
             f"tensor {name!r} ({type_name(qtype)}, {n_cols} columns) should be a matrix with "
-            f"rows of {expected} bytes, got shape {raw2d.shape} of {raw2d.dtype}")
+            f"rows of {expected} bytes, got shape {raw2d.shape} of {raw2d.dtype}"
+        )
     if isinstance(rows, (int, np.integer)):  # the per-token path: no copy of the row bytes
         src = raw2d[int(rows)]  # IndexError when out of range
         out = np.empty((1, n_cols), dtype=np.float32)

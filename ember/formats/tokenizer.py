@@ -198,8 +198,13 @@ class Tokenizer:
         tokens = self.tokens
         try:
             pairs = np.load(cache, allow_pickle=False)
-            if (pairs.ndim == 2 and pairs.shape[1] == 2 and pairs.size
-                    and 0 <= pairs.min() and pairs.max() < self.n_vocab):
+            if (
+                pairs.ndim == 2
+                and pairs.shape[1] == 2
+                and pairs.size
+                and 0 <= pairs.min()
+                and pairs.max() < self.n_vocab
+            ):
                 return [(tokens[a], tokens[b]) for a, b in pairs.tolist()]
         except (OSError, ValueError):
             pass

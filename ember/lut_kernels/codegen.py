@@ -34,12 +34,39 @@ from numba import types
 from numba.core import errors
 
 __all__ = [
-    "ISAS", "host_features", "host_isas", "best_isa", "select_kernel", "resolve_isa", "is_zen",
-    "l1d_bytes", "prefetch_locality", "prefetch_bytes",
-    "splat", "vec", "mask", "flt", "emit_hsum", "emit_row_end", "emit_tile_end", "emit_prefetch",
-    "fold", "transpose_reduce", "finish_module",
-    "init_llvm", "optimize", "target_for", "parsed", "read_object", "jit", "host_asm", "once",
-    "as_i64", "check_types", "call_codegen", "emit_call",
+    "ISAS",
+    "host_features",
+    "host_isas",
+    "best_isa",
+    "select_kernel",
+    "resolve_isa",
+    "is_zen",
+    "l1d_bytes",
+    "prefetch_locality",
+    "prefetch_bytes",
+    "splat",
+    "vec",
+    "mask",
+    "flt",
+    "emit_hsum",
+    "emit_row_end",
+    "emit_tile_end",
+    "emit_prefetch",
+    "fold",
+    "transpose_reduce",
+    "finish_module",
+    "init_llvm",
+    "optimize",
+    "target_for",
+    "parsed",
+    "read_object",
+    "jit",
+    "host_asm",
+    "once",
+    "as_i64",
+    "check_types",
+    "call_codegen",
+    "emit_call",
 ]
 
 ISAS = ("avx512", "avx512-novnni", "avx2", "neon")
@@ -93,16 +120,13 @@ def select_kernel(kernel: str | None = None) -> str:
     """Resolve a kernel name: an explicit name, else ``$EMBER_KERNEL``, else ``best_isa()``."""
     name = kernel or os.environ.get("EMBER_KERNEL", "").strip().lower() or best_isa()
     if name not in host_isas():
-        raise ValueError(f"kernel {name!r} is not available on this host "
-                         f"(available: {', '.join(host_isas())})")
+        raise ValueError(f"kernel {name!r} is not available on this host (available: {', '.join(host_isas())})")
     return name
-
 
 
 def resolve_isa(isa: str) -> str:
     """The IR variant to emit for `isa` on this host (AVX-512 without VNNI uses vpmaddubsw)."""
     return "avx512-novnni" if isa == "avx512" and not host_features().get("avx512vnni") else isa
-
 
 
 def is_zen() -> bool:
@@ -144,7 +168,6 @@ def prefetch_bytes(default: int) -> int:
     return max(default, 8192) if default and is_zen() else default
 
 
-
 # ---------------------------------------------------------------------------------------------
 # IR text
 
@@ -165,8 +188,8 @@ def mask(idx) -> str:
 def flt(v: float) -> str:
     """An LLVM float literal (a double that is exactly representable as float)."""
     import struct
-    return f"0x{struct.unpack('<Q', struct.pack('<d', float(v)))[0]:016X}"
 
+    return f"0x{struct.unpack('<Q', struct.pack('<d', float(v)))[0]:016X}"
 
 
 def emit_hsum(a, src: str, n: int, out: str) -> None:
@@ -200,7 +223,6 @@ def emit_prefetch(a, ptr: str) -> None:
     a(f"  call void @ember.prefetch(ptr {ptr})")
 
 
-
 def emit_tile_end(a, var: str, limit: str, loop: str, tile: int, nv: int, nl: int) -> None:
     """The ends of an inner loop over ``%<var>`` (to ``limit``, block ``%<loop>``) and of the
     tile loop around it over ``%t`` (``%t0`` to ``%t1``, block ``%tile``): the ``nv`` row sums
@@ -225,7 +247,6 @@ def emit_tile_end(a, var: str, limit: str, loop: str, tile: int, nv: int, nl: in
     a("}")
 
 
-
 def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: int = 16):
     """Fold n (a power of two, <= 16) 16-lane vectors of segments of seg0 lanes pairwise with
     ``op`` (emits ``o = x op y``) while segments are longer than ``min_seg`` lanes: each level
@@ -241,10 +262,11 @@ def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: in
         nxt = []
         for i in range(0, len(level), 2):
             x, y = level[i], level[i + 1]
-            a(f"  %{tag}{k}l = shufflevector {V} {x}, {V} {y}, "
-              f"{mask(lo + [16 + j for j in lo])}")
-            a(f"  %{tag}{k}h = shufflevector {V} {x}, {V} {y}, "
-              f"{mask([j + half for j in lo] + [16 + j + half for j in lo])}")
+            a(f"  %{tag}{k}l = shufflevector {V} {x}, {V} {y}, {mask(lo + [16 + j for j in lo])}")
+            a(
+                f"  %{tag}{k}h = shufflevector {V} {x}, {V} {y}, "
+                f"{mask([j + half for j in lo] + [16 + j + half for j in lo])}"
+            )
             a(op(f"%{tag}{k}l", f"%{tag}{k}h", f"%{tag}{k}"))
             nxt.append(f"%{tag}{k}")
             k += 1
@@ -268,10 +290,13 @@ def finish_module(lines: list[str], cpu: str | None, features: str | None) -> st
         attrs.append(f'"target-features"="{features}"')
     extra = []
     if any("@ember.prefetch(" in ln for ln in lines):
-        extra += ["declare void @llvm.prefetch.p0(ptr, i32, i32, i32)",
-                  "define internal void @ember.prefetch(ptr %p) alwaysinline nounwind {",
-                  f"  call void @llvm.prefetch.p0(ptr %p, i32 0, i32 {prefetch_locality()}, i32 1)",
-                  "  ret void", "}"]
+        extra += [
+            "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)",
+            "define internal void @ember.prefetch(ptr %p) alwaysinline nounwind {",
+            f"  call void @llvm.prefetch.p0(ptr %p, i32 0, i32 {prefetch_locality()}, i32 1)",
+            "  ret void",
+            "}",
+        ]
     return "\n".join(lines + extra + ["attributes #0 = { " + " ".join(attrs) + " }", "!0 = !{}"]) + "\n"
 
 
@@ -286,7 +311,6 @@ def target_for(isa: str) -> tuple[str, str]:
     if isa == "avx2":
         return "x86-64-v3", ""  # honest AVX2 code: no EVEX, no AVX-512 registers
     return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +345,8 @@ def read_object(key: str) -> bytes | None:
     except OSError:
         return None
     n = len(_OBJ_MAGIC)
-    if data[:n] == _OBJ_MAGIC and hashlib.sha256(data[n + 32:]).digest() == data[n:n + 32]:
-        return data[n + 32:]
+    if data[:n] == _OBJ_MAGIC and hashlib.sha256(data[n + 32 :]).digest() == data[n : n + 32]:
+        return data[n + 32 :]
     path.unlink(missing_ok=True)
     return None
 
@@ -331,8 +355,7 @@ def write_object(key: str, obj: bytes) -> None:
     from ..home import write_atomic
 
     try:
-        write_atomic(object_path(key), _OBJ_MAGIC + hashlib.sha256(obj).digest() + obj,
-                     fsync=False)
+        write_atomic(object_path(key), _OBJ_MAGIC + hashlib.sha256(obj).digest() + obj, fsync=False)
     except OSError:
         pass  # a read-only cache only costs the compile time next run
 
@@ -348,8 +371,9 @@ def jit(make_ir, isa: str):
     init_llvm()
     cpu, feat = target_for(isa)
     text = make_ir(cpu, feat)
-    key = hashlib.sha256("|".join((text, cpu, feat, llvm.__name__, str(llvm.llvm_version_info),
-                                   llvmlite.__version__)).encode()).hexdigest()[:40]
+    key = hashlib.sha256(
+        "|".join((text, cpu, feat, llvm.__name__, str(llvm.llvm_version_info), llvmlite.__version__)).encode()
+    ).hexdigest()[:40]
     cached = read_object(key)
     mod = llvm.parse_assembly(text)
     mod.verify()
@@ -357,8 +381,7 @@ def jit(make_ir, isa: str):
     if cached is None:
         optimize(mod, tm)
     ee = llvm.create_mcjit_compiler(mod, tm)
-    ee.set_object_cache(lambda m, obj: write_object(key, obj) if cached is None else None,
-                        lambda m: cached)
+    ee.set_object_cache(lambda m, obj: write_object(key, obj) if cached is None else None, lambda m: cached)
     ee.finalize_object()
     return ee, (ee, mod, tm), time.perf_counter() - t0
 
@@ -381,7 +404,6 @@ def once(key, build):
     return k
 
 
-
 # ---------------------------------------------------------------------------------------------
 # calls from numba through runtime addresses (int64 values, so the caller stays cacheable)
 
@@ -401,8 +423,11 @@ def check_types(tys, dtypes):
         if dt is None:
             if not isinstance(t, types.Integer):
                 raise errors.TypingError(f"expected an integer, got {t}")
-        elif not (isinstance(t, types.Array) and t.layout == "C"
-                  and (t.dtype in dt if isinstance(dt, tuple) else t.dtype == dt)):
+        elif not (
+            isinstance(t, types.Array)
+            and t.layout == "C"
+            and (t.dtype in dt if isinstance(dt, tuple) else t.dtype == dt)
+        ):
             raise errors.TypingError(f"expected a C-contiguous {dt} array, got {t}")
 
 
@@ -410,13 +435,15 @@ def call_codegen(ret: bool):
     """The lowering of ``fn(args...)`` with ``fn`` a runtime address (the intrinsic's first
     argument) and every argument passed as an i64 (``as_i64``): returns the call's i64 when
     ``ret``, else nothing (a void function)."""
+
     def gen(context, builder, sig, args):
         i64 = ir.IntType(64)
         fnty = ir.FunctionType(i64 if ret else ir.VoidType(), [i64] * (len(args) - 1))
         fp = builder.inttoptr(as_i64(context, builder, sig.args[0], args[0]), fnty.as_pointer())
         r = builder.call(fp, [as_i64(context, builder, t, v) for t, v in zip(sig.args[1:], args[1:])])
         return r if ret else context.get_dummy_value()
+
     return gen
 
 
-emit_call = call_codegen(False)   # a void call: what every kernel's intrinsic lowers to
+emit_call = call_codegen(False)  # a void call: what every kernel's intrinsic lowers to

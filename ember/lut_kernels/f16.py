@@ -32,18 +32,28 @@ from . import codegen
 from .codegen import check_types, emit_call
 from .pack import half_to_f32, tree_sum
 
-__all__ = ["F16", "BF16", "PackedF16", "pack_f16", "f16_matvec", "f16_matvec_reference",
-           "fn_address", "rows_nb", "kernel_ir"]
+__all__ = [
+    "F16",
+    "BF16",
+    "PackedF16",
+    "pack_f16",
+    "f16_matvec",
+    "f16_matvec_reference",
+    "fn_address",
+    "rows_nb",
+    "kernel_ir",
+]
 
-F16, BF16 = 1, 30   # GGMLQuantizationType values
+F16, BF16 = 1, 30  # GGMLQuantizationType values
 DEFAULT_PREFETCH = 4096
 _NAMES = {F16: "f16_rows", BF16: "bf16_rows"}
-_SPECS = {"avx512": 64, "avx512-novnni": 64, "avx2": 32}   # vector bytes of float32 lanes
+_SPECS = {"avx512": 64, "avx512-novnni": 64, "avx2": 32}  # vector bytes of float32 lanes
 
 
 @dataclass
 class PackedF16:
     """An F16 / BF16 matrix [n_out, n_in]: the file's rows, viewed as uint16."""
+
     w: np.ndarray
     n_out: int
     n_in: int
@@ -65,10 +75,8 @@ def pack_f16(raw2d, qtype: int) -> PackedF16:
     if qtype not in _NAMES:
         raise ValueError(f"pack_f16 handles F16 (1) and BF16 (30), not type {qtype}")
     raw = np.asarray(raw2d)
-    if raw.ndim != 2 or raw.shape[1] * raw.itemsize % 2 or raw.shape[1] == 0 \
-            or not raw.flags.c_contiguous:
-        raise ValueError(f"pack_f16: expected C-contiguous [n_out, 2 n_in] bytes, got {raw.dtype} "
-                         f"{raw.shape}")
+    if raw.ndim != 2 or raw.shape[1] * raw.itemsize % 2 or raw.shape[1] == 0 or not raw.flags.c_contiguous:
+        raise ValueError(f"pack_f16: expected C-contiguous [n_out, 2 n_in] bytes, got {raw.dtype} {raw.shape}")
     w = raw.view(np.uint16)
     return PackedF16(w, w.shape[0], w.shape[1], qtype)
 
@@ -78,9 +86,9 @@ def pack_f16(raw2d, qtype: int) -> PackedF16:
 
 
 def _rows_ir(vw: int, qtype: int, prefetch: int) -> list[str]:
-    nl = vw // 4                      # float lanes per vector
+    nl = vw // 4  # float lanes per vector
     VH, VI, VF = f"<{nl} x i16>", f"<{nl} x i32>", f"<{nl} x float>"
-    ch = 4 * nl                       # weights per inner iteration
+    ch = 4 * nl  # weights per inner iteration
     fma = f"@llvm.fma.v{nl}f32"
     L = []
     a = L.append
@@ -98,8 +106,7 @@ def _rows_ir(vw: int, qtype: int, prefetch: int) -> list[str]:
             a(f"  {out} = bitcast {it} {out}.s to {ft}")
 
     ro = "ptr noalias nocapture readonly"
-    a(f"define void @{_NAMES[qtype]}({ro} %w, {ro} %x, ptr noalias nocapture %y, i64 %n, "
-      "i64 %r0, i64 %r1) #0 {")
+    a(f"define void @{_NAMES[qtype]}({ro} %w, {ro} %x, ptr noalias nocapture %y, i64 %n, i64 %r0, i64 %r1) #0 {{")
     a("entry:")
     a("  %e1 = icmp sge i64 %r0, %r1")
     a("  %e2 = icmp sle i64 %n, 0")
@@ -144,7 +151,7 @@ def _rows_ir(vw: int, qtype: int, prefetch: int) -> list[str]:
     codegen.emit_hsum(a, "%sv", nl, "%hs")
     a("  %hastail = icmp ult i64 %nt, %n")
     a("  br i1 %hastail, label %tail, label %rowend")
-    a("tail:")                       # the last n % ch weights, one by one
+    a("tail:")  # the last n % ch weights, one by one
     a("  %i = phi i64 [%nt, %after], [%i.next, %tail]")
     a("  %ts = phi float [%hs, %after], [%ts.next, %tail]")
     a("  %twp = getelementptr i16, ptr %wr, i64 %i")
@@ -166,9 +173,10 @@ def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", feature
     """The IR module text of ``f16_rows`` and ``bf16_rows`` for an x86 path."""
     vw = _SPECS[isa]
     nl = vw // 4
-    L = [f"declare <{nl} x float> @llvm.fma.v{nl}f32(<{nl} x float>, <{nl} x float>, "
-         f"<{nl} x float>)",
-         "declare float @llvm.fma.f32(float, float, float)"]
+    L = [
+        f"declare <{nl} x float> @llvm.fma.v{nl}f32(<{nl} x float>, <{nl} x float>, <{nl} x float>)",
+        "declare float @llvm.fma.f32(float, float, float)",
+    ]
     for qt in _NAMES:
         L += _rows_ir(vw, qt, prefetch)
     return codegen.finish_module(L, cpu, features)
@@ -215,8 +223,7 @@ def fn_address(qtype: int, kernel: str | None = None) -> int:
 @intrinsic
 def _call_rows(typingctx, fn, w, x, y, n, r0, r1):
     """<f16|bf16>_rows(w, x, y, n, r0, r1) through a runtime address."""
-    check_types((fn, w, x, y, n, r0, r1),
-                 (None, types.uint16, types.float32, types.float32, None, None, None))
+    check_types((fn, w, x, y, n, r0, r1), (None, types.uint16, types.float32, types.float32, None, None, None))
     return types.void(fn, w, x, y, n, r0, r1), emit_call
 
 
@@ -266,14 +273,14 @@ def _mv_parallel(fn, w, x, y, qtype, nthreads):
 _F32 = np.dtype(np.float32)
 
 
-def f16_matvec(x, p: PackedF16, out: np.ndarray | None = None, threads: int = 1,
-               kernel: str | None = None) -> np.ndarray:
+def f16_matvec(
+    x, p: PackedF16, out: np.ndarray | None = None, threads: int = 1, kernel: str | None = None
+) -> np.ndarray:
     """y = W @ x (float32 [n_out]); ``out`` may be given."""
     fn = _choice.get((p.qtype, kernel))
     if fn is None:
         fn = fn_address(p.qtype, kernel)
-    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
-            or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if x.size != p.n_in:
         raise ValueError(f"f16_matvec: x has {x.size} values, the matrix {p.n_in} columns")

@@ -39,9 +39,20 @@ from numba.extending import intrinsic
 from . import codegen, f16, kquant, kquant_acts, q8, tmac
 from .pack import DEFAULT_TILE, Q4_0, Q4_1
 
-__all__ = ["KIND_Q4", "KIND_Q8", "KIND_KQ", "KIND_F16", "UNIT", "NCOL", "available", "describe",
-           "fusable",
-           "barrier_address", "new_barrier_state", "ABORT"]
+__all__ = [
+    "KIND_Q4",
+    "KIND_Q8",
+    "KIND_KQ",
+    "KIND_F16",
+    "UNIT",
+    "NCOL",
+    "available",
+    "describe",
+    "fusable",
+    "barrier_address",
+    "new_barrier_state",
+    "ABORT",
+]
 
 UNIT = DEFAULT_TILE  # rows per work unit (the T-MAC tile)
 KIND_Q4, KIND_Q8, KIND_KQ, KIND_F16 = 1, 2, 3, 4
@@ -69,6 +80,7 @@ def addr(typingctx, a):
 
     def gen(context, builder, sig, args):
         return codegen.as_i64(context, builder, sig.args[0], args[0])
+
     return types.int64(a), gen
 
 
@@ -181,9 +193,11 @@ def barrier_address() -> tuple[int, int, int]:
             isa = codegen.select_kernel(None)
             ee, owners, _ = codegen.jit(_barrier_ir, isa)
             libc = ctypes.CDLL(None)
-            _state["barrier"] = (ee.get_function_address("ember_barrier"),
-                                 ctypes.cast(libc.sched_yield, ctypes.c_void_p).value,
-                                 ee.get_function_address("ember_take"))
+            _state["barrier"] = (
+                ee.get_function_address("ember_barrier"),
+                ctypes.cast(libc.sched_yield, ctypes.c_void_p).value,
+                ee.get_function_address("ember_take"),
+            )
             _state["owners"] = owners
         return _state["barrier"]
 
@@ -222,17 +236,27 @@ def describe(m) -> np.ndarray:
         _, fk, bits = tmac.fn_addresses(m.qtype)
         if bits != 16:
             raise ValueError("fused code expects 16-bit tables")
-        return np.array([KIND_Q4, m.n_out, m.n_in, fk, p.codes.ctypes.data, p.dm.ctypes.data,
-                         units, 0], np.int64)
-    if m.qtype in q8.INT8_TYPES:   # one activation format; PackedQ5 bytes or Q8_0 codes
+        return np.array([KIND_Q4, m.n_out, m.n_in, fk, p.codes.ctypes.data, p.dm.ctypes.data, units, 0], np.int64)
+    if m.qtype in q8.INT8_TYPES:  # one activation format; PackedQ5 bytes or Q8_0 codes
         q = p.q if isinstance(p, q8.PackedQ5) else p.qs
-        return np.array([KIND_Q8, m.n_out, m.n_in, q8.fn_address(qtype=m.qtype),
-                         q.ctypes.data, p.d.ctypes.data, units, 0], np.int64)
+        return np.array(
+            [KIND_Q8, m.n_out, m.n_in, q8.fn_address(qtype=m.qtype), q.ctypes.data, p.d.ctypes.data, units, 0], np.int64
+        )
     if m.qtype in (f16.F16, f16.BF16):
-        return np.array([KIND_F16, m.n_out, m.n_in, f16.fn_address(m.qtype), p.w.ctypes.data,
-                         0, units, 0], np.int64)
-    return np.array([KIND_KQ, m.n_out, m.n_in, kquant.fn_address(p.qtype), p.q.ctypes.data,
-                     p.sc.ctypes.data, units, p.d.ctypes.data], np.int64)
+        return np.array([KIND_F16, m.n_out, m.n_in, f16.fn_address(m.qtype), p.w.ctypes.data, 0, units, 0], np.int64)
+    return np.array(
+        [
+            KIND_KQ,
+            m.n_out,
+            m.n_in,
+            kquant.fn_address(p.qtype),
+            p.q.ctypes.data,
+            p.sc.ctypes.data,
+            units,
+            p.d.ctypes.data,
+        ],
+        np.int64,
+    )
 
 
 def prep_fns() -> np.ndarray:
@@ -264,9 +288,16 @@ def scratch(n_in_max, k=1):
     [k, ...] arrays, one row per input row (``_row``)."""
     nb, nsb = n_in_max // 32 + 1, n_in_max // 256 + 1
     xq, xd, xp = kquant_acts.act_buffers(nsb, k + (k & 1))
-    return (np.empty((k, nb * 256), np.int8), np.empty((k, nb * 4), np.float32),
-            np.empty((k, nb * 32), np.int8), np.empty((k, 16 * (nb + 1)), np.float32), xq, xd, xp,
-            np.empty((k, n_in_max), np.float32))
+    return (
+        np.empty((k, nb * 256), np.int8),
+        np.empty((k, nb * 4), np.float32),
+        np.empty((k, nb * 32), np.int8),
+        np.empty((k, 16 * (nb + 1)), np.float32),
+        xq,
+        xd,
+        xp,
+        np.empty((k, n_in_max), np.float32),
+    )
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -298,7 +329,7 @@ def _kinds(desc, m0, m1):
 def _prepare_row(fns, x, rb, q4, q8_, fl):
     """The one-row formats of ``x`` into the row buffers ``rb`` (from ``_row``)."""
     if fl:
-        rb[7][:x.size] = x
+        rb[7][: x.size] = x
     if q4:
         call4(fns[0], x, rb[0], rb[1], x.size // 32)
     if q8_:
@@ -329,15 +360,15 @@ def matvec_units(desc, m, buf, y, u0, u1):
     nb = desc[m, 2] // 32
     r1 = min(UNIT * u1, desc[m, 1])
     if desc[m, 0] == KIND_Q4:
-        call8(desc[m, 3], desc[m, 4], desc[m, 5], buf[0], buf[1], addr(y) + 4 * UNIT * u0, nb,
-              u0, u1)
+        call8(desc[m, 3], desc[m, 4], desc[m, 5], buf[0], buf[1], addr(y) + 4 * UNIT * u0, nb, u0, u1)
     elif desc[m, 0] == KIND_Q8:
         call8(desc[m, 3], desc[m, 4], desc[m, 5], buf[2], buf[3], y, nb, UNIT * u0, r1)
     elif desc[m, 0] == KIND_F16:
         call6(desc[m, 3], desc[m, 4], buf[7], y, desc[m, 2], UNIT * u0, r1)
     else:
-        call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], y,
-               nb // 8, UNIT * u0, r1, 1, y.size)
+        call12(
+            desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], y, nb // 8, UNIT * u0, r1, 1, y.size
+        )
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -352,8 +383,21 @@ def matvec_rows(desc, m, buf, Y, u0, u1):
         return
     if k > 1 and desc[m, 0] == KIND_KQ:
         r1 = min(UNIT * u1, desc[m, 1])
-        call12(desc[m, 3], desc[m, 4], desc[m, 5], desc[m, 7], buf[4], buf[5], buf[6], Y,
-               desc[m, 2] // 256, UNIT * u0, r1, k, Y.shape[1])
+        call12(
+            desc[m, 3],
+            desc[m, 4],
+            desc[m, 5],
+            desc[m, 7],
+            buf[4],
+            buf[5],
+            buf[6],
+            Y,
+            desc[m, 2] // 256,
+            UNIT * u0,
+            r1,
+            k,
+            Y.shape[1],
+        )
         return
     step = u1 - u0 if k == 1 else ROW_GROUP
     for g0 in range(u0, u1, step):

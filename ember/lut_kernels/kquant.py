@@ -99,10 +99,19 @@ def tile_bytes() -> int:
 
 def host_opts(isa: str, what) -> dict:
     """The kernel options a K-quant module is compiled with on this host."""
-    o = {"kb": default_kb(isa, what), "nr": DEFAULT_NR[isa], "pipe": DEFAULT_PIPE[isa],
-         "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH), "tile_bytes": tile_bytes()}
-    if what in PAIR_TYPES and codegen.resolve_isa(isa) == "avx512" and codegen.is_zen() \
-            and codegen.host_features().get("avx512vl"):   # ZEN_YMM
+    o = {
+        "kb": default_kb(isa, what),
+        "nr": DEFAULT_NR[isa],
+        "pipe": DEFAULT_PIPE[isa],
+        "prefetch": codegen.prefetch_bytes(DEFAULT_PREFETCH),
+        "tile_bytes": tile_bytes(),
+    }
+    if (
+        what in PAIR_TYPES
+        and codegen.resolve_isa(isa) == "avx512"
+        and codegen.is_zen()
+        and codegen.host_features().get("avx512vl")
+    ):  # ZEN_YMM
         o["width"] = 32
     return o
 
@@ -126,8 +135,7 @@ def _compile(isa: str, what, **opts):
         spec = codegen.resolve_isa(isa)
         if what != "quant":
             opts = {**host_opts(isa, what), **opts}
-        ee, owners, secs = codegen.jit(
-            lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
+        ee, owners, secs = codegen.jit(lambda cpu, feat: kernel_ir(spec, cpu, feat, what=what, **opts), isa)
         name = "kq_quant" if what == "quant" else f"kq_{NAMES[what]}"
         k = _cache[key] = (ee.get_function_address(name), owners, secs)
         return k
@@ -167,13 +175,12 @@ def fn_address(qtype: int, kernel: str | None = None, **opts) -> int:
         if qtype not in NAMES:
             raise ValueError(f"qtype {qtype} is not a K-quant (Q2_K..Q6_K, 10..14)")
         name = codegen.select_kernel(kernel)
-        if name not in SPECS:   # portable (neon is never executed here)
+        if name not in SPECS:  # portable (neon is never executed here)
             r = 0
         else:
             r = _compile(name, qtype, **opts)[0]
         _choice[key] = r
     return r
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +191,24 @@ def fn_address(qtype: int, kernel: str | None = None, **opts) -> int:
 def _call_kq(typingctx, fn, q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys):
     """kq_<t>(q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys) through a runtime address."""
     args = (fn, q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys)
-    check_types(args, (None, types.uint8, types.uint8, types.uint16, types.int8, types.float32,
-                       types.float32, types.float32, None, None, None, None, None))
+    check_types(
+        args,
+        (
+            None,
+            types.uint8,
+            types.uint8,
+            types.uint16,
+            types.int8,
+            types.float32,
+            types.float32,
+            types.float32,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ),
+    )
     return types.void(*args), emit_call
 
 
@@ -199,19 +222,33 @@ def rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1):
         rows_portable(q, sc, d, xq, xd, xp, y, r0, r1)
 
 
-
 @njit(cache=True, nogil=True, inline="always")
 def _prep(fq, x, q, sc, d, out):
     k, n = x.shape
     nsb = n // 256
     qb, nd = q.shape[1] // max(nsb, 1), d.shape[1] // max(nsb, 1)
-    ok = n % 256 == 0 and nsb > 0 and k > 0 and sc.shape[1] == 16 * nsb \
-        and q.shape[0] == sc.shape[0] and q.shape[0] == d.shape[0] \
-        and q.shape[1] == qb * nsb and d.shape[1] == nd * nsb \
-        and ((qb == 128 and nd == 2) or (qb == 160 and nd == 2) or (qb == 192 and nd == 1)
-             or (qb == 64 and nd == 2) or (qb == 96 and nd == 1)) \
-        and out.shape[0] == k and (out.shape[1] == q.shape[0] or (
-            (qb == 128 or qb == 160) and q.shape[0] % 2 == 0 and out.shape[1] == q.shape[0] - 1))
+    ok = (
+        n % 256 == 0
+        and nsb > 0
+        and k > 0
+        and sc.shape[1] == 16 * nsb
+        and q.shape[0] == sc.shape[0]
+        and q.shape[0] == d.shape[0]
+        and q.shape[1] == qb * nsb
+        and d.shape[1] == nd * nsb
+        and (
+            (qb == 128 and nd == 2)
+            or (qb == 160 and nd == 2)
+            or (qb == 192 and nd == 1)
+            or (qb == 64 and nd == 2)
+            or (qb == 96 and nd == 1)
+        )
+        and out.shape[0] == k
+        and (
+            out.shape[1] == q.shape[0]
+            or ((qb == 128 or qb == 160) and q.shape[0] % 2 == 0 and out.shape[1] == q.shape[0] - 1)
+        )
+    )
     if not ok:
         raise ValueError("kq_matmul: the shapes of x, the packed matrix and out differ")
     return quantize_x_alloc(x, fq)
@@ -252,11 +289,9 @@ def _addresses(qtype, kernel):
     return fn, fq
 
 
-def kq_matvec(x, p: PackedKQ, out: np.ndarray | None = None, threads: int = 1,
-              kernel: str | None = None) -> np.ndarray:
+def kq_matvec(x, p: PackedKQ, out: np.ndarray | None = None, threads: int = 1, kernel: str | None = None) -> np.ndarray:
     """y = W @ x for a packed K-quant matrix (float32 [n_out]); ``out`` may be given."""
-    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
-            or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if out is None:
         out = np.empty(p.n_out, np.float32)
@@ -270,27 +305,23 @@ def kq_matvec(x, p: PackedKQ, out: np.ndarray | None = None, threads: int = 1,
     return out
 
 
-def kq_matmul(X, p: PackedKQ, out: np.ndarray | None = None, kernel: str | None = None,
-              threads: int = 1) -> np.ndarray:
+def kq_matmul(X, p: PackedKQ, out: np.ndarray | None = None, kernel: str | None = None, threads: int = 1) -> np.ndarray:
     """Y = X @ W.T for X float32 [k, n_in] (one pass over the weights for all k rows):
     float32 [k, n_out]; ``out`` may be given."""
-    if type(X) is not np.ndarray or X.dtype is not _F32 or X.ndim != 2 \
-            or not X.flags.c_contiguous:
+    if type(X) is not np.ndarray or X.dtype is not _F32 or X.ndim != 2 or not X.flags.c_contiguous:
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise ValueError("kq_matmul: X must be [k, n_in]")
     if out is None:
         out = np.empty((X.shape[0], p.n_out), np.float32)
-    elif out.ndim != 2 or out.shape[1] != p.n_out or out.dtype != _F32 \
-            or not out.flags.c_contiguous:
+    elif out.ndim != 2 or out.shape[1] != p.n_out or out.dtype != _F32 or not out.flags.c_contiguous:
         raise ValueError("kq_matmul: out must be a C-contiguous float32 [k, n_out] array")
     fn, fq = _addresses(p.qtype, kernel)
     if threads > 1 and X.shape[0] >= MIN_ROWS:
         # a batch: quantized once, rows shared out on split's threads (the batch path's one
         # pool; numba's OpenMP workers would spin beside it); smaller ones: prange
         xq, xd, xp = _prep(fq, X, p.q, p.sc, p.d, out)
-        split(p.n_out, threads,
-              lambda r0, r1: rows_nb(fn, p.q, p.sc, p.d, xq, xd, xp, out, r0, r1))
+        split(p.n_out, threads, lambda r0, r1: rows_nb(fn, p.q, p.sc, p.d, xq, xd, xp, out, r0, r1))
     elif threads > 1:
         _mm_parallel(fn, fq, X, p.q, p.sc, p.d, out, threads)
     else:
@@ -307,7 +338,6 @@ def quantize_x(X, kernel: str | None = None):
     return quantize_x_alloc(X, quant_address(kernel))
 
 
-
 _F16_FIELDS = {Q2_K: (80, 82), Q3_K: (108,), Q4_K: (0, 2), Q5_K: (0, 2), Q6_K: (208,)}
 
 
@@ -319,6 +349,5 @@ def random_kquant(rng, qtype: int, n_out: int, n_in: int) -> np.ndarray:
     raw = rng.integers(0, 256, (n_out, nsb, bb), dtype=np.uint8)
     for off, mag in zip(_F16_FIELDS[qtype], (1e-3, 3e-4), strict=False):
         v = rng.uniform(0.5, 1.5, (n_out, nsb)) * rng.choice([-1.0, 1.0], (n_out, nsb)) * mag
-        raw[:, :, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
+        raw[:, :, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_out, nsb, 2)
     return raw.reshape(n_out, nsb * bb)
-

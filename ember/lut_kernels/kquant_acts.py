@@ -45,14 +45,16 @@ def quant_ir() -> list[str]:
     L = []
     a = L.append
     V, VI = "<16 x float>", "<16 x i32>"
-    a("define void @kq_quant(ptr noalias nocapture readonly %x, ptr noalias nocapture %xq, "
-      "ptr noalias nocapture %xd, ptr noalias nocapture %xp, i64 %nsb, i64 %k, i64 %kp, "
-      "i64 %xs) #0 {")
+    a(
+        "define void @kq_quant(ptr noalias nocapture readonly %x, ptr noalias nocapture %xq, "
+        "ptr noalias nocapture %xd, ptr noalias nocapture %xp, i64 %nsb, i64 %k, i64 %kp, "
+        "i64 %xs) #0 {"
+    )
     a("entry:")
     a("  %e1 = icmp sle i64 %nsb, 0")
     a("  %e2 = icmp sle i64 %kp, 0")
     a("  %skip = or i1 %e1, %e2")
-    a("  %xsn = mul i64 %nsb, %kp")               # xd[1] starts nsb kp 16 floats after xd[0]
+    a("  %xsn = mul i64 %nsb, %kp")  # xd[1] starts nsb kp 16 floats after xd[0]
     a("  %xso = mul i64 %xsn, 16")
     a("  br i1 %skip, label %exit, label %row")
     a("row:")
@@ -82,8 +84,13 @@ def quant_ir() -> list[str]:
             a(f"  %a{b}{h} = call {V} @llvm.fabs.v16f32({V} %v{b}{h})")
         a(f"  %m{b} = call nnan {V} @llvm.maxnum.v16f32({V} %a{b}0, {V} %a{b}1)")
     # the 8 blocks' amax, dx and 1/dx at once (a transposed reduction, vector divisions)
-    am = transpose_reduce(a, [f"%m{b}" for b in range(8)], "float", "am",
-                           lambda x, y, o: f"  {o} = call nnan {V} @llvm.maxnum.v16f32({V} {x}, {V} {y})")
+    am = transpose_reduce(
+        a,
+        [f"%m{b}" for b in range(8)],
+        "float",
+        "am",
+        lambda x, y, o: f"  {o} = call nnan {V} @llvm.maxnum.v16f32({V} {x}, {V} {y})",
+    )
     a(f"  %am8a = shufflevector {V} {am}, {V} poison, {mask(range(0, 16, 2))}")
     a(f"  %am8b = shufflevector {V} {am}, {V} poison, {mask(range(1, 16, 2))}")
     a("  %AM = call nnan <8 x float> @llvm.maxnum.v8f32(<8 x float> %am8a, <8 x float> %am8b)")
@@ -103,11 +110,11 @@ def quant_ir() -> list[str]:
         a(f"  %natd{b} = bitcast <32 x i8> %nat{b} to <8 x i32>")
         dw.append(f"%natd{b}")
     # per 16-group (lane g = 2 b + h) sums of xq, then per 32-block; dx and dx * xsum
-    xs = transpose_reduce(a, [f"%qi{g // 2}{g % 2}" for g in range(16)], "i32", "xs",
-                           lambda x, y, o: f"  {o} = add {VI} {x}, {y}")
+    xs = transpose_reduce(
+        a, [f"%qi{g // 2}{g % 2}" for g in range(16)], "i32", "xs", lambda x, y, o: f"  {o} = add {VI} {x}, {y}"
+    )
     # in the lane order: lane L holds 16-group LANE_GROUP[L] (of 32-block L % 8)
-    a(f"  %DX16 = shufflevector <8 x float> %DX8, <8 x float> poison, "
-      f"{mask([L % 8 for L in range(16)])}")
+    a(f"  %DX16 = shufflevector <8 x float> %DX8, <8 x float> poison, {mask([L % 8 for L in range(16)])}")
     a(f"  store {V} %DX16, ptr %dxp, align 4")
     a(f"  %XSL = shufflevector {VI} {xs}, {VI} poison, {mask(LANE_GROUP.tolist())}")
     a(f"  %XS16f = sitofp {VI} %XSL to {V}")
@@ -126,8 +133,7 @@ def quant_ir() -> list[str]:
     a("  %XS8f = sitofp <8 x i32> %XS8 to <8 x float>")
     a("  %DXS8 = fmul <8 x float> %DX8, %XS8f")
     # xp: lane L holds float32(dx xsum32) of block L % 8
-    a(f"  %XPS = shufflevector <8 x float> %DXS8, <8 x float> poison, "
-      f"{mask([L % 8 for L in range(16)])}")
+    a(f"  %XPS = shufflevector <8 x float> %DXS8, <8 x float> poison, {mask([L % 8 for L in range(16)])}")
     a(f"  store {V} %XPS, ptr %pp, align 4")
     # natural dword 4 g + v (g: 16-group, v: 0..3) -> position 16 v + L (g = LANE_GROUP[L])
     a(f"  %n01 = shufflevector <8 x i32> {dw[0]}, <8 x i32> {dw[1]}, {mask(range(16))}")
@@ -138,12 +144,11 @@ def quant_ir() -> list[str]:
     a(f"  %n47 = shufflevector {VI} %n45, {VI} %n67, {mask(range(32))}")
     a(f"  %n07 = shufflevector <32 x i32> %n03, <32 x i32> %n47, {mask(range(64))}")
     for v in range(4):
-        a(f"  %o{v} = shufflevector <64 x i32> %n07, <64 x i32> poison, "
-          f"{mask([4 * int(g) + v for g in LANE_GROUP])}")
+        a(f"  %o{v} = shufflevector <64 x i32> %n07, <64 x i32> poison, {mask([4 * int(g) + v for g in LANE_GROUP])}")
         a(f"  %op{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
         a(f"  store {VI} %o{v}, ptr %op{v}, align 4")
     a("  br label %sb.end")
-    a("pad:")                                      # the padding row: x = 0
+    a("pad:")  # the padding row: x = 0
     for v in range(4):
         a(f"  %pq{v} = getelementptr i8, ptr %qp, i64 {64 * v}")
         a(f"  store <64 x i8> zeroinitializer, ptr %pq{v}, align 1")
@@ -170,13 +175,11 @@ def quant_ir() -> list[str]:
     return L
 
 
-
 @intrinsic
 def _call_quant(typingctx, fq, x, xq, xd, xp, nsb, k, kp, xs):
     """kq_quant(x, xq, xd, xp, nsb, k, kp, xs) through a runtime address."""
     args = (fq, x, xq, xd, xp, nsb, k, kp, xs)
-    check_types(args, (None, types.float32, types.int8, types.float32, types.float32,
-                       None, None, None, None))
+    check_types(args, (None, types.float32, types.int8, types.float32, types.float32, None, None, None, None))
     return types.void(*args), emit_call
 
 
@@ -207,7 +210,7 @@ def quantize_x_nb(x, xq, xd, xp):
                     dx = np.float32(0.0)
                 xs = 0
                 for h in range(2):
-                    g = 8 * h + b                      # lane of 16-group 2 b + h
+                    g = 8 * h + b  # lane of 16-group 2 b + h
                     xs16 = 0
                     for v in range(4):
                         for t in range(4):
@@ -225,17 +228,16 @@ def quantize_x_nb(x, xq, xd, xp):
                     xp[s, i, 8 * h + b] = dx * np.float32(xs)
 
 
-
 @njit(cache=True, nogil=True)
 def act_buffers(nsb, kp):
     """Empty (xq, xd, xp) for kp (even) act rows of nsb super-blocks, in one 64-byte aligned
     block (act loads that split cache lines slowed the compute-bound k-row kernels)."""
-    nq, nd, npp = nsb * kp * 256, nsb * kp * 256, nsb * kp * 64   # bytes of xq, xd, xp
+    nq, nd, npp = nsb * kp * 256, nsb * kp * 256, nsb * kp * 64  # bytes of xq, xd, xp
     buf = np.empty(nq + nd + npp + 64, np.uint8)
     o = (-buf.ctypes.data) % 64
-    xq = buf[o:o + nq].view(np.int8).reshape((nsb, kp, 256))
-    xd = buf[o + nq:o + nq + nd].view(np.float32).reshape((4, nsb, kp, 16))
-    xp = buf[o + nq + nd:o + nq + nd + npp].view(np.float32).reshape((nsb, kp, 16))
+    xq = buf[o : o + nq].view(np.int8).reshape((nsb, kp, 256))
+    xd = buf[o + nq : o + nq + nd].view(np.float32).reshape((4, nsb, kp, 16))
+    xp = buf[o + nq + nd : o + nq + nd + npp].view(np.float32).reshape((nsb, kp, 16))
     return xq, xd, xp
 
 

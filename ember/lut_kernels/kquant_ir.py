@@ -53,22 +53,31 @@ from .codegen import fold, mask, splat
 from .kquant_acts import quant_ir
 from .kquant_layout import NAMES, OFFSET, PAIR_TYPES, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, unit_bytes
 
-__all__ = ["SPECS", "DEFAULT_PREFETCH", "DEFAULT_GROUP", "DEFAULT_PIPE", "DEFAULT_TILE_BYTES",
-           "DEFAULT_KB", "PAIR_KB", "DEFAULT_NR", "default_kb", "kernel_ir"]
+__all__ = [
+    "SPECS",
+    "DEFAULT_PREFETCH",
+    "DEFAULT_GROUP",
+    "DEFAULT_PIPE",
+    "DEFAULT_TILE_BYTES",
+    "DEFAULT_KB",
+    "PAIR_KB",
+    "DEFAULT_NR",
+    "default_kb",
+    "kernel_ir",
+]
 
-DEFAULT_PREFETCH = 2048   # software prefetch distance, bytes of codes ahead (0: none)
-DEFAULT_GROUP = 32         # weight rows per group (a group's later act chunks hit cache)
-DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}   # pipelined decode
-DEFAULT_TILE_BYTES = 36864   # act bytes a chunk call reads per tile, 48 KB L1D (7 sb at kb = 16)
+DEFAULT_PREFETCH = 2048  # software prefetch distance, bytes of codes ahead (0: none)
+DEFAULT_GROUP = 32  # weight rows per group (a group's later act chunks hit cache)
+DEFAULT_PIPE = {"avx512": True, "avx512-novnni": True, "avx2": False}  # pipelined decode
+DEFAULT_TILE_BYTES = 36864  # act bytes a chunk call reads per tile, 48 KB L1D (7 sb at kb = 16)
 DEFAULT_KB = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # act rows per register block
 # Q4_K/Q5_K: 16 accumulators + two super-blocks' 8 code vectors spill at 16 act rows
 PAIR_KB = 8
-DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}   # weight rows per register block
+DEFAULT_NR = {"avx512": 1, "avx512-novnni": 1, "avx2": 1}  # weight rows per register block
 
 
 def default_kb(isa: str, qt) -> int:
     return min(DEFAULT_KB[isa], PAIR_KB) if qt in PAIR_TYPES else DEFAULT_KB[isa]
-
 
 
 _DECLS = (
@@ -105,8 +114,10 @@ class _Emit:
         if self.combine == "vnni":
             prev = init or "zeroinitializer"
             for v in range(len(W)):
-                a(f"  %{tag}d{v} = call {V32} @llvm.x86.avx512.vpdpbusd.{8 * vw}({V32} {prev}, "
-                  f"{V8} {W[v]}, {V8} {X[v]})")
+                a(
+                    f"  %{tag}d{v} = call {V32} @llvm.x86.avx512.vpdpbusd.{8 * vw}({V32} {prev}, "
+                    f"{V8} {W[v]}, {V8} {X[v]})"
+                )
                 prev = f"%{tag}d{v}"
             return prev
         mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
@@ -150,21 +161,23 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     V8, V32, VF, fma = E_.V8, E_.V32, E_.VF, E_.fma
     QB, SCB, ND = unit_bytes(qt)
     pair, coff = qt in PAIR_TYPES, OFFSET[qt]
-    lmin = qt == Q2_K                                               # mins per 16-group
+    lmin = qt == Q2_K  # mins per 16-group
     name = f"@kq_{NAMES[qt]}.r{nr}c{kb}"
     ro = "ptr noalias nocapture readonly"
-    a(f"define internal void {name}({ro} %q, {ro} %sc, {ro} %d, {ro} %xq, {ro} %xd, {ro} %xp, "
-      "ptr noalias nocapture %y, i64 %ns, i64 %nsb, i64 %ys, i64 %kp, i64 %first, i64 %pfr, "
-      "i64 %nrow, i64 %skip0, i64 %last1) noinline #0 {")
+    a(
+        f"define internal void {name}({ro} %q, {ro} %sc, {ro} %d, {ro} %xq, {ro} %xd, {ro} %xp, "
+        "ptr noalias nocapture %y, i64 %ns, i64 %nsb, i64 %ys, i64 %kp, i64 %first, i64 %pfr, "
+        "i64 %nrow, i64 %skip0, i64 %last1) noinline #0 {"
+    )
     a("entry:")
-    a("  %dummy = alloca float, align 4")    # where the stores of skipped rows go
-    a("  %xqs = mul i64 %kp, 256")          # act strides per super-block (elements)
+    a("  %dummy = alloca float, align 4")  # where the stores of skipped rows go
+    a("  %xqs = mul i64 %kp, 256")  # act strides per super-block (elements)
     a("  %xds = mul i64 %kp, 16")
-    a("  %xsn = mul i64 %nsb, %kp")          # xd[1] (dx xsum16) is nsb kp 16 floats after xd[0]
+    a("  %xsn = mul i64 %nsb, %kp")  # xd[1] (dx xsum16) is nsb kp 16 floats after xd[0]
     a("  %xso = mul i64 %xsn, 16")
     if coff:
-        a(f"  %xsoc = mul i64 %xsn, {48 if coff == 32 else 32}")   # xd[3] or xd[2] (int32)
-    a(f"  %qrs = mul i64 %nsb, {QB}")       # unit strides (elements)
+        a(f"  %xsoc = mul i64 %xsn, {48 if coff == 32 else 32}")  # xd[3] or xd[2] (int32)
+    a(f"  %qrs = mul i64 %nsb, {QB}")  # unit strides (elements)
     a(f"  %scrs = mul i64 %nsb, {SCB}")
     a(f"  %drs = mul i64 %nsb, {ND}")
     a("  %pf = icmp ne i64 %pfr, 0")
@@ -174,11 +187,11 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %nsm1 = sub i64 %ns, 1")
     a("  %isfirst = icmp ne i64 %first, 0")
     a(f"  %nu = mul i64 %nrow, {nr}")
-    a("  %nrm1u = sub i64 %nu, 1")               # the last unit of the call
+    a("  %nrm1u = sub i64 %nu, 1")  # the last unit of the call
     a("  %sk0 = icmp ne i64 %skip0, 0")
     a("  %la1 = icmp ne i64 %last1, 0")
     a("  br label %rowhead")
-    a("rowhead:")                             # unit blocks: nrow of them, nr units each
+    a("rowhead:")  # unit blocks: nrow of them, nr units each
     a("  %rr = phi i64 [0, %entry], [%rr.next, %rownext]")
     a(f"  %rb = mul i64 %rr, {nr}")
     a("  %rqo = mul i64 %rb, %qrs")
@@ -244,24 +257,24 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
             a(f"  %mn8_{t0} = load <16 x i8>, ptr %mnp{t0}, align 1")
             a(f"  %dh{t0} = load <4 x half>, ptr %dp{j}{sx}, align 2")
             a(f"  %df{t0} = fpext <4 x half> %dh{t0} to <4 x float>")
-            for nm, src, lanes in (("SCF", "sc8_", [0] * 8 + [1] * 8),
-                                   ("MMF", "mn8_", [2] * 8 + [3] * 8)):
-                a(f"  %{nm}d{t0} = shufflevector <4 x float> %df{t0}, <4 x float> poison, "
-                  f"{mask(lanes)}")
+            for nm, src, lanes in (("SCF", "sc8_", [0] * 8 + [1] * 8), ("MMF", "mn8_", [2] * 8 + [3] * 8)):
+                a(f"  %{nm}d{t0} = shufflevector <4 x float> %df{t0}, <4 x float> poison, {mask(lanes)}")
                 a(f"  %{nm}i{t0} = zext <16 x i8> %{src}{t0} to <16 x i32>")
                 a(f"  %{nm}f{t0} = uitofp <16 x i32> %{nm}i{t0} to <16 x float>")
-                a(f"  %{nm}{t0} = fmul <16 x float> %{nm}f{t0}, %{nm}d{t0}")   # exact
+                a(f"  %{nm}{t0} = fmul <16 x float> %{nm}f{t0}, %{nm}d{t0}")  # exact
             for e in range(nh):
                 t = f"{j}.{e}{sx}"
                 for nm in ("SC", "MM"):
                     if nh == 1:
                         out[nm, j, e] = (VF, f"%{nm}F{t0}")
                     else:
-                        a(f"  %{nm}{t} = shufflevector <16 x float> %{nm}F{t0}, <16 x float> "
-                          f"poison, {mask(range(nl * e, nl * e + nl))}")
+                        a(
+                            f"  %{nm}{t} = shufflevector <16 x float> %{nm}F{t0}, <16 x float> "
+                            f"poison, {mask(range(nl * e, nl * e + nl))}"
+                        )
                         out[nm, j, e] = (VF, f"%{nm}{t}")
                 W = nibbles(t, f"%qp{j}{sx}", e, 4)
-                if qt == Q5_K:   # bit 4: bit u = 2 v + h of the plane's byte
+                if qt == Q5_K:  # bit 4: bit u = 2 v + h of the plane's byte
                     a(f"  %hbp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {256 + vw * e}")
                     a(f"  %hb.{t} = load {V8}, ptr %hbp.{t}, align 1")
                     W = merge_bits(t, W, f"%hb.{t}", [4 - u for u in range(8)], 0x10)
@@ -277,70 +290,64 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
         for j in range(nr):
             t0 = f"{j}{sx}"
             a(f"  %sc8_{t0} = load <16 x i8>, ptr %scp{j}{sx}, align 1")
-            if ND == 2:   # d, dmin: lanes 0..7 d, 8..15 dmin
+            if ND == 2:  # d, dmin: lanes 0..7 d, 8..15 dmin
                 a(f"  %dh{t0} = load <2 x half>, ptr %dp{j}{sx}, align 2")
                 a(f"  %df{t0} = fpext <2 x half> %dh{t0} to <2 x float>")
-                a(f"  %DD{t0} = shufflevector <2 x float> %df{t0}, <2 x float> poison, "
-                  f"{mask([0] * 8 + [1] * 8)}")
+                a(f"  %DD{t0} = shufflevector <2 x float> %df{t0}, <2 x float> poison, {mask([0] * 8 + [1] * 8)}")
             else:
                 a(f"  %dh{t0} = load half, ptr %dp{j}{sx}, align 2")
                 a(f"  %df{t0} = fpext half %dh{t0} to float")
                 a(f"  %Di{t0} = insertelement {VF} poison, float %df{t0}, i32 0")
-                a(f"  %D{t0} = shufflevector {VF} %Di{t0}, {VF} poison, "
-                  f"<{nl} x i32> zeroinitializer")
-            if qt == Q2_K:   # scale | min << 4 (4 bits each) per 16-group
+                a(f"  %D{t0} = shufflevector {VF} %Di{t0}, {VF} poison, <{nl} x i32> zeroinitializer")
+            if qt == Q2_K:  # scale | min << 4 (4 bits each) per 16-group
                 a(f"  %sc32_{t0} = zext <16 x i8> %sc8_{t0} to <16 x i32>")
                 a(f"  %scl{t0} = and <16 x i32> %sc32_{t0}, {splat('i32', 16, 15)}")
                 a(f"  %sch{t0} = lshr <16 x i32> %sc32_{t0}, {splat('i32', 16, 4)}")
                 a(f"  %scf{t0} = uitofp <16 x i32> %scl{t0} to <16 x float>")
                 a(f"  %mnf{t0} = uitofp <16 x i32> %sch{t0} to <16 x float>")
-                a(f"  %Dd{t0} = shufflevector <16 x float> %DD{t0}, <16 x float> poison, "
-                  f"<16 x i32> zeroinitializer")
-                a(f"  %Dm{t0} = shufflevector <16 x float> %DD{t0}, <16 x float> poison, "
-                  f"{mask([8] * 16)}")
+                a(f"  %Dd{t0} = shufflevector <16 x float> %DD{t0}, <16 x float> poison, <16 x i32> zeroinitializer")
+                a(f"  %Dm{t0} = shufflevector <16 x float> %DD{t0}, <16 x float> poison, {mask([8] * 16)}")
                 a(f"  %SCL{t0} = fmul <16 x float> %scf{t0}, %Dd{t0}")
                 a(f"  %MML{t0} = fmul <16 x float> %mnf{t0}, %Dm{t0}")
-            else:              # int8 scales per 16-group
+            else:  # int8 scales per 16-group
                 a(f"  %sc32_{t0} = sext <16 x i8> %sc8_{t0} to <16 x i32>")
                 a(f"  %scf{t0} = sitofp <16 x i32> %sc32_{t0} to <16 x float>")
-            if qt == Q3_K:   # bit 2, 32 bytes: lanes 8..15 in the high nibble
+            if qt == Q3_K:  # bit 2, 32 bytes: lanes 8..15 in the high nibble
                 a(f"  %hbp{t0} = getelementptr i8, ptr %qp{j}{sx}, i64 64")
                 a(f"  %hb{t0} = load <32 x i8>, ptr %hbp{t0}, align 1")
                 a(f"  %hbs{t0} = lshr <32 x i8> %hb{t0}, {splat('i8', 32, 4)}")
                 if vw == 64:
-                    a(f"  %hbw{t0} = shufflevector <32 x i8> %hb{t0}, <32 x i8> %hbs{t0}, "
-                      f"{mask(range(64))}")
+                    a(f"  %hbw{t0} = shufflevector <32 x i8> %hb{t0}, <32 x i8> %hbs{t0}, {mask(range(64))}")
             for e in range(nh):
                 t = f"{j}.{e}{sx}"
-                if qt == Q2_K:   # lane L: 16-group L
+                if qt == Q2_K:  # lane L: 16-group L
                     lanes = mask(range(nl * e, nl * e + nl))
-                    a(f"  %SC{t} = shufflevector <16 x float> %SCL{t0}, <16 x float> poison, "
-                      f"{lanes}")
-                    a(f"  %MM{t} = shufflevector <16 x float> %MML{t0}, <16 x float> poison, "
-                      f"{lanes}")
+                    a(f"  %SC{t} = shufflevector <16 x float> %SCL{t0}, <16 x float> poison, {lanes}")
+                    a(f"  %MM{t} = shufflevector <16 x float> %MML{t0}, <16 x float> poison, {lanes}")
                     out["MM", j, e] = (VF, f"%MM{t}")
                 else:
-                    a(f"  %scr{t} = shufflevector <16 x float> %scf{t0}, <16 x float> poison, "
-                      f"{mask(range(nl * e, nl * e + nl))}")
+                    a(
+                        f"  %scr{t} = shufflevector <16 x float> %scf{t0}, <16 x float> poison, "
+                        f"{mask(range(nl * e, nl * e + nl))}"
+                    )
                     a(f"  %SC{t} = fmul {VF} %scr{t}, %D{t0}")
                 out["SC", j, e] = (VF, f"%SC{t}")
-                if qt in (Q2_K, Q3_K):   # 2-bit codes: bits 2v..2v+1 of byte 4L + t
+                if qt in (Q2_K, Q3_K):  # 2-bit codes: bits 2v..2v+1 of byte 4L + t
                     a(f"  %qcp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {vw * e}")
                     a(f"  %qc.{t} = load {V8}, ptr %qcp.{t}, align 1")
                     W = []
                     for v in range(4):
                         if v:
                             a(f"  %qcs{v}.{t} = lshr {V8} %qc.{t}, {splat('i8', vw, 2 * v)}")
-                        a(f"  %cr{v}.{t} = and {V8} {f'%qcs{v}.{t}' if v else f'%qc.{t}'}, "
-                          f"{splat('i8', vw, 3)}")
+                        a(f"  %cr{v}.{t} = and {V8} {f'%qcs{v}.{t}' if v else f'%qc.{t}'}, {splat('i8', vw, 3)}")
                         W.append(f"%cr{v}.{t}")
                 else:
                     W = nibbles(t, f"%qp{j}{sx}", e, 2)
-                if qt == Q6_K:   # high 2 bits of virtual vector v at bits 2v..2v+1 -> bits 4, 5
+                if qt == Q6_K:  # high 2 bits of virtual vector v at bits 2v..2v+1 -> bits 4, 5
                     a(f"  %qhp.{t} = getelementptr i8, ptr %qp{j}{sx}, i64 {128 + vw * e}")
                     a(f"  %qh.{t} = load {V8}, ptr %qhp.{t}, align 1")
                     W = merge_bits(t, W, f"%qh.{t}", [4 - 2 * v for v in range(4)], 0x30)
-                elif qt == Q3_K:   # bit v of the (widened) byte -> bit 2
+                elif qt == Q3_K:  # bit v of the (widened) byte -> bit 2
                     hsrc = f"%hbw{t0}" if vw == 64 else f"%hb{t0}" if e == 0 else f"%hbs{t0}"
                     W = merge_bits(t, W, hsrc, [2 - v for v in range(4)], 4)
                 for v in range(4):
@@ -350,8 +357,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     # accumulators: per (unit, act row) and ymm half e (pair: e is the row of the pair on
     # ymm), or per (unit, act row) with the halves chained (the others)
     accs = [(j, i, e) for j in range(nr) for i in range(kb) for e in range(nh if pair else 1)]
-    last = (lambda j, i, e: f"%acc{j}_{i}_{e}.x") if pair else \
-        (lambda j, i, e: f"%acc{j}_{i}_0.{nh - 1}")
+    last = (lambda j, i, e: f"%acc{j}_{i}_{e}.x") if pair else (lambda j, i, e: f"%acc{j}_{i}_0.{nh - 1}")
     if pipe:
         ptrs(".w0", "0")
         w0 = weights(".w0")
@@ -359,8 +365,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("loop:")
     a("  %s = phi i64 [0, %rowhead], [%s.next, %loop.end]")
     for j, i, e in accs:
-        a(f"  %acc{j}_{i}_{e} = phi {VF} [zeroinitializer, %rowhead], [{last(j, i, e)}, "
-          "%loop.end]")
+        a(f"  %acc{j}_{i}_{e} = phi {VF} [zeroinitializer, %rowhead], [{last(j, i, e)}, %loop.end]")
     if pipe:
         cur = {}
         for key, (ty, val) in w0.items():
@@ -371,9 +376,11 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  br i1 %pf, label %loop.pf, label %loop.body")
     a("loop.pf:")
     for j in range(nr):
-        for nm, base, nbytes, ty, off in (("q", f"%qp{j}", QB, "i8", "%pfq"),
-                                          ("s", f"%scp{j}", SCB, "i8", "%pfs"),
-                                          ("d", f"%dp{j}", 2 * ND, "i16", "%pfd")):
+        for nm, base, nbytes, ty, off in (
+            ("q", f"%qp{j}", QB, "i8", "%pfq"),
+            ("s", f"%scp{j}", SCB, "i8", "%pfs"),
+            ("d", f"%dp{j}", 2 * ND, "i16", "%pfd"),
+        ):
             for o in range(0, nbytes, 64):
                 a(f"  %pf{nm}{j}_{o}.b = getelementptr {ty}, ptr {base}, i64 {off}")
                 a(f"  %pf{nm}{j}_{o} = getelementptr i8, ptr %pf{nm}{j}_{o}.b, i64 {o}")
@@ -386,27 +393,32 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %xdb = getelementptr float, ptr %xd, i64 %xdo")
     if pair:
         a("  %xpb = getelementptr float, ptr %xp, i64 %xdo")
-    if pipe:   # the next super-block's weights (the last iteration repeats its own: no overrun)
+    if pipe:  # the next super-block's weights (the last iteration repeats its own: no overrun)
         a("  %s1a = add i64 %s, 1")
         a("  %s1 = call i64 @llvm.umin.i64(i64 %s1a, i64 %nsm1)")
         ptrs(".wn", "%s1")
         wn = weights(".wn")
         for key, (ty, val) in wn.items():
             nm = ".".join(str(x) for x in key)
-            a(f"  %nx.{nm} = or {ty} {val}, zeroinitializer" if ty != VF
-              else f"  %nx.{nm} = fadd {VF} {val}, {splat('float', nl, '-0.0')}")
+            a(
+                f"  %nx.{nm} = or {ty} {val}, zeroinitializer"
+                if ty != VF
+                else f"  %nx.{nm} = fadd {VF} {val}, {splat('float', nl, '-0.0')}"
+            )
         wv = {key: (ty, cur[key]) for key, (ty, _) in w0.items()}
     else:
         wv = weights("")
     for i in range(kb):
-        if pair:   # act vector v, half h: 32 bytes, both halves of a zmm (lane p: block p)
+        if pair:  # act vector v, half h: 32 bytes, both halves of a zmm (lane p: block p)
             X = []
             for u in range(8):
                 a(f"  %xp{u}.{i} = getelementptr i8, ptr %xqb, i64 {256 * i + 32 * u}")
                 a(f"  %xh{u}.{i} = load <32 x i8>, ptr %xp{u}.{i}, align 1, !invariant.load !0")
                 if vw == 64:
-                    a(f"  %x{u}.{i} = shufflevector <32 x i8> %xh{u}.{i}, <32 x i8> poison, "
-                      f"{mask(list(range(32)) * 2)}")
+                    a(
+                        f"  %x{u}.{i} = shufflevector <32 x i8> %xh{u}.{i}, <32 x i8> poison, "
+                        f"{mask(list(range(32)) * 2)}"
+                    )
                     X.append(f"%x{u}.{i}")
                 else:
                     X.append(f"%xh{u}.{i}")
@@ -414,20 +426,18 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
             if not pair:
                 X = []
                 for v in range(4):
-                    a(f"  %xp{v}.{i}.{e} = getelementptr i8, ptr %xqb, i64 "
-                      f"{256 * i + 64 * v + vw * e}")
-                    a(f"  %x{v}.{i}.{e} = load {V8}, ptr %xp{v}.{i}.{e}, align 1, "
-                      "!invariant.load !0")
+                    a(f"  %xp{v}.{i}.{e} = getelementptr i8, ptr %xqb, i64 {256 * i + 64 * v + vw * e}")
+                    a(f"  %x{v}.{i}.{e} = load {V8}, ptr %xp{v}.{i}.{e}, align 1, !invariant.load !0")
                     X.append(f"%x{v}.{i}.{e}")
             X0 = None
-            if coff:   # the chain starts at -coff * xsum16 (xd[2]: -4 xsum16, xd[3]: -32)
+            if coff:  # the chain starts at -coff * xsum16 (xd[2]: -4 xsum16, xd[3]: -32)
                 a(f"  %oxp.{i}.{e} = getelementptr i32, ptr %xdb, i64 {16 * i + nl * e}")
                 a(f"  %oxq.{i}.{e} = getelementptr i32, ptr %oxp.{i}.{e}, i64 %xsoc")
                 a(f"  %ox.{i}.{e} = load {V32}, ptr %oxq.{i}.{e}, align 4, !invariant.load !0")
                 X0 = f"%ox.{i}.{e}"
             a(f"  %dxp.{i}.{e} = getelementptr float, ptr %xdb, i64 {16 * i + nl * e}")
             a(f"  %DX.{i}.{e} = load {VF}, ptr %dxp.{i}.{e}, align 4, !invariant.load !0")
-            if pair or lmin:   # float32(dx xsum): per block (xp, pair), per 16-group (xd[1])
+            if pair or lmin:  # float32(dx xsum): per block (xp, pair), per 16-group (xd[1])
                 if pair:
                     a(f"  %dsp.{i}.{e} = getelementptr float, ptr %xpb, i64 {16 * i + nl * e}")
                 else:
@@ -440,7 +450,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
                 a(f"  %F.{u} = sitofp {V32} {isum} to {VF}")
                 a(f"  %T.{u} = fmul {VF} %F.{u}, %DX.{i}.{e}")
                 prev = f"%acc{j}_{i}_{e}" if pair or e == 0 else f"%acc{j}_{i}_0.{e - 1}"
-                if pair or lmin:   # - dmin m * float32(dx xsum)
+                if pair or lmin:  # - dmin m * float32(dx xsum)
                     a(f"  %mn.{u} = fneg {VF} {wv['MM', j, e][1]}")
                     a(f"  %m.{u} = call {VF} {fma}({VF} %mn.{u}, {VF} %DS.{i}.{e}, {VF} {prev})")
                     prev = f"%m.{u}"
@@ -452,9 +462,9 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     a("  %done = icmp eq i64 %s.next, %ns")
     a("  br i1 %done, label %rowend, label %loop")
     a("rowend:")
-    outs = []   # (act row i, column j from yR, float sum)
+    outs = []  # (act row i, column j from yR, float sum)
     for j in range(nr):
-        if vw == 64 and (kb > 1 or pair):   # all at once (transposed): fewer ops
+        if vw == 64 and (kb > 1 or pair):  # all at once (transposed): fewer ops
             seg0 = 8 if pair else 16
             for g, val in _reduce_accs(a, [last(j, i, 0) for i in range(kb)], seg0, f"rd{j}_"):
                 outs.append((g // 2, 2 * j + g % 2, val) if pair else (g, j, val))
@@ -467,7 +477,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
         a(f"  %yo{col}_{i} = mul i64 %ys, {i}")
         a(f"  %yo{col}_{i}b = add i64 %yo{col}_{i}, {col}")
         a(f"  %yq{col}_{i} = getelementptr float, ptr %yR, i64 %yo{col}_{i}b")
-        if pair:   # rows outside the range: the store goes to %dummy
+        if pair:  # rows outside the range: the store goes to %dummy
             j, row = divmod(col, 2)
             a(f"  %u{col}_{i} = add i64 %rb, {j}")
             if row == 0:
@@ -479,11 +489,11 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
             a(f"  %yp{col}_{i} = select i1 %bad{col}_{i}, ptr %dummy, ptr %yq{col}_{i}")
     yp = (lambda col, i: f"%yp{col}_{i}") if pair else (lambda col, i: f"%yq{col}_{i}")
     a("  br i1 %isfirst, label %yset, label %yadd")
-    a("yset:")   # the first tile: y = the sums
+    a("yset:")  # the first tile: y = the sums
     for i, col, val in outs:
         a(f"  store float {val}, ptr {yp(col, i)}, align 4")
     a("  br label %rownext")
-    a("yadd:")   # later tiles: y += the sums
+    a("yadd:")  # later tiles: y += the sums
     for i, col, val in outs:
         a(f"  %yl{col}_{i} = load float, ptr {yp(col, i)}, align 4")
         a(f"  %ya{col}_{i} = fadd float %yl{col}_{i}, {val}")
@@ -499,8 +509,7 @@ def _chunk_ir(qt: int, vw: int, combine: str, nr: int, kb: int, pipe: bool) -> l
     return L
 
 
-def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
-           group: int = 32) -> list[str]:
+def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int, group: int = 32) -> list[str]:
     """``@kq_<t>(q, sc, d, xq, xd, xp, y, nsb, r0, r1, k, ys)``: y[i * ys + r] for
     r0 <= r < r1 and every act row i < k.
 
@@ -513,12 +522,14 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     nm = NAMES[qt]
     QB, SCB, ND = unit_bytes(qt)
     pair = qt in PAIR_TYPES
-    group = max(group // (2 * nr if pair else nr), 1) * nr     # units (32 weight rows)
+    group = max(group // (2 * nr if pair else nr), 1) * nr  # units (32 weight rows)
     L = []
     a = L.append
     ro = "ptr noalias nocapture readonly"
-    a(f"define void @kq_{nm}({ro} %q, {ro} %sc, {ro} %d, {ro} %xq, {ro} %xd, {ro} %xp, "
-      "ptr noalias nocapture %y, i64 %nsb, i64 %r0, i64 %r1, i64 %k, i64 %ys) #0 {")
+    a(
+        f"define void @kq_{nm}({ro} %q, {ro} %sc, {ro} %d, {ro} %xq, {ro} %xd, {ro} %xp, "
+        "ptr noalias nocapture %y, i64 %nsb, i64 %r0, i64 %r1, i64 %k, i64 %ys) #0 {"
+    )
     a("entry:")
     a("  %e1 = icmp sge i64 %r0, %r1")
     a("  %e2 = icmp sle i64 %nsb, 0")
@@ -527,7 +538,7 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a("  %skip = or i1 %e12, %e3")
     a("  br i1 %skip, label %exit, label %pre")
     a("pre:")
-    if pair:   # units: row pairs; a half pair at either end is computed, not stored
+    if pair:  # units: row pairs; a half pair at either end is computed, not stored
         a("  %u0 = lshr i64 %r0, 1")
         a("  %r1p = add i64 %r1, 1")
         a("  %u1 = lshr i64 %r1p, 1")
@@ -556,7 +567,7 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
     a("  %ns = sub i64 %s1, %s0")
     a("  %isf = icmp eq i64 %s0, 0")
     a("  %first = zext i1 %isf to i64")
-    if prefetch:   # software prefetch: the same tile of a later row, >= prefetch bytes ahead
+    if prefetch:  # software prefetch: the same tile of a later row, >= prefetch bytes ahead
         a(f"  %segb = mul i64 %ns, {QB}")
         a(f"  %pfr0 = add i64 %segb, {prefetch - 1}")
         a("  %pfr = udiv i64 %pfr0, %segb")
@@ -589,7 +600,7 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
         a(f"  %scr{tag} = getelementptr i8, ptr %sc, i64 %so{tag}")
         a(f"  %do{tag} = mul i64 %rs2{tag}, {ND}")
         a(f"  %dr{tag} = getelementptr i16, ptr %d, i64 %do{tag}")
-        if pair:   # skip0: r is the range's first unit and r0 odd; last1: its last and r1 odd
+        if pair:  # skip0: r is the range's first unit and r0 odd; last1: its last and r1 odd
             a(f"  %isu0{tag} = icmp eq i64 {r}, %u0")
             a(f"  %sk{tag} = select i1 %isu0{tag}, i64 %r0odd, i64 0")
             a(f"  %nru{tag} = mul i64 {nrow}, {rows}")
@@ -605,16 +616,18 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
         def call(ksz, i0, sfx):
             a(f"  %xqo{sfx} = mul i64 {i0}, 256")
             a(f"  %xqp{sfx} = getelementptr i8, ptr %xqt, i64 %xqo{sfx}")
-            a(f"  %xdo{sfx} = mul i64 {i0}, 16")   # 16 floats per act row (xd), 32 per pair (xp)
+            a(f"  %xdo{sfx} = mul i64 {i0}, 16")  # 16 floats per act row (xd), 32 per pair (xp)
             a(f"  %xdp{sfx} = getelementptr float, ptr %xdt, i64 %xdo{sfx}")
             a(f"  %xpp{sfx} = getelementptr float, ptr %xpt, i64 %xdo{sfx}")
             a(f"  %yo{sfx} = mul i64 {i0}, %ys")
             a(f"  %yr{sfx} = mul i64 {r}, {2 if pair else 1}")
             a(f"  %yo2{sfx} = add i64 %yo{sfx}, %yr{sfx}")
             a(f"  %yp{sfx} = getelementptr float, ptr %y, i64 %yo2{sfx}")
-            a(f"  call void @kq_{nm}.r{rows}c{ksz}(ptr %qr{tag}, ptr %scr{tag}, ptr %dr{tag}, "
-              f"ptr %xqp{sfx}, ptr %xdp{sfx}, ptr %xpp{sfx}, ptr %yp{sfx}, i64 %ns, i64 %nsb, "
-              f"i64 %ys, i64 %kp, i64 %first, i64 %pfr, i64 {nrow}, {flags})")
+            a(
+                f"  call void @kq_{nm}.r{rows}c{ksz}(ptr %qr{tag}, ptr %scr{tag}, ptr %dr{tag}, "
+                f"ptr %xqp{sfx}, ptr %xdp{sfx}, ptr %xpp{sfx}, ptr %yp{sfx}, i64 %ns, i64 %nsb, "
+                f"i64 %ys, i64 %kp, i64 %first, i64 %pfr, i64 {nrow}, {flags})"
+            )
 
         a(f"full{tag}:")
         a(f"  %c{tag} = phi i64 [0, %{tag}], [%c.next{tag}, %full{tag}]")
@@ -623,7 +636,7 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int,
         a(f"  %c.next{tag} = add i64 %c{tag}, 1")
         a(f"  %cdone{tag} = icmp eq i64 %c.next{tag}, %nfull")
         a(f"  br i1 %cdone{tag}, label %tail{tag}, label %full{tag}")
-        a(f"tail{tag}:")       # the remainder, one chunk per bit of rem (largest first)
+        a(f"tail{tag}:")  # the remainder, one chunk per bit of rem (largest first)
         a(f"  %ti0{tag} = mul i64 %nfull, {kb}")
         prev = f"%ti0{tag}"
         for j, ksz in enumerate(kbs[1:]):
@@ -686,16 +699,14 @@ def _reduce_accs(a, accs: list[str], seg0: int, tag: str) -> list[tuple[int, str
     two halves of every segment: 3 ops per pair of vectors), then the rest of each segment is
     summed in place. At kb = 8: 23 ops for the 8 sums, where one tree per sum took 64."""
     V = "<16 x float>"
-    level, seg = fold(a, accs, "float", tag, lambda x, y, o: f"  {o} = fadd {V} {x}, {y}",
-                       seg0=seg0)
+    level, seg = fold(a, accs, "float", tag, lambda x, y, o: f"  {o} = fadd {V} {x}, {y}", seg0=seg0)
     tag = "%" + tag
     nseg = len(accs) * (16 // seg0)
     out = []
     for vi, v in enumerate(level):
         h = seg // 2
-        while h >= 1:   # lanes j and j + h of every segment (garbage lanes are never read)
-            a(f"  {tag}v{vi}_{h} = shufflevector {V} {v}, {V} poison, "
-              f"{mask([(j + h) % 16 for j in range(16)])}")
+        while h >= 1:  # lanes j and j + h of every segment (garbage lanes are never read)
+            a(f"  {tag}v{vi}_{h} = shufflevector {V} {v}, {V} poison, {mask([(j + h) % 16 for j in range(16)])}")
             a(f"  {tag}w{vi}_{h} = fadd {V} {v}, {tag}v{vi}_{h}")
             v, h = f"{tag}w{vi}_{h}", h // 2
         per = 16 // seg
@@ -707,24 +718,34 @@ def _reduce_accs(a, accs: list[str], seg0: int, tag: str) -> list[tuple[int, str
     return out
 
 
-
-def kernel_ir(isa: str, cpu: str = "", features: str = "", *, what=Q4_K, kb: int | None = None,
-              nr: int | None = None, prefetch: int = DEFAULT_PREFETCH,
-              tile_bytes: int = DEFAULT_TILE_BYTES, pipe: bool | None = None,
-              group: int = DEFAULT_GROUP, width: int | None = None) -> str:
+def kernel_ir(
+    isa: str,
+    cpu: str = "",
+    features: str = "",
+    *,
+    what=Q4_K,
+    kb: int | None = None,
+    nr: int | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    pipe: bool | None = None,
+    group: int = DEFAULT_GROUP,
+    width: int | None = None,
+) -> str:
     """The IR module text for an x86 path (an ``SPECS`` name): ``kq_<type>`` for ``what`` a
     qtype, or ``kq_quant`` for ``what="quant"`` (a module each, so a process parses only the
     ones its model uses). ``width``: the vector bytes of the chunks of 2+ act rows, when not
     the path's own (32 on avx512: ymm ``vpdpbusd``, AVX-512VL; not pipelined)."""
-    L = list(_DECLS) + ["declare i64 @llvm.umax.i64(i64, i64)",
-                        "declare i64 @llvm.umin.i64(i64, i64)"]
+    L = list(_DECLS) + ["declare i64 @llvm.umax.i64(i64, i64)", "declare i64 @llvm.umin.i64(i64, i64)"]
     if what == "quant":
-        L += ["declare <16 x float> @llvm.fabs.v16f32(<16 x float>)",
-              "declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)",
-              "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
-              "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
-              "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)",
-              "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)"]
+        L += [
+            "declare <16 x float> @llvm.fabs.v16f32(<16 x float>)",
+            "declare <16 x float> @llvm.maxnum.v16f32(<16 x float>, <16 x float>)",
+            "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
+            "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
+            "declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)",
+            "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)",
+        ]
         L += quant_ir()
         return codegen.finish_module(L, cpu, features)
     vw, combine = SPECS[isa]

@@ -53,18 +53,36 @@ from ..formats.quants import block_info
 from .pack import aligned, aligned_empty, gguf_blocks, stored_arrays, stored_meta
 from .q8 import EXACT_INT8, pack_exact_int8
 
-__all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "QTYPES", "QK", "NAMES", "PAIR_TYPES", "OFFSET",
-           "LANE_GROUP", "GROUP_LANE", "unit_bytes", "PackedKQ", "pack_kquant", "TQ1_0", "TQ2_0",
-           "TERNARY", "ternary_as_q2_k"]
+__all__ = [
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "QTYPES",
+    "QK",
+    "NAMES",
+    "PAIR_TYPES",
+    "OFFSET",
+    "LANE_GROUP",
+    "GROUP_LANE",
+    "unit_bytes",
+    "PackedKQ",
+    "pack_kquant",
+    "TQ1_0",
+    "TQ2_0",
+    "TERNARY",
+    "ternary_as_q2_k",
+]
 
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14   # GGMLQuantizationType values
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14  # GGMLQuantizationType values
 QTYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
-QK = 256                                  # weights per super-block
+QK = 256  # weights per super-block
 _QB = {Q2_K: 64, Q3_K: 96, Q4_K: 128, Q5_K: 160, Q6_K: 192}  # bytes of codes, packed layout
 _ND = {Q2_K: 2, Q3_K: 1, Q4_K: 2, Q5_K: 2, Q6_K: 1}  # f16 values per super-block (d[, dmin])
 NAMES = {Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}
-PAIR_TYPES = (Q4_K, Q5_K)        # scales and mins per 32-block, rows in pairs; others per 16-group
-OFFSET = {Q2_K: 0, Q3_K: 4, Q4_K: 0, Q5_K: 0, Q6_K: 32}   # the integer dots are of code - offset
+PAIR_TYPES = (Q4_K, Q5_K)  # scales and mins per 32-block, rows in pairs; others per 16-group
+OFFSET = {Q2_K: 0, Q3_K: 4, Q4_K: 0, Q5_K: 0, Q6_K: 32}  # the integer dots are of code - offset
 # act lane L holds 16-group LANE_GROUP[L] = 2 (L % 8) + L // 8: lanes p and p + 8 hold the two
 # halves of 32-block p (what a row pair's kernel adds up in one lane)
 LANE_GROUP = np.array([2 * (L % 8) + L // 8 for L in range(16)])
@@ -73,8 +91,9 @@ GROUP_LANE = np.argsort(LANE_GROUP)
 
 # Q5_K row pairs: bit 2 v + h of a plane byte is bit 4 of code vector (v, h); shaped to
 # broadcast against [pair, sb, v, h, lane, t]
-_Q5_PLANE_BIT = (2 * np.arange(4, dtype=np.uint8).reshape(4, 1)
-                 + np.arange(2, dtype=np.uint8)).reshape(1, 1, 4, 2, 1, 1)
+_Q5_PLANE_BIT = (2 * np.arange(4, dtype=np.uint8).reshape(4, 1) + np.arange(2, dtype=np.uint8)).reshape(
+    1, 1, 4, 2, 1, 1
+)
 
 
 def unit_bytes(qt: int) -> tuple[int, int, int]:
@@ -88,9 +107,10 @@ def unit_bytes(qt: int) -> tuple[int, int, int]:
 @dataclass
 class PackedKQ:
     """A K-quant matrix [n_out, n_in] (Q2_K..Q6_K) in the kernel layout (module docstring)."""
-    q: np.ndarray       # uint8 [n_out, nsb * QB]  codes
-    sc: np.ndarray      # uint8 [n_out, nsb * 16]  scales (and mins), per type
-    d: np.ndarray       # uint16 [n_out, nsb * ND]  IEEE half bits (d[, dmin])
+
+    q: np.ndarray  # uint8 [n_out, nsb * QB]  codes
+    sc: np.ndarray  # uint8 [n_out, nsb * 16]  scales (and mins), per type
+    d: np.ndarray  # uint16 [n_out, nsb * ND]  IEEE half bits (d[, dmin])
     n_out: int
     n_in: int
     qtype: int
@@ -108,8 +128,12 @@ class PackedKQ:
         return self.n_out * self.nsb * block_info(self.qtype)[1]
 
     def arrays(self) -> dict:
-        return {"q": self.q, "sc": self.sc, "d": self.d,
-                "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
+        return {
+            "q": self.q,
+            "sc": self.sc,
+            "d": self.d,
+            "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64),
+        }
 
     @classmethod
     def from_arrays(cls, a) -> PackedKQ:
@@ -118,11 +142,19 @@ class PackedKQ:
             raise ValueError(f"PackedKQ.from_arrays: bad meta {[n_out, n_in, qtype]}")
         nsb = n_in // QK
         nr = _array_rows(qtype, n_out)
-        q, sc, d = stored_arrays(a, "PackedKQ", ("q", "sc", "d"), {
-            "q": ((nr, nsb * _QB[qtype]), np.uint8), "sc": ((nr, nsb * 16), np.uint8),
-            "d": ((nr, nsb * _ND[qtype]), np.uint16)})
-        return cls(aligned(np.ascontiguousarray(q)), np.ascontiguousarray(sc),
-                   np.ascontiguousarray(d), n_out, n_in, qtype)
+        q, sc, d = stored_arrays(
+            a,
+            "PackedKQ",
+            ("q", "sc", "d"),
+            {
+                "q": ((nr, nsb * _QB[qtype]), np.uint8),
+                "sc": ((nr, nsb * 16), np.uint8),
+                "d": ((nr, nsb * _ND[qtype]), np.uint16),
+            },
+        )
+        return cls(
+            aligned(np.ascontiguousarray(q)), np.ascontiguousarray(sc), np.ascontiguousarray(d), n_out, n_in, qtype
+        )
 
     def codes(self) -> np.ndarray:
         """The unsigned integer codes in natural order, uint8 [n_out, n_in] (Q2_K 0..3, Q3_K
@@ -143,7 +175,7 @@ class PackedKQ:
             v = _crumbs(b[:, :, :64])
         else:
             ql = b[:, :, :128].reshape(n, nsb, 2, 1, 16, 4)
-            v = ((ql >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1)) & 15)
+            v = (ql >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1)) & 15
             v = v.reshape(n, nsb, 4, 16, 4)
         if qt == Q6_K:
             v = v | (_crumbs(b[:, :, 128:]) << 4)
@@ -157,19 +189,20 @@ class PackedKQ:
         16-group (the others): the weight is ``SC * code - MM`` (MM None for Q3_K/Q6_K, whose
         weight is ``SC * (code - offset)``), each product exact in float32."""
         n, nsb, qt = self.n_out, self.nsb, self.qtype
-        if qt in PAIR_TYPES:   # [pair, sb, kind, row, 8] -> [row, sb, kind, 8]
+        if qt in PAIR_TYPES:  # [pair, sb, kind, row, 8] -> [row, sb, kind, 8]
             m = self.q.shape[0] // 2
             s = self.sc.reshape(m, nsb, 2, 2, 8).transpose(0, 3, 1, 2, 4).reshape(2 * m, nsb, 2, 8)
             dd = self.d.view(np.float16).astype(np.float32).reshape(m, nsb, 2, 2)
             dd = dd.transpose(0, 3, 1, 2).reshape(2 * m, nsb, 2)[:n]
             s = s[:n].astype(np.float32)
-            return ((dd[:, :, 0:1] * s[:, :, 0]).reshape(n, -1),
-                    (dd[:, :, 1:2] * s[:, :, 1]).reshape(n, -1))
+            return ((dd[:, :, 0:1] * s[:, :, 0]).reshape(n, -1), (dd[:, :, 1:2] * s[:, :, 1]).reshape(n, -1))
         dd = self.d.view(np.float16).astype(np.float32).reshape(n, nsb, _ND[qt])
         if qt == Q2_K:
             s = self.sc.reshape(n, nsb, 16)[:, :, GROUP_LANE]
-            return ((dd[:, :, 0:1] * (s & 15).astype(np.float32)).reshape(n, -1),
-                    (dd[:, :, 1:2] * (s >> 4).astype(np.float32)).reshape(n, -1))
+            return (
+                (dd[:, :, 0:1] * (s & 15).astype(np.float32)).reshape(n, -1),
+                (dd[:, :, 1:2] * (s >> 4).astype(np.float32)).reshape(n, -1),
+            )
         s = self.sc.view(np.int8).reshape(n, nsb, 16)[:, :, GROUP_LANE].astype(np.float32)
         return (dd[:, :, 0:1] * s).reshape(n, -1), None
 
@@ -203,8 +236,7 @@ def _pair_order(codes: np.ndarray) -> np.ndarray:
     code vector (v, h) of a row pair, lane 8 j + p = row j of the pair, byte t = weight
     32 p + 16 h + 4 v + t (block p)."""
     n2, nsb = codes.shape[:2]
-    return codes.reshape(n2 // 2, 2, nsb, 8, 2, 4, 4).transpose(0, 2, 5, 4, 1, 3, 6).reshape(
-        n2 // 2, nsb, 4, 2, 16, 4)
+    return codes.reshape(n2 // 2, 2, nsb, 8, 2, 4, 4).transpose(0, 2, 5, 4, 1, 3, 6).reshape(n2 // 2, nsb, 4, 2, 16, 4)
 
 
 def _nibbles(v: np.ndarray) -> np.ndarray:
@@ -217,8 +249,7 @@ def _nibbles(v: np.ndarray) -> np.ndarray:
 def _pack_crumbs(v: np.ndarray) -> np.ndarray:
     """[n, nsb, 4, 16, 4] 2-bit values -> [n, nsb, 64]: byte 4L + t, bits 2v..2v+1."""
     n, nsb = v.shape[:2]
-    return (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(
-        n, nsb, 64)
+    return (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(n, nsb, 64)
 
 
 def _crumbs(b: np.ndarray) -> np.ndarray:
@@ -232,16 +263,16 @@ def _pack_bits(v: np.ndarray) -> np.ndarray:
     """[n, nsb, 4, 16, 4] bits -> [n, nsb, 32]: byte 4L + t (L < 8), bit v for lane L and bit
     4 + v for lane L + 8 (the kernels widen it to 64 bytes with one shift)."""
     n, nsb = v.shape[:2]
-    h = v.reshape(n, nsb, 4, 2, 8, 4) << (np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
-                                          + np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1))
+    h = v.reshape(n, nsb, 4, 2, 8, 4) << (
+        np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1) + np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1)
+    )
     return np.bitwise_or.reduce(h.reshape(n, nsb, 8, 8, 4), axis=2).reshape(n, nsb, 32)
 
 
 def _bits(b: np.ndarray) -> np.ndarray:
     """Inverse of ``_pack_bits``: [n, nsb, 32] -> [n, nsb, 4, 16, 4]."""
     n, nsb = b.shape[:2]
-    sh = (np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
-          + np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1))
+    sh = np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1) + np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1, 1)
     return ((b.reshape(n, nsb, 1, 1, 8, 4) >> sh) & 1).reshape(n, nsb, 4, 16, 4)
 
 
@@ -284,19 +315,24 @@ def _packed_pair(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> Pac
     n2 = _array_rows(qt, n)
     d = np.ascontiguousarray(d).view(np.uint16).reshape(n, nsb, 2)
     if n2 > n:
-        nat, sc, d = (np.concatenate([a_, np.zeros((1, *a_.shape[1:]), a_.dtype)])
-                      for a_ in (nat, np.asarray(sc), d))
+        nat, sc, d = (np.concatenate([a_, np.zeros((1, *a_.shape[1:]), a_.dtype)]) for a_ in (nat, np.asarray(sc), d))
     v = _pair_order(nat)
     q = aligned_empty((n2, nsb * _QB[qt]), np.uint8)
     q3 = q.reshape(n2 // 2, nsb, 2 * _QB[qt])
     q3[:, :, :256] = ((v[:, :, :, 0] & 15) | ((v[:, :, :, 1] & 15) << 4)).reshape(n2 // 2, nsb, 256)
-    if qt == Q5_K:   # byte 4 lane + t, bit 2 v + h: bit 4 of code (v, h)
+    if qt == Q5_K:  # byte 4 lane + t, bit 2 v + h: bit 4 of code (v, h)
         hb = ((v >> 4) & 1) << _Q5_PLANE_BIT
         q3[:, :, 256:] = np.bitwise_or.reduce(hb.reshape(n2 // 2, nsb, 8, 64), axis=2)
     scp = np.asarray(sc).reshape(n2 // 2, 2, nsb, 2, 8).transpose(0, 2, 3, 1, 4)
     dp = d.reshape(n2 // 2, 2, nsb, 2).transpose(0, 2, 3, 1)
-    return PackedKQ(q, np.ascontiguousarray(scp).reshape(n2, nsb * 16),
-                    np.ascontiguousarray(dp).reshape(n2, nsb * 2), n, nsb * QK, qt)
+    return PackedKQ(
+        q,
+        np.ascontiguousarray(scp).reshape(n2, nsb * 16),
+        np.ascontiguousarray(dp).reshape(n2, nsb * 2),
+        n,
+        nsb * QK,
+        qt,
+    )
 
 
 def _packed(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> PackedKQ:
@@ -316,9 +352,14 @@ def _packed(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> PackedKQ
     else:
         q3[:, :, :128] = _nibbles(v)
         q3[:, :, 128:] = _pack_crumbs(v >> 4)
-    return PackedKQ(q, np.ascontiguousarray(sc).reshape(n, nsb * 16),
-                    np.ascontiguousarray(d).view(np.uint16).reshape(n, nsb * _ND[qt]),
-                    n, nsb * QK, qt)
+    return PackedKQ(
+        q,
+        np.ascontiguousarray(sc).reshape(n, nsb * 16),
+        np.ascontiguousarray(d).view(np.uint16).reshape(n, nsb * _ND[qt]),
+        n,
+        nsb * QK,
+        qt,
+    )
 
 
 def pack_kquant(raw2d, qtype: int) -> PackedKQ:
@@ -330,20 +371,20 @@ def pack_kquant(raw2d, qtype: int) -> PackedKQ:
         raise ValueError(f"pack_kquant: qtype {qtype} is not a K-quant (Q2_K..Q6_K, 10..14)")
     r3 = gguf_blocks(raw2d, block_info(qtype)[1], "pack_kquant")
     n, nsb = r3.shape[:2]
-    if qtype == Q2_K:     # scales[16] (scale | min << 4), qs[64], d, dmin
+    if qtype == Q2_K:  # scales[16] (scale | min << 4), qs[64], d, dmin
         return _packed(_split2(r3[:, :, 16:80], n, nsb), qtype, r3[:, :, :16], r3[:, :, 80:84])
-    if qtype == Q3_K:     # hmask[32], qs[64], scales[12] (6-bit, biased by 32), d
+    if qtype == Q3_K:  # hmask[32], qs[64], scales[12] (6-bit, biased by 32), d
         nat = _split2(r3[:, :, 32:96], n, nsb) | (_hbit(r3[:, :, :32], n, nsb) << 2)
         s = r3[:, :, 96:108]
         lo = np.concatenate([s[:, :, :8] & 15, s[:, :, :8] >> 4], axis=-1)
-        hi = (s[:, :, 8:12].reshape(n, nsb, 1, 4)
-              >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)).reshape(n, nsb, 16) & 3
+        hi = (s[:, :, 8:12].reshape(n, nsb, 1, 4) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)).reshape(
+            n, nsb, 16
+        ) & 3
         sc = ((lo | (hi << 4)).astype(np.int16) - 32).astype(np.int8).view(np.uint8)
         return _packed(nat, qtype, sc, r3[:, :, 108:110])
-    if qtype == Q4_K:     # d, dmin, scales[12], qs[128]
-        return _packed(_split4(r3[:, :, 16:], n, nsb), qtype, _q6bits(r3[:, :, 4:16]),
-                       r3[:, :, 0:4])
-    if qtype == Q5_K:     # d, dmin, scales[12], qh[32], qs[128]
+    if qtype == Q4_K:  # d, dmin, scales[12], qs[128]
+        return _packed(_split4(r3[:, :, 16:], n, nsb), qtype, _q6bits(r3[:, :, 4:16]), r3[:, :, 0:4])
+    if qtype == Q5_K:  # d, dmin, scales[12], qh[32], qs[128]
         nat = _split4(r3[:, :, 48:], n, nsb) | (_hbit(r3[:, :, 16:48], n, nsb) << 4)
         return _packed(nat, qtype, _q6bits(r3[:, :, 4:16]), r3[:, :, 0:4])
     # Q6_K: ql[128], qh[64], scales[16] (int8), d; weight 128 h + 32 s + l: nibble s // 2 of
@@ -370,7 +411,7 @@ def ternary_as_q2_k(raw2d, qtype: int) -> np.ndarray:
     qtype = int(qtype)
     if qtype not in TERNARY:
         raise ValueError(f"ternary_as_q2_k: type {qtype} is not TQ1_0 (34) or TQ2_0 (35)")
-    _, bb, off = EXACT_INT8[qtype]                            # block bytes, offset of d
+    _, bb, off = EXACT_INT8[qtype]  # block bytes, offset of d
     r3 = gguf_blocks(raw2d, bb, "ternary_as_q2_k")
     n, nsb = r3.shape[:2]
     out = np.empty((n, nsb, 84), np.uint8)
@@ -379,9 +420,12 @@ def ternary_as_q2_k(raw2d, qtype: int) -> np.ndarray:
         out[:, :, 16:80] = r3[:, :, :64]
     else:
         t = (pack_exact_int8(r3.reshape(n, -1), qtype).qs + 1).view(np.uint8)
-        t = t.reshape(n, nsb, 2, 4, 32)                       # [row, sb, h, j, l]
-        out[:, :, 16:80] = (t << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)).sum(
-            axis=3, dtype=np.uint8).reshape(n, nsb, 64)
-    out[:, :, 80:82] = r3[:, :, off:off + 2]
-    out[:, :, 82:84] = r3[:, :, off:off + 2]
+        t = t.reshape(n, nsb, 2, 4, 32)  # [row, sb, h, j, l]
+        out[:, :, 16:80] = (
+            (t << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1))
+            .sum(axis=3, dtype=np.uint8)
+            .reshape(n, nsb, 64)
+        )
+    out[:, :, 80:82] = r3[:, :, off : off + 2]
+    out[:, :, 82:84] = r3[:, :, off : off + 2]
     return out.reshape(n, nsb * 84)

@@ -54,16 +54,17 @@ def kq_matmul_reference(X, p: PackedKQ, return_scale: bool = False):
     o = OFFSET[p.qtype]
     codes = p.codes().astype(np.float64) - o
     SC, MM = p.scales()
-    gw = 32 if p.qtype in PAIR_TYPES else 16                          # weights per scale
+    gw = 32 if p.qtype in PAIR_TYPES else 16  # weights per scale
     ng = n // gw
-    ig = np.einsum("rgj,igj->irg", codes.reshape(p.n_out, ng, gw),
-                   xq.reshape(k, ng, gw).astype(np.float64))      # exact (< 2^53)
+    ig = np.einsum(
+        "rgj,igj->irg", codes.reshape(p.n_out, ng, gw), xq.reshape(k, ng, gw).astype(np.float64)
+    )  # exact (< 2^53)
     dxg = np.repeat(dx, 32 // gw, axis=1)
     t1 = ig * dxg.astype(np.float64)[:, None, :] * SC.astype(np.float64)[None]
     y, absum = t1.sum(axis=2), np.abs(t1).sum(axis=2)
     if MM is not None:
         if o:
-            MM = MM - np.float32(o) * SC                          # float32, one rounding
+            MM = MM - np.float32(o) * SC  # float32, one rounding
         xsg = xs.reshape(k, ng, gw // 16).sum(axis=2)
         dxs = (dxg * xsg.astype(np.float32)).astype(np.float64)  # float32 products
         t2 = MM.astype(np.float64)[None] * dxs[:, None, :]
@@ -74,8 +75,7 @@ def kq_matmul_reference(X, p: PackedKQ, return_scale: bool = False):
         return y
     # guaranteed: |x - xq dx| <= dx (1/2 + 2^-22 |xq|) per activation (the rounding of x * inv
     # and of dx included), the dequantized weights' float32 rounding 2^-23 |w x|
-    w = np.abs(p.dequantize().astype(np.float64))                        # [n_out, n]
-    step = (np.repeat(dx, 32, axis=1).astype(np.float64)
-            * (0.5 + 2.0 ** -22 * np.abs(xq.astype(np.float64))))         # [k, n]
-    bound = step @ w.T + 2.0 ** -23 * (np.abs(X.astype(np.float64)) @ w.T)
+    w = np.abs(p.dequantize().astype(np.float64))  # [n_out, n]
+    step = np.repeat(dx, 32, axis=1).astype(np.float64) * (0.5 + 2.0**-22 * np.abs(xq.astype(np.float64)))  # [k, n]
+    bound = step @ w.T + 2.0**-23 * (np.abs(X.astype(np.float64)) @ w.T)
     return y, absum, bound

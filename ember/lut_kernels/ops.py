@@ -129,8 +129,7 @@ def pack(raw: np.ndarray, qtype: int):
     raise ValueError(f"no kernel layout for ggml type {qtype}")
 
 
-def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
-                 packed=None) -> QuantMatrix:
+def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int, packed=None) -> QuantMatrix:
     """A QuantMatrix, with its kernel layout when ember has a kernel for the type (`packed`, e.g.
     from the pack cache, or packed now)."""
     if qtype in VIEW_TYPES:
@@ -139,8 +138,7 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int,
         return QuantMatrix(name, raw, qtype, n_out, n_in)
     if packed is None:
         packed = pack(raw, qtype)
-    elif (packed.n_out, packed.n_in) != (n_out, n_in) \
-            or getattr(packed, "qtype", None) != _layout_qtype(qtype):
+    elif (packed.n_out, packed.n_in) != (n_out, n_in) or getattr(packed, "qtype", None) != _layout_qtype(qtype):
         raise ValueError(f"{name}: the cached kernel layout does not match the tensor")
     if qtype in INT8_TYPES:
         return QuantMatrix(name, raw, qtype, n_out, n_in, packed, q8_matvec)

@@ -40,10 +40,23 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-__all__ = ["PackedQ4", "half_to_f32", "pack_q4", "unpack_q4", "aligned", "aligned_empty", "Q4_0", "Q4_1",
-           "DEFAULT_TILE", "gguf_blocks", "tree_sum", "stored_arrays", "stored_meta"]
+__all__ = [
+    "PackedQ4",
+    "half_to_f32",
+    "pack_q4",
+    "unpack_q4",
+    "aligned",
+    "aligned_empty",
+    "Q4_0",
+    "Q4_1",
+    "DEFAULT_TILE",
+    "gguf_blocks",
+    "tree_sum",
+    "stored_arrays",
+    "stored_meta",
+]
 
-Q4_0 = 2   # GGMLQuantizationType values
+Q4_0 = 2  # GGMLQuantizationType values
 Q4_1 = 3
 DEFAULT_TILE = 64
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20}
@@ -56,8 +69,7 @@ def gguf_blocks(raw2d, block_bytes: int, name: str) -> np.ndarray:
     if raw.dtype != np.uint8:
         raw = raw.view(np.uint8)
     if raw.ndim != 2 or raw.shape[1] % block_bytes or raw.shape[1] == 0:
-        raise ValueError(f"{name}: expected uint8 [n_out, n_blocks * {block_bytes}], got "
-                         f"{raw.dtype} {raw.shape}")
+        raise ValueError(f"{name}: expected uint8 [n_out, n_blocks * {block_bytes}], got {raw.dtype} {raw.shape}")
     return raw.reshape(raw.shape[0], raw.shape[1] // block_bytes, block_bytes)
 
 
@@ -72,8 +84,9 @@ def stored_arrays(a, what: str, names: tuple, shapes: dict) -> list:
             raise ValueError(f"{what}.from_arrays: missing or malformed arrays ({e})") from None
         shape, dt = shapes[nm]
         if arr.shape != tuple(shape) or arr.dtype != dt:
-            raise ValueError(f"{what}.from_arrays: {nm} is {arr.dtype} {arr.shape}, expected "
-                             f"{np.dtype(dt)} {tuple(shape)}")
+            raise ValueError(
+                f"{what}.from_arrays: {nm} is {arr.dtype} {arr.shape}, expected {np.dtype(dt)} {tuple(shape)}"
+            )
         out.append(arr)
     return out
 
@@ -96,7 +109,7 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     n = int(np.prod(shape)) * dtype.itemsize
     buf = np.empty(n + align, np.uint8)
     start = (-buf.ctypes.data) % align
-    return buf[start:start + n].view(dtype).reshape(shape)
+    return buf[start : start + n].view(dtype).reshape(shape)
 
 
 def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
@@ -111,6 +124,7 @@ def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
 @dataclass
 class PackedQ4:
     """A Q4_0/Q4_1 matrix [n_out, n_in] in the kernel layout (see the module docstring)."""
+
     codes: np.ndarray
     dm: np.ndarray
     n_out: int
@@ -141,8 +155,11 @@ class PackedQ4:
 
     def arrays(self) -> dict:
         """Everything as numpy arrays, for ``np.savez``."""
-        return {"codes": self.codes, "dm": self.dm,
-                "meta": np.array([self.n_out, self.n_in, self.qtype, self.tile], np.int64)}
+        return {
+            "codes": self.codes,
+            "dm": self.dm,
+            "meta": np.array([self.n_out, self.n_in, self.qtype, self.tile], np.int64),
+        }
 
     @classmethod
     def from_arrays(cls, arrs) -> PackedQ4:
@@ -150,16 +167,21 @@ class PackedQ4:
         codes, dm = np.asarray(arrs["codes"]), np.asarray(arrs["dm"])
         nb, S = n_in // 32, 2 if qtype == Q4_1 else 1
         n_tiles = -(-n_out // tile) if tile > 0 else -1
-        if codes.dtype != np.uint8 or dm.dtype != np.uint16 or n_in % 32 or n_tiles < 0 \
-                or codes.shape != (n_tiles, nb, 4, tile, 4) or dm.shape != (n_tiles, nb, S, tile):
+        if (
+            codes.dtype != np.uint8
+            or dm.dtype != np.uint16
+            or n_in % 32
+            or n_tiles < 0
+            or codes.shape != (n_tiles, nb, 4, tile, 4)
+            or dm.shape != (n_tiles, nb, S, tile)
+        ):
             raise ValueError("PackedQ4: inconsistent codes / dm arrays")
         return cls(aligned(codes), aligned(dm), n_out, n_in, qtype, tile)
 
 
 # _SPREAD[q]: the 4 bit-planes of one qs byte q, plane p in byte p of the word, as 2 bits:
 # bit 0 = bit p of q's low nibble, bit 4 = bit p of its high nibble.
-_SPREAD = np.array([sum(((q >> p) & 0x11) << (8 * p) for p in range(4)) for q in range(256)],
-                   np.uint32)
+_SPREAD = np.array([sum(((q >> p) & 0x11) << (8 * p) for p in range(4)) for q in range(256)], np.uint32)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -171,9 +193,9 @@ def half_to_f32(h):
     if e == 0x1F:
         v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
     elif e == 0:
-        v = np.float32(m) * np.float32(2.0 ** -24)
+        v = np.float32(m) * np.float32(2.0**-24)
     else:
-        v = (np.float32(m | 0x400) * np.float32(np.int32(1) << (e - 1))) * np.float32(2.0 ** -24)
+        v = (np.float32(m | 0x400) * np.float32(np.int32(1) << (e - 1))) * np.float32(2.0**-24)
     return -v if h & 0x8000 else v
 
 
@@ -210,9 +232,12 @@ def _pack(blk, qoff, codes32, dm):
                 dm[t, b, 1, r] = np.uint16(src[b, 2]) | (np.uint16(src[b, 3]) << np.uint16(8))
             for gp in range(4):
                 o = qoff + 4 * gp
-                codes32[t, b, gp, r] = (spread[src[b, o]] | (spread[src[b, o + 1]] << 1)
-                                        | (spread[src[b, o + 2]] << 2)
-                                        | (spread[src[b, o + 3]] << 3))
+                codes32[t, b, gp, r] = (
+                    spread[src[b, o]]
+                    | (spread[src[b, o + 1]] << 1)
+                    | (spread[src[b, o + 2]] << 2)
+                    | (spread[src[b, o + 3]] << 3)
+                )
 
 
 @njit(cache=True, nogil=True)
@@ -265,6 +290,6 @@ def unpack_q4(p: PackedQ4) -> np.ndarray:
     blk = np.empty((p.n_out, nb, bb), np.uint8)
     _unpack_codes(p.codes, p.n_out, bb - 16, blk)
 
-    f = p.dm.transpose(0, 3, 1, 2).reshape(-1, nb, p.dm.shape[2])[:p.n_out]
-    blk[:, :, 0:2 * f.shape[2]] = np.ascontiguousarray(f).view(np.uint8).reshape(p.n_out, nb, -1)
+    f = p.dm.transpose(0, 3, 1, 2).reshape(-1, nb, p.dm.shape[2])[: p.n_out]
+    blk[:, :, 0 : 2 * f.shape[2]] = np.ascontiguousarray(f).view(np.uint8).reshape(p.n_out, nb, -1)
     return blk.reshape(p.n_out, nb * bb)

@@ -119,14 +119,18 @@ def save(model_path: Path, packed: dict) -> Path:
         for an, a in p.arrays().items():
             a = np.ascontiguousarray(a)
             offset += -offset % ALIGN
-            arrays[an] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset,
-                          "nbytes": a.nbytes, "sum64": checksum(a)}
+            arrays[an] = {
+                "dtype": a.dtype.name,
+                "shape": list(a.shape),
+                "offset": offset,
+                "nbytes": a.nbytes,
+                "sum64": checksum(a),
+            }
             blobs.append((offset, a))
             offset += a.nbytes
         entries[name] = {"class": _tag(p), "arrays": arrays}
     source = str(Path(model_path).resolve())
-    index = json.dumps({"layout": LAYOUT, "key": path.stem, "source": source,
-                        "entries": entries}).encode()
+    index = json.dumps({"layout": LAYOUT, "key": path.stem, "source": source, "entries": entries}).encode()
     head = MAGIC + struct.pack("<Q", len(index)) + index
     head_len = len(head) + (-len(head) % ALIGN)
 
@@ -139,7 +143,7 @@ def save(model_path: Path, packed: dict) -> Path:
             yield memoryview(a).cast("B")
             pos = off + a.nbytes
 
-    write_atomic(path, chunks())   # fsynced: the page cache can drop only clean pages
+    write_atomic(path, chunks())  # fsynced: the page cache can drop only clean pages
     _uncache(path)
     _remove_older(path, source)
     log.debug("packed weights cached in %s (%d bytes)", path, head_len + offset)
@@ -154,7 +158,7 @@ def _uncache(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError as e:   # only the speed of later loads depends on it
+    except OSError as e:  # only the speed of later loads depends on it
         log.debug("could not drop %s from the page cache (%s)", path, e)
 
 
@@ -206,7 +210,7 @@ def load(model_path: Path) -> dict | None:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mm.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:   # no transparent huge pages here: 4 KB pages
+        except OSError:  # no transparent huge pages here: 4 KB pages
             pass
     try:
         return _parse(mm, path)
@@ -223,7 +227,7 @@ def _parse(mm: mmap.mmap, path: Path) -> dict:
     start = len(MAGIC) + 8
     if n > size - start:
         raise ValueError("truncated index")
-    index = json.loads(bytes(mm[start:start + n]))
+    index = json.loads(bytes(mm[start : start + n]))
     if index.get("layout") != LAYOUT or index.get("key") != path.stem:
         raise ValueError("another layout or model")
     buf = np.frombuffer(mm, np.uint8)
@@ -234,10 +238,16 @@ def _parse(mm: mmap.mmap, path: Path) -> dict:
         for an, a in e["arrays"].items():
             off, nbytes, dt = base + int(a["offset"]), int(a["nbytes"]), a["dtype"]
             shape = tuple(int(s) for s in a["shape"])
-            if dt not in _DTYPES or min(shape, default=1) < 0 or off % ALIGN or off < base \
-                    or nbytes != int(np.prod(shape)) * np.dtype(dt).itemsize or off + nbytes > size:
+            if (
+                dt not in _DTYPES
+                or min(shape, default=1) < 0
+                or off % ALIGN
+                or off < base
+                or nbytes != int(np.prod(shape)) * np.dtype(dt).itemsize
+                or off + nbytes > size
+            ):
                 raise ValueError(f"bad array record {name}/{an}")
-            arr = buf[off:off + nbytes]
+            arr = buf[off : off + nbytes]
             if checksum(arr) != int(a["sum64"]):
                 raise ValueError(f"checksum mismatch in {name}/{an}")
             arrays[an] = arr.view(dt).reshape(shape)

@@ -84,8 +84,8 @@ DEFAULT_PREFETCH = 4096  # software prefetch distance in bytes of qs (0: none); 
 
 @dataclass
 class PackedQ8:
-    qs: np.ndarray      # int8 [n_out, n_in]
-    d: np.ndarray       # uint16 [n_out, n_in // 32]: the block scales' IEEE half bits
+    qs: np.ndarray  # int8 [n_out, n_in]
+    d: np.ndarray  # uint16 [n_out, n_in // 32]: the block scales' IEEE half bits
     n_out: int
     n_in: int
 
@@ -115,8 +115,9 @@ class PackedQ8:
     def dequantize(self) -> np.ndarray:
         """float32 [n_out, n_in] (for tests and baselines)."""
         nb = self.n_in // 32
-        return (self.qs.reshape(self.n_out, nb, 32).astype(np.float32)
-                * self.d_f32[:, :, None]).reshape(self.n_out, self.n_in)
+        return (self.qs.reshape(self.n_out, nb, 32).astype(np.float32) * self.d_f32[:, :, None]).reshape(
+            self.n_out, self.n_in
+        )
 
 
 @dataclass
@@ -129,6 +130,7 @@ class PackedQ5:
     last block is paired with a zero block. ``d`` uint16 [n_out, nb] (Q5_0) or [n_out, 2 nb]
     (Q5_1: the scales, then the mins), IEEE half bits. Weight: ``d (q - 16)`` (Q5_0) or ``d q
     + m`` (Q5_1) with the 5-bit code q."""
+
     q: np.ndarray
     d: np.ndarray
     n_out: int
@@ -140,8 +142,7 @@ class PackedQ5:
         return self.q.nbytes + self.d.nbytes
 
     def arrays(self) -> dict:
-        return {"q": self.q, "d": self.d,
-                "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
+        return {"q": self.q, "d": self.d, "meta": np.array([self.n_out, self.n_in, self.qtype], np.int64)}
 
     @classmethod
     def from_arrays(cls, a) -> PackedQ5:
@@ -151,9 +152,15 @@ class PackedQ5:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"PackedQ5.from_arrays: missing or malformed arrays ({e})") from None
         nb = n_in // 32
-        if qtype not in (Q5_0, Q5_1) or n_in <= 0 or n_in % 32 or q.dtype != np.uint8 \
-                or d.dtype != np.uint16 or q.shape != (n_out, 20 * (nb + nb % 2)) \
-                or d.shape != (n_out, nb * (2 if qtype == Q5_1 else 1)):
+        if (
+            qtype not in (Q5_0, Q5_1)
+            or n_in <= 0
+            or n_in % 32
+            or q.dtype != np.uint8
+            or d.dtype != np.uint16
+            or q.shape != (n_out, 20 * (nb + nb % 2))
+            or d.shape != (n_out, nb * (2 if qtype == Q5_1 else 1))
+        ):
             raise ValueError("PackedQ5: inconsistent q / d arrays")
         return cls(np.ascontiguousarray(q), np.ascontiguousarray(d), n_out, n_in, qtype)
 
@@ -162,7 +169,7 @@ class PackedQ5:
         n, nb = self.n_out, self.n_in // 32
         pr = self.q.reshape(n, -1, 40)
         nib = pr[:, :, :32]
-        lo = np.stack([nib & 15, nib >> 4], axis=2).reshape(n, -1, 32)      # [n, nbp, 32]
+        lo = np.stack([nib & 15, nib >> 4], axis=2).reshape(n, -1, 32)  # [n, nbp, 32]
         qh = np.ascontiguousarray(pr[:, :, 32:]).view(np.uint32).reshape(n, -1, 1)
         hb = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
         return (lo | (hb << 4))[:, :nb].reshape(n, self.n_in)
@@ -171,8 +178,7 @@ class PackedQ5:
         """(d, m) float32 [n_out, nb]: weight = d q + m (Q5_0: m = -16 d, exact)."""
         nb = self.n_in // 32
         d = self.d[:, :nb].view(np.float16).astype(np.float32)
-        m = (self.d[:, nb:].view(np.float16).astype(np.float32) if self.qtype == Q5_1
-             else np.float32(-16) * d)
+        m = self.d[:, nb:].view(np.float16).astype(np.float32) if self.qtype == Q5_1 else np.float32(-16) * d
         return d, m
 
     def dequantize(self) -> np.ndarray:
@@ -198,8 +204,10 @@ def pack_q8_0(raw2d: np.ndarray) -> PackedQ8:
 
 # Types whose every weight is an int8 code times one f16 scale per block of 32 (or per super-block
 # of 256): (weights, bytes, offset of the f16 scale) per block.
-EXACT_INT8 = {34: (256, 54, 52),    # TQ1_0: d * (t - 1)
-              35: (256, 66, 64)}    # TQ2_0: d * (t - 1)
+EXACT_INT8 = {
+    34: (256, 54, 52),  # TQ1_0: d * (t - 1)
+    35: (256, 66, 64),
+}  # TQ2_0: d * (t - 1)
 Q5_0, Q5_1 = 6, 7
 INT8_TYPES = (8, Q5_0, Q5_1)  # the types the runtime runs on this module's kernels (8: Q8_0;
 #                               Q5_0/Q5_1 in their own 5-bit layout; TQ1_0/TQ2_0 run as Q2_K)
@@ -218,21 +226,22 @@ def pack_exact_int8(raw2d: np.ndarray, qtype: int, chunk: int = 2048) -> PackedQ
     r3 = gguf_blocks(raw2d, bb, "pack_exact_int8")
     n_out, n_in = r3.shape[0], r3.shape[1] * bw
     raw = r3.reshape(n_out, -1)
-    d = np.ascontiguousarray(r3[:, :, off:off + 2]).view(np.uint16).reshape(n_out, -1)
-    d = np.repeat(d, bw // 32, axis=1)                                  # one per 32 weights
+    d = np.ascontiguousarray(r3[:, :, off : off + 2]).view(np.uint16).reshape(n_out, -1)
+    d = np.repeat(d, bw // 32, axis=1)  # one per 32 weights
     qs = np.empty((n_out, n_in), np.int8)
     w = np.empty(min(chunk, n_out) * n_in, np.float32)
     for r0 in range(0, n_out, chunk):  # bounded temporaries for large matrices
         r1 = min(n_out, r0 + chunk)
-        wr = w[:(r1 - r0) * n_in].reshape(r1 - r0, -1, 32)
+        wr = w[: (r1 - r0) * n_in].reshape(r1 - r0, -1, 32)
         dequantize_into(raw[r0:r1], qtype, wr.reshape(-1))
         df = d[r0:r1].view(np.float16).astype(np.float32)[:, :, None]
         ok = np.isfinite(df) & (df != 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             q = np.where(ok, wr / np.where(ok, df, 1), 0)
         q = np.rint(q)
-        if not (np.all((q >= -128) & (q <= 127))
-                and np.array_equal((q.astype(np.float32) * df)[ok[..., 0]], wr[ok[..., 0]])):
+        if not (
+            np.all((q >= -128) & (q <= 127)) and np.array_equal((q.astype(np.float32) * df)[ok[..., 0]], wr[ok[..., 0]])
+        ):
             raise ValueError("pack_exact_int8: a block is not an int8 code times its scale")
         qs[r0:r1] = q.astype(np.int8).reshape(r1 - r0, n_in)
     return PackedQ8(qs, d, n_out, n_in)
@@ -250,14 +259,14 @@ def pack_q5(raw2d: np.ndarray, qtype: int) -> PackedQ5:
     n_out, nb = r3.shape[:2]
     nbp = nb + nb % 2
     d = np.ascontiguousarray(r3[:, :, :o]).view(np.uint16).reshape(n_out, nb, o // 2)
-    d = np.ascontiguousarray(d.transpose(0, 2, 1)).reshape(n_out, -1)       # scales[, mins]
-    qs = r3[:, :, o + 4:o + 20]
+    d = np.ascontiguousarray(d.transpose(0, 2, 1)).reshape(n_out, -1)  # scales[, mins]
+    qs = r3[:, :, o + 4 : o + 20]
     lo = np.zeros((n_out, nbp, 32), np.uint8)
     lo[:, :nb] = np.concatenate([qs & 15, qs >> 4], axis=2)
     pr = np.zeros((n_out, nbp // 2, 40), np.uint8)
     pr[:, :, :32] = lo[:, 0::2] | (lo[:, 1::2] << 4)
     qh = np.zeros((n_out, nbp, 4), np.uint8)
-    qh[:, :nb] = r3[:, :, o:o + 4]
+    qh[:, :nb] = r3[:, :, o : o + 4]
     pr[:, :, 32:] = qh.reshape(n_out, nbp // 2, 8)
     return PackedQ5(pr.reshape(n_out, 20 * nbp), d, n_out, nb * 32, qtype)
 
@@ -281,14 +290,16 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
     7 zeros keep the other lanes exact).
     """
     nl = vw // 4
-    bpv = vw // 32                    # blocks per vector
+    bpv = vw // 32  # blocks per vector
     V8, V16, V32, VF = f"<{vw} x i8>", f"<{vw // 2} x i16>", f"<{nl} x i32>", f"<{nl} x float>"
-    q5 = kind != "q8"                 # the 5-bit layouts, with their mins
+    q5 = kind != "q8"  # the 5-bit layouts, with their mins
     L = []
     a = L.append
     ro = "ptr noalias nocapture readonly"
-    a(f"define void @{kind}_rows({ro} %qs, {ro} %dw, {ro} %xq, {ro} %dxv, "
-      "ptr noalias nocapture %y, i64 %nb, i64 %r0, i64 %r1) #0 {")
+    a(
+        f"define void @{kind}_rows({ro} %qs, {ro} %dw, {ro} %xq, {ro} %dxv, "
+        "ptr noalias nocapture %y, i64 %nb, i64 %r0, i64 %r1) #0 {"
+    )
     a("entry:")
     a("  %e1 = icmp sge i64 %r0, %r1")
     a("  %e2 = icmp sle i64 %nb, 0")
@@ -300,8 +311,8 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
     a("  %nbo = and i64 %nb, 1")
     a("  %nbp = add i64 %nb, %nbo")
     a(f"  %rowb = mul i64 {'%nbp' if q5 else '%nb'}, {20 if q5 else 32}")
-    a(f"  %drs = mul i64 %nb, {2 if kind == 'q5_1' else 1}")    # f16 values per row of d
-    a("  %xso = mul i64 %nbp, 8")                          # dxv: dx * xsum after the dx part
+    a(f"  %drs = mul i64 %nb, {2 if kind == 'q5_1' else 1}")  # f16 values per row of d
+    a("  %xso = mul i64 %nbp, 8")  # dxv: dx * xsum after the dx part
     a("  %dxs = getelementptr float, ptr %dxv, i64 %xso")
     if bpv == 2:
         a("  %odd = icmp ne i64 %nbo, 0")
@@ -322,10 +333,9 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
             if prefetch and not tag:
                 a(f"  %pfp = getelementptr i8, ptr %wp, i64 {prefetch}")
                 codegen.emit_prefetch(a, "%pfp")
-            if tag:   # the odd last block (avx512): 32 bytes, zero-extended
+            if tag:  # the odd last block (avx512): 32 bytes, zero-extended
                 a(f"  %w32{tag} = load <32 x i8>, ptr %wp{tag}, align 1")
-                a(f"  %w{tag} = shufflevector <32 x i8> %w32{tag}, <32 x i8> zeroinitializer, "
-                  f"{mask(range(64))}")
+                a(f"  %w{tag} = shufflevector <32 x i8> %w32{tag}, <32 x i8> zeroinitializer, {mask(range(64))}")
             else:
                 a(f"  %w{tag} = load {V8}, ptr %wp{tag}, align 1")
             return f"%w{tag}"
@@ -341,31 +351,27 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         a(f"  %hp{tag} = getelementptr i8, ptr %pp{tag}, i64 32")
         if vw == 64 and not tag:
             a(f"  %hi{tag} = lshr <32 x i8> %nib{tag}, {splat('i8', 32, 4)}")
-            a(f"  %c{tag} = shufflevector <32 x i8> %lo{tag}, <32 x i8> %hi{tag}, "
-              f"{mask(range(64))}")
+            a(f"  %c{tag} = shufflevector <32 x i8> %lo{tag}, <32 x i8> %hi{tag}, {mask(range(64))}")
             a(f"  %hb{tag} = load i64, ptr %hp{tag}, align 1")
             a(f"  %hm{tag} = bitcast i64 %hb{tag} to <64 x i1>")
-        elif vw == 64:   # the odd last block: low nibbles only
-            a(f"  %c{tag} = shufflevector <32 x i8> %lo{tag}, <32 x i8> zeroinitializer, "
-              f"{mask(range(64))}")
+        elif vw == 64:  # the odd last block: low nibbles only
+            a(f"  %c{tag} = shufflevector <32 x i8> %lo{tag}, <32 x i8> zeroinitializer, {mask(range(64))}")
             a(f"  %hb32{tag} = load i32, ptr %hp{tag}, align 1")
             a(f"  %hb{tag} = zext i32 %hb32{tag} to i64")
             a(f"  %hm{tag} = bitcast i64 %hb{tag} to <64 x i1>")
-        else:            # avx2: one block per vector; odd blocks take the high nibbles
+        else:  # avx2: one block per vector; odd blocks take the high nibbles
             a(f"  %h1{tag} = and i64 {blk}, 1")
             a(f"  %sh{tag} = trunc i64 %h1{tag} to i8")
             a(f"  %sh4{tag} = mul i8 %sh{tag}, 4")
             a(f"  %shi{tag} = insertelement <32 x i8> poison, i8 %sh4{tag}, i32 0")
-            a(f"  %shv{tag} = shufflevector <32 x i8> %shi{tag}, <32 x i8> poison, "
-              f"<32 x i32> zeroinitializer")
+            a(f"  %shv{tag} = shufflevector <32 x i8> %shi{tag}, <32 x i8> poison, <32 x i32> zeroinitializer")
             a(f"  %ns{tag} = lshr <32 x i8> %nib{tag}, %shv{tag}")
             a(f"  %c{tag} = and <32 x i8> %ns{tag}, {splat('i8', 32, 15)}")
             a(f"  %ho{tag} = mul i64 %h1{tag}, 4")
             a(f"  %hq{tag} = getelementptr i8, ptr %hp{tag}, i64 %ho{tag}")
             a(f"  %hb{tag} = load i32, ptr %hq{tag}, align 1")
             a(f"  %hm{tag} = bitcast i32 %hb{tag} to <32 x i1>")
-        a(f"  %h16{tag} = select <{vw} x i1> %hm{tag}, {V8} {splat('i8', vw, 16)}, "
-          f"{V8} zeroinitializer")
+        a(f"  %h16{tag} = select <{vw} x i1> %hm{tag}, {V8} {splat('i8', vw, 16)}, {V8} zeroinitializer")
         a(f"  %w{tag} = or {V8} %c{tag}, %h16{tag}")
         return f"%w{tag}"
 
@@ -373,18 +379,18 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         """acc + float(lane partials of w . x) * dvec -> out."""
         mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
         madd = "@llvm.x86.avx512.pmaddw.d.512" if vw == 64 else "@llvm.x86.avx2.pmadd.wd"
-        if q5 and combine == "vnni":       # u8 codes . s8 activations
-            a(f"  %I{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
-              f"{V8} {w}, {V8} {x})")
-        elif q5:                           # pairs <= 2 * 31 * 127: no saturation
+        if q5 and combine == "vnni":  # u8 codes . s8 activations
+            a(f"  %I{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, {V8} {w}, {V8} {x})")
+        elif q5:  # pairs <= 2 * 31 * 127: no saturation
             a(f"  %m{tag} = call {V16} {mad}({V8} {w}, {V8} {x})")
             a(f"  %I{tag} = call {V32} {madd}({V16} %m{tag}, {V16} {splat('i16', vw // 2, 1)})")
         elif combine == "vnni":
             a(f"  %xu{tag} = xor {V8} {x}, {splat('i8', vw, -128)}")
-            a(f"  %p1{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
-              f"{V8} %xu{tag}, {V8} {w})")
-            a(f"  %p2{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
-              f"{V8} {splat('i8', vw, -128)}, {V8} {w})")
+            a(f"  %p1{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, {V8} %xu{tag}, {V8} {w})")
+            a(
+                f"  %p2{tag} = call {V32} @llvm.x86.avx512.vpdpbusd.512({V32} zeroinitializer, "
+                f"{V8} {splat('i8', vw, -128)}, {V8} {w})"
+            )
             a(f"  %I{tag} = sub {V32} %p1{tag}, %p2{tag}")
         else:
             a(f"  %aw{tag} = call {V8} @llvm.abs.v{vw}i8({V8} {w}, i1 false)")
@@ -402,8 +408,7 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
         if n == 2:
             a(f"  %h2{tag}.h = load <2 x half>, ptr %hp{tag}.h, align 2")
             a(f"  %f2{tag}.h = fpext <2 x half> %h2{tag}.h to <2 x float>")
-            a(f"  %V{tag} = shufflevector <2 x float> %f2{tag}.h, <2 x float> poison, "
-              f"{mask([0] * 8 + [1] * 8)}")
+            a(f"  %V{tag} = shufflevector <2 x float> %f2{tag}.h, <2 x float> poison, {mask([0] * 8 + [1] * 8)}")
         else:
             a(f"  %h1{tag}.h = load half, ptr %hp{tag}.h, align 2")
             a(f"  %f1{tag}.h = fpext half %h1{tag}.h to float")
@@ -470,8 +475,8 @@ def _row_ir(vw: int, combine: str, prefetch: int, kind: str = "q8") -> list[str]
     return L
 
 
-KINDS = ("q8", "q5_0", "q5_1")   # the kernels of the module, in fn_address order
-_KIND = {Q5_0: 1, Q5_1: 2}        # qtype -> index in KINDS (others: 0, q8_rows)
+KINDS = ("q8", "q5_0", "q5_1")  # the kernels of the module, in fn_address order
+_KIND = {Q5_0: 1, Q5_1: 2}  # qtype -> index in KINDS (others: 0, q8_rows)
 
 
 _SPECS = {"avx512": (64, "vnni"), "avx512-novnni": (64, "maddubs"), "avx2": (32, "maddubs")}
@@ -481,14 +486,15 @@ def kernel_ir(isa: str, prefetch: int = DEFAULT_PREFETCH, cpu: str = "", feature
     """The IR module text of ``q8_rows``, ``q5_0_rows`` and ``q5_1_rows`` for an x86 path."""
     vw, combine = _SPECS[isa]
     nl = vw // 4
-    L = [_VNNI,
-         "declare <32 x i16> @llvm.x86.avx512.pmaddubs.w.512(<64 x i8>, <64 x i8>)",
-         "declare <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16>, <32 x i16>)",
-         "declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)",
-         "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)",
-         f"declare <{vw} x i8> @llvm.abs.v{vw}i8(<{vw} x i8>, i1)",
-         f"declare <{nl} x float> @llvm.fma.v{nl}f32(<{nl} x float>, <{nl} x float>, "
-         f"<{nl} x float>)"]
+    L = [
+        _VNNI,
+        "declare <32 x i16> @llvm.x86.avx512.pmaddubs.w.512(<64 x i8>, <64 x i8>)",
+        "declare <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16>, <32 x i16>)",
+        "declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)",
+        "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)",
+        f"declare <{vw} x i8> @llvm.abs.v{vw}i8(<{vw} x i8>, i1)",
+        f"declare <{nl} x float> @llvm.fma.v{nl}f32(<{nl} x float>, <{nl} x float>, <{nl} x float>)",
+    ]
     if combine != "vnni":
         L = L[1:]
     for kind in KINDS:
@@ -531,7 +537,7 @@ def fn_address(kernel: str | None = None, prefetch: int | None = None, qtype: in
     r = _choice.get(key)
     if r is None:
         name = codegen.select_kernel(kernel)
-        if name not in _SPECS:   # portable (neon is never executed here)
+        if name not in _SPECS:  # portable (neon is never executed here)
             r = 0
         else:
             pf = codegen.prefetch_bytes(DEFAULT_PREFETCH) if prefetch is None else prefetch
@@ -548,11 +554,11 @@ def fn_address(kernel: str | None = None, prefetch: int | None = None, qtype: in
 def _call_rows(typingctx, fn, qs, d, xq, dxv, y, nb, r0, r1):
     """<kind>_rows(q, d, xq, dxv, y, nb, r0, r1) through a runtime address (q: int8 Q8_0 codes
     or a PackedQ5's uint8 bytes)."""
-    qdt = qs.dtype if isinstance(qs, types.Array) and qs.dtype in (types.int8, types.uint8) \
-        else types.int8
-    check_types((fn, qs, d, xq, dxv, y, nb, r0, r1),
-                 (None, qdt, types.uint16, types.int8, types.float32, types.float32,
-                  None, None, None))
+    qdt = qs.dtype if isinstance(qs, types.Array) and qs.dtype in (types.int8, types.uint8) else types.int8
+    check_types(
+        (fn, qs, d, xq, dxv, y, nb, r0, r1),
+        (None, qdt, types.uint16, types.int8, types.float32, types.float32, None, None, None),
+    )
     return types.void(fn, qs, d, xq, dxv, y, nb, r0, r1), emit_call
 
 
@@ -562,8 +568,8 @@ def quantize_x_nb(x, xq, dxv):
     then per block float32(d_x * xsum) and 7 zeros (xsum: the block's sum of xq; the mins)."""
     nb = x.size // 32
     q127 = np.float32(127.0)
-    half = 8 * (nb + nb % 2)                   # dxv may be longer (a scratch buffer)
-    dxv[half:2 * half] = 0
+    half = 8 * (nb + nb % 2)  # dxv may be longer (a scratch buffer)
+    dxv[half : 2 * half] = 0
     for b in range(nb):
         o = 32 * b
         amax = np.float32(0.0)
@@ -682,15 +688,13 @@ def matvec_nb(fn, x, qs, d, out):
 _F32 = np.dtype(np.float32)
 
 
-def q8_matvec(x, p, out: np.ndarray | None = None, threads: int = 1,
-              kernel: str | None = None) -> np.ndarray:
+def q8_matvec(x, p, out: np.ndarray | None = None, threads: int = 1, kernel: str | None = None) -> np.ndarray:
     """y = W @ x for a PackedQ8 or PackedQ5 matrix (float32 [n_out]); ``out`` may be given."""
     qtype = getattr(p, "qtype", 8)
     fn = _choice.get((kernel, None, _KIND.get(qtype, 0)))
     if fn is None:
         fn = fn_address(kernel, qtype=qtype)
-    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
-            or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if out is None:
         out = np.empty(p.n_out, np.float32)
@@ -740,7 +744,7 @@ def q8_matvec_reference(x, p, return_scale: bool = False):
     t = I.astype(np.float64) * s
     absum = np.abs(s) * np.einsum("rbj,bj->rb", np.abs(q), np.abs(xb))
     if m is not None:
-        dxs = (dx * xb.sum(axis=1).astype(np.float32)).astype(np.float64)   # float32 products
+        dxs = (dx * xb.sum(axis=1).astype(np.float32)).astype(np.float64)  # float32 products
         tm = m.astype(np.float64) * dxs[None, :]
         t, absum = t + tm, absum + np.abs(tm)
     y = t.sum(axis=1).astype(np.float32)

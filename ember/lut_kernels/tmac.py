@@ -72,9 +72,10 @@ def _call_tables(typingctx, fn, x, tab, bc, nb):
 @intrinsic
 def _call_kernel(typingctx, fn, codes, dm, tab, bc, y, nb, t0, t1):
     """tmac_q4_*(codes, dm, tab, bc, y, nb, t0, t1) through a runtime address."""
-    check_types((fn, codes, dm, tab, bc, y, nb, t0, t1),
-                 (None, types.uint8, types.uint16, types.int8, types.float32, types.float32,
-                  None, None, None))
+    check_types(
+        (fn, codes, dm, tab, bc, y, nb, t0, t1),
+        (None, types.uint8, types.uint16, types.int8, types.float32, types.float32, None, None, None),
+    )
     return types.void(fn, codes, dm, tab, bc, y, nb, t0, t1), emit_call
 
 
@@ -144,8 +145,7 @@ def table_values(tab):
                 if tab.shape[1] == 1:
                     out[b, g, i] = tab[b, 0, g, i]
                 else:
-                    out[b, g, i] = ((np.int32(tab[b, 0, g, i]) & 255)
-                                    + 256 * np.int32(tab[b, 1, g, i]))
+                    out[b, g, i] = (np.int32(tab[b, 0, g, i]) & 255) + 256 * np.int32(tab[b, 1, g, i])
     return out
 
 
@@ -174,8 +174,7 @@ def _kernel_portable(codes, dm, tab, bc, y, t0, t1):
                 pt = pair[b, gp]
                 cg = codes[t, b, gp]
                 for r in range(tile):
-                    isum[r] += (pt[cg[r, 0]] + 2 * pt[cg[r, 1]] + 4 * pt[cg[r, 2]]
-                                + 8 * pt[cg[r, 3]])
+                    isum[r] += pt[cg[r, 0]] + 2 * pt[cg[r, 1]] + 4 * pt[cg[r, 2]] + 8 * pt[cg[r, 3]]
             sc = bc[b, 0]
             z = bc[b, 2] if has_min else bc[b, 1]
             xs = bc[b, 3]
@@ -185,7 +184,7 @@ def _kernel_portable(codes, dm, tab, bc, y, t0, t1):
                 if has_min:
                     a = a + half_to_f32(dm[t, b, 1, r]) * xs
                 acc[r] = a
-        y[(t - t0) * tile:(t - t0 + 1) * tile] = acc
+        y[(t - t0) * tile : (t - t0 + 1) * tile] = acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,20 +213,28 @@ def _tiles(fk, codes, dm, tab, bc, out, t0, t1):
     tile = codes.shape[3]
     nfull = min(t1, out.size // tile)
     if nfull > t0:
-        _run(fk, codes, dm, tab, bc, out[t0 * tile:], t0, nfull)
+        _run(fk, codes, dm, tab, bc, out[t0 * tile :], t0, nfull)
     s = max(nfull, t0)
     if t1 > s:
         tmp = np.empty((t1 - s) * tile, np.float32)
         _run(fk, codes, dm, tab, bc, tmp, s, t1)
-        out[s * tile:] = tmp[:out.size - s * tile]
+        out[s * tile :] = tmp[: out.size - s * tile]
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _check(codes, dm, out, nb, n_in):
-    if n_in != 32 * nb or codes.shape[1] != nb or codes.shape[3] % 16 or codes.shape[2] != 4 or codes.shape[4] != 4 \
-            or dm.shape[0] != codes.shape[0] or dm.shape[1] != nb or dm.shape[3] != codes.shape[3] \
-            or out.size > codes.shape[0] * codes.shape[3] \
-            or out.size <= (codes.shape[0] - 1) * codes.shape[3]:
+    if (
+        n_in != 32 * nb
+        or codes.shape[1] != nb
+        or codes.shape[3] % 16
+        or codes.shape[2] != 4
+        or codes.shape[4] != 4
+        or dm.shape[0] != codes.shape[0]
+        or dm.shape[1] != nb
+        or dm.shape[3] != codes.shape[3]
+        or out.size > codes.shape[0] * codes.shape[3]
+        or out.size <= (codes.shape[0] - 1) * codes.shape[3]
+    ):
         raise ValueError("lut_matvec: the shapes of x / tables, the packed matrix and out differ")
 
 
@@ -288,8 +295,9 @@ def reset_kernel_choice() -> None:
     _choice.clear()
 
 
-def fn_addresses(qtype: int, tile: int = 64, table_bits: int | None = None,
-                 kernel: str | None = None) -> tuple[int, int, int]:
+def fn_addresses(
+    qtype: int, tile: int = 64, table_bits: int | None = None, kernel: str | None = None
+) -> tuple[int, int, int]:
     """(tables fn, matvec fn, table_bits) for a kernel path; addresses 0, 0 mean portable."""
     key = (kernel, tile, table_bits)
     r = _choice.get(key)
@@ -302,7 +310,7 @@ def fn_addresses(qtype: int, tile: int = 64, table_bits: int | None = None,
             r = (0, 0, 0, bits)
         else:
             k = tmac_ir.native_kernels(name, tile=tile, table_bits=bits)
-            r = (k.tables, k.q4_0, k.q4_1, bits)   # indexed by qtype - 1 (Q4_0 = 2, Q4_1 = 3)
+            r = (k.tables, k.q4_0, k.q4_1, bits)  # indexed by qtype - 1 (Q4_0 = 2, Q4_1 = 3)
         _choice[key] = r
     if qtype not in (Q4_0, Q4_1):
         raise ValueError(f"not a Q4_0/Q4_1 type: {qtype}")
@@ -311,8 +319,9 @@ def fn_addresses(qtype: int, tile: int = 64, table_bits: int | None = None,
 
 class LutTables(NamedTuple):
     """The tables of one activation vector, as the kernels read them."""
-    tab: np.ndarray   # int8 [nb, L, 8, 16]: L = 1 (8-bit) or 2 (low bytes, then high bytes)
-    bc: np.ndarray    # float32 [nb, 4]: (table scale, -0.5 xs, 7.5 xs, xs)
+
+    tab: np.ndarray  # int8 [nb, L, 8, 16]: L = 1 (8-bit) or 2 (low bytes, then high bytes)
+    bc: np.ndarray  # float32 [nb, 4]: (table scale, -0.5 xs, 7.5 xs, xs)
     bits: int
 
     @property
@@ -356,15 +365,20 @@ def _build_entry(ftab, x, tab, bc, bits):
 _F32 = np.dtype(np.float32)
 
 
-def lut_matvec(x, p: PackedQ4, out: np.ndarray | None = None, threads: int = 1,
-               kernel: str | None = None, table_bits: int | None = None) -> np.ndarray:
+def lut_matvec(
+    x,
+    p: PackedQ4,
+    out: np.ndarray | None = None,
+    threads: int = 1,
+    kernel: str | None = None,
+    table_bits: int | None = None,
+) -> np.ndarray:
     """y = W @ x for a packed Q4_0/Q4_1 matrix W (float32 [n_out]); ``out`` may be given."""
     r = _choice.get((kernel, p.tile, table_bits))
     if r is None:
         fn_addresses(p.qtype, p.tile, table_bits, kernel)
         r = _choice[(kernel, p.tile, table_bits)]
-    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 \
-            or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or x.dtype is not _F32 or x.ndim != 1 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if out is None:
         out = np.empty(p.n_out, np.float32)
@@ -375,8 +389,9 @@ def lut_matvec(x, p: PackedQ4, out: np.ndarray | None = None, threads: int = 1,
     return out
 
 
-def lut_matvec_tables(t: LutTables, p: PackedQ4, out: np.ndarray | None = None, threads: int = 1,
-                      kernel: str | None = None) -> np.ndarray:
+def lut_matvec_tables(
+    t: LutTables, p: PackedQ4, out: np.ndarray | None = None, threads: int = 1, kernel: str | None = None
+) -> np.ndarray:
     """y = W @ x from prebuilt tables (``build_tables``)."""
     _, fk, _ = fn_addresses(p.qtype, p.tile, t.bits, kernel)
     if out is None:
@@ -391,8 +406,7 @@ def lut_matvec_tables(t: LutTables, p: PackedQ4, out: np.ndarray | None = None, 
 # ---------------------------------------------------------------------------------------------
 # NumPy oracle
 
-_SIGNS = np.array([[1.0 if (i >> j) & 1 else -1.0 for i in range(16)] for j in range(4)],
-                  np.float32)
+_SIGNS = np.array([[1.0 if (i >> j) & 1 else -1.0 for i in range(16)] for j in range(4)], np.float32)
 
 
 def build_tables_reference(x, table_bits: int | None = None):
@@ -402,8 +416,7 @@ def build_tables_reference(x, table_bits: int | None = None):
     x = np.asarray(x, np.float32).reshape(-1)
     nb = x.size // 32
     h = x.reshape(nb, 8, 4) * np.float32(0.5)
-    E = ((h[..., 0:1] * _SIGNS[0] + h[..., 1:2] * _SIGNS[1]) + h[..., 2:3] * _SIGNS[2]) \
-        + h[..., 3:4] * _SIGNS[3]
+    E = ((h[..., 0:1] * _SIGNS[0] + h[..., 1:2] * _SIGNS[1]) + h[..., 2:3] * _SIGNS[2]) + h[..., 3:4] * _SIGNS[3]
     ah = np.abs(h)
     A = ((ah[..., 0] + ah[..., 1]) + ah[..., 2]) + ah[..., 3]
     amax = A.max(axis=1)
@@ -420,8 +433,7 @@ def build_tables_reference(x, table_bits: int | None = None):
     return q, sc, v[:, 0].copy()
 
 
-def lut_matvec_reference(x, p: PackedQ4, table_bits: int | None = None,
-                         return_scale: bool = False):
+def lut_matvec_reference(x, p: PackedQ4, table_bits: int | None = None, return_scale: bool = False):
     """What the kernels compute, in NumPy (float64 sums of the float32 per-block terms).
 
     With ``return_scale`` also returns, per row, the sum of the |terms| before any cancellation,
@@ -434,24 +446,24 @@ def lut_matvec_reference(x, p: PackedQ4, table_bits: int | None = None,
     c = p.codes.astype(np.intp)
     bidx = np.arange(nb)[None, :, None, None, None]
     gidx = np.arange(4)[None, None, :, None, None]
-    vals = q[bidx, gidx, c & 15] + q[bidx, gidx + 4, c >> 4]      # [nt, nb, 4, tile, 4]
-    I = (vals.astype(np.int64) * np.array([1, 2, 4, 8])).sum(axis=(2, 4))   # [nt, nb, tile]
+    vals = q[bidx, gidx, c & 15] + q[bidx, gidx + 4, c >> 4]  # [nt, nb, 4, tile, 4]
+    I = (vals.astype(np.int64) * np.array([1, 2, 4, 8])).sum(axis=(2, 4))  # [nt, nb, tile]
     z = (xs * np.float32(7.5) if p.qtype == Q4_1 else xs * np.float32(-0.5)).astype(np.float64)
     si = I * sc.astype(np.float64)[None, :, None]
     u = si + z[None, :, None]
-    d = p.d.astype(np.float64)   # [nt, nb, tile]
+    d = p.d.astype(np.float64)  # [nt, nb, tile]
     terms = u * d
     absum = (np.abs(d) * (np.abs(si) + np.abs(z)[None, :, None])).sum(axis=1)
     y = terms.sum(axis=1)
     if p.qtype == Q4_1:
-        mt = p.m.astype(np.float64) * xs.astype(np.float64)[None, :, None]   # [nt, nb, tile]
+        mt = p.m.astype(np.float64) * xs.astype(np.float64)[None, :, None]  # [nt, nb, tile]
         y = y + mt.sum(axis=1)
         absum = absum + np.abs(mt).sum(axis=1)
-    y = y.reshape(-1)[:p.n_out].astype(np.float32)
+    y = y.reshape(-1)[: p.n_out].astype(np.float32)
     if not return_scale:
         return y
     bound = 60.0 * (np.abs(d) * sc.astype(np.float64)[None, :, None]).sum(axis=1)
-    return y, absum.reshape(-1)[:p.n_out], bound.reshape(-1)[:p.n_out]
+    return y, absum.reshape(-1)[: p.n_out], bound.reshape(-1)[: p.n_out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,13 +476,18 @@ def _random_q4(rng, n_out: int, n_in: int, qtype: int) -> np.ndarray:
     raw = rng.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
     for off in (0, 2) if qtype == Q4_1 else (0,):
         v = (rng.standard_normal((n_out, nb)) * 0.01).astype(np.float16)
-        raw[:, :, off:off + 2] = v.view(np.uint8).reshape(n_out, nb, 2)
+        raw[:, :, off : off + 2] = v.view(np.uint8).reshape(n_out, nb, 2)
     return raw.reshape(n_out, nb * bb)
 
 
-def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), rounds: int = 15,
-              cold_bytes: int = 256 << 20, kernels=None, threads2: bool = True,
-              out=print) -> list[dict]:
+def benchmark(
+    shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)),
+    rounds: int = 15,
+    cold_bytes: int = 256 << 20,
+    kernels=None,
+    threads2: bool = True,
+    out=print,
+) -> list[dict]:
     """Time ``lut_matvec`` (the whole Python call, 1 thread) against float32 baselines.
 
     hot: the same matrix again and again (cache resident when it fits); cold: a rotation over
@@ -498,20 +515,31 @@ def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), round
         for n_out, n_in in shapes:
             x = rng.standard_normal(n_in).astype(np.float32)
             y = np.empty(n_out, np.float32)
-            variants = {}   # name -> (callable(i), bytes per call, copies)
+            variants = {}  # name -> (callable(i), bytes per call, copies)
             for qt in (Q4_0, Q4_1):
                 p = pack_q4(_random_q4(rng, n_out, n_in, qt), qt)
                 ncold = max(2, cold_bytes // p.nbytes)
-                cps = [p] + [PackedQ4(p.codes.copy(), p.dm.copy(), p.n_out, p.n_in, p.qtype, p.tile)
-                             for _ in range(ncold - 1)]
+                cps = [p] + [
+                    PackedQ4(p.codes.copy(), p.dm.copy(), p.n_out, p.n_in, p.qtype, p.tile) for _ in range(ncold - 1)
+                ]
                 for k in kernels:
                     for bits in (16, 8):
                         nm = f"{'Q4_0' if qt == Q4_0 else 'Q4_1'} {k} t{bits}"
-                        variants[nm] = ((lambda i, cps=cps, k=k, bits=bits: lut_matvec(
-                            x, cps[i], out=y, kernel=k, table_bits=bits)), p.nbytes, ncold)
+                        variants[nm] = (
+                            (
+                                lambda i, cps=cps, k=k, bits=bits: lut_matvec(
+                                    x, cps[i], out=y, kernel=k, table_bits=bits
+                                )
+                            ),
+                            p.nbytes,
+                            ncold,
+                        )
                 if threads2 and qt == Q4_1:
-                    variants[f"Q4_1 {kernels[0]} t16 2thr"] = ((lambda i, cps=cps: lut_matvec(
-                        x, cps[i], out=y, kernel=kernels[0], threads=2)), p.nbytes, ncold)
+                    variants[f"Q4_1 {kernels[0]} t16 2thr"] = (
+                        (lambda i, cps=cps: lut_matvec(x, cps[i], out=y, kernel=kernels[0], threads=2)),
+                        p.nbytes,
+                        ncold,
+                    )
             w = rng.standard_normal((n_out, n_in)).astype(np.float32)
             ncold = max(2, cold_bytes // w.nbytes)
             ws = [w] + [w.copy() for _ in range(ncold - 1)]
@@ -524,7 +552,7 @@ def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), round
             for _ in range(rounds):
                 for nm, (f, nbytes, ncold) in variants.items():
                     reps = max(5, min(500, int(2e7 // nbytes)))
-                    f(0)   # the previous variant's cold rotation evicted this one
+                    f(0)  # the previous variant's cold rotation evicted this one
                     f(0)
                     t0 = time.perf_counter()
                     for _ in range(reps):
@@ -538,10 +566,11 @@ def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), round
             out(f"{n_out}x{n_in}: hot us (GB/s, x numpy) | cold us (GB/s, x numpy)")
             for nm, (_f, nbytes, _) in variants.items():
                 h, c = np.median(res[nm][0]), np.median(res[nm][1])
-                rows.append(dict(shape=(n_out, n_in), name=nm, hot_us=h * 1e6, cold_us=c * 1e6,
-                                 bytes=nbytes))
-                out(f"  {nm:23s} {h * 1e6:9.1f} ({nbytes / h / 1e9:5.1f}, {base[0] / h:5.1f}x) | "
-                    f"{c * 1e6:9.1f} ({nbytes / c / 1e9:5.1f}, {base[1] / c:5.1f}x)")
+                rows.append(dict(shape=(n_out, n_in), name=nm, hot_us=h * 1e6, cold_us=c * 1e6, bytes=nbytes))
+                out(
+                    f"  {nm:23s} {h * 1e6:9.1f} ({nbytes / h / 1e9:5.1f}, {base[0] / h:5.1f}x) | "
+                    f"{c * 1e6:9.1f} ({nbytes / c / 1e9:5.1f}, {base[1] / c:5.1f}x)"
+                )
     # per-call overhead: a one-tile, one-block matrix
     p = pack_q4(_random_q4(rng, 1, 32, Q4_1), Q4_1)
     x, y = np.ones(32, np.float32), np.empty(1, np.float32)
@@ -560,8 +589,10 @@ def benchmark(shapes=((576, 576), (1536, 576), (576, 1536), (4096, 4096)), round
             for _ in range(2000):
                 _mv_serial(ftab, fk, x, p.codes, p.dm, y, bits)
             ts2.append((time.perf_counter() - t0) / 2000)
-        out(f"empty call (1x32 Q4_1, {k}): lut_matvec {np.median(ts) * 1e6:.2f} us, "
-            f"numba entry alone {np.median(ts2) * 1e6:.2f} us")
+        out(
+            f"empty call (1x32 Q4_1, {k}): lut_matvec {np.median(ts) * 1e6:.2f} us, "
+            f"numba entry alone {np.median(ts2) * 1e6:.2f} us"
+        )
     return rows
 
 
@@ -569,6 +600,7 @@ def _bench_pack(out=print) -> None:
     import time
 
     from .pack import pack_q4
+
     rng = np.random.default_rng(0)
     for n_out, n_in in ((1536, 576), (49152, 576)):
         for qt in (Q4_0, Q4_1):
@@ -580,18 +612,22 @@ def _bench_pack(out=print) -> None:
                 pack_q4(raw, qt)
                 ts.append(time.perf_counter() - t0)
             t = np.median(ts)
-            out(f"pack_q4 {n_out}x{n_in} {'Q4_0' if qt == Q4_0 else 'Q4_1'}: "
-                f"{t * 1e3:.2f} ms ({raw.nbytes / t / 1e9:.2f} GB/s of GGUF)")
+            out(
+                f"pack_q4 {n_out}x{n_in} {'Q4_0' if qt == Q4_0 else 'Q4_1'}: "
+                f"{t * 1e3:.2f} ms ({raw.nbytes / t / 1e9:.2f} GB/s of GGUF)"
+            )
 
 
 if __name__ == "__main__":
     import subprocess
     import sys
+
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print("host:", codegen.host_isas(), "default:", codegen.best_isa())
     _bench_pack()
     quick = "--quick" in sys.argv
-    benchmark(rounds=5 if quick else 15,
-              kernels=[codegen.best_isa()] if quick else [k for k in codegen.host_isas()
-                                                          if k not in ("neon", "portable")])
+    benchmark(
+        rounds=5 if quick else 15,
+        kernels=[codegen.best_isa()] if quick else [k for k in codegen.host_isas() if k not in ("neon", "portable")],
+    )
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

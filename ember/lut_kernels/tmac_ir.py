@@ -63,8 +63,7 @@ from .codegen import (
     vec,
 )
 
-__all__ = ["DEFAULT_PREFETCH", "kernel_ir", "native_kernels", "kernel_asm", "compile_object",
-           "NativeKernels"]
+__all__ = ["DEFAULT_PREFETCH", "kernel_ir", "native_kernels", "kernel_asm", "compile_object", "NativeKernels"]
 
 DEFAULT_PREFETCH = 8  # software prefetch distance in (tile, block) steps: 8 KiB ahead of the codes
 _W = (1, 2, 4, 8)  # plane weights, repeated per 4-byte lane
@@ -73,30 +72,57 @@ _W = (1, 2, 4, 8)  # plane weights, repeated per 4-byte lane
 @dataclass(frozen=True)
 class _Isa:
     name: str
-    vw: int          # bytes per vector register
-    combine: str     # vnni | maddubs | dot
-    shuffle: str     # intrinsic name
+    vw: int  # bytes per vector register
+    combine: str  # vnni | maddubs | dot
+    shuffle: str  # intrinsic name
     decls: tuple
 
 
 _ISA_SPECS = {
-    "avx512": _Isa("avx512", 64, "vnni", "@llvm.x86.avx512.pshuf.b.512", (
-        "declare <64 x i8> @llvm.x86.avx512.pshuf.b.512(<64 x i8>, <64 x i8>)",
-        "declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)")),
-    "avx512-novnni": _Isa("avx512-novnni", 64, "maddubs", "@llvm.x86.avx512.pshuf.b.512", (
-        "declare <64 x i8> @llvm.x86.avx512.pshuf.b.512(<64 x i8>, <64 x i8>)",
-        "declare <32 x i16> @llvm.x86.avx512.pmaddubs.w.512(<64 x i8>, <64 x i8>)",
-        "declare <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16>, <32 x i16>)")),
-    "avx2": _Isa("avx2", 32, "maddubs", "@llvm.x86.avx2.pshuf.b", (
-        "declare <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8>, <32 x i8>)",
-        "declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)",
-        "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)")),
-    "neon": _Isa("neon", 16, "dot", "@llvm.aarch64.neon.tbl1.v16i8", (
-        "declare <16 x i8> @llvm.aarch64.neon.tbl1.v16i8(<16 x i8>, <16 x i8>)",
-        "declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)",
-        "declare <4 x i32> @llvm.aarch64.neon.udot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)")),
+    "avx512": _Isa(
+        "avx512",
+        64,
+        "vnni",
+        "@llvm.x86.avx512.pshuf.b.512",
+        (
+            "declare <64 x i8> @llvm.x86.avx512.pshuf.b.512(<64 x i8>, <64 x i8>)",
+            "declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)",
+        ),
+    ),
+    "avx512-novnni": _Isa(
+        "avx512-novnni",
+        64,
+        "maddubs",
+        "@llvm.x86.avx512.pshuf.b.512",
+        (
+            "declare <64 x i8> @llvm.x86.avx512.pshuf.b.512(<64 x i8>, <64 x i8>)",
+            "declare <32 x i16> @llvm.x86.avx512.pmaddubs.w.512(<64 x i8>, <64 x i8>)",
+            "declare <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16>, <32 x i16>)",
+        ),
+    ),
+    "avx2": _Isa(
+        "avx2",
+        32,
+        "maddubs",
+        "@llvm.x86.avx2.pshuf.b",
+        (
+            "declare <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8>, <32 x i8>)",
+            "declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)",
+            "declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)",
+        ),
+    ),
+    "neon": _Isa(
+        "neon",
+        16,
+        "dot",
+        "@llvm.aarch64.neon.tbl1.v16i8",
+        (
+            "declare <16 x i8> @llvm.aarch64.neon.tbl1.v16i8(<16 x i8>, <16 x i8>)",
+            "declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)",
+            "declare <4 x i32> @llvm.aarch64.neon.udot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)",
+        ),
+    ),
 }
-
 
 
 def _tables_ir(bits: int) -> list[str]:
@@ -112,8 +138,10 @@ def _tables_ir(bits: int) -> list[str]:
     a = L.append
     S = [vec("float", [flt(0.5 if (i >> j) & 1 else -0.5) for i in range(16)]) for j in range(4)]
     V = "<16 x float>"
-    a("define void @tmac_tables(ptr noalias nocapture readonly %x, ptr noalias nocapture %tab, "
-      "ptr noalias nocapture %bc, i64 %nb) #0 {")
+    a(
+        "define void @tmac_tables(ptr noalias nocapture readonly %x, ptr noalias nocapture %tab, "
+        "ptr noalias nocapture %bc, i64 %nb) #0 {"
+    )
     a("entry:")
     a("  %none = icmp sle i64 %nb, 0")
     a("  br i1 %none, label %exit, label %loop")
@@ -129,8 +157,7 @@ def _tables_ir(bits: int) -> list[str]:
             a(f"  %X{g}_{j} = shufflevector {V} %xi{g}_{j}, {V} poison, <16 x i32> zeroinitializer")
         a(f"  %e{g}_0 = fmul {V} %X{g}_0, {S[0]}")
         for j in range(1, 4):
-            a(f"  %e{g}_{j} = call {V} @llvm.fma.v16f32({V} %X{g}_{j}, {V} {S[j]}, "
-              f"{V} %e{g}_{j - 1})")
+            a(f"  %e{g}_{j} = call {V} @llvm.fma.v16f32({V} %X{g}_{j}, {V} {S[j]}, {V} %e{g}_{j - 1})")
         a(f"  %E{g} = fadd {V} %e{g}_3, {splat('float', 16, '-0.0')}")  # (a no-op, a name)
         a(f"  %ab{g} = call {V} @llvm.fabs.v16f32({V} %E{g})")
     level, k = [f"%ab{g}" for g in range(8)], 0
@@ -187,11 +214,10 @@ def _tables_ir(bits: int) -> list[str]:
     return L
 
 
-def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
-               prefetch: int) -> list[str]:
+def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool, prefetch: int) -> list[str]:
     vw = spec.vw
-    nl = vw // 4                      # rows (int32 / float lanes) per vector
-    nv = tile * 4 // vw               # vectors per (block, group pair)
+    nl = vw // 4  # rows (int32 / float lanes) per vector
+    nv = tile * 4 // vw  # vectors per (block, group pair)
     assert tile % 16 == 0 and nv >= 1
     V8, V16, V32, VF = f"<{vw} x i8>", f"<{vw // 2} x i16>", f"<{nl} x i32>", f"<{nl} x float>"
     tstride = 128 if bits == 8 else 256
@@ -201,8 +227,10 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
     L = []
     a = L.append
     ro = "ptr noalias nocapture readonly"
-    a(f"define void @{name}({ro} %codes, {ro} %dm, {ro} %tab, {ro} %bc, "
-      "ptr noalias nocapture %y, i64 %nb, i64 %t0, i64 %t1) #0 {")
+    a(
+        f"define void @{name}({ro} %codes, {ro} %dm, {ro} %tab, {ro} %bc, "
+        "ptr noalias nocapture %y, i64 %nb, i64 %t0, i64 %t1) #0 {"
+    )
     a("entry:")
     a("  %e1 = icmp sge i64 %t0, %t1")
     a("  %e2 = icmp sle i64 %nb, 0")
@@ -216,7 +244,7 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
     a("  %b = phi i64 [0, %tile], [%b.next, %blk]")
     for v in range(nv):
         a(f"  %yacc{v} = phi {VF} [zeroinitializer, %tile], [%ynew{v}, %blk]")
-    a("  %tbk = add i64 %tb0, %b")                     # (t * nb + b)
+    a("  %tbk = add i64 %tb0, %b")  # (t * nb + b)
     a(f"  %co = mul i64 %tbk, {16 * tile}")
     a("  %cb = getelementptr i8, ptr %codes, i64 %co")
     a(f"  %so = mul i64 %tbk, {tile * (2 if has_min else 1)}")
@@ -239,8 +267,7 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
             if vw == 16:
                 a(f"  %T{part}{g} = or <16 x i8> %t16{part}{g}, zeroinitializer")
             else:
-                a(f"  %T{part}{g} = shufflevector <16 x i8> %t16{part}{g}, <16 x i8> poison, "
-                  f"{bmask}")
+                a(f"  %T{part}{g} = shufflevector <16 x i8> %t16{part}{g}, <16 x i8> poison, {bmask}")
     a("  %bo = mul i64 %b, 4")
     a("  %bcp = getelementptr float, ptr %bc, i64 %bo")
     a("  %s = load float, ptr %bcp, align 4")
@@ -261,15 +288,19 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
 
     def accumulate(acc, r, signed, out):
         """acc (or None) + the plane-weighted 4-byte sums of lookup vector r -> out."""
-        if spec.combine == "vnni":      # vpdpbusd: u8 x s8, 4 neighbours into one i32
+        if spec.combine == "vnni":  # vpdpbusd: u8 x s8, 4 neighbours into one i32
             u, s_ = (W, r) if signed else (r, W)
-            a(f"  {out} = call {V32} @llvm.x86.avx512.vpdpbusd.512("
-              f"{V32} {acc or 'zeroinitializer'}, {V8} {u}, {V8} {s_})")
-        elif spec.combine == "dot":     # sdot / udot
+            a(
+                f"  {out} = call {V32} @llvm.x86.avx512.vpdpbusd.512("
+                f"{V32} {acc or 'zeroinitializer'}, {V8} {u}, {V8} {s_})"
+            )
+        elif spec.combine == "dot":  # sdot / udot
             op = "sdot" if signed else "udot"
-            a(f"  {out} = call {V32} @llvm.aarch64.neon.{op}.v4i32.v16i8("
-              f"{V32} {acc or 'zeroinitializer'}, {V8} {r}, {V8} {W})")
-        else:                           # vpmaddubsw into i16 pairs (no overflow in a block)
+            a(
+                f"  {out} = call {V32} @llvm.aarch64.neon.{op}.v4i32.v16i8("
+                f"{V32} {acc or 'zeroinitializer'}, {V8} {r}, {V8} {W})"
+            )
+        else:  # vpmaddubsw into i16 pairs (no overflow in a block)
             mad = "@llvm.x86.avx512.pmaddubs.w.512" if vw == 64 else "@llvm.x86.avx2.pmadd.ub.sw"
             u, s_ = (W, r) if signed else (r, W)
             tgt = out if acc is None else out + "m"
@@ -290,13 +321,17 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
             shuf(f"%TL{gp}", f"%lo{n}", f"%rlL{n}")
             shuf(f"%TL{gp + 4}", f"%hi{n}", f"%rhL{n}")
             if bits == 8:
-                second = "A" if spec.combine == "maddubs" else "B"   # 2 short chains
+                second = "A" if spec.combine == "maddubs" else "B"  # 2 short chains
                 terms = [("A", f"%rlL{n}", True), (second, f"%rhL{n}", True)]
             else:
                 shuf(f"%TH{gp}", f"%lo{n}", f"%rlH{n}")
                 shuf(f"%TH{gp + 4}", f"%hi{n}", f"%rhH{n}")
-                terms = [("A", f"%rlL{n}", False), ("A", f"%rhL{n}", False),
-                         ("B", f"%rlH{n}", True), ("B", f"%rhH{n}", True)]
+                terms = [
+                    ("A", f"%rlL{n}", False),
+                    ("A", f"%rhL{n}", False),
+                    ("B", f"%rlH{n}", True),
+                    ("B", f"%rhH{n}", True),
+                ]
             for k, (which, r, signed) in enumerate(terms):
                 acc[which] = accumulate(acc[which], r, signed, f"%acc{which}{n}_{k}")
         accA, accB = acc["A"], acc["B"]
@@ -307,8 +342,7 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
             if bits == 8:
                 a(f"  %I{v} = or {V32} %iA{v}, zeroinitializer")
             else:
-                a(f"  %iB{v} = call {V32} {madd}({V16} {accB}, "
-                  f"{V16} {splat('i16', vw // 2, 256)})")
+                a(f"  %iB{v} = call {V32} {madd}({V16} {accB}, {V16} {splat('i16', vw // 2, 256)})")
                 a(f"  %I{v} = add {V32} %iA{v}, %iB{v}")
         elif bits == 8:
             a(f"  %I{v} = add {V32} {accA}, {accB}")
@@ -333,9 +367,15 @@ def _matvec_ir(spec: _Isa, name: str, tile: int, bits: int, has_min: bool,
     return L
 
 
-
-def kernel_ir(isa: str, *, tile: int = 64, table_bits: int = 16, prefetch: int = DEFAULT_PREFETCH,
-              cpu: str = "", features: str = "") -> str:
+def kernel_ir(
+    isa: str,
+    *,
+    tile: int = 64,
+    table_bits: int = 16,
+    prefetch: int = DEFAULT_PREFETCH,
+    cpu: str = "",
+    features: str = "",
+) -> str:
     """The IR module text for one ISA: ``tmac_tables``, ``tmac_q4_0`` and ``tmac_q4_1``."""
     if isa not in _ISA_SPECS:
         raise ValueError(f"unknown isa {isa!r}")
@@ -350,8 +390,7 @@ def kernel_ir(isa: str, *, tile: int = 64, table_bits: int = 16, prefetch: int =
         "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)",
         "declare float @llvm.vector.reduce.fmax.v16f32(<16 x float>)",
         "declare <16 x float> @llvm.roundeven.v16f32(<16 x float>)",
-        f"declare <{nl} x float> @llvm.fmuladd.v{nl}f32(<{nl} x float>, <{nl} x float>, "
-        f"<{nl} x float>)",
+        f"declare <{nl} x float> @llvm.fmuladd.v{nl}f32(<{nl} x float>, <{nl} x float>, <{nl} x float>)",
     ]
     L += _tables_ir(table_bits)
     L += _matvec_ir(spec, "tmac_q4_0", tile, table_bits, False, prefetch)
@@ -359,10 +398,10 @@ def kernel_ir(isa: str, *, tile: int = 64, table_bits: int = 16, prefetch: int =
     return finish_module(L, cpu, features)
 
 
-
 @dataclass
 class NativeKernels:
     """Addresses of one compiled module's functions. ``engine`` keeps the machine code alive."""
+
     isa: str
     tile: int
     table_bits: int
@@ -373,46 +412,53 @@ class NativeKernels:
     compile_s: float
 
 
-
-def native_kernels(isa: str, tile: int = 64, table_bits: int = 16,
-                   prefetch: int = DEFAULT_PREFETCH) -> NativeKernels:
+def native_kernels(isa: str, tile: int = 64, table_bits: int = 16, prefetch: int = DEFAULT_PREFETCH) -> NativeKernels:
     """Compile (once per process and argument set) the T-MAC module for ``isa`` on this host."""
     if isa not in host_isas() or isa in ("portable", "neon"):
         raise ValueError(f"isa {isa!r} cannot be compiled for execution on this host")
 
     def build():
         spec = resolve_isa(isa)
-        ee, owners, secs = jit(lambda cpu, feat: kernel_ir(spec, tile=tile, table_bits=table_bits,
-                                                          prefetch=prefetch, cpu=cpu, features=feat), isa)
+        ee, owners, secs = jit(
+            lambda cpu, feat: kernel_ir(
+                spec, tile=tile, table_bits=table_bits, prefetch=prefetch, cpu=cpu, features=feat
+            ),
+            isa,
+        )
         addr = ee.get_function_address
-        k = NativeKernels(isa, tile, table_bits, addr("tmac_tables"), addr("tmac_q4_0"),
-                          addr("tmac_q4_1"), ee, secs)
+        k = NativeKernels(isa, tile, table_bits, addr("tmac_tables"), addr("tmac_q4_0"), addr("tmac_q4_1"), ee, secs)
         k._owners = owners  # keep every owner of the code alive with the engine
         return k
 
     return once(("tmac", isa, tile, table_bits, prefetch), build)
 
 
-def kernel_asm(isa: str, tile: int = 64, table_bits: int = 16,
-               prefetch: int = DEFAULT_PREFETCH) -> str:
+def kernel_asm(isa: str, tile: int = 64, table_bits: int = 16, prefetch: int = DEFAULT_PREFETCH) -> str:
     """The host assembly of an x86 module (for inspection; compiles, runs nothing)."""
     spec = resolve_isa(isa)
-    return host_asm(lambda cpu, feat: kernel_ir(spec, tile=tile, table_bits=table_bits, prefetch=prefetch,
-                                                cpu=cpu, features=feat), isa)
+    return host_asm(
+        lambda cpu, feat: kernel_ir(spec, tile=tile, table_bits=table_bits, prefetch=prefetch, cpu=cpu, features=feat),
+        isa,
+    )
 
 
-def compile_object(isa: str = "neon", triple: str = "aarch64-unknown-linux-gnu", *,
-                   cpu: str = "generic", features: str = "+neon,+dotprod", tile: int = 64,
-                   table_bits: int = 16, asm: bool = False) -> bytes | str:
+def compile_object(
+    isa: str = "neon",
+    triple: str = "aarch64-unknown-linux-gnu",
+    *,
+    cpu: str = "generic",
+    features: str = "+neon,+dotprod",
+    tile: int = 64,
+    table_bits: int = 16,
+    asm: bool = False,
+) -> bytes | str:
     """Cross-compile the module for ``triple`` to an ELF object (or assembly text); nothing runs."""
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
-    mod = llvm.parse_assembly(kernel_ir(isa, tile=tile, table_bits=table_bits, cpu=cpu,
-                                        features=features))
+    mod = llvm.parse_assembly(kernel_ir(isa, tile=tile, table_bits=table_bits, cpu=cpu, features=features))
     mod.triple = triple
     mod.verify()
-    tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3,
-                                                               reloc="pic")
+    tm = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3, reloc="pic")
     mod.data_layout = str(tm.target_data)
     optimize(mod, tm)
     return tm.emit_assembly(mod) if asm else tm.emit_object(mod)

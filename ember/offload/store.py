@@ -35,8 +35,11 @@ class WeightStore:
         w = self._cache.get(name)
         if w is None:
             info = self.gguf.info(name)
-            raw = (self.gguf.read_rows(name, np.arange(info.n_elements // info.shape[-1]))
-                   if len(info.shape) == 1 else self.gguf.tensor_bytes(name))
+            raw = (
+                self.gguf.read_rows(name, np.arange(info.n_elements // info.shape[-1]))
+                if len(info.shape) == 1
+                else self.gguf.tensor_bytes(name)
+            )
             w = dequantize(raw.reshape(-1), info.qtype, info.n_elements, name=name).reshape(info.shape)
             self._cache[name] = w
         return w

@@ -134,17 +134,36 @@ class ModelConfig:
                 swa_layers = tuple((i + 1) % period != 0 for i in range(n_layer))
             rope_base_local = float(g.arch_get("rope.freq_base_swa", GEMMA3_ROPE_BASE_LOCAL))
             embed_scale = math.sqrt(n_embd)
-        if (g.arch_get("rope.scaling.type", "none") not in ("none", None)
-                and g.arch_get("rope.scaling.factor", 1.0) != 1.0):
+        if (
+            g.arch_get("rope.scaling.type", "none") not in ("none", None)
+            and g.arch_get("rope.scaling.factor", 1.0) != 1.0
+        ):
             raise UnsupportedError(
                 f"RoPE scaling ({g.arch_get('rope.scaling.type')} x{g.arch_get('rope.scaling.factor')}) "
                 "is not supported yet"
             )
         return cls(
-            arch=arch, spec=spec, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-            head_dim=head_dim, head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=n_vocab, context_length=ctx,
-            rms_eps=float(eps), rope_base=rope_base, rope_dim=rope_dim, attn_scale=attn_scale,
-            embed_scale=embed_scale, sliding_window=sliding_window, swa_layers=swa_layers,
-            rope_base_local=rope_base_local, n_expert=n_expert, n_expert_used=n_expert_used,
-            n_ff_exp=n_ff_exp, n_ff_shexp=int(g.arch_get("expert_shared_feed_forward_length", 0) or 0),
+            arch=arch,
+            spec=spec,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            head_dim_v=head_dim_v,
+            n_ff=n_ff,
+            n_vocab=n_vocab,
+            context_length=ctx,
+            rms_eps=float(eps),
+            rope_base=rope_base,
+            rope_dim=rope_dim,
+            attn_scale=attn_scale,
+            embed_scale=embed_scale,
+            sliding_window=sliding_window,
+            swa_layers=swa_layers,
+            rope_base_local=rope_base_local,
+            n_expert=n_expert,
+            n_expert_used=n_expert_used,
+            n_ff_exp=n_ff_exp,
+            n_ff_shexp=int(g.arch_get("expert_shared_feed_forward_length", 0) or 0),
         )

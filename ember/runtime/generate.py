@@ -70,8 +70,13 @@ class GenerationConfig:
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n, seed=self.seed,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            repeat_last_n=self.repeat_last_n,
+            seed=self.seed,
         )
 
 
@@ -128,8 +133,7 @@ class _Emitter:
     ignore_eos), stop strings, max_tokens and the context. One token at a time, for plain and
     speculative generation alike; `done` once a chunk carried a finish_reason."""
 
-    def __init__(self, tokenizer: Tokenizer, cfg: GenerationConfig, prompt_ids: list[int], n_ctx: int,
-                 stats: dict):
+    def __init__(self, tokenizer: Tokenizer, cfg: GenerationConfig, prompt_ids: list[int], n_ctx: int, stats: dict):
         self.cfg, self.n_ctx, self.stats = cfg, n_ctx, stats
         self.stop_ids = frozenset() if cfg.ignore_eos else tokenizer.stop_ids
         self.detok = tokenizer.stream(special=False)
@@ -172,8 +176,15 @@ class _Emitter:
         return Chunk(text, [token], None, stats)
 
 
-def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
-             stats: dict | None = None, drafter=None, k: int | None = None) -> Iterator[Chunk]:
+def generate(
+    session: Session,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    cfg: GenerationConfig,
+    stats: dict | None = None,
+    drafter=None,
+    k: int | None = None,
+) -> Iterator[Chunk]:
     """Stream the continuation of `prompt_ids` after what `session` holds of it; fills `stats`
     (a new dict when None; every chunk carries it) as it goes.
 
@@ -210,8 +221,11 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
     if drafter is not None:  # a draft model reads the prompt now: part of the prompt's time
         drafter.start(params, tokenizer.n_vocab, prompt_ids)
     t_prefill = time.perf_counter() - t0
-    stats.update(prompt_tokens_reused=reused, prefill_s=t_prefill,
-                 prefill_tokens_per_s=(len(prompt_ids) - reused) / max(t_prefill, 1e-9))
+    stats.update(
+        prompt_tokens_reused=reused,
+        prefill_s=t_prefill,
+        prefill_tokens_per_s=(len(prompt_ids) - reused) / max(t_prefill, 1e-9),
+    )
     if drafter is None:
         while True:
             token = sampler.sample(logits, out.history)
@@ -220,8 +234,15 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
                 return
             logits = session.feed_last([token])
 
-    spec = dict(drafter=drafter.name, draft_k=k, verify_steps=0, drafted_tokens=0, accepted_tokens=0,
-                acceptance_rate=0.0, mean_accepted_length=0.0)
+    spec = dict(
+        drafter=drafter.name,
+        draft_k=k,
+        verify_steps=0,
+        drafted_tokens=0,
+        accepted_tokens=0,
+        acceptance_rate=0.0,
+        mean_accepted_length=0.0,
+    )
     stats.update(spec)
     try:
         yield out.emit(sampler.sample(logits, out.history), t0)  # the first token: from the prefill
@@ -251,8 +272,9 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: list[int], cfg:
             session.truncate(out.held)
 
 
-def verify_draft(sampler: Sampler, rows: np.ndarray, draft: Sequence[int], q, history: Sequence[int]
-                 ) -> tuple[list[int], int]:
+def verify_draft(
+    sampler: Sampler, rows: np.ndarray, draft: Sequence[int], q, history: Sequence[int]
+) -> tuple[list[int], int]:
     """The tokens one verify step emits, and how many of `draft` it accepted.
 
     rows: the target's logits [len(draft) + 1, n_vocab] after history[-1] and after each drafted

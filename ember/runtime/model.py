@@ -75,8 +75,9 @@ class ReferenceOps:
     def matmul(self, x: np.ndarray, w: np.ndarray, threads: int = 1) -> np.ndarray:
         return x @ w.T
 
-    def attention(self, q, cache: KVCache, il: int, pos: np.ndarray, scale: float, window: int,
-                  threads: int = 1) -> np.ndarray:
+    def attention(
+        self, q, cache: KVCache, il: int, pos: np.ndarray, scale: float, window: int, threads: int = 1
+    ) -> np.ndarray:
         end = int(pos[-1]) + 1
         return attention(q, cache.k[il][:, :end], cache.v[il][:, :end], pos, scale, window)
 
@@ -122,9 +123,14 @@ class Transformer:
         self._expect(self.output_name, (c.n_vocab, d))
         for i in range(c.n_layer):
             L = LayerNames(i)
-            for name, shape in ((L.attn_norm, (d,)), (L.attn_q, (hq, d)), (L.attn_k, (hk, d)),
-                                (L.attn_v, (hv, d)), (L.attn_output, (d, c.n_head * c.head_dim_v)),
-                                (L.ffn_norm, (d,))):
+            for name, shape in (
+                (L.attn_norm, (d,)),
+                (L.attn_q, (hq, d)),
+                (L.attn_k, (hk, d)),
+                (L.attn_v, (hv, d)),
+                (L.attn_output, (d, c.n_head * c.head_dim_v)),
+                (L.ffn_norm, (d,)),
+            ):
                 self._expect(name, shape)
             for part, width in (("attn_q", hq), ("attn_k", hk), ("attn_v", hv)):
                 self._expect(L.bias(part), (width,), required=False)
@@ -205,8 +211,9 @@ class Transformer:
             x *= np.float32(c.embed_scale)
         return x
 
-    def forward(self, ids, cache: KVCache, all_logits: bool = True, threads: int = 1,
-                layers: range | None = None) -> np.ndarray:
+    def forward(
+        self, ids, cache: KVCache, all_logits: bool = True, threads: int = 1, layers: range | None = None
+    ) -> np.ndarray:
         """Run layers `layers` (default: all) at the positions after the cache's; append their
         keys and values. The input is token ids when the range starts at layer 0, else the
         hidden state [n, n_embd] the previous range returned. A range that ends at the last

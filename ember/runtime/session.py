@@ -21,8 +21,7 @@ N_BATCH = 512  # positions per device call when feeding long inputs
 
 
 class Session:
-    def __init__(self, model: Transformer, n_ctx: int | None = None, threads: int | None = None,
-                 device=None):
+    def __init__(self, model: Transformer, n_ctx: int | None = None, threads: int | None = None, device=None):
         self.model = model
         self.device = device or CpuDevice(threads)
         self.threads = self.device.threads

@@ -28,7 +28,8 @@ def check_same_vocabulary(target, draft) -> None:
             raise EmberError(
                 f"{draft.path.name} cannot draft for {target.path.name}: their vocabularies differ "
                 f"at token id {i} ({x!r} in the target, {y!r} in the draft); use a draft model of "
-                f"the target's family (e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b), or draft='lookup'")
+                f"the target's family (e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b), or draft='lookup'"
+            )
     if na != nb or len(a) != len(b):
         i = min(len(a), len(b))
         x = a[i] if i < len(a) else "(none)"
@@ -36,7 +37,8 @@ def check_same_vocabulary(target, draft) -> None:
         raise EmberError(
             f"{draft.path.name} cannot draft for {target.path.name}: the target has {na} tokens and "
             f"the draft {nb}; they first differ at token id {i} ({x!r} in the target, {y!r} in the "
-            f"draft); use a draft model of the target's family, or draft='lookup'")
+            f"draft); use a draft model of the target's family, or draft='lookup'"
+        )
 
 
 class ModelDrafter:

@@ -43,8 +43,7 @@ class CpuOps:
     def matmul(self, x: np.ndarray, w, threads: int = 1) -> np.ndarray:
         return matmul(x, w, threads)
 
-    def attention(self, q, cache, il: int, pos: np.ndarray, scale: float, window: int,
-                  threads: int = 1) -> np.ndarray:
+    def attention(self, q, cache, il: int, pos: np.ndarray, scale: float, window: int, threads: int = 1) -> np.ndarray:
         return attention_batch(q, cache.k[il], cache.v[il], pos, scale, window, threads)
 
 
@@ -81,17 +80,16 @@ class CpuDevice:
     def new_cache(self, model, n_ctx: int | None = None):
         return model.new_cache(n_ctx)
 
-    def forward(self, model, ids, cache, *, all_logits: bool = True,
-                layers: range | None = None) -> np.ndarray:
+    def forward(self, model, ids, cache, *, all_logits: bool = True, layers: range | None = None) -> np.ndarray:
         layers = model.check_layers(layers)
         dec = self.decoder(model)
         if dec is not None and (dec.multi_row or len(ids) <= N_FUSED_STEPS):
-            parts = [dec.step_rows(ids[i : i + MAX_ROWS], cache, all_logits, layers)
-                     for i in range(0, len(ids), MAX_ROWS)]
+            parts = [
+                dec.step_rows(ids[i : i + MAX_ROWS], cache, all_logits, layers) for i in range(0, len(ids), MAX_ROWS)
+            ]
             if layers.stop < model.cfg.n_layer:  # hidden states
                 return np.concatenate(parts) if len(parts) > 1 else parts[0]
             return np.concatenate(parts) if all_logits and len(parts) > 1 else parts[-1]
         keep_large_blocks()  # from the first batch on (decode alone allocates little)
         with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
-            return model.forward(ids, cache, all_logits=all_logits, threads=self.threads,
-                                 layers=layers)
+            return model.forward(ids, cache, all_logits=all_logits, threads=self.threads, layers=layers)

@@ -49,7 +49,7 @@ def attend(Q, K, V, lo, hi, scale, S, out):
                 b3 += y * k3[i]
             S[h, j], S[h, j + 1], S[h, j + 2], S[h, j + 3] = a0, a1, a2, a3
             S[h + 1, j], S[h + 1, j + 1], S[h + 1, j + 2], S[h + 1, j + 3] = b0, b1, b2, b3
-    for h in range(g):   # the keys (and heads) left over
+    for h in range(g):  # the keys (and heads) left over
         qh = Q[h]
         for j in range(n4 if h < g2 else 0, n):
             kj = Ks[j]
@@ -105,24 +105,35 @@ def _items(q, k, v, q_pos, scale, window, out, w0, w1):
         S = np.empty((g, q_pos[i1 - 1] + 1), np.float32)
         for i in range(i0, i1):
             lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
-            attend(q[i, kv * g:(kv + 1) * g], k[kv], v[kv], lo, q_pos[i] + 1, scale, S,
-                   out[i, kv * g * dv:(kv + 1) * g * dv].reshape((g, dv)))
+            attend(
+                q[i, kv * g : (kv + 1) * g],
+                k[kv],
+                v[kv],
+                lo,
+                q_pos[i] + 1,
+                scale,
+                S,
+                out[i, kv * g * dv : (kv + 1) * g * dv].reshape((g, dv)),
+            )
 
 
-def attention_batch(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
-                    window: int, threads: int = 1) -> np.ndarray:
+def attention_batch(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float, window: int, threads: int = 1
+) -> np.ndarray:
     """Same contract as `model.attention`: q [n, n_head, d]; k [n_kv, T, d]; v [n_kv, T, dv]
     (key j at position j); returns [n, n_head * dv]. Causal; window > 0: a query at p sees keys
     p - window < j <= p. Positions must be consecutive (a batch after the cache) and < T."""
     n, n_head, _ = q.shape
     n_kv, T, dv = v.shape
     q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
-    if q_pos.size != n or (n and (q_pos[0] < 0 or q_pos[-1] >= T
-                                  or np.any(np.diff(q_pos) != 1))):
+    if q_pos.size != n or (n and (q_pos[0] < 0 or q_pos[-1] >= T or np.any(np.diff(q_pos) != 1))):
         raise ValueError("attention_batch: query positions must lie inside the keys")
     out = np.empty((n, n_head * dv), np.float32)
     q = np.ascontiguousarray(q, dtype=np.float32)
     scale, window = np.float32(scale), int(window)
-    split(n_kv * -(-n // Q_CHUNK), threads if n >= MIN_ROWS else 1,
-          lambda w0, w1: _items(q, k, v, q_pos, scale, window, out, w0, w1))
+    split(
+        n_kv * -(-n // Q_CHUNK),
+        threads if n >= MIN_ROWS else 1,
+        lambda w0, w1: _items(q, k, v, q_pos, scale, window, out, w0, w1),
+    )
     return out

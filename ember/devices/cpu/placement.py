@@ -43,8 +43,11 @@ class CpuPlacement:
         cache when a valid one exists, else packed here (and the cache written). Returns
         "cached", "packed" or "none" (no matrix with a kernel left to prepare)."""
         g = store.gguf
-        names = [n for n, t in g.tensors.items()
-                 if len(t.shape) == 2 and has_kernel(t.qtype) and (n, -1) not in store._matrices]
+        names = [
+            n
+            for n, t in g.tensors.items()
+            if len(t.shape) == 2 and has_kernel(t.qtype) and (n, -1) not in store._matrices
+        ]
         if not names:
             return "none"
         cached = pack_cache.load(g.path) if self.use_cache else None

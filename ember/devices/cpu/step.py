@@ -44,15 +44,25 @@ from .vmath import exp_into
 
 # per-layer vectors, columns of the offsets table (-1: absent)
 V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM, V_POST_ATTN, V_POST_FFW = range(9)
-_VEC_NAMES = ("attn_norm", "ffn_norm", "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm",
-              "attn_k_norm", "post_attention_norm", "post_ffw_norm")
+_VEC_NAMES = (
+    "attn_norm",
+    "ffn_norm",
+    "attn_q.bias",
+    "attn_k.bias",
+    "attn_v.bias",
+    "attn_q_norm",
+    "attn_k_norm",
+    "post_attention_norm",
+    "post_ffw_norm",
+)
 # matrices per layer, in descriptor order
 M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN = range(7)
 _MAT_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NM = len(_MAT_NAMES)
 # integer parameters
-(P_NLAYER, P_D, P_NHEAD, P_NKV, P_HD, P_HDV, P_ROPE_DIM, P_NEOX, P_GELU, P_QKNORM, P_GEMMA,
- P_WINDOW, P_VOCAB) = range(13)
+(P_NLAYER, P_D, P_NHEAD, P_NKV, P_HD, P_HDV, P_ROPE_DIM, P_NEOX, P_GELU, P_QKNORM, P_GEMMA, P_WINDOW, P_VOCAB) = range(
+    13
+)
 PHASES = 5  # per layer: q/k/v, attention, o, gate/up, down (+1: the output matrix)
 CHUNKS_PER_THREAD = 3
 MAX_ROWS = 16  # tokens one fused step takes at once (the K-quant kernels' register block)
@@ -109,7 +119,7 @@ def _rope(x, cos, sin, neox):
 @njit(cache=True, nogil=True, inline="always")
 def _vec(vecs, voff, il, which, n):
     o = voff[il, which]
-    return vecs[o:o + n]
+    return vecs[o : o + n]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -172,14 +182,13 @@ def _act(gb, ub, ab, r0, r1, gelu, e2):
         for r in range(r0, r1):
             gv = gb[r]
             c = np.float32(0.7978845608028654)
-            a = np.float32(0.5) * gv * (np.float32(1.0) + np.tanh(
-                c * (gv + np.float32(0.044715) * gv * gv * gv)))
+            a = np.float32(0.5) * gv * (np.float32(1.0) + np.tanh(c * (gv + np.float32(0.044715) * gv * gv * gv)))
             ab[r] = a * ub[r]
         return
     g, out = gb[r0:r1], ab[r0:r1]
     for i in range(g.size):
         out[i] = -g[i]
-    exp_into(out, out, e2[:r1 - r0])
+    exp_into(out, out, e2[: r1 - r0])
     u = ub[r0:r1]
     for i in range(g.size):
         out[i] = g[i] / (np.float32(1.0) + out[i]) * u[i]
@@ -229,8 +238,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
             e = min(u + ch, n)
             matvec_rows(desc, m0 + M_Q, buf, qb, min(u, uq), min(e, uq))
             matvec_rows(desc, m0 + M_K, buf, kb, min(max(u - uq, 0), uk), min(max(e - uq, 0), uk))
-            matvec_rows(desc, m0 + M_V, buf, vb, min(max(u - uq - uk, 0), uv),
-                        min(max(e - uq - uk, 0), uv))
+            matvec_rows(desc, m0 + M_V, buf, vb, min(max(u - uq - uk, 0), uv), min(max(e - uq - uk, 0), uv))
             u = take(tfn, cnt, ci, nth, u, ch)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
@@ -239,36 +247,43 @@ def _decode(tid, nth, sync, weights, call, bufs):
         # attention, one unit = one kv group: its k and v of every new token into the cache
         # (bias, norm, RoPE), then its query heads, token i seeing positions up to pos + i
         for i in range(k):
-            kl[i] = kb[i, :kl.shape[1]]
+            kl[i] = kb[i, : kl.shape[1]]
             _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
-            ql[i] = qb[i, :ql.shape[1]]
+            ql[i] = qb[i, : ql.shape[1]]
             _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
         g = take(tfn, cnt, ci, nth, -1, 1)
         while g < nkv:
             for i in range(k):
                 p = pos + i
-                kh = kl[i, g * hd:(g + 1) * hd]
+                kh = kl[i, g * hd : (g + 1) * hd]
                 if qkn == 1:
                     t2[:hd] = kh
                     _rms(t2[:hd], _vec(vecs, voff, il, V_KNORM, hd), eps, kh)
                 _rope(kh, cs[i], sn[i], neox)
                 kc[il, g, p, :] = kh
                 vh = vc[il, g, p, :]
-                vh[:] = vb[i, g * hdv:(g + 1) * hdv]
+                vh[:] = vb[i, g * hdv : (g + 1) * hdv]
                 if voff[il, V_BV] >= 0:
-                    vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv:(g + 1) * hdv]
+                    vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv : (g + 1) * hdv]
             for i in range(k):
                 p = pos + i
                 for hh in range(g * group, (g + 1) * group):
-                    qh = ql[i, hh * hd:(hh + 1) * hd]
+                    qh = ql[i, hh * hd : (hh + 1) * hd]
                     if qkn == 1:
                         t2[:hd] = qh
                         _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
                     _rope(qh, cs[i], sn[i], neox)
                 lo = 0 if win == 0 else max(0, p - win + 1)
-                attend(ql[i, g * group * hd:(g + 1) * group * hd].reshape((group, hd)),
-                       kc[il, g], vc[il, g], lo, p + 1, scale, S,
-                       ab[i, g * group * hdv:(g + 1) * group * hdv].reshape((group, hdv)))
+                attend(
+                    ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
+                    kc[il, g],
+                    vc[il, g],
+                    lo,
+                    p + 1,
+                    scale,
+                    S,
+                    ab[i, g * group * hdv : (g + 1) * group * hdv].reshape((group, hdv)),
+                )
             g = take(tfn, cnt, ci, nth, g, 1)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
@@ -315,7 +330,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
     # final norm, output projection
     i0 = k - 1 if last_only else 0
     for i in range(i0, k):
-        _rms(x[i], vecs[out_norm:out_norm + d], eps, h[i])
+        _rms(x[i], vecs[out_norm : out_norm + d], eps, h[i])
     _matvec_phase(tfn, cnt, ci, nth, desc, nl * 7, fns, h[i0:], d, buf, logits[i0:])
     return 0
 
@@ -421,12 +436,35 @@ class FusedDecoder:
         self.vecs = np.concatenate(vecs)
         self.voff = voff
         qkn = {"": 0, None: 0, "head": 1, "full": 2}[c.spec.qk_norm or ""]
-        self.ip = np.array([c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v,
-                            c.rope_dim, c.spec.rope == ROPE_NEOX, c.spec.ffn_act == "gelu", qkn,
-                            bool(c.spec.gemma), c.sliding_window, c.n_vocab], np.int64)
+        self.ip = np.array(
+            [
+                c.n_layer,
+                c.n_embd,
+                c.n_head,
+                c.n_head_kv,
+                c.head_dim,
+                c.head_dim_v,
+                c.rope_dim,
+                c.spec.rope == ROPE_NEOX,
+                c.spec.ffn_act == "gelu",
+                qkn,
+                bool(c.spec.gemma),
+                c.sliding_window,
+                c.n_vocab,
+            ],
+            np.int64,
+        )
         self.swa = np.array(c.swa_layers, np.int64)
-        widths = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v,
-                  max(c.n_ff, c.n_head * c.head_dim_v), c.n_embd, c.n_ff, c.n_ff, c.n_embd)
+        widths = (
+            c.n_head * c.head_dim,
+            c.n_head_kv * c.head_dim,
+            c.n_head_kv * c.head_dim_v,
+            max(c.n_ff, c.n_head * c.head_dim_v),
+            c.n_embd,
+            c.n_ff,
+            c.n_ff,
+            c.n_embd,
+        )
         self.bufs = Buffers(*(np.zeros((MAX_ROWS, _units(w)), np.float32) for w in widths))
         self.logits_width = _units(c.n_vocab)
         for m, n_out in ((M_Q, c.n_head * c.head_dim), (M_GATE, c.n_ff), (M_DOWN, c.n_embd)):
@@ -436,8 +474,17 @@ class FusedDecoder:
         self.bst = fused.new_barrier_state()
         self.cnt = np.zeros(8 * (PHASES * c.n_layer + 1), np.int64)  # one cache line per phase
         self.sync = Sync(self.bfn, self.yfn, self.tfn, self.cnt, self.bst)
-        self.weights = Weights(self.fns, self.desc, self.vecs, self.voff, self.out_norm, self.swa,
-                               self.ip, float(c.rms_eps), np.float32(c.attn_scale))
+        self.weights = Weights(
+            self.fns,
+            self.desc,
+            self.vecs,
+            self.voff,
+            self.out_norm,
+            self.swa,
+            self.ip,
+            float(c.rms_eps),
+            np.float32(c.attn_scale),
+        )
         self._pool = Team(self.threads - 1, "ember-decode") if self.threads > 1 else None
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
@@ -464,8 +511,9 @@ class FusedDecoder:
             x0 = np.ascontiguousarray(tokens, dtype=np.float32)
             k = x0.shape[0]
             if not 1 <= k <= MAX_ROWS or x0.shape != (k, c.n_embd):
-                raise ValueError(f"the fused step takes a hidden state of 1..{MAX_ROWS} rows of "
-                                 f"{c.n_embd}, got {x0.shape}")
+                raise ValueError(
+                    f"the fused step takes a hidden state of 1..{MAX_ROWS} rows of {c.n_embd}, got {x0.shape}"
+                )
         last = layers.stop == c.n_layer
         cache.reserve(k)
         pos = cache.length
@@ -477,8 +525,9 @@ class FusedDecoder:
         # returned, no copy to make; the other output is a placeholder of the same type
         logits = np.empty((k if last else 1, self.logits_width), np.float32)
         xo = np.empty((1 if last else k, c.n_embd), np.float32)
-        call = Call(x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits,
-                    layers.start, layers.stop, xo)
+        call = Call(
+            x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits, layers.start, layers.stop, xo
+        )
         args = (self.threads, self.sync, self.weights, call, Buffers(*(b[:k] for b in self.bufs)))
         if self._pool is None:
             status = [_decode(0, *args)]
@@ -488,12 +537,14 @@ class FusedDecoder:
             if isinstance(s, BaseException):
                 raise s
         if any(status):
-            raise EmberError(f"fused decode: a thread stalled at a barrier (status {status}); "
-                             "another process may be starving the CPU")
+            raise EmberError(
+                f"fused decode: a thread stalled at a barrier (status {status}); "
+                "another process may be starving the CPU"
+            )
         if not last:
             return xo
         cache.commit(k)
-        out = logits[0 if all_logits else k - 1:]
+        out = logits[0 if all_logits else k - 1 :]
         return out if out.shape[1] == c.n_vocab else np.ascontiguousarray(out[:, : c.n_vocab])
 
     def _abort(self) -> None:
