@@ -321,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print JSON")
         return sp
 
+    def add_threads(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-t",
+            "--threads",
+            type=int,
+            default=None,
+            metavar="N",
+            help="CPU threads (default: $EMBER_THREADS or the physical cores)",
+        )
+
     sp = add("pull", cmd_pull, "download a catalog model into $EMBER_HOME", json_flag=False)
     sp.add_argument("model", help=f"catalog name ({', '.join(hub.CATALOG)})")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -412,14 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CTX",
         help="context window in tokens (default: the model's)",
     )
-    sp.add_argument(
-        "-t",
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="CPU threads (default: $EMBER_THREADS or the physical cores)",
-    )
+    add_threads(sp)
     sp.add_argument(
         "--device",
         default="auto",
@@ -445,14 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("perplexity", cmd_perplexity, "perplexity of a text file (one causal pass)")
     sp.add_argument("model", help="catalog name or path to a .gguf")
     sp.add_argument("file", help="a UTF-8 text file")
-    sp.add_argument(
-        "-t",
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="CPU threads (default: $EMBER_THREADS or the physical cores)",
-    )
+    add_threads(sp)
 
     sub.add_parser(
         "bench",
