@@ -1,6 +1,9 @@
 """The device protocol on the CPU: a model runs whole or as layer ranges over one KV cache, and
 every way gives the same logits."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import tiny_gguf as tg
@@ -51,3 +54,49 @@ def test_cpu_device_caches_its_fused_step_per_model(catalog_model):
     dev = CpuDevice(2)
     assert dev.decoder(m.transformer) is dev.decoder(m.transformer) is not None
     assert CpuDevice(1, fused=False).decoder(m.transformer) is None
+
+
+def test_fused_step_reads_the_matrices_it_is_handed(tmp_path):
+    """A streamer hands each layer range its own buffers: the step reads those (the same bytes
+    give the same logits, bit for bit; other bytes give other logits), checked for count and
+    shape."""
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=32)
+    m = ember.load(path)
+    tr, dev = m.transformer, m.device
+    dec = dev.decoder(tr)
+    if dec is None:
+        pytest.skip("no fused step on this host")
+    ids = np.random.default_rng(5).integers(0, m.config.n_vocab, 5).tolist()
+    want = dev.forward(tr, ids, dev.new_cache(tr, 32))
+    n_layer = m.config.n_layer
+
+    def run(copy_of):
+        cache = dev.new_cache(tr, 32)
+        h = ids
+        for lo in range(n_layer):
+            layers = range(lo, lo + 1)
+            mats = [copy_of(tr.store.matrix(name)) for name in dec.matrix_names(layers)]
+            h = dec.step_rows(h, cache, layers=layers, mats=mats)
+        return h
+
+    def copy_of(q):
+        return dataclasses.replace(q, packed=copy.deepcopy(q.packed))
+
+    def zeroed_q0(q):
+        if q.name != "blk.0.attn_q.weight":
+            return q
+        q = copy_of(q)
+        for a in vars(q.packed).values():
+            if isinstance(a, np.ndarray):
+                a[...] = 0
+        return q
+
+    assert np.array_equal(run(copy_of), want)
+    assert not np.allclose(run(zeroed_q0), want)
+    assert np.array_equal(dev.forward(tr, ids, dev.new_cache(tr, 32)), want)  # the placed ones
+    with pytest.raises(ValueError, match="matrices"):
+        dec.step_rows(ids, dev.new_cache(tr, 32), layers=range(0, 1), mats=[])
+    swapped = [tr.store.matrix(n) for n in dec.matrix_names(range(0, 1))]
+    swapped[0], swapped[-1] = swapped[-1], swapped[0]
+    with pytest.raises(ValueError, match="shape"):
+        dec.step_rows(ids, dev.new_cache(tr, 32), layers=range(0, 1), mats=swapped)

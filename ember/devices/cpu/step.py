@@ -222,7 +222,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
     e2 = np.empty(ab.shape[1], np.int32)
     ci = 0  # phase counter index (work units are claimed with take())
     for il in range(l0, l1):
-        m0 = il * 7
+        m0 = (il - l0) * NM  # desc holds the range's matrices only
         cs = cos_l if swa[il] else cos_g
         sn = sin_l if swa[il] else sin_g
         win = window if swa[il] else 0
@@ -331,7 +331,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
     i0 = k - 1 if last_only else 0
     for i in range(i0, k):
         _rms(x[i], vecs[out_norm : out_norm + d], eps, h[i])
-    _matvec_phase(tfn, cnt, ci, nth, desc, nl * 7, fns, h[i0:], d, buf, logits[i0:])
+    _matvec_phase(tfn, cnt, ci, nth, desc, (l1 - l0) * NM, fns, h[i0:], d, buf, logits[i0:])
     return 0
 
 
@@ -350,8 +350,9 @@ class Sync(NamedTuple):
 
 
 class Weights(NamedTuple):
-    """The model as the step reads it: kernel entry points, matrix descriptors (7 a layer, then
-    the output matrix), the norm and bias vectors with their offsets, the shape parameters."""
+    """The model as the step reads it: kernel entry points, the descriptors of the call's
+    matrices (NM a layer of its range, then the output matrix when the range ends at the last
+    layer), the norm and bias vectors with their offsets, the shape parameters."""
 
     fns: np.ndarray
     desc: np.ndarray
@@ -408,17 +409,10 @@ class FusedDecoder:
             raise NotFusable("heads do not divide into kv groups")
         self.model = model
         self.threads = max(1, int(threads))
-        mats = []
-        for il in range(c.n_layer):
-            for part in _MAT_NAMES:
-                mats.append(st.matrix(f"blk.{il}.{part}.weight"))
-        mats.append(st.matrix(model.output_name))
-        for m in mats:
-            if isinstance(m, np.ndarray) or not fused.fusable(m):
-                name = getattr(m, "name", "a float matrix")
-                raise NotFusable(f"{name} has no fused kernel")
+        mats = [st.matrix(name) for name in self.matrix_names(range(c.n_layer))]
         self._mats = mats  # keeps the packed arrays alive
-        self.desc = np.stack([fused.describe(m) for m in mats])
+        self.desc = self._describe(mats)  # every layer's, then the output matrix
+        self._range_desc: dict[tuple[int, int], np.ndarray] = {}
         # every matrix's kernel reads its weights once for all k rows (K-quants)
         self.multi_row = bool((self.desc[:, 0] == fused.KIND_KQ).all())
         self.fns = fused.prep_fns()
@@ -489,17 +483,55 @@ class FusedDecoder:
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
 
+    def matrix_names(self, layers: range) -> list[str]:
+        """The matrices a call over `layers` reads, in descriptor order: NM a layer, then the
+        output matrix when the range ends at the last layer."""
+        names = [f"blk.{il}.{part}.weight" for il in layers for part in _MAT_NAMES]
+        if layers.stop == self.model.cfg.n_layer:
+            names.append(self.model.output_name)
+        return names
+
+    @staticmethod
+    def _describe(mats) -> np.ndarray:
+        for m in mats:
+            if isinstance(m, np.ndarray) or not fused.fusable(m):
+                name = getattr(m, "name", "a float matrix")
+                raise NotFusable(f"{name} has no fused kernel")
+        return np.stack([fused.describe(m) for m in mats])
+
+    def describe(self, layers: range, mats=None) -> np.ndarray:
+        """The descriptors of a call over `layers`: of the placed matrices (cached per range), or
+        of `mats` (the matrices of `matrix_names(layers)`, in that order, e.g. buffers a streamer
+        has just filled; they must outlive the call), checked against the placed ones' kernels
+        and shapes."""
+        key = (layers.start, layers.stop)
+        full = self._range_desc.get(key)
+        if full is None:
+            rows = list(range(layers.start * NM, layers.stop * NM))
+            if layers.stop == self.model.cfg.n_layer:
+                rows.append(len(self.desc) - 1)
+            full = self._range_desc[key] = np.ascontiguousarray(self.desc[rows])
+        if mats is None:
+            return full
+        if len(mats) != len(full):
+            raise ValueError(f"layers {layers.start}..{layers.stop - 1} read {len(full)} matrices, got {len(mats)}")
+        desc = self._describe(mats)
+        if not np.array_equal(desc[:, [0, 1, 2, 6]], full[:, [0, 1, 2, 6]]):
+            raise ValueError("the matrices given differ in kernel or shape from the model's")
+        return desc
+
     def step(self, token: int, cache) -> np.ndarray:
         """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
         return self.step_rows([token], cache)[0]
 
-    def step_rows(self, tokens, cache, all_logits: bool = True, layers: range | None = None) -> np.ndarray:
+    def step_rows(self, tokens, cache, all_logits: bool = True, layers: range | None = None, mats=None) -> np.ndarray:
         """Logits [k, n_vocab] of k <= MAX_ROWS new tokens at positions len(cache)... (only
         the last one's, [1, n_vocab], when all_logits is False); appends their keys and
         values. With `layers`, a range of layers only (`Transformer.forward`'s contract): from
         the hidden state [k, n_embd] given for `tokens` when it starts past layer 0, and to
         the hidden state when it ends before the last layer (the positions are committed to
-        the cache by the range that ends there)."""
+        the cache by the range that ends there). `mats`: the range's matrices to read instead
+        of the placed ones (see `describe`)."""
         c = self.model.cfg
         layers = self.model.check_layers(layers)
         if layers.start == 0:
@@ -528,7 +560,8 @@ class FusedDecoder:
         call = Call(
             x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits, layers.start, layers.stop, xo
         )
-        args = (self.threads, self.sync, self.weights, call, Buffers(*(b[:k] for b in self.bufs)))
+        weights = self.weights._replace(desc=self.describe(layers, mats))
+        args = (self.threads, self.sync, weights, call, Buffers(*(b[:k] for b in self.bufs)))
         if self._pool is None:
             status = [_decode(0, *args)]
         else:
