@@ -151,6 +151,21 @@ class Model:
         return tok.encode(text, special=True, add_bos=add_bos)
 
     # ---- running -----------------------------------------------------------------------
+    def prepare(self, load_code: bool = True) -> None:
+        """Do now what the first reply would otherwise wait for: pack the weights (a note on the
+        first run) and, with `load_code`, load the machine code by running one token (compiled
+        on the first run, ~30 s: a note says so first)."""
+        import logging
+
+        from .devices.cpu.step import compiled
+
+        _ = self.transformer
+        if self.kernels != "numpy" and not compiled():
+            logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
+        if load_code:
+            tok = self.tokenizer
+            self.session().feed([tok.bos_id if tok.bos_id is not None else 0])
+
     def session(self) -> Session:
         """A fresh KV cache over this model: feed(ids) -> logits, truncate(n), reset()."""
         from .runtime.session import Session
