@@ -1,4 +1,4 @@
-"""The `ember` command line: pull, list, info, tokenize, run, perplexity, bench.
+"""The `ember` command line: pull, list, info, tokenize, run, chat, perplexity, bench.
 
 Every command that prints data takes `--json`. Errors print one line and exit with status 2;
 `--debug` shows the traceback instead. Ctrl-C ends any command within a second with status 130
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -161,8 +162,8 @@ def _generation_options(args) -> dict:
         repeat_penalty=args.repeat_penalty,
         repeat_last_n=args.repeat_last_n,
         seed=None if args.seed < 0 else args.seed,
-        stop=[_unescape(s) for s in args.stop or ()],
-        ignore_eos=args.ignore_eos,
+        stop=[_unescape(s) for s in getattr(args, "stop", None) or ()],  # run's, not chat's
+        ignore_eos=getattr(args, "ignore_eos", False),
     )
 
 
@@ -181,6 +182,8 @@ def cmd_run(args) -> int:
     opts = _generation_options(args)
     _check_threads(args.threads)
     draft = "lookup" if args.lookup else args.draft
+    if prompt is None:  # a terminal: the chat app, as `ember chat`
+        return _chat_app(model, args, draft)
     m = _load(model, n_ctx=args.ctx_size, threads=args.threads, device=args.device, draft=draft)
     trained = m.gguf.arch_get("context_length")
     if args.ctx_size and trained and args.ctx_size > trained:
@@ -190,12 +193,7 @@ def cmd_run(args) -> int:
     raw = args.raw or not m.has_chat_template
     if raw and not args.raw:
         _note(f"{m.path.name} has no chat template (a base model): the prompt is continued as plain text")
-    from .devices.cpu.step import compiled
-
-    if not compiled():
-        logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
-    if prompt is None:
-        return _conversation(m, opts, raw)
+    m.prepare(load_code=False)  # the first token loads the code
     stream = m.generate(prompt, **opts) if raw else m.chat([{"role": "user", "content": prompt}], **opts)
     ids, parts, finish = [], [], None
     for chunk in stream:
@@ -216,57 +214,38 @@ def cmd_run(args) -> int:
     return 0
 
 
-CHAT_HELP = (
-    "Type a message and press Enter (end a line with \\ to continue it). /clear forgets "
-    "the conversation, /bye (or Ctrl-D) leaves; Ctrl-C stops a reply."
-)
+def _chat_app(model: str, args, draft: str | None) -> int:
+    """The chat app (ember.tui) on this terminal, with the command's sampling settings. Ctrl-C
+    reaches the app as a key; a SIGINT from elsewhere ends the app too, restoring the terminal."""
+    import signal
+
+    if not sys.stdout.isatty():
+        raise EmberError("no prompt: give one as an argument or on stdin (the chat app needs a terminal)")
+    from .tui.app import ChatApp
+    from .tui.conversation import Settings
+
+    names = {f.name for f in dataclasses.fields(Settings)}
+    settings = Settings(**{k: v for k, v in _generation_options(args).items() if k in names})
+    app = ChatApp(
+        model,
+        system=getattr(args, "system", None),
+        draft=draft,
+        threads=args.threads,
+        n_ctx=args.ctx_size,
+        device=args.device,
+        settings=settings,
+    )
+    signal.set_wakeup_fd(-1)  # the app, not interrupt_watchdog, ends this process on SIGINT
+    signal.signal(signal.SIGINT, lambda signum, frame: app.exit(return_code=130))
+    app.run()
+    return app.return_code or 0
 
 
-def _conversation(m, opts: dict, raw: bool) -> int:
-    """A line-by-line chat on a terminal, until the Textual app takes this place: each line is
-    a user message (a text to continue, for a base model); Ctrl-C stops a reply."""
-    try:
-        import readline  # noqa: F401  (line editing and Up/Down history for input())
-    except ImportError:
-        pass
-    print(f"chatting with {m.path.name}. {CHAT_HELP}")
-    messages: list[dict] = []
-    while True:
-        try:
-            line = input(">>> ")
-            while line.endswith("\\"):
-                line = line[:-1] + "\n" + input("... ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print("\n(Ctrl-D or /bye leaves)")
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/bye", "/exit", "/quit"):
-            return 0
-        if text == "/clear":
-            messages.clear()
-            print("(the conversation is cleared)")
-            continue
-        if text.startswith("/"):
-            print(f"unknown command {text.split()[0]}. {CHAT_HELP}")
-            continue
-        messages.append({"role": "user", "content": text})
-        stream = m.generate(text, **opts) if raw else m.chat(messages, **opts)
-        reply = []
-        try:
-            for chunk in stream:
-                reply.append(chunk.text)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            print()
-            _limit_note(m, m.stats)
-        except KeyboardInterrupt:
-            print(" [stopped]")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+def cmd_chat(args) -> int:
+    _check_threads(args.threads)
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise EmberError("ember chat needs a terminal; elsewhere use `ember run MODEL PROMPT` (or the prompt on stdin)")
+    return _chat_app(args.model, args, "lookup" if args.lookup else args.draft)
 
 
 def _stats_line(st: dict) -> str:
@@ -331,6 +310,86 @@ def build_parser() -> argparse.ArgumentParser:
             help="CPU threads (default: $EMBER_THREADS or the physical cores)",
         )
 
+    def add_sampling(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-n",
+            "--max-tokens",
+            type=int,
+            default=None,
+            metavar="N",
+            help="cap the reply at N tokens (default: until the end of the turn or the context)",
+        )
+        sp.add_argument("--temp", type=float, default=0.8, metavar="T", help="temperature (default 0.8; 0 = greedy)")
+        sp.add_argument(
+            "--top-k", type=int, default=40, metavar="K", help="keep the K likeliest tokens (default 40; 0 = off)"
+        )
+        sp.add_argument(
+            "--top-p",
+            type=float,
+            default=0.95,
+            metavar="P",
+            help="keep the likeliest tokens up to probability P (default 0.95; 1 = off)",
+        )
+        sp.add_argument(
+            "--min-p",
+            type=float,
+            default=0.05,
+            metavar="P",
+            help="drop tokens less likely than P times the likeliest (default 0.05; 0 = off)",
+        )
+        sp.add_argument(
+            "--repeat-penalty",
+            type=float,
+            default=1.1,
+            metavar="R",
+            help="penalize tokens seen in the last --repeat-last-n (default 1.1; 1 = off)",
+        )
+        sp.add_argument(
+            "--repeat-last-n",
+            type=int,
+            default=64,
+            metavar="N",
+            help="how many recent tokens the repeat penalty looks at (default 64; -1 = all)",
+        )
+        sp.add_argument(
+            "--seed",
+            type=int,
+            default=-1,
+            metavar="S",
+            help="random seed (default -1: a fresh one, shown by -v and --json)",
+        )
+
+    def add_model_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-c",
+            "--ctx-size",
+            type=int,
+            default=None,
+            metavar="CTX",
+            help="context window in tokens (default: the model's)",
+        )
+        add_threads(sp)
+        sp.add_argument(
+            "--device",
+            default="auto",
+            choices=["auto", "cpu", "opencl", "cuda"],
+            help="where the model runs (default auto; only the CPU is implemented yet)",
+        )
+        spec = sp.add_mutually_exclusive_group()
+        spec.add_argument(
+            "--draft",
+            metavar="MODEL",
+            default=None,
+            help="speculative decoding with this draft model (catalog name or .gguf; the "
+            "target's vocabulary), e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b",
+        )
+        spec.add_argument(
+            "--lookup",
+            action="store_true",
+            help="speculative decoding with prompt lookup (drafts what followed the same "
+            "tokens earlier in the prompt or reply; pays when the reply echoes the prompt)",
+        )
+
     sp = add("pull", cmd_pull, "download a catalog model into $EMBER_HOME", json_flag=False)
     sp.add_argument("model", help=f"catalog name ({', '.join(hub.CATALOG)})")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -360,53 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("prompt", nargs="?", help="the prompt (default: stdin, or a chat on a terminal)")
     sp.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
-    sp.add_argument(
-        "-n",
-        "--max-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="cap the reply at N tokens (default: until the end of the turn or the context)",
-    )
-    sp.add_argument("--temp", type=float, default=0.8, metavar="T", help="temperature (default 0.8; 0 = greedy)")
-    sp.add_argument(
-        "--top-k", type=int, default=40, metavar="K", help="keep the K likeliest tokens (default 40; 0 = off)"
-    )
-    sp.add_argument(
-        "--top-p",
-        type=float,
-        default=0.95,
-        metavar="P",
-        help="keep the likeliest tokens up to probability P (default 0.95; 1 = off)",
-    )
-    sp.add_argument(
-        "--min-p",
-        type=float,
-        default=0.05,
-        metavar="P",
-        help="drop tokens less likely than P times the likeliest (default 0.05; 0 = off)",
-    )
-    sp.add_argument(
-        "--repeat-penalty",
-        type=float,
-        default=1.1,
-        metavar="R",
-        help="penalize tokens seen in the last --repeat-last-n (default 1.1; 1 = off)",
-    )
-    sp.add_argument(
-        "--repeat-last-n",
-        type=int,
-        default=64,
-        metavar="N",
-        help="how many recent tokens the repeat penalty looks at (default 64; -1 = all)",
-    )
-    sp.add_argument(
-        "--seed",
-        type=int,
-        default=-1,
-        metavar="S",
-        help="random seed (default -1: a fresh one, shown by -v and --json)",
-    )
+    add_sampling(sp)
     sp.add_argument(
         "--stop",
         action="append",
@@ -414,36 +427,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop before this text (repeatable; escapes like \\n are understood)",
     )
     sp.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text tokens")
-    sp.add_argument(
-        "-c",
-        "--ctx-size",
-        type=int,
-        default=None,
-        metavar="CTX",
-        help="context window in tokens (default: the model's)",
-    )
-    add_threads(sp)
-    sp.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "opencl", "cuda"],
-        help="where the model runs (default auto; only the CPU is implemented yet)",
-    )
-    spec = sp.add_mutually_exclusive_group()
-    spec.add_argument(
-        "--draft",
-        metavar="MODEL",
-        default=None,
-        help="speculative decoding with this draft model (catalog name or .gguf; the "
-        "target's vocabulary), e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b",
-    )
-    spec.add_argument(
-        "--lookup",
-        action="store_true",
-        help="speculative decoding with prompt lookup (drafts what followed the same "
-        "tokens earlier in the prompt or reply; pays when the reply echoes the prompt)",
-    )
+    add_model_options(sp)
     sp.add_argument("-v", "--verbose", action="store_true", help="print speed, memory and the seed after the reply")
+
+    sp = add(
+        "chat",
+        cmd_chat,
+        "the chat app on this terminal: Markdown replies, slash commands (/help), a live panel (F2)",
+        json_flag=False,
+    )
+    sp.add_argument(
+        "model",
+        nargs="?",
+        default=hub.DEFAULT_MODEL,
+        help=f"catalog name or path to a .gguf (default: {hub.DEFAULT_MODEL})",
+    )
+    sp.add_argument("--system", metavar="TEXT", default=None, help="the system prompt")
+    add_sampling(sp)
+    add_model_options(sp)
 
     sp = add("perplexity", cmd_perplexity, "perplexity of a text file (one causal pass)")
     sp.add_argument("model", help="catalog name or path to a .gguf")

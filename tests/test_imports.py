@@ -24,6 +24,7 @@ ALLOWED = {
     "speculative": {"formats", "runtime"},
     "api": {"hub", "formats", "runtime", "offload", "lut_kernels", "devices", "speculative"},
     "bench": {"ember", "api", "hub", "formats", "runtime", "lut_kernels"},  # "ember": the public API
+    "tui": {"ember", "api", "hub"},  # a client of the public library API
 }
 BASE = {"errors", "home"}
 
