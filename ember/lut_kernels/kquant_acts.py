@@ -35,6 +35,7 @@ from numba.extending import intrinsic
 
 from .codegen import check_types, emit_call, flt, mask, splat, transpose_reduce
 from .kquant_layout import LANE_GROUP
+from .pack import absmax_scale
 
 __all__ = ["quant_ir", "quantize_x_nb", "act_buffers", "quantize_x_alloc"]
 
@@ -197,17 +198,7 @@ def quantize_x_nb(x, xq, xd, xp):
         for i in range(kp):
             for b in range(8):
                 o = 256 * s + 32 * b
-                amax = np.float32(0.0)
-                if i < k:
-                    for j in range(32):
-                        v = abs(x[i, o + j])
-                        amax = v if v > amax else amax
-                if amax > 0:
-                    inv = q127 / amax
-                    dx = amax / q127
-                else:
-                    inv = np.float32(0.0)
-                    dx = np.float32(0.0)
+                inv, dx = absmax_scale(x[i], o, 32, q127) if i < k else (np.float32(0.0), np.float32(0.0))
                 xs = 0
                 for h in range(2):
                     g = 8 * h + b  # lane of 16-group 2 b + h

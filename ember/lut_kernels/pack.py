@@ -211,6 +211,19 @@ def tree_sum(acc):
     return acc[0]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def absmax_scale(x, o, n, qmax):
+    """(qmax / amax, amax / qmax) of x[o : o + n], both 0 when every value is 0: the factor
+    that maps a block of activations onto +-qmax, and the block's scale."""
+    amax = np.float32(0.0)
+    for j in range(n):
+        v = abs(x[o + j])
+        amax = v if v > amax else amax
+    if amax > 0:
+        return qmax / amax, amax / qmax
+    return np.float32(0.0), np.float32(0.0)
+
+
 @njit(cache=True, nogil=True)
 def _pack(blk, qoff, codes32, dm):
     """blk: uint8 [n_out, nb, block_bytes] -> codes32: uint32 [t, b, gp, r], dm [t, b, S, r].

@@ -61,7 +61,7 @@ from numba.extending import intrinsic
 
 from . import codegen
 from .codegen import check_types, emit_call, flt, mask, splat
-from .pack import gguf_blocks, half_to_f32, tree_sum
+from .pack import absmax_scale, gguf_blocks, half_to_f32, tree_sum
 
 __all__ = [
     "PackedQ8",
@@ -572,16 +572,7 @@ def quantize_x_nb(x, xq, dxv):
     dxv[half : 2 * half] = 0
     for b in range(nb):
         o = 32 * b
-        amax = np.float32(0.0)
-        for j in range(32):
-            v = abs(x[o + j])
-            amax = v if v > amax else amax
-        if amax > 0:
-            inv = q127 / amax
-            dx = amax / q127
-        else:
-            inv = np.float32(0.0)
-            dx = np.float32(0.0)
+        inv, dx = absmax_scale(x, o, 32, q127)
         xs = 0
         for j in range(32):
             q = np.int32(np.rint(x[o + j] * inv))
