@@ -349,3 +349,33 @@ def test_speculation_shows_its_acceptance_rate(smol):
             assert spec.display and "draft accepted" in str(spec.content)
 
     run(main())
+
+
+def test_palette_library_notes_and_theme(smol, monkeypatch):
+    """Ctrl+P finds the slash commands; the library's progress notes (packing, compiling) show
+    in the conversation, never on the terminal; COLORFGBG picks the light or dark theme."""
+    import logging
+
+    from ember.tui.app import _dark_terminal
+
+    async def main():
+        app = ChatApp(smol, threads=2)
+        async with app.run_test() as pilot:
+            await loaded(pilot, app)
+            logging.getLogger("ember").info("ember: packing 3 matrices of x.gguf for the fast kernels")
+            await pilot.pause(0.1)
+            assert "packing 3 matrices of x.gguf for the fast kernels" in notes(app)
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.2)
+            for key in "max-tokens":
+                await pilot.press(key)
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert app.query_one(PromptInput).text == "/max-tokens "
+
+    run(main())
+    monkeypatch.setenv("COLORFGBG", "0;15")
+    assert not _dark_terminal()
+    monkeypatch.setenv("COLORFGBG", "15;0")
+    assert _dark_terminal()
