@@ -22,6 +22,7 @@ from .errors import DeviceError, EmberError, UnsupportedError
 from .formats.chat import ChatFormat
 from .formats.gguf import GGUFFile
 from .formats.tokenizer import Tokenizer
+from .offload.plan import parse_budget
 from .runtime.config import ModelConfig
 from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
 from .runtime.threads import default_threads
@@ -50,8 +51,8 @@ class Model:
         self.gguf.validate_model()
         if device not in ("auto", "cpu"):
             raise DeviceError(f"device {device!r} is not available yet; use 'cpu' (or 'auto')")
-        if memory_budget is not None:
-            raise UnsupportedError("memory_budget (weight streaming) is not implemented yet")
+        self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
+        self.plan = None  # the offload plan under a memory budget, once the weights are placed
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2):
             raise EmberError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -94,7 +95,23 @@ class Model:
         store = WeightStore(self.gguf, placement=None if reference else self.device.placement)
         tr = Transformer(self.config, store, ops=None if reference else self.device.ops)
         store.prepare()
+        if self.memory_budget is not None:
+            if reference:
+                raise UnsupportedError("memory_budget streams the fast kernels' weights; not with kernels='numpy'")
+            self._place_within_budget(tr)
         return tr
+
+    def _place_within_budget(self, tr) -> None:
+        """Plan which layers stay in memory and stream the others (`devices.cpu.streaming`);
+        the machine code is loaded first, so the plan counts it as the process's own memory."""
+        import logging
+
+        from .runtime.session import Session
+
+        tok = self.tokenizer
+        Session(tr, 2, device=self.device).feed([tok.bos_id if tok.bos_id is not None else 0])
+        self.plan = self.device.set_budget(tr, self.memory_budget, self.n_ctx)
+        logging.getLogger("ember").info("ember: %s", self.plan.describe())
 
     @cached_property
     def device(self):

@@ -49,7 +49,7 @@ from .kquant_layout import PackedKQ
 from .pack import PackedQ4
 from .q8 import PackedQ5, PackedQ8
 
-__all__ = ["LAYOUT", "cache_path", "load", "save"]
+__all__ = ["LAYOUT", "build", "cache_path", "load", "records", "save"]
 
 log = logging.getLogger("ember")
 
@@ -217,6 +217,35 @@ def load(model_path: Path) -> dict | None:
     except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as e:
         _drop(path, str(e) or type(e).__name__)
         return None
+
+
+def records(model_path: Path) -> tuple[Path, dict]:
+    """Where each packed matrix of a model lies in its (validated, see `load`) cache file: the
+    file, and {matrix name: (class tag, {array name: (dtype, shape, file offset, nbytes)})}, for
+    a reader that fetches some matrices itself (a layer streamer); `build` makes the packed
+    object from the arrays it read."""
+    path = cache_path(model_path)
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC) + 8)
+        if head[: len(MAGIC)] != MAGIC:
+            raise ValueError(f"{path} is not a packed-weight file")
+        (n,) = struct.unpack_from("<Q", head, len(MAGIC))
+        index = json.loads(f.read(n))
+    base = len(MAGIC) + 8 + n
+    base += -base % ALIGN
+    out = {}
+    for name, e in index["entries"].items():
+        arrays = {
+            an: (a["dtype"], tuple(int(x) for x in a["shape"]), base + int(a["offset"]), int(a["nbytes"]))
+            for an, a in e["arrays"].items()
+        }
+        out[name] = (e["class"], arrays)
+    return path, out
+
+
+def build(tag: str, arrays: dict):
+    """The packed object of class `tag` (from `records`) over `arrays` (name: numpy array)."""
+    return _CLASSES[tag].from_arrays(arrays)
 
 
 def _parse(mm: mmap.mmap, path: Path) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from ...errors import UnsupportedError
 from ...lut_kernels.ops import matmul
 from ...runtime.threads import default_threads
 from .allocator import keep_large_blocks
@@ -62,6 +63,7 @@ class CpuDevice:
         self.fused = fused
         self.placement = CpuPlacement()
         self._decoders: dict[int, tuple[object, FusedDecoder | None]] = {}
+        self._streamed: dict[int, tuple[object, object]] = {}  # id(model) -> (model, StreamedModel)
 
     def decoder(self, model) -> FusedDecoder | None:
         """The fused step for `model` on this device's threads, or None where the model or the
@@ -77,11 +79,41 @@ class CpuDevice:
             got = self._decoders[id(model)] = (model, dec)
         return got[1]
 
+    def set_budget(self, model, budget: int, n_ctx: int):
+        """Run `model` within `budget` bytes at contexts up to `n_ctx`: the layers that do not
+        fit stream from disk (`streaming`). Returns the plan; BudgetError when even streaming
+        does not fit, UnsupportedError for a model without the fused step."""
+        from .streaming import StreamedModel, plan_for
+
+        dec = self.decoder(model)
+        if dec is None:
+            raise UnsupportedError(
+                "memory_budget needs the fused CPU step, which this model or host lacks "
+                "(mixture-of-experts layers, or no native kernels)"
+            )
+        plan = plan_for(dec, budget, n_ctx)
+        old = self._streamed.pop(id(model), None)
+        if old is not None:
+            old[1].close()
+        if plan.streamed:
+            self._streamed[id(model)] = (model, StreamedModel(dec, plan))
+        return plan
+
+    def streamed(self, model):
+        """The model's StreamedModel under a budget, or None."""
+        got = self._streamed.get(id(model))
+        return got[1] if got is not None and got[0] is model else None
+
     def new_cache(self, model, n_ctx: int | None = None):
         return model.new_cache(n_ctx)
 
     def forward(self, model, ids, cache, *, all_logits: bool = True, layers: range | None = None) -> np.ndarray:
         layers = model.check_layers(layers)
+        streamed = self.streamed(model)
+        if streamed is not None:
+            if layers != range(model.cfg.n_layer):
+                raise ValueError("a model under a memory budget runs whole, not by layer ranges")
+            return streamed.forward(ids, cache, all_logits)
         dec = self.decoder(model)
         if dec is not None and (dec.multi_row or len(ids) <= N_FUSED_STEPS):
             parts = [

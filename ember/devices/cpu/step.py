@@ -524,14 +524,25 @@ class FusedDecoder:
         """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
         return self.step_rows([token], cache)[0]
 
-    def step_rows(self, tokens, cache, all_logits: bool = True, layers: range | None = None, mats=None) -> np.ndarray:
+    def step_rows(
+        self,
+        tokens,
+        cache,
+        all_logits: bool = True,
+        layers: range | None = None,
+        mats=None,
+        offset: int = 0,
+        commit: bool = True,
+    ) -> np.ndarray:
         """Logits [k, n_vocab] of k <= MAX_ROWS new tokens at positions len(cache)... (only
         the last one's, [1, n_vocab], when all_logits is False); appends their keys and
         values. With `layers`, a range of layers only (`Transformer.forward`'s contract): from
         the hidden state [k, n_embd] given for `tokens` when it starts past layer 0, and to
         the hidden state when it ends before the last layer (the positions are committed to
         the cache by the range that ends there). `mats`: the range's matrices to read instead
-        of the placed ones (see `describe`)."""
+        of the placed ones (see `describe`). `offset`, `commit=False`: the rows sit `offset`
+        positions past the cache's length, and the caller commits them (a batch run layer by
+        layer in chunks of MAX_ROWS, every chunk of a layer before the next layer)."""
         c = self.model.cfg
         layers = self.model.check_layers(layers)
         if layers.start == 0:
@@ -547,8 +558,8 @@ class FusedDecoder:
                     f"the fused step takes a hidden state of 1..{MAX_ROWS} rows of {c.n_embd}, got {x0.shape}"
                 )
         last = layers.stop == c.n_layer
-        cache.reserve(k)
-        pos = cache.length
+        cache.reserve(offset + k)
+        pos = cache.length + offset
         positions = np.arange(pos, pos + k)
         cg, sg = rope_tables(positions, c.rope_dim, c.rope_base)
         cl, sl = rope_tables(positions, c.rope_dim, c.rope_base_local)
@@ -576,7 +587,8 @@ class FusedDecoder:
             )
         if not last:
             return xo
-        cache.commit(k)
+        if commit:
+            cache.commit(k)
         out = logits[0 if all_logits else k - 1 :]
         return out if out.shape[1] == c.n_vocab else np.ascontiguousarray(out[:, : c.n_vocab])
 

@@ -1,0 +1,138 @@
+"""A model under a memory budget on the CPU: the first `plan.resident` layers run from the
+memory-mapped pack cache as one fused call, the others are read from the same file by an
+`offload.stream.LayerStreamer` and run one layer at a time over its buffers (`step_rows(mats=)`).
+
+A batch (a prompt) goes through layer by layer, every chunk of MAX_ROWS rows of a layer before
+the next layer, so each streamed layer is read once per batch, not once per token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import mmap
+import os
+
+import numpy as np
+import psutil
+
+from ...errors import UnsupportedError
+from ...lut_kernels import pack_cache
+from ...offload.plan import Needs, Plan, make_plan
+from ...offload.stream import LayerStreamer
+from .step import MAX_ROWS, FusedDecoder
+
+WORK_MARGIN = 32 << 20  # numpy temporaries, the tokenizer's and sampler's arrays
+_PAGE = mmap.PAGESIZE
+
+
+def _mapped(a: np.ndarray) -> bool:
+    """Whether `a` is a view of a memory-mapped file (not of heap memory)."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return isinstance(a, mmap.mmap)
+
+
+def _drop_pages(arrays) -> None:
+    """Unmap the resident pages of file-mapped arrays (they fault back in from the file if
+    touched again): the streamed layers' copies that loading the pack cache read."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for a in arrays:
+        if not _mapped(a):
+            continue
+        lo = -(-a.ctypes.data // _PAGE) * _PAGE
+        hi = (a.ctypes.data + a.nbytes) // _PAGE * _PAGE
+        if hi > lo:
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+def _uncache(path) -> None:
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class StreamedModel:
+    """The fused step of `dec.model` with the layers past `plan.resident` streamed."""
+
+    def __init__(self, dec: FusedDecoder, plan: Plan):
+        model = dec.model
+        self.dec, self.plan, self.model = dec, plan, model
+        path, recs = pack_cache.records(model.store.gguf.path)
+        self.records = recs
+        layers = {}
+        for il in plan.streamed:
+            names = [n for n in dec.matrix_names(range(il, il + 1)) if n != model.output_name]
+            missing = [n for n in names if n not in recs]
+            if missing:
+                raise UnsupportedError(f"memory_budget: {missing[0]} is read in place from the file; not streamed yet")
+            layers[il] = [(off, nb) for n in names for (_, _, off, nb) in recs[n][1].values()]
+        self.names = {il: dec.matrix_names(range(il, il + 1)) for il in plan.streamed}
+        self.streamer = LayerStreamer(path, layers) if layers else None
+        placed = [model.store.matrix(n) for il in plan.streamed for n in self.names[il] if n != model.output_name]
+        _drop_pages(a for m in placed for a in m.packed.arrays().values())
+        _uncache(path)
+        _uncache(model.store.gguf.path)
+
+    def _mats(self, il: int, buf: np.ndarray, placed: list[tuple[int, int, int]]) -> list:
+        out, i = [], 0
+        for name in self.names[il]:
+            m = self.model.store.matrix(name)
+            if name == self.model.output_name:  # resident: the last layer's call computes the logits
+                out.append(m)
+                continue
+            tag, specs = self.records[name]
+            arrays = {}
+            for an, (dt, shape, _, nb) in specs.items():
+                at = placed[i][2]
+                arrays[an] = buf[at : at + nb].view(dt).reshape(shape)
+                i += 1
+            out.append(dataclasses.replace(m, packed=pack_cache.build(tag, arrays)))
+        return out
+
+    def forward(self, ids, cache, all_logits: bool) -> np.ndarray:
+        dec, plan = self.dec, self.plan
+        chunks = [ids[i : i + MAX_ROWS] for i in range(0, len(ids), MAX_ROWS)]
+        hs: list = list(chunks)
+        segments = [(range(0, plan.resident), None)] if plan.resident else []
+        segments += [(range(il, il + 1), il) for il in plan.streamed]
+        for layers, il in segments:
+            mats = None
+            if il is not None:
+                buf, placed = self.streamer.acquire(il)
+            try:
+                if il is not None:
+                    mats = self._mats(il, buf, placed)
+                off = 0
+                for c, part in enumerate(chunks):
+                    hs[c] = dec.step_rows(hs[c], cache, all_logits, layers=layers, mats=mats, offset=off, commit=False)
+                    off += len(part)
+            finally:
+                if il is not None:
+                    self.streamer.release(il)
+        cache.commit(len(ids))
+        return np.concatenate(hs) if all_logits and len(hs) > 1 else hs[-1]
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+
+
+def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
+    """The plan of `dec.model` under `budget` bytes at a context of `n_ctx` tokens; the process's
+    own share is its anonymous memory now (the model's file pages are counted as weights)."""
+    model = dec.model
+    c, st = model.cfg, model.store
+    layer_bytes = [sum(st.matrix(n).nbytes for n in dec.matrix_names(range(il, il + 1))) for il in range(c.n_layer)]
+    layer_bytes[-1] -= st.matrix(model.output_name).nbytes
+    mem = psutil.Process().memory_info()
+    needs = Needs(
+        process=mem.rss - getattr(mem, "shared", 0),
+        fixed=st.matrix(model.output_name).nbytes + dec.vecs.nbytes,
+        kv_cache=c.n_layer * c.n_head_kv * n_ctx * (c.head_dim + c.head_dim_v) * 4,
+        work=sum(b.nbytes for b in dec.bufs) + MAX_ROWS * dec.logits_width * 4 + WORK_MARGIN,
+    )
+    return make_plan(budget, layer_bytes, needs, n_ctx)

@@ -1,0 +1,169 @@
+"""LayerStreamer: the streamed layers' bytes, read from disk into a ring of buffers by a background
+thread, a window ahead of the compute.
+
+The compute uses the streamed layers in the same order every pass (a token, or a batch of
+tokens), so the reader needs no prediction beyond that cycle: while layer i is computed, layer
+i + 1 (and, past the last, the first again, for the next token) is read. Each layer is one
+buffer, its arrays read with `preadv` in large sequential pieces; the pages read are dropped
+from the page cache afterwards (`posix_fadvise(DONTNEED)`), so the budget holds and the next
+pass really reads the disk again, as it would on a machine with that little memory.
+
+The file is checked at every read: a short read, a changed size or modification time, or a file
+replaced under its name is an `EmberError`, never garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import EmberError
+
+ALIGN = 64
+
+
+@dataclass
+class StreamStats:
+    bytes_read: int = 0
+    read_s: float = 0.0  # the reader's time in preadv
+    stall_s: float = 0.0  # the compute's time waiting for a layer
+    layers_read: int = 0
+    errors: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "stream_bytes": self.bytes_read,
+            "stream_read_s": self.read_s,
+            "stream_stall_s": self.stall_s,
+            "stream_bytes_per_s": self.bytes_read / self.read_s if self.read_s > 0 else 0.0,
+        }
+
+
+class LayerStreamer:
+    """`layers`: {layer: [(file offset, nbytes), ...]} in the order the compute uses them.
+    `acquire(layer)` waits for that layer's buffer and returns it with each range's offset in
+    it; `release(layer)` gives the buffer back for the next read."""
+
+    def __init__(self, path, layers: dict[int, list[tuple[int, int]]], ring: int = 2):
+        self.path = os.fspath(path)
+        self.order = list(layers)
+        self.ranges = {}
+        size = 0
+        for layer, ranges in layers.items():
+            placed, at = [], 0
+            for off, n in ranges:
+                at += -at % ALIGN
+                placed.append((off, n, at))
+                at += n
+            self.ranges[layer] = placed
+            size = max(size, at)
+        self.ring = max(1, min(ring, len(self.order)))
+        self.buffers = [np.empty(size + ALIGN, np.uint8) for _ in range(self.ring)]
+        self.buffers = [b[-b.ctypes.data % ALIGN :][:size] for b in self.buffers]
+        self.fd = os.open(self.path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self.ident = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+        self.stats = StreamStats()
+        self._empty: queue.Queue = queue.Queue()
+        self._filled: queue.Queue = queue.Queue()
+        self._held: dict[int, int] = {}  # layer -> slot, while the compute uses it
+        for slot in range(self.ring):
+            self._empty.put(slot)
+        self._thread = threading.Thread(target=self._read_loop, daemon=True, name="ember-stream")
+        self._thread.start()
+
+    # ---- the reader thread ---------------------------------------------------------------
+    def _read_loop(self) -> None:
+        i = 0
+        while True:
+            slot = self._empty.get()
+            if slot is None:
+                return
+            layer = self.order[i % len(self.order)]
+            i += 1
+            try:
+                self._read(layer, self.buffers[slot])
+                self._filled.put((layer, slot, None))
+            except BaseException as e:  # handed to the compute, which raises it
+                self._filled.put((layer, slot, e))
+
+    def _check(self) -> None:
+        st = os.fstat(self.fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            raise EmberError(f"{self.path} vanished while its layers were being streamed") from None
+        if (named.st_ino, named.st_dev) != self.ident[:2]:
+            raise EmberError(f"{self.path} was replaced while its layers were being streamed; load the model again")
+        if (st.st_size, st.st_mtime_ns) != self.ident[2:]:
+            raise EmberError(
+                f"{self.path} changed while its layers were being streamed (size {self.ident[2]} -> "
+                f"{st.st_size} bytes); load the model again"
+            )
+
+    def _read(self, layer: int, buf: np.ndarray) -> None:
+        self._check()
+        t0 = time.perf_counter()
+        view = memoryview(buf)
+        total = 0
+        for off, n, at in self.ranges[layer]:
+            done = 0
+            while done < n:
+                got = os.preadv(self.fd, [view[at + done : at + n]], off + done)
+                if got <= 0:
+                    raise EmberError(
+                        f"{self.path} is shorter than expected: reading {n} bytes at {off} for layer {layer} "
+                        f"got {done}; was it truncated? Load the model again"
+                    )
+                done += got
+            total += n
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        self._check()  # changed during the read: what was read may be a mix
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.bytes_read += total
+        self.stats.layers_read += 1
+
+    # ---- the compute's side ----------------------------------------------------------------
+    def acquire(self, layer: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """(buffer, [(file offset, nbytes, offset in buffer), ...]) of `layer`, once read. Layers
+        read for a pass that was cut short are skipped until `layer` comes round."""
+        if layer in self._held:
+            raise ValueError(f"layer {layer} is already held")
+        t0 = time.perf_counter()
+        try:
+            while True:
+                got, slot, err = self._filled.get()
+                if got == layer:
+                    break
+                self._empty.put(slot)  # read for an earlier, interrupted pass
+        finally:
+            self.stats.stall_s += time.perf_counter() - t0
+        if err is not None:
+            self._empty.put(slot)
+            if isinstance(err, EmberError):
+                raise EmberError(str(err)) from None
+            raise EmberError(f"reading layer {layer} from {self.path} failed: {err}") from err
+        self._held[layer] = slot
+        return self.buffers[slot], self.ranges[layer]
+
+    def release(self, layer: int) -> None:
+        self._empty.put(self._held.pop(layer))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._empty.put(None)
+            self._thread.join(5)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,154 @@
+"""Layer streaming under a memory budget: the plan, the streamer's reads and faults, and output
+identical to the fully resident model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tiny_gguf as tg
+
+import ember
+from ember.devices.cpu.streaming import StreamedModel
+from ember.errors import BudgetError, EmberError
+from ember.lut_kernels import pack_cache
+from ember.offload.plan import Needs, Plan, make_plan, parse_budget
+from ember.offload.stream import LayerStreamer
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Pack caches of these tests' files in a folder of their own (one gets truncated)."""
+    monkeypatch.setattr(pack_cache, "cache_dir", lambda kind: tmp_path / "cache" / kind)
+
+
+def test_parse_budget():
+    assert parse_budget("600MB") == 600_000_000
+    assert parse_budget("1.5 GB") == 1_500_000_000
+    assert parse_budget("512MiB") == 512 << 20
+    assert parse_budget(12345) == 12345
+    for bad in ("lots", "-5MB", "5 parsecs", 0, True, ""):
+        with pytest.raises(BudgetError):
+            parse_budget(bad)
+
+
+def test_plan_keeps_a_prefix_resident_and_states_the_minimum():
+    needs = Needs(process=100, fixed=10, kv_cache=20, work=5)
+    layers = [50] * 8
+    assert make_plan(10_000, layers, needs).resident == 8  # all fit: nothing streams
+    p = make_plan(135 + 100 + 3 * 50 + 10, layers, needs)
+    assert p.resident == 3 and list(p.streamed) == [3, 4, 5, 6, 7] and p.streamed_bytes == 250
+    assert p.ring_bytes == 50 and "3 of 8 layers in memory" in p.describe()
+    with pytest.raises(BudgetError, match="at least 235 MB|at least 0 MB") as e:
+        make_plan(200, layers, needs, n_ctx=4096)
+    assert "4096 tokens" in str(e.value)
+    with pytest.raises(BudgetError, match=r"needs at least 235 MB"):
+        make_plan(200, [50e6] * 8, Needs(100e6, 10e6, 20e6, 5e6))
+
+
+def _model(tmp_path, n_layer=4, family="llama", qtype="Q8_0"):
+    path = tg.write_family(tmp_path / "m.gguf", family, qtype=qtype, n_ctx=128, n_layer=n_layer)
+    m = ember.load(path, threads=2)
+    if m.device.decoder(m.transformer) is None:
+        pytest.skip("no fused step on this host")
+    return m
+
+
+def _streamed(m, resident: int) -> StreamedModel:
+    tr, dec = m.transformer, m.device.decoder(m.transformer)
+    sizes = [sum(tr.store.matrix(n).nbytes for n in dec.matrix_names(range(i, i + 1))) for i in range(tr.cfg.n_layer)]
+    plan = Plan(budget=1, needs=Needs(0, 0, 0, 0), layer_bytes=tuple(sizes), resident=resident)
+    return StreamedModel(dec, plan)
+
+
+@pytest.mark.parametrize("resident", [0, 1, 3])
+def test_streamed_layers_give_the_resident_logits(tmp_path, resident):
+    m = _model(tmp_path)
+    tr, dev = m.transformer, m.device
+    ids = np.random.default_rng(7).integers(0, m.config.n_vocab, 37).tolist()  # 3 chunks of <= 16
+    want_cache = dev.new_cache(tr, 128)
+    want = np.concatenate([dev.forward(tr, ids[:30], want_cache), dev.forward(tr, ids[30:], want_cache)])
+    sm = _streamed(m, resident)
+    try:
+        cache = dev.new_cache(tr, 128)
+        got = np.concatenate([sm.forward(ids[:30], cache, True), sm.forward(ids[30:], cache, True)])
+        assert cache.length == 37
+        np.testing.assert_array_equal(got, want)
+        last = sm.forward(ids[:5], dev.new_cache(tr, 128), False)
+        np.testing.assert_array_equal(last[-1], dev.forward(tr, ids[:5], dev.new_cache(tr, 128))[-1])
+        assert sm.streamer.stats.layers_read >= 3 * len(sm.plan.streamed)  # once per pass, from the file
+    finally:
+        sm.close()
+
+
+def test_greedy_generation_under_a_budget_is_the_resident_one(tmp_path):
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=128, n_layer=4)
+    free = ember.load(path, threads=2)
+    if free.device.decoder(free.transformer) is None:
+        pytest.skip("no fused step on this host")
+    want = [c.token_ids for c in free.generate([1, 5, 9, 2, 7] * 5, max_tokens=20)]
+    m = ember.load(path, threads=2, memory_budget="100GB")
+    assert m.transformer is not None and m.plan.resident == 4  # everything fits: nothing streams
+    assert [c.token_ids for c in m.generate([1, 5, 9, 2, 7] * 5, max_tokens=20)] == want
+    sm = _streamed(m, 1)  # the device streams three of four layers
+    m.device._streamed[id(m.transformer)] = (m.transformer, sm)
+    try:
+        assert [c.token_ids for c in m.generate([1, 5, 9, 2, 7] * 5, max_tokens=20)] == want
+        assert sm.streamer.stats.layers_read >= 3 * 20
+    finally:
+        sm.close()
+
+
+def test_a_budget_below_the_minimum_is_a_budget_error(tmp_path):
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=128, n_layer=4)
+    m = ember.load(path, memory_budget="1MB")
+    with pytest.raises(BudgetError, match="at least"):
+        _ = m.transformer
+    with pytest.raises(BudgetError):
+        ember.load(path, memory_budget="a lot")
+
+
+def test_a_file_truncated_or_replaced_while_streaming_is_an_error(tmp_path):
+    m = _model(tmp_path)
+    tr, dev = m.transformer, m.device
+    path = pack_cache.cache_path(tr.store.gguf.path)
+    for damage in ("truncate", "replace"):
+        sm = _streamed(m, 1)
+        try:
+            cache = dev.new_cache(tr, 128)
+            sm.forward([1, 2, 3], cache, False)
+            data = path.read_bytes()
+            if damage == "truncate":
+                os.truncate(path, len(data) // 2)
+            else:
+                tmp = path.with_suffix(".new")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            with pytest.raises(EmberError, match="changed|replaced|shorter"):
+                for _ in range(3):  # the reader may have read the next layers already
+                    sm.forward([4], cache, False)
+        finally:
+            sm.close()
+        path.write_bytes(data)
+    assert len(data) > 0
+
+
+def test_streamer_reads_ranges_and_skips_an_interrupted_pass(tmp_path):
+    f = tmp_path / "blob"
+    data = np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8)
+    f.write_bytes(data.tobytes())
+    s = LayerStreamer(f, {5: [(0, 100), (1000, 300)], 6: [(5000, 64)], 7: [(9000, 1000)]})
+    try:
+        buf, placed = s.acquire(5)
+        assert [(o, n) for o, n, _ in placed] == [(0, 100), (1000, 300)]
+        for off, n, at in placed:
+            assert bytes(buf[at : at + n]) == data[off : off + n].tobytes()
+        s.release(5)
+        buf, placed = s.acquire(5)  # the pass over 6, 7 was cut short: skipped
+        s.release(5)
+        buf, placed = s.acquire(7)
+        assert bytes(buf[placed[0][2] : placed[0][2] + 1000]) == data[9000:].tobytes()
+        s.release(7)
+    finally:
+        s.close()
