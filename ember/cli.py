@@ -184,7 +184,14 @@ def cmd_run(args) -> int:
     draft = "lookup" if args.lookup else args.draft
     if prompt is None:  # a terminal: the chat app, as `ember chat`
         return _chat_app(model, args, draft)
-    m = _load(model, n_ctx=args.ctx_size, threads=args.threads, device=args.device, draft=draft)
+    m = _load(
+        model,
+        n_ctx=args.ctx_size,
+        threads=args.threads,
+        device=args.device,
+        draft=draft,
+        memory_budget=args.memory_budget,
+    )
     trained = m.gguf.arch_get("context_length")
     if args.ctx_size and trained and args.ctx_size > trained:
         _warn(
@@ -233,6 +240,7 @@ def _chat_app(model: str, args, draft: str | None) -> int:
         threads=args.threads,
         n_ctx=args.ctx_size,
         device=args.device,
+        memory_budget=args.memory_budget,
         settings=settings,
     )
     signal.set_wakeup_fd(-1)  # the app, not interrupt_watchdog, ends this process on SIGINT
@@ -259,7 +267,7 @@ def _stats_line(st: dict) -> str:
 
 def cmd_perplexity(args) -> int:
     _check_threads(args.threads)
-    m = _load(args.model, threads=args.threads)
+    m = _load(args.model, threads=args.threads, memory_budget=args.memory_budget)
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
@@ -359,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="random seed (default -1: a fresh one, shown by -v and --json)",
         )
 
+    def add_budget(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--memory-budget",
+            metavar="SIZE",
+            default=None,
+            help="run within SIZE of memory (e.g. 600MB), streaming the layers that do not fit from disk",
+        )
+
     def add_model_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "-c",
@@ -369,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="context window in tokens (default: the model's)",
         )
         add_threads(sp)
+        add_budget(sp)
         sp.add_argument(
             "--device",
             default="auto",
@@ -450,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="catalog name or path to a .gguf")
     sp.add_argument("file", help="a UTF-8 text file")
     add_threads(sp)
+    add_budget(sp)
 
     sub.add_parser(
         "bench",

@@ -4,7 +4,7 @@ thread, a window ahead of the compute.
 The compute uses the streamed layers in the same order every pass (a token, or a batch of
 tokens), so the reader needs no prediction beyond that cycle: while layer i is computed, layer
 i + 1 (and, past the last, the first again, for the next token) is read. Each layer is one
-buffer, its arrays read with `preadv` in large sequential pieces; the pages read are dropped
+buffer, read with one `preadv` (its arrays lie together in the file) or one per array; the pages read are dropped
 from the page cache afterwards (`posix_fadvise(DONTNEED)`), so the budget holds and the next
 pass really reads the disk again, as it would on a machine with that little memory.
 
@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import EmberError
 
 ALIGN = 64
+SPAN_SLACK = 1.05  # a layer's ranges are read in one piece when the gaps add at most this much
 
 
 @dataclass
@@ -54,12 +55,19 @@ class LayerStreamer:
         self.order = list(layers)
         self.ranges = {}
         size = 0
+        self.spans = {}  # layer -> (file offset, bytes): one read, when its ranges lie close together
         for layer, ranges in layers.items():
-            placed, at = [], 0
-            for off, n in ranges:
-                at += -at % ALIGN
-                placed.append((off, n, at))
-                at += n
+            lo = min(off for off, _ in ranges)
+            hi = max(off + n for off, n in ranges)
+            if lo % ALIGN == 0 and hi - lo <= SPAN_SLACK * sum(n for _, n in ranges):
+                placed, at = [(off, n, off - lo) for off, n in ranges], hi - lo
+                self.spans[layer] = (lo, hi - lo)
+            else:
+                placed, at = [], 0
+                for off, n in ranges:
+                    at += -at % ALIGN
+                    placed.append((off, n, at))
+                    at += n
             self.ranges[layer] = placed
             size = max(size, at)
         self.ring = max(1, min(ring, len(self.order)))
@@ -110,8 +118,10 @@ class LayerStreamer:
         self._check()
         t0 = time.perf_counter()
         view = memoryview(buf)
+        span = self.spans.get(layer)
+        reads = [(span[0], span[1], 0)] if span else self.ranges[layer]
         total = 0
-        for off, n, at in self.ranges[layer]:
+        for off, n, at in reads:
             done = 0
             while done < n:
                 got = os.preadv(self.fd, [view[at + done : at + n]], off + done)
@@ -122,8 +132,10 @@ class LayerStreamer:
                     )
                 done += got
             total += n
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):  # the whole span: partial pages at the arrays' ends too
+            lo = min(off for off, _, _ in self.ranges[layer])
+            hi = max(off + n for off, n, _ in self.ranges[layer])
+            os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
         self._check()  # changed during the read: what was read may be a mix
         self.stats.read_s += time.perf_counter() - t0
         self.stats.bytes_read += total

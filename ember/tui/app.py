@@ -160,11 +160,18 @@ class ChatApp(App):
         threads: int | None = None,
         n_ctx: int | None = None,
         device: str = "auto",
+        memory_budget: str | None = None,
         settings: Settings | None = None,
     ):
         super().__init__()
         self.model_name = str(model)
-        self.load_options = {"threads": threads, "n_ctx": n_ctx, "draft": draft, "device": device}
+        self.load_options = {
+            "threads": threads,
+            "n_ctx": n_ctx,
+            "draft": draft,
+            "device": device,
+            "memory_budget": memory_budget,
+        }
         self.conv = Conversation(system or "")
         self.settings = settings or Settings()
         self.model = None  # an ember.Model once loaded

@@ -22,7 +22,8 @@ from ...offload.plan import Needs, Plan, make_plan
 from ...offload.stream import LayerStreamer
 from .step import MAX_ROWS, FusedDecoder
 
-WORK_MARGIN = 32 << 20  # numpy temporaries, the tokenizer's and sampler's arrays
+WORK_MARGIN = 32 << 20  # numpy temporaries, the tokenizer's and sampler's arrays (and 5% of the budget:
+#   the heap grows by ~50 MB over a generation of Qwen2.5-1.5B, its vocabulary's logits and sampling)
 _PAGE = mmap.PAGESIZE
 
 
@@ -30,6 +31,8 @@ def _mapped(a: np.ndarray) -> bool:
     """Whether `a` is a view of a memory-mapped file (not of heap memory)."""
     while isinstance(a, np.ndarray):
         a = a.base
+    if isinstance(a, memoryview):
+        a = a.obj
     return isinstance(a, mmap.mmap)
 
 
@@ -72,8 +75,9 @@ class StreamedModel:
             layers[il] = [(off, nb) for n in names for (_, _, off, nb) in recs[n][1].values()]
         self.names = {il: dec.matrix_names(range(il, il + 1)) for il in plan.streamed}
         self.streamer = LayerStreamer(path, layers) if layers else None
-        placed = [model.store.matrix(n) for il in plan.streamed for n in self.names[il] if n != model.output_name]
-        _drop_pages(a for m in placed for a in m.packed.arrays().values())
+        keep = {n for n in dec.matrix_names(range(0, plan.resident))} | {model.output_name}
+        unused = [model.store.matrix(n) for n in recs if n not in keep]  # streamed, or never read by the step
+        _drop_pages(a for m in unused for a in m.packed.arrays().values())
         _uncache(path)
         _uncache(model.store.gguf.path)
 
@@ -121,6 +125,19 @@ class StreamedModel:
             self.streamer.close()
 
 
+def _process_bytes(model_files) -> int:
+    """The process's resident memory without the pages it maps of the model's files (those are
+    the weights the plan counts): the interpreter, the libraries, the machine code, the heap."""
+    proc = psutil.Process()
+    rss = proc.memory_info().rss
+    try:
+        files = {os.path.realpath(f) for f in model_files}
+        mapped = sum(m.rss for m in proc.memory_maps(grouped=True) if os.path.realpath(m.path) in files)
+    except (psutil.Error, OSError, AttributeError):  # no per-mapping figures here: count it all
+        mapped = 0
+    return rss - mapped
+
+
 def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     """The plan of `dec.model` under `budget` bytes at a context of `n_ctx` tokens; the process's
     own share is its anonymous memory now (the model's file pages are counted as weights)."""
@@ -128,11 +145,10 @@ def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     c, st = model.cfg, model.store
     layer_bytes = [sum(st.matrix(n).nbytes for n in dec.matrix_names(range(il, il + 1))) for il in range(c.n_layer)]
     layer_bytes[-1] -= st.matrix(model.output_name).nbytes
-    mem = psutil.Process().memory_info()
     needs = Needs(
-        process=mem.rss - getattr(mem, "shared", 0),
+        process=_process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]),
         fixed=st.matrix(model.output_name).nbytes + dec.vecs.nbytes,
         kv_cache=c.n_layer * c.n_head_kv * n_ctx * (c.head_dim + c.head_dim_v) * 4,
-        work=sum(b.nbytes for b in dec.bufs) + MAX_ROWS * dec.logits_width * 4 + WORK_MARGIN,
+        work=sum(b.nbytes for b in dec.bufs) + MAX_ROWS * dec.logits_width * 4 + WORK_MARGIN + budget // 20,
     )
     return make_plan(budget, layer_bytes, needs, n_ctx)
