@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,6 +212,18 @@ def test_run_warnings_and_context_error(smol):
     assert res.code == 2 and "-c" in res.err and "context window" in res.err
 
 
+def test_run_under_a_memory_budget_gives_the_same_reply(smol):
+    """Half of SmolLM2's layers streamed from disk: the greedy reply is the resident one."""
+    free = ember("run", smol, "Name three colors.", "--temp", "0", "-n", "24", "-c", "512")
+    res = ember("run", smol, "Name three colors.", "--temp", "0", "-n", "24", "-c", "512", "--memory-budget", "100GB")
+    assert res.out == free.out and "all 30 layers fit" in res.err
+    needs = re.search(r"at least (\d+) MB", ember("run", smol, "hi", "--memory-budget", "1MB", "-c", "512").err)
+    budget = f"{int(needs.group(1)) + 60}MB"  # the minimum + 60 MB: about half of the 98 MB of weights stream
+    res = ember("run", smol, "Name three colors.", "--temp", "0", "-n", "24", "-c", "512", "--memory-budget", budget)
+    assert res.code == 0 and res.out == free.out, res
+    assert re.search(r"\d+ of 30 layers in memory, \d+ streamed from disk", res.err), res.err
+
+
 def test_chat_needs_a_terminal(smol):
     """The chat app on a terminal is tested in test_tui_tmux.py; off one, a clear error."""
     res = ember("chat", smol)
@@ -294,6 +307,8 @@ def test_tokenize_list_pull_version(smol):
         (["run", "no-such-model.gguf", "hi"], "does not exist"),
         (["pull", "no-such-model"], "unknown model"),
         (["perplexity", "smollm2-135m", "/nonexistent.txt"], "cannot read"),
+        (["run", "smollm2-135m", "hi", "--memory-budget", "20MB"], "too small: this model needs at least"),
+        (["run", "smollm2-135m", "hi", "--memory-budget", "lots"], "memory_budget must be a size"),
     ],
 )
 def test_errors_are_one_line_exit_2(argv, message, smol):
