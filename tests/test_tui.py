@@ -81,7 +81,7 @@ def run(coro):
 
 def test_a_reply_streams_in(smol):
     async def main():
-        app = Counting(smol, settings=Settings(temperature=0), threads=2)
+        app = Counting(smol, settings=Settings(temperature=0, max_tokens=200), threads=2)
         async with app.run_test(size=(100, 40)) as pilot:
             assert app.ready_s is not None and app.focused is app.query_one(PromptInput)
             await loaded(pilot, app)
@@ -108,7 +108,7 @@ def test_a_reply_streams_in(smol):
 
 def test_a_message_sent_while_loading_waits_for_the_model(smol):
     async def main():
-        app = ChatApp(smol, settings=Settings(temperature=0), threads=2)
+        app = ChatApp(smol, settings=Settings(temperature=0, max_tokens=200), threads=2)
         async with app.run_test() as pilot:
             await say(pilot, app, "Say hello.", wait=False)  # before the model is ready
             await loaded(pilot, app)
@@ -120,7 +120,7 @@ def test_a_message_sent_while_loading_waits_for_the_model(smol):
 
 def test_escape_stops_a_reply_at_once_and_the_app_goes_on(smol):
     async def main():
-        app = Counting(smol, settings=Settings(temperature=0), threads=2)
+        app = Counting(smol, settings=Settings(temperature=0, max_tokens=400), threads=2)
         async with app.run_test() as pilot:
             await loaded(pilot, app)
             await say(pilot, app, "Write a very long story about a dragon and a knight.", wait=False)
@@ -143,7 +143,7 @@ def test_escape_stops_a_reply_at_once_and_the_app_goes_on(smol):
 
 def test_temp_0_makes_the_reply_deterministic(smol):
     async def main():
-        app = ChatApp(smol, threads=2)  # the command line's sampling defaults: temperature 0.8
+        app = ChatApp(smol, threads=2, settings=Settings(max_tokens=200))  # sampling at temperature 0.8
         async with app.run_test() as pilot:
             await loaded(pilot, app)
             await say(pilot, app, "/temp 0")
@@ -160,7 +160,7 @@ def test_temp_0_makes_the_reply_deterministic(smol):
 
 def test_save_then_load_round_trips(smol, home):
     async def main():
-        app = ChatApp(smol, settings=Settings(temperature=0), threads=2, system="You answer briefly.")
+        app = ChatApp(smol, settings=Settings(temperature=0, max_tokens=200), threads=2, system="You answer briefly.")
         async with app.run_test() as pilot:
             await loaded(pilot, app)
             await say(pilot, app, "What is the capital of Italy?")
@@ -189,7 +189,7 @@ def test_a_broken_model_path_is_an_error_in_the_app(smol, tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 10)
 
     async def main():
-        app = ChatApp(str(bad), threads=2)
+        app = ChatApp(str(bad), threads=2, settings=Settings(temperature=0, max_tokens=200))
         async with app.run_test() as pilot:
             await until(pilot, lambda: app.query(".error"), 30, "the error")
             assert "could not load" in notes(app, "error")[0] and app.model is None
@@ -318,7 +318,7 @@ def test_model_pulls_a_missing_catalog_model_with_a_progress_bar(smol, monkeypat
     monkeypatch.setattr(hub, "pull", fake_pull)
 
     async def main():
-        app = ChatApp("smollm2-135m", settings=Settings(temperature=0), threads=2)
+        app = ChatApp("smollm2-135m", settings=Settings(temperature=0, max_tokens=200), threads=2)
         async with app.run_test() as pilot:
             await until(pilot, lambda: app.query(".error"), 30, "the pull's error")
             assert "no network" in notes(app, "error")[0] and app.model is None
