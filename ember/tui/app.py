@@ -30,6 +30,9 @@ from . import conversation as chats
 from .conversation import COMMANDS, ChatFileError, CommandError, Conversation, Settings
 from .widgets import LivePanel, MessageView, PromptInput, command_hint
 
+# The reply is drawn at most this often (a message per token would wake the screen's thread,
+# which competes with the decode for the cores and the GIL: docs/tui.md)
+REDRAW_S = 0.02
 REPLY_ROOM = 256  # context tokens kept free for a reply when old turns must be dropped
 
 
@@ -372,14 +375,21 @@ class ChatApp(App):
             stats: dict = {}
             try:
                 stream = model.chat(messages, **options)
+                pending, posted = [], 0.0
                 try:
                     for chunk in stream:
                         stats = chunk.stats
-                        self.post_message(Token(gen, chunk.text, dict(stats)))
+                        pending.append(chunk.text)
+                        now = time.perf_counter()
+                        if now - posted >= REDRAW_S or chunk.finish_reason:
+                            self.post_message(Token(gen, "".join(pending), dict(stats)))
+                            pending, posted = [], now
                         if stop.is_set():
                             break
                 finally:
                     stream.close()
+                if pending:
+                    self.post_message(Token(gen, "".join(pending), dict(stats)))
                 self.post_message(Done(gen, dict(stats)))
             except EmberError as e:
                 self.post_message(Done(gen, dict(stats), str(e)))
