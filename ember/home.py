@@ -103,3 +103,16 @@ def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def uncache(path) -> bool:
+    """Drop the file's clean, unmapped pages from the page cache where the OS can; False
+    where it cannot (no posix_fadvise, or the file cannot be opened)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        return False
+    return True

@@ -23,7 +23,7 @@ TLB miss every 4 KB. The mapping is advised ``MADV_HUGEPAGE`` (Linux), so the pa
 reads in come as 2 MB folios, mapped with one entry each; pages already cached stay as they
 were read. A freshly written file's pages are cached as they were written, mostly small, so
 `save` writes the file through to disk (fsync) and drops it from the page cache
-(``_uncache``): the next start reads it back once, in 2 MB folios, and every start after that
+(``home.uncache``): the next start reads it back once, in 2 MB folios, and every start after that
 maps them. Qwen2.5-1.5B's one-token
 step, 2 threads, the file cached as written (243 of its 1104 MB in 2 MB folios) -> read back
 this way (1104 MB): 50-52 -> 43-45 ms; 1 thread 98-99 -> 84-89 (a timing script, alternating
@@ -37,14 +37,13 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
-from ..home import cache_dir, write_atomic
+from ..home import cache_dir, uncache, write_atomic
 from .kquant_layout import PackedKQ
 from .pack import PackedQ4
 from .q8 import PackedQ5, PackedQ8
@@ -144,22 +143,11 @@ def save(model_path: Path, packed: dict) -> Path:
             pos = off + a.nbytes
 
     write_atomic(path, chunks())  # fsynced: the page cache can drop only clean pages
-    _uncache(path)
+    if not uncache(path):  # only the speed of later loads depends on it
+        log.debug("could not drop %s from the page cache", path)
     _remove_older(path, source)
     log.debug("packed weights cached in %s (%d bytes)", path, head_len + offset)
     return path
-
-
-def _uncache(path: Path) -> None:
-    """Drop the (written-back) pages of `path` from the page cache where the OS can, so the
-    next load reads it in huge folios (module docstring)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        with open(path, "rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError as e:  # only the speed of later loads depends on it
-        log.debug("could not drop %s from the page cache (%s)", path, e)
 
 
 def _source(path: Path) -> str | None:

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 
 from ...errors import UnsupportedError
+from ...home import uncache
 from ...lut_kernels import pack_cache
 from ...offload.plan import Needs, Plan, make_plan
 from ...offload.stream import LayerStreamer
@@ -49,15 +50,6 @@ def _drop_pages(arrays) -> None:
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
-def _uncache(path) -> None:
-    if hasattr(os, "posix_fadvise"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 class StreamedModel:
     """The fused step of `dec.model` with the layers past `plan.resident` streamed."""
 
@@ -78,8 +70,8 @@ class StreamedModel:
         keep = {n for n in dec.matrix_names(range(0, plan.resident))} | {model.output_name}
         unused = [model.store.matrix(n) for n in recs if n not in keep]  # streamed, or never read by the step
         _drop_pages(a for m in unused for a in m.packed.arrays().values())
-        _uncache(path)
-        _uncache(model.store.gguf.path)
+        uncache(path)
+        uncache(model.store.gguf.path)
 
     def _mats(self, il: int, buf: np.ndarray, placed: list[tuple[int, int, int]]) -> list:
         out, i = [], 0
