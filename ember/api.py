@@ -53,6 +53,7 @@ class Model:
             raise DeviceError(f"device {device!r} is not available yet; use 'cpu' (or 'auto')")
         self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
         self.plan = None  # the offload plan under a memory budget, once the weights are placed
+        self._code_loaded = False
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2):
             raise EmberError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -106,12 +107,19 @@ class Model:
         the machine code is loaded first, so the plan counts it as the process's own memory."""
         import logging
 
+        self._load_code(tr)
+        self.plan = self.device.set_budget(tr, self.memory_budget, self.n_ctx)
+        logging.getLogger("ember").info("ember: %s", self.plan.describe())
+
+    def _load_code(self, tr) -> None:
+        """Run one token on a scratch cache, once: numba loads (or compiles) the machine code."""
+        if self._code_loaded:
+            return
         from .runtime.session import Session
 
         tok = self.tokenizer
         Session(tr, 2, device=self.device).feed([tok.bos_id if tok.bos_id is not None else 0])
-        self.plan = self.device.set_budget(tr, self.memory_budget, self.n_ctx)
-        logging.getLogger("ember").info("ember: %s", self.plan.describe())
+        self._code_loaded = True
 
     @cached_property
     def device(self):
@@ -176,12 +184,11 @@ class Model:
 
         from .devices.cpu.step import compiled
 
-        _ = self.transformer
+        tr = self.transformer
         if self.kernels != "numpy" and not compiled():
             logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
         if load_code:
-            tok = self.tokenizer
-            self.session().feed([tok.bos_id if tok.bos_id is not None else 0])
+            self._load_code(tr)
 
     def session(self) -> Session:
         """A fresh KV cache over this model: feed(ids) -> logits, truncate(n), reset()."""
@@ -221,16 +228,23 @@ class Model:
         next to reuse; a call made while another one streams gets a fresh session. `stats` is
         the figures of the latest call (each chunk carries its own call's)."""
         self.stats = stats = {}
-        if not self._own_session_lock.acquire(blocking=False):
-            drafter = self.drafter and self.drafter.fork()
-            yield from generate(self.session(), self.tokenizer, ids, cfg, stats, drafter=drafter)
-            return
+        streamed = self.plan is not None and self.device.streamed(self.transformer)
+        before = streamed.streamer.stats.as_dict() if streamed else {}
+        own = self._own_session_lock.acquire(blocking=False)
         try:
-            if self._own_session is None:
-                self._own_session = self.session()
-            yield from generate(self._own_session, self.tokenizer, ids, cfg, stats, drafter=self.drafter)
+            if not own:
+                drafter = self.drafter and self.drafter.fork()
+                yield from generate(self.session(), self.tokenizer, ids, cfg, stats, drafter=drafter)
+            else:
+                if self._own_session is None:
+                    self._own_session = self.session()
+                yield from generate(self._own_session, self.tokenizer, ids, cfg, stats, drafter=self.drafter)
         finally:
-            self._own_session_lock.release()
+            if own:
+                self._own_session_lock.release()
+            if streamed:  # this call's share of the streaming (the reader runs a layer ahead)
+                after = streamed.streamer.stats.as_dict()
+                stats.update({k: after[k] - before[k] for k in after})
 
     def perplexity(self, text: str, add_bos: bool | None = None) -> float:
         """exp(mean NLL) of every token after the first, in one causal pass (batches of 512 with the

@@ -96,6 +96,7 @@ def test_greedy_generation_under_a_budget_is_the_resident_one(tmp_path):
     try:
         assert [c.token_ids for c in m.generate([1, 5, 9, 2, 7] * 5, max_tokens=20)] == want
         assert sm.streamer.stats.layers_read >= 3 * 20
+        assert m.stats["stream_bytes"] > 0 and m.stats["stream_stall_s"] >= 0  # this call's streaming
     finally:
         sm.close()
 
