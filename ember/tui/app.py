@@ -191,7 +191,6 @@ class ChatApp(App):
         self.gen_lock = threading.Lock()  # one generation at a time on the model's session
         self.t_start = time.perf_counter()
         self.ready_s: float | None = None  # start to a usable prompt
-        self.loaded_s: float | None = None  # start to a loaded model
         self._log_handlers = None
         self.log_view = VerticalScroll(id="log")  # the conversation
 
@@ -298,7 +297,6 @@ class ChatApp(App):
             return
         m = self.model = msg.model
         self.model_name = msg.name
-        self.loaded_s = time.perf_counter() - self.t_start
         info = m.info()
         self.title = f"ember · {msg.name if msg.name in hub.CATALOG else m.path.stem}"
         self.sub_title = f"{info['file_type'] or '?'} · {info['kind']} · cpu {m.threads} threads"
@@ -426,15 +424,14 @@ class ChatApp(App):
             self.note("the reply reached the end of the context window (the next message drops old turns)")
         elif why == "max_tokens":
             self.reply_view.mark(f"cut at {st.get('tokens_generated')} tokens (/max-tokens)")
+        used = st.get("prompt_tokens", 0) + st.get("tokens_generated", 0)
+        fields = dict(rss=_rss(), ctx_used=used, ctx_total=self.model.n_ctx)
         if st.get("decode_tokens_per_s"):
             self.speeds.append(st["decode_tokens_per_s"])
-        panel = self.query_one(LivePanel)
-        used = st.get("prompt_tokens", 0) + st.get("tokens_generated", 0)
-        panel.show(speeds=self.speeds, rss=_rss(), ctx_used=used, ctx_total=self.model.n_ctx)
+            fields.update(speed=st["decode_tokens_per_s"])
         if "acceptance_rate" in st:
-            panel.show(acceptance=st["acceptance_rate"])
-        if st.get("decode_tokens_per_s"):
-            panel.show(speed=st["decode_tokens_per_s"])
+            fields.update(acceptance=st["acceptance_rate"])
+        self.query_one(LivePanel).show(speeds=self.speeds, **fields)
         self._status(f"{st.get('tokens_generated', 0)} tokens, {st.get('decode_tokens_per_s', 0):.1f} tok/s")
 
     async def _end_reply(self, stopped: bool) -> None:

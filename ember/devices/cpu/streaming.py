@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import mmap
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import psutil
@@ -89,6 +90,19 @@ class StreamedModel:
             out.append(dataclasses.replace(m, packed=pack_cache.build(tag, arrays)))
         return out
 
+    @contextmanager
+    def _layer(self, il: int | None):
+        """The matrices of streamed layer `il` over its buffer while the block runs (None: the
+        resident prefix, the placed matrices)."""
+        if il is None:
+            yield None
+            return
+        buf, placed = self.streamer.acquire(il)
+        try:
+            yield self._mats(il, buf, placed)
+        finally:
+            self.streamer.release(il)
+
     def forward(self, ids, cache, all_logits: bool) -> np.ndarray:
         dec, plan = self.dec, self.plan
         chunks = [ids[i : i + MAX_ROWS] for i in range(0, len(ids), MAX_ROWS)]
@@ -96,19 +110,11 @@ class StreamedModel:
         segments = [(range(0, plan.resident), None)] if plan.resident else []
         segments += [(range(il, il + 1), il) for il in plan.streamed]
         for layers, il in segments:
-            mats = None
-            if il is not None:
-                buf, placed = self.streamer.acquire(il)
-            try:
-                if il is not None:
-                    mats = self._mats(il, buf, placed)
+            with self._layer(il) as mats:
                 off = 0
                 for c, part in enumerate(chunks):
                     hs[c] = dec.step_rows(hs[c], cache, all_logits, layers=layers, mats=mats, offset=off, commit=False)
                     off += len(part)
-            finally:
-                if il is not None:
-                    self.streamer.release(il)
         cache.commit(len(ids))
         return np.concatenate(hs) if all_logits and len(hs) > 1 else hs[-1]
 
