@@ -82,6 +82,23 @@ def test_streamed_layers_give_the_resident_logits(tmp_path, resident):
         sm.close()
 
 
+def test_a_streamed_batch_that_grows_the_cache_keeps_its_keys(tmp_path):
+    """A 300-token prompt outgrows the cache's first 256 positions part way through a layer's
+    chunks; the keys the chunks before wrote (not committed yet) must survive the growth."""
+    m = _model(tmp_path)
+    tr, dev = m.transformer, m.device
+    ids = np.random.default_rng(8).integers(0, m.config.n_vocab, 300).tolist()
+    want_cache = dev.new_cache(tr, 600)  # fed 16 at a time: the fused step's rows, as streaming runs
+    want = np.concatenate([dev.forward(tr, ids[i : i + 16], want_cache) for i in range(0, 300, 16)])
+    sm = _streamed(m, 1)
+    try:
+        cache = dev.new_cache(tr, 600)
+        cache.reserve(10)  # a cache that already holds its first, small capacity
+        np.testing.assert_array_equal(sm.forward(ids, cache, True), want)
+    finally:
+        sm.close()
+
+
 def test_greedy_generation_under_a_budget_is_the_resident_one(tmp_path):
     path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=128, n_layer=4)
     free = ember.load(path, threads=2)

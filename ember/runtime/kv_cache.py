@@ -34,9 +34,9 @@ class KVCache:
         cap = min(self.max_len, max(n, 2 * self._cap, 256))
         k_all = np.zeros((self.n_layer, self.n_head_kv, cap, self.head_dim), np.float32)
         v_all = np.zeros((self.n_layer, self.n_head_kv, cap, self.head_dim_v), np.float32)
-        if self._cap:
-            k_all[:, :, : self.length] = self.k_all[:, :, : self.length]
-            v_all[:, :, : self.length] = self.v_all[:, :, : self.length]
+        if self._cap:  # every position, committed or not: a batch run layer by layer commits last
+            k_all[:, :, : self._cap] = self.k_all
+            v_all[:, :, : self._cap] = self.v_all
         self.k_all, self.v_all, self._cap = k_all, v_all, cap
         self.k = list(k_all)
         self.v = list(v_all)

@@ -106,6 +106,7 @@ class StreamedModel:
     def forward(self, ids, cache, all_logits: bool) -> np.ndarray:
         dec, plan = self.dec, self.plan
         chunks = [ids[i : i + MAX_ROWS] for i in range(0, len(ids), MAX_ROWS)]
+        cache.reserve(len(ids))  # once, not as the chunks of the first layers go
         hs: list = list(chunks)
         segments = [(range(0, plan.resident), None)] if plan.resident else []
         segments += [(range(il, il + 1), il) for il in plan.streamed]
