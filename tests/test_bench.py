@@ -3,6 +3,8 @@ that bad options end in one line and status 2 before anything is measured."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ember.bench import report, scenarios
@@ -41,43 +43,181 @@ def test_prompt_ids_repeat_the_english_text():
     assert scenarios.prompt_ids(3, words) == words(text)[:3]
 
 
-def _results(engines, tests, threads):
-    runs = {}
+def test_long_context_tests_and_scenarios():
+    assert scenarios.parse_test("tg32@4096") == ("tg", 32)
+    assert scenarios.test_context("tg32@4096") == 4096
+    assert scenarios.test_context("tg32") == scenarios.PROMPT_TG
+    assert scenarios.test_context("k8") == scenarios.K_CONTEXT
+    for bad in ("pp128@512", "tg32@0", "tg32@", f"tg1@{scenarios.MAX_TOKENS + 1}"):
+        with pytest.raises(BenchError, match="unknown test"):
+            scenarios.parse_test(bad)
+    assert scenarios.parse_scenarios("all") == list(scenarios.SCENARIOS)
+    assert scenarios.parse_scenarios("offload, dense") == ["dense", "offload"]  # the suite's order
+    for bad in ("", "dense,nope", "ALL"):
+        with pytest.raises(BenchError, match="unknown scenario"):
+            scenarios.parse_scenarios(bad)
+    assert "def summary(rows, top=3):" in scenarios.rewrite_prompt()
+
+
+def _results(peer: bool = True) -> dict:
+    """A results.json as `ember bench` writes it, with made-up figures: ember twice llama.cpp's
+    speed, two reps whose median is the mean, every scenario that can run here."""
+    engines = ["ember", "llama.cpp"] if peer else ["ember"]
+    tests, threads = ["pp128", "tg32", "k8"], [1, 2]
+    dense = []
     for e in engines:
         speed = 100.0 if e == "ember" else 50.0
         for test in tests:
             for t in threads:
-                r = {"tokens_per_s": speed * t, "peak_rss_bytes": 300_000_000}
-                if test.startswith("k"):
-                    r["k_cost_ratio"] = 1.5
-                if test.startswith("tg") and e == "ember":
-                    r["weight_bytes_per_token"] = 100_000_000
-                runs[f"{e}|{test}|{t}"] = [r, dict(r, tokens_per_s=r["tokens_per_s"] * 3)]
+                for rep, f in enumerate((1, 3)):
+                    r = {"tokens_per_s": speed * t * f, "peak_rss_bytes": 300_000_000, "busy": test == "k8"}
+                    if test.startswith("k"):
+                        r["k_cost_ratio"] = 1.5
+                    if test.startswith("tg") and e == "ember":
+                        r["weight_bytes_per_token"] = 100_000_000
+                    dense.append(dict(r, engine=e, test=test, threads=t, rep=rep))
+    lc = [
+        {"engine": e, "context": c, "rep": 0, "tokens_per_s": (200.0 if e == "ember" else 100.0) * 512 / c}
+        for c in (512, 2048)
+        for e in engines
+    ]
+    off_common = {"stream_bytes": 4e9, "stream_read_s": 2.0, "stream_stall_s": 0.5, "plan": "8 resident, 20 streamed"}
+    offload = [
+        {"engine": "ember", "variant": "resident", "fraction": None, "budget": None, "tokens_per_s": 20.0,
+         "memory_peak_bytes": 1.5e9, "streamed_bytes_per_token": 0, "same_tokens": True},
+        {"engine": "ember", "variant": "budget", "fraction": 0.6, "budget": 600e6, "tokens_per_s": 2.0,
+         "memory_peak_bytes": 620e6, "streamed_bytes_per_token": 500e6, "same_tokens": True, **off_common},
+        {"engine": "ember", "variant": "budget", "fraction": 0.15, "budget": 150e6, "error": "ember budget 15% "
+         "failed: BudgetError: a memory budget of 150 MB is too small: this model needs at least 490 MB"},
+        {"engine": "llama.cpp", "variant": "mmap", "fraction": 0.6, "budget": 600e6, "tokens_per_s": 0.5,
+         "cgroup_peak_bytes": 599e6, "peak_rss_bytes": 7e8},
+    ]  # fmt: skip
+    spec = [
+        {"engine": "ember", "drafter": "plain", "rep": 0, "tokens_per_s": 20.0, "same_tokens": True},
+        {"engine": "ember", "drafter": "lookup", "rep": 0, "tokens_per_s": 30.0, "same_tokens": True,
+         "acceptance_rate": 0.5, "mean_accepted_length": 4.0, "draft_k": 10},
+        {"engine": "llama.cpp", "drafter": "plain", "rep": 0, "tokens_per_s": 15.0},
+        {"engine": "llama.cpp", "drafter": "lookup", "rep": 0, "tokens_per_s": 10.0},
+    ]  # fmt: skip
     return {
-        "model": "m",
-        "quick": False,
-        "load_cores_at_start": 0.0,
+        "schema": "ember-bench/2",
+        "created": "2026-12-06T08:00:00+00:00",
+        "command": "ember bench --peer",
+        "options": {"scenarios": ["dense"], "threads": threads, "tests": tests, "reps": 2, "quick": False,
+                    "engines": engines, "draft": None},
+        "model": {"name": "m", "path": "/m.gguf", "architecture": "llama", "bytes": 1e9, "sha256": "ab" * 32,
+                  "context_length": 8192},
+        "environment": {
+            "machine": {"cpu": {"model": "Test CPU", "flags": ["avx2"], "l1d_bytes": 32768, "l2_bytes": None},
+                        "cores": 2, "memory_bytes": 2**34, "os": "Linux"},
+            "versions": {"python": "3.11", "ember": "0.1.0", "ember_commit": None, "numba": "0.60"},
+            "load_cores_at_start": 0.0,
+        },
         "warnings": ["noisy"],
-        "runs": runs,
-        "bandwidth_bytes_per_s": {t: 20e9 for t in threads},
-        "ttft_warm_s": 0.5,
-        "ttft_cold_s": None,
-        "ttft_bytecode": True,
-    }
+        "scenarios": {
+            "dense": {"status": "ok", "tests": tests, "threads": threads, "runs": dense,
+                      "bandwidth_bytes_per_s": {"1": 20e9, "2": 20e9}},
+            "ttft": {"status": "ok", "warm_s": [0.6, 0.5, 0.7], "cold_s": None, "bytecode": True},
+            "memory": {"status": "ok", "test": "tg64@512", "threads": 2, "model_bytes": 1e9,
+                       "runs": [{"engine": e, "peak_rss_bytes": 4e8} for e in engines]},
+            "long-context": {"status": "ok", "contexts": [512, 2048], "decode": 32, "threads": 2, "runs": lc},
+            "offload": {"status": "ok", "threads": 2, "decode": 24, "weight_bytes": 1e9, "cgroup": "available",
+                        "disk_bytes_per_s": 2e9, "runs": offload},
+            "speculative": {"status": "ok", "threads": 2, "decode": 128, "drafts": ["plain", "lookup"], "runs": spec},
+            "moe": {"status": "skipped", "reason": "not in ember yet"},
+        },
+    }  # fmt: skip
 
 
-def test_summary_and_markdown():
-    engines, tests, threads = ["ember", "llama.cpp"], ["pp128", "tg32", "k8"], [1, 2]
-    res = _results(engines, tests, threads)
-    res["summary"] = s = report.summarize(res, engines, tests, threads)
-    assert s["pp128|2"]["ember"]["tokens_per_s"] == 400.0  # median of 200 and 600
-    assert s["pp128|2"]["ratio"] == 2.0
-    assert s["k8|1"]["llama.cpp"]["k_cost_ratio"] == 1.5
-    assert s["tg32|1"]["ember"]["roofline_share"] == pytest.approx(100e6 * 200 / 20e9)
-    md = report.markdown(res, engines, tests, threads)
-    assert "| tg32 | 2 | 400.0 | 200.0 | 2.00x |" in md
-    assert "- 8 new tokens cost (vs 1 new token) at 2 thread(s): ember 1.50x, llama.cpp 1.50x" in md
-    assert "warm 0.50 s" in md and "cold" not in md and "- warning: noisy" in md
+def test_summaries():
+    res = _results()
+    report.summarize(res)
+    sc = res["scenarios"]
+    d = sc["dense"]["summary"]
+    assert d["pp128|2"]["ember"]["median"] == 400.0  # of 200 and 600
+    assert (d["pp128|2"]["ember"]["min"], d["pp128|2"]["ember"]["max"]) == (200.0, 600.0)
+    assert d["pp128|2"]["ratio"] == 2.0 and not d["pp128|2"]["busy"] and d["k8|1"]["busy"]
+    assert d["k8|1"]["llama.cpp"]["k_cost_ratio"] == 1.5
+    assert d["tg32|1"]["ember"]["roofline_share"] == pytest.approx(100e6 * 200 / 20e9)
+    assert sc["ttft"]["summary"] == {"warm_s": 0.6, "cold_s": None}
+    lc = sc["long-context"]["summary"]
+    assert lc["2048"]["ratio"] == 2.0 and lc["kept|ember"] == 0.25
+    rows = sc["offload"]["summary"]["rows"]
+    assert rows[1]["disk_roofline_tokens_per_s"] == 4.0 and rows[1]["roofline_share"] == 0.5
+    assert rows[1]["peak_over_budget"] == pytest.approx(620 / 600) and rows[1]["read_bytes_per_s"] == 2e9
+    assert rows[3]["memory_peak_bytes"] == 599e6  # a cgroup's peak, page cache included, not RSS
+    sp = sc["speculative"]["summary"]
+    assert sp["ember|lookup"]["speedup"] == 1.5 and sp["llama.cpp|lookup"]["speedup"] == pytest.approx(2 / 3)
+    assert sp["ember|lookup"]["same_tokens"] and "same_tokens" not in sp["llama.cpp|plain"]
+
+
+def test_markdown_report():
+    res = _results()
+    report.summarize(res)
+    res["plots"] = [{"scenario": "dense", "file": "dense.png"}]
+    md = report.markdown(res)
+    assert md.startswith("# ember benchmark: m")
+    assert "| tg32 | 2 | 400.0 (200.0-600.0) | 200.0 (100.0-300.0) | 2.00x |" in md
+    assert "| k8 (busy) | 1 |" in md
+    assert "8 new tokens cost (vs 1) at 2 thread(s): ember 1.50x, llama.cpp 1.50x" in md
+    assert "| warm | 0.60 s |" in md and "cold" not in md
+    assert "![dense](dense.png)" in md and "- moe: skipped: not in ember yet" in md and "- noisy" in md
+    assert "| ember budget | 60% 600 MB | 2.00 | 4.00 (50%) | 620 MB (1.03x) | yes |" in md
+    assert "BudgetError: a memory budget of 150 MB is too small" in md
+    assert "| ember | lookup | 30.0 | 1.50x | 50% | 4.00 | yes |" in md
+    assert "CPU: Test CPU, 2 cores (avx2; L1D 32 KiB)" in md
+    one = _results(peer=False)
+    report.summarize(one)
+    assert "ember/llama.cpp" not in report.markdown(one)
+
+
+def test_plots_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = _results()
+    report.summarize(res)
+    made = report.plots(res, tmp_path, warn=pytest.fail)
+    assert {p["scenario"] for p in made} == {"dense", "long-context", "offload", "speculative"}
+    for p in made:
+        assert (tmp_path / p["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_environment_facts(tmp_path):
+    from ember.bench import cgroup, environment
+
+    cpu = environment.cpu()
+    assert cpu["model"] and set(cpu["flags"]) <= set(environment.CPU_FLAGS)
+    v = environment.versions()
+    assert v["numba"] and v["llvmlite"] and v["ember"]
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"\x01" * (3 << 20))
+    assert environment.sha256(str(f)) == __import__("hashlib").sha256(f.read_bytes()).hexdigest()
+    assert environment.disk_bandwidth(str(f)) > 0
+    meter = environment.LoadMeter()
+    assert 0.0 <= meter.others() < 64
+    why = cgroup.unavailable()
+    assert why is None or isinstance(why, str)
+
+
+def _filesystem(path) -> str:
+    import psutil
+
+    parts = [p for p in psutil.disk_partitions(all=True) if str(path).startswith(p.mountpoint)]
+    return max(parts, key=lambda p: len(p.mountpoint)).fstype if parts else ""
+
+
+def test_page_cache_bytes(tmp_path):
+    from ember.home import uncache
+    from ember.offload.memory import cached_bytes
+
+    f = tmp_path / "x.bin"
+    with open(f, "wb") as fh:
+        fh.write(b"\x02" * (1 << 20))
+        fh.flush()
+        os.fsync(fh.fileno())  # dirty pages stay cached until written back
+    assert cached_bytes(f) == 1 << 20  # just written: in the cache
+    if uncache(f) and _filesystem(tmp_path) != "tmpfs":  # tmpfs pages are the file: they stay
+        assert cached_bytes(f) < 1 << 20
+    assert cached_bytes(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize(
@@ -87,6 +227,7 @@ def test_summary_and_markdown():
         (["--threads", "0"], "--threads '0'"),
         (["--reps", "0"], "--reps 0"),
         (["--quick", "--model", "no-such-model"], "unknown model"),
+        (["--scenario", "dense,gpu"], "unknown scenario 'gpu'"),
     ],
 )
 def test_bad_options_one_line_status_2(argv, message, capsys):

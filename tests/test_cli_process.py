@@ -316,9 +316,41 @@ def test_errors_are_one_line_exit_2(argv, message, smol):
     assert res.code == 2 and message in res.err and res.err.count("\n") == 1
 
 
-def test_bench_quick(smol):
+def test_bench_quick(smol, tmp_path):
+    """`ember bench --quick` runs every scenario it can here and writes results.json (every field
+    the report reads), report.md and the plots; no thresholds: this is a smoke run."""
     res = ember("bench", "--help")
     assert res.code == 0 and "--quick" in res.out and "ember bench" in res.out
-    res = ember("bench", "--quick", "--json", timeout=600)
+    t = time.monotonic()
+    res = ember("bench", "--quick", "--json", "--out", tmp_path, timeout=600)
+    took = time.monotonic() - t
     assert res.code == 0, res
-    assert json.loads(res.out)
+    r = json.loads(res.out)
+    assert r == json.loads((tmp_path / "results.json").read_text())
+    assert r["schema"] == "ember-bench/2" and r["options"]["quick"] and r["options"]["engines"] == ["ember"]
+    assert len(r["model"]["sha256"]) == 64 and r["model"]["bytes"] > 0
+    env = r["environment"]
+    assert env["machine"]["cpu"]["model"] and env["versions"]["numba"] and "load_cores_at_start" in env
+    sc = r["scenarios"]
+    assert list(sc) == ["dense", "ttft", "memory", "long-context", "offload", "moe", "speculative", "devices"]
+    assert sc["moe"]["status"] == sc["devices"]["status"] == "skipped" and sc["moe"]["reason"]
+    for name in ("dense", "memory", "long-context", "offload", "speculative"):
+        assert sc[name]["status"] == "ok", (name, sc[name])
+        assert sc[name]["summary"]
+    for run in sc["dense"]["runs"] + sc["long-context"]["runs"]:
+        assert run["tokens_per_s"] > 0 and isinstance(run["busy"], bool) and run["load_cores"] >= 0
+    assert {f"{t}|{r['options']['threads'][0]}" for t in ("pp128", "tg32")} <= set(sc["dense"]["summary"])
+    assert sc["ttft"]["status"] == "ok" and sc["ttft"]["summary"]["warm_s"] > 0
+    rows = sc["offload"]["summary"]["rows"]
+    resident, budget = rows[0], rows[1]
+    assert resident["variant"] == "resident" and budget["variant"] == "budget"
+    assert budget["same_tokens"] and budget["streamed_bytes_per_token"] > 0 and budget["memory_peak_bytes"] > 0
+    spec = sc["speculative"]["summary"]
+    assert spec["ember|lookup"]["same_tokens"] and "acceptance_rate" in spec["ember|lookup"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# ember benchmark: smollm2-135m (--quick)") and "## Not measured" in md
+    for p in r["plots"]:
+        assert (tmp_path / p["file"]).stat().st_size > 1000 and f"]({p['file']})" in md
+    assert {p["scenario"] for p in r["plots"]} == {"dense", "long-context", "offload", "speculative"}
+    assert f"report: {tmp_path / 'report.md'}" in res.err
+    print(f"ember bench --quick: {took:.0f} s")

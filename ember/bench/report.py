@@ -1,98 +1,470 @@
-"""The benchmark's results: medians per engine, test and thread count, ratios, and the Markdown
-report printed at the end of a run."""
+"""The benchmark's results, read: medians (with min and max) per scenario (`summarize`, kept in
+results.json), the tables built from them, shown as Markdown (report.md) or on the terminal, and
+the PNG plots (matplotlib, the `bench` extra) the report embeds."""
 
 from __future__ import annotations
 
 import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from .scenarios import parse_test
 
 
-def summarize(results: dict, engines, tests, threads) -> dict:
-    """``{"TEST|THREADS": {ENGINE: {...medians...}, "ratio": ember/llama.cpp}}`` of results["runs"]."""
-    summary = {}
-    for test in tests:
-        kind, _ = parse_test(test)
-        for t in threads:
-            row: dict = {}
-            for engine in engines:
-                runs = results["runs"][f"{engine}|{test}|{t}"]
-                row[engine] = {
-                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-                    "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
-                }
-                if kind == "k":
-                    row[engine]["k_cost_ratio"] = statistics.median(r["k_cost_ratio"] for r in runs)
-                if engine == "ember" and kind == "tg":
-                    bpt = runs[0]["weight_bytes_per_token"]
-                    row[engine]["weight_bytes_per_token"] = bpt
-                    bw = results["bandwidth_bytes_per_s"].get(t)
-                    if bw:
-                        row[engine]["roofline_share"] = bpt * row[engine]["tokens_per_s"] / bw
-            if "llama.cpp" in row:
-                row["ratio"] = row["ember"]["tokens_per_s"] / row["llama.cpp"]["tokens_per_s"]
-            summary[f"{test}|{t}"] = row
-    return summary
+def _spread(values) -> dict:
+    v = [float(x) for x in values]
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
 
 
-def markdown(results: dict, engines, tests, threads) -> str:
-    """The report: a table of tokens/s per test and thread count, then one line per finding."""
-    title = f"## ember benchmark: {results['model']}" + (" (--quick)" if results.get("quick") else "")
-    lines = [title, ""]
-    head = "| test | threads | " + " | ".join(f"{e} tok/s" for e in engines)
-    head += " | ember/llama.cpp |" if len(engines) > 1 else " |"
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for test in tests:
-        for t in threads:
-            row = results["summary"][f"{test}|{t}"]
-            cells = [f"{row[e]['tokens_per_s']:.1f}" for e in engines]
-            line = f"| {test} | {t} | " + " | ".join(cells)
-            line += f" | {row['ratio']:.2f}x |" if "ratio" in row else " |"
-            lines.append(line)
-    lines.append("")
-    kinds = {test: parse_test(test) for test in tests}
-    for test in tests:
-        if kinds[test][0] != "tg":
-            continue
-        for t in threads:
-            e = results["summary"][f"{test}|{t}"]["ember"]
-            line = (
-                f"- decode ({test}) at {t} thread(s): {e['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token"
-            )
-            if "roofline_share" in e:
-                bw = results["bandwidth_bytes_per_s"][t]
-                line += f", {100 * e['roofline_share']:.0f}% of the measured {bw / 1e9:.1f} GB/s"
-            lines.append(line)
-    for test in tests:
-        kind, k = kinds[test]
-        if kind != "k":
-            continue
-        for t in threads:
-            row = results["summary"][f"{test}|{t}"]
-            costs = ", ".join(f"{e} {row[e]['k_cost_ratio']:.2f}x" for e in engines)
-            lines.append(f"- {k} new tokens cost (vs 1 new token) at {t} thread(s): {costs}")
-    for e in engines:
-        rss = max(v[e]["peak_rss_bytes"] for v in results["summary"].values())
-        gen = [v[e]["peak_rss_bytes"] for key, v in results["summary"].items() if kinds[key.split("|")[0]][0] == "tg"]
-        gen_s = f"; generation (tg) {max(gen) / 1e6:.0f} MB" if gen else ""
-        lines.append(f"- peak RSS {e}: {rss / 1e6:.0f} MB over all tests{gen_s}")
-    warm, cold = results.get("ttft_warm_s"), results.get("ttft_cold_s")
-    if warm is not None or cold is not None:
-        parts = []
-        if warm is not None:
-            parts.append(f"warm {warm:.2f} s")
-        if cold is not None:
-            parts.append(f"cold {cold:.2f} s")
-        source = (
-            ""
-            if results.get("ttft_bytecode", True)
-            else (
-                " (ember's sources compiled at every start: an editable install and PYTHONDONTWRITEBYTECODE;"
-                " `pip install .` installs the bytecode)"
-            )
+def _group(runs, *keys) -> dict:
+    out: dict = {}
+    for r in runs:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return out
+
+
+def summarize(results: dict) -> None:
+    """Adds "summary" to every scenario that ran."""
+    for name, sec in results["scenarios"].items():
+        if sec.get("status") == "ok" and name in _SUMMARIES:
+            sec["summary"] = _SUMMARIES[name](sec)
+
+
+def _dense(sec: dict) -> dict:
+    out = {}
+    for (test, t), runs in _group(sec["runs"], "test", "threads").items():
+        row: dict = {"busy": any(r.get("busy") for r in runs)}
+        for (engine,), er in _group(runs, "engine").items():
+            e = dict(_spread(r["tokens_per_s"] for r in er), peak_rss_bytes=max(r["peak_rss_bytes"] for r in er))
+            if parse_test(test)[0] == "k":
+                e["k_cost_ratio"] = statistics.median(r["k_cost_ratio"] for r in er)
+            bpt = er[0].get("weight_bytes_per_token")
+            if bpt and parse_test(test)[0] == "tg":
+                e["weight_bytes_per_token"] = bpt
+                bw = sec["bandwidth_bytes_per_s"].get(str(t))
+                if bw:
+                    e["roofline_tokens_per_s"] = bw / bpt
+                    e["roofline_share"] = bpt * e["median"] / bw
+            row[engine] = e
+        if "llama.cpp" in row and "ember" in row:
+            row["ratio"] = row["ember"]["median"] / row["llama.cpp"]["median"]
+        out[f"{test}|{t}"] = row
+    return out
+
+
+def _ttft(sec: dict) -> dict:
+    return {"warm_s": statistics.median(sec["warm_s"]) if sec["warm_s"] else None, "cold_s": sec["cold_s"]}
+
+
+def _memory(sec: dict) -> dict:
+    return {r["engine"]: {"peak_rss_bytes": r["peak_rss_bytes"], "busy": r.get("busy", False)} for r in sec["runs"]}
+
+
+def _long_context(sec: dict) -> dict:
+    out = {}
+    for (ctx,), runs in _group(sec["runs"], "context").items():
+        row: dict = {"busy": any(r.get("busy") for r in runs)}
+        for (engine,), er in _group(runs, "engine").items():
+            row[engine] = _spread(r["tokens_per_s"] for r in er)
+        if "llama.cpp" in row:
+            row["ratio"] = row["ember"]["median"] / row["llama.cpp"]["median"]
+        out[str(ctx)] = row
+    ctxs = sorted(out, key=int)
+    if len(ctxs) > 1:
+        first, last = out[ctxs[0]], out[ctxs[-1]]
+        for engine in ("ember", "llama.cpp"):
+            if engine in first and engine in last:
+                out[f"kept|{engine}"] = last[engine]["median"] / first[engine]["median"]
+    return out
+
+
+def _offload(sec: dict) -> dict:
+    disk = sec["disk_bytes_per_s"]
+    rows = []
+    for r in sec["runs"]:
+        row = {k: r.get(k) for k in ("engine", "variant", "fraction", "budget", "error", "busy", "same_tokens")}
+        if "error" not in r:
+            row["tokens_per_s"] = r["tokens_per_s"]
+            peak = r.get("cgroup_peak_bytes") or r.get("memory_peak_bytes")
+            row["memory_peak_bytes"] = peak
+            if r.get("budget") and peak:
+                row["peak_over_budget"] = peak / r["budget"]
+            per_token = r.get("streamed_bytes_per_token") or 0
+            row["streamed_bytes_per_token"] = per_token
+            if per_token:
+                row["disk_roofline_tokens_per_s"] = disk / per_token
+                row["roofline_share"] = r["tokens_per_s"] * per_token / disk
+                row["read_bytes_per_s"] = r["stream_bytes"] / r["stream_read_s"] if r.get("stream_read_s") else None
+                row["stall_s"] = r.get("stream_stall_s")
+                row["plan"] = r.get("plan")
+        rows.append(row)
+    return {"rows": rows}
+
+
+def _speculative(sec: dict) -> dict:
+    out = {}
+    for (engine, drafter), runs in _group(sec["runs"], "engine", "drafter").items():
+        e = dict(_spread(r["tokens_per_s"] for r in runs), busy=any(r.get("busy") for r in runs))
+        if "same_tokens" in runs[0]:
+            e["same_tokens"] = all(r["same_tokens"] for r in runs)
+        for k in ("acceptance_rate", "mean_accepted_length", "draft_k"):
+            if k in runs[0]:
+                e[k] = statistics.median(r[k] for r in runs)
+        out[f"{engine}|{drafter}"] = e
+    for key, e in out.items():
+        plain = out.get(key.split("|")[0] + "|plain")
+        if plain:
+            e["speedup"] = e["median"] / plain["median"]
+    return out
+
+
+_SUMMARIES: dict[str, Callable[[dict], dict]] = {
+    "dense": _dense,
+    "ttft": _ttft,
+    "memory": _memory,
+    "long-context": _long_context,
+    "offload": _offload,
+    "speculative": _speculative,
+}
+
+
+# tables: {"title", "header", "rows", "notes"}, one or more per scenario
+def _tok(e: dict | None) -> str:
+    if not e:
+        return "-"
+    return f"{e['median']:.1f}" + (f" ({e['min']:.1f}-{e['max']:.1f})" if e["n"] > 1 else "")
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:.0f} MB" if n else "-"
+
+
+def tables(results: dict) -> list[dict]:
+    engines = results["options"]["engines"]
+    peer = len(engines) > 1
+    out = []
+    sc = results["scenarios"]
+    if sc.get("dense", {}).get("status") == "ok":
+        sec, s = sc["dense"], sc["dense"]["summary"]
+        header = ["test", "threads", *(f"{e} tok/s" for e in engines)] + (["ember/llama.cpp"] if peer else [])
+        rows, notes = [], []
+        for test in sec["tests"]:
+            for t in sec["threads"]:
+                row = s[f"{test}|{t}"]
+                cells = [test + (" (busy)" if row["busy"] else ""), str(t), *(_tok(row.get(e)) for e in engines)]
+                rows.append(cells + ([f"{row['ratio']:.2f}x"] if peer else []))
+                e = row["ember"]
+                if "roofline_share" in e:
+                    bw = sec["bandwidth_bytes_per_s"][str(t)]
+                    notes.append(
+                        f"decode ({test}) at {t} thread(s): {e['weight_bytes_per_token'] / 1e6:.1f} MB of weights "
+                        f"a token, {100 * e['roofline_share']:.0f}% of the measured {bw / 1e9:.1f} GB/s"
+                    )
+                if "k_cost_ratio" in e:
+                    costs = ", ".join(f"{x} {row[x]['k_cost_ratio']:.2f}x" for x in engines)
+                    notes.append(f"{parse_test(test)[1]} new tokens cost (vs 1) at {t} thread(s): {costs}")
+        out.append(
+            {"scenario": "dense", "title": "Prompt and decode speed", "header": header, "rows": rows, "notes": notes}
         )
-        lines.append(f"- ember run, process start to first token: {', '.join(parts)}{source}")
-    lines.append(f"- other processes at start: {results['load_cores_at_start']:.1f} cores")
-    for w in results.get("warnings", []):
-        lines.append(f"- warning: {w}")
-    return "\n".join(lines) + "\n"
+    if sc.get("ttft", {}).get("status") == "ok":
+        s = sc["ttft"]["summary"]
+        rows = [["warm", f"{s['warm_s']:.2f} s"]] + (
+            [["cold (empty caches)", f"{s['cold_s']:.2f} s"]] if s["cold_s"] else []
+        )
+        notes = []
+        if not sc["ttft"].get("bytecode", True):
+            notes.append("ember's sources compiled at every start (editable install, no bytecode)")
+        out.append(
+            {
+                "scenario": "ttft",
+                "title": "`ember run`: process start to first token",
+                "header": ["start", "time"],
+                "rows": rows,
+                "notes": notes,
+            }
+        )
+    if sc.get("memory", {}).get("status") == "ok":
+        sec, s = sc["memory"], sc["memory"]["summary"]
+        rows = [[e, _mb(s[e]["peak_rss_bytes"])] for e in engines if e in s]
+        note = f"{sec['test']} at {sec['threads']} thread(s); model file {_mb(sec['model_bytes'])}"
+        out.append(
+            {
+                "scenario": "memory",
+                "title": "Peak memory (RSS)",
+                "header": ["engine", "peak RSS"],
+                "rows": rows,
+                "notes": [note],
+            }
+        )
+    if sc.get("long-context", {}).get("status") == "ok":
+        sec, s = sc["long-context"], sc["long-context"]["summary"]
+        header = ["prompt tokens", *(f"{e} tok/s" for e in engines)] + (["ember/llama.cpp"] if peer else [])
+        rows = []
+        for ctx in sec["contexts"]:
+            row = s[str(ctx)]
+            rows.append(
+                [str(ctx) + (" (busy)" if row["busy"] else ""), *(_tok(row.get(e)) for e in engines)]
+                + ([f"{row['ratio']:.2f}x"] if peer else [])
+            )
+        notes = [f"tg{sec['decode']} after each prompt, {sec['threads']} thread(s)"]
+        kept = [f"{e} keeps {100 * s[f'kept|{e}']:.0f}%" for e in engines if f"kept|{e}" in s]
+        if kept:
+            notes.append(f"from {sec['contexts'][0]} to {sec['contexts'][-1]} tokens of context: " + ", ".join(kept))
+        out.append(
+            {
+                "scenario": "long-context",
+                "title": "Decode speed against context length",
+                "header": header,
+                "rows": rows,
+                "notes": notes,
+            }
+        )
+    if sc.get("offload", {}).get("status") == "ok":
+        sec, s = sc["offload"], sc["offload"]["summary"]
+        header = ["run", "budget", "tok/s", "disk roofline", "memory peak", "same tokens"]
+        rows = []
+        for r in s["rows"]:
+            what = {"resident": "ember resident", "budget": "ember budget"}.get(
+                r["variant"], f"{r['engine']} mmap, cgroup"
+            )
+            budget = f"{r['fraction']:.0%} {_mb(r['budget'])}" if r["fraction"] else "none"
+            if r.get("error"):
+                why = r["error"].split(" failed: ", 1)[-1]
+                rows.append([what, budget, "-", "-", "-", why if len(why) <= 100 else why[:99] + "…"])
+                continue
+            roof = (
+                f"{r['disk_roofline_tokens_per_s']:.2f} ({100 * r['roofline_share']:.0f}%)"
+                if r.get("disk_roofline_tokens_per_s")
+                else "-"
+            )
+            peak = _mb(r["memory_peak_bytes"]) + (
+                f" ({r['peak_over_budget']:.2f}x)" if r.get("peak_over_budget") else ""
+            )
+            same = {True: "yes", False: "NO", None: "-"}[r.get("same_tokens")]
+            rows.append(
+                [what + (" (busy)" if r.get("busy") else ""), budget, f"{r['tokens_per_s']:.2f}", roof, peak, same]
+            )
+        notes = [
+            f"{sec['decode']} greedy tokens of a rewrite request at {sec['threads']} thread(s), the model files' page "
+            f"cache dropped before each run; disk sequential read {sec['disk_bytes_per_s'] / 1e9:.2f} GB/s",
+            "memory peak: ember's runs count process memory without the model's mapped pages plus the model files' "
+            "pages in the page cache; cgroup runs, the cgroup's peak (page cache charged)",
+        ]
+        if sec["cgroup"] != "available":
+            notes.append(f"no cgroup runs: {sec['cgroup']}")
+        out.append(
+            {
+                "scenario": "offload",
+                "title": "Offload: decode under a memory budget",
+                "header": header,
+                "rows": rows,
+                "notes": notes,
+            }
+        )
+    if sc.get("speculative", {}).get("status") == "ok":
+        sec, s = sc["speculative"], sc["speculative"]["summary"]
+        header = ["engine", "drafter", "tok/s", "speedup", "acceptance", "accepted/step", "same tokens"]
+        rows = []
+        for key, e in s.items():
+            engine, drafter = key.split("|")
+            acc = f"{100 * e['acceptance_rate']:.0f}%" if "acceptance_rate" in e else "-"
+            mal = f"{e['mean_accepted_length']:.2f}" if "mean_accepted_length" in e else "-"
+            same = {True: "yes", False: "NO"}.get(e.get("same_tokens"), "-")
+            name = Path(drafter).stem if drafter.endswith(".gguf") else drafter
+            rows.append(
+                [
+                    engine,
+                    name + (" (busy)" if e["busy"] else ""),
+                    _tok(e),
+                    f"{e.get('speedup', 1):.2f}x",
+                    acc,
+                    mal,
+                    same,
+                ]
+            )
+        notes = [f"{sec['decode']} greedy tokens of a rewrite request (a 60-line module) at {sec['threads']} thread(s)"]
+        out.append(
+            {"scenario": "speculative", "title": "Speculative decoding", "header": header, "rows": rows, "notes": notes}
+        )
+    return out
+
+
+def _md_table(t: dict) -> list[str]:
+    lines = ["| " + " | ".join(t["header"]) + " |", "|" + "---|" * len(t["header"])]
+    lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
+    return lines + [""] + [f"- {n}" for n in t["notes"]]
+
+
+def _environment_lines(results: dict) -> list[str]:
+    env = results["environment"]
+    cpu, v = env["machine"]["cpu"], env["versions"]
+    caches = ", ".join(
+        f"{k[:-6].upper()} {cpu[k] // 1024} KiB" for k in ("l1d_bytes", "l2_bytes", "l3_bytes") if cpu.get(k)
+    )
+    model = results["model"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("numba", "llvmlite", "numpy", "llama-cpp-python") if v.get(k))
+    return [
+        f"- CPU: {cpu['model']}, {env['machine']['cores']} cores ({' '.join(cpu['flags'])}; {caches})",
+        f"- memory {env['machine']['memory_bytes'] / 2**30:.1f} GiB; {env['machine']['os']}; Python {v['python']}",
+        f"- ember {v.get('ember')}" + (f" at {v['ember_commit']}" if v.get("ember_commit") else "") + f"; {libs}",
+        f"- model: {model['name']} ({model['architecture']}, {_mb(model['bytes'])}, sha256 {model['sha256'][:16]}...)",
+        f"- threads {results['options']['threads']}, {results['options']['reps']} rep(s); other processes at start: "
+        f"{env['load_cores_at_start']:.1f} cores",
+    ]
+
+
+def markdown(results: dict) -> str:
+    quick = " (--quick)" if results["options"]["quick"] else ""
+    lines = [
+        f"# ember benchmark: {results['model']['name']}{quick}",
+        "",
+        f"{results['created']}, `{results['command']}`",
+        "",
+    ]
+    lines += _environment_lines(results) + [""]
+    plots = {p["scenario"]: p["file"] for p in results.get("plots", [])}
+    for t in tables(results):
+        lines += [f"## {t['title']}", ""] + _md_table(t) + [""]
+        if t["scenario"] in plots:
+            lines += [f"![{t['scenario']}]({plots.pop(t['scenario'])})", ""]
+    others = [(n, s) for n, s in results["scenarios"].items() if s["status"] != "ok"]
+    if others:
+        lines += ["## Not measured", ""] + [f"- {n}: {s['status']}: {s['reason']}" for n, s in others] + [""]
+    if results["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in results["warnings"]] + [""]
+    return "\n".join(lines)
+
+
+def print_summary(results: dict, file=None) -> None:
+    """The tables on the terminal (rich) when stdout is one, else the Markdown report."""
+    file = file or sys.stdout
+    if not file.isatty():
+        print(markdown(results), file=file, flush=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(file=file)
+    for t in tables(results):
+        table = Table(*t["header"], title=t["title"], title_justify="left")
+        for r in t["rows"]:
+            table.add_row(*r)
+        con.print(table)
+        for n in t["notes"]:
+            con.print(f"  {n}", markup=False, highlight=False)
+    for n, s in results["scenarios"].items():
+        if s["status"] != "ok":
+            con.print(f"{n}: {s['status']}: {s['reason']}", markup=False, highlight=False)
+    for w in results["warnings"]:
+        con.print(f"warning: {w}", markup=False, highlight=False)
+
+
+def plots(results: dict, out: Path, warn: Callable[[str], None]) -> list[dict]:
+    """PNG plots of the scenarios that ran, written into `out`; [] with a warning without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warn("no plots: matplotlib is missing (pip install 'ember[bench]')")
+        return []
+    made = []
+    for name, draw in _PLOTS.items():
+        sec = results["scenarios"].get(name, {})
+        if sec.get("status") != "ok":
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        try:
+            draw(ax, sec, results["options"]["engines"])
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{results['model']['name']}: {name}", loc="left", fontsize=10)
+            fig.tight_layout()
+            file = f"{name}.png"
+            fig.savefig(out / file)
+            made.append({"scenario": name, "file": file})
+        finally:
+            plt.close(fig)
+    return made
+
+
+def _plot_dense(ax, sec, engines):
+    s = sec["summary"]
+    keys = [f"{test}|{t}" for test in sec["tests"] for t in sec["threads"]]
+    width = 0.8 / len(engines)
+    for j, e in enumerate(engines):
+        xs = [i + j * width for i in range(len(keys))]
+        ax.bar(xs, [s[k][e]["median"] for k in keys], width, label=e)
+    for i, k in enumerate(keys):
+        roof = s[k]["ember"].get("roofline_tokens_per_s")
+        if roof:
+            ax.plot([i - width / 2, i + 0.8 - width / 2], [roof, roof], "k--", lw=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], [k.replace("|", "\nt=") for k in keys], fontsize=8)
+    ax.set_ylabel("tokens/s (dashed: ember's decode roofline)")
+    ax.legend()
+
+
+def _plot_long_context(ax, sec, engines):
+    s = sec["summary"]
+    for e in engines:
+        ax.plot(sec["contexts"], [s[str(c)][e]["median"] for c in sec["contexts"]], "o-", label=e)
+    ax.set_xlabel("prompt tokens before decoding")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_ylim(0, 1.1 * max(s[str(c)][e]["max"] for c in sec["contexts"] for e in engines))
+    ax.legend()
+
+
+def _plot_offload(ax, sec, engines):
+    rows = [r for r in sec["summary"]["rows"] if r["fraction"] and r.get("tokens_per_s")]
+    for (engine, variant), label in (
+        (("ember", "budget"), "ember, budget"),
+        (("ember", "mmap"), "ember, plain mmap in a cgroup"),
+        (("llama.cpp", "mmap"), "llama.cpp in a cgroup"),
+    ):
+        pts = sorted(
+            (r["fraction"], r["tokens_per_s"]) for r in rows if (r["engine"], r["variant"]) == (engine, variant)
+        )
+        if pts:
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    roof = sorted((r["fraction"], r["disk_roofline_tokens_per_s"]) for r in rows if r.get("disk_roofline_tokens_per_s"))
+    if roof:
+        ax.plot([100 * p[0] for p in roof], [p[1] for p in roof], "kx--", lw=1, label="disk roofline (ember's plan)")
+    res = [r for r in sec["summary"]["rows"] if r["variant"] == "resident"]
+    if res and res[0].get("tokens_per_s"):
+        ax.axhline(res[0]["tokens_per_s"], color="grey", lw=1, label="resident")
+    ax.set_xlabel("memory budget, % of the weight bytes")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
+def _plot_speculative(ax, sec, engines):
+    s = sec["summary"]
+    keys = list(s)
+    ax.bar(
+        range(len(keys)), [s[k]["median"] for k in keys], color=["C0" if k.startswith("ember") else "C1" for k in keys]
+    )
+    for i, k in enumerate(keys):
+        if "acceptance_rate" in s[k]:
+            ax.annotate(
+                f"{100 * s[k]['acceptance_rate']:.0f}% accepted",
+                (i, s[k]["median"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    names = [
+        k.replace("|", "\n") if not k.endswith(".gguf") else k.split("|")[0] + "\n" + Path(k.split("|")[1]).stem
+        for k in keys
+    ]
+    ax.set_xticks(range(len(keys)), names, fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+
+
+_PLOTS = {
+    "dense": _plot_dense,
+    "long-context": _plot_long_context,
+    "offload": _plot_offload,
+    "speculative": _plot_speculative,
+}

@@ -1,50 +1,51 @@
 """`ember bench`: the on-device benchmark of ember (and, with --peer, llama.cpp on the same model
-in the same run).
+in the same run), as scenarios (ember.bench.runners):
 
-Measures, per engine and thread count, medians of --reps runs, each run in a fresh process
-(ember.bench.workers):
-  pp128, pp512  one batch of N prompt tokens from an empty cache, tokens/s
-  tg128         128 greedy single-token decodes after a 16-token prompt, tokens/s
-  k8            a forward over 8 new tokens after a 64-token context (speculative
-                verification's shape), tokens/s, and its cost relative to one new token
-                (forwards of 1 and of 8 tokens alternating, medians of 11 each)
-  peak RSS      of the process that ran the test (each test first runs once untimed, so the
-                numba and pack caches are warm, as on every run after a model's first)
-Plus, for ember: time from process start to the first generated token of `ember run` (warm, and
-cold with empty numba/pack caches), bytes of weights read per decoded token, the measured memory
-bandwidth and the share of that roofline the decode reaches.
+  dense         pp128, pp512, tg128, k8 (--tests) per engine and thread count; DRAM bandwidth
+  ttft          `ember run`'s process start to first token, warm and cold
+  memory        peak RSS of a 512-token prompt and 64 decodes
+  long-context  decode tokens/s after prompts of 512, 2048 and 4096 tokens
+  offload       decode under memory budgets, against plain mmap and llama.cpp under a memory cgroup
+  speculative   prompt lookup and a draft model against plain decoding, the same tokens required
+  moe, devices  listed as skipped until ember has them
 
---quick is a smoke run (well under a minute on 2 cores with warm caches): one rep at the default
-thread count, pp128 and tg32, warm TTFT only, no untimed first process per test.
+Every measurement runs in a fresh process (ember.bench.workers). Engines alternate run by run so
+drift on a shared machine hits both alike; medians (with min and max) of --reps runs count;
+compare ratios. Other processes' CPU use is measured before the run and during each measurement
+(a result taken while they used more than 0.3 cores is marked busy).
 
-Engines alternate run by run so drift on a shared machine hits both alike; compare ratios.
-It warns when another process is loading the machine.
+Writes results.json (schema SCHEMA), report.md and, with matplotlib (the `bench` extra), PNG plots
+into --out (default: $EMBER_HOME/bench/MODEL-DATE); prints a summary.
 
-    ember bench [--model smollm2-135m] [--threads 1,2] [--tests pp128,pp512,tg128,k8]
-                [--reps 3] [--quick] [--peer] [--json] [--out DIR]
+--quick is a smoke run (under 2 minutes on smollm2-135m with warm caches): one rep, one thread
+count, small sizes, no cold start-up, no peer unless --peer.
+
+    ember bench [--model smollm2-135m] [--scenario all] [--threads 1,2] [--tests pp128,pp512,tg128,k8]
+                [--reps 3] [--quick] [--peer] [--draft MODEL] [--json] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import EmberError
-from .report import markdown, summarize
-from .scenarios import QUICK_TESTS, TESTS, BenchError, parse_tests, parse_threads
+from . import report
+from .environment import BUSY_CORES, LoadMeter, machine, machine_load, sha256, versions
+from .runners import RUNNERS, Skip
+from .scenarios import QUICK_TESTS, SCENARIOS, TESTS, BenchError, parse_scenarios, parse_tests, parse_threads
 
+SCHEMA = "ember-bench/2"
 DEFAULT_THREADS = "1,2"
 DEFAULT_REPS = 3
-TTFT_PROMPT = "The river runs through the old town, past the mill and under the stone bridge"
 
 
 def _package_root() -> str:
@@ -52,51 +53,6 @@ def _package_root() -> str:
     import ember
 
     return str(Path(ember.__file__).resolve().parent.parent)
-
-
-def run_worker(args: list[str], debug: bool = False) -> dict:
-    """One measurement in a fresh process: ``python -m ember.bench.workers ARGS``, run from the
-    folder that holds this process's ember package, so the worker imports the same ember (``-m``
-    puts the working folder first on sys.path) whether that is an install or a checkout."""
-    cmd = [sys.executable, "-m", "ember.bench.workers", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=_package_root())
-    if res.returncode != 0:
-        err = res.stderr.strip()
-        if res.returncode < 0:
-            try:
-                how = f"killed by {signal.Signals(-res.returncode).name}"
-            except ValueError:
-                how = f"killed by signal {-res.returncode}"
-        else:
-            how = f"exit status {res.returncode}"
-        last = err.splitlines()[-1] if err else f"{how}, no message"
-        detail = f"\n{err[-4000:]}" if debug and err else ""
-        raise BenchError(f"worker `{' '.join(args)}` failed: {last}{detail}")
-    try:
-        return json.loads(res.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise BenchError(f"worker `{' '.join(args)}` printed no result: {res.stdout[-500:]!r}") from None
-
-
-def machine_load() -> float:
-    """CPU used by other processes over half a second, in cores."""
-    import psutil
-
-    me = os.getpid()
-    procs = [p for p in psutil.process_iter() if p.pid != me]
-    for p in procs:
-        try:
-            p.cpu_percent(None)
-        except psutil.Error:
-            pass
-    time.sleep(0.5)
-    busy = 0.0
-    for p in procs:
-        try:
-            busy += p.cpu_percent(None)
-        except psutil.Error:
-            pass
-    return busy / 100
 
 
 def ember_script() -> Path | None:
@@ -118,69 +74,156 @@ def ember_script() -> Path | None:
     return None
 
 
-def time_to_first_token(script: Path, model: str, cold: bool) -> float:
-    """Wall time of `ember run MODEL PROMPT --raw -n 1` (start, load, 16-token prompt, one token,
-    exit) through the installed console script, run from an empty folder; cold: with empty
-    numba and pack caches (everything compiles and packs again)."""
-    env = dict(os.environ)
-    with tempfile.TemporaryDirectory(prefix="ember-ttft-") as tmp:
-        if cold:
-            env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "numba")
-            env["EMBER_CACHE_DIR"] = os.path.join(tmp, "cache")
-        t = time.perf_counter()
-        res = subprocess.run(
-            [str(script), "run", model, TTFT_PROMPT, "--raw", "-n", "1"],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp,
+def _failure(res: subprocess.CompletedProcess, what: str, debug: bool, memory_limit: int | None) -> BenchError:
+    err = res.stderr.strip()
+    if res.returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-res.returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-res.returncode}"
+        if memory_limit and res.returncode == -signal.SIGKILL:
+            how += f" (out of memory under the {memory_limit / 1e6:.0f} MB limit)"
+        last = how
+    else:
+        last = err.splitlines()[-1] if err else f"exit status {res.returncode}, no message"
+    detail = f"\n{err[-4000:]}" if debug and err else ""
+    return BenchError(f"{what} failed: {last}{detail}")
+
+
+class Bench:
+    """One benchmark run: its options, the progress display, and the runs of workers and commands
+    in fresh processes, each with the other processes' CPU use during it."""
+
+    def __init__(self, args: argparse.Namespace, model_path: str, model_name: str, n_ctx_train: int):
+        from ember.runtime.threads import default_threads
+
+        self.quick, self.debug, self.draft = args.quick, args.debug, args.draft
+        if args.threads is not None:
+            self.threads = parse_threads(args.threads)
+        else:
+            self.threads = [default_threads()] if args.quick else parse_threads(DEFAULT_THREADS)
+        self.tests = parse_tests(args.tests) if args.tests is not None else list(QUICK_TESTS if args.quick else TESTS)
+        self.reps = args.reps if args.reps is not None else (1 if args.quick else DEFAULT_REPS)
+        if self.reps < 1:
+            raise BenchError(f"--reps {self.reps}: give at least 1")
+        self.engines = ["ember"] + (["llama.cpp"] if args.peer else [])
+        self.model_path, self.model_name, self.n_ctx_train = model_path, model_name, n_ctx_train
+        self.script = ember_script()
+        self.warnings: list[str] = []
+        self._progress = self._task = None
+
+    # progress and messages
+    def start_progress(self, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description:<44}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
         )
-        dt = time.perf_counter() - t
-    if res.returncode != 0:
-        err = res.stderr.strip().splitlines()
-        raise BenchError(f"`{script} run` failed: {err[-1] if err else f'exit status {res.returncode}'}")
-    return dt
+        self._task = self._progress.add_task("starting", total=total)
+        self._progress.start()
 
+    def stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
-def ember_bytecode() -> bool:
-    """Whether a start of the installed ember loads its modules from bytecode. Not when Python may
-    not write it (PYTHONDONTWRITEBYTECODE) and the install has none (an editable one): then every
-    start compiles ember's sources first (0.2-0.3 s). `pip install .` writes the bytecode."""
-    import importlib.util
+    def note(self, msg: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(msg, markup=False, highlight=False)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
-    cli = importlib.util.find_spec("ember.cli").origin  # found, not imported: cli imports this module
-    return not sys.dont_write_bytecode or os.path.exists(importlib.util.cache_from_source(cli))
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        self.note("warning: " + msg)
 
+    def step(self, n: int = 1, what: str | None = None) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, **({"description": what} if what else {}))
 
-def machine() -> dict:
-    import platform
+    def _describe(self, what: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=what)
 
-    import psutil
+    # runs
+    def command(self, cmd: list[str], what: str, memory_limit: int | None = None, timeout: float | None = None, **kw):
+        """Run cmd to its end in a fresh process (under a memory cgroup of memory_limit bytes);
+        {"wall_s", "load_cores", "busy", "stdout", ("cgroup_peak_bytes")}; a failure, a kill or
+        a timeout is a BenchError."""
+        from .cgroup import MemoryCgroup
 
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": psutil.cpu_count(logical=False),
-        "memory_bytes": psutil.virtual_memory().total,
-        "python": platform.python_version(),
-    }
+        self._describe(what)
+        cg = MemoryCgroup(memory_limit) if memory_limit else None
+        try:
+            if cg is not None:
+                cg.__enter__()
+                kw["preexec_fn"] = cg.enter
+            meter, t = LoadMeter(), time.perf_counter()
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+            except subprocess.TimeoutExpired:
+                self.step()
+                raise BenchError(f"{what}: stopped after {timeout:.0f} s") from None
+            wall, load = time.perf_counter() - t, meter.others()
+            peak = cg.peak_bytes() if cg is not None else None
+        finally:
+            if cg is not None:
+                cg.__exit__(None, None, None)
+        self.step()
+        if res.returncode != 0:
+            raise _failure(res, what, self.debug, memory_limit)
+        out = {"wall_s": wall, "load_cores": round(load, 2), "busy": load > BUSY_CORES, "stdout": res.stdout}
+        if peak is not None:
+            out["cgroup_peak_bytes"] = peak
+        if out["busy"]:
+            self.note(f"warning: other processes used {load:.1f} cores during {what}: marked busy")
+        return out
+
+    def worker(self, kind: str, what: str, memory_limit: int | None = None, timeout: float | None = None, **args):
+        """One measurement: ``python -m ember.bench.workers KIND JSON`` from the folder that holds
+        this process's ember package (so the worker imports the same ember); its JSON result with
+        the run's wall time, load and busy mark added."""
+        cmd = [sys.executable, "-m", "ember.bench.workers", kind, json.dumps(args)]
+        r = self.command(cmd, what, memory_limit, timeout, cwd=_package_root())
+        try:
+            result = json.loads(r.pop("stdout").strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise BenchError(f"{what}: the worker printed no result") from None
+        return dict(result, **r)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ember bench",
-        description="On-device benchmark: prompt (ppN) and decode (tgN) tokens/s, the cost of N new "
-        "tokens after a context (kN), peak RSS and `ember run` start-up time; with --peer "
-        "also llama.cpp on the same model. Each measurement runs in a fresh process.",
+        description="On-device benchmark, by scenario: dense prompt and decode speed, start-up, "
+        "memory, long context, offload under a memory budget, speculative decoding; with --peer "
+        "also llama.cpp on the same model. Each measurement runs in a fresh process. Writes "
+        "results.json, report.md and plots into --out.",
     )
     ap.add_argument("--model", default="smollm2-135m", help="catalog name or path to a .gguf (default: %(default)s)")
     ap.add_argument(
+        "--scenario",
+        default="all",
+        help=f"comma-separated scenarios, or all (default): {','.join(SCENARIOS)}",
+    )
+    ap.add_argument(
         "--threads",
         help=f"comma-separated thread counts (default: {DEFAULT_THREADS}; "
-        "--quick: ember's default, EMBER_THREADS or the physical cores)",
+        "--quick: ember's default, EMBER_THREADS or the physical cores); scenarios other than "
+        "dense use the last",
     )
     ap.add_argument(
         "--tests",
-        help=f"comma-separated tests: ppN, tgN, kN (default: {','.join(TESTS)}; --quick: {','.join(QUICK_TESTS)})",
+        help=f"the dense scenario's tests, comma-separated: ppN, tgN, tgN@CTX, kN "
+        f"(default: {','.join(TESTS)}; --quick: {','.join(QUICK_TESTS)})",
     )
     ap.add_argument(
         "--reps",
@@ -190,21 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: one rep, one thread count, small tests, no cold start-up time",
+        help="a smoke run: one rep, one thread count, small sizes, no cold start-up time",
     )
     ap.add_argument("--peer", action="store_true", help="also run llama.cpp (needs llama-cpp-python: the peer extra)")
+    ap.add_argument(
+        "--draft",
+        help="the speculative scenario's draft model (catalog name or .gguf; default: the catalog's "
+        "draft for the model, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    ap.add_argument("--out", help="folder to write results.json and results.md into")
+    ap.add_argument(
+        "--out", help="folder for results.json, report.md and the plots (default: $EMBER_HOME/bench/MODEL-DATE)"
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks and workers' full error output")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`ember bench ARGS`: run the benchmark, print the report (or JSON with --json); 0 on
-    success, 2 with one line on stderr on an error, 130 when interrupted."""
+    """`ember bench ARGS`: run the benchmark, write its files, print the summary (or JSON with
+    --json); 0 on success, 2 with one line on stderr on an error, 130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
-        return _bench(args)
+        return _bench(args, sys.argv[1:] if argv is None else argv)
     except EmberError as e:
         if args.debug:
             raise
@@ -215,22 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _note(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _bench(args: argparse.Namespace) -> int:
+def _model(name: str) -> tuple[str, int, str]:
+    """(absolute path, trained context length, architecture) of a catalog name or .gguf path; a
+    name not in the catalog fails here in one line, a catalog model is pulled once, here."""
     import ember
-    from ember.runtime.threads import default_threads
+    from ember.formats.gguf import open_gguf
 
-    if args.threads is not None:
-        threads = parse_threads(args.threads)
-    else:
-        threads = [default_threads()] if args.quick else parse_threads(DEFAULT_THREADS)
-    tests = parse_tests(args.tests) if args.tests is not None else list(QUICK_TESTS if args.quick else TESTS)
-    reps = args.reps if args.reps is not None else (1 if args.quick else DEFAULT_REPS)
-    if reps < 1:
-        raise BenchError(f"--reps {reps}: give at least 1")
+    path = str(ember.hub.resolve(name).resolve())
+    g = open_gguf(path)
+    return path, int(g.arch_get("context_length", 2048) or 2048), g.architecture
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    scenarios = parse_scenarios(args.scenario)
+    if args.tests is not None:
+        parse_tests(args.tests)
     if args.peer:
         try:
             import llama_cpp  # noqa: F401
@@ -238,76 +287,82 @@ def _bench(args: argparse.Namespace) -> int:
             raise BenchError(
                 "--peer needs llama-cpp-python: pip install 'ember[peer]' (builds llama.cpp, ~7 min)"
             ) from None
-    engines = ["ember"] + (["llama.cpp"] if args.peer else [])
-    # A name not in the catalog fails here, in one line; a catalog model is pulled once, here.
-    # Workers get the file's absolute path: they run from another folder.
-    model_path = str(ember.hub.resolve(args.model).resolve())
+    if args.threads is not None:
+        parse_threads(args.threads)
+    if args.reps is not None and args.reps < 1:
+        raise BenchError(f"--reps {args.reps}: give at least 1")
+    model_path, n_ctx_train, arch = _model(args.model)
+    b = Bench(args, model_path, args.model, n_ctx_train)
+    if b.draft is not None:
+        b.draft = _model(b.draft)[0]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    out = Path(args.out) if args.out else _default_out(args.model, started)
 
-    warnings: list[str] = []
     load = machine_load()
-    if load > 0.3:
-        warnings.append(f"other processes used {load:.1f} cores while starting: numbers will be noisy")
-        _note("warning: " + warnings[-1])
-    script = ember_script()
-    if script is None:
-        warnings.append(
-            "no `ember` console script next to this Python: start-up time (TTFT) skipped; "
-            "pip install the package to measure it"
-        )
-        _note("warning: " + warnings[-1])
-
+    if load > BUSY_CORES:
+        b.warn(f"other processes used {load:.1f} cores while starting: numbers will be noisy")
     results: dict = {
-        "model": args.model,
-        "model_path": model_path,
-        "quick": args.quick,
-        "machine": machine(),
-        "load_cores_at_start": load,
-        "warnings": warnings,
-        "threads": threads,
-        "tests": tests,
-        "reps": reps,
-        "bandwidth_bytes_per_s": {},
-        "runs": {},
+        "schema": SCHEMA,
+        "created": started.isoformat(timespec="seconds"),
+        "command": "ember bench " + " ".join(argv),
+        "options": {
+            "scenarios": scenarios,
+            "threads": b.threads,
+            "tests": b.tests,
+            "reps": b.reps,
+            "quick": b.quick,
+            "engines": b.engines,
+            "draft": b.draft,
+        },
+        "model": {
+            "name": args.model,
+            "path": model_path,
+            "architecture": arch,
+            "bytes": os.path.getsize(model_path),
+            "sha256": sha256(model_path),
+            "context_length": n_ctx_train,
+        },
+        "environment": {"machine": machine(), "versions": versions(), "load_cores_at_start": round(load, 2)},
+        "warnings": b.warnings,
+        "scenarios": {},
     }
-    for t in threads:
-        bw = run_worker(["bandwidth", str(t)], args.debug)["bytes_per_s"]
-        results["bandwidth_bytes_per_s"][t] = bw
-        _note(f"bandwidth t={t}: {bw / 1e9:.1f} GB/s")
-    for test in tests:
-        if not args.quick:
-            # An untimed first process per test fills the numba and pack caches, so each timed one
-            # is warm (its peak RSS without the JIT's); TTFT cold has its own empty caches.
-            run_worker(["ember", model_path, test, str(threads[0])], args.debug)
-        for t in threads:
-            for rep in range(reps):
-                for engine in engines:  # alternate engines, run by run
-                    r = run_worker(["ember" if engine == "ember" else "llama", model_path, test, str(t)], args.debug)
-                    results["runs"].setdefault(f"{engine}|{test}|{t}", []).append(r)
-                    _note(f"{engine:>9} {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
-    results["ttft_warm_s"] = results["ttft_cold_s"] = None
-    if script is not None:
-        try:
-            n_warm = 1 if args.quick else 3
-            results["ttft_warm_s"] = statistics.median(
-                time_to_first_token(script, model_path, cold=False) for _ in range(n_warm)
-            )
-            _note(f"ember run, start to first token (warm): {results['ttft_warm_s']:.2f} s")
-            if not args.quick:
-                results["ttft_cold_s"] = time_to_first_token(script, model_path, cold=True)
-                _note(f"ember run, start to first token (cold): {results['ttft_cold_s']:.2f} s")
-        except BenchError as e:  # the speeds measured so far still get reported
-            warnings.append(f"start-up time (TTFT) not measured: {e}")
-            _note("warning: " + warnings[-1])
-    results["ttft_bytecode"] = ember_bytecode()
-    results["summary"] = summarize(results, engines, tests, threads)
-    md = markdown(results, engines, tests, threads)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(md)
-    print(json.dumps(results, indent=2) if args.json else md, flush=True)
+    b.start_progress(sum(RUNNERS[name][1](b) for name in scenarios))
+    try:
+        for name in scenarios:
+            run, steps = RUNNERS[name]
+            expected, t = steps(b), time.perf_counter()
+            try:
+                section = dict(run(b), status="ok")
+            except Skip as e:
+                section = {"status": "skipped", "reason": str(e)}
+                b.note(f"{name}: skipped: {e}")
+                b.step(expected)
+            except BenchError as e:  # the other scenarios still run and get reported
+                section = {"status": "failed", "reason": str(e)}
+                b.warn(f"{name}: failed: {e}")
+            section["elapsed_s"] = round(time.perf_counter() - t, 1)
+            results["scenarios"][name] = section
+    finally:
+        b.stop_progress()
+    report.summarize(results)
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = report.plots(results, out, b.warn)
+    md = report.markdown(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "report.md").write_text(md)
+    if args.json:
+        print(json.dumps(results, indent=2), flush=True)
+    else:
+        report.print_summary(results)
+    print(f"report: {out / 'report.md'}", file=sys.stderr, flush=True)
     return 0
+
+
+def _default_out(model: str, when: datetime.datetime) -> Path:
+    from ember.home import ember_home
+
+    stem = Path(model).stem if model.endswith(".gguf") else model
+    return ember_home() / "bench" / f"{stem}-{when.strftime('%Y%m%d-%H%M%S')}"
 
 
 if __name__ == "__main__":

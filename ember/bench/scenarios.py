@@ -1,10 +1,16 @@
-"""The benchmark's tests: their names, what they measure, and the prompts they feed.
+"""The benchmark's scenarios and tests: their names, their sizes (full and --quick), and the
+prompts they feed.
 
-ppN   one batch of N prompt tokens from an empty cache, tokens/s
-tgN   N greedy single-token decodes after a PROMPT_TG-token prompt, tokens/s
-kN    a forward over N new tokens after a K_CONTEXT-token context (speculative
-      verification's shape), tokens/s, and its cost relative to one new token
-      (forwards of 1 and of N tokens alternating, medians of K_REPS each)
+Scenarios (`--scenario`): dense, ttft, memory, long-context, offload, moe, speculative, devices
+(`SCENARIOS`; what each measures is in ember.bench.runners).
+
+Tests (`--tests`, the dense scenario's, and the workers' unit of work):
+ppN       one batch of N prompt tokens from an empty cache, tokens/s
+tgN       N greedy single-token decodes after a PROMPT_TG-token prompt, tokens/s
+tgN@CTX   N greedy decodes after a CTX-token prompt (long-context), tokens/s
+kN        a forward over N new tokens after a K_CONTEXT-token context (speculative
+          verification's shape), tokens/s, and its cost relative to one new token
+          (forwards of 1 and of N tokens alternating, medians of K_REPS each)
 """
 
 from __future__ import annotations
@@ -15,13 +21,20 @@ from pathlib import Path
 
 from ..errors import EmberError
 
+SCENARIOS = ("dense", "ttft", "memory", "long-context", "offload", "moe", "speculative", "devices")
 TESTS = ("pp128", "pp512", "tg128", "k8")
 QUICK_TESTS = ("pp128", "tg32")
+CONTEXTS, QUICK_CONTEXTS = (512, 2048, 4096), (256, 1024)  # long-context: prompt lengths
+CONTEXT_DECODE, QUICK_CONTEXT_DECODE = 32, 16  # long-context: decodes after each prompt
+BUDGETS = (1.0, 0.6, 0.3, 0.15)  # offload: fractions of the weight bytes (--quick: one, see runners)
+OFFLOAD_DECODE, QUICK_OFFLOAD_DECODE = 24, 12
+SPEC_DECODE, QUICK_SPEC_DECODE = 128, 32  # speculative: greedy tokens per run
+DRAFTS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # catalog target -> its catalog draft model
 PROMPT_TG = 16
 K_CONTEXT, K_REPS = 64, 11
 MAX_TOKENS = 8192
 
-_TEST = re.compile(r"(pp|tg|k)([0-9]+)")
+_TEST = re.compile(r"(pp|tg|k)([0-9]+)(?:@([0-9]+))?")
 
 
 class BenchError(EmberError):
@@ -29,14 +42,38 @@ class BenchError(EmberError):
 
 
 def parse_test(name: str) -> tuple[str, int]:
-    """("pp" | "tg" | "k", N) of a test name such as pp128, tg32 or k8."""
+    """("pp" | "tg" | "k", N) of a test name such as pp128, tg32, tg32@4096 or k8."""
     m = _TEST.fullmatch(name.strip())
-    if not m or not 1 <= int(m.group(2)) <= MAX_TOKENS:
+    ctx = m and m.group(3)
+    if (
+        not m
+        or not 1 <= int(m.group(2)) <= MAX_TOKENS
+        or (ctx and (m.group(1) != "tg" or not 1 <= int(ctx) <= MAX_TOKENS))
+    ):
         raise BenchError(
-            f"unknown test {name!r}: give ppN (prompt), tgN (decode) or kN (N new tokens "
-            f"after a context), N from 1 to {MAX_TOKENS}, e.g. --tests {','.join(TESTS)}"
+            f"unknown test {name!r}: give ppN (prompt), tgN (decode), tgN@CTX (decode after a "
+            f"CTX-token prompt) or kN (N new tokens after a context), N from 1 to {MAX_TOKENS}, "
+            f"e.g. --tests {','.join(TESTS)}"
         )
     return m.group(1), int(m.group(2))
+
+
+def test_context(name: str) -> int:
+    """The prompt length a test decodes after: CTX of tgN@CTX, else PROMPT_TG (or K_CONTEXT for kN)."""
+    parse_test(name)
+    kind, _, ctx = name.strip().partition("@")
+    return int(ctx) if ctx else (K_CONTEXT if kind.startswith("k") else PROMPT_TG)
+
+
+def parse_scenarios(spec: str) -> list[str]:
+    """The scenario names of a comma-separated --scenario value ("all": every one), checked."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(SCENARIOS)
+    bad = [n for n in names if n not in SCENARIOS]
+    if bad or not names:
+        raise BenchError(f"unknown scenario {bad[0] if bad else spec!r}: give some of {','.join(SCENARIOS)} or all")
+    return [n for n in SCENARIOS if n in names]
 
 
 def parse_tests(spec: str) -> list[str]:
@@ -72,3 +109,10 @@ def prompt_ids(n: int, tokenize: Callable[[str], list[int]]) -> list[int]:
     while len(ids) < n:
         ids = ids + ids
     return ids[:n]
+
+
+def rewrite_prompt() -> str:
+    """The speculative scenario's request: rewrite a short Python module (rewrite.py.txt, shipped
+    in the package) with type hints; the reply echoes much of the prompt, as edits do."""
+    code = (Path(__file__).resolve().parent / "rewrite.py.txt").read_text(encoding="utf-8")
+    return f"Add type hints to every function of this Python module. Reply with the whole module only.\n\n{code}"

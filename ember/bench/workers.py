@@ -1,9 +1,12 @@
 """One measurement in this process, printed on stdout as one line of JSON; the driver (run.py)
-starts each in a fresh process:
+starts each in a fresh process, with its arguments as one JSON object:
 
-    python -m ember.bench.workers ember MODEL TEST THREADS
-    python -m ember.bench.workers llama MODEL TEST THREADS
-    python -m ember.bench.workers bandwidth THREADS
+    python -m ember.bench.workers ember '{"model": PATH, "test": "tg128", "threads": 2}'
+    python -m ember.bench.workers llama '{"model": PATH, "test": "tg32@4096", "threads": 2}'
+    python -m ember.bench.workers bandwidth '{"threads": 2}'
+    python -m ember.bench.workers offload '{"model": PATH, "budget": 600000000, "threads": 2, "tokens": 24}'
+    python -m ember.bench.workers speculative '{"model": PATH, "draft": "lookup", "threads": 2, "tokens": 128}'
+    python -m ember.bench.workers llama_speculative '{"model": PATH, "lookup": true, "threads": 2, "tokens": 128}'
 
 Each test first runs untimed in its process (compiles, loads); peak RSS is the process's.
 An EmberError prints one line on stderr and exits with status 2.
@@ -16,7 +19,7 @@ import statistics
 import sys
 import time
 
-from .scenarios import K_CONTEXT, K_REPS, PROMPT_TG, parse_test, prompt_ids
+from .scenarios import K_CONTEXT, K_REPS, parse_test, prompt_ids, rewrite_prompt, test_context
 
 
 def _peak_rss() -> int:
@@ -39,11 +42,20 @@ def _k_interleaved(timed, k: int) -> dict:
     return {"tokens_per_s": k / dtk, "k_cost_ratio": dtk / dt1, "one_token_s": dt1, "peak_rss_bytes": _peak_rss()}
 
 
+def _n_ctx(test: str) -> int | None:
+    """The context a tgN@CTX test allocates (both engines alike); None: the engine's default."""
+    if "@" not in test:
+        return None
+    return max(2048, test_context(test) + parse_test(test)[1] + 16)
+
+
 def worker_ember(model: str, test: str, threads: int) -> dict:
+    import psutil
+
     import ember
 
     kind, n = parse_test(test)
-    m = ember.load(model, threads=threads)
+    m = ember.load(model, threads=threads, n_ctx=_n_ctx(test))
     tok = lambda t: m.tokenize(t, special=False)  # noqa: E731
     if kind == "pp":
         ids = prompt_ids(n, tok)
@@ -66,14 +78,17 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
             return dt
 
         return _k_interleaved(timed, n)
-    ids = prompt_ids(PROMPT_TG, tok)
-    for _ in m.generate(ids, max_tokens=2, ignore_eos=True):  # warm-up
+    ids = prompt_ids(test_context(test), tok)
+    for _ in m.generate(ids[:16], max_tokens=2, ignore_eos=True):  # warm-up
         pass
     for _ in m.generate(ids, max_tokens=n, ignore_eos=True):
         pass
+    mem = psutil.Process().memory_info()
     return {
         "tokens_per_s": m.stats["decode_tokens_per_s"],
+        "prefill_tokens_per_s": m.stats.get("prefill_tokens_per_s"),
         "peak_rss_bytes": _peak_rss(),
+        "rss_file_bytes": getattr(mem, "shared", None),
         "weight_bytes_per_token": m.transformer.weight_bytes_per_token(),
     }
 
@@ -87,7 +102,7 @@ def worker_llama(model: str, test: str, threads: int) -> dict:
     path = str(ember.hub.resolve(model))
     llm = llama_cpp.Llama(
         model_path=path,
-        n_ctx=2048,
+        n_ctx=_n_ctx(test) or 2048,
         n_batch=512,
         n_ubatch=512,
         n_threads=threads,
@@ -114,7 +129,7 @@ def worker_llama(model: str, test: str, threads: int) -> dict:
         llm.eval(ids)
         dt = time.perf_counter() - t
         return {"tokens_per_s": n / dt, "peak_rss_bytes": _peak_rss()}
-    ids = prompt_ids(PROMPT_TG, tok)
+    ids = prompt_ids(test_context(test), tok)
     llm.reset()
     t_first, done = None, 0
     for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):
@@ -176,22 +191,166 @@ def worker_bandwidth(threads: int) -> dict:
     return {"bytes_per_s": best}
 
 
+class _MemorySampler:
+    """Peak memory of this process as an offload budget counts it, sampled every 50 ms on a
+    thread: resident memory without the model files' mapped pages, plus those files' pages in
+    the page cache (whoever maps them)."""
+
+    def __init__(self, files):
+        import threading
+
+        self.files, self.peak = [str(f) for f in files], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now(self) -> int:
+        from ..offload.memory import cached_bytes, process_bytes
+
+        return process_bytes(self.files) + sum(cached_bytes(f) or 0 for f in self.files)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def _budget_streaming(model: str, threads: int, share: float) -> int:
+    """The budget under which about `share` of the layers' bytes stream (the plan's fixed needs
+    plus the rest of the layers): a small model's fixed needs are several times its weights, so a
+    fraction of the weight bytes says little there."""
+    from ember.offload.plan import RING
+
+    probe = 1 << 40
+    m = ember_load(model, threads, probe)
+    m.prepare()
+    p = m.plan
+    base = p.needs.total - probe // 20  # the work share counts 5% of the budget
+    layers = sum(p.layer_bytes)
+    return int((base + RING * max(p.layer_bytes) + (1 - share) * layers) / 0.95)
+
+
+def ember_load(model: str, threads: int, budget: int | None):
+    import ember
+
+    return ember.load(model, threads=threads, n_ctx=1024, memory_budget=budget)
+
+
+def worker_offload(
+    model: str, budget: int | None, threads: int, tokens: int, stream_share: float | None = None
+) -> dict:
+    """Greedy generation of `tokens` tokens on the rewrite prompt under memory_budget=budget (None:
+    resident, as plain mmap; with stream_share, the budget that streams that share of the layers),
+    the model files' page cache dropped first; the tokens (for the identity check), decode tok/s,
+    the plan, the streaming figures and the memory peak."""
+    import os
+
+    import ember
+    from ember.home import uncache
+    from ember.lut_kernels import pack_cache
+
+    files = [os.path.realpath(model)]
+    pack = pack_cache.cache_path(ember.hub.resolve(model))
+    if pack.exists():
+        files.append(os.path.realpath(pack))
+    if stream_share is not None:
+        budget = _budget_streaming(model, threads, stream_share)
+    m = ember_load(model, threads, budget)
+    m.prepare()
+    for f in files:
+        uncache(f)
+    messages = [{"role": "user", "content": rewrite_prompt()}]
+    with _MemorySampler(files) as mem:
+        ids = [i for c in m.chat(messages, max_tokens=tokens, temperature=0.0) for i in c.token_ids]
+    st = m.stats
+    plan = getattr(m, "plan", None)
+    return {
+        "budget": budget,
+        "tokens_per_s": st["decode_tokens_per_s"],
+        "prefill_tokens_per_s": st.get("prefill_tokens_per_s"),
+        "tokens": ids,
+        "memory_peak_bytes": mem.peak,
+        "peak_rss_bytes": _peak_rss(),
+        "plan": plan.describe() if plan is not None else "resident",
+        "streamed_bytes_per_token": plan.streamed_bytes if plan is not None else 0,
+        "stream_bytes": st.get("stream_bytes", 0),
+        "stream_read_s": st.get("stream_read_s", 0.0),
+        "stream_stall_s": st.get("stream_stall_s", 0.0),
+        "decode_s": st.get("decode_s"),
+    }
+
+
+def worker_speculative(model: str, draft: str | None, threads: int, tokens: int) -> dict:
+    """Greedy generation of `tokens` tokens on the rewrite prompt, plain (draft None) or with a
+    drafter ("lookup" or a draft model); the tokens (for the identity check), tok/s and the
+    speculative stats."""
+    import ember
+
+    m = ember.load(model, threads=threads, n_ctx=2048, draft=draft)
+    m.prepare()
+    messages = [{"role": "user", "content": rewrite_prompt()}]
+    for _ in m.chat(messages, max_tokens=4, temperature=0.0):  # warm-up: the k-row paths compile
+        pass
+    ids = [i for c in m.chat(messages, max_tokens=tokens, temperature=0.0) for i in c.token_ids]
+    st = dict(m.stats)
+    keys = ("drafter", "draft_k", "verify_steps", "drafted_tokens", "accepted_tokens", "acceptance_rate")
+    out = {k: st[k] for k in (*keys, "mean_accepted_length") if k in st}
+    out.update(tokens_per_s=st["decode_tokens_per_s"], tokens=ids, peak_rss_bytes=_peak_rss())
+    return out
+
+
+def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int) -> dict:
+    """llama-cpp-python on the same request, plain or with its prompt-lookup decoding."""
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    llm = llama_cpp.Llama(
+        model_path=model,
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None,
+        logits_all=lookup,  # its verification reads every drafted row's logits
+        verbose=False,
+    )
+    messages = [{"role": "user", "content": rewrite_prompt()}]
+    llm.create_chat_completion(messages, max_tokens=4, temperature=0.0)  # warm-up
+    t_first, done = None, 0
+    for _ in llm.create_chat_completion(messages, max_tokens=tokens, temperature=0.0, top_k=1, stream=True):
+        done += 1
+        if done == 2:  # the first chunk carries the role only, the second the first token
+            t_first = time.perf_counter()
+    dt = time.perf_counter() - t_first if t_first else float("nan")
+    return {"tokens_per_s": (done - 2) / dt if done > 2 else float("nan"), "peak_rss_bytes": _peak_rss()}
+
+
+WORKERS = {
+    "ember": lambda a: worker_ember(a["model"], a["test"], a["threads"]),
+    "llama": lambda a: worker_llama(a["model"], a["test"], a["threads"]),
+    "bandwidth": lambda a: worker_bandwidth(a["threads"]),
+    "offload": lambda a: worker_offload(a["model"], a.get("budget"), a["threads"], a["tokens"], a.get("stream_share")),
+    "speculative": lambda a: worker_speculative(a["model"], a.get("draft"), a["threads"], a["tokens"]),
+    "llama_speculative": lambda a: worker_llama_speculative(a["model"], a["lookup"], a["threads"], a["tokens"]),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import EmberError
 
     args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in WORKERS:
+        print(f"usage: python -m ember.bench.workers {{{'|'.join(WORKERS)}}} JSON_ARGS", file=sys.stderr)
+        return 2
     try:
-        if len(args) == 2 and args[0] == "bandwidth":
-            out = worker_bandwidth(int(args[1]))
-        elif len(args) == 4 and args[0] in ("ember", "llama"):
-            engine, model, test, threads = args
-            out = (worker_ember if engine == "ember" else worker_llama)(model, test, int(threads))
-        else:
-            print(
-                "usage: python -m ember.bench.workers {ember|llama} MODEL TEST THREADS | bandwidth THREADS",
-                file=sys.stderr,
-            )
-            return 2
+        out = WORKERS[args[0]](json.loads(args[1]))
     except EmberError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -11,15 +11,14 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import mmap
-import os
 from contextlib import contextmanager
 
 import numpy as np
-import psutil
 
 from ...errors import UnsupportedError
 from ...home import uncache
 from ...lut_kernels import pack_cache
+from ...offload.memory import process_bytes
 from ...offload.plan import Needs, Plan, make_plan
 from ...offload.stream import LayerStreamer
 from .step import MAX_ROWS, FusedDecoder
@@ -124,19 +123,6 @@ class StreamedModel:
             self.streamer.close()
 
 
-def _process_bytes(model_files) -> int:
-    """The process's resident memory without the pages it maps of the model's files (those are
-    the weights the plan counts): the interpreter, the libraries, the machine code, the heap."""
-    proc = psutil.Process()
-    rss = proc.memory_info().rss
-    try:
-        files = {os.path.realpath(f) for f in model_files}
-        mapped = sum(m.rss for m in proc.memory_maps(grouped=True) if os.path.realpath(m.path) in files)
-    except (psutil.Error, OSError, AttributeError):  # no per-mapping figures here: count it all
-        mapped = 0
-    return rss - mapped
-
-
 def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     """The plan of `dec.model` under `budget` bytes at a context of `n_ctx` tokens; the process's
     own share is its anonymous memory now (the model's file pages are counted as weights)."""
@@ -145,7 +131,7 @@ def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     layer_bytes = [sum(st.matrix(n).nbytes for n in dec.matrix_names(range(il, il + 1))) for il in range(c.n_layer)]
     layer_bytes[-1] -= st.matrix(model.output_name).nbytes
     needs = Needs(
-        process=_process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]),
+        process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]),
         fixed=st.matrix(model.output_name).nbytes + dec.vecs.nbytes,
         kv_cache=c.n_layer * c.n_head_kv * n_ctx * (c.head_dim + c.head_dim_v) * 4,
         work=sum(b.nbytes for b in dec.bufs) + MAX_ROWS * dec.logits_width * 4 + WORK_MARGIN + budget // 20,

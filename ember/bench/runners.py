@@ -1,0 +1,285 @@
+"""The benchmark's scenarios: what each runs (workers in fresh processes, through `Bench`) and the
+raw records it keeps. A scenario that needs what is absent (the peer, a memory cgroup, a GPU, a
+feature ember lacks) raises `Skip` with the reason before it measures anything.
+
+dense         ppN / tgN / kN per engine and thread count (--tests), plus the DRAM bandwidth
+ttft          `ember run`'s process start to first token, warm and cold (empty caches)
+memory        peak RSS of a 512-token prompt and 64 decodes, per engine
+long-context  decode tokens/s after prompts of CONTEXTS tokens, per engine
+offload       decode under memory budgets (BUDGETS x the weight bytes), the page cache dropped
+              first, against the resident run's tokens, the disk's roofline, plain mmap under a
+              memory cgroup of the same size, and llama.cpp under that cgroup
+speculative   plain decoding against prompt lookup and a draft model on a rewrite request,
+              the same tokens required; llama.cpp plain and with its prompt-lookup decoding
+moe, devices  not in ember yet: listed as skipped
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from collections.abc import Callable
+
+from . import cgroup
+from .environment import disk_bandwidth
+from .scenarios import (
+    BUDGETS,
+    CONTEXT_DECODE,
+    CONTEXTS,
+    DRAFTS,
+    OFFLOAD_DECODE,
+    QUICK_CONTEXT_DECODE,
+    QUICK_CONTEXTS,
+    QUICK_OFFLOAD_DECODE,
+    QUICK_SPEC_DECODE,
+    SPEC_DECODE,
+    BenchError,
+)
+
+TTFT_PROMPT = "The river runs through the old town, past the mill and under the stone bridge"
+MEMORY_TEST = "tg64@512"
+SLOW_RUN_S = 180  # a run under a memory cgroup that thrashes is stopped after this long
+QUICK_STREAM_SHARE = 0.5
+
+
+class Skip(Exception):
+    """This scenario cannot run here; the message says why."""
+
+
+def dense(b) -> dict:
+    tests, threads = b.tests, b.threads
+    out: dict = {"tests": tests, "threads": threads, "bandwidth_bytes_per_s": {}, "runs": []}
+    for t in threads:
+        r = b.worker("bandwidth", f"bandwidth t={t}", threads=t)
+        out["bandwidth_bytes_per_s"][str(t)] = r["bytes_per_s"]
+        b.note(f"bandwidth t={t}: {r['bytes_per_s'] / 1e9:.1f} GB/s")
+    for test in tests:
+        if not b.quick:
+            # An untimed first process per test fills the numba and pack caches, so each timed
+            # one is warm (its peak RSS without the JIT's).
+            b.worker("ember", f"warm-up {test}", model=b.model_path, test=test, threads=threads[0])
+        for t in threads:
+            for rep in range(b.reps):
+                for engine in b.engines:  # alternate engines, run by run
+                    r = b.worker(_kind(engine), f"{engine} {test} t={t}", model=b.model_path, test=test, threads=t)
+                    out["runs"].append(dict(r, engine=engine, test=test, threads=t, rep=rep))
+                    b.note(f"{engine:>9} {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
+    return out
+
+
+def dense_steps(b) -> int:
+    warm = 0 if b.quick else len(b.tests)
+    return len(b.threads) + warm + len(b.tests) * len(b.threads) * b.reps * len(b.engines)
+
+
+def ttft(b) -> dict:
+    if b.script is None:
+        raise Skip("no `ember` console script next to this Python: pip install the package to measure start-up")
+    out: dict = {"warm_s": [], "cold_s": None, "bytecode": _bytecode()}
+    for _ in range(1 if b.quick else 3):
+        out["warm_s"].append(_time_first_token(b, cold=False))
+    b.note(f"ember run, start to first token (warm): {statistics.median(out['warm_s']):.2f} s")
+    if not b.quick:
+        out["cold_s"] = _time_first_token(b, cold=True)
+        b.note(f"ember run, start to first token (cold): {out['cold_s']:.2f} s")
+    return out
+
+
+def ttft_steps(b) -> int:
+    return 1 if b.quick else 4
+
+
+def _time_first_token(b, cold: bool) -> float:
+    """Wall time of `ember run MODEL PROMPT --raw -n 1` (start, load, 16-token prompt, one token,
+    exit) through the installed console script, from an empty folder; cold: with empty numba
+    and pack caches (everything compiles and packs again)."""
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="ember-ttft-") as tmp:
+        if cold:
+            env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "numba")
+            env["EMBER_CACHE_DIR"] = os.path.join(tmp, "cache")
+        cmd = [str(b.script), "run", b.model_path, TTFT_PROMPT, "--raw", "-n", "1"]
+        return b.command(cmd, f"ember run ({'cold' if cold else 'warm'})", env=env, cwd=tmp)["wall_s"]
+
+
+def _bytecode() -> bool:
+    """Whether a start of the installed ember loads its modules from bytecode. Not when Python may
+    not write it (PYTHONDONTWRITEBYTECODE) and the install has none (an editable one): then every
+    start compiles ember's sources first (0.2-0.3 s). `pip install .` writes the bytecode."""
+    import importlib.util
+    import sys
+
+    cli = importlib.util.find_spec("ember.cli").origin  # found, not imported: cli imports the bench
+    return not sys.dont_write_bytecode or os.path.exists(importlib.util.cache_from_source(cli))
+
+
+def memory(b) -> dict:
+    t = b.threads[-1]
+    out: dict = {"test": MEMORY_TEST, "threads": t, "model_bytes": os.path.getsize(b.model_path), "runs": []}
+    for engine in b.engines:
+        r = b.worker(_kind(engine), f"{engine} memory", model=b.model_path, test=MEMORY_TEST, threads=t)
+        out["runs"].append(dict(r, engine=engine))
+        b.note(f"{engine:>9} peak RSS ({MEMORY_TEST}): {r['peak_rss_bytes'] / 1e6:.0f} MB")
+    return out
+
+
+def memory_steps(b) -> int:
+    return len(b.engines)
+
+
+def long_context(b) -> dict:
+    contexts = _contexts(b)
+    if not contexts:
+        raise Skip(f"the model's context ({b.n_ctx_train} tokens) is shorter than {min(CONTEXTS)} + the decodes")
+    n, t = (QUICK_CONTEXT_DECODE if b.quick else CONTEXT_DECODE), b.threads[-1]
+    out: dict = {"contexts": contexts, "decode": n, "threads": t, "runs": []}
+    for ctx in contexts:
+        test = f"tg{n}@{ctx}"
+        for rep in range(b.reps):
+            for engine in b.engines:
+                r = b.worker(_kind(engine), f"{engine} {test}", model=b.model_path, test=test, threads=t)
+                out["runs"].append(dict(r, engine=engine, context=ctx, rep=rep))
+                b.note(f"{engine:>9} {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
+    return out
+
+
+def _contexts(b) -> list[int]:
+    n = QUICK_CONTEXT_DECODE if b.quick else CONTEXT_DECODE
+    return [c for c in (QUICK_CONTEXTS if b.quick else CONTEXTS) if c + n + 16 <= b.n_ctx_train]
+
+
+def long_context_steps(b) -> int:
+    return len(_contexts(b)) * b.reps * len(b.engines)
+
+
+def offload(b) -> dict:
+    budgets: list[float] = list(BUDGETS)
+    n, t = (QUICK_OFFLOAD_DECODE if b.quick else OFFLOAD_DECODE), b.threads[-1]
+    size = os.path.getsize(b.model_path)
+    no_cgroup = cgroup.unavailable()
+    out: dict = {
+        "threads": t,
+        "decode": n,
+        "weight_bytes": size,
+        "cgroup": no_cgroup or "available",
+        "disk_bytes_per_s": disk_bandwidth(b.model_path),
+        "runs": [],
+    }
+    b.note(f"disk sequential read: {out['disk_bytes_per_s'] / 1e9:.2f} GB/s")
+    b.step()
+    ref = b.worker("offload", "ember resident", model=b.model_path, budget=None, threads=t, tokens=n)
+    out["runs"].append(dict(ref, engine="ember", variant="resident", fraction=None, budget=None, same_tokens=True))
+    b.note(f"ember resident: {ref['tokens_per_s']:.2f} tok/s")
+    if b.quick:  # a small model's fixed needs (the process, the KV cache) dwarf its weights:
+        budgets = [QUICK_STREAM_SHARE]  # stream about half its layers' bytes instead
+    for frac in budgets:
+        budget = None if b.quick else int(frac * size)
+        label = f"{frac:.0%} ({budget / 1e6:.0f} MB)" if budget else f"{frac:.0%} of the layers streamed"
+        how = {"stream_share": frac} if b.quick else {"budget": budget}
+        try:
+            r = b.worker("offload", f"ember budget {label}", model=b.model_path, threads=t, tokens=n, **how)
+            r = dict(r, same_tokens=r["tokens"] == ref["tokens"])
+            b.note(f"ember budget {label}: {r['tokens_per_s']:.2f} tok/s, same tokens {r['same_tokens']}")
+            budget, frac = r["budget"], r["budget"] / size
+            label = f"{frac:.0%} ({budget / 1e6:.0f} MB)"
+        except BenchError as e:  # an infeasible budget is a result: the BudgetError's minimum
+            r = {"error": str(e)}
+            b.note(f"ember budget {label}: {e}")
+        out["runs"].append(dict(r, engine="ember", variant="budget", fraction=frac, budget=budget))
+        if budget is None or no_cgroup:
+            b.step(len(b.engines))
+            continue
+        variants = [("ember", "mmap"), *((e, "mmap") for e in b.engines if e != "ember")]
+        for engine, variant in variants:
+            what = f"{engine} plain mmap under a {label} cgroup"
+            try:
+                if engine == "ember":
+                    r = b.worker(
+                        "offload",
+                        what,
+                        model=b.model_path,
+                        budget=None,
+                        threads=t,
+                        tokens=n,
+                        memory_limit=budget,
+                        timeout=SLOW_RUN_S,
+                    )
+                    r = dict(r, same_tokens=r["tokens"] == ref["tokens"])
+                else:
+                    test = f"tg{n}"
+                    r = b.worker(
+                        "llama", what, model=b.model_path, test=test, threads=t, memory_limit=budget, timeout=SLOW_RUN_S
+                    )
+                b.note(f"{what}: {r['tokens_per_s']:.2f} tok/s")
+            except BenchError as e:  # killed by the limit, or too slow to wait for: also a result
+                r = {"error": str(e)}
+                b.note(f"{what}: {e}")
+            out["runs"].append(dict(r, engine=engine, variant=variant, fraction=frac, budget=budget))
+    if no_cgroup:
+        b.warn(f"offload: plain mmap and llama.cpp under a memory limit not measured: {no_cgroup}")
+    return out
+
+
+def offload_steps(b) -> int:
+    return 2 + (1 if b.quick else len(BUDGETS)) * (1 + len(b.engines))
+
+
+def speculative(b) -> dict:
+    n, t = (QUICK_SPEC_DECODE if b.quick else SPEC_DECODE), b.threads[-1]
+    drafts = _drafts(b)
+    out: dict = {"threads": t, "decode": n, "drafts": [d or "plain" for d in drafts], "runs": []}
+    if b.draft is None and not b.quick and b.model_name not in DRAFTS:
+        b.warn(f"speculative: no catalog draft model for {b.model_name}: prompt lookup only (--draft to add one)")
+    plain: dict[int, list] = {}
+    for rep in range(b.reps):
+        for d in drafts:
+            name = d or "plain"
+            r = b.worker("speculative", f"ember {name}", model=b.model_path, draft=d, threads=t, tokens=n)
+            if d is None:
+                plain[rep] = r["tokens"]
+            r = dict(r, engine="ember", drafter=name, rep=rep, same_tokens=r["tokens"] == plain[rep])
+            out["runs"].append(r)
+            b.note(f"    ember {name}: {r['tokens_per_s']:.1f} tok/s, same tokens {r['same_tokens']}")
+        for engine in b.engines[1:]:
+            for lookup in (False, True):
+                name = "lookup" if lookup else "plain"
+                r = b.worker(
+                    "llama_speculative", f"{engine} {name}", model=b.model_path, lookup=lookup, threads=t, tokens=n
+                )
+                out["runs"].append(dict(r, engine=engine, drafter=name, rep=rep))
+                b.note(f"{engine:>9} {name}: {r['tokens_per_s']:.1f} tok/s")
+    return out
+
+
+def _drafts(b) -> list[str | None]:
+    model = b.draft or (None if b.quick else DRAFTS.get(b.model_name))
+    return [None, "lookup", *([model] if model else [])]
+
+
+def speculative_steps(b) -> int:
+    return b.reps * (len(_drafts(b)) + 2 * (len(b.engines) - 1))
+
+
+def moe(b) -> dict:
+    raise Skip("not in ember yet: the fast MoE path and the synthetic MoE models are the moe issue's")
+
+
+def devices(b) -> dict:
+    raise Skip("not in ember yet: ember runs on the CPU only; GPU attention (OpenCL, CUDA) is the devices issue's")
+
+
+def _kind(engine: str) -> str:
+    return "ember" if engine == "ember" else "llama"
+
+
+RUNNERS: dict[str, tuple[Callable, Callable]] = {
+    "dense": (dense, dense_steps),
+    "ttft": (ttft, ttft_steps),
+    "memory": (memory, memory_steps),
+    "long-context": (long_context, long_context_steps),
+    "offload": (offload, offload_steps),
+    "moe": (moe, lambda b: 0),
+    "speculative": (speculative, speculative_steps),
+    "devices": (devices, lambda b: 0),
+}
