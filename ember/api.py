@@ -42,8 +42,9 @@ class Model:
         n_ctx: int | None = None,
         threads: int | None = None,
         device: str = "auto",
-        memory_budget: str | int | None = None,
+        memory_budget: str | int | None = "auto",
         draft: str | None = None,
+        draft_k: int | None = None,
         kernels: str = "auto",
     ):
         self.path = Path(path)
@@ -51,7 +52,10 @@ class Model:
         self.gguf.validate_model()
         if device not in ("auto", "cpu"):
             raise DeviceError(f"device {device!r} is not available yet; use 'cpu' (or 'auto')")
-        self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
+        # "auto": none when the model fits in the available memory, else one that leaves a margin
+        self._auto_budget = isinstance(memory_budget, str) and memory_budget == "auto"
+        off = memory_budget is None or (isinstance(memory_budget, str) and memory_budget.lower() in ("none", "off"))
+        self.memory_budget = None if off or self._auto_budget else parse_budget(memory_budget)
         self.plan = None  # the offload plan under a memory budget, once the weights are placed
         self._code_loaded = False
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2):
@@ -68,6 +72,11 @@ class Model:
         self.stats: dict[str, Any] = {}
         self._own_session: Session | None = None  # what generate() and chat() run on
         self._own_session_lock = threading.Lock()
+        if draft_k is not None and (
+            isinstance(draft_k, bool) or not isinstance(draft_k, int) or not 1 <= draft_k <= 15
+        ):
+            raise EmberError(f"draft_k must be an integer from 1 to 15 (None: chosen per step), got {draft_k!r}")
+        self.draft_k = draft_k
         self.drafter = None if draft is None else self._drafter(draft, n_ctx)
 
     def _drafter(self, draft, n_ctx: int | None):
@@ -96,19 +105,56 @@ class Model:
         store = WeightStore(self.gguf, placement=None if reference else self.device.placement)
         tr = Transformer(self.config, store, ops=None if reference else self.device.ops)
         store.prepare()
+        if self._auto_budget and not reference:
+            self.memory_budget = self._default_budget(tr)
         if self.memory_budget is not None:
             if reference:
                 raise UnsupportedError("memory_budget streams the fast kernels' weights; not with kernels='numpy'")
             self._place_within_budget(tr)
         return tr
 
+    def _default_budget(self, tr) -> int | None:
+        """None when the model (its weights, the KV cache at n_ctx, this process) fits in the
+        available memory; else a budget that leaves a margin, with a one-line notice."""
+        import logging
+
+        from .lut_kernels import pack_cache
+        from .offload.memory import available_bytes, process_bytes
+        from .offload.plan import default_budget, fmt
+
+        c = self.config
+        files = [self.path, pack_cache.cache_path(self.path)]
+        kv = c.n_layer * c.n_head_kv * self.n_ctx * (c.head_dim + c.head_dim_v) * 4
+        st = tr.store  # the embedding's rows are read on demand, unless it is the output matrix too
+        weights = sum(st.nbytes(n) for n in st.gguf.tensors if n != "token_embd.weight" or n == tr.output_name)
+        needed = process_bytes(files) + weights + kv
+        available = available_bytes()
+        budget = default_budget(needed, available)
+        if budget is not None:
+            logging.getLogger("ember").warning(
+                "ember: %s needs about %s and %s of memory is available: streaming what does not fit "
+                "within %s (--memory-budget / memory_budget= sets it)",
+                self.path.name,
+                fmt(needed),
+                fmt(available),
+                fmt(budget),
+            )
+        return budget
+
     def _place_within_budget(self, tr) -> None:
         """Plan which layers stay in memory and stream the others (`devices.cpu.streaming`);
         the machine code is loaded first, so the plan counts it as the process's own memory."""
         import logging
 
+        from .errors import BudgetError
+
         self._load_code(tr)
-        self.plan = self.device.set_budget(tr, self.memory_budget, self.n_ctx)
+        try:
+            self.plan = self.device.set_budget(tr, self.memory_budget, self.n_ctx)
+        except BudgetError as e:
+            if not self._auto_budget:
+                raise
+            raise BudgetError(f"not enough memory is available for this model: {e}") from None
         logging.getLogger("ember").info("ember: %s", self.plan.describe())
 
     def _load_code(self, tr) -> None:
@@ -234,11 +280,13 @@ class Model:
         try:
             if not own:
                 drafter = self.drafter and self.drafter.fork()
-                yield from generate(self.session(), self.tokenizer, ids, cfg, stats, drafter=drafter)
+                yield from generate(self.session(), self.tokenizer, ids, cfg, stats, drafter=drafter, k=self.draft_k)
             else:
                 if self._own_session is None:
                     self._own_session = self.session()
-                yield from generate(self._own_session, self.tokenizer, ids, cfg, stats, drafter=self.drafter)
+                yield from generate(
+                    self._own_session, self.tokenizer, ids, cfg, stats, drafter=self.drafter, k=self.draft_k
+                )
         finally:
             if own:
                 self._own_session_lock.release()
@@ -321,7 +369,10 @@ def file_type_name(code) -> str | None:
 
 def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **options) -> Model:
     """Open a catalog model by name (pulled on first use) or a local .gguf file by path.
-    options: n_ctx, threads, device, memory_budget, draft ("lookup", or a catalog name or .gguf path
+    options: n_ctx, threads, device, memory_budget ("600MB" or bytes: stream what does not fit;
+    "auto", the default: a budget only when the model does not fit in the available memory;
+    None or "none": never), draft ("lookup", or a catalog name or .gguf path
     of a draft model with the target's vocabulary: speculative decoding, see docs/speculative.md),
+    draft_k (drafted tokens per step, 1..15; None, the default: chosen per step from measured costs),
     kernels ("auto" or "numpy": the float32 reference path)."""
     return Model(hub.resolve(model, pull_missing=pull), **options)

@@ -190,6 +190,7 @@ def cmd_run(args) -> int:
         threads=args.threads,
         device=args.device,
         draft=draft,
+        draft_k=args.draft_k,
         memory_budget=args.memory_budget,
     )
     trained = m.gguf.arch_get("context_length")
@@ -237,6 +238,7 @@ def _chat_app(model: str, args, draft: str | None) -> int:
         model,
         system=getattr(args, "system", None),
         draft=draft,
+        draft_k=args.draft_k,
         threads=args.threads,
         n_ctx=args.ctx_size,
         device=args.device,
@@ -371,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--memory-budget",
             metavar="SIZE",
-            default=None,
-            help="run within SIZE of memory (e.g. 600MB), streaming the layers that do not fit from disk",
+            default="auto",
+            help="run within SIZE of memory (e.g. 600MB), streaming the layers that do not fit from disk; "
+            "'none': never; default 'auto': a budget only when the model does not fit in the available memory",
         )
 
     def add_model_options(sp: argparse.ArgumentParser) -> None:
@@ -405,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="speculative decoding with prompt lookup (drafts what followed the same "
             "tokens earlier in the prompt or reply; pays when the reply echoes the prompt)",
+        )
+        sp.add_argument(
+            "--draft-k",
+            metavar="K",
+            type=int,
+            default=None,
+            help="with --draft or --lookup: K drafted tokens per step, 1-15 (default: chosen per "
+            "step from the measured costs and acceptance)",
         )
 
     sp = add("pull", cmd_pull, "download a catalog model into $EMBER_HOME", json_flag=False)

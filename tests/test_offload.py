@@ -170,3 +170,42 @@ def test_streamer_reads_ranges_and_skips_an_interrupted_pass(tmp_path):
         s.release(7)
     finally:
         s.close()
+
+
+def test_default_budget_only_when_the_model_does_not_fit():
+    from ember.offload.plan import MARGIN, default_budget
+
+    assert default_budget(500, 1000) is None
+    assert default_budget(1000, 1000) is None
+    assert default_budget(2000, 1000) == int(1000 * (1 - MARGIN))
+
+
+def test_load_without_a_budget_streams_only_when_memory_is_short(tmp_path, monkeypatch, caplog):
+    import ember.offload.memory as memory
+
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=128, n_layer=4)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 50)
+    m = ember.load(path, threads=2)
+    if m.device.decoder(m.transformer) is None:
+        pytest.skip("no fused step on this host")
+    assert m.plan is None and m.memory_budget is None and "streaming" not in caplog.text
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)  # 1 MiB left: not even the process fits
+    with pytest.raises(BudgetError, match="not enough memory is available for this model: a memory budget of 1 MB"):
+        ember.load(path, threads=2).prepare(load_code=False)
+    assert "m.gguf needs about" in caplog.text and "streaming what does not fit" in caplog.text
+    assert ember.load(path, threads=2, memory_budget="none").transformer is not None  # never a budget
+
+
+def test_available_memory_counts_a_cgroup_limit():
+    import subprocess
+    import sys
+
+    from ember.bench.cgroup import MemoryCgroup, unavailable
+
+    if unavailable():
+        pytest.skip(unavailable())
+    code = "from ember.offload.memory import available_bytes; print(available_bytes())"
+    with MemoryCgroup(400_000_000) as cg:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=cg.enter)
+    assert out.returncode == 0, out.stderr
+    assert 0 < int(out.stdout) < 400_000_000

@@ -14,31 +14,14 @@ import os
 import uuid
 from pathlib import Path
 
-ROOT = Path("/sys/fs/cgroup")
-
-
-def _own_groups() -> tuple[Path | None, Path | None]:
-    """(this process's v2 group folder, its v1 memory group folder), each None when absent."""
-    v2 = v1 = None
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        rel = path.lstrip("/")
-        if controllers == "" and (ROOT / "cgroup.controllers").exists():
-            v2 = ROOT / rel
-        elif "memory" in controllers.split(","):
-            v1 = ROOT / "memory" / rel
-    return v2, v1
+from ..offload.memory import own_cgroups
 
 
 def unavailable() -> str | None:
     """Why no memory cgroup can be made here (a sentence), or None when one can."""
     if os.name != "posix" or not Path("/proc/self/cgroup").exists():
         return "memory cgroups are Linux's"
-    v2, v1 = _own_groups()
+    v2, v1 = own_cgroups()
     parent = v2 if v2 is not None and "memory" in _read(v2 / "cgroup.controllers").split() else v1
     if parent is None:
         return "no cgroup memory controller is mounted"
@@ -62,7 +45,7 @@ class MemoryCgroup:
         if why:
             raise OSError(why)
         self.limit = int(limit)
-        v2, v1 = _own_groups()
+        v2, v1 = own_cgroups()
         self.v2 = v2 is not None and "memory" in _read(v2 / "cgroup.controllers").split()
         parent = v2 if self.v2 else v1
         self.path = parent / f"ember-bench-{uuid.uuid4().hex[:8]}"

@@ -1,12 +1,15 @@
 """Memory as an offload budget counts it: the process's own memory without the model files' mapped
-pages (`process_bytes`), and how much of a file sits in the page cache (`cached_bytes`, mincore
-over a fresh read-only mapping), the part of a budget that reading the weights leaves behind."""
+pages (`process_bytes`), how much of a file sits in the page cache (`cached_bytes`, mincore over
+a fresh read-only mapping: the part of a budget that reading the weights leaves behind), and the
+memory available to this process (`available_bytes`: the machine's, or less under a memory
+cgroup's limit, as in a container)."""
 
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -59,3 +62,46 @@ def process_bytes(model_files) -> int:
     except (psutil.Error, OSError, AttributeError):  # no per-mapping figures here: count it all
         mapped = 0
     return rss - mapped
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def own_cgroups() -> tuple[Path | None, Path | None]:
+    """(this process's cgroup v2 folder, its v1 memory-controller folder), each None when absent."""
+    v2 = v1 = None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "" and (CGROUP_ROOT / "cgroup.controllers").exists():
+            v2 = CGROUP_ROOT / rel
+        elif "memory" in controllers.split(","):
+            v1 = CGROUP_ROOT / "memory" / rel
+    return v2, v1
+
+
+def _number(p: Path) -> int | None:
+    try:
+        text = p.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2's no limit) is None
+
+
+def available_bytes() -> int:
+    """Memory this process can still use: the machine's available memory (psutil), or what its
+    memory cgroup's limit leaves (limit - usage, page cache included), whichever is less."""
+    avail = psutil.virtual_memory().available
+    v2, v1 = own_cgroups()
+    files = ((v2, "memory.max", "memory.current"), (v1, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    for folder, limit, usage in files:
+        if folder is None:
+            continue
+        lim, use = _number(folder / limit), _number(folder / usage)
+        if lim is not None and use is not None and lim < 1 << 60:
+            avail = min(avail, max(0, lim - use))
+    return avail

@@ -87,6 +87,15 @@ class Plan:
         )
 
 
+MARGIN = 0.10  # of the available memory, left free by a default budget
+
+
+def default_budget(needed: int, available: int) -> int | None:
+    """The budget a model loaded without one runs under: None (no budget) when the `needed`
+    bytes fit in the `available` memory, else the available memory less a margin."""
+    return None if needed <= available else int(available * (1 - MARGIN))
+
+
 def make_plan(budget: int, layer_bytes: list[int], needs: Needs, n_ctx: int | None = None) -> Plan:
     """The most layers that fit in `budget` resident, the rest streamed; BudgetError stating
     the minimum when not even one streamed layer's ring fits."""

@@ -160,10 +160,11 @@ class ChatApp(App):
         *,
         system: str | None = None,
         draft: str | None = None,
+        draft_k: int | None = None,
         threads: int | None = None,
         n_ctx: int | None = None,
         device: str = "auto",
-        memory_budget: str | None = None,
+        memory_budget: str | None = "auto",
         settings: Settings | None = None,
     ):
         super().__init__()
@@ -172,6 +173,7 @@ class ChatApp(App):
             "threads": threads,
             "n_ctx": n_ctx,
             "draft": draft,
+            "draft_k": draft_k,
             "device": device,
             "memory_budget": memory_budget,
         }
