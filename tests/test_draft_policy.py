@@ -1,0 +1,90 @@
+"""The speculative draft length chosen per step (`DraftPolicy`): the cost model it fits from
+measured step times, draft costs and acceptance, and the choices it makes from them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ember.runtime.draft_policy import EXPLORE_EVERY, EXPLORE_K, PRIOR_ROW_COST, DraftPolicy
+
+
+def _policy(row_cost: float, acceptance: float, draft_s: float = 0.0, overhead: int = 0) -> DraftPolicy:
+    """A policy that has measured steps of 1..16 rows costing 1 + row_cost per extra row (ms),
+    and seen `acceptance` over many drafted tokens."""
+    p = DraftPolicy(15, draft_overhead=overhead)
+    for n in range(1, 17):
+        p.observe_step(n, 1e-3 * (1 + row_cost * (n - 1)))
+    if draft_s:
+        p.observe_draft(4, draft_s * (4 + overhead))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        drafted = 8
+        ok = rng.random(drafted) < acceptance
+        p.observe_accept("k", drafted, int(np.argmin(ok)) if not ok.all() else drafted)
+    return p
+
+
+def test_verify_cost_is_a_line_through_the_measured_sizes():
+    p = DraftPolicy(15)
+    assert p.verify_cost(4) is None  # nothing measured
+    p.observe_step(1, 1.0)
+    assert p.verify_cost(9) == pytest.approx(1 + 8 * PRIOR_ROW_COST)  # the prior slope
+    p.observe_step(5, 2.0)
+    assert p.verify_cost(3) == pytest.approx(1.5)  # between 1 and 5
+    assert p.verify_cost(9) == pytest.approx(3.0)  # beyond: the last two's slope
+    p.observe_step(5, 4.0)  # a moving average, not the last figure
+    assert 2.0 < p.verify_cost(5) < 4.0
+    for n, t in ((2, 1.1), (3, 1.2), (4, 9.0), (8, 1.7)):  # one slow step at 4 rows
+        p.observe_step(n, t)
+    assert p.verify_cost(4) < 3.0 < p.verify_cost(16)
+
+
+def test_acceptance_counts_successes_then_the_rejection():
+    p = DraftPolicy(15)
+    assert p.acceptance("x") == 0.5  # the prior
+    for _ in range(50):
+        p.observe_accept("x", 4, 4)  # all kept: four successes, no rejection
+        p.observe_accept("y", 4, 1)  # one kept, then a rejection; the two after it unjudged
+    assert p.acceptance("x") > 0.95
+    assert p.acceptance("y") == pytest.approx(0.5, abs=0.05)
+
+
+def test_cheap_rows_and_good_drafts_take_long_drafts_and_the_reverse_plain_steps():
+    assert _policy(row_cost=0.05, acceptance=0.9).choose("k", 15) >= 8
+    assert _policy(row_cost=0.35, acceptance=0.1).choose("k", 15) == 0
+    mid = _policy(row_cost=0.05, acceptance=0.6).choose("k", 15)
+    assert 1 <= mid < 8
+    # a draft model's own cost shortens the draft
+    free = _policy(row_cost=0.05, acceptance=0.8).choose("k", 15)
+    costly = _policy(row_cost=0.05, acceptance=0.8, draft_s=0.4e-3, overhead=1).choose("k", 15)
+    assert costly < free
+    assert _policy(row_cost=0.05, acceptance=0.9).choose("k", 3) == 3  # at most the limit
+
+
+def test_first_step_is_plain_then_a_rejected_kind_is_retried_now_and_then():
+    p = DraftPolicy(15)
+    assert p.choose("k", 10) == 0 and "plain step first" in p.reason
+    p = _policy(row_cost=0.35, acceptance=0.05)
+    ks = [p.choose("k", 10) for _ in range(3 * EXPLORE_EVERY + 3)]
+    assert ks.count(EXPLORE_K) == 3 and set(ks) == {0, EXPLORE_K}
+    st = p.stats()
+    assert st["k_policy"] == "adaptive" and st["plain_steps"] == len(ks) - 3 and st["verify_s"]["1"] == 1e-3
+
+
+def test_fixed_k():
+    p = DraftPolicy(15, fixed=4)
+    assert p.choose("k", 10) == 4 and p.choose("k", 2) == 2 and p.stats()["k_policy"] == "fixed"
+
+
+def test_untimed_policy_ignores_timings():
+    """Under sampling the choices must not depend on timings (a seed repeats a run)."""
+    a, b = DraftPolicy(15, timed=False), DraftPolicy(15, timed=False)
+    a.observe_step(1, 0.001)
+    a.observe_step(8, 5.0)  # a slow step: ignored
+    a.observe_draft(4, 9.0)
+    for p in (a, b):
+        for _ in range(20):
+            p.observe_accept("k", 6, 5)
+    assert [a.choose("k", 15) for _ in range(5)] == [b.choose("k", 15) for _ in range(5)]
+    assert a.chosen[0] > 0 and a.stats()["k_policy"] == "adaptive (cost priors)"
