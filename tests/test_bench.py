@@ -95,7 +95,7 @@ def _results(peer: bool = True) -> dict:
     spec = [
         {"engine": "ember", "drafter": "plain", "rep": 0, "tokens_per_s": 20.0, "same_tokens": True},
         {"engine": "ember", "drafter": "lookup", "rep": 0, "tokens_per_s": 30.0, "same_tokens": True,
-         "acceptance_rate": 0.5, "mean_accepted_length": 4.0, "draft_k": 10},
+         "acceptance_rate": 0.5, "mean_accepted_length": 4.0, "draft_k_mean": 6.0},
         {"engine": "llama.cpp", "drafter": "plain", "rep": 0, "tokens_per_s": 15.0},
         {"engine": "llama.cpp", "drafter": "lookup", "rep": 0, "tokens_per_s": 10.0},
     ]  # fmt: skip
@@ -164,7 +164,7 @@ def test_markdown_report():
     assert "![dense](dense.png)" in md and "- moe: skipped: not in ember yet" in md and "- noisy" in md
     assert "| ember budget | 60% 600 MB | 2.00 | 4.00 (50%) | 620 MB (1.03x) | yes |" in md
     assert "BudgetError: a memory budget of 150 MB is too small" in md
-    assert "| ember | lookup | 30.0 | 1.50x | 50% | 4.00 | yes |" in md
+    assert "| ember | lookup | 30.0 | 1.50x | 6.0 | 50% | 4.00 | yes |" in md
     assert "CPU: Test CPU, 2 cores (avx2; L1D 32 KiB)" in md
     one = _results(peer=False)
     report.summarize(one)

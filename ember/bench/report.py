@@ -108,7 +108,7 @@ def _speculative(sec: dict) -> dict:
         e = dict(_spread(r["tokens_per_s"] for r in runs), busy=any(r.get("busy") for r in runs))
         if "same_tokens" in runs[0]:
             e["same_tokens"] = all(r["same_tokens"] for r in runs)
-        for k in ("acceptance_rate", "mean_accepted_length", "draft_k"):
+        for k in ("acceptance_rate", "mean_accepted_length", "draft_k_mean"):
             if k in runs[0]:
                 e[k] = statistics.median(r[k] for r in runs)
         out[f"{engine}|{drafter}"] = e
@@ -264,20 +264,20 @@ def tables(results: dict) -> list[dict]:
         )
     if sc.get("speculative", {}).get("status") == "ok":
         sec, s = sc["speculative"], sc["speculative"]["summary"]
-        header = ["engine", "drafter", "tok/s", "speedup", "acceptance", "accepted/step", "same tokens"]
+        header = ["engine", "drafter", "tok/s", "speedup", "mean k", "acceptance", "accepted/step", "same tokens"]
         rows = []
         for key, e in s.items():
             engine, drafter = key.split("|")
             acc = f"{100 * e['acceptance_rate']:.0f}%" if "acceptance_rate" in e else "-"
             mal = f"{e['mean_accepted_length']:.2f}" if "mean_accepted_length" in e else "-"
             same = {True: "yes", False: "NO"}.get(e.get("same_tokens"), "-")
-            name = Path(drafter).stem if drafter.endswith(".gguf") else drafter
             rows.append(
                 [
                     engine,
-                    name + (" (busy)" if e["busy"] else ""),
+                    drafter + (" (busy)" if e["busy"] else ""),
                     _tok(e),
                     f"{e.get('speedup', 1):.2f}x",
+                    f"{e['draft_k_mean']:.1f}" if "draft_k_mean" in e else "-",
                     acc,
                     mal,
                     same,
@@ -454,11 +454,7 @@ def _plot_speculative(ax, sec, engines):
                 va="bottom",
                 fontsize=8,
             )
-    names = [
-        k.replace("|", "\n") if not k.endswith(".gguf") else k.split("|")[0] + "\n" + Path(k.split("|")[1]).stem
-        for k in keys
-    ]
-    ax.set_xticks(range(len(keys)), names, fontsize=8)
+    ax.set_xticks(range(len(keys)), [k.replace("|", "\n").replace(" k=", "\nk=") for k in keys], fontsize=8)
     ax.set_ylabel("decode tokens/s")
 
 

@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from . import cgroup
 from .environment import disk_bandwidth
@@ -153,6 +154,19 @@ def long_context_steps(b) -> int:
     return len(_contexts(b)) * b.reps * len(b.engines)
 
 
+def _drop_model_pages(b) -> None:
+    """Drop the model file's and its pack cache's pages from the page cache before a run: its
+    reads then come from the disk, and under a memory cgroup the pages it faults in are charged
+    to that cgroup (a page stays charged to whoever first read it, so pages left cached by an
+    earlier run would not count against the limit)."""
+    from ember import hub
+    from ember.home import uncache
+    from ember.lut_kernels import pack_cache
+
+    uncache(b.model_path)
+    uncache(pack_cache.cache_path(hub.resolve(b.model_path)))
+
+
 def offload(b) -> dict:
     budgets: list[float] = list(BUDGETS)
     n, t = (QUICK_OFFLOAD_DECODE if b.quick else OFFLOAD_DECODE), b.threads[-1]
@@ -168,6 +182,7 @@ def offload(b) -> dict:
     }
     b.note(f"disk sequential read: {out['disk_bytes_per_s'] / 1e9:.2f} GB/s")
     b.step()
+    _drop_model_pages(b)
     ref = b.worker("offload", "ember resident", model=b.model_path, budget=None, threads=t, tokens=n)
     out["runs"].append(dict(ref, engine="ember", variant="resident", fraction=None, budget=None, same_tokens=True))
     b.note(f"ember resident: {ref['tokens_per_s']:.2f} tok/s")
@@ -178,6 +193,7 @@ def offload(b) -> dict:
         label = f"{frac:.0%} ({budget / 1e6:.0f} MB)" if budget else f"{frac:.0%} of the layers streamed"
         how = {"stream_share": frac} if b.quick else {"budget": budget}
         try:
+            _drop_model_pages(b)
             r = b.worker("offload", f"ember budget {label}", model=b.model_path, threads=t, tokens=n, **how)
             r = dict(r, same_tokens=r["tokens"] == ref["tokens"])
             b.note(f"ember budget {label}: {r['tokens_per_s']:.2f} tok/s, same tokens {r['same_tokens']}")
@@ -193,6 +209,7 @@ def offload(b) -> dict:
         variants = [("ember", "mmap"), *((e, "mmap") for e in b.engines if e != "ember")]
         for engine, variant in variants:
             what = f"{engine} plain mmap under a {label} cgroup"
+            _drop_model_pages(b)
             try:
                 if engine == "ember":
                     r = b.worker(
@@ -227,18 +244,16 @@ def offload_steps(b) -> int:
 
 def speculative(b) -> dict:
     n, t = (QUICK_SPEC_DECODE if b.quick else SPEC_DECODE), b.threads[-1]
-    drafts = _drafts(b)
-    out: dict = {"threads": t, "decode": n, "drafts": [d or "plain" for d in drafts], "runs": []}
+    variants = _variants(b)
+    out: dict = {"threads": t, "decode": n, "drafts": [name for name, _, _ in variants], "runs": []}
     if b.draft is None and not b.quick and b.model_name not in DRAFTS:
         b.warn(f"speculative: no catalog draft model for {b.model_name}: prompt lookup only (--draft to add one)")
-    plain: dict[int, list] = {}
     for rep in range(b.reps):
-        for d in drafts:
-            name = d or "plain"
-            r = b.worker("speculative", f"ember {name}", model=b.model_path, draft=d, threads=t, tokens=n)
-            if d is None:
-                plain[rep] = r["tokens"]
-            r = dict(r, engine="ember", drafter=name, rep=rep, same_tokens=r["tokens"] == plain[rep])
+        plain = None
+        for name, draft, k in variants:
+            r = b.worker("speculative", f"ember {name}", model=b.model_path, draft=draft, k=k, threads=t, tokens=n)
+            plain = r["tokens"] if draft is None else plain
+            r = dict(r, engine="ember", drafter=name, rep=rep, same_tokens=r["tokens"] == plain)
             out["runs"].append(r)
             b.note(f"    ember {name}: {r['tokens_per_s']:.1f} tok/s, same tokens {r['same_tokens']}")
         for engine in b.engines[1:]:
@@ -252,13 +267,22 @@ def speculative(b) -> dict:
     return out
 
 
-def _drafts(b) -> list[str | None]:
+def _variants(b) -> list[tuple[str, str | None, int | None]]:
+    """(name, draft, k) of ember's runs: plain first (the others' tokens are checked against it),
+    prompt lookup and the draft model with k chosen per step, and (not --quick) each at a fixed
+    k as well: 10 for lookup, 4 for a draft model."""
     model = b.draft or (None if b.quick else DRAFTS.get(b.model_name))
-    return [None, "lookup", *([model] if model else [])]
+    out: list[tuple[str, str | None, int | None]] = [("plain", None, None), ("lookup", "lookup", None)]
+    if not b.quick:
+        out.append(("lookup k=10", "lookup", 10))
+    if model:
+        name = Path(model).stem if model.endswith(".gguf") else model
+        out += [(name, model, None)] + ([] if b.quick else [(f"{name} k=4", model, 4)])
+    return out
 
 
 def speculative_steps(b) -> int:
-    return b.reps * (len(_drafts(b)) + 2 * (len(b.engines) - 1))
+    return b.reps * (len(_variants(b)) + 2 * (len(b.engines) - 1))
 
 
 def moe(b) -> dict:

@@ -288,21 +288,21 @@ def worker_offload(
     }
 
 
-def worker_speculative(model: str, draft: str | None, threads: int, tokens: int) -> dict:
+def worker_speculative(model: str, draft: str | None, threads: int, tokens: int, k: int | None = None) -> dict:
     """Greedy generation of `tokens` tokens on the rewrite prompt, plain (draft None) or with a
-    drafter ("lookup" or a draft model); the tokens (for the identity check), tok/s and the
-    speculative stats."""
+    drafter ("lookup" or a draft model) drafting k tokens a step (None: chosen per step); the
+    tokens (for the identity check), tok/s and the speculative stats."""
     import ember
 
-    m = ember.load(model, threads=threads, n_ctx=2048, draft=draft)
+    m = ember.load(model, threads=threads, n_ctx=2048, draft=draft, draft_k=k)
     m.prepare()
     messages = [{"role": "user", "content": rewrite_prompt()}]
     for _ in m.chat(messages, max_tokens=4, temperature=0.0):  # warm-up: the k-row paths compile
         pass
     ids = [i for c in m.chat(messages, max_tokens=tokens, temperature=0.0) for i in c.token_ids]
     st = dict(m.stats)
-    keys = ("drafter", "draft_k", "verify_steps", "drafted_tokens", "accepted_tokens", "acceptance_rate")
-    out = {k: st[k] for k in (*keys, "mean_accepted_length") if k in st}
+    keys = ("drafter", "draft_k", "draft_k_mean", "plain_steps", "verify_steps", "drafted_tokens", "accepted_tokens")
+    out = {k: st[k] for k in (*keys, "acceptance_rate", "mean_accepted_length", "k_reason") if k in st}
     out.update(tokens_per_s=st["decode_tokens_per_s"], tokens=ids, peak_rss_bytes=_peak_rss())
     return out
 
@@ -337,7 +337,7 @@ WORKERS = {
     "llama": lambda a: worker_llama(a["model"], a["test"], a["threads"]),
     "bandwidth": lambda a: worker_bandwidth(a["threads"]),
     "offload": lambda a: worker_offload(a["model"], a.get("budget"), a["threads"], a["tokens"], a.get("stream_share")),
-    "speculative": lambda a: worker_speculative(a["model"], a.get("draft"), a["threads"], a["tokens"]),
+    "speculative": lambda a: worker_speculative(a["model"], a.get("draft"), a["threads"], a["tokens"], a.get("k")),
     "llama_speculative": lambda a: worker_llama_speculative(a["model"], a["lookup"], a["threads"], a["tokens"]),
 }
 
