@@ -2,8 +2,8 @@
 measured on the spot, so speculation pays where it can and falls back to plain decoding where
 it cannot.
 
-The model: a verify step of n rows costs v(n) seconds (a least-squares line through the step
-times measured per n: once per model at the start, then at every step); drafting costs c
+The model: a verify step of n rows costs v(n) seconds (the step times measured per n, once per
+model at the start and then at every step, made non-decreasing, linear in between); drafting costs c
 seconds a token (measured; a draft model's own steps, plus one for feeding what it lacks); a
 drafted token is accepted with probability a (counted per kind of proposal: prompt lookup's
 matched n-gram length, or the draft model), independently, so k drafted tokens emit on average
@@ -21,7 +21,10 @@ from collections.abc import Hashable
 
 EMA = 0.3  # weight of the newest timing
 DECAY = 0.95  # per observation, of the acceptance counts: recent text counts more
-PRIOR = (1.0, 1.0)  # accepted, rejected: a = 0.5 before any evidence
+# accepted, rejected before any evidence: a = 0.8, so a new kind is drafted and learned about
+# (decayed away within a few dozen drafted tokens); a pessimistic prior left a draft model that
+# paid (1.19x at k = 4) idle, re-tried only every EXPLORE_EVERY steps
+PRIOR = (4.0, 1.0)
 PRIOR_ROW_COST = 0.15  # an extra verified row's cost, in one-row steps, until one is measured
 PRIOR_DRAFT_COST = 0.25  # a draft model's token, in one-row target steps, when not timed
 EXPLORE_EVERY = 16
@@ -105,20 +108,32 @@ class DraftPolicy:
         return (a + 1) / (a + r + 1)
 
     def verify_cost(self, rows: int) -> float | None:
-        """Seconds of a verify step of `rows` rows: a least-squares line through the measured
-        (and calibrated) sizes, which one slow step moves little; a prior slope while only one
-        row has been measured; None before that."""
+        """Seconds of a verify step of `rows` rows: the measured (and calibrated) sizes made
+        non-decreasing (adjacent violators pooled, so one slow step moves little), linear between
+        them and beyond the last two; a prior slope while only one row has been measured; None
+        before that."""
         s = self.step_s
         if 1 not in s:
             return None
         if len(s) == 1:
             return s[1] * (1 + PRIOR_ROW_COST * (rows - 1))
-        n = [r - 1 for r in s]
-        t = list(s.values())
-        mn, mt = sum(n) / len(n), sum(t) / len(t)
-        var = sum((x - mn) ** 2 for x in n)
-        slope = max(0.0, sum((x - mn) * (y - mt) for x, y in zip(n, t)) / var)
-        return max(mt + slope * (rows - 1 - mn), 1e-9)
+        blocks: list[list[float]] = []  # [sum of times, count, first n, last n]
+        for n in sorted(s):
+            blocks.append([s[n], 1, n, n])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                t, c, _, last = blocks.pop()
+                blocks[-1][0] += t
+                blocks[-1][1] += c
+                blocks[-1][3] = last
+        pts = [(n, b[0] / b[1]) for b in blocks for n in sorted(s) if b[2] <= n <= b[3]]
+        below = [p for p in pts if p[0] <= rows]
+        above = [p for p in pts if p[0] > rows]
+        if below and below[-1][0] == rows:
+            return below[-1][1]
+        (n0, t0), (n1, t1) = (
+            (below[-1], above[0]) if below and above else (pts[-2], pts[-1]) if below else (pts[0], pts[1])
+        )
+        return max(t0 + (t1 - t0) / (n1 - n0) * (rows - n0), 1e-9)
 
     def rate(self, k: int, a: float) -> float | None:
         """Expected tokens a second of a step with k drafted tokens at acceptance a."""
