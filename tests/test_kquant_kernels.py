@@ -360,6 +360,17 @@ def test_rows_independent_of_batch(kernel, qt):
 
 
 @pytest.mark.parametrize("qt", QTYPES)
+def test_rows_of_up_to_16_match_a_row_alone_over_many_tiles(qt):
+    """Speculative verification's shape: a row among up to 16 (the fused step's batches) is
+    bit-identical to the row alone even when n_in spans several tiles (56 super-blocks: more
+    than a tile holds at any L1 size), so a verified token is the one plain decoding makes."""
+    _, x, p, *_ = case(qt, 33, 256 * 56, 16)
+    alone = np.stack([K.kq_matmul(x[i : i + 1], p)[0] for i in range(16)])
+    for k in (3, 4, 8, 16):
+        assert np.array_equal(K.kq_matmul(x[:k], p), alone[:k]), _msg(qt=qt, k=k)
+
+
+@pytest.mark.parametrize("qt", QTYPES)
 @pytest.mark.parametrize(
     "opts", [{"tile_bytes": 1}, {"nr": 2}, {"kb": 2}, {"prefetch": 0}, {"pipe": False}, {"group": 1}]
 )
