@@ -347,7 +347,8 @@ def print_summary(results: dict, file=None) -> None:
 
     con = Console(file=file)
     for t in tables(results):
-        table = Table(*t["header"], title=t["title"], title_justify="left")
+        con.print(t["title"], style="bold", markup=False, highlight=False)  # unwrapped, unlike a title
+        table = Table(*t["header"])
         for r in t["rows"]:
             table.add_row(*r)
         con.print(table)
