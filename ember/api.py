@@ -118,17 +118,21 @@ class Model:
         available memory; else a budget that leaves a margin, with a one-line notice."""
         import logging
 
+        import psutil
+
         from .lut_kernels import pack_cache
         from .offload.memory import available_bytes, process_bytes
         from .offload.plan import default_budget, fmt
 
-        c = self.config
-        files = [self.path, pack_cache.cache_path(self.path)]
-        kv = c.n_layer * c.n_head_kv * self.n_ctx * (c.head_dim + c.head_dim_v) * 4
         st = tr.store  # the embedding's rows are read on demand, unless it is the output matrix too
         weights = sum(st.nbytes(n) for n in st.gguf.tensors if n != "token_embd.weight" or n == tr.output_name)
-        needed = process_bytes(files) + weights + kv
+        fixed = weights + self.config.kv_cache_bytes(self.n_ctx)
         available = available_bytes()
+        # the whole RSS counts the model's mapped pages twice: if even that fits, it fits (one
+        # cheap figure, instead of reading every mapping, ~40 ms, at each load)
+        needed = psutil.Process().memory_info().rss + fixed
+        if needed > available:
+            needed = process_bytes([self.path, pack_cache.cache_path(self.path)]) + fixed
         budget = default_budget(needed, available)
         if budget is not None:
             logging.getLogger("ember").warning(

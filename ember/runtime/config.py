@@ -71,6 +71,10 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.n_expert > 0
 
+    def kv_cache_bytes(self, n_ctx: int) -> int:
+        """Bytes of the float32 KV cache at a context of n_ctx tokens."""
+        return self.n_layer * self.n_head_kv * n_ctx * (self.head_dim + self.head_dim_v) * 4
+
     @classmethod
     def from_gguf(cls, g: GGUFFile, n_vocab: int) -> ModelConfig:
         arch = g.architecture
