@@ -107,42 +107,46 @@ class DraftPolicy:
         a, r = self.counts.get(kind, PRIOR)
         return (a + 1) / (a + r + 1)
 
-    def verify_cost(self, rows: int) -> float | None:
-        """Seconds of a verify step of `rows` rows: the measured (and calibrated) sizes made
+    def verify_costs(self, max_rows: int) -> list[float] | None:
+        """Seconds of a verify step of 1..max_rows rows: the measured (and calibrated) sizes made
         non-decreasing (adjacent violators pooled, so one slow step moves little), linear between
-        them and beyond the last two; a prior slope while only one row has been measured; None
+        them and beyond the nearest two; a prior slope while only one row has been measured; None
         before that."""
         s = self.step_s
         if 1 not in s:
             return None
         if len(s) == 1:
-            return s[1] * (1 + PRIOR_ROW_COST * (rows - 1))
-        blocks: list[list[float]] = []  # [sum of times, count, first n, last n]
+            return [s[1] * (1 + PRIOR_ROW_COST * r) for r in range(max_rows)]
+        pools: list[tuple[list[int], float]] = []  # (sizes, their mean time)
         for n in sorted(s):
-            blocks.append([s[n], 1, n, n])
-            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-                t, c, _, last = blocks.pop()
-                blocks[-1][0] += t
-                blocks[-1][1] += c
-                blocks[-1][3] = last
-        pts = [(n, b[0] / b[1]) for b in blocks for n in sorted(s) if b[2] <= n <= b[3]]
-        below = [p for p in pts if p[0] <= rows]
-        above = [p for p in pts if p[0] > rows]
-        if below and below[-1][0] == rows:
-            return below[-1][1]
-        (n0, t0), (n1, t1) = (
-            (below[-1], above[0]) if below and above else (pts[-2], pts[-1]) if below else (pts[0], pts[1])
-        )
-        return max(t0 + (t1 - t0) / (n1 - n0) * (rows - n0), 1e-9)
+            sizes, t = [n], s[n]
+            while pools and pools[-1][1] > t:  # a violator: pooled with the one before
+                prev, pt = pools.pop()
+                t = (pt * len(prev) + t * len(sizes)) / (len(prev) + len(sizes))
+                sizes = prev + sizes
+            pools.append((sizes, t))
+        pts = [(n, t) for sizes, t in pools for n in sizes]
+        out = []
+        for rows in range(1, max_rows + 1):
+            i = next((j for j, p in enumerate(pts) if p[0] >= rows), len(pts) - 1)
+            i = min(max(i, 1), len(pts) - 1)  # the segment around rows, or the nearest two
+            (n0, t0), (n1, t1) = pts[i - 1], pts[i]
+            out.append(max(t0 + (t1 - t0) / (n1 - n0) * (rows - n0), 1e-9))
+        return out
 
-    def rate(self, k: int, a: float) -> float | None:
-        """Expected tokens a second of a step with k drafted tokens at acceptance a."""
-        v = self.verify_cost(k + 1)
-        if v is None:
-            return None
-        emitted = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-        drafting = (k + self.overhead) * (self.draft_s or 0.0) if k else 0.0
-        return emitted / (drafting + v)
+    def verify_cost(self, rows: int) -> float | None:
+        costs = self.verify_costs(rows)
+        return None if costs is None else costs[-1]
+
+    def _rates(self, limit: int, a: float) -> list[float]:
+        """Expected tokens a second of a step with k = 0..limit drafted tokens at acceptance a."""
+        v = self.verify_costs(limit + 1)
+        rates = []
+        for k in range(limit + 1):
+            emitted = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+            drafting = (k + self.overhead) * (self.draft_s or 0.0) if k else 0.0
+            rates.append(emitted / (drafting + v[k]))
+        return rates
 
     def choose(self, kind: Hashable, limit: int) -> int:
         """The draft length for the next step, at most `limit` (what the drafter offers, or the
@@ -157,7 +161,7 @@ class DraftPolicy:
             k, self.reason = 0, "a plain step first: it measures one row's cost"
         else:
             a = self.hopeful(kind)
-            rates = [self.rate(j, a) or 0.0 for j in range(limit + 1)]
+            rates = self._rates(limit, a)
             k = max(range(limit + 1), key=lambda j: rates[j])
             if k == 0 and self.idle.get(kind, 0) >= EXPLORE_EVERY:
                 k, why = min(EXPLORE_K, limit), "a short draft to re-check acceptance"
