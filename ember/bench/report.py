@@ -140,6 +140,10 @@ def _mb(n) -> str:
     return f"{n / 1e6:.0f} MB" if n else "-"
 
 
+def _table(scenario: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> dict:
+    return {"scenario": scenario, "title": title, "header": header, "rows": rows, "notes": notes}
+
+
 def tables(results: dict) -> list[dict]:
     engines = results["options"]["engines"]
     peer = len(engines) > 1
@@ -164,9 +168,7 @@ def tables(results: dict) -> list[dict]:
                 if "k_cost_ratio" in e:
                     costs = ", ".join(f"{x} {row[x]['k_cost_ratio']:.2f}x" for x in engines)
                     notes.append(f"{parse_test(test)[1]} new tokens cost (vs 1) at {t} thread(s): {costs}")
-        out.append(
-            {"scenario": "dense", "title": "Prompt and decode speed", "header": header, "rows": rows, "notes": notes}
-        )
+        out.append(_table("dense", "Prompt and decode speed", header, rows, notes))
     if sc.get("ttft", {}).get("status") == "ok":
         s = sc["ttft"]["summary"]
         rows = [["warm", f"{s['warm_s']:.2f} s"]] + (
@@ -175,28 +177,12 @@ def tables(results: dict) -> list[dict]:
         notes = []
         if not sc["ttft"].get("bytecode", True):
             notes.append("ember's sources compiled at every start (editable install, no bytecode)")
-        out.append(
-            {
-                "scenario": "ttft",
-                "title": "`ember run`: process start to first token",
-                "header": ["start", "time"],
-                "rows": rows,
-                "notes": notes,
-            }
-        )
+        out.append(_table("ttft", "`ember run`: process start to first token", ["start", "time"], rows, notes))
     if sc.get("memory", {}).get("status") == "ok":
         sec, s = sc["memory"], sc["memory"]["summary"]
         rows = [[e, _mb(s[e]["peak_rss_bytes"])] for e in engines if e in s]
         note = f"{sec['test']} at {sec['threads']} thread(s); model file {_mb(sec['model_bytes'])}"
-        out.append(
-            {
-                "scenario": "memory",
-                "title": "Peak memory (RSS)",
-                "header": ["engine", "peak RSS"],
-                "rows": rows,
-                "notes": [note],
-            }
-        )
+        out.append(_table("memory", "Peak memory (RSS)", ["engine", "peak RSS"], rows, [note]))
     if sc.get("long-context", {}).get("status") == "ok":
         sec, s = sc["long-context"], sc["long-context"]["summary"]
         header = ["prompt tokens", *(f"{e} tok/s" for e in engines)] + (["ember/llama.cpp"] if peer else [])
@@ -211,15 +197,7 @@ def tables(results: dict) -> list[dict]:
         kept = [f"{e} keeps {100 * s[f'kept|{e}']:.0f}%" for e in engines if f"kept|{e}" in s]
         if kept:
             notes.append(f"from {sec['contexts'][0]} to {sec['contexts'][-1]} tokens of context: " + ", ".join(kept))
-        out.append(
-            {
-                "scenario": "long-context",
-                "title": "Decode speed against context length",
-                "header": header,
-                "rows": rows,
-                "notes": notes,
-            }
-        )
+        out.append(_table("long-context", "Decode speed against context length", header, rows, notes))
     if sc.get("offload", {}).get("status") == "ok":
         sec, s = sc["offload"], sc["offload"]["summary"]
         header = ["run", "budget", "tok/s", "disk roofline", "memory peak", "same tokens"]
@@ -253,15 +231,7 @@ def tables(results: dict) -> list[dict]:
         ]
         if sec["cgroup"] != "available":
             notes.append(f"no cgroup runs: {sec['cgroup']}")
-        out.append(
-            {
-                "scenario": "offload",
-                "title": "Offload: decode under a memory budget",
-                "header": header,
-                "rows": rows,
-                "notes": notes,
-            }
-        )
+        out.append(_table("offload", "Offload: decode under a memory budget", header, rows, notes))
     if sc.get("speculative", {}).get("status") == "ok":
         sec, s = sc["speculative"], sc["speculative"]["summary"]
         header = ["engine", "drafter", "tok/s", "speedup", "mean k", "acceptance", "accepted/step", "same tokens"]
@@ -284,9 +254,7 @@ def tables(results: dict) -> list[dict]:
                 ]
             )
         notes = [f"{sec['decode']} greedy tokens of a rewrite request (a 60-line module) at {sec['threads']} thread(s)"]
-        out.append(
-            {"scenario": "speculative", "title": "Speculative decoding", "header": header, "rows": rows, "notes": notes}
-        )
+        out.append(_table("speculative", "Speculative decoding", header, rows, notes))
     return out
 
 

@@ -27,6 +27,7 @@ count, small sizes, no cold start-up, no peer unless --peer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -161,10 +162,8 @@ class Bench:
         from .cgroup import MemoryCgroup
 
         self._describe(what)
-        cg = MemoryCgroup(memory_limit) if memory_limit else None
-        try:
+        with MemoryCgroup(memory_limit) if memory_limit else contextlib.nullcontext() as cg:
             if cg is not None:
-                cg.__enter__()
                 kw["preexec_fn"] = cg.enter
             meter, t = LoadMeter(), time.perf_counter()
             try:
@@ -174,9 +173,6 @@ class Bench:
                 raise BenchError(f"{what}: stopped after {timeout:.0f} s") from None
             wall, load = time.perf_counter() - t, meter.others()
             peak = cg.peak_bytes() if cg is not None else None
-        finally:
-            if cg is not None:
-                cg.__exit__(None, None, None)
         self.step()
         if res.returncode != 0:
             raise _failure(res, what, self.debug, memory_limit)

@@ -302,7 +302,8 @@ def worker_speculative(model: str, draft: str | None, threads: int, tokens: int,
     ids = [i for c in m.chat(messages, max_tokens=tokens, temperature=0.0) for i in c.token_ids]
     st = dict(m.stats)
     keys = ("drafter", "draft_k", "draft_k_mean", "plain_steps", "verify_steps", "drafted_tokens", "accepted_tokens")
-    out = {k: st[k] for k in (*keys, "acceptance_rate", "mean_accepted_length", "k_reason") if k in st}
+    more = ("acceptance_rate", "mean_accepted_length", "k_reason", "verify_s", "draft_s_per_token")
+    out = {k: st[k] for k in (*keys, *more) if k in st}
     out.update(tokens_per_s=st["decode_tokens_per_s"], tokens=ids, peak_rss_bytes=_peak_rss())
     return out
 
