@@ -25,6 +25,7 @@ from .formats.tokenizer import Tokenizer
 from .offload.plan import parse_budget
 from .runtime.config import ModelConfig
 from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
+from .runtime.speculate import SCHEDULE_CHOICES
 from .runtime.threads import default_threads
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class Model:
         memory_budget: str | int | None = "auto",
         draft: str | None = None,
         draft_k: int | None = None,
+        draft_schedule: str = "auto",
         kernels: str = "auto",
     ):
         self.path = Path(path)
@@ -77,6 +79,9 @@ class Model:
         ):
             raise EmberError(f"draft_k must be an integer from 1 to 15 (None: chosen per step), got {draft_k!r}")
         self.draft_k = draft_k
+        if draft_schedule not in SCHEDULE_CHOICES:
+            raise EmberError(f"draft_schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {draft_schedule!r}")
+        self.draft_schedule = draft_schedule
         self.drafter = None if draft is None else self._drafter(draft, n_ctx)
 
     def _drafter(self, draft, n_ctx: int | None):
@@ -273,6 +278,10 @@ class Model:
         cfg = GenerationConfig(**kwargs)
         return self._stream(self.chat_ids(messages), cfg)
 
+    @property
+    def _speculation(self) -> dict:
+        return {"k": self.draft_k, "schedule": self.draft_schedule}
+
     def _stream(self, ids: list[int], cfg: GenerationConfig) -> Iterator[Chunk]:
         """generate() on the model's own session, which keeps the last call's tokens for the
         next to reuse; a call made while another one streams gets a fresh session. `stats` is
@@ -284,12 +293,14 @@ class Model:
         try:
             if not own:
                 drafter = self.drafter and self.drafter.fork()
-                yield from generate(self.session(), self.tokenizer, ids, cfg, stats, drafter=drafter, k=self.draft_k)
+                yield from generate(
+                    self.session(), self.tokenizer, ids, cfg, stats, drafter=drafter, **self._speculation
+                )
             else:
                 if self._own_session is None:
                     self._own_session = self.session()
                 yield from generate(
-                    self._own_session, self.tokenizer, ids, cfg, stats, drafter=self.drafter, k=self.draft_k
+                    self._own_session, self.tokenizer, ids, cfg, stats, drafter=self.drafter, **self._speculation
                 )
         finally:
             if own:
@@ -378,5 +389,7 @@ def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **o
     None or "none": never), draft ("lookup", or a catalog name or .gguf path
     of a draft model with the target's vocabulary: speculative decoding, see docs/speculative.md),
     draft_k (drafted tokens per step, 1..15; None, the default: chosen per step from measured costs),
+    draft_schedule ("turns", "concurrent": the draft drafts the next block while the target
+    verifies this one, on separate threads, or "auto", the default: chosen per step),
     kernels ("auto" or "numpy": the float32 reference path)."""
     return Model(hub.resolve(model, pull_missing=pull), **options)

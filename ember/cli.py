@@ -191,6 +191,7 @@ def cmd_run(args) -> int:
         device=args.device,
         draft=draft,
         draft_k=args.draft_k,
+        draft_schedule=args.schedule,
         memory_budget=args.memory_budget,
     )
     trained = m.gguf.arch_get("context_length")
@@ -239,6 +240,7 @@ def _chat_app(model: str, args, draft: str | None) -> int:
         system=getattr(args, "system", None),
         draft=draft,
         draft_k=args.draft_k,
+        draft_schedule=args.schedule,
         threads=args.threads,
         n_ctx=args.ctx_size,
         device=args.device,
@@ -416,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="with --draft or --lookup: K drafted tokens per step, 1-15 (default: chosen per "
             "step from the measured costs and acceptance)",
+        )
+        sp.add_argument(
+            "--schedule",
+            choices=["auto", "turns", "concurrent"],
+            default="auto",
+            help="with --draft: draft and verify in turns, or concurrently (the draft drafts the "
+            "next block on its own threads while the target verifies this one); default auto: "
+            "chosen per step from the measured costs",
         )
 
     sp = add("pull", cmd_pull, "download a catalog model into $EMBER_HOME", json_flag=False)

@@ -3,6 +3,8 @@
 
 import dataclasses
 import json
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,9 @@ import pytest
 import ember
 from ember.cli import main
 from ember.errors import EmberError
-from ember.runtime.generate import GenerationConfig, GenerationError, generate, verify_draft
+from ember.runtime.generate import GenerationConfig, GenerationError, generate
 from ember.runtime.sampling import Sampler, SamplingParams
+from ember.runtime.speculate import verify_draft
 from ember.speculative import ModelDrafter, PromptLookup
 
 ECHO = (
@@ -20,20 +23,23 @@ ECHO = (
 )  # smollm2-135m repeats it: long accepted runs
 
 
-def run(model, prompt_ids, drafter=None, k=None, session=None, **cfg):
+def run(model, prompt_ids, drafter=None, k=None, session=None, schedule="auto", **cfg):
     """(ids, text, finish_reason, stats, session) of one generation."""
     stats = {}
-    session = session or model.session()
-    chunks = list(generate(session, model.tokenizer, prompt_ids, GenerationConfig(**cfg), stats, drafter=drafter, k=k))
+    session = model.session() if session is None else session
+    config = GenerationConfig(**cfg)
+    chunks = list(
+        generate(session, model.tokenizer, prompt_ids, config, stats, drafter=drafter, k=k, schedule=schedule)
+    )
     ids = [i for c in chunks for i in c.token_ids]
     assert all(c.finish_reason is None for c in chunks[:-1])
     return ids, "".join(c.text for c in chunks), chunks[-1].finish_reason, stats, session
 
 
-def same_as_plain(model, prompt_ids, drafter, k=None, **cfg):
+def same_as_plain(model, prompt_ids, drafter, k=None, schedule="auto", **cfg):
     """Generate with and without the drafter; assert the same ids, text, end and session."""
     a_ids, a_text, a_fin, a_st, a_s = run(model, prompt_ids, **cfg)
-    b_ids, b_text, b_fin, b_st, b_s = run(model, prompt_ids, drafter, k, **cfg)
+    b_ids, b_text, b_fin, b_st, b_s = run(model, prompt_ids, drafter, k, schedule=schedule, **cfg)
     if a_ids != b_ids:
         j = next((i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y), min(len(a_ids), len(b_ids)))
         pytest.fail(
@@ -132,7 +138,7 @@ def test_verify_greedy_accepts_the_agreeing_prefix_and_adds_the_target_token():
 
 
 # chi-squared critical values at p = 0.001, by degrees of freedom
-CHI2_001 = {3: 16.266, 5: 20.515, 15: 37.697, 35: 66.619}
+CHI2_001 = {3: 16.266, 5: 20.515, 8: 26.124, 15: 37.697, 35: 66.619}
 
 
 def chi2_ok(counts: np.ndarray, probs: np.ndarray) -> None:
@@ -183,6 +189,64 @@ def test_verify_sampling_reproduces_the_target_distribution(case):
     chi2_ok(counts.ravel(), np.outer(p[0], p[1]).ravel())
 
 
+class _ToyDevice:
+    """A device whose model is a Markov chain: the logits after token t are log P[t]."""
+
+    def __init__(self, threads=2):
+        self.threads = threads
+
+    def with_threads(self, threads, model=None):
+        return _ToyDevice(threads)
+
+    def new_cache(self, model, n_ctx):
+        return types.SimpleNamespace(max_len=n_ctx, length=0, check_room=lambda n: None, truncate=lambda n: None)
+
+    def forward(self, model, ids, cache, all_logits=True):
+        cache.length += len(ids)
+        rows = np.log(model.P[ids])
+        return rows if all_logits else rows[-1:]
+
+
+class _ToyModel:
+    def __init__(self, P, name):
+        self.P, self.path = np.asarray(P), Path(f"{name}.gguf")
+        n = self.P.shape[0]
+        self.tokenizer = types.SimpleNamespace(
+            n_vocab=n,
+            tokens=[chr(97 + i) for i in range(n)],
+            stop_ids=frozenset(),
+            stream=lambda special=False: types.SimpleNamespace(feed=lambda ids: "", flush=lambda: ""),
+        )
+        self.threads = 2
+
+    def session(self):
+        from ember.runtime.session import Session
+
+        return Session(self, 64, device=_ToyDevice())
+
+
+@pytest.mark.parametrize("schedule", ["turns", "concurrent"])
+def test_speculative_generation_samples_the_target_chain(schedule):
+    """Whole generations over many seeds, a Markov-chain target and a draft that disagrees with
+    it: the emitted tokens at positions 3 and 4 (drafted ahead, beside a verify, under the
+    concurrent schedule) are distributed as the target chain's."""
+    P = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.3, 0.5, 0.2]])
+    Q = np.array([[0.5, 0.4, 0.1], [0.1, 0.3, 0.6], [0.2, 0.7, 0.1]])
+    target, draft = _ToyModel(P, "toy"), _ToyModel(Q, "toy-draft")
+    drafter = ModelDrafter(draft, target)
+    counts, hits = np.zeros((3, 3)), 0
+    for seed in range(8000):
+        cfg = GenerationConfig(max_tokens=7, temperature=1.0, seed=seed)
+        stats: dict = {}
+        chunks = generate(target.session(), target.tokenizer, [0], cfg, stats, drafter, k=2, schedule=schedule)
+        ids = [i for c in chunks for i in c.token_ids]
+        counts[ids[3], ids[4]] += 1
+        hits += stats.get("ahead_hits", 0)
+    start = np.linalg.matrix_power(P, 4)[0]  # token 3 after the prompt's token 0
+    chi2_ok(counts.ravel(), (start[:, None] * P).ravel())
+    assert (hits > 1000) == (schedule == "concurrent")
+
+
 # ---- a draft model ------------------------------------------------------------------------------
 
 CODE_PROMPTS = [
@@ -208,6 +272,41 @@ def test_draft_model_greedy_is_lossless(qwen_pair, prompt):
         stop = text[len(text) // 3 : len(text) // 3 + 5]
         _, t2, _ = same_as_plain(target, ids, drafter, max_tokens=48, stop=[stop])
         assert t2 == text[: text.index(stop)]
+
+
+@pytest.mark.parametrize("prompt", CODE_PROMPTS)
+def test_concurrent_schedule_greedy_is_lossless(qwen_pair, prompt):
+    """The draft drafts the next block on its own thread while the target verifies: the same
+    tokens, and the drafter's threads are all of them again afterwards."""
+    target, drafter = qwen_pair
+    ids = target.chat_ids([{"role": "user", "content": prompt}])
+    _, text, st = same_as_plain(target, ids, drafter, k=4, schedule="concurrent", max_tokens=40)
+    assert st["schedule"] == "concurrent" and st["steps_by_schedule"]["concurrent"] == st["verify_steps"]
+    assert st["ahead_drafts"] >= 1 and st["ahead_hits"] >= 1 and st["ahead_wasted_tokens"] >= 0
+    assert drafter.session.threads == target.threads
+    if prompt is CODE_PROMPTS[1]:  # a stop string inside an accepted run; auto picks per step
+        stop = text[len(text) // 2 : len(text) // 2 + 4]
+        _, t2, st2 = same_as_plain(target, ids, drafter, schedule="concurrent", max_tokens=40, stop=[stop])
+        assert t2 == text[: text.index(stop)]
+        _, _, st3 = same_as_plain(target, ids, drafter, max_tokens=40)
+        assert set(st3["steps_by_schedule"]) == {"turns", "concurrent"} and "verify_s_concurrent" in st3
+
+
+def test_concurrent_schedule_needs_a_draft_model_and_two_threads(smol, qwen_pair):
+    ids = smol.tokenize(ECHO)
+    with pytest.raises(EmberError, match="concurrent schedule needs a draft model"):
+        run(smol, ids, PromptLookup(), schedule="concurrent", max_tokens=4)
+    _, _, _, st, _ = run(smol, ids, PromptLookup(), max_tokens=4)
+    assert st["schedule"] == "auto" and "turns only" in st["schedule_note"]
+    target, drafter = qwen_pair
+    one = target.session()
+    one.use_threads(1)
+    with pytest.raises(EmberError, match="at least 2 threads"):
+        run(target, target.tokenize("def f():"), drafter, session=one, schedule="concurrent", max_tokens=4)
+    with pytest.raises(GenerationError, match="schedule must be one of"):
+        run(target, target.tokenize("def f():"), drafter, schedule="sideways", max_tokens=4)
+    with pytest.raises(EmberError, match="draft_schedule must be one of"):
+        ember.load(smol.path, draft="lookup", draft_schedule="sideways")
 
 
 def test_draft_model_eos_and_sampling(qwen_pair):

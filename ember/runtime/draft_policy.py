@@ -11,6 +11,14 @@ E(k) = 1 + a + ... + a^k tokens. The chosen k maximizes E(k) / (k c + v(k + 1));
 plain step, one token for v(1). A kind whose acceptance looks too low to pay is re-tried with a
 short draft every EXPLORE_EVERY steps, so a change in the text (an echo of the prompt starts)
 is noticed; while a kind has little evidence, the choice assumes one acceptance more than seen.
+
+Two schedules, each with costs of its own (`StepCosts`): taking turns (draft, then verify, each
+on all threads), and concurrent: the target verifies a block on its share of the threads while
+the drafter, on the rest, drafts the next block on the guess that this one is fully accepted
+(its first token guesses the target's own). A step then costs the slower of the two,
+max(v(k + 1), (k + 1) c), plus, when the guess fails (probability 1 - a^(k+1)), a draft of k
+tokens in turns. With more than one schedule allowed, each step takes the schedule and the k
+with the most tokens a second.
 """
 
 from __future__ import annotations
@@ -30,50 +38,44 @@ PRIOR_DRAFT_COST = 0.25  # a draft model's token, in one-row target steps, when 
 EXPLORE_EVERY = 16
 EXPLORE_K = 2
 CALIBRATE_ROWS = (1, 2, 4, 8, 16)
-_calibrated: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {rows: seconds}
+SCHEDULES = ("turns", "concurrent")
+# model -> {threads: {rows: seconds}}
+_calibrated: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def calibrate(session, history, room: int) -> dict[int, float]:
-    """Seconds of a step of n rows for n in CALIBRATE_ROWS (up to room + 1), measured once per
-    model on `session` (rows of the history's own tokens, rolled back at once) and kept: the
-    verify costs the policy starts from."""
-    known = _calibrated.get(session.model)
+def calibrate(session, history, room: int, sizes=CALIBRATE_ROWS) -> dict[int, float]:
+    """Seconds of a step of n rows for n in `sizes` (up to room + 1), measured once per model
+    and thread count on `session` (rows of the history's own tokens, rolled back at once) and
+    kept: the verify costs the policy starts from (a draft model's: one row)."""
+    per_threads = _calibrated.setdefault(session.model, {})
+    known = per_threads.get((session.threads, tuple(sizes)))
     if known is None:
         known = {}
         base = len(session)
-        for n in CALIBRATE_ROWS:
+        for n in sizes:
             if n > room + 1 or n > len(history):
                 break
             t = time.perf_counter()
             session.feed(list(history[-n:]))
             known[n] = time.perf_counter() - t
             session.truncate(base)
-        if len(known) == len(CALIBRATE_ROWS):
-            _calibrated[session.model] = known
+        if len(known) == len(sizes):
+            per_threads[(session.threads, tuple(sizes))] = known
     return known
 
 
-class DraftPolicy:
-    """The per-step draft length (`choose`), from what `observe_*` reports; `fixed` pins it."""
+class StepCosts:
+    """The costs measured under one schedule: seconds of a verify step per number of rows, and
+    of one drafted token (moving averages)."""
 
-    def __init__(self, max_k: int, fixed: int | None = None, draft_overhead: int = 0, timed: bool = True):
-        # draft_overhead: drafting k tokens costs k + draft_overhead token-costs (a draft model
-        # first feeds what it lacks of the context: about one more token's step). timed=False:
-        # the costs stay the priors (a one-row step costs 1, each more row PRIOR_ROW_COST, a
-        # drafted token PRIOR_DRAFT_COST with an overhead, else 0), so the choices depend on the
-        # accepted tokens alone: under sampling, a seed then repeats a run.
-        self.max_k, self.fixed, self.overhead, self.timed = max_k, fixed, draft_overhead, timed
+    def __init__(self, timed: bool, overhead: int):
+        self.timed, self.overhead = timed, overhead
         self.step_s: dict[int, float] = {}  # rows -> seconds (moving average)
         self.draft_s: float | None = None  # seconds per drafted token (moving average)
-        self.counts: dict[Hashable, list[float]] = {}
-        self.idle: dict[Hashable, int] = {}  # steps since a kind was last drafted
-        self.chosen: list[int] = []
-        self.reason = ""
         if not timed:
             self.step_s[1] = 1.0
-            self.draft_s = PRIOR_DRAFT_COST if draft_overhead else 0.0
+            self.draft_s = PRIOR_DRAFT_COST if overhead else 0.0
 
-    # what happened
     def observe_step(self, rows: int, seconds: float) -> None:
         if not self.timed:
             return
@@ -86,26 +88,6 @@ class DraftPolicy:
         if tokens > 0 and self.timed:
             per = per_token if per_token is not None else seconds / (tokens + self.overhead)
             self.draft_s = per if self.draft_s is None else (1 - EMA) * self.draft_s + EMA * per
-
-    def observe_accept(self, kind: Hashable, drafted: int, accepted: int) -> None:
-        """`accepted` of `drafted` kept: that many successes, then one rejection unless all were."""
-        c = self.counts.setdefault(kind, list(PRIOR))
-        for _ in range(drafted):
-            c[0] *= DECAY
-            c[1] *= DECAY
-        c[0] += accepted
-        c[1] += 1 if accepted < drafted else 0
-
-    # the model
-    def acceptance(self, kind: Hashable) -> float:
-        a, r = self.counts.get(kind, PRIOR)
-        return a / (a + r)
-
-    def hopeful(self, kind: Hashable) -> float:
-        """The acceptance the choice assumes: one success more than seen, which matters while
-        there is little evidence (a new kind gets tried) and fades as it accumulates."""
-        a, r = self.counts.get(kind, PRIOR)
-        return (a + 1) / (a + r + 1)
 
     def verify_costs(self, max_rows: int) -> list[float] | None:
         """Seconds of a verify step of 1..max_rows rows: the measured (and calibrated) sizes made
@@ -134,52 +116,151 @@ class DraftPolicy:
             out.append(max(t0 + (t1 - t0) / (n1 - n0) * (rows - n0), 1e-9))
         return out
 
-    def verify_cost(self, rows: int) -> float | None:
-        costs = self.verify_costs(rows)
+
+class DraftPolicy:
+    """The per-step schedule and draft length (`choose`), from what `observe_*` reports;
+    `fixed` pins k, `schedules` lists the schedules allowed (the first is taken when costs
+    cannot tell)."""
+
+    def __init__(
+        self,
+        max_k: int,
+        fixed: int | None = None,
+        draft_overhead: int = 0,
+        timed: bool = True,
+        schedules: tuple[str, ...] = ("turns",),
+    ):
+        # draft_overhead: drafting k tokens costs k + draft_overhead token-costs (a draft model
+        # first feeds what it lacks of the context: about one more token's step). timed=False:
+        # the costs stay the priors (a one-row step costs 1, each more row PRIOR_ROW_COST, a
+        # drafted token PRIOR_DRAFT_COST with an overhead, else 0), so the choices depend on the
+        # accepted tokens alone: under sampling, a seed then repeats a run.
+        if not schedules or any(x not in SCHEDULES for x in schedules):
+            raise ValueError(f"schedules must be some of {SCHEDULES}, got {schedules!r}")
+        self.max_k, self.fixed, self.overhead, self.timed = max_k, fixed, draft_overhead, timed
+        self.schedules = tuple(schedules)
+        self.costs = {x: StepCosts(timed, draft_overhead) for x in SCHEDULES}
+        self.counts: dict[Hashable, list[float]] = {}
+        self.idle: dict[Hashable, int] = {}  # steps since a kind was last drafted
+        self.chosen: list[int] = []
+        self.schedule = self.schedules[0]  # the last step's
+        self.steps_by_schedule = {x: 0 for x in self.schedules}
+        self.reason = ""
+
+    # what happened
+    def observe_step(self, rows: int, seconds: float, schedule: str = "turns") -> None:
+        self.costs[schedule].observe_step(rows, seconds)
+
+    def observe_draft(
+        self, tokens: int, seconds: float, per_token: float | None = None, schedule: str = "turns"
+    ) -> None:
+        self.costs[schedule].observe_draft(tokens, seconds, per_token)
+
+    def observe_accept(self, kind: Hashable, drafted: int, accepted: int) -> None:
+        """`accepted` of `drafted` kept: that many successes, then one rejection unless all were."""
+        c = self.counts.setdefault(kind, list(PRIOR))
+        for _ in range(drafted):
+            c[0] *= DECAY
+            c[1] *= DECAY
+        c[0] += accepted
+        c[1] += 1 if accepted < drafted else 0
+
+    # the model
+    def acceptance(self, kind: Hashable) -> float:
+        a, r = self.counts.get(kind, PRIOR)
+        return a / (a + r)
+
+    def hopeful(self, kind: Hashable) -> float:
+        """The acceptance the choice assumes: one success more than seen, which matters while
+        there is little evidence (a new kind gets tried) and fades as it accumulates."""
+        a, r = self.counts.get(kind, PRIOR)
+        return (a + 1) / (a + r + 1)
+
+    def verify_costs(self, max_rows: int, schedule: str = "turns") -> list[float] | None:
+        return self.costs[schedule].verify_costs(max_rows)
+
+    def verify_cost(self, rows: int, schedule: str = "turns") -> float | None:
+        costs = self.verify_costs(rows, schedule)
         return None if costs is None else costs[-1]
 
-    def _rates(self, limit: int, a: float) -> list[float]:
-        """Expected tokens a second of a step with k = 0..limit drafted tokens at acceptance a."""
-        v = self.verify_costs(limit + 1)
-        rates = []
-        for k in range(limit + 1):
+    def _rates(self, limit: int, a: float, schedule: str = "turns") -> list[float] | None:
+        """Expected tokens a second of a step with k = 0..limit drafted tokens at acceptance a
+        (k = 0: a plain step, on all threads); None before the costs are known."""
+        turns, mine = self.costs["turns"], self.costs[schedule]
+        v, vm = turns.verify_costs(limit + 1), mine.verify_costs(limit + 1)
+        if v is None or vm is None or (schedule != "turns" and (mine.draft_s is None or turns.draft_s is None)):
+            return None
+        d = turns.draft_s or 0.0
+        rates = [1 / v[0]]
+        for k in range(1, limit + 1):
             emitted = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-            drafting = (k + self.overhead) * (self.draft_s or 0.0) if k else 0.0
-            rates.append(emitted / (drafting + v[k]))
+            if schedule == "turns":
+                cost = (k + self.overhead) * d + v[k]
+            else:  # the next block drafted beside the verify; in turns when the guess fails
+                cost = max(vm[k], (k + 1) * mine.draft_s) + (1 - a ** (k + 1)) * (k + self.overhead) * d
+            rates.append(emitted / cost)
         return rates
 
     def choose(self, kind: Hashable, limit: int) -> int:
         """The draft length for the next step, at most `limit` (what the drafter offers, or the
-        tokens still wanted and the room in the context); 0: a plain step."""
+        tokens still wanted and the room in the context); 0: a plain step. Sets `schedule`."""
         limit = min(limit, self.max_k)
-        if self.fixed is not None:
-            k = min(self.fixed, limit)
-            self.reason = f"fixed k={self.fixed}"
-        elif limit <= 0:
-            k = 0
-        elif 1 not in self.step_s:
-            k, self.reason = 0, "a plain step first: it measures one row's cost"
+        first = self.schedules[0]
+        if limit <= 0:
+            k, schedule = 0, first
+        elif self.fixed is not None and len(self.schedules) == 1:
+            k, schedule = min(self.fixed, limit), first
+            self.reason = f"fixed k={self.fixed}, {first}"
+        elif 1 not in self.costs["turns"].step_s:
+            k, schedule = (0 if self.fixed is None else min(self.fixed, limit)), first
+            self.reason = "a plain step first: it measures one row's cost" if not k else f"fixed k={k}, {first}"
         else:
             a = self.hopeful(kind)
-            rates = self._rates(limit, a)
-            k = max(range(limit + 1), key=lambda j: rates[j])
-            if k == 0 and self.idle.get(kind, 0) >= EXPLORE_EVERY:
-                k, why = min(EXPLORE_K, limit), "a short draft to re-check acceptance"
+            options = []  # (rate, k, schedule)
+            for x in self.schedules:
+                rates = self._rates(limit, a, x)
+                if rates is None:
+                    continue
+                ks = [min(self.fixed, limit)] if self.fixed is not None else range(limit + 1)
+                options += [(rates[j], j, x) for j in ks]
+            if not options:
+                k, schedule = (min(self.fixed, limit) if self.fixed is not None else 0), first
+                self.reason = f"k={k}, {first}: no costs measured yet"
             else:
-                why = f"{rates[k]:.1f} tok/s expected vs {rates[0]:.1f} plain"
-            self.reason = f"k={k} at acceptance {a:.2f} ({kind}): {why}"
+                plain = max(r for r, j, _ in options if j == 0) if any(j == 0 for _, j, _ in options) else None
+                rate, k, schedule = max(options, key=lambda o: o[0])
+                if k == 0 and self.idle.get(kind, 0) >= EXPLORE_EVERY:
+                    k, schedule, why = min(EXPLORE_K, limit), "turns", "a short draft to re-check acceptance"
+                else:
+                    why = f"{rate:.1f} tok/s expected" + (f" vs {plain:.1f} plain" if plain else "")
+                    others = [o for o in options if o[2] != schedule]
+                    if others:
+                        best = max(others, key=lambda o: o[0])
+                        why += f", {best[0]:.1f} {best[2]} (k={best[1]})"
+                self.reason = f"k={k} {schedule} at acceptance {a:.2f} ({kind}): {why}"
+        if k == 0:
+            schedule = "turns" if "turns" in self.schedules else first
         self.idle[kind] = 0 if k else self.idle.get(kind, 0) + 1
         self.chosen.append(k)
+        self.schedule = schedule
+        self.steps_by_schedule[schedule] = self.steps_by_schedule.get(schedule, 0) + 1
         return k
 
     def stats(self) -> dict:
         n = len(self.chosen)
-        return {
+        turns = self.costs["turns"]
+        out = {
             "k_policy": "fixed" if self.fixed is not None else "adaptive" if self.timed else "adaptive (cost priors)",
             "draft_k_mean": sum(self.chosen) / n if n else 0.0,
             "plain_steps": sum(1 for k in self.chosen if k == 0),
-            "verify_s": {str(r): round(t, 6) for r, t in sorted(self.step_s.items())},
-            "draft_s_per_token": self.draft_s,
+            "verify_s": {str(r): round(t, 6) for r, t in sorted(turns.step_s.items())},
+            "draft_s_per_token": turns.draft_s,
             "acceptance_by_kind": {str(k): round(self.acceptance(k), 3) for k in self.counts},
             "k_reason": self.reason,
+            "steps_by_schedule": dict(self.steps_by_schedule),
         }
+        if "concurrent" in self.schedules:
+            c = self.costs["concurrent"]
+            out["verify_s_concurrent"] = {str(r): round(t, 6) for r, t in sorted(c.step_s.items())}
+            out["draft_s_per_token_concurrent"] = c.draft_s
+        return out

@@ -10,13 +10,8 @@ shares with the session's are fed (a chat's next turn prefills only the new mess
 generation ends the session holds every token it emitted but the last one (and the last one too
 when it ended at an end-of-generation token, which is not emitted).
 
-Speculative decoding (`drafter=`, see `ember.speculative` and docs/speculative.md): each step
-feeds the last emitted token and the drafter's proposal (k tokens) in one `Session.feed`, so the
-fused step reads each weight once for all k+1 rows; `verify_draft` keeps the drafted tokens the
-target agrees with (greedy: its argmax; sampling: the rejection rule, which leaves the output
-distribution exactly the target's) plus one token of the target's own, the session is truncated
-to drop the rejected rows, and the tokens go out one by one through the same stop / EOS /
-max_tokens / context rules as plain generation.
+Speculative decoding (`drafter=`): `speculate` runs the steps; the tokens go out through the
+same stop / EOS / max_tokens / context rules (`_Emitter`) as plain generation.
 """
 
 from __future__ import annotations
@@ -30,12 +25,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ..errors import EmberError
 from ..formats.tokenizer import Tokenizer
-from .draft_policy import DraftPolicy, calibrate
 from .sampling import Sampler, SamplingParams
+from .speculate import MAX_DRAFT, SCHEDULE_CHOICES, speculate
 
 if TYPE_CHECKING:
     from .session import Session
@@ -126,9 +119,6 @@ class _StopFilter:
         return out
 
 
-MAX_DRAFT = 15  # drafted tokens per verify step: with the last token, one fused step of 16 rows
-
-
 class _Emitter:
     """Turns sampled tokens into chunks under the stop rules: end-of-generation tokens (unless
     ignore_eos), stop strings, max_tokens and the context. One token at a time, for plain and
@@ -185,14 +175,16 @@ def generate(
     stats: dict | None = None,
     drafter=None,
     k: int | None = None,
+    schedule: str = "auto",
 ) -> Iterator[Chunk]:
     """Stream the continuation of `prompt_ids` after what `session` holds of it; fills `stats`
     (a new dict when None; every chunk carries it) as it goes.
 
     `drafter` (an `ember.speculative` drafter, or None for plain decoding) proposes `k` tokens
     per step (1..MAX_DRAFT; None: a `DraftPolicy` chooses per step from the costs and the
-    acceptance it measures, 0 when a plain step pays more). Greedy output is the same tokens as
-    plain decoding; sampled output has the same distribution."""
+    acceptance it measures, 0 when a plain step pays more), in turns with the target or
+    concurrently (`schedule`: "turns", "concurrent" or "auto", see `speculate`). Greedy output is
+    the same tokens as plain decoding; sampled output has the same distribution."""
     stats = {} if stats is None else stats
     if not prompt_ids:
         raise GenerationError("the prompt is empty: give some text or token ids")
@@ -209,6 +201,8 @@ def generate(
     if drafter is not None and k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
             raise GenerationError(f"the draft length k must be an integer from 1 to {MAX_DRAFT}, got {k!r}")
+    if schedule not in SCHEDULE_CHOICES:
+        raise GenerationError(f"the schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {schedule!r}")
     seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
     params = dataclasses.replace(cfg.sampling, seed=seed)
     sampler = Sampler(params, tokenizer.n_vocab)
@@ -235,110 +229,7 @@ def generate(
                 return
             logits = session.feed_last([token])
 
-    cheap = getattr(drafter, "cheap", False)  # proposes the most for free: the policy cuts it
-    # under sampling the costs stay priors: timings would steer the random draws, and a seed must
-    # repeat a run
-    policy = DraftPolicy(MAX_DRAFT, fixed=k, draft_overhead=0 if cheap else 1, timed=params.greedy)
-    if k is None and params.greedy:  # the verify costs, measured once per model (rolled back at once)
-        for rows, seconds in calibrate(session, out.history, min(MAX_DRAFT, n_ctx - len(out.history) - 1)).items():
-            policy.observe_step(rows, seconds)
-    spec: dict = dict(
-        drafter=drafter.name,
-        draft_k=k if k is not None else "auto",
-        verify_steps=0,
-        drafted_tokens=0,
-        accepted_tokens=0,
-        acceptance_rate=0.0,
-        mean_accepted_length=0.0,
-    )
-    stats.update(spec)
-    try:
-        yield out.emit(sampler.sample(logits, out.history), t0)  # the first token: from the prefill
-        while not out.done:
-            history = out.history
-            base = len(session)  # == len(history) - 1: all but the last token
-            left = MAX_DRAFT if cfg.max_tokens is None else cfg.max_tokens - len(out.generated) - 1
-            room = max(0, min(MAX_DRAFT, left, n_ctx - len(history)))  # room + 1 rows fit the context
-            t = time.perf_counter()
-            if cheap:
-                draft = [int(x) for x in drafter.propose(history, room)][:room] if room else []
-                kind = getattr(drafter, "kind", drafter.name)
-                draft = draft[: policy.choose(kind, len(draft))]
-            else:
-                kind = getattr(drafter, "kind", drafter.name)
-                n = policy.choose(kind, room)
-                draft = [int(x) for x in drafter.propose(history, n)][:n] if n else []
-            policy.observe_draft(len(draft), time.perf_counter() - t, getattr(drafter, "token_s", None))
-            q = drafter.probs() if draft and not params.greedy else None
-            t = time.perf_counter()
-            rows = session.feed([history[-1], *draft])
-            policy.observe_step(len(draft) + 1, time.perf_counter() - t)
-            tokens, accepted = verify_draft(sampler, rows, draft, q, history)
-            session.truncate(base + 1 + accepted)
-            if draft:
-                drafter.accepted(accepted)
-                policy.observe_accept(kind, len(draft), accepted)
-            spec["verify_steps"] += 1
-            spec["drafted_tokens"] += len(draft)
-            spec["accepted_tokens"] += accepted
-            spec["acceptance_rate"] = spec["accepted_tokens"] / max(spec["drafted_tokens"], 1)
-            spec["mean_accepted_length"] = spec["accepted_tokens"] / spec["verify_steps"]
-            stats.update(spec)
-            stats.update(policy.stats())
-            for token in tokens:
-                yield out.emit(token, t0)
-                if out.done:
-                    break
-    finally:  # also when the caller stops reading: the session holds what plain decoding would
-        if len(session) > out.held:
-            session.truncate(out.held)
-
-
-def verify_draft(
-    sampler: Sampler, rows: np.ndarray, draft: Sequence[int], q, history: Sequence[int]
-) -> tuple[list[int], int]:
-    """The tokens one verify step emits, and how many of `draft` it accepted.
-
-    rows: the target's logits [len(draft) + 1, n_vocab] after history[-1] and after each drafted
-    token. Position i is judged under the target's sampling settings with `history` plus the
-    drafted tokens before i (the repeat penalty's view, as in plain decoding). Greedy: the
-    longest drafted prefix equal to the target's argmax, then the argmax after it. Sampling: the
-    rejection rule; d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first
-    rejection the token is drawn from normalize(max(0, p_i - q_i)); when all are accepted one more
-    is drawn from p_k. q: the drafter's distributions, one float vector per drafted token, or None
-    for a deterministic drafter (q_i one-hot at d_i). Random numbers come from `sampler.rng`.
-    """
-    hist = list(history)
-    if sampler.params.greedy:
-        for i, d in enumerate(draft):
-            t = sampler.sample(rows[i], hist)
-            if t != d:
-                return [*draft[:i], t], i
-            hist.append(d)
-        return [*draft, sampler.sample(rows[len(draft)], hist)], len(draft)
-    rng = sampler.rng
-    for i, d in enumerate(draft):
-        p = sampler.probabilities(rows[i], hist)
-        qd = 1.0 if q is None else float(q[i][d])
-        if rng.random() * qd < p[d]:  # accepted with probability min(1, p(d) / q(d))
-            hist.append(d)
-            continue
-        if q is None:
-            r = p
-            r[d] = 0.0
-        else:
-            r = np.maximum(p - q[i], 0.0)
-        return [*draft[:i], draw(r if r.sum() > 0 else p, rng)], i
-    return [*draft, draw(sampler.probabilities(rows[len(draft)], hist), rng)], len(draft)
-
-
-def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
-    """An index j drawn with probability weights[j] / weights.sum() (weights >= 0, not all 0),
-    from one uniform number of `rng`; never a j whose weight is 0."""
-    nz = np.flatnonzero(weights)
-    c = np.cumsum(weights[nz])
-    j = int(np.searchsorted(c, rng.random() * c[-1], side="right"))
-    return int(nz[min(j, nz.shape[0] - 1)])
+    yield from speculate(session, drafter, sampler, out, cfg, stats, t0, logits, k=k, schedule=schedule)
 
 
 def _finish(stats: dict, generated: list[int], t_first: float, why: str) -> None:

@@ -360,3 +360,12 @@ class Sampler:
                 break
             m *= 16
         return _cut(ids, v[ids], _top_p_keep(c, p.top_p))
+
+
+def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """An index j drawn with probability weights[j] / weights.sum() (weights >= 0, not all 0),
+    from one uniform number of `rng`; never a j whose weight is 0."""
+    nz = np.flatnonzero(weights)
+    c = np.cumsum(weights[nz])
+    j = int(np.searchsorted(c, rng.random() * c[-1], side="right"))
+    return int(nz[min(j, nz.shape[0] - 1)])

@@ -76,6 +76,11 @@ class Session:
         self.truncate(n)
         return n
 
+    def use_threads(self, threads: int) -> None:
+        """Run the next feeds on `threads` of the device's threads (the KV cache stays)."""
+        self.device = self.device.with_threads(threads, self.model)
+        self.threads = self.device.threads
+
     def truncate(self, n: int) -> None:
         if not 0 <= n <= len(self.ids):
             raise ValueError(f"cannot truncate a session of {len(self.ids)} tokens to {n}")

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import EmberError
-from ..runtime.generate import draw
-from ..runtime.sampling import Sampler, SamplingParams
+from ..runtime.sampling import Sampler, SamplingParams, draw
 
 
 def check_same_vocabulary(target, draft) -> None:
@@ -103,6 +102,10 @@ class ModelDrafter:
         elif len(context_ids) - reused <= 2:
             self.token_s = t1 - t0
         return tokens
+
+    def use_threads(self, threads: int) -> None:
+        """Draft on `threads` threads from now on (the concurrent schedule's share, or all)."""
+        self.session.use_threads(threads)
 
     def probs(self) -> list[np.ndarray] | None:
         return self._q

@@ -161,6 +161,7 @@ class ChatApp(App):
         system: str | None = None,
         draft: str | None = None,
         draft_k: int | None = None,
+        draft_schedule: str = "auto",
         threads: int | None = None,
         n_ctx: int | None = None,
         device: str = "auto",
@@ -174,6 +175,7 @@ class ChatApp(App):
             "n_ctx": n_ctx,
             "draft": draft,
             "draft_k": draft_k,
+            "draft_schedule": draft_schedule,
             "device": device,
             "memory_budget": memory_budget,
         }

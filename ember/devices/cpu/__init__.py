@@ -64,6 +64,7 @@ class CpuDevice:
         self.placement = CpuPlacement()
         self._decoders: dict[int, tuple[object, FusedDecoder | None]] = {}
         self._streamed: dict[int, tuple[object, object]] = {}  # id(model) -> (model, StreamedModel)
+        self._siblings: dict[int, CpuDevice] = {}  # threads -> this device on that many (shared)
 
     def decoder(self, model) -> FusedDecoder | None:
         """The fused step for `model` on this device's threads, or None where the model or the
@@ -78,6 +79,20 @@ class CpuDevice:
                     pass
             got = self._decoders[id(model)] = (model, dec)
         return got[1]
+
+    def with_threads(self, threads: int, model=None) -> CpuDevice:
+        """This device on `threads` of its threads (the same placement; for running two models
+        side by side). UnsupportedError when `model` streams under a memory budget here."""
+        if threads == self.threads:
+            return self
+        if model is not None and self.streamed(model) is not None:
+            raise UnsupportedError("a model under a memory budget runs on all of its threads")
+        self._siblings.setdefault(self.threads, self)
+        sibling = self._siblings.get(threads)
+        if sibling is None:
+            sibling = self._siblings[threads] = CpuDevice(threads, self.fused)
+            sibling.placement, sibling._siblings = self.placement, self._siblings
+        return sibling
 
     def set_budget(self, model, budget: int, n_ctx: int):
         """Run `model` within `budget` bytes at contexts up to `n_ctx`: the layers that do not
