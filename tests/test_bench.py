@@ -96,6 +96,14 @@ def _results(peer: bool = True) -> dict:
         {"engine": "ember", "drafter": "plain", "rep": 0, "tokens_per_s": 20.0, "same_tokens": True},
         {"engine": "ember", "drafter": "lookup", "rep": 0, "tokens_per_s": 30.0, "same_tokens": True,
          "acceptance_rate": 0.5, "mean_accepted_length": 4.0, "draft_k_mean": 6.0},
+        {"engine": "ember", "drafter": "d", "rep": 0, "tokens_per_s": 25.0, "same_tokens": True,
+         "acceptance_rate": 0.8, "mean_accepted_length": 2.0, "draft_k_mean": 2.5,
+         "verify_s": {"1": 0.04, "8": 0.08}, "draft_s_per_token": 0.01,
+         "steps_by_schedule": {"turns": 30, "concurrent": 10}},
+        {"engine": "ember", "drafter": "plain", "request": "rename", "rep": 0, "tokens_per_s": 21.0,
+         "same_tokens": True},
+        {"engine": "ember", "drafter": "lookup", "request": "rename", "rep": 0, "tokens_per_s": 63.0,
+         "same_tokens": True, "acceptance_rate": 0.9, "mean_accepted_length": 9.0, "draft_k_mean": 10.0},
         {"engine": "llama.cpp", "drafter": "plain", "rep": 0, "tokens_per_s": 15.0},
         {"engine": "llama.cpp", "drafter": "lookup", "rep": 0, "tokens_per_s": 10.0},
     ]  # fmt: skip
@@ -147,8 +155,12 @@ def test_summaries():
     assert rows[1]["peak_over_budget"] == pytest.approx(620 / 600) and rows[1]["read_bytes_per_s"] == 2e9
     assert rows[3]["memory_peak_bytes"] == 599e6  # a cgroup's peak, page cache included, not RSS
     sp = sc["speculative"]["summary"]
-    assert sp["ember|lookup"]["speedup"] == 1.5 and sp["llama.cpp|lookup"]["speedup"] == pytest.approx(2 / 3)
-    assert sp["ember|lookup"]["same_tokens"] and "same_tokens" not in sp["llama.cpp|plain"]
+    hints = sp["ember|type hints|lookup"]
+    assert hints["speedup"] == 1.5 and sp["llama.cpp|type hints|lookup"]["speedup"] == pytest.approx(2 / 3)
+    assert hints["same_tokens"] and "same_tokens" not in sp["llama.cpp|type hints|plain"]
+    assert sp["ember|rename|lookup"]["speedup"] == 3.0  # against the rename request's plain run
+    d = sp["ember|type hints|d"]
+    assert (d["draft_cost"], d["verify8_cost"], d["concurrent_share"]) == (0.25, 2.0, 0.25)
 
 
 def test_markdown_report():
@@ -164,7 +176,9 @@ def test_markdown_report():
     assert "![dense](dense.png)" in md and "- moe: skipped: not in ember yet" in md and "- noisy" in md
     assert "| ember budget | 60% 600 MB | 2.00 | 4.00 (50%) | 620 MB (1.03x) | yes |" in md
     assert "BudgetError: a memory budget of 150 MB is too small" in md
-    assert "| ember | lookup | 30.0 | 1.50x | 6.0 | 50% | 4.00 | yes |" in md
+    assert "| ember | type hints | lookup | 30.0 | 1.50x | 6.0 | 50% | 4.00 | - | yes |" in md
+    assert "| ember | type hints | d | 25.0 | 1.25x | 2.5 | 80% | 2.00 | 25% | yes |" in md
+    assert "a drafted token costs 0.25 of a one-row target step, a verify step of 8 rows 2.00x" in md
     assert "CPU: Test CPU, 2 cores (avx2; L1D 32 KiB)" in md
     one = _results(peer=False)
     report.summarize(one)

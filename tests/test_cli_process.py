@@ -346,7 +346,7 @@ def test_bench_quick(smol, tmp_path):
     assert resident["variant"] == "resident" and budget["variant"] == "budget"
     assert budget["same_tokens"] and budget["streamed_bytes_per_token"] > 0 and budget["memory_peak_bytes"] > 0
     spec = sc["speculative"]["summary"]
-    assert spec["ember|lookup"]["same_tokens"] and "acceptance_rate" in spec["ember|lookup"]
+    assert spec["ember|type hints|lookup"]["same_tokens"] and "acceptance_rate" in spec["ember|type hints|lookup"]
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# ember benchmark: smollm2-135m (--quick)") and "## Not measured" in md
     for p in r["plots"]:

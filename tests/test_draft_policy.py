@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ember.runtime.draft_policy import EXPLORE_EVERY, EXPLORE_K, PRIOR_ROW_COST, DraftPolicy
+from ember.runtime.draft_policy import EMA, EXPLORE_EVERY, EXPLORE_K, OUTLIER, PRIOR_ROW_COST, DraftPolicy
 
 
 def _policy(row_cost: float, acceptance: float, draft_s: float = 0.0, overhead: int = 0) -> DraftPolicy:
@@ -67,8 +67,9 @@ def test_first_step_is_plain_then_a_rejected_kind_is_retried_now_and_then():
     p = DraftPolicy(15)
     assert p.choose("k", 10) == 0 and "plain step first" in p.reason
     p = _policy(row_cost=0.35, acceptance=0.05)
-    ks = [p.choose("k", 10) for _ in range(3 * EXPLORE_EVERY + 3)]
-    assert ks.count(EXPLORE_K) == 3 and set(ks) == {0, EXPLORE_K}
+    ks = [p.choose("k", 10) for _ in range(7 * EXPLORE_EVERY + 3)]  # re-tries after 16, 32 and 64 steps
+    assert [i for i, k in enumerate(ks) if k] == [EXPLORE_EVERY, 3 * EXPLORE_EVERY + 1, 7 * EXPLORE_EVERY + 2]
+    assert set(ks) == {0, EXPLORE_K}
     st = p.stats()
     assert st["k_policy"] == "adaptive" and st["plain_steps"] == len(ks) - 3 and st["verify_s"]["1"] == 1e-3
 
@@ -89,3 +90,37 @@ def test_untimed_policy_ignores_timings():
             p.observe_accept("k", 6, 5)
     assert [a.choose("k", 15) for _ in range(5)] == [b.choose("k", 15) for _ in range(5)]
     assert a.chosen[0] > 0 and a.stats()["k_policy"] == "adaptive (cost priors)"
+
+
+def test_one_stalled_step_moves_the_cost_little():
+    """A stall (the KV cache growing, another process) must not make plain steps look dear for
+    the rest of a generation: a timing counts at most OUTLIER x the average so far."""
+    p = DraftPolicy(15)
+    p.observe_step(1, 0.030)
+    p.observe_step(1, 0.150)
+    assert p.verify_cost(1) <= 0.030 * (1 + EMA * (OUTLIER - 1)) + 1e-12
+    for _ in range(12):  # a lasting change is followed
+        p.observe_step(1, 0.060)
+    assert p.verify_cost(1) == pytest.approx(0.060, rel=0.02)
+
+
+def test_auto_schedule_takes_the_faster_of_turns_and_concurrent():
+    """Concurrent pays when a drafted token costs about a verify step and the verify does not slow
+    down on fewer threads; on two cores, where the target's verify on one thread costs ~1.8x, turns."""
+
+    def policy(v_split: float, d_split: float) -> DraftPolicy:
+        p = DraftPolicy(15, draft_overhead=1, schedules=("turns", "concurrent"))
+        for n in range(1, 17):
+            p.observe_step(n, 0.030 * (1 + 0.2 * (n - 1)), "turns")
+            p.observe_step(n, v_split * (1 + 0.2 * (n - 1)), "concurrent")
+        p.observe_draft(1, 0.012, 0.012, "turns")
+        p.observe_draft(1, d_split, d_split, "concurrent")
+        for _ in range(50):
+            p.observe_accept("d", 4, 4)
+        return p
+
+    fast = policy(0.032, 0.013)  # many cores: neither slows much on its share
+    assert fast.choose("d", 15) > 0 and fast.schedule == "concurrent"
+    slow = policy(0.055, 0.020)  # two cores
+    assert slow.choose("d", 15) > 0 and slow.schedule == "turns" and "concurrent (k=" in slow.reason
+    assert slow.stats()["steps_by_schedule"] == {"turns": 1, "concurrent": 0}

@@ -199,7 +199,9 @@ class _ToyDevice:
         return _ToyDevice(threads)
 
     def new_cache(self, model, n_ctx):
-        return types.SimpleNamespace(max_len=n_ctx, length=0, check_room=lambda n: None, truncate=lambda n: None)
+        return types.SimpleNamespace(
+            max_len=n_ctx, length=0, check_room=lambda n: None, truncate=lambda n: None, reserve=lambda n: None
+        )
 
     def forward(self, model, ids, cache, all_logits=True):
         cache.length += len(ids)

@@ -103,17 +103,31 @@ def _offload(sec: dict) -> dict:
 
 
 def _speculative(sec: dict) -> dict:
+    """Per engine, request and drafter: tok/s, speedup over that request's plain run, the
+    speculative figures and the cost model's terms (a drafted token and a verify step of 8 rows,
+    in one-row target steps)."""
     out = {}
-    for (engine, drafter), runs in _group(sec["runs"], "engine", "drafter").items():
-        e = dict(_spread(r["tokens_per_s"] for r in runs), busy=any(r.get("busy") for r in runs))
-        if "same_tokens" in runs[0]:
-            e["same_tokens"] = all(r["same_tokens"] for r in runs)
+    runs = [dict(r, request=r.get("request", "type hints")) for r in sec["runs"]]
+    for (engine, request, drafter), rs in _group(runs, "engine", "request", "drafter").items():
+        e = dict(_spread(r["tokens_per_s"] for r in rs), busy=any(r.get("busy") for r in rs))
+        if "same_tokens" in rs[0]:
+            e["same_tokens"] = all(r["same_tokens"] for r in rs)
         for k in ("acceptance_rate", "mean_accepted_length", "draft_k_mean"):
-            if k in runs[0]:
-                e[k] = statistics.median(r[k] for r in runs)
-        out[f"{engine}|{drafter}"] = e
+            if k in rs[0]:
+                e[k] = statistics.median(r[k] for r in rs)
+        one = [r["verify_s"]["1"] for r in rs if "1" in r.get("verify_s", {})]
+        if one and "8" in rs[0].get("verify_s", {}):
+            e["verify8_cost"] = statistics.median(r["verify_s"]["8"] / r["verify_s"]["1"] for r in rs)
+        if one and rs[0].get("draft_s_per_token"):
+            e["draft_cost"] = statistics.median(r["draft_s_per_token"] / r["verify_s"]["1"] for r in rs)
+        if "steps_by_schedule" in rs[0]:
+            steps = rs[0]["steps_by_schedule"]
+            e["concurrent_share"] = statistics.median(
+                r["steps_by_schedule"].get("concurrent", 0) / max(sum(r["steps_by_schedule"].values()), 1) for r in rs
+            ) if "concurrent" in steps else 0.0  # fmt: skip
+        out[f"{engine}|{request}|{drafter}"] = e
     for key, e in out.items():
-        plain = out.get(key.split("|")[0] + "|plain")
+        plain = out.get(key.rsplit("|", 1)[0] + "|plain")
         if plain:
             e["speedup"] = e["median"] / plain["median"]
     return out
@@ -234,26 +248,41 @@ def tables(results: dict) -> list[dict]:
         out.append(_table("offload", "Offload: decode under a memory budget", header, rows, notes))
     if sc.get("speculative", {}).get("status") == "ok":
         sec, s = sc["speculative"], sc["speculative"]["summary"]
-        header = ["engine", "drafter", "tok/s", "speedup", "mean k", "acceptance", "accepted/step", "same tokens"]
-        rows = []
+        header = ["engine", "request", "drafter", "tok/s", "speedup", "mean k", "acceptance", "accepted/step"]
+        header += ["concurrent steps", "same tokens"]
+        rows, costs = [], []
         for key, e in s.items():
-            engine, drafter = key.split("|")
+            engine, request, drafter = key.split("|")
             acc = f"{100 * e['acceptance_rate']:.0f}%" if "acceptance_rate" in e else "-"
             mal = f"{e['mean_accepted_length']:.2f}" if "mean_accepted_length" in e else "-"
             same = {True: "yes", False: "NO"}.get(e.get("same_tokens"), "-")
+            conc = f"{100 * e['concurrent_share']:.0f}%" if "concurrent_share" in e else "-"
             rows.append(
                 [
                     engine,
+                    request,
                     drafter + (" (busy)" if e["busy"] else ""),
                     _tok(e),
                     f"{e.get('speedup', 1):.2f}x",
                     f"{e['draft_k_mean']:.1f}" if "draft_k_mean" in e else "-",
                     acc,
                     mal,
+                    conc,
                     same,
                 ]
             )
-        notes = [f"{sec['decode']} greedy tokens of a rewrite request (a 60-line module) at {sec['threads']} thread(s)"]
+            if "draft_cost" in e and "verify8_cost" in e and not costs:
+                costs.append(
+                    f"cost model ({drafter}, medians): a drafted token costs {e['draft_cost']:.2f} of a one-row target "
+                    f"step, a verify step of 8 rows {e['verify8_cost']:.2f}x one row (all threads, measured in the run)"
+                )
+        notes = [
+            f"{sec['decode']} greedy tokens of a rewrite request of a 60-line module at {sec['threads']} thread(s): "
+            "'type hints' changes most lines a little, 'rename' a few words",
+            "concurrent: the draft drafts the next block on its own threads while the target verifies; "
+            "'concurrent steps' is the share of verify steps run so",
+            *costs,
+        ]
         out.append(_table("speculative", "Speculative decoding", header, rows, notes))
     return out
 
@@ -423,7 +452,7 @@ def _plot_speculative(ax, sec, engines):
                 va="bottom",
                 fontsize=8,
             )
-    ax.set_xticks(range(len(keys)), [k.replace("|", "\n").replace(" k=", "\nk=") for k in keys], fontsize=8)
+    ax.set_xticks(range(len(keys)), [k.replace("|", "\n").replace(" k=", "\nk=") for k in keys], fontsize=7)
     ax.set_ylabel("decode tokens/s")
 
 

@@ -9,8 +9,9 @@ long-context  decode tokens/s after prompts of CONTEXTS tokens, per engine
 offload       decode under memory budgets (BUDGETS x the weight bytes), the page cache dropped
               first, against the resident run's tokens, the disk's roofline, plain mmap under a
               memory cgroup of the same size, and llama.cpp under that cgroup
-speculative   plain decoding against prompt lookup and a draft model on a rewrite request,
-              the same tokens required; llama.cpp plain and with its prompt-lookup decoding
+speculative   plain decoding against prompt lookup and a draft model (in turns, concurrently) on
+              two rewrite requests, the same tokens required; llama.cpp plain and with its
+              prompt-lookup decoding
 moe, devices  not in ember yet: listed as skipped
 """
 
@@ -245,44 +246,68 @@ def offload_steps(b) -> int:
 def speculative(b) -> dict:
     n, t = (QUICK_SPEC_DECODE if b.quick else SPEC_DECODE), b.threads[-1]
     variants = _variants(b)
-    out: dict = {"threads": t, "decode": n, "drafts": [name for name, _, _ in variants], "runs": []}
+    requests = list(dict.fromkeys(v[4] for v in variants))
+    out: dict = {"threads": t, "decode": n, "requests": requests, "drafts": [v[0] for v in variants], "runs": []}
     if b.draft is None and not b.quick and b.model_name not in DRAFTS:
         b.warn(f"speculative: no catalog draft model for {b.model_name}: prompt lookup only (--draft to add one)")
     for rep in range(b.reps):
-        plain = None
-        for name, draft, k in variants:
-            r = b.worker("speculative", f"ember {name}", model=b.model_path, draft=draft, k=k, threads=t, tokens=n)
-            plain = r["tokens"] if draft is None else plain
-            r = dict(r, engine="ember", drafter=name, rep=rep, same_tokens=r["tokens"] == plain)
-            out["runs"].append(r)
-            b.note(f"    ember {name}: {r['tokens_per_s']:.1f} tok/s, same tokens {r['same_tokens']}")
+        plain: dict[str, list[int]] = {}
+        for name, draft, k, schedule, request in variants:
+            label = f"ember {name} ({request})"
+            r = b.worker(
+                "speculative", label, model=b.model_path, draft=draft, k=k, schedule=schedule,
+                threads=t, tokens=n, request=request,
+            )  # fmt: skip
+            if draft is None:
+                plain[request] = r["tokens"]
+            same = r["tokens"] == plain.get(request)
+            out["runs"].append(dict(r, engine="ember", drafter=name, request=request, rep=rep, same_tokens=same))
+            b.note(f"    {label}: {r['tokens_per_s']:.1f} tok/s, same tokens {same}")
         for engine in b.engines[1:]:
-            for lookup in (False, True):
-                name = "lookup" if lookup else "plain"
-                r = b.worker(
-                    "llama_speculative", f"{engine} {name}", model=b.model_path, lookup=lookup, threads=t, tokens=n
-                )
-                out["runs"].append(dict(r, engine=engine, drafter=name, rep=rep))
-                b.note(f"{engine:>9} {name}: {r['tokens_per_s']:.1f} tok/s")
+            for request in requests:
+                for lookup in (False, True):
+                    name = "lookup" if lookup else "plain"
+                    r = b.worker(
+                        "llama_speculative", f"{engine} {name} ({request})", model=b.model_path, lookup=lookup,
+                        threads=t, tokens=n, request=request,
+                    )  # fmt: skip
+                    out["runs"].append(dict(r, engine=engine, drafter=name, request=request, rep=rep))
+                    b.note(f"{engine:>9} {name} ({request}): {r['tokens_per_s']:.1f} tok/s")
     return out
 
 
-def _variants(b) -> list[tuple[str, str | None, int | None]]:
-    """(name, draft, k) of ember's runs: plain first (the others' tokens are checked against it),
-    prompt lookup and the draft model with k chosen per step, and (not --quick) each at a fixed
-    k as well: 10 for lookup, 4 for a draft model."""
+def _variants(b) -> list[tuple[str, str | None, int | None, str, str]]:
+    """(name, draft, k, schedule, request) of ember's runs, each request's plain run first (the
+    others' tokens are checked against it). --quick: plain and prompt lookup on the type-hints
+    request. Else also lookup at k = 10, and the draft model with the schedule and k chosen per
+    step, in turns and concurrently (k per step and k = 4); on the rename request (a few words
+    change), plain, lookup and the draft model."""
     model = b.draft or (None if b.quick else DRAFTS.get(b.model_name))
-    out: list[tuple[str, str | None, int | None]] = [("plain", None, None), ("lookup", "lookup", None)]
-    if not b.quick:
-        out.append(("lookup k=10", "lookup", 10))
+    hints, rename = "type hints", "rename"
+    out: list[tuple[str, str | None, int | None, str, str]] = [
+        ("plain", None, None, "auto", hints),
+        ("lookup", "lookup", None, "auto", hints),
+    ]
+    if b.quick:
+        return out
+    out.append(("lookup k=10", "lookup", 10, "auto", hints))
+    name = None
     if model:
         name = Path(model).stem if model.endswith(".gguf") else model
-        out += [(name, model, None)] + ([] if b.quick else [(f"{name} k=4", model, 4)])
+        for k in (None, 4):
+            for schedule in ("auto", "turns", "concurrent"):
+                if k is None or schedule != "auto":
+                    label = name + ("" if schedule == "auto" else f" {schedule}") + (f" k={k}" if k else "")
+                    out.append((label, model, k, schedule, hints))
+    out += [("plain", None, None, "auto", rename), ("lookup", "lookup", None, "auto", rename)]
+    if name:
+        out.append((name, model, None, "auto", rename))
     return out
 
 
 def speculative_steps(b) -> int:
-    return b.reps * (len(_variants(b)) + 2 * (len(b.engines) - 1))
+    requests = len({v[4] for v in _variants(b)})
+    return b.reps * (len(_variants(b)) + 2 * requests * (len(b.engines) - 1))
 
 
 def moe(b) -> dict:

@@ -111,8 +111,17 @@ def prompt_ids(n: int, tokenize: Callable[[str], list[int]]) -> list[int]:
     return ids[:n]
 
 
-def rewrite_prompt() -> str:
+REWRITE_REQUESTS = {
+    # the reply changes most lines a little
+    "type hints": "Add type hints to every function of this Python module. Reply with the whole module only.",
+    # the reply echoes the module with a few words changed, as small edits do
+    "rename": "Rename the function parse_amount to parse_money everywhere in this Python module. "
+    "Reply with the whole module only.",
+}
+
+
+def rewrite_prompt(request: str = "type hints") -> str:
     """The speculative scenario's request: rewrite a short Python module (rewrite.py.txt, shipped
-    in the package) with type hints; the reply echoes much of the prompt, as edits do."""
+    in the package) as REWRITE_REQUESTS[request] asks; the reply echoes much of the prompt."""
     code = (Path(__file__).resolve().parent / "rewrite.py.txt").read_text(encoding="utf-8")
-    return f"Add type hints to every function of this Python module. Reply with the whole module only.\n\n{code}"
+    return f"{REWRITE_REQUESTS[request]}\n\n{code}"

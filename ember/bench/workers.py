@@ -288,27 +288,37 @@ def worker_offload(
     }
 
 
-def worker_speculative(model: str, draft: str | None, threads: int, tokens: int, k: int | None = None) -> dict:
-    """Greedy generation of `tokens` tokens on the rewrite prompt, plain (draft None) or with a
-    drafter ("lookup" or a draft model) drafting k tokens a step (None: chosen per step); the
-    tokens (for the identity check), tok/s and the speculative stats."""
+def worker_speculative(
+    model: str,
+    draft: str | None,
+    threads: int,
+    tokens: int,
+    k: int | None = None,
+    schedule: str = "auto",
+    request: str = "type hints",
+) -> dict:
+    """Greedy generation of `tokens` tokens on a rewrite request, plain (draft None) or with a
+    drafter ("lookup" or a draft model) drafting k tokens a step (None: chosen per step) under a
+    schedule; the tokens (for the identity check), tok/s and the speculative stats."""
     import ember
 
-    m = ember.load(model, threads=threads, n_ctx=2048, draft=draft, draft_k=k)
+    m = ember.load(model, threads=threads, n_ctx=2048, draft=draft, draft_k=k, draft_schedule=schedule)
     m.prepare()
-    messages = [{"role": "user", "content": rewrite_prompt()}]
+    messages = [{"role": "user", "content": rewrite_prompt(request)}]
     for _ in m.chat(messages, max_tokens=4, temperature=0.0):  # warm-up: the k-row paths compile
         pass
     ids = [i for c in m.chat(messages, max_tokens=tokens, temperature=0.0) for i in c.token_ids]
     st = dict(m.stats)
     keys = ("drafter", "draft_k", "draft_k_mean", "plain_steps", "verify_steps", "drafted_tokens", "accepted_tokens")
-    more = ("acceptance_rate", "mean_accepted_length", "k_reason", "verify_s", "draft_s_per_token")
+    more = ("acceptance_rate", "mean_accepted_length", "k_reason", "verify_s", "draft_s_per_token", "schedule")
+    more += ("steps_by_schedule", "ahead_drafts", "ahead_hits", "ahead_wasted_tokens", "verify_s_concurrent")
+    more += ("draft_s_per_token_concurrent",)
     out = {k: st[k] for k in (*keys, *more) if k in st}
     out.update(tokens_per_s=st["decode_tokens_per_s"], tokens=ids, peak_rss_bytes=_peak_rss())
     return out
 
 
-def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int) -> dict:
+def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int, request: str = "type hints") -> dict:
     """llama-cpp-python on the same request, plain or with its prompt-lookup decoding."""
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -322,7 +332,7 @@ def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int
         logits_all=lookup,  # its verification reads every drafted row's logits
         verbose=False,
     )
-    messages = [{"role": "user", "content": rewrite_prompt()}]
+    messages = [{"role": "user", "content": rewrite_prompt(request)}]
     llm.create_chat_completion(messages, max_tokens=4, temperature=0.0)  # warm-up
     t_first, done = None, 0
     for _ in llm.create_chat_completion(messages, max_tokens=tokens, temperature=0.0, top_k=1, stream=True):
@@ -338,8 +348,12 @@ WORKERS = {
     "llama": lambda a: worker_llama(a["model"], a["test"], a["threads"]),
     "bandwidth": lambda a: worker_bandwidth(a["threads"]),
     "offload": lambda a: worker_offload(a["model"], a.get("budget"), a["threads"], a["tokens"], a.get("stream_share")),
-    "speculative": lambda a: worker_speculative(a["model"], a.get("draft"), a["threads"], a["tokens"], a.get("k")),
-    "llama_speculative": lambda a: worker_llama_speculative(a["model"], a["lookup"], a["threads"], a["tokens"]),
+    "speculative": lambda a: worker_speculative(
+        a["model"], a.get("draft"), a["threads"], a["tokens"], a.get("k"), a.get("schedule", "auto"), a["request"]
+    ),
+    "llama_speculative": lambda a: worker_llama_speculative(
+        a["model"], a["lookup"], a["threads"], a["tokens"], a["request"]
+    ),
 }
 
 

@@ -10,7 +10,11 @@ matched n-gram length, or the draft model), independently, so k drafted tokens e
 E(k) = 1 + a + ... + a^k tokens. The chosen k maximizes E(k) / (k c + v(k + 1)); k = 0 is a
 plain step, one token for v(1). A kind whose acceptance looks too low to pay is re-tried with a
 short draft every EXPLORE_EVERY steps, so a change in the text (an echo of the prompt starts)
-is noticed; while a kind has little evidence, the choice assumes one acceptance more than seen.
+is noticed, twice as long after each re-try that did not make it pay (up to EXPLORE_MAX). A
+draft model is not re-tried: it would first read every token it missed (Qwen2.5-0.5B, whose Q8_0
+matrices run row by row: ~15 ms a token on a 2-core Zen 4, 0.25-0.5 s a re-try), which costs as
+much as drafting all along. While a kind has little evidence, the choice assumes one acceptance
+more than seen.
 
 Two schedules, each with costs of its own (`StepCosts`): taking turns (draft, then verify, each
 on all threads), and concurrent: the target verifies a block on its share of the threads while
@@ -28,6 +32,7 @@ import weakref
 from collections.abc import Hashable
 
 EMA = 0.3  # weight of the newest timing
+OUTLIER = 1.5  # a timing counts at most this many times the average so far
 DECAY = 0.95  # per observation, of the acceptance counts: recent text counts more
 # accepted, rejected before any evidence: a = 0.8, so a new kind is drafted and learned about
 # (decayed away within a few dozen drafted tokens); a pessimistic prior left a draft model that
@@ -36,6 +41,7 @@ PRIOR = (4.0, 1.0)
 PRIOR_ROW_COST = 0.15  # an extra verified row's cost, in one-row steps, until one is measured
 PRIOR_DRAFT_COST = 0.25  # a draft model's token, in one-row target steps, when not timed
 EXPLORE_EVERY = 16
+EXPLORE_MAX = 128
 EXPLORE_K = 2
 CALIBRATE_ROWS = (1, 2, 4, 8, 16)
 SCHEDULES = ("turns", "concurrent")
@@ -64,6 +70,12 @@ def calibrate(session, history, room: int, sizes=CALIBRATE_ROWS) -> dict[int, fl
     return known
 
 
+def _average(old: float, new: float) -> float:
+    """The moving average with `new` clipped to OUTLIER x `old`: one stall (a page fault storm,
+    another process) moves it little, a lasting change within a few steps."""
+    return (1 - EMA) * old + EMA * min(new, OUTLIER * old)
+
+
 class StepCosts:
     """The costs measured under one schedule: seconds of a verify step per number of rows, and
     of one drafted token (moving averages)."""
@@ -80,14 +92,14 @@ class StepCosts:
         if not self.timed:
             return
         old = self.step_s.get(rows)
-        self.step_s[rows] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+        self.step_s[rows] = seconds if old is None else _average(old, seconds)
 
     def observe_draft(self, tokens: int, seconds: float, per_token: float | None = None) -> None:
         """A proposal of `tokens` tokens took `seconds`; `per_token`: the drafter's own figure
         for one drafted token (a draft model's, without feeding what it lacked of the context)."""
         if tokens > 0 and self.timed:
             per = per_token if per_token is not None else seconds / (tokens + self.overhead)
-            self.draft_s = per if self.draft_s is None else (1 - EMA) * self.draft_s + EMA * per
+            self.draft_s = per if self.draft_s is None else _average(self.draft_s, per)
 
     def verify_costs(self, max_rows: int) -> list[float] | None:
         """Seconds of a verify step of 1..max_rows rows: the measured (and calibrated) sizes made
@@ -142,6 +154,7 @@ class DraftPolicy:
         self.costs = {x: StepCosts(timed, draft_overhead) for x in SCHEDULES}
         self.counts: dict[Hashable, list[float]] = {}
         self.idle: dict[Hashable, int] = {}  # steps since a kind was last drafted
+        self.explore_every: dict[Hashable, int] = {}  # per kind; doubles after each re-try
         self.chosen: list[int] = []
         self.schedule = self.schedules[0]  # the last step's
         self.steps_by_schedule = {x: 0 for x in self.schedules}
@@ -229,8 +242,12 @@ class DraftPolicy:
             else:
                 plain = max(r for r, j, _ in options if j == 0) if any(j == 0 for _, j, _ in options) else None
                 rate, k, schedule = max(options, key=lambda o: o[0])
-                if k == 0 and self.idle.get(kind, 0) >= EXPLORE_EVERY:
+                every = self.explore_every.get(kind, EXPLORE_EVERY)
+                if k:
+                    self.explore_every[kind] = EXPLORE_EVERY
+                if k == 0 and self.idle.get(kind, 0) >= every and not self.overhead:
                     k, schedule, why = min(EXPLORE_K, limit), "turns", "a short draft to re-check acceptance"
+                    self.explore_every[kind] = min(2 * every, EXPLORE_MAX)
                 else:
                     why = f"{rate:.1f} tok/s expected" + (f" vs {plain:.1f} plain" if plain else "")
                     others = [o for o in options if o[2] != schedule]

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from .session import Session
 
 
+RESERVE_MAX = 512  # reply tokens the KV cache makes room for up front (growing it stalls a step)
+
+
 class GenerationError(EmberError, ValueError):
     """Bad generation arguments: an empty prompt, max_tokens <= 0, a prompt past the context."""
 
@@ -215,6 +218,8 @@ def generate(
     logits = session.feed_last(prompt_ids[reused:])
     if drafter is not None:  # a draft model reads the prompt now: part of the prompt's time
         drafter.start(params, tokenizer.n_vocab, prompt_ids)
+    if cfg.max_tokens is not None:  # room for the reply (and a draft beyond it) before the first token
+        session.reserve(len(prompt_ids) + min(cfg.max_tokens, RESERVE_MAX) + MAX_DRAFT - len(session))
     t_prefill = time.perf_counter() - t0
     stats.update(
         prompt_tokens_reused=reused,

@@ -76,6 +76,10 @@ class Session:
         self.truncate(n)
         return n
 
+    def reserve(self, n: int) -> None:
+        """Make room in the cache for n more tokens now (growing it mid-generation stalls a step)."""
+        self.cache.reserve(min(n, self.n_ctx - len(self.ids)))
+
     def use_threads(self, threads: int) -> None:
         """Run the next feeds on `threads` of the device's threads (the KV cache stays)."""
         self.device = self.device.with_threads(threads, self.model)
