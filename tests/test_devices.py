@@ -100,3 +100,23 @@ def test_fused_step_reads_the_matrices_it_is_handed(tmp_path):
     swapped[0], swapped[-1] = swapped[-1], swapped[0]
     with pytest.raises(ValueError, match="shape"):
         dec.step_rows(ids, dev.new_cache(tr, 32), layers=range(0, 1), mats=swapped)
+
+
+def test_a_session_switches_threads_and_keeps_its_cache(tmp_path):
+    """use_threads: the same device on fewer threads (one placement, the siblings shared), the
+    same logits on either; a model streaming under a memory budget runs on all of them."""
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=64)
+    m = ember.load(path, threads=2, memory_budget=None)
+    dev = m.device
+    one = dev.with_threads(1, m.transformer)
+    assert one.threads == 1 and one.placement is dev.placement and one.with_threads(2) is dev
+    assert dev.with_threads(1) is one
+    ids = np.random.default_rng(5).integers(0, m.config.n_vocab, 9).tolist()
+    a, b = m.session(), m.session()
+    a.feed(ids[:5])
+    b.feed(ids[:5])
+    b.use_threads(1)
+    assert b.threads == 1
+    np.testing.assert_allclose(b.feed(ids[5:]), a.feed(ids[5:]), rtol=1e-4, atol=1e-4)
+    b.use_threads(2)
+    assert b.device is dev and b.ids == a.ids

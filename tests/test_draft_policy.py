@@ -6,7 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ember.runtime.draft_policy import EMA, EXPLORE_EVERY, EXPLORE_K, OUTLIER, PRIOR_ROW_COST, DraftPolicy
+from ember.runtime.draft_policy import (
+    EMA,
+    EXPLORE_EVERY,
+    EXPLORE_K,
+    OUTLIER,
+    PRIOR_ROW_COST,
+    PROBE_STEPS,
+    RECHECK_EVERY,
+    DraftPolicy,
+)
 
 
 def _policy(row_cost: float, acceptance: float, draft_s: float = 0.0, overhead: int = 0) -> DraftPolicy:
@@ -104,23 +113,30 @@ def test_one_stalled_step_moves_the_cost_little():
     assert p.verify_cost(1) == pytest.approx(0.060, rel=0.02)
 
 
-def test_auto_schedule_takes_the_faster_of_turns_and_concurrent():
-    """Concurrent pays when a drafted token costs about a verify step and the verify does not slow
-    down on fewer threads; on two cores, where the target's verify on one thread costs ~1.8x, turns."""
+def test_auto_schedule_runs_the_faster_of_turns_and_concurrent_as_measured():
+    """Each schedule is tried for PROBE_STEPS steps, then the one that gave more tokens a second
+    runs RECHECK_EVERY steps and the other is tried again; a change is followed."""
+    p = DraftPolicy(15, draft_overhead=1, schedules=("turns", "concurrent"))
+    for n in range(1, 17):
+        p.observe_step(n, 0.030 * (1 + 0.2 * (n - 1)), "turns")
+        p.observe_step(n, 0.050 * (1 + 0.2 * (n - 1)), "concurrent")
+    p.observe_draft(1, 0.012, 0.012, "turns")
+    p.observe_draft(1, 0.020, 0.020, "concurrent")
+    for _ in range(50):
+        p.observe_accept("d", 4, 4)
+    rate = {"turns": 30.0, "concurrent": 40.0}  # what each gives, measured over whole steps
 
-    def policy(v_split: float, d_split: float) -> DraftPolicy:
-        p = DraftPolicy(15, draft_overhead=1, schedules=("turns", "concurrent"))
-        for n in range(1, 17):
-            p.observe_step(n, 0.030 * (1 + 0.2 * (n - 1)), "turns")
-            p.observe_step(n, v_split * (1 + 0.2 * (n - 1)), "concurrent")
-        p.observe_draft(1, 0.012, 0.012, "turns")
-        p.observe_draft(1, d_split, d_split, "concurrent")
-        for _ in range(50):
-            p.observe_accept("d", 4, 4)
-        return p
+    def steps(n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            assert p.choose("d", 15) > 0
+            out.append(p.schedule)
+            p.observe_outcome(3, 3 / rate[p.schedule])
+        return out
 
-    fast = policy(0.032, 0.013)  # many cores: neither slows much on its share
-    assert fast.choose("d", 15) > 0 and fast.schedule == "concurrent"
-    slow = policy(0.055, 0.020)  # two cores
-    assert slow.choose("d", 15) > 0 and slow.schedule == "turns" and "concurrent (k=" in slow.reason
-    assert slow.stats()["steps_by_schedule"] == {"turns": 1, "concurrent": 0}
+    first = steps(2 * PROBE_STEPS + RECHECK_EVERY)
+    assert first == ["turns"] * PROBE_STEPS + ["concurrent"] * (PROBE_STEPS + RECHECK_EVERY)
+    assert "measured tok/s: turns 30.0, concurrent 40.0" in p.reason
+    rate["turns"] = 50.0  # the other one got faster: noticed at its next try
+    assert steps(PROBE_STEPS + 2) == ["turns"] * (PROBE_STEPS + 2)
+    assert p.stats()["measured_tok_s"]["turns"] > 40

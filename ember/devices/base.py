@@ -10,7 +10,9 @@ ids (or the hidden state of a previous layer range) into logits over a KV cache 
     logits = device.forward(model, h, cache, layers=range(12, 24))   # ... then the rest
 
 A range that ends at the last layer commits the new positions to the cache. The cache keeps
-`length`, `truncate(n)` and `reset()` (speculation rolls back through them). Streaming and other
+`length`, `truncate(n)`, `reserve(n)` and `reset()` (speculation rolls back through them).
+A device that can split its threads (`with_threads(n, model)`: the same device on n of them)
+lets speculation run a draft model beside the target. Streaming and other
 devices hook in at the layer ranges: weights for a range can be swapped in between calls, and a
 range's attention can run elsewhere.
 """
@@ -38,3 +40,5 @@ class Device(Protocol):
     def forward(
         self, model: Transformer, ids, cache: KVCache, *, all_logits: bool = True, layers: range | None = None
     ) -> np.ndarray: ...
+
+    def with_threads(self, threads: int, model: Transformer | None = None) -> Device: ...

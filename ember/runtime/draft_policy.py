@@ -42,6 +42,9 @@ PRIOR_ROW_COST = 0.15  # an extra verified row's cost, in one-row steps, until o
 PRIOR_DRAFT_COST = 0.25  # a draft model's token, in one-row target steps, when not timed
 EXPLORE_EVERY = 16
 EXPLORE_MAX = 128
+PROBE_STEPS = 8  # auto: steps a schedule is tried for
+RECHECK_EVERY = 48  # auto: steps the best schedule runs before the others are tried again
+OUTCOME_DECAY = 0.9  # per step, of a schedule's measured tokens and seconds
 EXPLORE_K = 2
 CALIBRATE_ROWS = (1, 2, 4, 8, 16)
 SCHEDULES = ("turns", "concurrent")
@@ -158,6 +161,8 @@ class DraftPolicy:
         self.chosen: list[int] = []
         self.schedule = self.schedules[0]  # the last step's
         self.steps_by_schedule = {x: 0 for x in self.schedules}
+        self.measured = {x: [0.0, 0.0, 0] for x in self.schedules}  # decayed tokens, seconds; steps
+        self.phase, self.phase_left, self.probing = self.schedules[0], 0, True
         self.reason = ""
 
     # what happened
@@ -230,7 +235,7 @@ class DraftPolicy:
         else:
             a = self.hopeful(kind)
             options = []  # (rate, k, schedule)
-            for x in self.schedules:
+            for x in self._phase():
                 rates = self._rates(limit, a, x)
                 if rates is None:
                     continue
@@ -255,6 +260,9 @@ class DraftPolicy:
                         best = max(others, key=lambda o: o[0])
                         why += f", {best[0]:.1f} {best[2]} (k={best[1]})"
                 self.reason = f"k={k} {schedule} at acceptance {a:.2f} ({kind}): {why}"
+                if len(self.schedules) > 1:
+                    rates = ", ".join(f"{x} {self.measured_rate(x):.1f}" for x in self.schedules)
+                    self.reason += f"; measured tok/s: {rates}"
         if k == 0:
             schedule = "turns" if "turns" in self.schedules else first
         self.idle[kind] = 0 if k else self.idle.get(kind, 0) + 1
@@ -262,6 +270,39 @@ class DraftPolicy:
         self.schedule = schedule
         self.steps_by_schedule[schedule] = self.steps_by_schedule.get(schedule, 0) + 1
         return k
+
+    def observe_outcome(self, tokens: int, seconds: float) -> None:
+        """The last step, whole (drafting, waiting, verifying), emitted `tokens`: counted for the
+        schedule being tried or run (its plain steps too: they are part of what it gives)."""
+        m = self.measured[self.phase]
+        m[0] = OUTCOME_DECAY * m[0] + tokens
+        m[1] = OUTCOME_DECAY * m[1] + seconds
+        m[2] += 1
+
+    def measured_rate(self, schedule: str) -> float:
+        tokens, seconds, _ = self.measured[schedule]
+        return tokens / seconds if seconds > 0 else 0.0
+
+    def _phase(self) -> tuple[str, ...]:
+        """The schedules this step may take. With several (auto, timed), one at a time, chosen by
+        the tokens a second each measured over whole steps: each is probed for PROBE_STEPS steps
+        at first, then the best runs RECHECK_EVERY steps and the others are probed again. The
+        cost model alone mispredicted which schedule wins (by 10% on a 2-core Zen 4)."""
+        if len(self.schedules) == 1 or not self.timed:
+            return self.schedules
+        if self.phase_left <= 0:
+            new = [x for x in self.schedules if self.measured[x][2] == 0]
+            best = max(self.schedules, key=self.measured_rate)
+            if new:
+                self.phase, self.phase_left, self.probing = new[0], PROBE_STEPS, True
+            elif not self.probing:  # the best has run its turn: probe the least tried other one
+                others = [x for x in self.schedules if x != best]
+                self.phase = min(others, key=lambda x: self.measured[x][2])
+                self.phase_left, self.probing = PROBE_STEPS, True
+            else:
+                self.phase, self.phase_left, self.probing = best, RECHECK_EVERY, False
+        self.phase_left -= 1
+        return (self.phase,)
 
     def stats(self) -> dict:
         n = len(self.chosen)
@@ -276,6 +317,8 @@ class DraftPolicy:
             "k_reason": self.reason,
             "steps_by_schedule": dict(self.steps_by_schedule),
         }
+        if len(self.schedules) > 1 and self.timed:
+            out["measured_tok_s"] = {x: round(self.measured_rate(x), 2) for x in self.schedules}
         if "concurrent" in self.schedules:
             c = self.costs["concurrent"]
             out["verify_s_concurrent"] = {str(r): round(t, 6) for r, t in sorted(c.step_s.items())}

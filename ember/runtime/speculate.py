@@ -144,6 +144,7 @@ def speculate(
     try:
         yield out.emit(sampler.sample(logits, history), t0)  # the first token: from the prefill
         while not out.done:
+            t_step = time.perf_counter()
             base = len(session)  # == len(history) - 1: all but the last token
             left = MAX_DRAFT if cfg.max_tokens is None else cfg.max_tokens - len(out.generated) - 1
             room = max(0, min(MAX_DRAFT, left, n_ctx - len(history)))  # room + 1 rows fit the context
@@ -197,6 +198,7 @@ def speculate(
             policy.observe_step(len(draft) + 1, time.perf_counter() - t, side)
             tokens, accepted = verify_draft(sampler, rows, draft, q, history)
             session.truncate(base + 1 + accepted)
+            policy.observe_outcome(len(tokens), time.perf_counter() - t_step)
             if draft:
                 if ahead is None:  # (else the drafter is busy; its next proposal rolls back)
                     drafter.accepted(accepted)
