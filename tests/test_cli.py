@@ -145,7 +145,8 @@ def test_process_exit_keeps_output_and_status(catalog_path, tmp_path):
     still arrives through the pipes, atexit handlers still run, and the status is kept."""
     path = str(catalog_path("smollm2-135m"))
     res = subprocess.run(
-        [sys.executable, "-m", "ember.cli", "run", path, "The capital of France is", "--raw", "-n", "4", "--json"],
+        [sys.executable, "-m", "ember.cli", "run", path, "The capital of France is", "--raw", "-n", "4", "--temp", "0"]
+        + ["--json"],
         capture_output=True,
         text=True,
     )

@@ -268,11 +268,12 @@ def qwen_pair(catalog_model):
 def test_draft_model_greedy_is_lossless(qwen_pair, prompt):
     target, drafter = qwen_pair
     ids = target.chat_ids([{"role": "user", "content": prompt}])
-    plain, text, st = same_as_plain(target, ids, drafter, max_tokens=48)
+    # k pinned: auto may rightly decide on a slow, busy machine that drafting does not pay
+    plain, text, st = same_as_plain(target, ids, drafter, k=4, schedule="turns", max_tokens=48)
     assert st["drafter"].startswith("model:") and st["acceptance_rate"] > 0.3
     if prompt is CODE_PROMPTS[0]:  # a stop string inside an accepted run
         stop = text[len(text) // 3 : len(text) // 3 + 5]
-        _, t2, _ = same_as_plain(target, ids, drafter, max_tokens=48, stop=[stop])
+        _, t2, _ = same_as_plain(target, ids, drafter, k=4, schedule="turns", max_tokens=48, stop=[stop])
         assert t2 == text[: text.index(stop)]
 
 
