@@ -149,7 +149,7 @@ def test_summaries():
     assert d["tg32|1"]["ember"]["roofline_share"] == pytest.approx(100e6 * 200 / 20e9)
     assert sc["ttft"]["summary"] == {"warm_s": 0.6, "cold_s": None}
     lc = sc["long-context"]["summary"]
-    assert lc["2048"]["ratio"] == 2.0 and lc["kept|ember"] == 0.25
+    assert lc["2048|2"]["ratio"] == 2.0 and lc["kept|ember|2"] == 0.25
     rows = sc["offload"]["summary"]["rows"]
     assert rows[1]["disk_roofline_tokens_per_s"] == 4.0 and rows[1]["roofline_share"] == 0.5
     assert rows[1]["peak_over_budget"] == pytest.approx(620 / 600) and rows[1]["read_bytes_per_s"] == 2e9

@@ -61,21 +61,33 @@ def _memory(sec: dict) -> dict:
     return {r["engine"]: {"peak_rss_bytes": r["peak_rss_bytes"], "busy": r.get("busy", False)} for r in sec["runs"]}
 
 
+def _lc_threads(sec: dict) -> list[int]:
+    """The thread counts of a long-context section (one int in reports before 2026-12-06)."""
+    t = sec["threads"]
+    return [t] if isinstance(t, int) else list(t)
+
+
 def _long_context(sec: dict) -> dict:
+    """Per "context|threads": each engine's spread and ember/llama.cpp; per "kept|engine|threads":
+    the engine's speed at the longest context over its speed at the shortest."""
     out = {}
-    for (ctx,), runs in _group(sec["runs"], "context").items():
+    only = _lc_threads(sec)[0]
+    for (ctx, t), runs in _group(
+        [dict(r, threads=r.get("threads", only)) for r in sec["runs"]], "context", "threads"
+    ).items():
         row: dict = {"busy": any(r.get("busy") for r in runs)}
         for (engine,), er in _group(runs, "engine").items():
             row[engine] = _spread(r["tokens_per_s"] for r in er)
         if "llama.cpp" in row:
             row["ratio"] = row["ember"]["median"] / row["llama.cpp"]["median"]
-        out[str(ctx)] = row
-    ctxs = sorted(out, key=int)
-    if len(ctxs) > 1:
-        first, last = out[ctxs[0]], out[ctxs[-1]]
-        for engine in ("ember", "llama.cpp"):
-            if engine in first and engine in last:
-                out[f"kept|{engine}"] = last[engine]["median"] / first[engine]["median"]
+        out[f"{ctx}|{t}"] = row
+    for t in _lc_threads(sec):
+        ctxs = sorted(int(k.split("|")[0]) for k in out if k.endswith(f"|{t}"))
+        if len(ctxs) > 1:
+            first, last = out[f"{ctxs[0]}|{t}"], out[f"{ctxs[-1]}|{t}"]
+            for engine in ("ember", "llama.cpp"):
+                if engine in first and engine in last:
+                    out[f"kept|{engine}|{t}"] = last[engine]["median"] / first[engine]["median"]
     return out
 
 
@@ -199,18 +211,21 @@ def tables(results: dict) -> list[dict]:
         out.append(_table("memory", "Peak memory (RSS)", ["engine", "peak RSS"], rows, [note]))
     if sc.get("long-context", {}).get("status") == "ok":
         sec, s = sc["long-context"], sc["long-context"]["summary"]
-        header = ["prompt tokens", *(f"{e} tok/s" for e in engines)] + (["ember/llama.cpp"] if peer else [])
+        header = ["prompt tokens", "threads", *(f"{e} tok/s" for e in engines)] + (["ember/llama.cpp"] if peer else [])
         rows = []
-        for ctx in sec["contexts"]:
-            row = s[str(ctx)]
-            rows.append(
-                [str(ctx) + (" (busy)" if row["busy"] else ""), *(_tok(row.get(e)) for e in engines)]
-                + ([f"{row['ratio']:.2f}x"] if peer else [])
-            )
-        notes = [f"tg{sec['decode']} after each prompt, {sec['threads']} thread(s)"]
-        kept = [f"{e} keeps {100 * s[f'kept|{e}']:.0f}%" for e in engines if f"kept|{e}" in s]
-        if kept:
-            notes.append(f"from {sec['contexts'][0]} to {sec['contexts'][-1]} tokens of context: " + ", ".join(kept))
+        for t in _lc_threads(sec):
+            for ctx in sec["contexts"]:
+                row = s[f"{ctx}|{t}"]
+                rows.append(
+                    [str(ctx) + (" (busy)" if row["busy"] else ""), str(t), *(_tok(row.get(e)) for e in engines)]
+                    + ([f"{row['ratio']:.2f}x"] if peer else [])
+                )
+        notes = [f"tg{sec['decode']} after each prompt"]
+        for t in _lc_threads(sec):
+            kept = [f"{e} keeps {100 * s[f'kept|{e}|{t}']:.0f}%" for e in engines if f"kept|{e}|{t}" in s]
+            if kept:
+                span = f"from {sec['contexts'][0]} to {sec['contexts'][-1]} tokens of context at {t} thread(s): "
+                notes.append(span + ", ".join(kept))
         out.append(_table("long-context", "Decode speed against context length", header, rows, notes))
     if sc.get("offload", {}).get("status") == "ok":
         sec, s = sc["offload"], sc["offload"]["summary"]
@@ -404,12 +419,15 @@ def _plot_dense(ax, sec, engines):
 
 
 def _plot_long_context(ax, sec, engines):
-    s = sec["summary"]
-    for e in engines:
-        ax.plot(sec["contexts"], [s[str(c)][e]["median"] for c in sec["contexts"]], "o-", label=e)
+    s, top = sec["summary"], 0.0
+    for t in _lc_threads(sec):
+        for e in engines:
+            pts = [s[f"{c}|{t}"][e] for c in sec["contexts"]]
+            ax.plot(sec["contexts"], [p["median"] for p in pts], "o-", label=f"{e}, {t} thread(s)")
+            top = max([top] + [p["max"] for p in pts])
     ax.set_xlabel("prompt tokens before decoding")
     ax.set_ylabel("decode tokens/s")
-    ax.set_ylim(0, 1.1 * max(s[str(c)][e]["max"] for c in sec["contexts"] for e in engines))
+    ax.set_ylim(0, 1.1 * top)
     ax.legend()
 
 

@@ -4,7 +4,7 @@ in the same run), as scenarios (ember.bench.runners):
   dense         pp128, pp512, tg128, k8 (--tests) per engine and thread count; DRAM bandwidth
   ttft          `ember run`'s process start to first token, warm and cold
   memory        peak RSS of a 512-token prompt and 64 decodes
-  long-context  decode tokens/s after prompts of 512, 2048 and 4096 tokens
+  long-context  decode tokens/s after prompts of 128, 512, 2048 and 4096 tokens, per thread count
   offload       decode under memory budgets, against plain mmap and llama.cpp under a memory cgroup
   speculative   prompt lookup and a draft model against plain decoding, the same tokens required
   moe, devices  listed as skipped until ember has them
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         help=f"comma-separated thread counts (default: {DEFAULT_THREADS}; "
         "--quick: ember's default, EMBER_THREADS or the physical cores); scenarios other than "
-        "dense use the last",
+        "dense and long-context use the last",
     )
     ap.add_argument(
         "--tests",

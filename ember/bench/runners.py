@@ -134,15 +134,16 @@ def long_context(b) -> dict:
     contexts = _contexts(b)
     if not contexts:
         raise Skip(f"the model's context ({b.n_ctx_train} tokens) is shorter than {min(CONTEXTS)} + the decodes")
-    n, t = (QUICK_CONTEXT_DECODE if b.quick else CONTEXT_DECODE), b.threads[-1]
-    out: dict = {"contexts": contexts, "decode": n, "threads": t, "runs": []}
-    for ctx in contexts:
-        test = f"tg{n}@{ctx}"
-        for rep in range(b.reps):
-            for engine in b.engines:
-                r = b.worker(_kind(engine), f"{engine} {test}", model=b.model_path, test=test, threads=t)
-                out["runs"].append(dict(r, engine=engine, context=ctx, rep=rep))
-                b.note(f"{engine:>9} {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
+    n = QUICK_CONTEXT_DECODE if b.quick else CONTEXT_DECODE
+    out: dict = {"contexts": contexts, "decode": n, "threads": list(b.threads), "runs": []}
+    for t in b.threads:
+        for ctx in contexts:
+            test = f"tg{n}@{ctx}"
+            for rep in range(b.reps):
+                for engine in b.engines:
+                    r = b.worker(_kind(engine), f"{engine} {test}", model=b.model_path, test=test, threads=t)
+                    out["runs"].append(dict(r, engine=engine, context=ctx, threads=t, rep=rep))
+                    b.note(f"{engine:>9} {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
     return out
 
 
@@ -152,7 +153,7 @@ def _contexts(b) -> list[int]:
 
 
 def long_context_steps(b) -> int:
-    return len(_contexts(b)) * b.reps * len(b.engines)
+    return len(b.threads) * len(_contexts(b)) * b.reps * len(b.engines)
 
 
 def _drop_model_pages(b) -> None:

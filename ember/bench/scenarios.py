@@ -24,7 +24,7 @@ from ..errors import EmberError
 SCENARIOS = ("dense", "ttft", "memory", "long-context", "offload", "moe", "speculative", "devices")
 TESTS = ("pp128", "pp512", "tg128", "k8")
 QUICK_TESTS = ("pp128", "tg32")
-CONTEXTS, QUICK_CONTEXTS = (512, 2048, 4096), (256, 1024)  # long-context: prompt lengths
+CONTEXTS, QUICK_CONTEXTS = (128, 512, 2048, 4096), (128, 1024)  # long-context: prompt lengths
 CONTEXT_DECODE, QUICK_CONTEXT_DECODE = 32, 16  # long-context: decodes after each prompt
 BUDGETS = (1.0, 0.6, 0.3, 0.15)  # offload: fractions of the weight bytes (--quick: one, see runners)
 OFFLOAD_DECODE, QUICK_OFFLOAD_DECODE = 24, 12
