@@ -48,6 +48,7 @@ class Model:
         draft_k: int | None = None,
         draft_schedule: str = "auto",
         kernels: str = "auto",
+        kv_cache: str = "auto",
     ):
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
@@ -70,6 +71,10 @@ class Model:
                 f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}"
             )
         self.kernels = kernels
+        if kv_cache not in ("auto", "f16", "f32"):
+            raise EmberError(f"kv_cache must be 'f16', 'f32' or 'auto', got {kv_cache!r}")
+        # "auto": halves, as llama.cpp's default; float32 on the reference path
+        self.kv_cache = ("f32" if kernels == "numpy" else "f16") if kv_cache == "auto" else kv_cache
         self._n_ctx = n_ctx
         self.stats: dict[str, Any] = {}
         self._own_session: Session | None = None  # what generate() and chat() run on
@@ -93,7 +98,8 @@ class Model:
             return PromptLookup()
         if not isinstance(draft, (str, os.PathLike)):
             raise EmberError(f"draft must be 'lookup', a catalog name or a .gguf path, got {draft!r}")
-        return ModelDrafter(load(draft, n_ctx=n_ctx, threads=self.threads, kernels=self.kernels), self)
+        drafter = load(draft, n_ctx=n_ctx, threads=self.threads, kernels=self.kernels, kv_cache=self.kv_cache)
+        return ModelDrafter(drafter, self)
 
     @cached_property
     def config(self) -> ModelConfig:
@@ -108,7 +114,7 @@ class Model:
         # kernels="numpy": float32 weights and NumPy math (the reference); else the device's
         reference = self.kernels == "numpy"
         store = WeightStore(self.gguf, placement=None if reference else self.device.placement)
-        tr = Transformer(self.config, store, ops=None if reference else self.device.ops)
+        tr = Transformer(self.config, store, ops=None if reference else self.device.ops, kv_type=self.kv_cache)
         store.prepare()
         if self._auto_budget and not reference:
             self.memory_budget = self._default_budget(tr)
@@ -131,7 +137,7 @@ class Model:
 
         st = tr.store  # the embedding's rows are read on demand, unless it is the output matrix too
         weights = sum(st.nbytes(n) for n in st.gguf.tensors if n != "token_embd.weight" or n == tr.output_name)
-        fixed = weights + self.config.kv_cache_bytes(self.n_ctx)
+        fixed = weights + self.config.kv_cache_bytes(self.n_ctx, self.kv_cache)
         available = available_bytes()
         # the whole RSS counts the model's mapped pages twice: if even that fits, it fits (one
         # cheap figure, instead of reading every mapping, ~40 ms, at each load)
@@ -391,5 +397,7 @@ def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **o
     draft_k (drafted tokens per step, 1..15; None, the default: chosen per step from measured costs),
     draft_schedule ("turns", "concurrent": the draft drafts the next block while the target
     verifies this one, on separate threads, or "auto", the default: chosen per step),
-    kernels ("auto" or "numpy": the float32 reference path)."""
+    kernels ("auto" or "numpy": the float32 reference path), kv_cache ("f16": keys and values
+    stored as halves, as llama.cpp's default, half the memory and reads of "f32"; "auto", the
+    default: f16, f32 with kernels="numpy")."""
     return Model(hub.resolve(model, pull_missing=pull), **options)

@@ -193,6 +193,7 @@ def cmd_run(args) -> int:
         draft_k=args.draft_k,
         draft_schedule=args.schedule,
         memory_budget=args.memory_budget,
+        kv_cache=args.kv_cache,
     )
     trained = m.gguf.arch_get("context_length")
     if args.ctx_size and trained and args.ctx_size > trained:
@@ -245,6 +246,7 @@ def _chat_app(model: str, args, draft: str | None) -> int:
         n_ctx=args.ctx_size,
         device=args.device,
         memory_budget=args.memory_budget,
+        kv_cache=args.kv_cache,
         settings=settings,
     )
     signal.set_wakeup_fd(-1)  # the app, not interrupt_watchdog, ends this process on SIGINT
@@ -271,7 +273,7 @@ def _stats_line(st: dict) -> str:
 
 def cmd_perplexity(args) -> int:
     _check_threads(args.threads)
-    m = _load(args.model, threads=args.threads, memory_budget=args.memory_budget)
+    m = _load(args.model, threads=args.threads, memory_budget=args.memory_budget, kv_cache=args.kv_cache)
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
@@ -380,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
             "'none': never; default 'auto': a budget only when the model does not fit in the available memory",
         )
 
+    def add_kv_cache(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--kv-cache",
+            default="auto",
+            choices=["auto", "f16", "f32"],
+            help="the KV cache's type: f16 (the default, as llama.cpp's: half the memory and reads) or f32",
+        )
+
     def add_model_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "-c",
@@ -391,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_threads(sp)
         add_budget(sp)
+        add_kv_cache(sp)
         sp.add_argument(
             "--device",
             default="auto",
@@ -489,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", help="a UTF-8 text file")
     add_threads(sp)
     add_budget(sp)
+    add_kv_cache(sp)
 
     sub.add_parser(
         "bench",

@@ -1,10 +1,45 @@
-"""The numba attention (devices/cpu/attention.py) against the NumPy reference `model.attention`."""
+"""The numba attention (devices/cpu/attention.py) over the half-precision KV cache against the
+NumPy reference `model.attention`; the half conversions against NumPy's."""
 
 import numpy as np
 import pytest
+from numba import njit
 
-from ember.devices.cpu.attention import attention_batch
+from ember.devices.cpu.attention import PART, TILE, attend, attend_part, attention_batch, combine, work
+from ember.devices.cpu.half import store_row, widen
+from ember.runtime.kv_cache import from_half, to_half
 from ember.runtime.model import attention
+
+
+def test_half_conversions_round_as_numpy():
+    @njit
+    def both(x, bits, back):
+        store_row(x, bits)
+        for i in range(bits.size):
+            back[i] = widen(bits[i])
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(5000) * np.exp(rng.uniform(-20, 12, 5000))).astype(np.float32)
+    x[:6] = [65504.0, 65520.0, 1e-8, -0.0, 6.1e-5, 2.0**-24 * 1.5]  # max, overflow, subnormals, ties
+    bits, back = np.empty(x.size, np.uint16), np.empty(x.size, np.float32)
+    with np.errstate(over="ignore"):
+        both(x, bits, back)
+        assert np.array_equal(bits, to_half(x))
+    assert np.array_equal(back, from_half(bits))
+
+
+def cache(rng, n_kv, cap, T, d, dv, kv="f16"):
+    """Random keys and values as half bits (or float32); positions from T on hold NaNs: never
+    read."""
+    narrow = to_half if kv == "f16" else lambda x: np.asarray(x, np.float32)
+    k = narrow(rng.standard_normal((n_kv, cap, d)))
+    v = narrow(rng.standard_normal((n_kv, cap, dv)))
+    k[:, T:] = v[:, T:] = narrow(np.float32(np.nan))
+    return k, v
+
+
+def floats(x):
+    return from_half(x) if x.dtype == np.uint16 else x
 
 
 @pytest.mark.parametrize(
@@ -15,30 +50,58 @@ from ember.runtime.model import attention
         (4, 1, 32, 48, 19, 5, 7),  # sliding window, dv != d
         (6, 6, 16, 16, 1, 0, 0),  # one query, one key, no grouping
         (8, 2, 40, 40, 130, 3, 50),  # several query chunks, window inside the batch
+        (9, 3, 64, 64, 5, 3 * TILE + 17, 0),  # several key tiles, the last one partial
+        (4, 2, 32, 32, 9, 2 * TILE - 4, TILE + 3),  # a window across tile boundaries
     ],
 )
-def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window):
+@pytest.mark.parametrize("kv", ["f16", "f32"])
+def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window, kv):
     rng = np.random.default_rng(n * 7 + past)
     T = past + n
-    cap = T + 11  # cache arrays longer than the keys in use: they must never be read
+    k, v = cache(rng, n_kv, T + 11, T, d, dv, kv)  # arrays longer than the keys in use
     q = rng.standard_normal((n, n_head, d)).astype(np.float32)
-    k = rng.standard_normal((n_kv, cap, d)).astype(np.float32)
-    v = rng.standard_normal((n_kv, cap, dv)).astype(np.float32)
-    k[:, T:] = np.nan
-    v[:, T:] = np.nan
     pos = np.arange(past, T)
     scale = 1.0 / np.sqrt(d)
-    want = attention(q, k[:, :T], v[:, :T], pos, scale, window)
+    want = attention(q, floats(k[:, :T]), floats(v[:, :T]), pos, scale, window)
     got = attention_batch(q, k, v, pos, scale, window)
     assert got.shape == want.shape == (n, n_head * dv)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(v[:, :T]).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(floats(v[:, :T])).max())
     for threads in (2, 3):  # each query is computed whole by one thread (n >= 64: several)
         assert np.array_equal(attention_batch(q, k, v, pos, scale, window, threads), got)
 
 
+@pytest.mark.parametrize(
+    "g,d,T,bounds",
+    [
+        (3, 64, 1000, (0, 333, 334, 700, 1000)),
+        (2, 128, 4 * TILE + 1, (0, 1, 2 * TILE, 4 * TILE + 1)),
+        (7, 16, 50, (0, 50, 50)),
+    ],
+)
+def test_split_parts_combine_to_one_softmax(g, d, T, bounds):
+    """Parts over consecutive key ranges (an empty one, one key, tile-sized and ragged ones)
+    combine to the attention over all of them; so do `attend`'s fixed parts of PART keys."""
+    rng = np.random.default_rng(T + g)
+    k, v = cache(rng, 1, T, T, d, d)
+    q = rng.standard_normal((g, d)).astype(np.float32) * 2  # peaked softmaxes too
+    scale = np.float32(1 / np.sqrt(d))
+    want = attention(q[None], from_half(k), from_half(v), np.array([T - 1]), scale, 0)[0]
+    W, nc = work(g, d, d), len(bounds) - 1
+    parts, ml = np.empty((nc, g, d), np.float32), np.empty((nc, g, 2), np.float32)
+    for c in range(nc):
+        attend_part(q, k[0], v[0], bounds[c], bounds[c + 1], scale, W, parts[c], ml[c])
+    got = np.empty(g * d, np.float32)
+    combine(parts, ml, got)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    n = -(-T // PART)
+    one = np.empty(g * d, np.float32)
+    attend(q, k[0], v[0], 0, T, scale, W, np.empty((n, g, d), np.float32), np.empty((n, g, 2), np.float32), one)
+    np.testing.assert_allclose(one, want, rtol=0, atol=2e-5)
+
+
 def test_attention_batch_rejects_positions_outside_the_keys():
     q = np.ones((2, 2, 4), np.float32)
-    k = np.ones((1, 3, 4), np.float32)
+    k = to_half(np.ones((1, 3, 4)))
     with pytest.raises(ValueError, match="positions"):
         attention_batch(q, k, k, np.array([2, 3]), 0.5, 0)
     with pytest.raises(ValueError, match="positions"):

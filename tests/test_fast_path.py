@@ -30,7 +30,9 @@ def test_perplexity_within_1_percent_of_reference(catalog_model, ppl_text):
 def test_batch_split_between_threads_agrees(tmp_path):
     """A batch of >= 64 rows runs its tiles, float matmuls and attention on several threads.
     Every output is computed whole by one thread, but BLAS may round a column block at the
-    edge of a share differently: the logits agree to float32 rounding, not bit for bit."""
+    edge of a share differently, and the KV cache's rounding to halves can turn such a
+    last-bit difference into one half ulp (2^-11) of a key: the logits agree to that, not bit
+    for bit."""
     import tiny_gguf as tg
 
     import ember
@@ -40,4 +42,4 @@ def test_batch_split_between_threads_agrees(tmp_path):
         ids = np.random.default_rng(5).integers(0, 200, 100).tolist()
         out = [ember.load(path, threads=t).session().feed(ids) for t in (1, 2, 3)]
         for o in out[1:]:
-            assert np.abs(o - out[0]).max() <= 1e-5 * np.abs(out[0]).max()
+            assert np.abs(o - out[0]).max() <= 2e-3 * np.abs(out[0]).max()

@@ -11,6 +11,7 @@ from numba import njit
 
 import ember
 from ember.devices.cpu import CpuDevice
+from ember.devices.cpu.attention import PART
 from ember.devices.cpu.step import FusedDecoder
 from ember.devices.cpu.vmath import exp_into
 from ember.errors import EmberError
@@ -77,6 +78,35 @@ def test_tiny_families_fused_match_op_by_op(tmp_path, family, qtype):
         assert (got.argmax(1) == ref.argmax(1))[clear].all()
     # the one-row kernels run k rows in turn: the same arithmetic as one token at a time
     _rows_agree(m, tr, ids, 0.0, 1.25 * noise + 1e-3 * ref.std())
+
+
+@pytest.mark.parametrize("family", FUSABLE)
+def test_long_context_attention_is_shared_out_exactly(tmp_path, family):
+    """Past one part of keys (attention.PART) a kv group's parts are shared out between the
+    threads: every thread count, and 7 tokens in one step or one at a time, give the same
+    bits; the op-by-op forward agrees within the kernels' noise. gemma3's window is set to
+    cross part boundaries."""
+    window = {"sliding_window": PART + 40} if family == "gemma3" else {}
+    path = tg.write_family(tmp_path / "m.gguf", family, n_embd=96, n_head=6, n_head_kv=3, n_ctx=1024, **window)
+    m = ember.load(path)
+    tr = m.transformer
+    ids = np.random.default_rng(2).integers(0, m.config.n_vocab, 3 * PART + 7).tolist()
+    prefix, new = ids[: 3 * PART], ids[3 * PART :]
+
+    def logits(threads, fused_on, at_once, model=tr):
+        s = Session(model, 1024, device=CpuDevice(threads, fused=fused_on))
+        s.feed(prefix)
+        return s.feed(new) if at_once else np.stack([s.feed([t])[0] for t in new])
+
+    one = logits(1, True, False)
+    for threads in (2, 3):
+        assert np.array_equal(logits(threads, True, False), one), threads
+        assert np.array_equal(logits(threads, True, True), one), threads
+    assert np.array_equal(logits(1, True, True), one)
+    ref = logits(1, False, False)
+    exact = logits(1, False, False, ember.load(path, kernels="numpy").transformer)
+    noise = np.abs(ref - exact).max()
+    assert np.abs(one - exact).max() < 1.25 * noise + 1e-3 * ref.std()
 
 
 def _rows_agree(m, tr, ids, tol_steps, tol_forward):

@@ -5,6 +5,7 @@ Loading is half the point: llama.cpp's loader checks each architecture's tensor 
 metadata keys, so a family that fails to load here means the writer (or ember's reading of the
 format) departs from llama.cpp's conventions. Weights are F32 / F16 and the KV cache is F32, so the
 two agree closely; Q8_0 is checked loosely (llama.cpp also quantizes the activations to 8 bits).
+Both engines' default, a half-precision KV cache, is checked with F32 weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `peer
 pytestmark = pytest.mark.peer
 
 N_IDS = 12
-GGML_TYPE_F32 = 0
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 
 
 def token_ids(n_vocab: int, n: int = N_IDS, seed: int = 7) -> list[int]:
@@ -41,15 +42,15 @@ _default_model_params = _llama_cpp_api.llama_model_default_params
 CAN_DISABLE_EXTRA_BUFFERS = any(f[0] == "use_extra_bufts" for f in _llama_cpp_api.llama_model_params._fields_)
 
 
-def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+def llama_cpp_logits(path, ids: list[int], kv_type: int = GGML_TYPE_F32) -> np.ndarray:
     if CAN_DISABLE_EXTRA_BUFFERS:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(_llama_cpp_api, "llama_model_default_params", _default_params_without_extra_buffers)
-            return _llama_cpp_logits(path, ids)
-    return _llama_cpp_logits(path, ids)
+            return _llama_cpp_logits(path, ids, kv_type)
+    return _llama_cpp_logits(path, ids, kv_type)
 
 
-def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+def _llama_cpp_logits(path, ids: list[int], kv_type: int = GGML_TYPE_F32) -> np.ndarray:
     llm = llama_cpp.Llama(
         model_path=str(path),
         logits_all=True,
@@ -57,8 +58,8 @@ def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
         verbose=False,
         n_threads=2,
         n_threads_batch=2,
-        type_k=GGML_TYPE_F32,
-        type_v=GGML_TYPE_F32,
+        type_k=kv_type,
+        type_v=kv_type,
         flash_attn=False,
     )
     try:
@@ -70,19 +71,20 @@ def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def compare(tmp_path_factory):
-    """compare(family, qtype, **overrides) -> ember vs llama.cpp on one family's file: max |diff|,
+    """compare(family, qtype, kv="f32", **overrides) -> ember vs llama.cpp on one family's file,
+    both with a KV cache of type kv ("f32" or "f16", llama.cpp's default): max |diff|,
     llama.cpp's logit std, top-1 agreement where llama.cpp's top-1 leads by >= 0.5, and how many
     positions that is."""
     cache: dict = {}
 
-    def get(family: str, qtype: str, **overrides) -> dict:
-        key = (family, qtype, tuple(sorted(overrides.items())))
+    def get(family: str, qtype: str, kv: str = "f32", **overrides) -> dict:
+        key = (family, qtype, kv, tuple(sorted(overrides.items())))
         if key not in cache:
             model = tg.build_family(family, qtype=qtype, **overrides)
             path = tg.write_model(model, tmp_path_factory.mktemp(f"peer-{family}-{qtype}") / "m.gguf")
             ids = token_ids(model.hparams["n_vocab"])
-            ours = ember.load(path).logits(ids).astype(np.float64)
-            theirs = llama_cpp_logits(path, ids)
+            ours = ember.load(path, kv_cache=kv).logits(ids).astype(np.float64)
+            theirs = llama_cpp_logits(path, ids, GGML_TYPE_F16 if kv == "f16" else GGML_TYPE_F32)
             top2 = np.sort(theirs, axis=1)[:, -2:]
             sure = top2[:, 1] - top2[:, 0] >= 0.5
             cache[key] = dict(
@@ -116,6 +118,15 @@ def test_llama_cpp_agrees(compare, family, qtype):
     assert r["n_sure"] >= N_IDS // 2, r  # the comparison is about something
     assert r["top1_agree"], r
     assert r["max_abs"] <= tolerance(family, qtype) * r["std"], r
+
+
+@pytest.mark.parametrize("family", list(tg.FAMILIES))
+def test_llama_cpp_agrees_with_half_kv_caches(compare, family):
+    """Both engines round keys and values to halves: the same halves where the two agree to
+    float32 rounding, one half ulp (2^-11) apart where a key lies near a rounding boundary."""
+    r = compare(family, "F32", kv="f16")
+    assert r["n_sure"] >= N_IDS // 2 and r["top1_agree"], r
+    assert r["max_abs"] <= 1e-2 * r["std"], r
 
 
 def test_llama_cpp_sees_the_sliding_window(compare):

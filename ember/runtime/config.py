@@ -71,9 +71,11 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.n_expert > 0
 
-    def kv_cache_bytes(self, n_ctx: int) -> int:
-        """Bytes of the float32 KV cache at a context of n_ctx tokens."""
-        return self.n_layer * self.n_head_kv * n_ctx * (self.head_dim + self.head_dim_v) * 4
+    def kv_cache_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
+        """Bytes of the KV cache at a context of n_ctx tokens (kv_type "f16" or "f32")."""
+        return (
+            self.n_layer * self.n_head_kv * n_ctx * (self.head_dim + self.head_dim_v) * (2 if kv_type == "f16" else 4)
+        )
 
     @classmethod
     def from_gguf(cls, g: GGUFFile, n_vocab: int) -> ModelConfig:

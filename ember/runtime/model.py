@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import FormatError
 from ..offload.store import WeightStore
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import KV_TYPES, KVCache
 from .rope import apply_rope, rope_tables
 
 
@@ -79,7 +79,7 @@ class ReferenceOps:
         self, q, cache: KVCache, il: int, pos: np.ndarray, scale: float, window: int, threads: int = 1
     ) -> np.ndarray:
         end = int(pos[-1]) + 1
-        return attention(q, cache.k[il][:, :end], cache.v[il][:, :end], pos, scale, window)
+        return attention(q, *cache.floats(il, end), pos, scale, window)
 
 
 @dataclass
@@ -96,10 +96,13 @@ class LayerNames:
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, store: WeightStore, ops=None):
+    def __init__(self, config: ModelConfig, store: WeightStore, ops=None, kv_type: str = "f16"):
         self.cfg = config
         self.store = store
         self.ops = ops or ReferenceOps()
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        self.kv_type = kv_type  # the KV caches' storage
         self.output_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
         self._check_tensors()
         self._threads = 1
@@ -186,7 +189,7 @@ class Transformer:
     # ---- forward -------------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, max_len or c.context_length)
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, max_len or c.context_length, self.kv_type)
 
     def check_layers(self, layers: range | None) -> range:
         """`layers` (None: all of them), checked: a non-empty range of layers, step 1."""

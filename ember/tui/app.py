@@ -166,6 +166,7 @@ class ChatApp(App):
         n_ctx: int | None = None,
         device: str = "auto",
         memory_budget: str | None = "auto",
+        kv_cache: str = "auto",
         settings: Settings | None = None,
     ):
         super().__init__()
@@ -178,6 +179,7 @@ class ChatApp(App):
             "draft_schedule": draft_schedule,
             "device": device,
             "memory_budget": memory_budget,
+            "kv_cache": kv_cache,
         }
         self.conv = Conversation(system or "")
         self.settings = settings or Settings()

@@ -1,6 +1,16 @@
-"""Grouped-query attention in numba: one kv group of query heads at one position (`attend`,
-used by the fused decode step) and a whole batch of positions (`attention_batch`, prefill and
-verification), split over the batch path's threads.
+"""Grouped-query attention in numba over the KV cache (halves, or float32 with kv_cache="f32"): one kv group of query
+heads at one position (`attend`, and `attend_part` + `combine` for a context split between
+threads: flash decoding; used by the fused decode step) and a whole batch of positions
+(`attention_batch`, prefill and verification), split over the batch path's threads.
+
+Keys and values are read in tiles of TILE keys, widened to float32 in the loops that use them
+(a separate conversion pass into a float32 tile left the loads without arithmetic to overlap:
+1.6x slower from DRAM), for two heads at a time, with an online softmax across tiles: a long
+context is read from memory once per kv group (docs/kernels.md, "Attention"). The softmax
+runs over fixed parts of PART keys that `combine` joins: the fused step hands a long
+context's parts to different threads, and a position's result is the same bits however the
+parts were shared out (speculative verification of k rows must give plain decoding's logits
+exactly).
 
 `model.attention` (NumPy) is the reference both are tested against. The batch form skips the
 keys a causal (or sliding-window) mask hides instead of computing and masking them, so a prompt
@@ -14,77 +24,206 @@ import numpy as np
 from numba import njit
 
 from ...lut_kernels.split import MIN_ROWS, split
+from .half import widen
 from .vmath import exp_into
 
 Q_CHUNK = 8  # query positions per work item of attention_batch
+TILE = 64  # keys a pass of the online softmax: their halves (8 KiB at d = 64) stay in L1
+PART = 256  # keys of one part of the flash-decoding split (a multiple of TILE)
+EMPTY = np.float32(-3.0e38)  # the running max of a part that saw no key (fastmath: no -inf)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def attend(Q, K, V, lo, hi, scale, S, out):
-    """out[h] = softmax(scale * K[lo:hi] Q[h]) @ V[lo:hi] for the query heads Q [g, d] of one
-    kv group (K [T, d], V [T, dv]; S [g, >= hi - lo] scratch). Register-blocked: the scores
-    of 2 heads x 4 keys share one pass over d (8 sums), and the output adds 4 keys per pass
-    over dv (rows are views walked from index 0, so LLVM vectorizes the inner loops): 6 heads
-    x 72 keys x 128 took ~5.3 us, ~7.8 one dot product and one row update at a time (a timing
-    script, not bench/)."""
-    n = hi - lo
-    g = Q.shape[0]
-    Ks, Vs = K[lo:hi], V[lo:hi]
-    d, dv = Ks.shape[1], out.shape[1]
+def _scores(Q, K, t0, n, S):
+    """S[h, j] = Q[h] . K[t0 + j] for j < n (K: half bits widened as they are read, so the
+    loads from memory overlap the arithmetic). Register-blocked: 2 heads x 4 keys share one
+    pass over d (8 sums); rows are views walked from index 0, so LLVM vectorizes the inner
+    loops."""
+    g, d = Q.shape[0], K.shape[1]
     n4, g2 = n - n % 4, g - g % 2
     for h in range(0, g2, 2):
         qa, qb = Q[h], Q[h + 1]
+        sa, sb = S[h], S[h + 1]
         for j in range(0, n4, 4):
-            k0, k1, k2, k3 = Ks[j], Ks[j + 1], Ks[j + 2], Ks[j + 3]
+            k0, k1, k2, k3 = K[t0 + j], K[t0 + j + 1], K[t0 + j + 2], K[t0 + j + 3]
             a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
             for i in range(d):
                 x, y = qa[i], qb[i]
-                a0 += x * k0[i]
-                a1 += x * k1[i]
-                a2 += x * k2[i]
-                a3 += x * k3[i]
-                b0 += y * k0[i]
-                b1 += y * k1[i]
-                b2 += y * k2[i]
-                b3 += y * k3[i]
-            S[h, j], S[h, j + 1], S[h, j + 2], S[h, j + 3] = a0, a1, a2, a3
-            S[h + 1, j], S[h + 1, j + 1], S[h + 1, j + 2], S[h + 1, j + 3] = b0, b1, b2, b3
-    for h in range(g):  # the keys (and heads) left over
-        qh = Q[h]
-        for j in range(n4 if h < g2 else 0, n):
-            kj = Ks[j]
+                f0, f1, f2, f3 = widen(k0[i]), widen(k1[i]), widen(k2[i]), widen(k3[i])
+                a0 += x * f0
+                a1 += x * f1
+                a2 += x * f2
+                a3 += x * f3
+                b0 += y * f0
+                b1 += y * f1
+                b2 += y * f2
+                b3 += y * f3
+            sa[j], sa[j + 1], sa[j + 2], sa[j + 3] = a0, a1, a2, a3
+            sb[j], sb[j + 1], sb[j + 2], sb[j + 3] = b0, b1, b2, b3
+    if g2 < g:  # the last head of an odd group: 4 keys a pass
+        qh, sh = Q[g - 1], S[g - 1]
+        for j in range(0, n4, 4):
+            k0, k1, k2, k3 = K[t0 + j], K[t0 + j + 1], K[t0 + j + 2], K[t0 + j + 3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for i in range(d):
+                x = qh[i]
+                a0 += x * widen(k0[i])
+                a1 += x * widen(k1[i])
+                a2 += x * widen(k2[i])
+                a3 += x * widen(k3[i])
+            sh[j], sh[j + 1], sh[j + 2], sh[j + 3] = a0, a1, a2, a3
+    for h in range(g):  # the keys left over
+        qh, sh = Q[h], S[h]
+        for j in range(n4, n):
+            kj = K[t0 + j]
             s = np.float32(0.0)
             for i in range(d):
-                s += qh[i] * kj[i]
-            S[h, j] = s
-    e2 = np.empty(n, np.int32)
-    for h in range(g):
-        sh = S[h, :n]
-        for j in range(n):
-            sh[j] *= scale
-        mx = sh.max()
-        for j in range(n):
-            sh[j] -= mx
-        exp_into(sh, sh, e2)
-        tot = np.float32(0.0)
-        for j in range(n):
-            tot += sh[j]
-        inv = np.float32(1.0) / tot
-        for j in range(n):
-            sh[j] *= inv
-    for h in range(g):
-        ah = out[h]
-        ah[:] = 0
+                s += qh[i] * widen(kj[i])
+            sh[j] = s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _values(S, V, t0, n, O):
+    """O[h] += sum_j S[h, j] V[t0 + j] for j < n (V: half bits widened as read): 2 heads x 4
+    keys a pass over dv."""
+    g, dv = O.shape
+    n4, g2 = n - n % 4, g - g % 2
+    for h in range(0, g2, 2):
+        oa, ob, sa, sb = O[h], O[h + 1], S[h], S[h + 1]
         for j in range(0, n4, 4):
-            p0, p1, p2, p3 = S[h, j], S[h, j + 1], S[h, j + 2], S[h, j + 3]
-            v0, v1, v2, v3 = Vs[j], Vs[j + 1], Vs[j + 2], Vs[j + 3]
+            p0, p1, p2, p3 = sa[j], sa[j + 1], sa[j + 2], sa[j + 3]
+            q0, q1, q2, q3 = sb[j], sb[j + 1], sb[j + 2], sb[j + 3]
+            v0, v1, v2, v3 = V[t0 + j], V[t0 + j + 1], V[t0 + j + 2], V[t0 + j + 3]
             for i in range(dv):
-                ah[i] += (p0 * v0[i] + p1 * v1[i]) + (p2 * v2[i] + p3 * v3[i])
+                f0, f1, f2, f3 = widen(v0[i]), widen(v1[i]), widen(v2[i]), widen(v3[i])
+                oa[i] += (p0 * f0 + p1 * f1) + (p2 * f2 + p3 * f3)
+                ob[i] += (q0 * f0 + q1 * f1) + (q2 * f2 + q3 * f3)
+    if g2 < g:
+        oh, sh = O[g - 1], S[g - 1]
+        for j in range(0, n4, 4):
+            p0, p1, p2, p3 = sh[j], sh[j + 1], sh[j + 2], sh[j + 3]
+            v0, v1, v2, v3 = V[t0 + j], V[t0 + j + 1], V[t0 + j + 2], V[t0 + j + 3]
+            for i in range(dv):
+                oh[i] += (p0 * widen(v0[i]) + p1 * widen(v1[i])) + (p2 * widen(v2[i]) + p3 * widen(v3[i]))
+    for h in range(g):
+        oh, sh = O[h], S[h]
         for j in range(n4, n):
-            p = S[h, j]
-            vj = Vs[j]
+            p, vj = sh[j], V[t0 + j]
             for i in range(dv):
-                ah[i] += p * vj[i]
+                oh[i] += p * widen(vj[i])
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
+    """Keys lo..hi-1 of one kv group for its query heads Q [g, d] (K [T, d], V [T, dv]: half
+    bits, uint16, or float32), with an online softmax over tiles of TILE keys: out[h] = sum_j e_hj V[j]
+    (not normalized), ml[h] = (m_h, sum_j e_hj), e_hj = exp(scale Q[h].K[j] - m_h), m_h the
+    largest scaled score; ml[h] = (EMPTY, 0) and out[h] = 0 when lo >= hi. The loops run over
+    W's contiguous rows (a strided view, as a slice of the parts is, would not vectorize)."""
+    S, one, e2, Qc, Oc, m, l = W
+    g, dv = Q.shape[0], out.shape[1]
+    for h in range(g):
+        Qc[h, :] = Q[h]
+        Oc[h, :] = 0
+        m[h] = EMPTY
+        l[h] = 0
+    for t0 in range(lo, hi, TILE):
+        n = min(TILE, hi - t0)
+        _scores(Qc, K, t0, n, S)
+        for h in range(g):
+            sh = S[h]
+            mx = m[h]
+            for j in range(n):
+                sh[j] *= scale
+                mx = max(mx, sh[j])
+            for j in range(n):
+                sh[j] -= mx
+            for j in range(n, TILE):
+                sh[j] = -87.0
+            exp_into(sh, sh, e2)
+            t = np.float32(0.0)
+            for j in range(n):
+                t += sh[j]
+            if mx > m[h] and m[h] != EMPTY:  # rescale what the earlier tiles summed
+                one[0] = m[h] - mx
+                exp_into(one, one, e2[:1])
+                c = one[0]
+                l[h] *= c
+                oh = Oc[h]
+                for i in range(dv):
+                    oh[i] *= c
+            m[h] = mx
+            l[h] += t
+        _values(S, V, t0, n, Oc)
+    for h in range(g):
+        out[h] = Oc[h]
+        ml[h, 0] = m[h]
+        ml[h, 1] = l[h]
+
+
+@njit(cache=True, nogil=True)
+def combine(parts, ml, out):
+    """out[h] = the softmax-weighted sum of the parts of a split attention: parts [c, nh, dv]
+    and ml [c, nh, 2] as `attend_part` leaves them for c ranges of the keys (the flash-decoding
+    reduction); out [nh * dv]. Strict float32 (no fastmath): a head's result is the same bits
+    whether its group is combined alone or with the others."""
+    nc, nh, dv = parts.shape
+    w = np.empty(nc, np.float32)
+    e2 = np.empty(nc, np.int32)
+    for h in range(nh):
+        mx = EMPTY
+        for c in range(nc):
+            if ml[c, h, 1] > 0:
+                mx = max(mx, ml[c, h, 0])
+        for c in range(nc):
+            w[c] = ml[c, h, 0] - mx if ml[c, h, 1] > 0 else np.float32(-87.0)
+        exp_into(w, w, e2)
+        tot = np.float32(0.0)
+        for c in range(nc):
+            if ml[c, h, 1] > 0:
+                tot += w[c] * ml[c, h, 1]
+            else:
+                w[c] = 0
+        oh = out[h * dv : (h + 1) * dv]
+        oh[:] = 0
+        for c in range(nc):
+            wc = w[c] / tot
+            pc = parts[c, h]
+            for i in range(dv):
+                oh[i] += wc * pc[i]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def parts_of(lo, hi):
+    """The parts (first, end) keys lo..hi-1 fall into: fixed ranges of PART keys from 0, so a
+    position's attention is the same sum of parts in any step and on any number of threads."""
+    return lo // PART, -(-hi // PART)
+
+
+@njit(cache=True, nogil=True)
+def attend(Q, K, V, lo, hi, scale, W, parts, ml, out):
+    """out = softmax(scale * K[lo:hi] Q[h]) @ V[lo:hi] for the query heads Q [g, d] of one kv
+    group, [g * dv] (lo < hi; K, V and W as `attend_part`'s): part by part into parts [>= n, g,
+    dv] and ml [>= n, g, 2] (n = the parts the keys span), then combined."""
+    c0, c1 = parts_of(lo, hi)
+    for c in range(c0, c1):
+        attend_part(Q, K, V, max(lo, c * PART), min(hi, (c + 1) * PART), scale, W, parts[c - c0], ml[c - c0])
+    combine(parts[: c1 - c0], ml[: c1 - c0], out)
+
+
+@njit(cache=True, nogil=True)
+def work(g, d, dv):
+    """The scratch of `attend_part` for groups of g heads: scores, one float, exp's integer
+    scratch, the queries, the output and the running max and sum."""
+    return (
+        np.empty((g, TILE), np.float32),
+        np.empty(1, np.float32),
+        np.empty(TILE, np.int32),
+        np.empty((g, d), np.float32),
+        np.empty((g, dv), np.float32),
+        np.empty(g, np.float32),
+        np.empty(g, np.float32),
+    )
 
 
 @njit(cache=True, nogil=True)
@@ -96,13 +235,16 @@ def _items(q, k, v, q_pos, scale, window, out, w0, w1):
     n_kv, T, dv = v.shape
     g = n_head // n_kv
     nq = -(-n // Q_CHUNK)
+    W = work(g, q.shape[2], dv)
+    n_parts = -(-(q_pos[n - 1] + 1) // PART) + 1
+    parts = np.empty((n_parts, g, dv), np.float32)
+    ml = np.empty((n_parts, g, 2), np.float32)
     for w in range(w0, w1):
         kv = w % n_kv
         c = w // n_kv
         c = c // 2 if c % 2 == 0 else nq - 1 - c // 2
         i0 = c * Q_CHUNK
         i1 = min(i0 + Q_CHUNK, n)
-        S = np.empty((g, q_pos[i1 - 1] + 1), np.float32)
         for i in range(i0, i1):
             lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
             attend(
@@ -112,17 +254,20 @@ def _items(q, k, v, q_pos, scale, window, out, w0, w1):
                 lo,
                 q_pos[i] + 1,
                 scale,
-                S,
-                out[i, kv * g * dv : (kv + 1) * g * dv].reshape((g, dv)),
+                W,
+                parts,
+                ml,
+                out[i, kv * g * dv : (kv + 1) * g * dv],
             )
 
 
 def attention_batch(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float, window: int, threads: int = 1
 ) -> np.ndarray:
-    """Same contract as `model.attention`: q [n, n_head, d]; k [n_kv, T, d]; v [n_kv, T, dv]
-    (key j at position j); returns [n, n_head * dv]. Causal; window > 0: a query at p sees keys
-    p - window < j <= p. Positions must be consecutive (a batch after the cache) and < T."""
+    """Same contract as `model.attention`: q [n, n_head, d]; k [n_kv, T, d], v [n_kv, T, dv]:
+    the cache's arrays, half bits or float32 (key j at position j); returns [n, n_head * dv].
+    Causal; window > 0: a query at p sees keys p - window < j <= p. Positions must be
+    consecutive (a batch after the cache) and < T."""
     n, n_head, _ = q.shape
     n_kv, T, dv = v.shape
     q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)

@@ -6,7 +6,9 @@ its own copy of the residual stream and computes the cheap vector work (norms, a
 RoPE inputs) itself; the matvecs and the attention heads are split between the threads, which
 meet at a spin barrier (`lut_kernels.fused`) whenever a full vector is needed next: five times
 per layer. Work units (64 rows of a matrix, a kv group of attention heads) are claimed with an
-atomic counter, so a thread the OS delays does less of a phase. Python runs once per token: the
+atomic counter, so a thread the OS delays does less of a phase. Past one part of keys
+(`attention.PART`), when the kv groups are too few to keep every thread busy, a group's parts
+are shared out between the threads (flash decoding), which costs a sixth barrier. Python runs once per token: the
 embedding row, the call, the logits.
 
 `step_rows(tokens, cache)` runs up to MAX_ROWS new tokens through the same step. The K-quant
@@ -39,7 +41,8 @@ from ...lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scrat
 from ...lut_kernels.split import Team
 from ...runtime.config import ROPE_NEOX
 from ...runtime.rope import rope_tables
-from .attention import attend
+from .attention import PART, attend, attend_part, combine, parts_of, work
+from .half import store_row
 from .vmath import exp_into
 
 # per-layer vectors, columns of the offsets table (-1: absent)
@@ -63,7 +66,7 @@ NM = len(_MAT_NAMES)
 (P_NLAYER, P_D, P_NHEAD, P_NKV, P_HD, P_HDV, P_ROPE_DIM, P_NEOX, P_GELU, P_QKNORM, P_GEMMA, P_WINDOW, P_VOCAB) = range(
     13
 )
-PHASES = 5  # per layer: q/k/v, attention, o, gate/up, down (+1: the output matrix)
+PHASES = 6  # per layer: q/k/v, cache writes, attention, o, gate/up, down (+1: the output matrix)
 CHUNKS_PER_THREAD = 3
 MAX_ROWS = 16  # tokens one fused step takes at once (the K-quant kernels' register block)
 
@@ -136,6 +139,33 @@ def _heads(t, vecs, voff, il, bias_col, norm_col, full, nh, hd, eps, tmp):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, t2):
+    """Row i's key and value of kv group g (k norm, RoPE; v bias) into the cache at position p."""
+    kh = kl[i, g * hd : (g + 1) * hd]
+    if qkn == 1:
+        t2[:hd] = kh
+        _rms(t2[:hd], _vec(vecs, voff, il, V_KNORM, hd), eps, kh)
+    _rope(kh, cs, sn, neox)
+    store_row(kh, kc[il, g, p])
+    vh = t2[:hdv]
+    vh[:] = vb[i, g * hdv : (g + 1) * hdv]
+    if voff[il, V_BV] >= 0:
+        vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv : (g + 1) * hdv]
+    store_row(vh, vc[il, g, p])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs, sn, neox, t2):
+    """Row i's query heads of kv group g: q norm, RoPE, in place."""
+    for hh in range(g * group, (g + 1) * group):
+        qh = ql[i, hh * hd : (hh + 1) * hd]
+        if qkn == 1:
+            t2[:hd] = qh
+            _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
+        _rope(qh, cs, sn, neox)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _chunk(n, nth):
     """Units claimed at once: all of them on one thread; else about CHUNKS_PER_THREAD claims
     per thread (a kernel call per unit costs more than the balance it buys)."""
@@ -205,7 +235,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
     The arguments are the `Sync`, `Weights`, `Call` and `Buffers` tuples."""
     bfn, yfn, tfn, cnt, bst = sync
     fns, desc, vecs, voff, out_norm, swa, ip, eps, scale = weights
-    x0, kc, vc, pos, cos_g, sin_g, cos_l, sin_l, logits, last_only, l0, l1, xo = call
+    x0, kc, vc, pos, cos_g, sin_g, cos_l, sin_l, logits, last_only, l0, l1, xo, po, pm = call
     qb, kb, vb, ab, ob, gb, ub, fb = bufs
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
@@ -218,7 +248,8 @@ def _decode(tid, nth, sync, weights, call, bufs):
     t2 = np.empty(max(d, nh * hd, nkv * hd, ab.shape[1]), np.float32)
     ql = np.empty((k, nh * hd), np.float32)
     kl = np.empty((k, nkv * hd), np.float32)
-    S = np.empty((group, pos + k), np.float32)
+    W = work(group, hd, hdv)
+    ab2 = np.empty((k, nh * hdv), np.float32)
     e2 = np.empty(ab.shape[1], np.int32)
     ci = 0  # phase counter index (work units are claimed with take())
     for il in range(l0, l1):
@@ -244,53 +275,84 @@ def _decode(tid, nth, sync, weights, call, bufs):
         st = _sync(bfn, yfn, bst, nth)
         if st:
             return st
-        # attention, one unit = one kv group: its k and v of every new token into the cache
-        # (bias, norm, RoPE), then its query heads, token i seeing positions up to pos + i
+        # attention: every new token's k and v into the cache (bias, norm, RoPE), then its query
+        # heads, token i seeing positions up to pos + i, part by part (`attention.attend`). A
+        # short context: one unit = one kv group, all of it. A long one, when the groups are
+        # too few to go round the threads: the cache writes, a barrier, then one unit = one part
+        # of one group's keys, the parts combined after the next barrier by every thread itself
         for i in range(k):
             kl[i] = kb[i, : kl.shape[1]]
             _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
             ql[i] = qb[i, : ql.shape[1]]
             _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
+        lo0 = 0 if win == 0 else max(0, pos - win + 1)  # the first key any of the rows sees
+        c_lo, c_hi = parts_of(lo0, pos + k)
+        split = nth > 1 and nkv < 4 * nth and c_hi - c_lo > 1
         g = take(tfn, cnt, ci, nth, -1, 1)
         while g < nkv:
             for i in range(k):
                 p = pos + i
-                kh = kl[i, g * hd : (g + 1) * hd]
-                if qkn == 1:
-                    t2[:hd] = kh
-                    _rms(t2[:hd], _vec(vecs, voff, il, V_KNORM, hd), eps, kh)
-                _rope(kh, cs[i], sn[i], neox)
-                kc[il, g, p, :] = kh
-                vh = vc[il, g, p, :]
-                vh[:] = vb[i, g * hdv : (g + 1) * hdv]
-                if voff[il, V_BV] >= 0:
-                    vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv : (g + 1) * hdv]
-            for i in range(k):
-                p = pos + i
-                for hh in range(g * group, (g + 1) * group):
-                    qh = ql[i, hh * hd : (hh + 1) * hd]
-                    if qkn == 1:
-                        t2[:hd] = qh
-                        _rms(t2[:hd], _vec(vecs, voff, il, V_QNORM, hd), eps, qh)
-                    _rope(qh, cs[i], sn[i], neox)
-                lo = 0 if win == 0 else max(0, p - win + 1)
+                _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, cs[i], sn[i], neox, t2)
+                if split:
+                    continue
+                _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+                heads = slice(g * group, (g + 1) * group)
                 attend(
                     ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
                     kc[il, g],
                     vc[il, g],
-                    lo,
+                    0 if win == 0 else max(0, p - win + 1),
                     p + 1,
                     scale,
-                    S,
-                    ab[i, g * group * hdv : (g + 1) * group * hdv].reshape((group, hdv)),
+                    W,
+                    po[i, :, heads],
+                    pm[i, :, heads],
+                    ab[i, g * group * hdv : (g + 1) * group * hdv],
                 )
             g = take(tfn, cnt, ci, nth, g, 1)
+        ci += 1
+        att = ab
+        if split:
+            st = _sync(bfn, yfn, bst, nth)
+            if st:
+                return st
+            for i in range(k):
+                for g in range(nkv):
+                    _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+            n_parts = c_hi - c_lo
+            w = take(tfn, cnt, ci, nth, -1, 1)
+            while w < nkv * n_parts:
+                g, c = w // n_parts, c_lo + w % n_parts
+                heads = slice(g * group, (g + 1) * group)
+                for i in range(k):
+                    p = pos + i
+                    lo = 0 if win == 0 else max(0, p - win + 1)
+                    c0, c1 = parts_of(lo, p + 1)
+                    if c0 <= c < c1:
+                        attend_part(
+                            ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
+                            kc[il, g],
+                            vc[il, g],
+                            max(lo, c * PART),
+                            min(p + 1, (c + 1) * PART),
+                            scale,
+                            W,
+                            po[i, c - c0, heads],
+                            pm[i, c - c0, heads],
+                        )
+                w = take(tfn, cnt, ci, nth, w, 1)
+            att = ab2
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
         if st:
             return st
+        if split:
+            for i in range(k):
+                p = pos + i
+                c0, c1 = parts_of(0 if win == 0 else max(0, p - win + 1), p + 1)
+                combine(po[i, : c1 - c0], pm[i, : c1 - c0], ab2[i])
         # output projection, residual
-        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, ab, nh * hdv, buf, ob)
+        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, att, nh * hdv, buf, ob)
         ci += 1
         st = _sync(bfn, yfn, bst, nth)
         if st:
@@ -366,7 +428,8 @@ class Weights(NamedTuple):
 
 
 class Call(NamedTuple):
-    """One call: the rows' hidden state, the KV cache, positions, RoPE tables, outputs, range."""
+    """One call: the rows' hidden state, the KV cache, positions, RoPE tables, outputs, range;
+    the attention's parts [k, n, n_head, head_dim_v] and their (max, sum) [k, n, n_head, 2]."""
 
     x0: np.ndarray
     kc: np.ndarray
@@ -381,6 +444,8 @@ class Call(NamedTuple):
     l0: int
     l1: int
     xo: np.ndarray
+    po: np.ndarray
+    pm: np.ndarray
 
 
 class Buffers(NamedTuple):
@@ -460,6 +525,8 @@ class FusedDecoder:
             c.n_embd,
         )
         self.bufs = Buffers(*(np.zeros((MAX_ROWS, _units(w)), np.float32) for w in widths))
+        self.parts = np.zeros((MAX_ROWS, 0, c.n_head, c.head_dim_v), np.float32)  # grown with the context
+        self.parts_ml = np.zeros((MAX_ROWS, 0, c.n_head, 2), np.float32)
         self.logits_width = _units(c.n_vocab)
         for m, n_out in ((M_Q, c.n_head * c.head_dim), (M_GATE, c.n_ff), (M_DOWN, c.n_embd)):
             if self.desc[m, 1] != n_out:
@@ -520,6 +587,11 @@ class FusedDecoder:
             raise ValueError("the matrices given differ in kernel or shape from the model's")
         return desc
 
+    def parts_bytes(self, n_ctx: int) -> int:
+        """Bytes of the attention's parts (and their max and sum) at a context of n_ctx tokens."""
+        c = self.model.cfg
+        return MAX_ROWS * -(-n_ctx // PART) * c.n_head * (c.head_dim_v + 2) * 4
+
     def step(self, token: int, cache) -> np.ndarray:
         """Logits [n_vocab] after `token` at position len(cache); appends its keys and values."""
         return self.step_rows([token], cache)[0]
@@ -568,8 +640,14 @@ class FusedDecoder:
         # returned, no copy to make; the other output is a placeholder of the same type
         logits = np.empty((k if last else 1, self.logits_width), np.float32)
         xo = np.empty((1 if last else k, c.n_embd), np.float32)
+        n_parts = -(-(pos + k) // PART)
+        if self.parts.shape[1] < n_parts:
+            grown = max(n_parts, 2 * self.parts.shape[1])
+            self.parts = np.zeros((MAX_ROWS, grown, c.n_head, c.head_dim_v), np.float32)
+            self.parts_ml = np.zeros((MAX_ROWS, grown, c.n_head, 2), np.float32)
         call = Call(
-            x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits, layers.start, layers.stop, xo
+            *(x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits, layers.start, layers.stop, xo),
+            *(self.parts[:k], self.parts_ml[:k]),
         )
         weights = self.weights._replace(desc=self.describe(layers, mats))
         args = (self.threads, self.sync, weights, call, Buffers(*(b[:k] for b in self.bufs)))

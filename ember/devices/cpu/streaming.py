@@ -133,7 +133,11 @@ def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     needs = Needs(
         process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]),
         fixed=st.matrix(model.output_name).nbytes + dec.vecs.nbytes,
-        kv_cache=c.kv_cache_bytes(n_ctx),
-        work=sum(b.nbytes for b in dec.bufs) + MAX_ROWS * dec.logits_width * 4 + WORK_MARGIN + budget // 20,
+        kv_cache=c.kv_cache_bytes(n_ctx, model.kv_type),
+        work=sum(b.nbytes for b in dec.bufs)
+        + dec.parts_bytes(n_ctx)
+        + MAX_ROWS * dec.logits_width * 4
+        + WORK_MARGIN
+        + budget // 20,
     )
     return make_plan(budget, layer_bytes, needs, n_ctx)
