@@ -164,6 +164,23 @@ def test_unsupported_options_are_honest(catalog_path):
         ember.load(catalog_path("smollm2-135m"), device="cuda")
 
 
+def test_kv_cache_types(catalog_path):
+    """Halves by default (the reference path: float32), float32 when asked; half the bytes; the
+    same greedy reply here; a bad type is a clear error before anything loads."""
+    path = catalog_path("smollm2-135m")
+    half, full = ember.load(path), ember.load(path, kv_cache="f32")
+    assert (half.kv_cache, full.kv_cache, ember.load(path, kernels="numpy").kv_cache) == ("f16", "f32", "f32")
+    s16, s32 = half.session(), full.session()
+    ids = half.tokenize("The capital of France is", special=False)
+    a, b = s16.feed(ids), s32.feed(ids)
+    assert s16.cache.k_all.dtype == np.uint16 and s32.cache.k_all.dtype == np.float32
+    assert s16.cache.nbytes() * 2 == s32.cache.nbytes()
+    assert np.abs(a - b).max() < 0.02 * b.std() and (a.argmax(1) == b.argmax(1)).all()
+    assert half.config.kv_cache_bytes(100) * 2 == half.config.kv_cache_bytes(100, "f32")
+    with pytest.raises(ember.EmberError, match="kv_cache"):
+        ember.load(path, kv_cache="q8")
+
+
 def test_stop_filter_holds_back_prefixes():
     f = _StopFilter(["</end>"])
     assert f.push("hello </") == ("hello ", False)
