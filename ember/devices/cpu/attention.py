@@ -5,7 +5,7 @@ threads: flash decoding; used by the fused decode step) and a whole batch of pos
 
 Keys and values are read in tiles of TILE keys, widened to float32 in the loops that use them
 (a separate conversion pass into a float32 tile left the loads without arithmetic to overlap:
-1.6x slower from DRAM), for two heads at a time, with an online softmax across tiles: a long
+1.6x slower from DRAM), for three heads at a time, with an online softmax across tiles: a long
 context is read from memory once per kv group (docs/kernels.md, "Attention"). The softmax
 runs over fixed parts of PART keys that `combine` joins: the fused step hands a long
 context's parts to different threads, and a position's result is the same bits however the
@@ -33,83 +33,114 @@ PART = 256  # keys of one part of the flash-decoding split (a multiple of TILE)
 EMPTY = np.float32(-3.0e38)  # the running max of a part that saw no key (fastmath: no -inf)
 
 
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _scores3(qa, qb, qc, K, t0, n4, sa, sb, sc):
+    """Three heads' scores of keys t0..t0+n4-1 (n4 a multiple of 4): 3 heads x 4 keys, 12 sums
+    a pass over d, each key widened once for the three."""
+    for j in range(0, n4, 4):
+        k0, k1, k2, k3 = K[t0 + j], K[t0 + j + 1], K[t0 + j + 2], K[t0 + j + 3]
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = c0 = c1 = c2 = c3 = np.float32(0.0)
+        for i in range(qa.size):
+            x, y, z = qa[i], qb[i], qc[i]
+            f0, f1, f2, f3 = widen(k0[i]), widen(k1[i]), widen(k2[i]), widen(k3[i])
+            a0 += x * f0
+            a1 += x * f1
+            a2 += x * f2
+            a3 += x * f3
+            b0 += y * f0
+            b1 += y * f1
+            b2 += y * f2
+            b3 += y * f3
+            c0 += z * f0
+            c1 += z * f1
+            c2 += z * f2
+            c3 += z * f3
+        sa[j], sa[j + 1], sa[j + 2], sa[j + 3] = a0, a1, a2, a3
+        sb[j], sb[j + 1], sb[j + 2], sb[j + 3] = b0, b1, b2, b3
+        sc[j], sc[j + 1], sc[j + 2], sc[j + 3] = c0, c1, c2, c3
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _scores1(qa, K, t0, n4, sa):
+    """One head's scores of keys t0..t0+n4-1: 4 keys a pass over d."""
+    for j in range(0, n4, 4):
+        k0, k1, k2, k3 = K[t0 + j], K[t0 + j + 1], K[t0 + j + 2], K[t0 + j + 3]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for i in range(qa.size):
+            x = qa[i]
+            a0 += x * widen(k0[i])
+            a1 += x * widen(k1[i])
+            a2 += x * widen(k2[i])
+            a3 += x * widen(k3[i])
+        sa[j], sa[j + 1], sa[j + 2], sa[j + 3] = a0, a1, a2, a3
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _scores(Q, K, t0, n, S):
     """S[h, j] = Q[h] . K[t0 + j] for j < n (K: half bits widened as they are read, so the
-    loads from memory overlap the arithmetic). Register-blocked: 2 heads x 4 keys share one
-    pass over d (8 sums); rows are views walked from index 0, so LLVM vectorizes the inner
-    loops."""
-    g, d = Q.shape[0], K.shape[1]
-    n4, g2 = n - n % 4, g - g % 2
-    for h in range(0, g2, 2):
-        qa, qb = Q[h], Q[h + 1]
-        sa, sb = S[h], S[h + 1]
-        for j in range(0, n4, 4):
-            k0, k1, k2, k3 = K[t0 + j], K[t0 + j + 1], K[t0 + j + 2], K[t0 + j + 3]
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-            for i in range(d):
-                x, y = qa[i], qb[i]
-                f0, f1, f2, f3 = widen(k0[i]), widen(k1[i]), widen(k2[i]), widen(k3[i])
-                a0 += x * f0
-                a1 += x * f1
-                a2 += x * f2
-                a3 += x * f3
-                b0 += y * f0
-                b1 += y * f1
-                b2 += y * f2
-                b3 += y * f3
-            sa[j], sa[j + 1], sa[j + 2], sa[j + 3] = a0, a1, a2, a3
-            sb[j], sb[j + 1], sb[j + 2], sb[j + 3] = b0, b1, b2, b3
-    if g2 < g:  # the last head of an odd group: 4 keys a pass
-        qh, sh = Q[g - 1], S[g - 1]
-        for j in range(0, n4, 4):
-            k0, k1, k2, k3 = K[t0 + j], K[t0 + j + 1], K[t0 + j + 2], K[t0 + j + 3]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for i in range(d):
-                x = qh[i]
-                a0 += x * widen(k0[i])
-                a1 += x * widen(k1[i])
-                a2 += x * widen(k2[i])
-                a3 += x * widen(k3[i])
-            sh[j], sh[j + 1], sh[j + 2], sh[j + 3] = a0, a1, a2, a3
+    loads from memory overlap the arithmetic). Register-blocked: 3 heads x 4 keys share a pass
+    over d (12 sums), the last one or two heads of a group 4 keys a pass; rows are views walked
+    from index 0, so LLVM vectorizes the inner loops. Three heads a pass rather than two:
+    scores 47 -> 41 us for SmolLM2's group of 3 at 4096 keys from DRAM (Zen 4; docs/kernels.md)."""
+    g = Q.shape[0]
+    n4 = n - n % 4
+    h = 0
+    while h + 3 <= g:
+        _scores3(Q[h], Q[h + 1], Q[h + 2], K, t0, n4, S[h], S[h + 1], S[h + 2])
+        h += 3
+    while h < g:
+        _scores1(Q[h], K, t0, n4, S[h])
+        h += 1
     for h in range(g):  # the keys left over
         qh, sh = Q[h], S[h]
         for j in range(n4, n):
             kj = K[t0 + j]
             s = np.float32(0.0)
-            for i in range(d):
+            for i in range(qh.size):
                 s += qh[i] * widen(kj[i])
             sh[j] = s
 
 
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _values3(sa, sb, sc, V, t0, n4, oa, ob, oc):
+    """Three heads' outputs += their weights of values t0..t0+n4-1: 3 heads x 4 values a pass
+    over dv, each value widened once for the three."""
+    for j in range(0, n4, 4):
+        p0, p1, p2, p3 = sa[j], sa[j + 1], sa[j + 2], sa[j + 3]
+        q0, q1, q2, q3 = sb[j], sb[j + 1], sb[j + 2], sb[j + 3]
+        r0, r1, r2, r3 = sc[j], sc[j + 1], sc[j + 2], sc[j + 3]
+        v0, v1, v2, v3 = V[t0 + j], V[t0 + j + 1], V[t0 + j + 2], V[t0 + j + 3]
+        for i in range(oa.size):
+            f0, f1, f2, f3 = widen(v0[i]), widen(v1[i]), widen(v2[i]), widen(v3[i])
+            oa[i] += (p0 * f0 + p1 * f1) + (p2 * f2 + p3 * f3)
+            ob[i] += (q0 * f0 + q1 * f1) + (q2 * f2 + q3 * f3)
+            oc[i] += (r0 * f0 + r1 * f1) + (r2 * f2 + r3 * f3)
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _values(S, V, t0, n, O):
-    """O[h] += sum_j S[h, j] V[t0 + j] for j < n (V: half bits widened as read): 2 heads x 4
-    keys a pass over dv."""
-    g, dv = O.shape
-    n4, g2 = n - n % 4, g - g % 2
-    for h in range(0, g2, 2):
-        oa, ob, sa, sb = O[h], O[h + 1], S[h], S[h + 1]
-        for j in range(0, n4, 4):
-            p0, p1, p2, p3 = sa[j], sa[j + 1], sa[j + 2], sa[j + 3]
-            q0, q1, q2, q3 = sb[j], sb[j + 1], sb[j + 2], sb[j + 3]
-            v0, v1, v2, v3 = V[t0 + j], V[t0 + j + 1], V[t0 + j + 2], V[t0 + j + 3]
-            for i in range(dv):
-                f0, f1, f2, f3 = widen(v0[i]), widen(v1[i]), widen(v2[i]), widen(v3[i])
-                oa[i] += (p0 * f0 + p1 * f1) + (p2 * f2 + p3 * f3)
-                ob[i] += (q0 * f0 + q1 * f1) + (q2 * f2 + q3 * f3)
-    if g2 < g:
-        oh, sh = O[g - 1], S[g - 1]
+    """O[h] += sum_j S[h, j] V[t0 + j] for j < n (V: half bits widened as read): 3 heads x 4
+    values a pass over dv, then the group's last heads one at a time (values 59 -> 42 us as
+    the scores above)."""
+    g = O.shape[0]
+    n4 = n - n % 4
+    h = 0
+    while h + 3 <= g:
+        _values3(S[h], S[h + 1], S[h + 2], V, t0, n4, O[h], O[h + 1], O[h + 2])
+        h += 3
+    while h < g:
+        oh, sh = O[h], S[h]
         for j in range(0, n4, 4):
             p0, p1, p2, p3 = sh[j], sh[j + 1], sh[j + 2], sh[j + 3]
             v0, v1, v2, v3 = V[t0 + j], V[t0 + j + 1], V[t0 + j + 2], V[t0 + j + 3]
-            for i in range(dv):
+            for i in range(oh.size):
                 oh[i] += (p0 * widen(v0[i]) + p1 * widen(v1[i])) + (p2 * widen(v2[i]) + p3 * widen(v3[i]))
+        h += 1
     for h in range(g):
         oh, sh = O[h], S[h]
         for j in range(n4, n):
             p, vj = sh[j], V[t0 + j]
-            for i in range(dv):
+            for i in range(oh.size):
                 oh[i] += p * widen(vj[i])
 
 
