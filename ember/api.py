@@ -369,7 +369,20 @@ class Model:
                 "add_bos_token": g.get("tokenizer.ggml.add_bos_token"),
             },
             "chat_template": "from the model" if g.get("tokenizer.chat_template") else "none (built-in fallback)",
+            "kv_cache": self._kv_cache_info(),
         }
+
+    def _kv_cache_info(self) -> dict[str, Any] | None:
+        """The KV cache's type and its bytes at the full context (None: an architecture ember
+        does not run)."""
+        try:
+            return {
+                "type": self.kv_cache,
+                "context": self.n_ctx,
+                "bytes": self.config.kv_cache_bytes(self.n_ctx, self.kv_cache),
+            }
+        except EmberError:
+            return None
 
     def __repr__(self) -> str:
         return f"<ember.Model {self.path.name} ({self.architecture})>"

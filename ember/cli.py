@@ -102,11 +102,14 @@ def cmd_info(args) -> int:
         return 0
     tok = info.pop("tokenizer")
     types = info.pop("tensor_types")
+    kv = info.pop("kv_cache")
     for k, v in info.items():
         if v is not None:
             print(f"{k:<22} {_human_bytes(v) if k == 'file_bytes' else v}")
     print(f"{'tensor types':<22} " + ", ".join(f"{k} x{v}" for k, v in types.items()))
     print(f"{'tokenizer':<22} " + ", ".join(f"{k}={v}" for k, v in tok.items()))
+    if kv:
+        print(f"{'kv cache':<22} {kv['type']}, {_human_bytes(kv['bytes'])} at {kv['context']} tokens")
     return 0
 
 

@@ -33,6 +33,10 @@ def test_info_json(capsys, catalog_path):
     assert info["architecture"] == "llama" and info["block_count"] == 30 and info["context_length"] == 8192
     assert info["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     assert info["tokenizer"]["model"] == "gpt2" and info["tokenizer"]["vocab_size"] == 49152
+    # 30 layers x 3 kv heads x 8192 positions x (64 + 64) halves
+    assert info["kv_cache"] == {"type": "f16", "context": 8192, "bytes": 30 * 3 * 8192 * 128 * 2}
+    code, out, _ = run_cli(capsys, "info", str(catalog_path("smollm2-135m")))
+    assert code == 0 and "kv cache               f16, 188.7 MB at 8192 tokens" in out
 
 
 def test_tokenize(capsys, catalog_path):
