@@ -25,6 +25,7 @@ from .formats.tokenizer import Tokenizer
 from .offload.plan import parse_budget
 from .runtime.config import ModelConfig
 from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
+from .runtime.kv_cache import KV_TYPES
 from .runtime.speculate import SCHEDULE_CHOICES
 from .runtime.threads import default_threads
 
@@ -71,8 +72,8 @@ class Model:
                 f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}"
             )
         self.kernels = kernels
-        if kv_cache not in ("auto", "f16", "f32"):
-            raise EmberError(f"kv_cache must be 'f16', 'f32' or 'auto', got {kv_cache!r}")
+        if kv_cache != "auto" and kv_cache not in KV_TYPES:
+            raise EmberError(f"kv_cache must be one of {', '.join(KV_TYPES)} or 'auto', got {kv_cache!r}")
         # "auto": halves, as llama.cpp's default; float32 on the reference path
         self.kv_cache = ("f32" if kernels == "numpy" else "f16") if kv_cache == "auto" else kv_cache
         self._n_ctx = n_ctx

@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import FormatError, UnsupportedError
 from ..formats.gguf import GGUFFile
+from .kv_cache import KV_TYPES
 
 ROPE_NORM = "norm"  # rotate adjacent pairs (x0, x1), (x2, x3), ...
 ROPE_NEOX = "neox"  # rotate (x_i, x_{i + d/2})
@@ -73,9 +76,8 @@ class ModelConfig:
 
     def kv_cache_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
         """Bytes of the KV cache at a context of n_ctx tokens (kv_type "f16" or "f32")."""
-        return (
-            self.n_layer * self.n_head_kv * n_ctx * (self.head_dim + self.head_dim_v) * (2 if kv_type == "f16" else 4)
-        )
+        per_value = np.dtype(KV_TYPES[kv_type]).itemsize
+        return self.n_layer * self.n_head_kv * n_ctx * (self.head_dim + self.head_dim_v) * per_value
 
     @classmethod
     def from_gguf(cls, g: GGUFFile, n_vocab: int) -> ModelConfig:

@@ -36,7 +36,6 @@ class KVCache:
     ):
         self.n_layer, self.n_head_kv, self.head_dim, self.head_dim_v = n_layer, n_head_kv, head_dim, head_dim_v
         self.max_len = max_len
-        self.kv_type = kv_type
         self.dtype = KV_TYPES[kv_type]
         self.length = 0
         self._cap = 0
