@@ -225,6 +225,12 @@ def combine(parts, ml, out):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def first_key(p, window):
+    """The first position a query at p sees: 0, or the start of its sliding window."""
+    return 0 if window == 0 else max(0, p - window + 1)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def parts_of(lo, hi):
     """The parts (first, end) keys lo..hi-1 fall into: fixed ranges of PART keys from 0, so a
     position's attention is the same sum of parts in any step and on any number of threads."""
@@ -277,12 +283,11 @@ def _items(q, k, v, q_pos, scale, window, out, w0, w1):
         i0 = c * Q_CHUNK
         i1 = min(i0 + Q_CHUNK, n)
         for i in range(i0, i1):
-            lo = 0 if window == 0 else max(0, q_pos[i] - window + 1)
             attend(
                 q[i, kv * g : (kv + 1) * g],
                 k[kv],
                 v[kv],
-                lo,
+                first_key(q_pos[i], window),
                 q_pos[i] + 1,
                 scale,
                 W,

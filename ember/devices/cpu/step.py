@@ -41,7 +41,7 @@ from ...lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scrat
 from ...lut_kernels.split import Team
 from ...runtime.config import ROPE_NEOX
 from ...runtime.rope import rope_tables
-from .attention import PART, attend, attend_part, combine, parts_of, work
+from .attention import PART, attend, attend_part, combine, first_key, parts_of, work
 from .half import store_row
 from .vmath import exp_into
 
@@ -152,12 +152,6 @@ def _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, c
     if voff[il, V_BV] >= 0:
         vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv : (g + 1) * hdv]
     store_row(vh, vc[il, g, p])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _first_key(p, win):
-    """The first position a query at p sees: 0, or the start of its sliding window."""
-    return 0 if win == 0 else max(0, p - win + 1)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -291,7 +285,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
             _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
             ql[i] = qb[i, : ql.shape[1]]
             _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
-        lo0 = _first_key(pos, win)  # the first key any of the rows sees
+        lo0 = first_key(pos, win)  # the first key any of the rows sees
         c_lo, c_hi = parts_of(lo0, pos + k)
         split = nth > 1 and nkv < 4 * nth and c_hi - c_lo > 1
         g = take(tfn, cnt, ci, nth, -1, 1)
@@ -307,7 +301,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
                     ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
                     kc[il, g],
                     vc[il, g],
-                    _first_key(p, win),
+                    first_key(p, win),
                     p + 1,
                     scale,
                     W,
@@ -332,7 +326,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
                 heads = slice(g * group, (g + 1) * group)
                 for i in range(k):
                     p = pos + i
-                    lo = _first_key(p, win)
+                    lo = first_key(p, win)
                     c0, c1 = parts_of(lo, p + 1)
                     if c0 <= c < c1:
                         attend_part(
@@ -355,7 +349,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
         if split:
             for i in range(k):
                 p = pos + i
-                c0, c1 = parts_of(_first_key(p, win), p + 1)
+                c0, c1 = parts_of(first_key(p, win), p + 1)
                 combine(po[i, : c1 - c0], pm[i, : c1 - c0], ab2[i])
         # output projection, residual
         _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, att, nh * hdv, buf, ob)
