@@ -159,12 +159,17 @@ class Model:
 
     def _place_within_budget(self, tr) -> None:
         """Plan which layers stay in memory and stream the others (`devices.cpu.streaming`);
-        the machine code is loaded first, so the plan counts it as the process's own memory."""
+        the machine code and the tokenizer are loaded first, so the plan counts them as the
+        process's own memory."""
         import logging
 
         from .errors import BudgetError
 
+        from .offload.memory import trim_heap
+
         self._load_code(tr)
+        self.tokenizer.encode("ember")  # the encoder's tables (~70 MB for 150k tokens) are the process's
+        trim_heap()
         try:
             self.plan = self.device.set_budget(tr, self.memory_budget, self.n_ctx)
         except BudgetError as e:

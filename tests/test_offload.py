@@ -13,8 +13,11 @@ import ember
 from ember.devices.cpu.streaming import StreamedModel
 from ember.errors import BudgetError, EmberError
 from ember.lut_kernels import pack_cache
+from ember.home import uncache
+from ember.offload import stream
+from ember.offload.memory import cached_bytes
 from ember.offload.plan import Needs, Plan, make_plan, parse_budget
-from ember.offload.stream import LayerStreamer
+from ember.offload.stream import IN_FLIGHT, LayerStreamer
 
 
 @pytest.fixture(autouse=True)
@@ -34,17 +37,17 @@ def test_parse_budget():
 
 
 def test_plan_keeps_a_prefix_resident_and_states_the_minimum():
-    needs = Needs(process=100, fixed=10, kv_cache=20, work=5)
-    layers = [50] * 8
-    assert make_plan(10_000, layers, needs).resident == 8  # all fit: nothing streams
-    p = make_plan(135 + 100 + 3 * 50 + 10, layers, needs)
-    assert p.resident == 3 and list(p.streamed) == [3, 4, 5, 6, 7] and p.streamed_bytes == 250
-    assert p.ring_bytes == 50 and "3 of 8 layers in memory" in p.describe()
-    with pytest.raises(BudgetError, match="at least 235 MB|at least 0 MB") as e:
-        make_plan(200, layers, needs, n_ctx=4096)
+    M = 10**6
+    needs = Needs(process=100 * M, fixed=10 * M, kv_cache=20 * M, work=5 * M)
+    layers = [50 * M] * 8
+    assert make_plan(10_000 * M, layers, needs).resident == 8  # all fit: nothing streams
+    p = make_plan(135 * M + 100 * M + IN_FLIGHT + 3 * 50 * M + 10 * M, layers, needs)
+    assert p.resident == 3 and list(p.streamed) == [3, 4, 5, 6, 7] and p.streamed_bytes == 250 * M
+    assert p.ring_bytes == 50 * M and "3 of 8 layers in memory" in p.describe()
+    minimum = (135 * M + 100 * M + IN_FLIGHT) / M  # two layers in flight and their reads' pages
+    with pytest.raises(BudgetError, match=rf"needs at least {minimum:.0f} MB") as e:
+        make_plan(200 * M, layers, needs, n_ctx=4096)
     assert "4096 tokens" in str(e.value)
-    with pytest.raises(BudgetError, match=r"needs at least 235 MB"):
-        make_plan(200, [50e6] * 8, Needs(100e6, 10e6, 20e6, 5e6))
 
 
 def _model(tmp_path, n_layer=4, family="llama", qtype="Q8_0"):
@@ -172,6 +175,53 @@ def test_streamer_reads_ranges_and_skips_an_interrupted_pass(tmp_path):
         s.close()
 
 
+def _blob(f, n: int, seed: int) -> np.ndarray:
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    with open(f, "wb") as h:
+        h.write(data.tobytes())
+        os.fsync(h.fileno())  # written back: clean pages can leave the page cache
+    return data
+
+
+def test_streamer_reads_in_pieces_that_end_inside_pages(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "PIECE", 3 * 4096 + 100)
+    f = tmp_path / "blob"
+    data = _blob(f, 1 << 20, 2)
+    layers = {0: [(0, 300_000)], 1: [(300_032, 400_000)], 2: [(700_032, 100_000), (900_000, 148_576)]}
+    s = LayerStreamer(f, layers)
+    try:
+        for _ in range(2):
+            for il, ranges in layers.items():
+                buf, placed = s.acquire(il)
+                assert [(o, n) for o, n, _ in placed] == ranges
+                for off, n, at in placed:
+                    assert np.array_equal(buf[at : at + n], data[off : off + n])
+                s.release(il)
+    finally:
+        s.close()
+
+
+def test_streaming_keeps_little_of_the_file_in_the_page_cache(tmp_path):
+    f = tmp_path / "blob"
+    layer = 16 << 20
+    data = _blob(f, 3 * layer, 3)
+    uncache(f)
+    if cached_bytes(f) != 0:
+        pytest.skip("the page cache cannot be dropped here (tmpfs?)")
+    s = LayerStreamer(f, {il: [(il * layer, layer)] for il in range(3)})
+    peak = 0
+    try:
+        for _ in range(2):
+            for il in range(3):
+                buf, _ = s.acquire(il)
+                peak = max(peak, cached_bytes(f))
+                assert buf[0] == data[il * layer] and buf[-1] == data[(il + 1) * layer - 1]
+                s.release(il)
+    finally:
+        s.close()
+    assert peak <= IN_FLIGHT, f"{peak / 2**20:.1f} MiB of the file stayed in the page cache"
+
+
 def test_default_budget_only_when_the_model_does_not_fit():
     from ember.offload.plan import MARGIN, default_budget
 
@@ -209,3 +259,19 @@ def test_available_memory_counts_a_cgroup_limit():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=cg.enter)
     assert out.returncode == 0, out.stderr
     assert 0 < int(out.stdout) < 400_000_000
+
+
+def test_the_pack_cache_holds_the_layers_in_their_order(tmp_path):
+    """A streamed layer's readahead runs on into the next layer in the file: it must be the next
+    layer the compute reads (blk.2 before blk.10), so the streamer uses what was read ahead."""
+    m = _model(tmp_path, n_layer=12)
+    _, recs = pack_cache.records(m.path)
+    packed = {n: m.transformer.store.matrix(n).packed for n in sorted(recs, reverse=True)}
+    pack_cache.save(m.path, packed)  # handed over in another order
+    _, recs = pack_cache.records(m.path)
+    first = {}
+    for name, (_, specs) in recs.items():
+        if name.startswith("blk."):
+            il = int(name.split(".")[1])
+            first[il] = min(first.get(il, 1 << 62), *(off for _, _, off, _ in specs.values()))
+    assert sorted(first, key=first.get) == list(range(12))

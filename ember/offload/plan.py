@@ -17,8 +17,10 @@ import re
 from dataclasses import dataclass
 
 from ..errors import BudgetError
+from .stream import IN_FLIGHT
 
 RING = 2  # streamed layers in memory at once: the one computed, the one being read
+WORK_SHARE = 0.02  # of the budget, kept for the heap's growth during generation
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
 _UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -87,6 +89,12 @@ class Plan:
         )
 
 
+def in_flight(layer_bytes) -> int:
+    """Bytes streaming holds besides the resident layers: the ring's buffers and the page cache
+    of the reads under way."""
+    return RING * max(layer_bytes) + IN_FLIGHT
+
+
 MARGIN = 0.10  # of the available memory, left free by a default budget
 
 
@@ -103,7 +111,7 @@ def make_plan(budget: int, layer_bytes: list[int], needs: Needs, n_ctx: int | No
     free = budget - needs.total
     if free >= sum(layer_bytes):
         return Plan(budget, needs, layer_bytes, len(layer_bytes))
-    ring = RING * max(layer_bytes)
+    ring = in_flight(layer_bytes)
     if free < ring:
         minimum = needs.total + ring
         ctx = f" at a context of {n_ctx} tokens (the KV cache takes {fmt(needs.kv_cache)}; -c sets it)" if n_ctx else ""
@@ -111,7 +119,7 @@ def make_plan(budget: int, layer_bytes: list[int], needs: Needs, n_ctx: int | No
             f"a memory budget of {fmt(budget)} is too small: this model needs at least {fmt(minimum)}{ctx}: "
             f"{fmt(needs.process)} for the process, {fmt(needs.fixed)} of weights outside the layers, "
             f"{fmt(needs.kv_cache + needs.work)} of cache and activations, and {fmt(ring)} for "
-            f"{RING} layers in flight"
+            f"{RING} layers in flight and their reads"
         )
     resident, left = 0, free - ring
     while resident < len(layer_bytes) and layer_bytes[resident] <= left:

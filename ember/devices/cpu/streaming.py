@@ -19,12 +19,13 @@ from ...errors import UnsupportedError
 from ...home import uncache
 from ...lut_kernels import pack_cache
 from ...offload.memory import process_bytes
-from ...offload.plan import Needs, Plan, make_plan
+from ...offload.plan import WORK_SHARE, Needs, Plan, make_plan
 from ...offload.stream import LayerStreamer
 from .step import MAX_ROWS, FusedDecoder
 
-WORK_MARGIN = 32 << 20  # numpy temporaries, the tokenizer's and sampler's arrays (and 5% of the budget:
-#   the heap grows by ~50 MB over a generation of Qwen2.5-1.5B, its vocabulary's logits and sampling)
+WORK_MARGIN = 32 << 20  # numpy temporaries, the sampler's arrays, the tokenizer's pieces, and WORK_SHARE
+#   of the budget: Qwen2.5-1.5B's process grew by ~38 MB besides the ring and the KV cache over a
+#   457-token prompt and 24 tokens, once its tokenizer (~70 MB) was built before the plan
 _PAGE = mmap.PAGESIZE
 
 
@@ -125,19 +126,20 @@ class StreamedModel:
 
 def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     """The plan of `dec.model` under `budget` bytes at a context of `n_ctx` tokens; the process's
-    own share is its anonymous memory now (the model's file pages are counted as weights)."""
+    own share is its anonymous memory now (the pack cache's pages are counted as weights) and the
+    model file's header (metadata, the vocabulary: read in place)."""
     model = dec.model
     c, st = model.cfg, model.store
     layer_bytes = [sum(st.matrix(n).nbytes for n in dec.matrix_names(range(il, il + 1))) for il in range(c.n_layer)]
     layer_bytes[-1] -= st.matrix(model.output_name).nbytes
     needs = Needs(
-        process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]),
+        process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]) + st.gguf.data_offset,
         fixed=st.matrix(model.output_name).nbytes + dec.vecs.nbytes,
         kv_cache=c.kv_cache_bytes(n_ctx, model.kv_type),
         work=sum(b.nbytes for b in dec.bufs)
         + dec.parts_bytes(n_ctx)
         + MAX_ROWS * dec.logits_width * 4
         + WORK_MARGIN
-        + budget // 20,
+        + int(budget * WORK_SHARE),
     )
     return make_plan(budget, layer_bytes, needs, n_ctx)
