@@ -87,6 +87,9 @@ def _results(peer: bool = True) -> dict:
          "memory_peak_bytes": 1.5e9, "streamed_bytes_per_token": 0, "same_tokens": True},
         {"engine": "ember", "variant": "budget", "fraction": 0.6, "budget": 600e6, "tokens_per_s": 2.0,
          "memory_peak_bytes": 620e6, "streamed_bytes_per_token": 500e6, "same_tokens": True, **off_common},
+        {"engine": "ember", "variant": "budget", "fraction": 0.3, "budget": 300e6, "tokens_per_s": 1.0,
+         "memory_peak_bytes": 290e6, "streamed_bytes_per_token": 800e6, "same_tokens": True,
+         "prefill_tokens_per_s": 55.0, "disk_bytes_per_s": 1e9, **off_common},
         {"engine": "ember", "variant": "budget", "fraction": 0.15, "budget": 150e6, "error": "ember budget 15% "
          "failed: BudgetError: a memory budget of 150 MB is too small: this model needs at least 490 MB"},
         {"engine": "llama.cpp", "variant": "mmap", "fraction": 0.6, "budget": 600e6, "tokens_per_s": 0.5,
@@ -153,7 +156,8 @@ def test_summaries():
     rows = sc["offload"]["summary"]["rows"]
     assert rows[1]["disk_roofline_tokens_per_s"] == 4.0 and rows[1]["roofline_share"] == 0.5
     assert rows[1]["peak_over_budget"] == pytest.approx(620 / 600) and rows[1]["read_bytes_per_s"] == 2e9
-    assert rows[3]["memory_peak_bytes"] == 599e6  # a cgroup's peak, page cache included, not RSS
+    assert rows[2]["disk_roofline_tokens_per_s"] == 1.25  # the disk's rate measured around the run
+    assert rows[4]["memory_peak_bytes"] == 599e6  # a cgroup's peak, page cache included, not RSS
     sp = sc["speculative"]["summary"]
     hints = sp["ember|type hints|lookup"]
     assert hints["speedup"] == 1.5 and sp["llama.cpp|type hints|lookup"]["speedup"] == pytest.approx(2 / 3)
@@ -174,7 +178,8 @@ def test_markdown_report():
     assert "8 new tokens cost (vs 1) at 2 thread(s): ember 1.50x, llama.cpp 1.50x" in md
     assert "| warm | 0.60 s |" in md and "cold" not in md
     assert "![dense](dense.png)" in md and "- moe: skipped: not in ember yet" in md and "- noisy" in md
-    assert "| ember budget | 60% 600 MB | 2.00 | 4.00 (50%) | 620 MB (1.03x) | yes |" in md
+    assert "| ember budget | 60% 600 MB | 2.00 | 4.00 (50% at 2.00 GB/s) | - | 620 MB (1.03x) | yes |" in md
+    assert "| ember budget | 30% 300 MB | 1.00 | 1.25 (80% at 1.00 GB/s) | 55.0 | 290 MB (0.97x) | yes |" in md
     assert "BudgetError: a memory budget of 150 MB is too small" in md
     assert "| ember | type hints | lookup | 30.0 | 1.50x | 6.0 | 50% | 4.00 | - | yes |" in md
     assert "| ember | type hints | d | 25.0 | 1.25x | 2.5 | 80% | 2.00 | 25% | yes |" in md

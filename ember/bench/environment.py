@@ -157,38 +157,36 @@ def _our_seconds() -> float:
 
 
 def disk_bandwidth(path: str, limit: int = 1 << 30) -> float:
-    """Sequential read bandwidth of the disk under `path`, bytes/s: up to `limit` bytes read in
-    16 MiB blocks with O_DIRECT (the page cache bypassed) where the filesystem allows, else
-    plain reads with the file's cached pages dropped before and after."""
+    """Sequential read bandwidth of the disk under `path`, bytes/s: the better of up to `limit`
+    bytes read in 16 MiB blocks with O_DIRECT (the page cache bypassed, where the filesystem
+    allows) and read through the page cache with the file's pages dropped before and after, as
+    the streamer reads (the kernel's readahead keeps several requests in flight: 2.0-2.6 GB/s
+    against O_DIRECT's 1.8 on the Zen 4 VM's virtio disk)."""
+    rates = [_read_rate(path, limit, direct=False)]
+    if getattr(os, "O_DIRECT", 0):
+        try:
+            rates.append(_read_rate(path, limit, direct=True))
+        except OSError:  # O_DIRECT refused (tmpfs, some overlays)
+            pass
+    return max(rates)
+
+
+def _read_rate(path: str, limit: int, direct: bool) -> float:
     import mmap
 
     block = 16 << 20
     buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-    direct = getattr(os, "O_DIRECT", 0)
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     try:
-        fd = os.open(path, os.O_RDONLY | direct)
-    except OSError:
-        direct, fd = 0, os.open(path, os.O_RDONLY)
-    try:
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         n, t = 0, time.perf_counter()
         while n < limit:
-            try:
-                k = os.preadv(fd, [buf], n)
-            except OSError:  # O_DIRECT refused at read time (tmpfs, some overlays)
-                if not direct:
-                    raise
-                os.close(fd)
-                direct, fd = 0, os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                continue
+            k = os.preadv(fd, [buf], n)
             if k <= 0:
                 break
             n += k
         dt = time.perf_counter() - t
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
         buf.close()

@@ -92,12 +92,13 @@ def _long_context(sec: dict) -> dict:
 
 
 def _offload(sec: dict) -> dict:
-    disk = sec["disk_bytes_per_s"]
     rows = []
     for r in sec["runs"]:
         row = {k: r.get(k) for k in ("engine", "variant", "fraction", "budget", "error", "busy", "same_tokens")}
+        disk = r.get("disk_bytes_per_s") or sec["disk_bytes_per_s"]  # measured around the run, if it was
         if "error" not in r:
             row["tokens_per_s"] = r["tokens_per_s"]
+            row["prefill_tokens_per_s"] = r.get("prefill_tokens_per_s")
             peak = r.get("cgroup_peak_bytes") or r.get("memory_peak_bytes")
             row["memory_peak_bytes"] = peak
             if r.get("budget") and peak:
@@ -105,6 +106,7 @@ def _offload(sec: dict) -> dict:
             per_token = r.get("streamed_bytes_per_token") or 0
             row["streamed_bytes_per_token"] = per_token
             if per_token:
+                row["disk_bytes_per_s"] = disk
                 row["disk_roofline_tokens_per_s"] = disk / per_token
                 row["roofline_share"] = r["tokens_per_s"] * per_token / disk
                 row["read_bytes_per_s"] = r["stream_bytes"] / r["stream_read_s"] if r.get("stream_read_s") else None
@@ -229,7 +231,7 @@ def tables(results: dict) -> list[dict]:
         out.append(_table("long-context", "Decode speed against context length", header, rows, notes))
     if sc.get("offload", {}).get("status") == "ok":
         sec, s = sc["offload"], sc["offload"]["summary"]
-        header = ["run", "budget", "tok/s", "disk roofline", "memory peak", "same tokens"]
+        header = ["run", "budget", "tok/s", "disk roofline", "prompt tok/s", "memory peak", "same tokens"]
         rows = []
         for r in s["rows"]:
             what = {"resident": "ember resident", "budget": "ember budget"}.get(
@@ -238,23 +240,29 @@ def tables(results: dict) -> list[dict]:
             budget = f"{r['fraction']:.0%} {_mb(r['budget'])}" if r["fraction"] else "none"
             if r.get("error"):
                 why = r["error"].split(" failed: ", 1)[-1]
-                rows.append([what, budget, "-", "-", "-", why if len(why) <= 100 else why[:99] + "…"])
+                rows.append([what, budget, "-", "-", "-", "-", why if len(why) <= 100 else why[:99] + "…"])
                 continue
             roof = (
-                f"{r['disk_roofline_tokens_per_s']:.2f} ({100 * r['roofline_share']:.0f}%)"
+                f"{r['disk_roofline_tokens_per_s']:.2f} ({100 * r['roofline_share']:.0f}% at "
+                f"{r['disk_bytes_per_s'] / 1e9:.2f} GB/s)"
                 if r.get("disk_roofline_tokens_per_s")
                 else "-"
             )
+            prompt = f"{r['prefill_tokens_per_s']:.1f}" if r.get("prefill_tokens_per_s") else "-"
             peak = _mb(r["memory_peak_bytes"]) + (
                 f" ({r['peak_over_budget']:.2f}x)" if r.get("peak_over_budget") else ""
             )
             same = {True: "yes", False: "NO", None: "-"}[r.get("same_tokens")]
             rows.append(
-                [what + (" (busy)" if r.get("busy") else ""), budget, f"{r['tokens_per_s']:.2f}", roof, peak, same]
+                [what + (" (busy)" if r.get("busy") else ""), budget, f"{r['tokens_per_s']:.2f}", roof, prompt, peak, same]
             )
         notes = [
             f"{sec['decode']} greedy tokens of a rewrite request at {sec['threads']} thread(s), the model files' page "
-            f"cache dropped before each run; disk sequential read {sec['disk_bytes_per_s'] / 1e9:.2f} GB/s",
+            f"cache dropped before each run; disk sequential read {sec['disk_bytes_per_s'] / 1e9:.2f} GB/s at the "
+            "start; a budgeted run's roofline uses the disk's rate measured right before and after it",
+            "prompt tok/s: the request's prompt; under a budget each streamed layer is read once per prompt",
+            "llama.cpp under a cgroup runs with its weight repacking off (`use_extra_bufts=False`): repacked "
+            "weights are anonymous memory, which a limit below the file size kills",
             "memory peak: ember's runs count process memory without the model's mapped pages plus the model files' "
             "pages in the page cache; cgroup runs, the cgroup's peak (page cache charged)",
         ]

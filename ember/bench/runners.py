@@ -169,6 +169,9 @@ def _drop_model_pages(b) -> None:
     uncache(pack_cache.cache_path(hub.resolve(b.model_path)))
 
 
+DISK_PROBE = 512 << 20  # bytes read to measure the disk right before and after a budgeted run
+
+
 def offload(b) -> dict:
     budgets: list[float] = list(BUDGETS)
     n, t = (QUICK_OFFLOAD_DECODE if b.quick else OFFLOAD_DECODE), b.threads[-1]
@@ -195,9 +198,11 @@ def offload(b) -> dict:
         label = f"{frac:.0%} ({budget / 1e6:.0f} MB)" if budget else f"{frac:.0%} of the layers streamed"
         how = {"stream_share": frac} if b.quick else {"budget": budget}
         try:
+            before = disk_bandwidth(b.model_path, DISK_PROBE)  # the disk's rate varies by 4x from minute to minute
             _drop_model_pages(b)
             r = b.worker("offload", f"ember budget {label}", model=b.model_path, threads=t, tokens=n, **how)
-            r = dict(r, same_tokens=r["tokens"] == ref["tokens"])
+            disk = (before + disk_bandwidth(b.model_path, DISK_PROBE)) / 2
+            r = dict(r, same_tokens=r["tokens"] == ref["tokens"], disk_bytes_per_s=disk)
             b.note(f"ember budget {label}: {r['tokens_per_s']:.2f} tok/s, same tokens {r['same_tokens']}")
             budget, frac = r["budget"], r["budget"] / size
             label = f"{frac:.0%} ({budget / 1e6:.0f} MB)"
@@ -228,8 +233,9 @@ def offload(b) -> dict:
                 else:
                     test = f"tg{n}"
                     r = b.worker(
-                        "llama", what, model=b.model_path, test=test, threads=t, memory_limit=budget, timeout=SLOW_RUN_S
-                    )
+                        "llama", what, model=b.model_path, test=test, threads=t, repack=False,
+                        memory_limit=budget, timeout=SLOW_RUN_S,
+                    )  # fmt: skip
                 b.note(f"{what}: {r['tokens_per_s']:.2f} tok/s")
             except BenchError as e:  # killed by the limit, or too slow to wait for: also a result
                 r = {"error": str(e)}

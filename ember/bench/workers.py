@@ -93,11 +93,24 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
     }
 
 
-def worker_llama(model: str, test: str, threads: int) -> dict:
+def worker_llama(model: str, test: str, threads: int, repack: bool = True) -> dict:
+    """llama-cpp-python on a test; repack=False keeps its weights in the file's mapping (no
+    repacked copies in anonymous memory: what lets it run under a memory limit below the file)."""
     import llama_cpp
 
     import ember
 
+    if not repack:
+        import llama_cpp.llama_cpp as low
+
+        defaults = low.llama_model_default_params
+
+        def no_repack():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = no_repack  # what Llama() builds its params from
     kind, n = parse_test(test)
     path = str(ember.hub.resolve(model))
     llm = llama_cpp.Llama(
@@ -227,15 +240,15 @@ def _budget_streaming(model: str, threads: int, share: float) -> int:
     """The budget under which about `share` of the layers' bytes stream (the plan's fixed needs
     plus the rest of the layers): a small model's fixed needs are several times its weights, so a
     fraction of the weight bytes says little there."""
-    from ember.offload.plan import RING
+    from ember.offload.plan import WORK_SHARE, in_flight
 
     probe = 1 << 40
     m = ember_load(model, threads, probe)
     m.prepare()
     p = m.plan
-    base = p.needs.total - probe // 20  # the work share counts 5% of the budget
+    base = p.needs.total - probe * WORK_SHARE
     layers = sum(p.layer_bytes)
-    return int((base + RING * max(p.layer_bytes) + (1 - share) * layers) / 0.95)
+    return int((base + in_flight(p.layer_bytes) + (1 - share) * layers) / (1 - WORK_SHARE))
 
 
 def ember_load(model: str, threads: int, budget: int | None):
@@ -345,7 +358,7 @@ def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int
 
 WORKERS = {
     "ember": lambda a: worker_ember(a["model"], a["test"], a["threads"]),
-    "llama": lambda a: worker_llama(a["model"], a["test"], a["threads"]),
+    "llama": lambda a: worker_llama(a["model"], a["test"], a["threads"], a.get("repack", True)),
     "bandwidth": lambda a: worker_bandwidth(a["threads"]),
     "offload": lambda a: worker_offload(a["model"], a.get("budget"), a["threads"], a["tokens"], a.get("stream_share")),
     "speculative": lambda a: worker_speculative(
