@@ -141,11 +141,65 @@ def _rows_agree(m, tr, ids, tol_steps, tol_forward):
     assert np.abs(m.session().feed_last(long) - got[-1]).max() <= tol_steps
 
 
-def test_moe_and_reference_mode_are_not_fused(tmp_path):
-    path = tg.write_family(tmp_path / "moe.gguf", "mixtral")
-    assert CpuDevice(1).decoder(ember.load(path).transformer) is None
+def test_reference_mode_is_not_fused(tmp_path):
     path = tg.write_family(tmp_path / "d.gguf", "llama")
     assert CpuDevice(1).decoder(ember.load(path, kernels="numpy").transformer) is None
+
+
+MOE = ["mixtral", "qwen2moe", "qwen3moe", "olmoe"]
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("family", MOE)
+def test_moe_families_fused_match_op_by_op(tmp_path, family, qtype):
+    """Routing, the chosen experts over the rows that chose them, the shared expert (qwen2moe),
+    renormalised top-k (mixtral, qwen3moe): as close to the exact float32 path as the op-by-op
+    kernels, whatever the thread count; k rows at once as one at a time."""
+    path = tg.write_family(tmp_path / "m.gguf", family, qtype=qtype, embd_qtype="Q8_0", n_ctx=64)
+    m = ember.load(path)
+    tr = m.transformer
+    assert CpuDevice(2).decoder(tr) is not None, "MoE layers take the fused step"
+    ids = np.random.default_rng(1).integers(0, m.config.n_vocab, 9).tolist()
+    ref = _steps(tr, ids, 1, False, n_gen=8)
+    exact = _steps(ember.load(path, kernels="numpy").transformer, ids, 1, False, n_gen=8)
+    noise = np.abs(ref - exact).max()
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * noise
+    got = {t: _steps(tr, ids, t, True, n_gen=8) for t in (1, 2, 3)}
+    assert np.abs(got[1] - exact).max() < 1.25 * noise + 1e-3 * ref.std()
+    assert (got[1].argmax(1) == ref.argmax(1))[clear].all()
+    assert np.array_equal(got[1], got[2]) and np.array_equal(got[1], got[3])
+    _rows_agree(m, tr, ids, 0.0, 1.25 * noise + 1e-3 * ref.std())
+
+
+def test_kquant_moe_fused_matches_op_by_op(tmp_path):
+    """K-quant experts: the rows that chose an expert go through its kernel together (their
+    k-row activation quantization sums in another order than one row's)."""
+    from gguf import GGMLQuantizationType as Q
+
+    path = _random_blocks_model(
+        tmp_path / "kq.gguf", Q.Q4_K, Q.Q6_K, Q.Q6_K, "qwen3moe", n_ff_exp=256, n_expert=8, n_expert_used=3, n_ff=768, head_dim=64
+    )
+    m = ember.load(path)
+    tr = m.transformer
+    assert CpuDevice(2).decoder(tr) is not None
+    ids = np.random.default_rng(1).integers(0, m.config.n_vocab, 12).tolist()
+    ref = _fixed(tr, ids, 1, False)
+    exact = _fixed(ember.load(path, kernels="numpy").transformer, ids, 1, False)
+    noise = np.abs(ref - exact).max()
+    for threads in (1, 2):
+        got = _fixed(tr, ids, threads, True)
+        assert np.abs(got - exact).max() < 1.25 * noise + 1e-3 * ref.std()
+    tol = 2.5 * noise + 1e-3 * ref.std()
+    _rows_agree(m, tr, ids, tol, tol)
+
+
+def test_moe_under_a_budget_is_not_yet_streamed(tmp_path):
+    from ember.errors import UnsupportedError
+
+    path = tg.write_family(tmp_path / "moe.gguf", "mixtral")
+    with pytest.raises(UnsupportedError, match="expert cache"):
+        ember.load(path, memory_budget="10GB").prepare()
 
 
 def test_fused_step_checks_token_and_context(tmp_path):
@@ -191,28 +245,30 @@ def test_decoder_refuses_unfusable_matrices(tmp_path):
         FusedDecoder(ember.load(path).transformer, 1)
 
 
-def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
-    """A tiny llama whose matrices are random valid blocks (gguf cannot quantize K-quants or
-    ternary types; random blocks are as good a test): `layer_qtype` for most layer matrices,
-    `v_down_qtype` for attn_v / ffn_down, `embd_qtype` for the tied embedding."""
+def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype, family="llama", **kw):
+    """A tiny model whose matrices are random valid blocks (gguf cannot quantize K-quants or
+    ternary types; random blocks are as good a test): `layer_qtype` for most layer matrices
+    (experts included; routers stay float32), `v_down_qtype` for attn_v / ffn_down(_exps),
+    `embd_qtype` for the tied embedding."""
     from gguf import GGMLQuantizationType as Q
 
     from ember.formats.quants import block_info
     from ember.lut_kernels import kquant
 
-    model = tg.build_family("llama", n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_ctx=64)
+    model = tg.build_family(family, **{**dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_ctx=64), **kw})
     rng = np.random.default_rng(7)
     for name, t in model.tensors.items():
-        if t.weights.ndim != 2:
+        if t.weights.ndim not in (2, 3) or "ffn_gate_inp" in name:
             continue
         qt = (
             embd_qtype
             if name == "token_embd.weight"
             else v_down_qtype
-            if name.endswith(("attn_v.weight", "ffn_down.weight"))
+            if name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight"))
             else layer_qtype
         )
-        n_out, n_in = t.weights.shape
+        n_in = t.weights.shape[-1]
+        n_out = t.weights.size // n_in
         if qt in kquant.QTYPES:
             raw = kquant.random_kquant(rng, qt, n_out, n_in)
             offs, nbytes = kquant._F16_FIELDS[qt], block_info(qt)[1]
@@ -231,7 +287,7 @@ def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype):
         for off in offs:
             h = blk[:, :, off : off + 2].copy().view(np.float16) * np.float16(0.03)
             blk[:, :, off : off + 2] = h.view(np.uint8)
-        t.qtype, t.data = qt, raw
+        t.qtype, t.data = qt, raw.reshape(*t.weights.shape[:-1], -1)
     return tg.write_model(model, path)
 
 

@@ -43,10 +43,11 @@ from ...runtime.config import ROPE_NEOX
 from ...runtime.rope import rope_tables
 from .attention import PART, attend, attend_part, combine, first_key, parts_of, work
 from .half import store_row
+from .moe import group, route
 from .vmath import exp_into
 
 # per-layer vectors, columns of the offsets table (-1: absent)
-V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM, V_POST_ATTN, V_POST_FFW = range(9)
+V_ATTN_NORM, V_FFN_NORM, V_BQ, V_BK, V_BV, V_QNORM, V_KNORM, V_POST_ATTN, V_POST_FFW, V_ROUTER, V_SHEXP_GATE = range(11)
 _VEC_NAMES = (
     "attn_norm",
     "ffn_norm",
@@ -57,15 +58,21 @@ _VEC_NAMES = (
     "attn_k_norm",
     "post_attention_norm",
     "post_ffw_norm",
+    "ffn_gate_inp",  # an MoE layer's router [n_expert, n_embd], as float32
+    "ffn_gate_inp_shexp",  # the shared expert's sigmoid gate [n_embd]
 )
-# matrices per layer, in descriptor order
+# matrices per layer, in descriptor order; an MoE layer has the attention's four, then gate, up and
+# down of each expert, then of the shared expert if it has one
 M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN = range(7)
 _MAT_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NM = len(_MAT_NAMES)
+_EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_SHARED = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 # integer parameters
 (P_NLAYER, P_D, P_NHEAD, P_NKV, P_HD, P_HDV, P_ROPE_DIM, P_NEOX, P_GELU, P_QKNORM, P_GEMMA, P_WINDOW, P_VOCAB) = range(
     13
 )
+P_NEXP, P_NUSED, P_NORMK, P_SHARED = range(13, 17)  # experts (0: dense), used per token, renormalised, shared
 PHASES = 6  # per layer: q/k/v, cache writes, attention, o, gate/up, down (+1: the output matrix)
 CHUNKS_PER_THREAD = 3
 MAX_ROWS = 16  # tokens one fused step takes at once (the K-quant kernels' register block)
@@ -224,6 +231,121 @@ def _act(gb, ub, ab, r0, r1, gelu, e2):
         out[i] = g[i] / (np.float32(1.0) + out[i]) * u[i]
 
 
+@njit(cache=True, nogil=True)
+def _moe_scratch(k, d, ip, ma, md):
+    """One thread's scratch for `_moe_ffn` (tiny for a dense model)."""
+    n_exp, n_used = ip[P_NEXP], max(ip[P_NUSED], 1)
+    width = max(d, ma.shape[1], md.shape[1])
+    return (
+        np.zeros((k, n_used), np.int64),
+        np.zeros((k, n_used), np.float32),
+        np.zeros(k, np.float32),
+        np.zeros(max(n_exp, 1), np.float32),
+        np.zeros(n_exp + 1, np.int64),
+        np.zeros(k * n_used, np.int64),
+        np.zeros(k * n_used, np.int64),
+        np.zeros(k * n_used + 1, np.int64),
+        np.empty((k, width), np.float32),
+        np.empty((k, width), np.float32),
+        np.empty((k, width), np.float32),
+    )
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _moe_ffn(tfn, cnt, ci, nth, bfn, yfn, bst, desc, mx, fns, h, x, il, vecs, voff, ip, ma, md, buf, mw, e2):
+    """An MoE layer's FFN for the k rows of h (normed) into the residual x: routing (every
+    thread alike, `moe.route`), then two phases, each a barrier: gate and up of each chosen
+    expert over the rows that chose it (its weights read once for them) and of the shared
+    expert over all rows, the activations into ma [slot, ...] (row i's j-th choice is slot
+    i * n_used + j; the shared expert's rows follow); then down, into md. Every thread then
+    adds its rows' weighted sum in a fixed order: no result depends on the thread count or
+    (with one-row kernels) on which other rows share the batch. Units: (expert, 64 output rows)."""
+    top, wts, wsh, lg, count, order, qe, qs, hs, yg, yu = mw
+    k, d = h.shape
+    n_exp, n_used, shared = ip[P_NEXP], ip[P_NUSED], ip[P_SHARED]
+    router = _vec(vecs, voff, il, V_ROUTER, n_exp * d)
+    for i in range(k):
+        route(h[i], router, n_used, ip[P_NORMK], top[i], wts[i], lg)
+        wsh[i] = 1.0
+        if voff[il, V_SHEXP_GATE] >= 0:
+            g = _vec(vecs, voff, il, V_SHEXP_GATE, d)
+            z = np.float32(0.0)
+            for c in range(d):
+                z += h[i, c] * g[c]
+            wsh[i] = np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
+    nq = group(top[:k], n_exp, count, order, qe, qs)
+    ffe = desc[mx, 1]
+    ue = -(-ffe // UNIT)
+    ms = mx + 3 * n_exp  # the shared expert's gate
+    ffs = desc[ms, 1] if shared else 0
+    s0 = k * n_used  # the shared expert's first slot
+    gelu = ip[P_GELU]
+    for which in range(2):  # 0: gate and up, 1: down
+        wu = ue if which == 0 else -(-d // UNIT)  # units of one expert
+        wsu = -(-ffs // UNIT) if which == 0 else (wu if shared else 0)
+        n = nq * wu + wsu
+        ch = _chunk(n, nth)
+        prepared = -1
+        c0 = take(tfn, cnt, ci + which, nth, -ch, ch)
+        while c0 < n:
+            w, end = c0, min(c0 + ch, n)
+            while w < end:
+                if w < nq * wu:  # units u0..u1 of chosen expert q
+                    q = w // wu
+                    u0, u1 = w - q * wu, min(end - q * wu, wu)
+                    m = mx + 3 * qe[q] + 2 * which
+                    r = qs[q + 1] - qs[q]
+                    if prepared != q:
+                        for t in range(r):
+                            slot = order[qs[q] + t]
+                            if which == 0:
+                                hs[t, :d] = h[slot // n_used]
+                            else:
+                                hs[t, :ffe] = ma[slot, :ffe]
+                        prepare_rows(desc, m, m + 2 - which, fns, hs[:r], d if which == 0 else ffe, buf)
+                        prepared = q
+                    matvec_rows(desc, m, buf, yg[:r], u0, u1)
+                    if which == 0:
+                        matvec_rows(desc, m + 1, buf, yu[:r], u0, u1)
+                    for t in range(r):
+                        slot = order[qs[q] + t]
+                        if which == 0:
+                            _act(yg[t], yu[t], ma[slot], UNIT * u0, min(UNIT * u1, ffe), gelu, e2)
+                        else:
+                            md[slot, UNIT * u0 : min(UNIT * u1, d)] = yg[t, UNIT * u0 : min(UNIT * u1, d)]
+                    w = q * wu + u1
+                else:  # units of the shared expert, all k rows
+                    u0, u1 = w - nq * wu, end - nq * wu
+                    m = ms + 2 * which
+                    if prepared != -2:
+                        if which == 0:
+                            prepare_rows(desc, m, m + 2, fns, h, d, buf)
+                        else:
+                            prepare_rows(desc, m, m + 1, fns, ma[s0 : s0 + k], ffs, buf)
+                        prepared = -2
+                    if which == 0:
+                        matvec_rows(desc, m, buf, yg[:k], u0, u1)
+                        matvec_rows(desc, m + 1, buf, yu[:k], u0, u1)
+                        for i in range(k):
+                            _act(yg[i], yu[i], ma[s0 + i], UNIT * u0, min(UNIT * u1, ffs), gelu, e2)
+                    else:
+                        matvec_rows(desc, m, buf, md[s0 : s0 + k], u0, u1)
+                    w = end
+            c0 = take(tfn, cnt, ci + which, nth, c0, ch)
+        st = _sync(bfn, yfn, bst, nth)
+        if st:
+            return st
+    for i in range(k):
+        for c in range(d):
+            acc = np.float32(0.0)
+            for j in range(n_used):
+                acc += wts[i, j] * md[i * n_used + j, c]
+            if shared:
+                acc += wsh[i] * md[s0 + i, c]
+            x[i, c] += acc
+    return 0
+
+
 # error_model="numpy": float divisions without a zero test, so _act's SiLU loop vectorizes (the
 # test kept it scalar: ~1.2% of the perf samples of Qwen2.5-1.5B's 8-token step)
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -234,9 +356,9 @@ def _decode(tid, nth, sync, weights, call, bufs):
     the last token only, into logits[k - 1]); else the hidden state, into xo (by thread 0).
     The arguments are the `Sync`, `Weights`, `Call` and `Buffers` tuples."""
     bfn, yfn, tfn, cnt, bst = sync
-    fns, desc, vecs, voff, out_norm, swa, ip, eps, scale = weights
+    fns, desc, lay, vecs, voff, out_norm, swa, ip, eps, scale = weights
     x0, kc, vc, pos, cos_g, sin_g, cos_l, sin_l, logits, last_only, l0, l1, xo, po, pm = call
-    qb, kb, vb, ab, ob, gb, ub, fb = bufs
+    qb, kb, vb, ab, ob, gb, ub, fb, ma, md = bufs
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
     k = x0.shape[0]
@@ -250,10 +372,11 @@ def _decode(tid, nth, sync, weights, call, bufs):
     kl = np.empty((k, nkv * hd), np.float32)
     W = work(group, hd, hdv)
     ab2 = np.empty((k, nh * hdv), np.float32)
-    e2 = np.empty(ab.shape[1], np.int32)
+    e2 = np.empty(max(ab.shape[1], ma.shape[1]), np.int32)
+    mw = _moe_scratch(k, d, ip, ma, md)
     ci = 0  # phase counter index (work units are claimed with take())
     for il in range(l0, l1):
-        m0 = (il - l0) * NM  # desc holds the range's matrices only
+        m0 = lay[il] - lay[l0]  # desc holds the range's matrices only
         cs = cos_l if swa[il] else cos_g
         sn = sin_l if swa[il] else sin_g
         win = window if swa[il] else 0
@@ -362,6 +485,12 @@ def _decode(tid, nth, sync, weights, call, bufs):
         # FFN: one unit = 64 rows of gate and of up, and their activation
         for i in range(k):
             _rms(x[i], _vec(vecs, voff, il, V_FFN_NORM, d), eps, h[i])
+        if ip[P_NEXP]:
+            st = _moe_ffn(tfn, cnt, ci, nth, bfn, yfn, bst, desc, m0 + M_GATE, fns, h, x, il, vecs, voff, ip, ma, md, buf, mw, e2)
+            if st:
+                return st
+            ci += 2
+            continue
         prepare_rows(desc, m0 + M_GATE, m0 + M_UP + 1, fns, h, d, buf)
         nff = desc[m0 + M_GATE, 1]
         n = desc[m0 + M_GATE, 6]
@@ -393,7 +522,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
     i0 = k - 1 if last_only else 0
     for i in range(i0, k):
         _rms(x[i], vecs[out_norm : out_norm + d], eps, h[i])
-    _matvec_phase(tfn, cnt, ci, nth, desc, (l1 - l0) * NM, fns, h[i0:], d, buf, logits[i0:])
+    _matvec_phase(tfn, cnt, ci, nth, desc, lay[l1] - lay[l0], fns, h[i0:], d, buf, logits[i0:])
     return 0
 
 
@@ -413,11 +542,12 @@ class Sync(NamedTuple):
 
 class Weights(NamedTuple):
     """The model as the step reads it: kernel entry points, the descriptors of the call's
-    matrices (NM a layer of its range, then the output matrix when the range ends at the last
+    matrices (a layer's in `_keys` order, then the output matrix when the range ends at the last
     layer), the norm and bias vectors with their offsets, the shape parameters."""
 
     fns: np.ndarray
     desc: np.ndarray
+    lay: np.ndarray  # layer il's first row of desc (of the whole model's; the call's are offsets from lay[l0])
     vecs: np.ndarray
     voff: np.ndarray
     out_norm: int
@@ -449,7 +579,8 @@ class Call(NamedTuple):
 
 
 class Buffers(NamedTuple):
-    """Activation buffers [k, ...]: q, k, v, attention/activation, o, gate, up, down outputs."""
+    """Activation buffers [k, ...]: q, k, v, attention/activation, o, gate, up, down outputs;
+    an MoE layer's activations and down outputs [slot, ...] (`_moe_ffn`)."""
 
     qb: np.ndarray
     kb: np.ndarray
@@ -459,6 +590,8 @@ class Buffers(NamedTuple):
     gb: np.ndarray
     ub: np.ndarray
     fb: np.ndarray
+    ma: np.ndarray
+    md: np.ndarray
 
 
 class FusedDecoder:
@@ -468,13 +601,13 @@ class FusedDecoder:
         if not fused.available():
             raise NotFusable("no native kernel path on this host")
         c, st = model.cfg, model.store
-        if c.is_moe:
-            raise NotFusable("mixture-of-experts layers are decoded op by op")
         if c.n_head % c.n_head_kv:
             raise NotFusable("heads do not divide into kv groups")
         self.model = model
         self.threads = max(1, int(threads))
-        mats = [st.matrix(name) for name in self.matrix_names(range(c.n_layer))]
+        keys = [self._keys(il) for il in range(c.n_layer)]
+        self.lay = np.cumsum([0] + [len(ks) for ks in keys]).astype(np.int64)
+        mats = [st.matrix(name, e) for ks in keys for name, e in ks] + [st.matrix(model.output_name)]
         self._mats = mats  # keeps the packed arrays alive
         self.desc = self._describe(mats)  # every layer's, then the output matrix
         self._range_desc: dict[tuple[int, int], np.ndarray] = {}
@@ -510,6 +643,10 @@ class FusedDecoder:
                 bool(c.spec.gemma),
                 c.sliding_window,
                 c.n_vocab,
+                c.n_expert,
+                c.n_expert_used,
+                bool(c.spec.moe_norm_topk),
+                st.has("blk.0.ffn_up_shexp.weight"),
             ],
             np.int64,
         )
@@ -524,11 +661,17 @@ class FusedDecoder:
             c.n_ff,
             c.n_embd,
         )
-        self.bufs = Buffers(*(np.zeros((MAX_ROWS, _units(w)), np.float32) for w in widths))
+        dense = [np.zeros((MAX_ROWS, _units(w)), np.float32) for w in widths]
+        slots = MAX_ROWS * (c.n_expert_used + 1) if c.is_moe else 0
+        ff_moe = 0  # the widest expert: routed, or shared
+        if c.is_moe:
+            ff_moe = max(int(self.desc[self.lay[0] + M_GATE + 3 * c.n_expert * j, 1]) for j in range(1 + self.ip[P_SHARED]))
+        self.bufs = Buffers(*dense, np.zeros((slots, _units(ff_moe)), np.float32), np.zeros((slots, _units(c.n_embd)), np.float32))
         self.parts = np.zeros((MAX_ROWS, 0, c.n_head, c.head_dim_v), np.float32)  # grown with the context
         self.parts_ml = np.zeros((MAX_ROWS, 0, c.n_head, 2), np.float32)
         self.logits_width = _units(c.n_vocab)
-        for m, n_out in ((M_Q, c.n_head * c.head_dim), (M_GATE, c.n_ff), (M_DOWN, c.n_embd)):
+        shapes = [(M_Q, c.n_head * c.head_dim)] + ([] if c.is_moe else [(M_GATE, c.n_ff), (M_DOWN, c.n_embd)])
+        for m, n_out in shapes:
             if self.desc[m, 1] != n_out:
                 raise NotFusable("unexpected matrix shapes")
         self.bfn, self.yfn, self.tfn = fused.barrier_address()
@@ -538,6 +681,7 @@ class FusedDecoder:
         self.weights = Weights(
             self.fns,
             self.desc,
+            self.lay,
             self.vecs,
             self.voff,
             self.out_norm,
@@ -550,9 +694,22 @@ class FusedDecoder:
         if self._pool is not None:
             weakref.finalize(self, self._pool.close)
 
+    def _keys(self, il: int) -> list[tuple[str, int | None]]:
+        """Layer il's matrices in descriptor order, as (tensor name, expert or None)."""
+        c, st = self.model.cfg, self.model.store
+        if not c.is_moe:
+            return [(f"blk.{il}.{part}.weight", None) for part in _MAT_NAMES]
+        keys = [(f"blk.{il}.{part}.weight", None) for part in _MAT_NAMES[:4]]
+        keys += [(f"blk.{il}.{part}.weight", e) for e in range(c.n_expert) for part in _EXPERTS]
+        if st.has(f"blk.{il}.ffn_up_shexp.weight"):
+            keys += [(f"blk.{il}.{part}.weight", None) for part in _SHARED]
+        return keys
+
     def matrix_names(self, layers: range) -> list[str]:
-        """The matrices a call over `layers` reads, in descriptor order: NM a layer, then the
-        output matrix when the range ends at the last layer."""
+        """The matrices a call over the dense `layers` reads, in descriptor order: NM a layer,
+        then the output matrix when the range ends at the last layer."""
+        if self.model.cfg.is_moe:
+            raise NotFusable("an MoE layer's experts are no whole matrices to stream")
         names = [f"blk.{il}.{part}.weight" for il in layers for part in _MAT_NAMES]
         if layers.stop == self.model.cfg.n_layer:
             names.append(self.model.output_name)
@@ -574,7 +731,7 @@ class FusedDecoder:
         key = (layers.start, layers.stop)
         full = self._range_desc.get(key)
         if full is None:
-            rows = list(range(layers.start * NM, layers.stop * NM))
+            rows = list(range(self.lay[layers.start], self.lay[layers.stop]))
             if layers.stop == self.model.cfg.n_layer:
                 rows.append(len(self.desc) - 1)
             full = self._range_desc[key] = np.ascontiguousarray(self.desc[rows])
@@ -650,7 +807,8 @@ class FusedDecoder:
             *(self.parts[:k], self.parts_ml[:k]),
         )
         weights = self.weights._replace(desc=self.describe(layers, mats))
-        args = (self.threads, self.sync, weights, call, Buffers(*(b[:k] for b in self.bufs)))
+        bufs = Buffers(*(b[:k] for b in self.bufs[:-2]), *self.bufs[-2:])  # MoE slots: k * (n_used + 1) of them
+        args = (self.threads, self.sync, weights, call, bufs)
         if self._pool is None:
             status = [_decode(0, *args)]
         else:
