@@ -19,6 +19,11 @@ from ...lut_kernels.ops import VIEW_TYPES, has_kernel, quant_matrix
 log = logging.getLogger("ember")
 
 
+def cache_name(name: str, expert: int | None) -> str:
+    """A matrix's name in the pack cache: the tensor's, and "#e" for expert e of a 3-D one."""
+    return name if expert is None else f"{name}#{expert}"
+
+
 class CpuPlacement:
     """The `placement` of a `WeightStore` for the CPU's kernels."""
 
@@ -39,28 +44,33 @@ class CpuPlacement:
         return m
 
     def prepare(self, store) -> str:
-        """Give every 2-D matrix that has a kernel its kernel layout now: from the on-disk pack
-        cache when a valid one exists, else packed here (and the cache written). Returns
+        """Give every matrix that has a kernel (and every expert of a 3-D tensor) its kernel
+        layout now: from the on-disk pack cache when a valid one exists, else packed here (and
+        the cache written). Returns
         "cached", "packed" or "none" (no matrix with a kernel left to prepare)."""
         g = store.gguf
-        names = [
-            n
+        keys = [
+            (n, e)
             for n, t in g.tensors.items()
-            if len(t.shape) == 2 and has_kernel(t.qtype) and (n, -1) not in store._matrices
+            if len(t.shape) in (2, 3) and has_kernel(t.qtype)
+            for e in ([None] if len(t.shape) == 2 else range(t.shape[0]))
+            if (n, -1 if e is None else e) not in store._matrices
         ]
-        if not names:
+        if not keys:
             return "none"
         cached = pack_cache.load(g.path) if self.use_cache else None
-        if cached is not None and set(names) <= set(cached):
-            for n in names:
+        if cached is not None and {cache_name(*k) for k in keys} <= set(cached):
+            for n, e in keys:
                 info = g.info(n)
-                m = quant_matrix(n, g.tensor_rows(n), info.qtype, info.shape[0], info.shape[1], cached[n])
-                m.release = functools.partial(g.release, n)
-                store._matrices[(n, -1)] = m
+                packed = cached[cache_name(n, e)]
+                m = quant_matrix(n, store.raw_rows(n, e), info.qtype, info.shape[-2], info.shape[-1], packed)
+                if e is None:
+                    m.release = functools.partial(g.release, n)
+                store._matrices[(n, -1 if e is None else e)] = m
             return "cached"
         t0 = time.perf_counter()
-        log.info("ember: packing %d matrices of %s for the fast kernels (once per model)", len(names), g.path.name)
-        packed = {n: store.matrix(n).packed for n in names}
+        log.info("ember: packing %d matrices of %s for the fast kernels (once per model)", len(keys), g.path.name)
+        packed = {cache_name(n, e): store.matrix(n, e).packed for n, e in keys}
         if self.use_cache:
             try:
                 path = pack_cache.save(g.path, packed)
