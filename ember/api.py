@@ -23,7 +23,7 @@ from .formats.chat import ChatFormat
 from .formats.gguf import GGUFFile
 from .formats.tokenizer import Tokenizer
 from .offload.plan import parse_budget
-from .runtime.config import ModelConfig
+from .runtime.config import ModelConfig, bytes_per_token
 from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
 from .runtime.kv_cache import KV_TYPES
 from .runtime.speculate import SCHEDULE_CHOICES
@@ -164,7 +164,6 @@ class Model:
         import logging
 
         from .errors import BudgetError
-
         from .offload.memory import trim_heap
 
         self._load_code(tr)
@@ -360,6 +359,7 @@ class Model:
             "head_count": g.arch_get("attention.head_count"),
             "head_count_kv": g.arch_get("attention.head_count_kv"),
             "expert_count": g.arch_get("expert_count"),
+            "expert_used_count": g.arch_get("expert_used_count"),
             "context_length": g.arch_get("context_length"),
             "rope_freq_base": g.arch_get("rope.freq_base"),
             "file_type": file_type_name(g.get("general.file_type")),
@@ -376,6 +376,12 @@ class Model:
             },
             "chat_template": "from the model" if g.get("tokenizer.chat_template") else "none (built-in fallback)",
             "kv_cache": self._kv_cache_info(),
+            "bytes_per_token": bytes_per_token(
+                g.tensors,
+                lambda n: g.info(n).nbytes,
+                g.arch_get("expert_used_count") or 0,
+                g.arch_get("expert_count") or 0,
+            ),
         }
 
     def _kv_cache_info(self) -> dict[str, Any] | None:

@@ -105,7 +105,7 @@ def cmd_info(args) -> int:
     kv = info.pop("kv_cache")
     for k, v in info.items():
         if v is not None:
-            print(f"{k:<22} {_human_bytes(v) if k == 'file_bytes' else v}")
+            print(f"{k:<22} {_human_bytes(v) if k in ('file_bytes', 'bytes_per_token') else v}")
     print(f"{'tensor types':<22} " + ", ".join(f"{k} x{v}" for k, v in types.items()))
     print(f"{'tokenizer':<22} " + ", ".join(f"{k}={v}" for k, v in tok.items()))
     if kv:

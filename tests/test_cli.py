@@ -39,6 +39,24 @@ def test_info_json(capsys, catalog_path):
     assert code == 0 and "kv cache               f16, 188.7 MB at 8192 tokens" in out
 
 
+def test_info_of_an_moe_model_gives_experts_and_bytes_per_token(capsys, tmp_path):
+    import tiny_gguf as tg
+
+    from ember.formats.gguf import GGUFFile
+
+    path = tg.write_family(tmp_path / "moe.gguf", "mixtral")  # 4 experts, 2 used a token
+    code, out, _ = run_cli(capsys, "info", str(path), "--json")
+    info = json.loads(out)
+    assert code == 0 and (info["expert_count"], info["expert_used_count"]) == (4, 2)
+    g = GGUFFile(path)
+    experts = sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
+    embd = g.info("token_embd.weight")
+    # the used half of the experts; the embedding is the output matrix too: read whole
+    assert embd.nbytes < info["bytes_per_token"] == sum(t.nbytes for t in g.tensors.values()) - experts // 2
+    code, out, _ = run_cli(capsys, "info", str(path))
+    assert "expert_used_count      2" in out and "bytes_per_token" in out
+
+
 def test_tokenize(capsys, catalog_path):
     path = str(catalog_path("smollm2-135m"))
     code, out, _ = run_cli(capsys, "tokenize", path, "<|im_start|>user", "--json")

@@ -175,3 +175,18 @@ class ModelConfig:
             n_ff_exp=n_ff_exp,
             n_ff_shexp=int(g.arch_get("expert_shared_feed_forward_length", 0) or 0),
         )
+
+
+def bytes_per_token(tensors: dict, nbytes, n_used: int = 0, n_expert: int = 0) -> int:
+    """Bytes of weights one decoded token reads, `nbytes(name)` a tensor's: every tensor once
+    (experts: the used share), one embedding row unless the embedding is also the output matrix."""
+    tied = "output.weight" not in tensors
+    total = 0
+    for name, info in tensors.items():
+        if name == "token_embd.weight" and not tied:
+            total += nbytes(name) // info.shape[0]
+        elif "_exps." in name and n_expert:
+            total += nbytes(name) * n_used // n_expert
+        else:
+            total += nbytes(name)
+    return total

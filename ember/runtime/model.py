@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..offload.store import WeightStore
-from .config import ModelConfig
+from .config import ModelConfig, bytes_per_token
 from .kv_cache import KV_TYPES, KVCache
 from .rope import apply_rope, rope_tables
 
@@ -174,17 +174,8 @@ class Transformer:
                     self._expect(name, shape)
 
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights one decoded token reads: every tensor once (experts: the used share),
-        one embedding row unless the embedding is also the output matrix."""
-        total = 0
-        for name, info in self.store.gguf.tensors.items():
-            if name == "token_embd.weight" and self.output_name != name:
-                total += self.store.nbytes(name) // info.shape[0]
-            elif "_exps." in name:
-                total += self.store.nbytes(name) * self.cfg.n_expert_used // self.cfg.n_expert
-            else:
-                total += self.store.nbytes(name)
-        return total
+        """Bytes of weights one decoded token reads, in their resident form (`bytes_per_token`)."""
+        return bytes_per_token(self.store.gguf.tensors, self.store.nbytes, self.cfg.n_expert_used, self.cfg.n_expert)
 
     # ---- forward -------------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> KVCache:
