@@ -178,7 +178,16 @@ def test_kquant_moe_fused_matches_op_by_op(tmp_path):
     from gguf import GGMLQuantizationType as Q
 
     path = _random_blocks_model(
-        tmp_path / "kq.gguf", Q.Q4_K, Q.Q6_K, Q.Q6_K, "qwen3moe", n_ff_exp=256, n_expert=8, n_expert_used=3, n_ff=768, head_dim=64
+        tmp_path / "kq.gguf",
+        Q.Q4_K,
+        Q.Q6_K,
+        Q.Q6_K,
+        "qwen3moe",
+        n_ff_exp=256,
+        n_expert=8,
+        n_expert_used=3,
+        n_ff=768,
+        head_dim=64,
     )
     m = ember.load(path)
     tr = m.transformer

@@ -12,8 +12,8 @@ import tiny_gguf as tg
 import ember
 from ember.devices.cpu.streaming import StreamedModel
 from ember.errors import BudgetError, EmberError
-from ember.lut_kernels import pack_cache
 from ember.home import uncache
+from ember.lut_kernels import pack_cache
 from ember.offload import stream
 from ember.offload.memory import cached_bytes
 from ember.offload.plan import Needs, Plan, make_plan, parse_budget

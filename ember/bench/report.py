@@ -254,7 +254,15 @@ def tables(results: dict) -> list[dict]:
             )
             same = {True: "yes", False: "NO", None: "-"}[r.get("same_tokens")]
             rows.append(
-                [what + (" (busy)" if r.get("busy") else ""), budget, f"{r['tokens_per_s']:.2f}", roof, prompt, peak, same]
+                [
+                    what + (" (busy)" if r.get("busy") else ""),
+                    budget,
+                    f"{r['tokens_per_s']:.2f}",
+                    roof,
+                    prompt,
+                    peak,
+                    same,
+                ]
             )
         notes = [
             f"{sec['decode']} greedy tokens of a rewrite request at {sec['threads']} thread(s), the model files' page "

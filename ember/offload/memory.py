@@ -1,8 +1,8 @@
 """Memory as an offload budget counts it: the process's own memory without the model files' mapped
-pages (`process_bytes`; `trim_heap` first gives back what the heap holds free), how much of a file sits in the page cache (`cached_bytes`, mincore over
-a fresh read-only mapping: the part of a budget that reading the weights leaves behind), and the
-memory available to this process (`available_bytes`: the machine's, or less under a memory
-cgroup's limit, as in a container)."""
+pages (`process_bytes`; `trim_heap` first gives back what the heap holds free), how much of a
+file sits in the page cache (`cached_bytes`, mincore over a fresh read-only mapping: the part of
+a budget that reading the weights leaves behind), and the memory available to this process
+(`available_bytes`: the machine's, or less under a memory cgroup's limit, as in a container)."""
 
 from __future__ import annotations
 

@@ -486,7 +486,9 @@ def _decode(tid, nth, sync, weights, call, bufs):
         for i in range(k):
             _rms(x[i], _vec(vecs, voff, il, V_FFN_NORM, d), eps, h[i])
         if ip[P_NEXP]:
-            st = _moe_ffn(tfn, cnt, ci, nth, bfn, yfn, bst, desc, m0 + M_GATE, fns, h, x, il, vecs, voff, ip, ma, md, buf, mw, e2)
+            st = _moe_ffn(
+                tfn, cnt, ci, nth, bfn, yfn, bst, desc, m0 + M_GATE, fns, h, x, il, vecs, voff, ip, ma, md, buf, mw, e2
+            )
             if st:
                 return st
             ci += 2
@@ -665,8 +667,12 @@ class FusedDecoder:
         slots = MAX_ROWS * (c.n_expert_used + 1) if c.is_moe else 0
         ff_moe = 0  # the widest expert: routed, or shared
         if c.is_moe:
-            ff_moe = max(int(self.desc[self.lay[0] + M_GATE + 3 * c.n_expert * j, 1]) for j in range(1 + self.ip[P_SHARED]))
-        self.bufs = Buffers(*dense, np.zeros((slots, _units(ff_moe)), np.float32), np.zeros((slots, _units(c.n_embd)), np.float32))
+            ff_moe = max(
+                int(self.desc[self.lay[0] + M_GATE + 3 * c.n_expert * j, 1]) for j in range(1 + self.ip[P_SHARED])
+            )
+        self.bufs = Buffers(
+            *dense, np.zeros((slots, _units(ff_moe)), np.float32), np.zeros((slots, _units(c.n_embd)), np.float32)
+        )
         self.parts = np.zeros((MAX_ROWS, 0, c.n_head, c.head_dim_v), np.float32)  # grown with the context
         self.parts_ml = np.zeros((MAX_ROWS, 0, c.n_head, 2), np.float32)
         self.logits_width = _units(c.n_vocab)
