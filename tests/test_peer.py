@@ -136,3 +136,20 @@ def test_llama_cpp_sees_the_sliding_window(compare):
     b = compare("gemma3", "F32", sliding_window=0)
     for r in (a, b):
         assert r["top1_agree"] and r["max_abs"] <= tolerance("gemma3", "F32") * r["std"], r
+
+
+def test_llama_cpp_agrees_on_the_synthetic_moe(tmp_path):
+    """The bench's synthetic Qwen3-MoE (small): llama.cpp loads it, and ember's fused MoE step
+    (K-quant experts, grouped by the rows that chose them) gives its logits."""
+    from ember.bench import synth_moe
+    from ember.bench.runners import QUICK_MOE
+
+    donor = tg.write_family(tmp_path / "donor.gguf", "llama")
+    path = synth_moe.write(tmp_path / "moe.gguf", donor, **QUICK_MOE)
+    m = ember.load(path, kv_cache="f32")
+    assert m.device.decoder(m.transformer) is not None
+    ids = token_ids(m.config.n_vocab)
+    ours = m.logits(ids).astype(np.float64)
+    theirs = llama_cpp_logits(path, ids)
+    assert np.max(np.abs(ours - theirs)) <= 0.25 * np.std(theirs)  # both quantize activations to 8 bits
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.75

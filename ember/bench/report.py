@@ -149,6 +149,7 @@ def _speculative(sec: dict) -> dict:
 
 _SUMMARIES: dict[str, Callable[[dict], dict]] = {
     "dense": _dense,
+    "moe": _dense,
     "ttft": _ttft,
     "memory": _memory,
     "long-context": _long_context,
@@ -172,31 +173,37 @@ def _table(scenario: str, title: str, header: list[str], rows: list[list[str]], 
     return {"scenario": scenario, "title": title, "header": header, "rows": rows, "notes": notes}
 
 
+def _speed_table(sec: dict, name: str, title: str, engines, peer: bool, notes: list[str]) -> dict:
+    """A table of tok/s per test and thread count for each engine (the dense and moe scenarios),
+    with the roofline and k-token cost notes."""
+    s = sec["summary"]
+    header = ["test", "threads", *(f"{e} tok/s" for e in engines)] + (["ember/llama.cpp"] if peer else [])
+    rows, notes = [], list(notes)
+    for test in sec["tests"]:
+        for t in sec["threads"]:
+            row = s[f"{test}|{t}"]
+            cells = [test + (" (busy)" if row["busy"] else ""), str(t), *(_tok(row.get(e)) for e in engines)]
+            rows.append(cells + ([f"{row['ratio']:.2f}x"] if peer else []))
+            e = row["ember"]
+            if "roofline_share" in e:
+                bw = sec["bandwidth_bytes_per_s"][str(t)]
+                notes.append(
+                    f"decode ({test}) at {t} thread(s): {e['weight_bytes_per_token'] / 1e6:.1f} MB of weights "
+                    f"a token, {100 * e['roofline_share']:.0f}% of the measured {bw / 1e9:.1f} GB/s"
+                )
+            if "k_cost_ratio" in e:
+                costs = ", ".join(f"{x} {row[x]['k_cost_ratio']:.2f}x" for x in engines)
+                notes.append(f"{parse_test(test)[1]} new tokens cost (vs 1) at {t} thread(s): {costs}")
+    return _table(name, title, header, rows, notes)
+
+
 def tables(results: dict) -> list[dict]:
     engines = results["options"]["engines"]
     peer = len(engines) > 1
     out = []
     sc = results["scenarios"]
     if sc.get("dense", {}).get("status") == "ok":
-        sec, s = sc["dense"], sc["dense"]["summary"]
-        header = ["test", "threads", *(f"{e} tok/s" for e in engines)] + (["ember/llama.cpp"] if peer else [])
-        rows, notes = [], []
-        for test in sec["tests"]:
-            for t in sec["threads"]:
-                row = s[f"{test}|{t}"]
-                cells = [test + (" (busy)" if row["busy"] else ""), str(t), *(_tok(row.get(e)) for e in engines)]
-                rows.append(cells + ([f"{row['ratio']:.2f}x"] if peer else []))
-                e = row["ember"]
-                if "roofline_share" in e:
-                    bw = sec["bandwidth_bytes_per_s"][str(t)]
-                    notes.append(
-                        f"decode ({test}) at {t} thread(s): {e['weight_bytes_per_token'] / 1e6:.1f} MB of weights "
-                        f"a token, {100 * e['roofline_share']:.0f}% of the measured {bw / 1e9:.1f} GB/s"
-                    )
-                if "k_cost_ratio" in e:
-                    costs = ", ".join(f"{x} {row[x]['k_cost_ratio']:.2f}x" for x in engines)
-                    notes.append(f"{parse_test(test)[1]} new tokens cost (vs 1) at {t} thread(s): {costs}")
-        out.append(_table("dense", "Prompt and decode speed", header, rows, notes))
+        out.append(_speed_table(sc["dense"], "dense", "Prompt and decode speed", engines, peer, []))
     if sc.get("ttft", {}).get("status") == "ok":
         s = sc["ttft"]["summary"]
         rows = [["warm", f"{s['warm_s']:.2f} s"]] + (
@@ -277,6 +284,15 @@ def tables(results: dict) -> list[dict]:
         if sec["cgroup"] != "available":
             notes.append(f"no cgroup runs: {sec['cgroup']}")
         out.append(_table("offload", "Offload: decode under a memory budget", header, rows, notes))
+    if sc.get("moe", {}).get("status") == "ok":
+        sec = sc["moe"]
+        sh = sec["model"]["shape"]
+        notes = [
+            f"a synthetic Qwen3-MoE ({_mb(sec['model']['bytes'])}; ember.bench.synth_moe): {sh['n_layer']} layers of "
+            f"{sh['n_expert']} experts, {sh['n_expert_used']} used a token, d_model {sh['n_embd']}, expert FFN "
+            f"{sh['n_ff_exp']}; random weights, skewed expert popularity"
+        ]
+        out.append(_speed_table(sec, "moe", "Mixture-of-experts decode", engines, peer, notes))
     if sc.get("speculative", {}).get("status") == "ok":
         sec, s = sc["speculative"], sc["speculative"]["summary"]
         header = ["engine", "request", "drafter", "tok/s", "speedup", "mean k", "acceptance", "accepted/step"]

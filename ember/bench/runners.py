@@ -12,7 +12,9 @@ offload       decode under memory budgets (BUDGETS x the weight bytes), the page
 speculative   plain decoding against prompt lookup and a draft model (in turns, concurrently) on
               two rewrite requests, the same tokens required; llama.cpp plain and with its
               prompt-lookup decoding
-moe, devices  not in ember yet: listed as skipped
+moe           decode of a synthetic Qwen3-MoE (`synth_moe`: Qwen3-30B-A3B's layer shape, 12
+              layers, ~5 GB; --quick: a tiny one) per engine and thread count
+devices       not in ember yet: listed as skipped
 """
 
 from __future__ import annotations
@@ -317,8 +319,47 @@ def speculative_steps(b) -> int:
     return b.reps * (len(_variants(b)) + 2 * requests * (len(b.engines) - 1))
 
 
+MOE_TEST = "tg32"
+MOE_LAYERS, QUICK_MOE = 12, dict(n_layer=2, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_head=4,
+                                 n_head_kv=2, head_dim=64)  # fmt: skip
+
+
+def _synthetic_moe(b) -> tuple[Path, dict]:
+    """The synthetic Qwen3-MoE (`synth_moe`; --quick: a tiny one), written once into the cache
+    folder with the tokenizer of the bench's model, and reused; and its shape."""
+    from ember.home import cache_dir
+
+    from . import synth_moe
+
+    shape = QUICK_MOE if b.quick else dict(synth_moe.QWEN3_30B_A3B, n_layer=MOE_LAYERS)
+    tag = "-".join(f"{v}" for v in shape.values())
+    path = cache_dir("synthetic") / f"qwen3moe-v{synth_moe.VERSION}-{tag}-{Path(b.model_path).stem}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        b.note(f"writing the synthetic MoE model {path.name}")
+        synth_moe.write(path, b.model_path, **shape)
+    return path, shape
+
+
 def moe(b) -> dict:
-    raise Skip("not in ember yet: the fast MoE path and the synthetic MoE models are the moe issue's")
+    path, shape = _synthetic_moe(b)
+    out: dict = {"tests": [MOE_TEST], "threads": b.threads, "bandwidth_bytes_per_s": {}, "runs": []}
+    out["model"] = {"file": path.name, "bytes": path.stat().st_size, "shape": shape}
+    for t in b.threads:
+        r = b.worker("bandwidth", f"bandwidth t={t}", threads=t)
+        out["bandwidth_bytes_per_s"][str(t)] = r["bytes_per_s"]
+    b.worker("ember", "warm-up (packs the experts once)", model=str(path), test=MOE_TEST, threads=b.threads[0])
+    for t in b.threads:
+        for rep in range(b.reps):
+            for engine in b.engines:
+                r = b.worker(_kind(engine), f"{engine} MoE {MOE_TEST} t={t}", model=str(path), test=MOE_TEST, threads=t)
+                out["runs"].append(dict(r, engine=engine, test=MOE_TEST, threads=t, rep=rep))
+                b.note(f"{engine:>9} MoE {MOE_TEST} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
+    return out
+
+
+def moe_steps(b) -> int:
+    return len(b.threads) + 1 + len(b.threads) * b.reps * len(b.engines)
 
 
 def devices(b) -> dict:
@@ -335,7 +376,7 @@ RUNNERS: dict[str, tuple[Callable, Callable]] = {
     "memory": (memory, memory_steps),
     "long-context": (long_context, long_context_steps),
     "offload": (offload, offload_steps),
-    "moe": (moe, lambda b: 0),
+    "moe": (moe, moe_steps),
     "speculative": (speculative, speculative_steps),
     "devices": (devices, lambda b: 0),
 }
