@@ -401,3 +401,14 @@ def test_numba_cache_is_keyed_on_all_of_embers_numba_sources(tmp_path, monkeypat
     # an unwritable cache folder: numba keeps its own default places
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     assert home.numba_cache_dir() is None
+
+
+def test_moe_with_a_broken_router_gives_garbage_not_a_crash(tmp_path):
+    """NaN router logits choose no expert by value: the step still picks ids in range."""
+    model = tg.build_family("mixtral", qtype="Q8_0", n_ctx=64)
+    t = model.tensors["blk.0.ffn_gate_inp.weight"]
+    t.data = np.full_like(t.data, np.nan)
+    m = ember.load(tg.write_model(model, tmp_path / "nan.gguf"))
+    assert m.device.decoder(m.transformer) is not None
+    logits = m.session().feed([1, 2, 3])
+    assert logits.shape == (3, m.config.n_vocab)

@@ -38,6 +38,8 @@ def route(h, router, n_used, norm, top, wts, logits):
         for e in range(n_exp):
             if logits[e] >= 0 and (best < 0 or logits[e] > logits[best]):
                 best = e
+        if best < 0:  # NaN logits (a broken model): garbage out, but never an id out of range
+            best = j % n_exp
         top[j] = best
         wts[j] = logits[best]
         logits[best] = -1.0  # taken
