@@ -13,7 +13,9 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True, inline="always")
+# reassociation lets the dot products run in vector lanes (docs/moe.md); every thread and every
+# row still run the same code, so they agree bit for bit
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def route(h, router, n_used, norm, top, wts, logits):
     """Row `h`'s top `n_used` experts (into `top`, best first) and their softmax probabilities
     over all experts (into `wts`; renormalised to sum to 1 when `norm`), from `router`
