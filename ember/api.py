@@ -114,6 +114,8 @@ class Model:
 
         # kernels="numpy": float32 weights and NumPy math (the reference); else the device's
         reference = self.kernels == "numpy"
+        if self.memory_budget is not None and not reference:  # loading keeps the pack cache on disk
+            self.device.placement.frugal = True
         store = WeightStore(self.gguf, placement=None if reference else self.device.placement)
         tr = Transformer(self.config, store, ops=None if reference else self.device.ops, kv_type=self.kv_cache)
         store.prepare()
@@ -159,15 +161,17 @@ class Model:
 
     def _place_within_budget(self, tr) -> None:
         """Plan which layers stay in memory and stream the others (`devices.cpu.streaming`);
-        the machine code and the tokenizer are loaded first, so the plan counts them as the
-        process's own memory."""
+        the machine code (its first token streaming every layer) and the tokenizer are loaded
+        first, so the plan counts them as the process's own memory."""
         import logging
 
         from .errors import BudgetError
         from .offload.memory import trim_heap
 
-        self._load_code(tr)
         self.tokenizer.encode("ember")  # the encoder's tables (~70 MB for 150k tokens) are the process's
+        if not self._code_loaded:
+            self.device.stream_everything(tr)  # the first token's weights pass through the ring
+        self._load_code(tr)
         trim_heap()
         try:
             self.plan = self.device.set_budget(tr, self.memory_budget, self.n_ctx)

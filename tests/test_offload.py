@@ -275,3 +275,23 @@ def test_the_pack_cache_holds_the_layers_in_their_order(tmp_path):
             il = int(name.split(".")[1])
             first[il] = min(first.get(il, 1 << 62), *(off for _, _, off, _ in specs.values()))
     assert sorted(first, key=first.get) == list(range(12))
+
+
+def test_a_frugal_pack_cache_load_leaves_the_file_on_disk(tmp_path):
+    """Under a budget the pack cache is checked array by array, each array's pages dropped after
+    its checksum: loading does not pull the whole file into memory; the arrays still read right."""
+    import gc
+
+    path = _model(tmp_path, n_layer=6).path  # writes the pack cache
+    cache = pack_cache.cache_path(path)
+    want = {n: {a: v.copy() for a, v in p.arrays().items()} for n, p in pack_cache.load(path).items()}
+    gc.collect()  # no mapping of the file is left: mapped pages cannot leave the page cache
+    os.sync()
+    uncache(cache)
+    if cached_bytes(cache) != 0:
+        pytest.skip("the page cache cannot be dropped here (tmpfs?)")
+    got = pack_cache.load(path, frugal=True)
+    assert cached_bytes(cache) <= 64 << 10  # the index; every array dropped
+    for n, arrays in want.items():
+        for a, v in arrays.items():
+            assert np.array_equal(got[n].arrays()[a], v), (n, a)

@@ -33,10 +33,12 @@ without large folios) keep 4 KB pages: slower, the same results.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import mmap
+import os
 import re
 import struct
 from pathlib import Path
@@ -191,12 +193,15 @@ def _drop(path: Path, why: str) -> None:
         pass
 
 
-def load(model_path: Path) -> dict | None:
-    """{matrix name: packed object} from the cache, or None when there is no valid cache file."""
+def load(model_path: Path, frugal: bool = False) -> dict | None:
+    """{matrix name: packed object} from the cache, or None when there is no valid cache file.
+    frugal: each array's pages leave memory and the page cache once its checksum is checked (a
+    memory budget's load: what stays resident faults back in when used)."""
     path = cache_path(model_path)
     try:
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = os.dup(f.fileno()) if frugal else -1
     except (FileNotFoundError, ValueError):  # absent, or empty (mmap of 0 bytes)
         if path.exists():
             _drop(path, "empty file")
@@ -210,10 +215,27 @@ def load(model_path: Path) -> dict | None:
         except OSError:  # no transparent huge pages here: 4 KB pages
             pass
     try:
-        return _parse(mm, path)
+        return _parse(mm, path, functools.partial(_forget, mm, fd) if fd >= 0 else None)
     except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as e:
         _drop(path, str(e) or type(e).__name__)
         return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+_FOLIO = 2 << 20  # the page cache's largest folio here: dropped whole or not at all
+
+
+def _forget(mm: mmap.mmap, fd: int, off: int, n: int) -> None:
+    """Unmap [off, off + n) of the file's mapping and drop it from the page cache, from the
+    start of the folio holding `off` (the bytes before it were checked already)."""
+    lo = off - off % _FOLIO
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, min(off + n, len(mm)) - lo)
+        os.posix_fadvise(fd, lo, off + n - lo, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):  # not Linux: the pages stay cached
+        pass
 
 
 def records(model_path: Path) -> tuple[Path, dict]:
@@ -245,7 +267,7 @@ def build(tag: str, arrays: dict):
     return _CLASSES[tag].from_arrays(arrays)
 
 
-def _parse(mm: mmap.mmap, path: Path) -> dict:
+def _parse(mm: mmap.mmap, path: Path, forget=None) -> dict:
     size = len(mm)
     if size < len(MAGIC) + 8 or mm[: len(MAGIC)] != MAGIC:
         raise ValueError("not a packed-weight file")
@@ -276,6 +298,8 @@ def _parse(mm: mmap.mmap, path: Path) -> dict:
             arr = buf[off : off + nbytes]
             if checksum(arr) != int(a["sum64"]):
                 raise ValueError(f"checksum mismatch in {name}/{an}")
+            if forget is not None:
+                forget(off, nbytes)
             arrays[an] = arr.view(dt).reshape(shape)
         out[name] = _CLASSES[e["class"]].from_arrays(arrays)
     return out

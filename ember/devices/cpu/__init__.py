@@ -100,6 +100,28 @@ class CpuDevice:
         does not fit, UnsupportedError for a model without the fused step."""
         from .streaming import StreamedModel, plan_for
 
+        dec = self._budget_decoder(model)
+        old = self._streamed.pop(id(model), None)
+        plan = plan_for(dec, budget, n_ctx, held=old[1].ring_bytes if old is not None else 0)
+        if old is not None:
+            old[1].close()
+        if plan.streamed:
+            self._streamed[id(model)] = (model, StreamedModel(dec, plan))
+        return plan
+
+    def stream_everything(self, model) -> None:
+        """Stream every layer of `model` until `set_budget` plans it: its first token (loading
+        the machine code) then reads the weights through the streamer's ring, dropped from the
+        page cache as they go, instead of through memory."""
+        from .streaming import StreamedModel, streaming_everything
+
+        dec = self._budget_decoder(model)
+        old = self._streamed.pop(id(model), None)
+        if old is not None:
+            old[1].close()
+        self._streamed[id(model)] = (model, StreamedModel(dec, streaming_everything(dec)))
+
+    def _budget_decoder(self, model):
         if model.cfg.is_moe:
             raise UnsupportedError("memory_budget with mixture-of-experts layers: the expert cache is not in ember yet")
         dec = self.decoder(model)
@@ -107,13 +129,7 @@ class CpuDevice:
             raise UnsupportedError(
                 "memory_budget needs the fused CPU step, which this model or host lacks (no native kernels)"
             )
-        plan = plan_for(dec, budget, n_ctx)
-        old = self._streamed.pop(id(model), None)
-        if old is not None:
-            old[1].close()
-        if plan.streamed:
-            self._streamed[id(model)] = (model, StreamedModel(dec, plan))
-        return plan
+        return dec
 
     def streamed(self, model):
         """The model's StreamedModel under a budget, or None."""

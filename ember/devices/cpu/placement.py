@@ -31,6 +31,7 @@ class CpuPlacement:
 
     def __init__(self, use_cache: bool = True):
         self.use_cache = use_cache
+        self.frugal = False  # under a memory budget: loading leaves the pack cache's pages on disk
 
     def matrix(self, store, name: str, expert: int | None = None):
         info = store.gguf.info(name)
@@ -45,8 +46,9 @@ class CpuPlacement:
 
     def prepare(self, store) -> str:
         """Give every matrix that has a kernel (and every expert of a 3-D tensor) its kernel
-        layout now: from the on-disk pack cache when a valid one exists, else packed here (and
-        the cache written). Returns
+        layout now: from the on-disk pack cache when a valid one exists, else packed here, the
+        cache written and mapped back (the packed copies then are the file's pages, which the
+        page cache can reclaim and a memory budget can drop, not anonymous memory). Returns
         "cached", "packed" or "none" (no matrix with a kernel left to prepare)."""
         g = store.gguf
         keys = [
@@ -58,15 +60,7 @@ class CpuPlacement:
         ]
         if not keys:
             return "none"
-        cached = pack_cache.load(g.path) if self.use_cache else None
-        if cached is not None and {cache_name(*k) for k in keys} <= set(cached):
-            for n, e in keys:
-                info = g.info(n)
-                packed = cached[cache_name(n, e)]
-                m = quant_matrix(n, store.raw_rows(n, e), info.qtype, info.shape[-2], info.shape[-1], packed)
-                if e is None:
-                    m.release = functools.partial(g.release, n)
-                store._matrices[(n, -1 if e is None else e)] = m
+        if self._place_cached(store, keys):
             return "cached"
         t0 = time.perf_counter()
         log.info("ember: packing %d matrices of %s for the fast kernels (once per model)", len(keys), g.path.name)
@@ -77,4 +71,22 @@ class CpuPlacement:
                 log.info("ember: packed in %.1f s, cached in %s", time.perf_counter() - t0, path)
             except OSError as e:
                 log.warning("ember: could not write the pack cache (%s); packing again next time", e)
+                return "packed"
+            del packed
+            self._place_cached(store, keys)
         return "packed"
+
+    def _place_cached(self, store, keys) -> bool:
+        """Place `keys` from the pack cache; False (nothing placed) without a valid one."""
+        g = store.gguf
+        cached = pack_cache.load(g.path, frugal=self.frugal) if self.use_cache else None
+        if cached is None or not {cache_name(*k) for k in keys} <= set(cached):
+            return False
+        for n, e in keys:
+            info = g.info(n)
+            packed = cached[cache_name(n, e)]
+            m = quant_matrix(n, store.raw_rows(n, e), info.qtype, info.shape[-2], info.shape[-1], packed)
+            if e is None:
+                m.release = functools.partial(g.release, n)
+            store._matrices[(n, -1 if e is None else e)] = m
+        return True
