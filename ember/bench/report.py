@@ -279,7 +279,8 @@ def tables(results: dict) -> list[dict]:
             "llama.cpp under a cgroup runs with its weight repacking off (`use_extra_bufts=False`): repacked "
             "weights are anonymous memory, which a limit below the file size kills",
             "memory peak: ember's runs count process memory without the model's mapped pages plus the model files' "
-            "pages in the page cache; cgroup runs, the cgroup's peak (page cache charged)",
+            "pages in the page cache, sampled every 50 ms from the load on; cgroup runs, the cgroup's peak (page "
+            "cache charged)",
         ]
         if sec["cgroup"] != "available":
             notes.append(f"no cgroup runs: {sec['cgroup']}")

@@ -263,7 +263,7 @@ def worker_offload(
     """Greedy generation of `tokens` tokens on the rewrite prompt under memory_budget=budget (None:
     resident, as plain mmap; with stream_share, the budget that streams that share of the layers),
     the model files' page cache dropped first; the tokens (for the identity check), decode tok/s,
-    the plan, the streaming figures and the memory peak."""
+    the plan, the streaming figures and the memory peak from the load on (and the load's own)."""
     import os
 
     import ember
@@ -276,12 +276,13 @@ def worker_offload(
         files.append(os.path.realpath(pack))
     if stream_share is not None:
         budget = _budget_streaming(model, threads, stream_share)
-    m = ember_load(model, threads, budget)
-    m.prepare()
-    for f in files:
-        uncache(f)
     messages = [{"role": "user", "content": rewrite_prompt()}]
-    with _MemorySampler(files) as mem:
+    with _MemorySampler(files) as mem:  # from the load on: the budget is the whole run's
+        m = ember_load(model, threads, budget)
+        m.prepare()
+        load_peak = mem.peak
+        for f in files:
+            uncache(f)
         ids = [i for c in m.chat(messages, max_tokens=tokens, temperature=0.0) for i in c.token_ids]
     st = m.stats
     plan = getattr(m, "plan", None)
@@ -291,6 +292,7 @@ def worker_offload(
         "prefill_tokens_per_s": st.get("prefill_tokens_per_s"),
         "tokens": ids,
         "memory_peak_bytes": mem.peak,
+        "load_peak_bytes": load_peak,
         "peak_rss_bytes": _peak_rss(),
         "plan": plan.describe() if plan is not None else "resident",
         "streamed_bytes_per_token": plan.streamed_bytes if plan is not None else 0,
