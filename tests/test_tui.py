@@ -380,3 +380,24 @@ def test_palette_library_notes_and_theme(smol, monkeypatch):
     assert not _dark_terminal()
     monkeypatch.setenv("COLORFGBG", "15;0")
     assert _dark_terminal()
+
+
+def test_draft_switches_speculative_decoding_and_keeps_the_conversation(smol):
+    async def main():
+        app = ChatApp(smol, threads=2, settings=Settings(temperature=0, max_tokens=24))
+        async with app.run_test() as pilot:
+            await loaded(pilot, app)
+            await say(pilot, app, "Name three colors.")
+            plain = app.conv.last_reply()
+            await say(pilot, app, "/draft")
+            assert "now off" in notes(app, "error")[-1]
+            await say(pilot, app, "/draft lookup", wait=False)
+            await until(pilot, lambda: app.model is not None and app.model.drafter is not None, 60, "the reload")
+            assert app.model.drafter.name == "lookup" and len(app.conv.messages) == 2
+            await say(pilot, app, "/retry")
+            assert app.conv.last_reply() == plain  # greedy and lossless: the same reply
+            await say(pilot, app, "/draft off", wait=False)
+            await until(pilot, lambda: app.model is not None and app.model.drafter is None, 60, "the reload")
+            assert not notes(app, "error")[1:]
+
+    run(main())

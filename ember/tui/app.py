@@ -535,6 +535,14 @@ class ChatApp(App):
                 raise CommandError("/model NAME: a catalog name (ember list) or a .gguf path")
             await self.action_stop()
             self.start_load(arg)
+        elif name == "draft":
+            now = self.load_options["draft"] or "off"
+            if not arg:
+                raise CommandError(f"/draft MODEL (its vocabulary the model's), /draft lookup or /draft off; now {now}")
+            self.load_options["draft"] = None if arg.lower() == "off" else arg
+            await self.action_stop()
+            self.note(f"speculative decoding: {arg}; loading {self.model_name} again")
+            self.start_load(self.model_name)
 
 
 def _rss() -> int:

@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top-p": ("P", "nucleus sampling threshold, 0 < P <= 1"),
     "max-tokens": ("N", "reply length limit (0: until the end of the turn)"),
     "model": ("NAME", "switch model (a catalog name is pulled if missing, or a .gguf path)"),
+    "draft": ("MODEL|lookup|off", "speculative decoding: a draft model, prompt lookup, or off (reloads)"),
     "save": ("[NAME]", "save the conversation to $EMBER_HOME/chats/NAME.json"),
     "load": ("NAME", "load a saved conversation"),
     "chats": ("", "list the saved conversations"),
