@@ -184,7 +184,7 @@ def test_markdown_report():
     assert "8 new tokens cost (vs 1) at 2 thread(s): ember 1.50x, llama.cpp 1.50x" in md
     assert "| warm | 0.60 s |" in md and "cold" not in md
     assert "![dense](dense.png)" in md and "- devices: skipped: not in ember yet" in md and "- noisy" in md
-    assert "## Mixture-of-experts decode" in md and "| tg32 | 2 | 40.0 | 32.0 | 1.25x |" in md
+    assert "## Mixture-of-experts prompt and decode" in md and "| tg32 | 2 | 40.0 | 32.0 | 1.25x |" in md
     assert "12 layers of 128 experts, 8 used a token" in md and "700.0 MB of weights a token, 140%" in md
     assert "| ember budget | 60% 600 MB | 2.00 | 4.00 (50% at 2.00 GB/s) | - | 620 MB (1.03x) | yes |" in md
     assert "| ember budget | 30% 300 MB | 1.00 | 1.25 (80% at 1.00 GB/s) | 55.0 | 290 MB (0.97x) | yes |" in md

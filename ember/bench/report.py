@@ -293,7 +293,7 @@ def tables(results: dict) -> list[dict]:
             f"{sh['n_expert']} experts, {sh['n_expert_used']} used a token, d_model {sh['n_embd']}, expert FFN "
             f"{sh['n_ff_exp']}; random weights, skewed expert popularity"
         ]
-        out.append(_speed_table(sec, "moe", "Mixture-of-experts decode", engines, peer, notes))
+        out.append(_speed_table(sec, "moe", "Mixture-of-experts prompt and decode", engines, peer, notes))
     if sc.get("speculative", {}).get("status") == "ok":
         sec, s = sc["speculative"], sc["speculative"]["summary"]
         header = ["engine", "request", "drafter", "tok/s", "speedup", "mean k", "acceptance", "accepted/step"]

@@ -12,8 +12,8 @@ offload       decode under memory budgets (BUDGETS x the weight bytes), the page
 speculative   plain decoding against prompt lookup and a draft model (in turns, concurrently) on
               two rewrite requests, the same tokens required; llama.cpp plain and with its
               prompt-lookup decoding
-moe           decode of a synthetic Qwen3-MoE (`synth_moe`: Qwen3-30B-A3B's layer shape, 12
-              layers, ~5 GB; --quick: a tiny one) per engine and thread count
+moe           a prompt and decode of a synthetic Qwen3-MoE (`synth_moe`: Qwen3-30B-A3B's layer
+              shape, 12 layers, ~5 GB; --quick: a tiny one) per engine and thread count
 devices       not in ember yet: listed as skipped
 """
 
@@ -319,7 +319,7 @@ def speculative_steps(b) -> int:
     return b.reps * (len(_variants(b)) + 2 * requests * (len(b.engines) - 1))
 
 
-MOE_TEST = "tg32"
+MOE_TESTS = ("pp64", "tg32")  # a prompt: each chosen expert read once for the rows that chose it
 MOE_LAYERS, QUICK_MOE = 12, dict(n_layer=2, n_expert=8, n_expert_used=2, n_embd=256, n_ff_exp=256, n_head=4,
                                  n_head_kv=2, head_dim=64)  # fmt: skip
 
@@ -343,23 +343,24 @@ def _synthetic_moe(b) -> tuple[Path, dict]:
 
 def moe(b) -> dict:
     path, shape = _synthetic_moe(b)
-    out: dict = {"tests": [MOE_TEST], "threads": b.threads, "bandwidth_bytes_per_s": {}, "runs": []}
+    out: dict = {"tests": list(MOE_TESTS), "threads": b.threads, "bandwidth_bytes_per_s": {}, "runs": []}
     out["model"] = {"file": path.name, "bytes": path.stat().st_size, "shape": shape}
     for t in b.threads:
         r = b.worker("bandwidth", f"bandwidth t={t}", threads=t)
         out["bandwidth_bytes_per_s"][str(t)] = r["bytes_per_s"]
-    b.worker("ember", "warm-up (packs the experts once)", model=str(path), test=MOE_TEST, threads=b.threads[0])
-    for t in b.threads:
-        for rep in range(b.reps):
-            for engine in b.engines:
-                r = b.worker(_kind(engine), f"{engine} MoE {MOE_TEST} t={t}", model=str(path), test=MOE_TEST, threads=t)
-                out["runs"].append(dict(r, engine=engine, test=MOE_TEST, threads=t, rep=rep))
-                b.note(f"{engine:>9} MoE {MOE_TEST} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
+    b.worker("ember", "warm-up (packs the experts once)", model=str(path), test=MOE_TESTS[-1], threads=b.threads[0])
+    for test in MOE_TESTS:
+        for t in b.threads:
+            for rep in range(b.reps):
+                for engine in b.engines:
+                    r = b.worker(_kind(engine), f"{engine} MoE {test} t={t}", model=str(path), test=test, threads=t)
+                    out["runs"].append(dict(r, engine=engine, test=test, threads=t, rep=rep))
+                    b.note(f"{engine:>9} MoE {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
     return out
 
 
 def moe_steps(b) -> int:
-    return len(b.threads) + 1 + len(b.threads) * b.reps * len(b.engines)
+    return len(b.threads) + 1 + len(MOE_TESTS) * len(b.threads) * b.reps * len(b.engines)
 
 
 def devices(b) -> dict:
