@@ -105,6 +105,18 @@ def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
                 os.unlink(tmp)
 
 
+FOLIO = 2 << 20  # the page cache's largest folio (x86-64: a huge page): dropped whole or not at all
+
+
+def uncache_range(fd: int, lo: int, hi: int) -> None:
+    """Drop the pages of the open file `fd` in [lo, hi) from the page cache, from the start of
+    the folio holding `lo` (the kernel keeps a large folio that a range covers only in part; the
+    caller is done with the bytes before `lo`). Nothing where there is no posix_fadvise."""
+    if hasattr(os, "posix_fadvise"):
+        lo -= lo % FOLIO
+        os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
+
 def uncache(path) -> bool:
     """Drop the file's clean, unmapped pages from the page cache where the OS can; False
     where it cannot (no posix_fadvise, or the file cannot be opened)."""

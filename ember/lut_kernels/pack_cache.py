@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from ..home import cache_dir, uncache, write_atomic
+from ..home import FOLIO, cache_dir, uncache, uncache_range, write_atomic
 from .kquant_layout import PackedKQ
 from .pack import PackedQ4
 from .q8 import PackedQ5, PackedQ8
@@ -224,16 +224,13 @@ def load(model_path: Path, frugal: bool = False) -> dict | None:
             os.close(fd)
 
 
-_FOLIO = 2 << 20  # the page cache's largest folio here: dropped whole or not at all
-
-
 def _forget(mm: mmap.mmap, fd: int, off: int, n: int) -> None:
     """Unmap [off, off + n) of the file's mapping and drop it from the page cache, from the
     start of the folio holding `off` (the bytes before it were checked already)."""
-    lo = off - off % _FOLIO
+    lo = off - off % FOLIO
     try:
         mm.madvise(mmap.MADV_DONTNEED, lo, min(off + n, len(mm)) - lo)
-        os.posix_fadvise(fd, lo, off + n - lo, os.POSIX_FADV_DONTNEED)
+        uncache_range(fd, off, off + n)
     except (AttributeError, OSError):  # not Linux: the pages stay cached
         pass
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import EmberError
+from ..home import FOLIO, uncache_range
 
 ALIGN = 64
 SPAN_SLACK = 1.05  # a layer's ranges are read in one piece when the gaps add at most this much
 PIECE = 4 << 20  # bytes a read asks for before the pages it read leave the page cache
-FOLIO = 2 << 20  # the page cache's largest folio (x86-64: a huge page): dropped whole or not at all
 IN_FLIGHT = PIECE + FOLIO + (10 << 20)  # page cache a stream holds at most: a piece, the folio
 #   before it, and the kernel's readahead past it (8 MB on the virtio disks measured: 12.6-16.8 MB
 #   peaks with 4 MB pieces, 41.9 MB with a 32 MB layer read in one piece, at the same 2.1-2.6 GB/s)
@@ -124,7 +124,7 @@ class LayerStreamer:
         for off, n, at in reads:
             pos = off
             while pos < off + n:  # pieces that end at multiples of PIECE in the file
-                end = min(off + n, (pos // PIECE + 1) * PIECE)
+                start, end = pos, min(off + n, (pos // PIECE + 1) * PIECE)
                 while pos < end:
                     got = os.preadv(self.fd, [view[at + pos - off : at + end - off]], pos)
                     if got <= 0:
@@ -133,19 +133,11 @@ class LayerStreamer:
                             f"got {pos - off}; was it truncated? Load the model again"
                         )
                     pos += got
-                self._forget(end - min(PIECE, end - off), end)
+                uncache_range(self.fd, start, end)  # so the budget holds and the next pass reads the disk
         self._check()  # changed during the read: what was read may be a mix
         self.stats.read_s += time.perf_counter() - t0
         self.stats.bytes_read += sum(n for _, n, _ in reads)
         self.stats.layers_read += 1
-
-    def _forget(self, lo: int, hi: int) -> None:
-        """Drop the file's pages in [lo, hi) from the page cache, from the start of the folio
-        holding `lo` (the kernel keeps a large folio that the range covers only in part; its
-        bytes before `lo` were read before), so the budget holds and the next pass reads the disk."""
-        if hasattr(os, "posix_fadvise"):
-            lo -= lo % FOLIO
-            os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     # ---- the compute's side ----------------------------------------------------------------
     def acquire(self, layer: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
