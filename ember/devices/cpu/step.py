@@ -233,9 +233,10 @@ def _act(gb, ub, ab, r0, r1, gelu, e2):
 
 @njit(cache=True, nogil=True)
 def _moe_scratch(k, d, ip, ma, md):
-    """One thread's scratch for `_moe_ffn` (tiny for a dense model)."""
+    """One thread's scratch for `_moe_ffn` (empty for a dense model)."""
     n_exp, n_used = ip[P_NEXP], max(ip[P_NUSED], 1)
-    width = max(d, ma.shape[1], md.shape[1])
+    k = k if n_exp else 0
+    width = max(d, ma.shape[1], md.shape[1]) if n_exp else 0
     return (
         np.zeros((k, n_used), np.int64),
         np.zeros((k, n_used), np.float32),
@@ -716,7 +717,7 @@ class FusedDecoder:
         then the output matrix when the range ends at the last layer."""
         if self.model.cfg.is_moe:
             raise NotFusable("an MoE layer's experts are no whole matrices to stream")
-        names = [f"blk.{il}.{part}.weight" for il in layers for part in _MAT_NAMES]
+        names = [name for il in layers for name, _ in self._keys(il)]
         if layers.stop == self.model.cfg.n_layer:
             names.append(self.model.output_name)
         return names
