@@ -160,8 +160,8 @@ def disk_bandwidth(path: str, limit: int = 1 << 30) -> float:
     """Sequential read bandwidth of the disk under `path`, bytes/s: the better of up to `limit`
     bytes read in 16 MiB blocks with O_DIRECT (the page cache bypassed, where the filesystem
     allows) and read through the page cache with the file's pages dropped before and after, as
-    the streamer reads (the kernel's readahead keeps several requests in flight: 2.0-2.6 GB/s
-    against O_DIRECT's 1.8 on the Zen 4 VM's virtio disk)."""
+    the streamer reads (the kernel's readahead keeps several requests in flight, which can beat
+    one O_DIRECT stream: docs/offload.md)."""
     rates = [_read_rate(path, limit, direct=False)]
     if getattr(os, "O_DIRECT", 0):
         try:

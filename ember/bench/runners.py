@@ -52,8 +52,18 @@ class Skip(Exception):
 
 
 def dense(b) -> dict:
-    tests, threads = b.tests, b.threads
-    out: dict = {"tests": tests, "threads": threads, "bandwidth_bytes_per_s": {}, "runs": []}
+    return _speeds(b, b.model_path, b.tests)
+
+
+def dense_steps(b) -> int:
+    return _speed_steps(b, len(b.tests))
+
+
+def _speeds(b, model: str, tests: list[str], label: str = "") -> dict:
+    """The DRAM bandwidth per thread count, then each test at each thread count for each engine,
+    engines alternating run by run (`label` names the model in the notes)."""
+    threads = b.threads
+    out: dict = {"tests": list(tests), "threads": threads, "bandwidth_bytes_per_s": {}, "runs": []}
     for t in threads:
         r = b.worker("bandwidth", f"bandwidth t={t}", threads=t)
         out["bandwidth_bytes_per_s"][str(t)] = r["bytes_per_s"]
@@ -62,19 +72,19 @@ def dense(b) -> dict:
         if not b.quick:
             # An untimed first process per test fills the numba and pack caches, so each timed
             # one is warm (its peak RSS without the JIT's).
-            b.worker("ember", f"warm-up {test}", model=b.model_path, test=test, threads=threads[0])
+            b.worker("ember", f"warm-up {label}{test}", model=model, test=test, threads=threads[0])
         for t in threads:
             for rep in range(b.reps):
                 for engine in b.engines:  # alternate engines, run by run
-                    r = b.worker(_kind(engine), f"{engine} {test} t={t}", model=b.model_path, test=test, threads=t)
+                    r = b.worker(_kind(engine), f"{engine} {label}{test} t={t}", model=model, test=test, threads=t)
                     out["runs"].append(dict(r, engine=engine, test=test, threads=t, rep=rep))
-                    b.note(f"{engine:>9} {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
+                    b.note(f"{engine:>9} {label}{test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
     return out
 
 
-def dense_steps(b) -> int:
-    warm = 0 if b.quick else len(b.tests)
-    return len(b.threads) + warm + len(b.tests) * len(b.threads) * b.reps * len(b.engines)
+def _speed_steps(b, n_tests: int) -> int:
+    warm = 0 if b.quick else n_tests
+    return len(b.threads) + warm + n_tests * len(b.threads) * b.reps * len(b.engines)
 
 
 def ttft(b) -> dict:
@@ -343,24 +353,13 @@ def _synthetic_moe(b) -> tuple[Path, dict]:
 
 def moe(b) -> dict:
     path, shape = _synthetic_moe(b)
-    out: dict = {"tests": list(MOE_TESTS), "threads": b.threads, "bandwidth_bytes_per_s": {}, "runs": []}
+    out = _speeds(b, str(path), list(MOE_TESTS), "MoE ")
     out["model"] = {"file": path.name, "bytes": path.stat().st_size, "shape": shape}
-    for t in b.threads:
-        r = b.worker("bandwidth", f"bandwidth t={t}", threads=t)
-        out["bandwidth_bytes_per_s"][str(t)] = r["bytes_per_s"]
-    b.worker("ember", "warm-up (packs the experts once)", model=str(path), test=MOE_TESTS[-1], threads=b.threads[0])
-    for test in MOE_TESTS:
-        for t in b.threads:
-            for rep in range(b.reps):
-                for engine in b.engines:
-                    r = b.worker(_kind(engine), f"{engine} MoE {test} t={t}", model=str(path), test=test, threads=t)
-                    out["runs"].append(dict(r, engine=engine, test=test, threads=t, rep=rep))
-                    b.note(f"{engine:>9} MoE {test} t={t} rep {rep + 1}: {r['tokens_per_s']:.1f} tok/s")
     return out
 
 
 def moe_steps(b) -> int:
-    return len(b.threads) + 1 + len(MOE_TESTS) * len(b.threads) * b.reps * len(b.engines)
+    return _speed_steps(b, len(MOE_TESTS))
 
 
 def devices(b) -> dict:
