@@ -54,8 +54,9 @@ class Model:
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.gguf.validate_model()
-        if device not in ("auto", "cpu"):
-            raise DeviceError(f"device {device!r} is not available yet; use 'cpu' (or 'auto')")
+        if not isinstance(device, str) or not (device in ("auto", "cpu") or device.split(":")[0] == "opencl"):
+            raise DeviceError(f"device {device!r} is not available yet; use 'cpu', 'opencl' or 'opencl:N' (or 'auto')")
+        self._device_spec = device
         # "auto": none when the model fits in the available memory, else one that leaves a margin
         self._auto_budget = isinstance(memory_budget, str) and memory_budget == "auto"
         off = memory_budget is None or (isinstance(memory_budget, str) and memory_budget.lower() in ("none", "off"))
@@ -72,6 +73,13 @@ class Model:
                 f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}"
             )
         self.kernels = kernels
+        if self.on_opencl and (kernels == "numpy" or memory_budget not in ("auto", None) or kv_cache == "f32"):
+            raise UnsupportedError(
+                "device='opencl' runs its own kernels with a half-precision KV cache and holds the whole "
+                "model: no kernels='numpy', memory_budget or kv_cache='f32' there"
+            )
+        if self.on_opencl:
+            self._auto_budget, self.memory_budget = False, None
         if kv_cache != "auto" and kv_cache not in KV_TYPES:
             raise EmberError(f"kv_cache must be one of {', '.join(KV_TYPES)} or 'auto', got {kv_cache!r}")
         # "auto": halves, as llama.cpp's default; float32 on the reference path
@@ -191,9 +199,17 @@ class Model:
         Session(tr, 2, device=self.device).feed([tok.bos_id if tok.bos_id is not None else 0])
         self._code_loaded = True
 
+    @property
+    def on_opencl(self) -> bool:
+        return self._device_spec.startswith("opencl")
+
     @cached_property
     def device(self):
-        """Where the model runs (the CPU: the only device so far)."""
+        """Where the model runs: the CPU ("auto" too, so far), or an OpenCL device."""
+        if self.on_opencl:
+            from .devices.opencl import OpenCLDevice
+
+            return OpenCLDevice(self._device_spec, self.threads)
         from .devices.cpu import CpuDevice
 
         return CpuDevice(self.threads)
@@ -255,7 +271,7 @@ class Model:
         from .devices.cpu.step import compiled
 
         tr = self.transformer
-        if self.kernels != "numpy" and not compiled():
+        if self.kernels != "numpy" and not self.on_opencl and not compiled():
             logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
         if load_code:
             self._load_code(tr)

@@ -96,6 +96,17 @@ def _check_threads(threads: int | None) -> None:
 
 
 def cmd_info(args) -> int:
+    if args.devices:
+        from .devices import available
+
+        found = available()
+        if args.json:
+            _print_json(found)
+            return 0
+        for d in found:
+            rest = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("name", "what", "missing"))
+            print(f"{d['name']:<10} " + (f"missing: {d['missing']}" if "missing" in d else f"{d['what']} ({rest})"))
+        return 0
     info = _load(args.model).info()
     if args.json:
         _print_json(info)
@@ -408,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--device",
             default="auto",
-            choices=["auto", "cpu", "opencl", "cuda"],
-            help="where the model runs (default auto; only the CPU is implemented yet)",
+            help="where the model runs: auto (the CPU, so far), cpu, opencl or opencl:N (the whole model on "
+            "an OpenCL device; `ember info --devices` lists them)",
         )
         spec = sp.add_mutually_exclusive_group()
         spec.add_argument(
@@ -450,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("info", cmd_info, "describe a model: architecture, sizes, tensor types, tokenizer")
     sp.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL, help="catalog name or path to a .gguf")
+    sp.add_argument("--devices", action="store_true", help="list the devices ember can run on here instead")
 
     sp = add("tokenize", cmd_tokenize, "print the token ids of a text")
     sp.add_argument("model", help="catalog name or path to a .gguf")

@@ -13,6 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from ..runtime.threads import cpu_model
+
 # The CPU flags that decide ember's kernel forms (docs/kernels.md) and llama.cpp's.
 CPU_FLAGS = (
     "avx2",
@@ -37,15 +39,12 @@ BUSY_CORES = 0.3  # other processes' CPU use, in cores, above which a result is 
 def cpu() -> dict:
     """Model name, the flags of CPU_FLAGS it has, and L1d / L2 / L3 sizes in bytes (Linux; what
     cannot be read is None)."""
-    info: dict = {"model": platform.processor() or platform.machine(), "arch": platform.machine()}
+    info: dict = {"model": cpu_model(), "arch": platform.machine()}
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "cpu model") and value.strip():
-                info["model"] = value.strip()
-            elif key in ("flags", "features"):
+            if key.strip().lower() in ("flags", "features"):
                 flags.update(value.split())
     except OSError:
         pass

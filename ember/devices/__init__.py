@@ -1,3 +1,45 @@
-"""Where the math runs, behind one small protocol (`base.Device`): the CPU today (`cpu`), GPU
-attention and whole small models on OpenCL / CUDA to come. A device runs a model's layers over a
-KV cache it owns; the model's definition (`runtime.model`) stays device-independent."""
+"""Where the math runs, behind one small protocol (`base.Device`): the CPU (`cpu`), a whole dense
+model on an OpenCL device (`opencl`); GPU attention beside the CPU's matmuls and CUDA to come. A
+device runs a model's layers over a KV cache it owns; the model's definition (`runtime.model`)
+stays device-independent. `available()` lists what this machine offers."""
+
+from __future__ import annotations
+
+from ..errors import DeviceError
+
+
+def available() -> list[dict]:
+    """The devices ember can run on here (name, what it is, its figures), and for each kind it
+    cannot use, why (`missing`)."""
+    from ..lut_kernels.codegen import host_isas
+    from ..runtime.threads import cpu_model, default_threads
+
+    out: list[dict] = [
+        {
+            "name": "cpu",
+            "what": cpu_model(),
+            "threads": default_threads(),
+            "kernels": host_isas()[0],
+        }
+    ]
+    try:
+        from .opencl.runtime import list_devices
+
+        found = list_devices()
+        if not found:
+            out.append({"name": "opencl", "missing": "no OpenCL platform is installed"})
+        for i, d in enumerate(found):
+            out.append(
+                {
+                    "name": f"opencl:{i}",
+                    "what": d.name.strip(),
+                    "platform": d.platform.name.strip(),
+                    "type": "GPU" if d.type & 4 else "CPU" if d.type & 2 else "other",
+                    "compute_units": d.max_compute_units,
+                    "memory_bytes": d.global_mem_size,
+                }
+            )
+    except DeviceError as e:
+        out.append({"name": "opencl", "missing": str(e)})
+    out.append({"name": "cuda", "missing": "the CUDA device is not in ember yet"})
+    return out

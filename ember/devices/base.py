@@ -35,6 +35,8 @@ class Device(Protocol):
     placement: object  # a WeightStore's placement: the form the device's matrices take
     ops: object  # a Transformer's ops: matmul and attention on the device
 
+    def describe(self) -> str: ...  # what it is, in a few words (stats["device"])
+
     def new_cache(self, model: Transformer, n_ctx: int | None = None) -> KVCache: ...
 
     def forward(

@@ -211,7 +211,7 @@ def generate(
     sampler = Sampler(params, tokenizer.n_vocab)
     out = _Emitter(tokenizer, cfg, prompt_ids, n_ctx, stats)
     stats.clear()
-    stats.update(prompt_tokens=len(prompt_ids), tokens_generated=0, seed=seed)
+    stats.update(prompt_tokens=len(prompt_ids), tokens_generated=0, seed=seed, device=session.device.describe())
 
     t0 = time.perf_counter()
     reused = session.keep_prefix(prompt_ids)

@@ -66,6 +66,11 @@ class CpuDevice:
         self._streamed: dict[int, tuple[object, object]] = {}  # id(model) -> (model, StreamedModel)
         self._siblings: dict[int, CpuDevice] = {}  # threads -> this device on that many (shared)
 
+    def describe(self) -> str:
+        from ...lut_kernels.codegen import host_isas
+
+        return f"cpu ({self.threads} threads, {host_isas()[0]} kernels)"
+
     def decoder(self, model) -> FusedDecoder | None:
         """The fused step for `model` on this device's threads, or None where the model or the
         host has none."""

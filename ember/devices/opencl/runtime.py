@@ -1,0 +1,196 @@
+"""OpenCL plumbing: finding a device (`find`), building ember's kernels for it (`Kernels`), and
+the weights in the forms the kernels take (`ClMatrix`, `Placement`).
+
+Matrices go to the device as their GGUF rows, unchanged: the kernels decode the blocks as they
+multiply (`kernels.cl`). Vectors (norms, biases) go as float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+
+from ...errors import DeviceError, UnsupportedError
+from ...formats.gguf import type_name
+
+WG = 64  # work-group size of every kernel
+ROWS = 8  # activation rows one matmul work-group multiplies
+MAXG = 16  # query heads per key/value head, at most
+MAXDPT = 4  # value dims per attention work-item, at most: head_dim_v <= MAXDPT * WG
+MAX_HEAD_DIM = 256  # the attention keeps one query row of each head in local memory
+
+# the GGUF types the matmul kernels decode, by the kernel's suffix
+MATMUL_TYPES = {
+    int(GGMLType.F32): "f32",
+    int(GGMLType.F16): "f16",
+    int(GGMLType.Q4_0): "q4_0",
+    int(GGMLType.Q4_1): "q4_1",
+    int(GGMLType.Q5_0): "q5_0",
+    int(GGMLType.Q5_1): "q5_1",
+    int(GGMLType.Q8_0): "q8_0",
+    int(GGMLType.Q4_K): "q4_k",
+    int(GGMLType.Q5_K): "q5_k",
+    int(GGMLType.Q6_K): "q6_k",
+}
+
+
+def _cl():
+    try:
+        import pyopencl as cl
+    except ImportError as e:
+        raise DeviceError(f"device 'opencl' needs pyopencl: pip install 'ember[opencl]' ({e})") from None
+    return cl
+
+
+def list_devices() -> list:
+    """Every OpenCL device of every platform, GPUs first (pyopencl.Device objects); [] when
+    there is no platform."""
+    cl = _cl()
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # "platform not found": no ICD is installed
+        return []
+    found = [d for p in platforms for d in p.get_devices()]
+    return sorted(found, key=lambda d: not d.type & cl.device_type.GPU)
+
+
+def find(spec: str = "opencl"):
+    """The device `spec` names: "opencl" (the first GPU, else the first device) or "opencl:N"
+    (the N-th of `list_devices()`). DeviceError naming what was looked for when it is missing."""
+    index = 0
+    if spec != "opencl":
+        head, _, tail = spec.partition(":")
+        if head != "opencl" or not tail.isdigit():
+            raise DeviceError(f"an OpenCL device is 'opencl' or 'opencl:N', got {spec!r}")
+        index = int(tail)
+    devices = list_devices()
+    if not devices:
+        vendors = os.environ.get("OCL_ICD_VENDORS", "/etc/OpenCL/vendors")
+        raise DeviceError(
+            f"no OpenCL platform found (ICDs looked for in {vendors}); a GPU driver's OpenCL, or "
+            "`pip install pocl-binary-distribution` for the CPU, provides one"
+        )
+    if index >= len(devices):
+        names = ", ".join(f"opencl:{i} {d.name.strip()}" for i, d in enumerate(devices))
+        raise DeviceError(f"{spec}: there are {len(devices)} OpenCL devices: {names}")
+    return devices[index]
+
+
+class Kernels:
+    """ember's kernels built for one device, with an in-order queue. `run(name, global, *args)`
+    enqueues a kernel (work-groups of WG along the first axis where `local` is true); nothing
+    waits until a read (`get`)."""
+
+    def __init__(self, device):
+        cl = self.cl = _cl()
+        self.device = device
+        self.ctx = cl.Context([device])
+        self.queue = cl.CommandQueue(self.ctx)
+        src = resources.files(__package__).joinpath("kernels.cl").read_text()
+        options = [f"-DWG={WG}", f"-DROWS={ROWS}", f"-DMAXG={MAXG}", f"-DMAXDPT={MAXDPT}", f"-DMAXD={MAX_HEAD_DIM}"]
+        try:  # pyopencl's binary cache off: PoCL keeps its own, and one reload of pyopencl's had no kernels
+            self.program = cl.Program(self.ctx, src).build(options=options, cache_dir=False)
+        except cl.Error as e:
+            raise DeviceError(f"the OpenCL kernels do not build on {device.name.strip()}: {e}") from None
+        if "attn_merge" not in {k.function_name for k in self.program.all_kernels()}:
+            raise DeviceError(
+                f"the OpenCL kernels built on {device.name.strip()} came back without their kernels (a broken "
+                "kernel cache? PoCL keeps one in ~/.cache/pocl: remove it and retry)"
+            )
+        self._kernels: dict[str, object] = {}
+        # a work-group per output row (per row and key/value head in the attention) suits a GPU; a
+        # work-item per row (per row and head) suits a CPU device
+        self.by_rows = not device.type & cl.device_type.GPU
+        self.dummy = self.buffer(4)  # the argument of an absent bias
+
+    def kernel(self, name: str):
+        k = self._kernels.get(name)
+        if k is None:
+            k = self._kernels[name] = getattr(self.program, name)
+        return k
+
+    def run(self, name: str, global_size: tuple[int, ...], local_size: tuple[int, ...] | None, *args) -> None:
+        k = self.kernel(name)
+        k.set_args(*args)
+        self.cl.enqueue_nd_range_kernel(self.queue, k, global_size, local_size)
+
+    def buffer(self, nbytes: int):
+        return self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, max(int(nbytes), 4))
+
+    def upload(self, host: np.ndarray):
+        host = np.ascontiguousarray(host)
+        flags = self.cl.mem_flags.READ_ONLY | self.cl.mem_flags.COPY_HOST_PTR
+        return self.cl.Buffer(self.ctx, flags, hostbuf=host if host.nbytes else np.zeros(1, np.uint8))
+
+    def put(self, buf, host: np.ndarray, offset: int = 0) -> None:
+        self.cl.enqueue_copy(self.queue, buf, np.ascontiguousarray(host), dst_offset=offset, is_blocking=False)
+
+    def get(self, buf, shape, dtype=np.float32, offset: int = 0) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        self.cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=True)
+        return out
+
+    def copy(self, dst, src, nbytes: int, dst_offset: int = 0, src_offset: int = 0) -> None:
+        self.cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes, dst_offset=dst_offset, src_offset=src_offset)
+
+    def matmul(self, w: ClMatrix, x, n: int, y, bias=None) -> None:
+        """y [n, w.n_out] = x [n, w.n_in] @ w.T (+ bias), all device buffers."""
+        by_rows = self.by_rows
+        self.run(
+            ("matrows_" if by_rows else "matmul_") + w.kind,
+            (-(-w.n_out // WG) * WG if by_rows else w.n_out * WG, -(-n // ROWS)),
+            (WG, 1),
+            w.buf,
+            np.int32(w.row_bytes),
+            np.int32(w.n_in),
+            x,
+            np.int32(n),
+            y,
+            np.int32(w.n_out),
+            self.dummy if bias is None else bias,
+            np.int32(bias is not None),
+        )
+
+
+@dataclass
+class ClMatrix:
+    """A matrix on the device: its GGUF rows as they are in the file."""
+
+    buf: object
+    kind: str  # the matmul kernel's suffix
+    n_out: int
+    n_in: int
+    row_bytes: int
+    nbytes: int
+
+
+class Placement:
+    """A WeightStore's placement on an OpenCL device: each matrix uploaded as its rows."""
+
+    frugal = False  # a CPU placement's option; the device holds its own copy
+
+    def __init__(self, kernels: Kernels):
+        self.kernels = kernels
+
+    def matrix(self, store, name: str, expert: int | None = None) -> ClMatrix:
+        info = store.gguf.info(name)
+        kind = MATMUL_TYPES.get(int(info.qtype))
+        if kind is None:
+            names = ", ".join(type_name(t) for t in MATMUL_TYPES)
+            raise UnsupportedError(
+                f"{name}: type {info.type_name} has no OpenCL kernel (these do: {names}); use device='cpu'"
+            )
+        raw = store.raw_rows(name, expert)
+        return ClMatrix(self.kernels.upload(raw), kind, raw.shape[0], info.shape[-1], raw.shape[1], raw.nbytes)
+
+    def prepare(self, store) -> str:
+        n = 0
+        for name, info in store.gguf.tensors.items():
+            if len(info.shape) == 2 and name != "token_embd.weight":
+                store.matrix(name)
+                n += 1
+        return f"{n} matrices uploaded to {self.kernels.device.name.strip()}"
