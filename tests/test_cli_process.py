@@ -233,6 +233,20 @@ def test_run_under_a_memory_budget_gives_the_same_reply(smol):
     assert re.search(r"\d+ of 30 layers in memory, \d+ streamed from disk", res.err), res.err
 
 
+def test_run_on_the_opencl_device(smol):
+    """The whole model on PoCL's OpenCL device: the CPU's greedy reply (its first tokens, before
+    any close call), the device named in the stats and by `info --devices`; a missing device is
+    one clear line."""
+    args = ("run", smol, "The capital of France is", "--raw", "-n", "6", "--temp", "0", "--json")
+    cpu, ocl = json.loads(ember(*args).out), json.loads(ember(*args, "--device", "opencl").out)
+    assert ocl["ids"] == cpu["ids"] and ocl["stats"]["device"].startswith("opencl: ")
+    assert cpu["stats"]["device"].startswith("cpu (")
+    res = ember("info", "--devices")
+    assert res.code == 0 and re.search(r"^opencl:0 +\S", res.out, re.M) and "cuda" in res.out
+    res = ember("run", smol, "hi", "--device", "opencl:7")
+    assert res.code == 2 and "the OpenCL devices here are opencl:0" in res.err and res.err.count("\n") == 1
+
+
 def test_chat_needs_a_terminal(smol):
     """The chat app on a terminal is tested in test_tui_tmux.py; off one, a clear error."""
     res = ember("chat", smol)

@@ -209,7 +209,7 @@ def test_moe_and_missing_devices_are_clear_errors(tmp_path):
     import ember
     from ember.errors import UnsupportedError
 
-    with pytest.raises(DeviceError, match="OpenCL devices: opencl:0"):
+    with pytest.raises(DeviceError, match="OpenCL devices here are opencl:0"):
         OpenCLDevice("opencl:99")
     with pytest.raises(DeviceError, match="'opencl' or 'opencl:N'"):
         OpenCLDevice("opencl:x")

@@ -76,7 +76,7 @@ def find(spec: str = "opencl"):
         )
     if index >= len(devices):
         names = ", ".join(f"opencl:{i} {d.name.strip()}" for i, d in enumerate(devices))
-        raise DeviceError(f"{spec}: there are {len(devices)} OpenCL devices: {names}")
+        raise DeviceError(f"{spec}: no such device; the OpenCL devices here are {names}")
     return devices[index]
 
 
