@@ -356,8 +356,7 @@ def test_bench_quick(smol, tmp_path):
     assert env["machine"]["cpu"]["model"] and env["versions"]["numba"] and "load_cores_at_start" in env
     sc = r["scenarios"]
     assert list(sc) == ["dense", "ttft", "memory", "long-context", "offload", "moe", "speculative", "devices"]
-    assert sc["devices"]["status"] == "skipped" and sc["devices"]["reason"]
-    for name in ("dense", "memory", "long-context", "offload", "moe", "speculative"):
+    for name in ("dense", "memory", "long-context", "offload", "moe", "speculative", "devices"):
         assert sc[name]["status"] == "ok", (name, sc[name])
         assert sc[name]["summary"]
     for run in sc["dense"]["runs"] + sc["long-context"]["runs"]:
@@ -368,12 +367,14 @@ def test_bench_quick(smol, tmp_path):
     resident, budget = rows[0], rows[1]
     assert resident["variant"] == "resident" and budget["variant"] == "budget"
     assert budget["same_tokens"] and budget["streamed_bytes_per_token"] > 0 and budget["memory_peak_bytes"] > 0
+    dev = sc["devices"]["summary"]  # PoCL's OpenCL device beside the CPU, timing its own work
+    assert dev["128|cpu"]["tok_s"]["median"] > 0 and dev["128|opencl:0"]["device_s"]["attention"] > 0
     spec = sc["speculative"]["summary"]
     assert spec["ember|type hints|lookup"]["same_tokens"] and "acceptance_rate" in spec["ember|type hints|lookup"]
     md = (tmp_path / "report.md").read_text()
-    assert md.startswith("# ember benchmark: smollm2-135m (--quick)") and "## Not measured" in md
+    assert md.startswith("# ember benchmark: smollm2-135m (--quick)") and "per device" in md
     for p in r["plots"]:
         assert (tmp_path / p["file"]).stat().st_size > 1000 and f"]({p['file']})" in md
-    assert {p["scenario"] for p in r["plots"]} == {"dense", "long-context", "offload", "speculative"}
+    assert {p["scenario"] for p in r["plots"]} == {"dense", "long-context", "offload", "speculative", "devices"}
     assert f"report: {tmp_path / 'report.md'}" in res.err
     print(f"ember bench --quick: {took:.0f} s")

@@ -147,6 +147,23 @@ def _speculative(sec: dict) -> dict:
     return out
 
 
+def _devices(sec: dict) -> dict:
+    """Per "context|device": tok/s and the device's own seconds a token by kind (where it times
+    its work); "attention_ms_per_1k": per device, attention ms a token per 1,000 tokens of
+    context at each context (flat when the attention's time grows linearly)."""
+    out: dict = {}
+    for (ctx, dev), runs in _group(sec["runs"], "context", "device").items():
+        row: dict = {"tok_s": _spread(r["tokens_per_s"] for r in runs)}
+        times = [r["device_s_per_token"] for r in runs if r.get("device_s_per_token")]
+        if times:
+            row["device_s"] = {k: statistics.median(t.get(k, 0.0) for t in times) for k in times[0]}
+            out.setdefault(f"attention_ms_per_1k|{dev}", {})[str(ctx)] = (
+                1e3 * row["device_s"].get("attention", 0.0) / (ctx / 1000)
+            )
+        out[f"{ctx}|{dev}"] = row
+    return out
+
+
 _SUMMARIES: dict[str, Callable[[dict], dict]] = {
     "dense": _dense,
     "moe": _dense,
@@ -155,6 +172,7 @@ _SUMMARIES: dict[str, Callable[[dict], dict]] = {
     "long-context": _long_context,
     "offload": _offload,
     "speculative": _speculative,
+    "devices": _devices,
 }
 
 
@@ -236,6 +254,35 @@ def tables(results: dict) -> list[dict]:
                 span = f"from {sec['contexts'][0]} to {sec['contexts'][-1]} tokens of context at {t} thread(s): "
                 notes.append(span + ", ".join(kept))
         out.append(_table("long-context", "Decode speed against context length", header, rows, notes))
+    if sc.get("devices", {}).get("status") == "ok":
+        sec, s = sc["devices"], sc["devices"]["summary"]
+        kinds = ("attention", "matmul", "other", "transfers")
+        header = ["prompt tokens", "device", "tok/s", *(f"{k} ms/token" for k in kinds)]
+        rows = []
+        for ctx in sec["contexts"]:
+            for dev in sec["devices"]:
+                row = s.get(f"{ctx}|{dev}")
+                if row:
+                    t = row.get("device_s")
+                    rows.append(
+                        [
+                            str(ctx),
+                            dev,
+                            _tok(row["tok_s"]),
+                            *((f"{1e3 * t.get(k, 0):.2f}" if t else "-") for k in kinds),
+                        ]
+                    )
+        notes = [
+            f"tg{sec['decode']} after each prompt, {sec['threads']} thread(s) on the host; "
+            "ms/token: the device's own time"
+        ]
+        for key, per in s.items():
+            if key.startswith("attention_ms_per_1k|"):
+                notes.append(
+                    f"{key.split('|')[1]} attention ms a token per 1,000 tokens of context: "
+                    + ", ".join(f"{v:.2f} at {c}" for c, v in per.items())
+                )
+        out.append(_table("devices", "Decode against context length, per device", header, rows, notes))
     if sc.get("offload", {}).get("status") == "ok":
         sec, s = sc["offload"], sc["offload"]["summary"]
         header = ["run", "budget", "tok/s", "disk roofline", "prompt tok/s", "memory peak", "same tokens"]
@@ -464,6 +511,17 @@ def _plot_long_context(ax, sec, engines):
     ax.legend()
 
 
+def _plot_devices(ax, sec, engines):
+    s = sec["summary"]
+    for dev in sec["devices"]:
+        ctx = [c for c in sec["contexts"] if f"{c}|{dev}" in s]
+        ax.plot(ctx, [s[f"{c}|{dev}"]["tok_s"]["median"] for c in ctx], "o-", label=dev)
+    ax.set_xlabel("prompt tokens before decoding")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.legend()
+
+
 def _plot_offload(ax, sec, engines):
     rows = [r for r in sec["summary"]["rows"] if r["fraction"] and r.get("tokens_per_s")]
     for (engine, variant), label in (
@@ -512,4 +570,5 @@ _PLOTS = {
     "long-context": _plot_long_context,
     "offload": _plot_offload,
     "speculative": _plot_speculative,
+    "devices": _plot_devices,
 }

@@ -7,7 +7,8 @@ in the same run), as scenarios (ember.bench.runners):
   long-context  decode tokens/s after prompts of 128, 512, 2048 and 4096 tokens, per thread count
   offload       decode under memory budgets, against plain mmap and llama.cpp under a memory cgroup
   speculative   prompt lookup and a draft model against plain decoding, the same tokens required
-  moe, devices  listed as skipped until ember has them
+  moe           a synthetic Qwen3-MoE's prompt and decode speed
+  devices       decode tokens/s against context on the CPU and each OpenCL device, the device's time by kind
 
 Every measurement runs in a fresh process (ember.bench.workers). Engines alternate run by run so
 drift on a shared machine hits both alike; medians (with min and max) of --reps runs count;

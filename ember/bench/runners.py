@@ -14,7 +14,8 @@ speculative   plain decoding against prompt lookup and a draft model (in turns, 
               prompt-lookup decoding
 moe           a prompt and decode of a synthetic Qwen3-MoE (`synth_moe`: Qwen3-30B-A3B's layer
               shape, 12 layers, ~5 GB; --quick: a tiny one) per engine and thread count
-devices       not in ember yet: listed as skipped
+devices       decode tokens/s after prompts of DEVICE_CONTEXTS tokens on each device here (the CPU,
+              every OpenCL device), with the OpenCL device's own time per token by kind
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ from .scenarios import (
     BUDGETS,
     CONTEXT_DECODE,
     CONTEXTS,
+    DEVICE_CONTEXTS,
+    DEVICE_DECODE,
     DRAFTS,
     OFFLOAD_DECODE,
     QUICK_CONTEXT_DECODE,
     QUICK_CONTEXTS,
+    QUICK_DEVICE_CONTEXTS,
+    QUICK_DEVICE_DECODE,
     QUICK_OFFLOAD_DECODE,
     QUICK_SPEC_DECODE,
     SPEC_DECODE,
@@ -362,8 +367,37 @@ def moe_steps(b) -> int:
     return _speed_steps(b, len(MOE_TESTS))
 
 
+def _device_contexts(b) -> list[int]:
+    """DEVICE_CONTEXTS (--quick: QUICK_DEVICE_CONTEXTS), the longest cut to what the model's
+    context holds with the decodes."""
+    n = QUICK_DEVICE_DECODE if b.quick else DEVICE_DECODE
+    room = b.n_ctx_train - n - 16
+    return sorted({min(c, room) for c in (QUICK_DEVICE_CONTEXTS if b.quick else DEVICE_CONTEXTS) if c // 2 <= room})
+
+
+def _devices_here() -> list[str]:
+    from ember.devices import available
+
+    return [d["name"] for d in available() if "missing" not in d]
+
+
 def devices(b) -> dict:
-    raise Skip("not in ember yet: ember runs on the CPU only; GPU attention (OpenCL, CUDA) is the devices issue's")
+    n, t = (QUICK_DEVICE_DECODE if b.quick else DEVICE_DECODE), b.threads[-1]
+    names = _devices_here()
+    if len(names) < 2:
+        raise Skip("only the CPU is here (no OpenCL device: `pip install pocl-binary-distribution` adds one)")
+    out: dict = {"contexts": _device_contexts(b), "decode": n, "threads": t, "devices": names, "runs": []}
+    for ctx in out["contexts"]:
+        for dev in names:
+            test = f"tg{n}@{ctx}"
+            r = b.worker("ember", f"{dev} {test}", model=b.model_path, test=test, threads=t, device=dev)
+            out["runs"].append(dict(r, device=dev, context=ctx))
+            b.note(f"{dev:>9} {test}: {r['tokens_per_s']:.1f} tok/s")
+    return out
+
+
+def devices_steps(b) -> int:
+    return len(_device_contexts(b)) * len(_devices_here())
 
 
 def _kind(engine: str) -> str:
@@ -378,5 +412,5 @@ RUNNERS: dict[str, tuple[Callable, Callable]] = {
     "offload": (offload, offload_steps),
     "moe": (moe, moe_steps),
     "speculative": (speculative, speculative_steps),
-    "devices": (devices, lambda b: 0),
+    "devices": (devices, devices_steps),
 }

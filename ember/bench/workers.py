@@ -3,6 +3,7 @@ starts each in a fresh process, with its arguments as one JSON object:
 
     python -m ember.bench.workers ember '{"model": PATH, "test": "tg128", "threads": 2}'
     python -m ember.bench.workers llama '{"model": PATH, "test": "tg32@4096", "threads": 2}'
+    python -m ember.bench.workers ember '{"model": PATH, "test": "tg16@2048", "threads": 2, "device": "opencl"}'
     python -m ember.bench.workers bandwidth '{"threads": 2}'
     python -m ember.bench.workers offload '{"model": PATH, "budget": 600000000, "threads": 2, "tokens": 24}'
     python -m ember.bench.workers speculative '{"model": PATH, "draft": "lookup", "threads": 2, "tokens": 128}'
@@ -49,13 +50,13 @@ def _n_ctx(test: str) -> int | None:
     return max(2048, test_context(test) + parse_test(test)[1] + 16)
 
 
-def worker_ember(model: str, test: str, threads: int) -> dict:
+def worker_ember(model: str, test: str, threads: int, device: str = "cpu") -> dict:
     import psutil
 
     import ember
 
     kind, n = parse_test(test)
-    m = ember.load(model, threads=threads, n_ctx=_n_ctx(test))
+    m = ember.load(model, threads=threads, n_ctx=_n_ctx(test), device=device)
     tok = lambda t: m.tokenize(t, special=False)  # noqa: E731
     if kind == "pp":
         ids = prompt_ids(n, tok)
@@ -81,10 +82,14 @@ def worker_ember(model: str, test: str, threads: int) -> dict:
     ids = prompt_ids(test_context(test), tok)
     for _ in m.generate(ids[:16], max_tokens=2, ignore_eos=True):  # warm-up
         pass
-    for _ in m.generate(ids, max_tokens=n, ignore_eos=True):
-        pass
+    kernels = getattr(m.device, "kernels", None)  # a device that times its own work (OpenCL)
+    for i, _ in enumerate(m.generate(ids, max_tokens=n, ignore_eos=True)):
+        if i == 0 and kernels is not None:  # the decodes' device time, from the first token on
+            kernels.profile, kernels.times = True, {}
     mem = psutil.Process().memory_info()
+    device_s = {k: v / (n - 1) for k, v in kernels.times.items()} if kernels is not None else None
     return {
+        "device_s_per_token": device_s,
         "tokens_per_s": m.stats["decode_tokens_per_s"],
         "prefill_tokens_per_s": m.stats.get("prefill_tokens_per_s"),
         "peak_rss_bytes": _peak_rss(),
@@ -359,7 +364,7 @@ def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int
 
 
 WORKERS = {
-    "ember": lambda a: worker_ember(a["model"], a["test"], a["threads"]),
+    "ember": lambda a: worker_ember(a["model"], a["test"], a["threads"], a.get("device", "cpu")),
     "llama": lambda a: worker_llama(a["model"], a["test"], a["threads"], a.get("repack", True)),
     "bandwidth": lambda a: worker_bandwidth(a["threads"]),
     "offload": lambda a: worker_offload(a["model"], a.get("budget"), a["threads"], a["tokens"], a.get("stream_share")),

@@ -23,6 +23,9 @@ MAXG = 16  # query heads per key/value head, at most
 MAXDPT = 4  # value dims per attention work-item, at most: head_dim_v <= MAXDPT * WG
 MAX_HEAD_DIM = 256  # the attention keeps one query row of each head in local memory
 
+# what a kernel's time counts as (`Kernels.times`), by its name's first word
+_KIND = {"matmul": "matmul", "matrows": "matmul", "attn": "attention", "kv": "attention"}
+
 # the GGUF types the matmul kernels decode, by the kernel's suffix
 MATMUL_TYPES = {
     int(GGMLType.F32): "f32",
@@ -89,7 +92,10 @@ class Kernels:
         cl = self.cl = _cl()
         self.device = device
         self.ctx = cl.Context([device])
-        self.queue = cl.CommandQueue(self.ctx)
+        self.queue = cl.CommandQueue(self.ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+        self.profile = False  # when set, every kernel's and transfer's device time is summed (`times`)
+        self.times: dict[str, float] = {}  # seconds by kind: attention, matmul, other kernels, transfers
+        self._events: list = []
         src = resources.files(__package__).joinpath("kernels.cl").read_text()
         options = [f"-DWG={WG}", f"-DROWS={ROWS}", f"-DMAXG={MAXG}", f"-DMAXDPT={MAXDPT}", f"-DMAXD={MAX_HEAD_DIM}"]
         try:  # pyopencl's binary cache off: PoCL keeps its own, and one reload of pyopencl's had no kernels
@@ -116,7 +122,9 @@ class Kernels:
     def run(self, name: str, global_size: tuple[int, ...], local_size: tuple[int, ...] | None, *args) -> None:
         k = self.kernel(name)
         k.set_args(*args)
-        self.cl.enqueue_nd_range_kernel(self.queue, k, global_size, local_size)
+        ev = self.cl.enqueue_nd_range_kernel(self.queue, k, global_size, local_size)
+        if self.profile:
+            self._events.append((_KIND.get(name.split("_")[0], "other"), ev))
 
     def buffer(self, nbytes: int):
         return self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, max(int(nbytes), 4))
@@ -127,15 +135,30 @@ class Kernels:
         return self.cl.Buffer(self.ctx, flags, hostbuf=host if host.nbytes else np.zeros(1, np.uint8))
 
     def put(self, buf, host: np.ndarray, offset: int = 0) -> None:
-        self.cl.enqueue_copy(self.queue, buf, np.ascontiguousarray(host), dst_offset=offset, is_blocking=False)
+        self._transfer(
+            self.cl.enqueue_copy(self.queue, buf, np.ascontiguousarray(host), dst_offset=offset, is_blocking=False)
+        )
 
     def get(self, buf, shape, dtype=np.float32, offset: int = 0) -> np.ndarray:
         out = np.empty(shape, dtype)
-        self.cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=True)
+        self._transfer(self.cl.enqueue_copy(self.queue, out, buf, src_offset=offset, is_blocking=True))
+        self._tally()
         return out
 
     def copy(self, dst, src, nbytes: int, dst_offset: int = 0, src_offset: int = 0) -> None:
-        self.cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes, dst_offset=dst_offset, src_offset=src_offset)
+        ev = self.cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes, dst_offset=dst_offset, src_offset=src_offset)
+        self._transfer(ev)
+
+    def _transfer(self, ev) -> None:
+        if self.profile:
+            self._events.append(("transfers", ev))
+
+    def _tally(self) -> None:
+        """Add the finished commands' device times to `times` (a blocking read has finished
+        everything before it on the in-order queue)."""
+        for kind, ev in self._events:
+            self.times[kind] = self.times.get(kind, 0.0) + (ev.profile.end - ev.profile.start) * 1e-9
+        self._events.clear()
 
     def matmul(self, w: ClMatrix, x, n: int, y, bias=None) -> None:
         """y [n, w.n_out] = x [n, w.n_in] @ w.T (+ bias), all device buffers."""
