@@ -338,19 +338,26 @@ kernel void attn_rows(global const float* Q, global const half* Kc, global const
     float m = -INFINITY, l = 0.0f;
     global const half* K = Kc + (long)kh * cap * d;
     global const half* V = Vc + (long)kh * cap * dv;
-    for (int j = lo; j < hi; j++) {
-        float8 x = 0.0f;
-        for (int i = 0; i < d / 8; i++) x += q[i] * vload_half8(i, K + (long)j * d);
-        float sc = hsum(x) * scale;
-        if (sc > m) {
-            float corr = exp(m - sc);
-            l *= corr;
-            for (int i = 0; i < dv / 8; i++) acc[i] *= corr;
-            m = sc;
+    float e[KT];
+    for (int j0 = lo; j0 < hi; j0 += KT) {  // tiles of KT keys: one rescale a tile
+        int nt = min(KT, hi - j0);
+        float mx = m;
+        for (int u = 0; u < nt; u++) {
+            float8 x = 0.0f;
+            for (int i = 0; i < d / 8; i++) x += q[i] * vload_half8(i, K + (long)(j0 + u) * d);
+            e[u] = hsum(x) * scale;
+            mx = fmax(mx, e[u]);
         }
-        float e = exp(sc - m);
-        l += e;
-        for (int i = 0; i < dv / 8; i++) acc[i] += e * vload_half8(i, V + (long)j * dv);
+        float corr = exp(m - mx);
+        l *= corr;
+        for (int i = 0; i < dv / 8; i++) acc[i] *= corr;
+        m = mx;
+        for (int u = 0; u < nt; u++) {
+            e[u] = exp(e[u] - mx);
+            l += e[u];
+        }
+        for (int u = 0; u < nt; u++)
+            for (int i = 0; i < dv / 8; i++) acc[i] += e[u] * vload_half8(i, V + (long)(j0 + u) * dv);
     }
     long o = (long)rh * n_split + s;
     for (int i = 0; i < dv / 8; i++) vstore8(acc[i], i, Op + o * dv);

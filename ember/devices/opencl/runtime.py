@@ -21,6 +21,7 @@ WG = 64  # work-group size of every kernel
 ROWS = 8  # activation rows one matmul work-group multiplies
 MAXG = 16  # query heads per key/value head, at most
 MAXDPT = 4  # value dims per attention work-item, at most: head_dim_v <= MAXDPT * WG
+KEY_TILE = 16  # keys the work-item-per-head attention scores before it rescales
 MAX_HEAD_DIM = 256  # the attention keeps one query row of each head in local memory
 
 # what a kernel's time counts as (`Kernels.times`), by its name's first word
@@ -97,7 +98,7 @@ class Kernels:
         self.times: dict[str, float] = {}  # seconds by kind: attention, matmul, other kernels, transfers
         self._events: list = []
         src = resources.files(__package__).joinpath("kernels.cl").read_text()
-        options = [f"-DWG={WG}", f"-DROWS={ROWS}", f"-DMAXG={MAXG}", f"-DMAXDPT={MAXDPT}", f"-DMAXD={MAX_HEAD_DIM}"]
+        options = [f"-DWG={WG}", f"-DROWS={ROWS}", f"-DMAXG={MAXG}", f"-DMAXDPT={MAXDPT}", f"-DMAXD={MAX_HEAD_DIM}", f"-DKT={KEY_TILE}"]
         try:  # pyopencl's binary cache off: PoCL keeps its own, and one reload of pyopencl's had no kernels
             self.program = cl.Program(self.ctx, src).build(options=options, cache_dir=False)
         except cl.Error as e:
