@@ -98,7 +98,14 @@ class Kernels:
         self.times: dict[str, float] = {}  # seconds by kind: attention, matmul, other kernels, transfers
         self._events: list = []
         src = resources.files(__package__).joinpath("kernels.cl").read_text()
-        options = [f"-DWG={WG}", f"-DROWS={ROWS}", f"-DMAXG={MAXG}", f"-DMAXDPT={MAXDPT}", f"-DMAXD={MAX_HEAD_DIM}", f"-DKT={KEY_TILE}"]
+        options = [
+            f"-DWG={WG}",
+            f"-DROWS={ROWS}",
+            f"-DMAXG={MAXG}",
+            f"-DMAXDPT={MAXDPT}",
+            f"-DMAXD={MAX_HEAD_DIM}",
+            f"-DKT={KEY_TILE}",
+        ]
         try:  # pyopencl's binary cache off: PoCL keeps its own, and one reload of pyopencl's had no kernels
             self.program = cl.Program(self.ctx, src).build(options=options, cache_dir=False)
         except cl.Error as e:
