@@ -39,7 +39,7 @@ def numba_cache_dir() -> Path | None:
     pkg = Path(__file__).resolve().parent
     for f in sorted(pkg.rglob("*.py")):
         data = f.read_bytes()
-        if b"numba" in data:
+        if b"numba" in data and "cuda" not in f.parts:  # CUDA kernels are compiled per process
             h.update(str(f.relative_to(pkg)).encode() + b"\0" + data + b"\0")
     root = cache_dir("numba")
     path = root / h.hexdigest()[:20]
