@@ -41,7 +41,7 @@ def _numba_cache() -> None:
 
 _numba_cache()
 
-from .api import Model, load  # noqa: E402
+from .api import Model, list_devices, load  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetError,
     ChatTemplateError,
@@ -57,6 +57,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "list_devices",
     "Model",
     "EmberError",
     "FormatError",

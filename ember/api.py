@@ -433,6 +433,14 @@ def file_type_name(code) -> str | None:
     return name.removeprefix("MOSTLY_").replace("ALL_F32", "F32")
 
 
+def list_devices() -> list[dict]:
+    """The devices ember can run on here: for each, its name (the `device=` value), what it is
+    and its figures; for a kind it cannot use, `missing` says why."""
+    from .devices import available
+
+    return available()
+
+
 def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **options) -> Model:
     """Open a catalog model by name (pulled on first use) or a local .gguf file by path.
     options: n_ctx, threads, device, memory_budget ("600MB" or bytes: stream what does not fit;

@@ -97,9 +97,9 @@ def _check_threads(threads: int | None) -> None:
 
 def cmd_info(args) -> int:
     if args.devices:
-        from .devices import available
+        from .api import list_devices
 
-        found = available()
+        found = list_devices()
         if args.json:
             _print_json(found)
             return 0

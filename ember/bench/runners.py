@@ -376,9 +376,9 @@ def _device_contexts(b) -> list[int]:
 
 
 def _devices_here() -> list[str]:
-    from ember.devices import available
+    from ember.api import list_devices
 
-    return [d["name"] for d in available() if "missing" not in d]
+    return [d["name"] for d in list_devices() if "missing" not in d]
 
 
 def devices(b) -> dict:
