@@ -16,7 +16,7 @@ from ...errors import UnsupportedError
 from ...runtime.config import ROPE_NEOX
 from ...runtime.rope import rope_tables
 from .kv_cache import ClKVCache
-from .runtime import MAX_HEAD_DIM, MAXDPT, MAXG, WG, ClMatrix, Kernels, Placement, find
+from .runtime import MAX_HEAD_DIM, MAXDPT, MAXG, RWG, WG, ClMatrix, Kernels, Placement, find
 
 SPLIT = 256  # keys per attention work-group: a decode step at 4096 keys runs 16 splits a head
 
@@ -134,9 +134,9 @@ class OpenCLDevice:
             parts, ml = kn.buffer(8 * rows * c.head_dim_v), kn.buffer(16 * rows)  # room for twice as many
             self._partials = (parts, ml, 2 * rows)
         if kn.by_rows:
-            shape, local = (n * n_head, n_split), None
+            shape, local, extra = (-(-n * n_head // RWG) * RWG, n_split), (RWG, 1), (np.int32(n * n_head),)
         else:
-            shape, local = (WG, n * c.n_head_kv, n_split), (WG, 1, 1)
+            shape, local, extra = (WG, n * c.n_head_kv, n_split), (WG, 1, 1), ()
         kn.run(
             "attn_rows" if kn.by_rows else "attn_split",
             shape,
@@ -149,6 +149,7 @@ class OpenCLDevice:
             np.int32(self.split),
             parts,
             ml,
+            *extra,
         )
         kn.run(
             "attn_merge", (c.head_dim_v, n * n_head), None, parts, ml, np.int32(n_split), np.int32(c.head_dim_v), out

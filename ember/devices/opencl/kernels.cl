@@ -323,12 +323,15 @@ kernel void attn_split(global const float* Q, global const half* Kc, global cons
 
 // The same split-K attention with a work-item per (row, query head, split), over one key at a time
 // in 8-wide vectors: no barrier, the shape a CPU device runs well. head_dim and head_dim_v are
-// multiples of 8, at most MAXD. global (n * n_head, n_split)
+// multiples of 8, at most MAXD. global (nq = n * n_head rounded up to RWG, n_split), local (RWG, 1):
+// PoCL runs a work-group's items on one stack, ~2 KB of private vectors each (a work-group it
+// chose itself, 64 x 7 items, overflowed it)
 
 kernel void attn_rows(global const float* Q, global const half* Kc, global const half* Vc, int n_head, int n_kv,
                       int d, int dv, int cap, int pos0, int window, float scale, int split, global float* Op,
-                      global float* ML) {
+                      global float* ML, int nq) {
     int rh = get_global_id(0), s = get_global_id(1), n_split = get_global_size(1);
+    if (rh >= nq) return;
     int r = rh / n_head, kh = (rh % n_head) / (n_head / n_kv);
     int p = pos0 + r;
     int lo = max(s * split, window > 0 ? p - window + 1 : 0), hi = min((s + 1) * split, p + 1);

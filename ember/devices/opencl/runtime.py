@@ -18,6 +18,7 @@ from ...errors import DeviceError, UnsupportedError
 from ...formats.gguf import type_name
 
 WG = 64  # work-group size of every kernel
+RWG = 8  # work-group size of the work-item-per-head attention (its items' private vectors share a stack)
 ROWS = 8  # activation rows one matmul work-group multiplies
 MAXG = 16  # query heads per key/value head, at most
 MAXDPT = 4  # value dims per attention work-item, at most: head_dim_v <= MAXDPT * WG
