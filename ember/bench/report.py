@@ -273,7 +273,7 @@ def tables(results: dict) -> list[dict]:
                         ]
                     )
         notes = [
-            f"tg{sec['decode']} after each prompt, {sec['threads']} thread(s) on the host; "
+            f"tg{sec['decode']} after each prompt, one run each, {sec['threads']} thread(s) on the host; "
             "ms/token: the device's own time"
         ]
         for key, per in s.items():
