@@ -203,6 +203,24 @@ def test_families_match_the_reference_and_ranges(tmp_path, family, qtype):
     np.testing.assert_allclose(h, want, atol=tol, err_msg=_msg(family=family, by="layer ranges"))
 
 
+def test_the_op_by_op_path_on_the_device(tmp_path):
+    """The Transformer's own forward with the device's ops (host arrays in and out, the keys
+    and values stored through the device's cache) gives the device's forward."""
+    import tiny_gguf as tg
+
+    import ember
+
+    path = tg.write_family(tmp_path / "m.gguf", "qwen2", n_ctx=64)
+    m = ember.load(path, device="opencl")
+    tr, dev = m.transformer, m.device
+    ids = _rng("op-by-op").integers(0, m.config.n_vocab, 9).tolist()
+    want = dev.forward(tr, ids, dev.new_cache(tr, 64))
+    cache = dev.new_cache(tr, 64)
+    got = np.concatenate([tr.forward(ids[:5], cache), tr.forward(ids[5:], cache)])
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), err_msg=_msg())
+    assert cache.length == 9
+
+
 def test_moe_and_missing_devices_are_clear_errors(tmp_path):
     import tiny_gguf as tg
 
