@@ -222,6 +222,9 @@ class _ToyDevice:
     def __init__(self, threads=2):
         self.threads = threads
 
+    def describe(self):
+        return "a Markov chain"
+
     def with_threads(self, threads, model=None):
         return _ToyDevice(threads)
 
