@@ -73,13 +73,13 @@ class Model:
                 f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}"
             )
         self.kernels = kernels
-        if self.on_opencl and (kernels == "numpy" or memory_budget not in ("auto", None) or kv_cache == "f32"):
+        if self.on_opencl and (kernels == "numpy" or self.memory_budget is not None or kv_cache == "f32"):
             raise UnsupportedError(
                 "device='opencl' runs its own kernels with a half-precision KV cache and holds the whole "
                 "model: no kernels='numpy', memory_budget or kv_cache='f32' there"
             )
         if self.on_opencl:
-            self._auto_budget, self.memory_budget = False, None
+            self._auto_budget = False
         if kv_cache != "auto" and kv_cache not in KV_TYPES:
             raise EmberError(f"kv_cache must be one of {', '.join(KV_TYPES)} or 'auto', got {kv_cache!r}")
         # "auto": halves, as llama.cpp's default; float32 on the reference path

@@ -11,34 +11,15 @@ from ..errors import DeviceError
 def available() -> list[dict]:
     """The devices ember can run on here (name, what it is, its figures), and for each kind it
     cannot use, why (`missing`)."""
-    from ..lut_kernels.codegen import host_isas
+    from ..lut_kernels.codegen import select_kernel
     from ..runtime.threads import cpu_model, default_threads
 
-    out: list[dict] = [
-        {
-            "name": "cpu",
-            "what": cpu_model(),
-            "threads": default_threads(),
-            "kernels": host_isas()[0],
-        }
-    ]
+    out: list[dict] = [{"name": "cpu", "what": cpu_model(), "threads": default_threads(), "kernels": select_kernel()}]
     try:
-        from .opencl.runtime import list_devices
+        from .opencl.runtime import describe_devices
 
-        found = list_devices()
-        if not found:
-            out.append({"name": "opencl", "missing": "no OpenCL platform is installed"})
-        for i, d in enumerate(found):
-            out.append(
-                {
-                    "name": f"opencl:{i}",
-                    "what": d.name.strip(),
-                    "platform": d.platform.name.strip(),
-                    "type": "GPU" if d.type & 4 else "CPU" if d.type & 2 else "other",
-                    "compute_units": d.max_compute_units,
-                    "memory_bytes": d.global_mem_size,
-                }
-            )
+        found = describe_devices()
+        out += found or [{"name": "opencl", "missing": "no OpenCL platform is installed"}]
     except DeviceError as e:
         out.append({"name": "opencl", "missing": str(e)})
     out.append({"name": "cuda", "missing": "the CUDA device is not in ember yet"})

@@ -67,9 +67,9 @@ class CpuDevice:
         self._siblings: dict[int, CpuDevice] = {}  # threads -> this device on that many (shared)
 
     def describe(self) -> str:
-        from ...lut_kernels.codegen import host_isas
+        from ...lut_kernels.codegen import select_kernel
 
-        return f"cpu ({self.threads} threads, {host_isas()[0]} kernels)"
+        return f"cpu ({self.threads} threads, {select_kernel()} kernels)"
 
     def decoder(self, model) -> FusedDecoder | None:
         """The fused step for `model` on this device's threads, or None where the model or the

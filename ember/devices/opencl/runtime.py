@@ -63,6 +63,23 @@ def list_devices() -> list:
     return sorted(found, key=lambda d: not d.type & cl.device_type.GPU)
 
 
+def describe_devices() -> list[dict]:
+    """`list_devices()` as `devices.available()` lists them: name (the `device=` value), what it
+    is, its platform, type, compute units and memory."""
+    cl = _cl()
+    return [
+        {
+            "name": f"opencl:{i}",
+            "what": d.name.strip(),
+            "platform": d.platform.name.strip(),
+            "type": "GPU" if d.type & cl.device_type.GPU else "CPU" if d.type & cl.device_type.CPU else "other",
+            "compute_units": d.max_compute_units,
+            "memory_bytes": d.global_mem_size,
+        }
+        for i, d in enumerate(list_devices())
+    ]
+
+
 def find(spec: str = "opencl"):
     """The device `spec` names: "opencl" (the first GPU, else the first device) or "opencl:N"
     (the N-th of `list_devices()`). DeviceError naming what was looked for when it is missing."""
