@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +16,11 @@ from ember import hub
 # Derived data (pack, JIT and tokenizer caches) of the many throwaway models the tests write goes
 # to a temporary folder, not the user's cache (models are still pulled into $EMBER_HOME/models).
 # numba's compiled functions stay in the user's cache: `import ember` (above) chose its folder.
-os.environ.setdefault("EMBER_CACHE_DIR", tempfile.mkdtemp(prefix="ember-test-cache-"))
+# It is removed when the session ends: the catalog models' packed copies alone take ~2 GB a run.
+if "EMBER_CACHE_DIR" not in os.environ:
+    _TEMP_CACHE = tempfile.mkdtemp(prefix="ember-test-cache-")
+    os.environ["EMBER_CACHE_DIR"] = _TEMP_CACHE
+    atexit.register(shutil.rmtree, _TEMP_CACHE, ignore_errors=True)
 
 DATA = Path(__file__).parent / "data"
 
