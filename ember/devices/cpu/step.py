@@ -253,20 +253,12 @@ def _moe_scratch(k, d, ip, ma, md):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _moe_ffn(tfn, cnt, ci, nth, bfn, yfn, bst, desc, mx, fns, h, x, il, vecs, voff, ip, ma, md, buf, mw, e2):
-    """An MoE layer's FFN for the k rows of h (normed) into the residual x: routing (every
-    thread alike, `moe.route`), then two phases, each a barrier: gate and up of each chosen
-    expert over the rows that chose it (its weights read once for them) and of the shared
-    expert over all rows, the activations into ma [slot, ...] (row i's j-th choice is slot
-    i * n_used + j; the shared expert's rows follow); then down, into md. Every thread then
-    adds its rows' weighted sum in a fixed order: no result depends on the thread count or
-    (with one-row kernels) on which other rows share the batch. Units: (expert, 64 output rows)."""
-    top, wts, wsh, lg, count, order, qe, qs, hs, yg, yu = mw
+def _route_rows(h, il, vecs, voff, ip, top, wts, wsh, lg):
+    """Each row of h's top experts and weights (`moe.route`) and its shared expert's gate."""
     k, d = h.shape
-    n_exp, n_used, shared = ip[P_NEXP], ip[P_NUSED], ip[P_SHARED]
-    router = _vec(vecs, voff, il, V_ROUTER, n_exp * d)
+    router = _vec(vecs, voff, il, V_ROUTER, ip[P_NEXP] * d)
     for i in range(k):
-        route(h[i], router, n_used, ip[P_NORMK], top[i], wts[i], lg)
+        route(h[i], router, ip[P_NUSED], ip[P_NORMK], top[i], wts[i], lg)
         wsh[i] = 1.0
         if voff[il, V_SHEXP_GATE] >= 0:
             g = _vec(vecs, voff, il, V_SHEXP_GATE, d)
@@ -274,6 +266,29 @@ def _moe_ffn(tfn, cnt, ci, nth, bfn, yfn, bst, desc, mx, fns, h, x, il, vecs, vo
             for c in range(d):
                 z += h[i, c] * g[c]
             wsh[i] = np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _moe_ffn(
+    tfn, cnt, ci, nth, bfn, yfn, bst, desc, mx, fns, h, x, il, vecs, voff, ip, ma, md, buf, mw, e2, given, rt, rw, rs
+):
+    """An MoE layer's FFN for the k rows of h (normed) into the residual x: routing (every
+    thread alike, `moe.route`), then two phases, each a barrier: gate and up of each chosen
+    expert over the rows that chose it (its weights read once for them) and of the shared
+    expert over all rows, the activations into ma [slot, ...] (row i's j-th choice is slot
+    i * n_used + j; the shared expert's rows follow); then down, into md. Every thread then
+    adds its rows' weighted sum in a fixed order: no result depends on the thread count or
+    (with one-row kernels) on which other rows share the batch. Units: (expert, 64 output rows).
+    `given`: the routing is rt, rw, rs (top experts, weights, shared gates), not computed here."""
+    top, wts, wsh, lg, count, order, qe, qs, hs, yg, yu = mw
+    k, d = h.shape
+    n_exp, n_used, shared = ip[P_NEXP], ip[P_NUSED], ip[P_SHARED]
+    if given:  # routed by the call before (`route_last`)
+        top[:k] = rt[:k]
+        wts[:k] = rw[:k]
+        wsh[:k] = rs[:k]
+    else:
+        _route_rows(h, il, vecs, voff, ip, top, wts, wsh, lg)
     nq = group(top[:k], n_exp, count, order, qe, qs)
     ffe = desc[mx, 1]
     ue = -(-ffe // UNIT)
@@ -358,7 +373,28 @@ def _decode(tid, nth, sync, weights, call, bufs):
     The arguments are the `Sync`, `Weights`, `Call` and `Buffers` tuples."""
     bfn, yfn, tfn, cnt, bst = sync
     fns, desc, lay, vecs, voff, out_norm, swa, ip, eps, scale = weights
-    x0, kc, vc, pos, cos_g, sin_g, cos_l, sin_l, logits, last_only, l0, l1, xo, po, pm = call
+    (
+        x0,
+        kc,
+        vc,
+        pos,
+        cos_g,
+        sin_g,
+        cos_l,
+        sin_l,
+        logits,
+        last_only,
+        l0,
+        l1,
+        xo,
+        po,
+        pm,
+        ffn_first,
+        route_last,
+        rt,
+        rw,
+        rs,
+    ) = call
     qb, kb, vb, ab, ob, gb, ub, fb, ma, md = bufs
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
     neox, gelu, qkn, gemma, window = ip[P_NEOX], ip[P_GELU], ip[P_QKNORM], ip[P_GEMMA], ip[P_WINDOW]
@@ -381,115 +417,123 @@ def _decode(tid, nth, sync, weights, call, bufs):
         cs = cos_l if swa[il] else cos_g
         sn = sin_l if swa[il] else sin_g
         win = window if swa[il] else 0
-        # q, k, v: one unit = 64 rows of q, then of k, then of v
-        for i in range(k):
-            _rms(x[i], _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h[i])
-        prepare_rows(desc, m0 + M_Q, m0 + M_V + 1, fns, h, d, buf)
-        uq, uk, uv = desc[m0 + M_Q, 6], desc[m0 + M_K, 6], desc[m0 + M_V, 6]
-        n = uq + uk + uv
-        ch = _chunk(n, nth)
-        u = take(tfn, cnt, ci, nth, -ch, ch)
-        while u < n:
-            e = min(u + ch, n)
-            matvec_rows(desc, m0 + M_Q, buf, qb, min(u, uq), min(e, uq))
-            matvec_rows(desc, m0 + M_K, buf, kb, min(max(u - uq, 0), uk), min(max(e - uq, 0), uk))
-            matvec_rows(desc, m0 + M_V, buf, vb, min(max(u - uq - uk, 0), uv), min(max(e - uq - uk, 0), uv))
-            u = take(tfn, cnt, ci, nth, u, ch)
-        ci += 1
-        st = _sync(bfn, yfn, bst, nth)
-        if st:
-            return st
-        # attention: every new token's k and v into the cache (bias, norm, RoPE), then its query
-        # heads, token i seeing positions up to pos + i, part by part (`attention.attend`). A
-        # short context: one unit = one kv group, all of it. A long one, when the groups are
-        # too few to go round the threads: the cache writes, a barrier, then one unit = one part
-        # of one group's keys, the parts combined after the next barrier by every thread itself
-        for i in range(k):
-            kl[i] = kb[i, : kl.shape[1]]
-            _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
-            ql[i] = qb[i, : ql.shape[1]]
-            _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
-        lo0 = first_key(pos, win)  # the first key any of the rows sees
-        c_lo, c_hi = parts_of(lo0, pos + k)
-        split = nth > 1 and nkv < 4 * nth and c_hi - c_lo > 1
-        g = take(tfn, cnt, ci, nth, -1, 1)
-        while g < nkv:
+        if not (ffn_first and il == l0):  # else x0 is the residual after layer l0's attention
+            # q, k, v: one unit = 64 rows of q, then of k, then of v
             for i in range(k):
-                p = pos + i
-                _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, cs[i], sn[i], neox, t2)
-                if split:
-                    continue
-                _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
-                heads = slice(g * group, (g + 1) * group)
-                attend(
-                    ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
-                    kc[il, g],
-                    vc[il, g],
-                    first_key(p, win),
-                    p + 1,
-                    scale,
-                    W,
-                    po[i, :, heads],
-                    pm[i, :, heads],
-                    ab[i, g * group * hdv : (g + 1) * group * hdv],
-                )
-            g = take(tfn, cnt, ci, nth, g, 1)
-        ci += 1
-        att = ab
-        if split:
+                _rms(x[i], _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h[i])
+            prepare_rows(desc, m0 + M_Q, m0 + M_V + 1, fns, h, d, buf)
+            uq, uk, uv = desc[m0 + M_Q, 6], desc[m0 + M_K, 6], desc[m0 + M_V, 6]
+            n = uq + uk + uv
+            ch = _chunk(n, nth)
+            u = take(tfn, cnt, ci, nth, -ch, ch)
+            while u < n:
+                e = min(u + ch, n)
+                matvec_rows(desc, m0 + M_Q, buf, qb, min(u, uq), min(e, uq))
+                matvec_rows(desc, m0 + M_K, buf, kb, min(max(u - uq, 0), uk), min(max(e - uq, 0), uk))
+                matvec_rows(desc, m0 + M_V, buf, vb, min(max(u - uq - uk, 0), uv), min(max(e - uq - uk, 0), uv))
+                u = take(tfn, cnt, ci, nth, u, ch)
+            ci += 1
+            st = _sync(bfn, yfn, bst, nth)
+            if st:
+                return st
+            # attention: every new token's k and v into the cache (bias, norm, RoPE), then its query
+            # heads, token i seeing positions up to pos + i, part by part (`attention.attend`). A
+            # short context: one unit = one kv group, all of it. A long one, when the groups are
+            # too few to go round the threads: the cache writes, a barrier, then one unit = one part
+            # of one group's keys, the parts combined after the next barrier by every thread itself
+            for i in range(k):
+                kl[i] = kb[i, : kl.shape[1]]
+                _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
+                ql[i] = qb[i, : ql.shape[1]]
+                _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
+            lo0 = first_key(pos, win)  # the first key any of the rows sees
+            c_lo, c_hi = parts_of(lo0, pos + k)
+            split = nth > 1 and nkv < 4 * nth and c_hi - c_lo > 1
+            g = take(tfn, cnt, ci, nth, -1, 1)
+            while g < nkv:
+                for i in range(k):
+                    p = pos + i
+                    _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, cs[i], sn[i], neox, t2)
+                    if split:
+                        continue
+                    _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+                    heads = slice(g * group, (g + 1) * group)
+                    attend(
+                        ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
+                        kc[il, g],
+                        vc[il, g],
+                        first_key(p, win),
+                        p + 1,
+                        scale,
+                        W,
+                        po[i, :, heads],
+                        pm[i, :, heads],
+                        ab[i, g * group * hdv : (g + 1) * group * hdv],
+                    )
+                g = take(tfn, cnt, ci, nth, g, 1)
+            ci += 1
+            att = ab
+            if split:
+                st = _sync(bfn, yfn, bst, nth)
+                if st:
+                    return st
+                for i in range(k):
+                    for g in range(nkv):
+                        _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+                n_parts = c_hi - c_lo
+                w = take(tfn, cnt, ci, nth, -1, 1)
+                while w < nkv * n_parts:
+                    g, c = w // n_parts, c_lo + w % n_parts
+                    heads = slice(g * group, (g + 1) * group)
+                    for i in range(k):
+                        p = pos + i
+                        lo = first_key(p, win)
+                        c0, c1 = parts_of(lo, p + 1)
+                        if c0 <= c < c1:
+                            attend_part(
+                                ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
+                                kc[il, g],
+                                vc[il, g],
+                                max(lo, c * PART),
+                                min(p + 1, (c + 1) * PART),
+                                scale,
+                                W,
+                                po[i, c - c0, heads],
+                                pm[i, c - c0, heads],
+                            )
+                    w = take(tfn, cnt, ci, nth, w, 1)
+                att = ab2
+            ci += 1
+            st = _sync(bfn, yfn, bst, nth)
+            if st:
+                return st
+            if split:
+                for i in range(k):
+                    p = pos + i
+                    c0, c1 = parts_of(first_key(p, win), p + 1)
+                    combine(po[i, : c1 - c0], pm[i, : c1 - c0], ab2[i])
+            # output projection, residual
+            _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, att, nh * hdv, buf, ob)
+            ci += 1
             st = _sync(bfn, yfn, bst, nth)
             if st:
                 return st
             for i in range(k):
-                for g in range(nkv):
-                    _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
-            n_parts = c_hi - c_lo
-            w = take(tfn, cnt, ci, nth, -1, 1)
-            while w < nkv * n_parts:
-                g, c = w // n_parts, c_lo + w % n_parts
-                heads = slice(g * group, (g + 1) * group)
-                for i in range(k):
-                    p = pos + i
-                    lo = first_key(p, win)
-                    c0, c1 = parts_of(lo, p + 1)
-                    if c0 <= c < c1:
-                        attend_part(
-                            ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
-                            kc[il, g],
-                            vc[il, g],
-                            max(lo, c * PART),
-                            min(p + 1, (c + 1) * PART),
-                            scale,
-                            W,
-                            po[i, c - c0, heads],
-                            pm[i, c - c0, heads],
-                        )
-                w = take(tfn, cnt, ci, nth, w, 1)
-            att = ab2
-        ci += 1
-        st = _sync(bfn, yfn, bst, nth)
-        if st:
-            return st
-        if split:
-            for i in range(k):
-                p = pos + i
-                c0, c1 = parts_of(first_key(p, win), p + 1)
-                combine(po[i, : c1 - c0], pm[i, : c1 - c0], ab2[i])
-        # output projection, residual
-        _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, att, nh * hdv, buf, ob)
-        ci += 1
-        st = _sync(bfn, yfn, bst, nth)
-        if st:
-            return st
-        for i in range(k):
-            _residual(x[i], ob[i, :d], gemma, _vec(vecs, voff, il, V_POST_ATTN, d), eps, h[i])
+                _residual(x[i], ob[i, :d], gemma, _vec(vecs, voff, il, V_POST_ATTN, d), eps, h[i])
         # FFN: one unit = 64 rows of gate and of up, and their activation
         for i in range(k):
             _rms(x[i], _vec(vecs, voff, il, V_FFN_NORM, d), eps, h[i])
+        if route_last and il == l1 - 1:  # stop at the routing: the hidden state and the chosen experts
+            if tid == 0:
+                _route_rows(h, il, vecs, voff, ip, rt, rw, rs, mw[3])
+                xo[:] = x
+            return 0
         if ip[P_NEXP]:
-            st = _moe_ffn(
-                tfn, cnt, ci, nth, bfn, yfn, bst, desc, m0 + M_GATE, fns, h, x, il, vecs, voff, ip, ma, md, buf, mw, e2
-            )
+            given = ffn_first and il == l0
+            # fmt: off
+            st = _moe_ffn(tfn, cnt, ci, nth, bfn, yfn, bst, desc, m0 + M_GATE, fns, h, x, il, vecs, voff, ip, ma,
+                          md, buf, mw, e2, given, rt, rw, rs)
+            # fmt: on
             if st:
                 return st
             ci += 2
@@ -562,7 +606,10 @@ class Weights(NamedTuple):
 
 class Call(NamedTuple):
     """One call: the rows' hidden state, the KV cache, positions, RoPE tables, outputs, range;
-    the attention's parts [k, n, n_head, head_dim_v] and their (max, sum) [k, n, n_head, 2]."""
+    the attention's parts [k, n, n_head, head_dim_v] and their (max, sum) [k, n, n_head, 2];
+    whether layer l0 starts at its FFN (x0: the residual after its attention) and whether layer
+    l1 - 1 stops at its routing (xo: the residual; rt, rw, rs: the routing, `_route_rows`), the
+    routing then given to the call that starts there."""
 
     x0: np.ndarray
     kc: np.ndarray
@@ -579,6 +626,11 @@ class Call(NamedTuple):
     xo: np.ndarray
     po: np.ndarray
     pm: np.ndarray
+    ffn_first: bool
+    route_last: bool
+    rt: np.ndarray
+    rw: np.ndarray
+    rs: np.ndarray
 
 
 class Buffers(NamedTuple):
@@ -674,6 +726,10 @@ class FusedDecoder:
         self.bufs = Buffers(
             *dense, np.zeros((slots, _units(ff_moe)), np.float32), np.zeros((slots, _units(c.n_embd)), np.float32)
         )
+        n_used = max(c.n_expert_used, 1)
+        # a call's routing, for the call after it (MoE layers split at their routing: `step_rows`)
+        self.routing = (np.zeros((MAX_ROWS, n_used), np.int64), np.zeros((MAX_ROWS, n_used), np.float32))
+        self.routing += (np.zeros(MAX_ROWS, np.float32),)
         self.parts = np.zeros((MAX_ROWS, 0, c.n_head, c.head_dim_v), np.float32)  # grown with the context
         self.parts_ml = np.zeros((MAX_ROWS, 0, c.n_head, 2), np.float32)
         self.logits_width = _units(c.n_vocab)
@@ -730,6 +786,14 @@ class FusedDecoder:
                 raise NotFusable(f"{name} has no fused kernel")
         return np.stack([fused.describe(m) for m in mats])
 
+    def rows(self, layers: range) -> np.ndarray:
+        """The rows of `desc` a call over `layers` reads: the layers', then the output matrix's
+        when the range ends at the last layer."""
+        rows = list(range(self.lay[layers.start], self.lay[layers.stop]))
+        if layers.stop == self.model.cfg.n_layer:
+            rows.append(len(self.desc) - 1)
+        return np.array(rows, np.int64)
+
     def describe(self, layers: range, mats=None) -> np.ndarray:
         """The descriptors of a call over `layers`: of the placed matrices (cached per range), or
         of `mats` (the matrices of `matrix_names(layers)`, in that order, e.g. buffers a streamer
@@ -738,10 +802,7 @@ class FusedDecoder:
         key = (layers.start, layers.stop)
         full = self._range_desc.get(key)
         if full is None:
-            rows = list(range(self.lay[layers.start], self.lay[layers.stop]))
-            if layers.stop == self.model.cfg.n_layer:
-                rows.append(len(self.desc) - 1)
-            full = self._range_desc[key] = np.ascontiguousarray(self.desc[rows])
+            full = self._range_desc[key] = np.ascontiguousarray(self.desc[self.rows(layers)])
         if mats is None:
             return full
         if len(mats) != len(full):
@@ -769,6 +830,9 @@ class FusedDecoder:
         mats=None,
         offset: int = 0,
         commit: bool = True,
+        desc: np.ndarray | None = None,
+        ffn_first: bool = False,
+        route_last: bool = False,
     ) -> np.ndarray:
         """Logits [k, n_vocab] of k <= MAX_ROWS new tokens at positions len(cache)... (only
         the last one's, [1, n_vocab], when all_logits is False); appends their keys and
@@ -778,10 +842,18 @@ class FusedDecoder:
         the cache by the range that ends there). `mats`: the range's matrices to read instead
         of the placed ones (see `describe`). `offset`, `commit=False`: the rows sit `offset`
         positions past the cache's length, and the caller commits them (a batch run layer by
-        layer in chunks of MAX_ROWS, every chunk of a layer before the next layer)."""
+        layer in chunks of MAX_ROWS, every chunk of a layer before the next layer).
+
+        An MoE model's layers can run in pieces that meet at a layer's routing, so the experts
+        it chose can be fetched in between (`experts.ExpertModel`): `route_last`, the call
+        stops there and returns the hidden state, the routing in `self.routing`; `ffn_first`,
+        the call starts there, from that hidden state and routing. `desc`: the descriptors of
+        the range's matrices (`rows(layers)` of a table like `self.desc`) to read instead."""
         c = self.model.cfg
         layers = self.model.check_layers(layers)
-        if layers.start == 0:
+        if (ffn_first or route_last) and not c.is_moe:
+            raise ValueError("only an MoE model's layers run in pieces split at the routing")
+        if layers.start == 0 and not ffn_first:
             k = len(tokens)
             if not 1 <= k <= MAX_ROWS:
                 raise ValueError(f"the fused step takes 1..{MAX_ROWS} tokens at once, got {k}")
@@ -793,7 +865,7 @@ class FusedDecoder:
                 raise ValueError(
                     f"the fused step takes a hidden state of 1..{MAX_ROWS} rows of {c.n_embd}, got {x0.shape}"
                 )
-        last = layers.stop == c.n_layer
+        last = layers.stop == c.n_layer and not route_last
         cache.reserve(offset + k)
         pos = cache.length + offset
         positions = np.arange(pos, pos + k)
@@ -811,9 +883,9 @@ class FusedDecoder:
             self.parts_ml = np.zeros((MAX_ROWS, grown, c.n_head, 2), np.float32)
         call = Call(
             *(x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits, layers.start, layers.stop, xo),
-            *(self.parts[:k], self.parts_ml[:k]),
+            *(self.parts[:k], self.parts_ml[:k], ffn_first, route_last, *self.routing),
         )
-        weights = self.weights._replace(desc=self.describe(layers, mats))
+        weights = self.weights._replace(desc=self.describe(layers, mats) if desc is None else desc)
         bufs = Buffers(*(b[:k] for b in self.bufs[:-2]), *self.bufs[-2:])  # MoE slots: k * (n_used + 1) of them
         args = (self.threads, self.sync, weights, call, bufs)
         if self._pool is None:
