@@ -1,7 +1,7 @@
 """Memory as an offload budget counts it: the process's own memory without the model files' mapped
 pages (`process_bytes`; `trim_heap` first gives back what the heap holds free), how much of a
-file sits in the page cache (`cached_bytes`, mincore over a fresh read-only mapping: the part of
-a budget that reading the weights leaves behind), and the memory available to this process
+file sits in the page cache (`cached_bytes`: cachestat, or mincore over a fresh read-only
+mapping: the part of a budget that reading the weights leaves behind), and the memory available to this process
 (`available_bytes`: the machine's, or less under a memory cgroup's limit, as in a container)."""
 
 from __future__ import annotations
@@ -17,14 +17,45 @@ import psutil
 _libc = None
 
 
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+_CACHESTAT = 451  # Linux >= 6.5, the same number on x86-64 and arm64
+_has_cachestat = os.uname().sysname == "Linux" and os.uname().machine in ("x86_64", "aarch64")
+
+
+def _cachestat(fd: int) -> int | None:
+    """Pages of open file `fd` in the page cache by cachestat(2) (it walks the cached pages only;
+    mincore, every page of the file), None where the kernel lacks it."""
+    global _libc, _has_cachestat
+    if not _has_cachestat:
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    st = _CacheStat()
+    if _libc.syscall(_CACHESTAT, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(st), 0) != 0:
+        _has_cachestat = False
+        return None
+    return int(st.cache)
+
+
 def cached_bytes(path) -> int | None:
-    """Bytes of the file at `path` resident in the page cache; None where mincore is missing
-    (not Linux or BSD) or the file cannot be mapped; 0 for an empty file."""
+    """Bytes of the file at `path` resident in the page cache; None where neither cachestat nor
+    mincore is there (not Linux or BSD) or the file cannot be mapped; 0 for an empty file."""
     global _libc
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    pages = _cachestat(fd)
+    if pages is not None:
+        os.close(fd)
+        return pages * mmap.PAGESIZE
     try:
         size = os.fstat(fd).st_size
         if size == 0:
