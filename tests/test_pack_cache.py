@@ -185,7 +185,7 @@ def test_jit_object_cache_is_verified(tmp_path, cache_env):
 # packed format must come with a new LAYOUT (else older cache files are read in the new format:
 # garbage logits); record the new digest here when you bump it.
 LAYOUT_DIGEST = {
-    "q4f16-tile64.q8f16.q5p.kq3.tq2k.v10": "90802fc4ca5a1dee41e8252d864aa589c3482938501f720a403d0ce868c8f470"
+    "q4f16-tile64.q8f16.q5p.kq3.tq2k.v11": "90802fc4ca5a1dee41e8252d864aa589c3482938501f720a403d0ce868c8f470"
 }
 
 

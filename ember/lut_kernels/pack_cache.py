@@ -56,8 +56,9 @@ __all__ = ["LAYOUT", "build", "cache_path", "load", "records", "save"]
 log = logging.getLogger("ember")
 
 MAGIC = b"EMBERPK\x01"
-LAYOUT = "q4f16-tile64.q8f16.q5p.kq3.tq2k.v10"  # kq3: Q2_K..Q6_K in kquant (row pairs); q5p: PackedQ5;
-#   tq2k: TQ1_0, TQ2_0 as Q2_K; v10: the layers in their order in the file (`_file_order`)
+LAYOUT = "q4f16-tile64.q8f16.q5p.kq3.tq2k.v11"  # kq3: Q2_K..Q6_K in kquant (row pairs); q5p: PackedQ5;
+#   tq2k: TQ1_0, TQ2_0 as Q2_K; v10: the layers in their order in the file (`_file_order`); v11: an
+#   expert's matrices together
 ALIGN = 64
 _CLASSES = {"q4": PackedQ4, "q8": PackedQ8, "q5": PackedQ5, "kq": PackedKQ}
 _DTYPES = {"uint8", "uint16", "int8", "float32", "int64"}
@@ -112,12 +113,14 @@ def cache_path(model_path: Path) -> Path:
     return cache_dir("packed") / f"{model_key(model_path)}.pack"
 
 
-def _file_order(name: str) -> tuple[int, str]:
+def _file_order(name: str) -> tuple[int, int, str]:
     """Matrices outside the layers first, then layer by layer in the order the compute uses them
     (blk.2 before blk.10): streaming reads a layer's span and the kernel's readahead runs on into
-    the next one, which it reads next."""
+    the next one, which it reads next. In a layer, its matrices, then expert by expert ("#e",
+    `devices.cpu.placement.cache_name`): an expert cache reads an expert in one piece."""
     m = re.match(r"blk\.(\d+)\.", name)
-    return (int(m.group(1)) if m else -1, name)
+    e = re.search(r"#(\d+)$", name)
+    return (int(m.group(1)) if m else -1, int(e.group(1)) if e else -1, name)
 
 
 def save(model_path: Path, packed: dict) -> Path:
