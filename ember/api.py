@@ -319,7 +319,7 @@ class Model:
         the figures of the latest call (each chunk carries its own call's)."""
         self.stats = stats = {}
         streamed = self.plan is not None and self.device.streamed(self.transformer)
-        before = streamed.streamer.stats.as_dict() if streamed else {}
+        before = streamed.stats_dict() if streamed else {}
         own = self._own_session_lock.acquire(blocking=False)
         try:
             if not own:
@@ -337,7 +337,7 @@ class Model:
             if own:
                 self._own_session_lock.release()
             if streamed:  # this call's share of the streaming (the reader runs a layer ahead)
-                after = streamed.streamer.stats.as_dict()
+                after = streamed.stats_dict()
                 stats.update({k: after[k] - before[k] for k in after})
 
     def perplexity(self, text: str, add_bos: bool | None = None) -> float:

@@ -192,14 +192,6 @@ def test_kquant_moe_fused_matches_op_by_op(tmp_path):
     _kquant_fused_agrees(path)
 
 
-def test_moe_under_a_budget_is_not_yet_streamed(tmp_path):
-    from ember.errors import UnsupportedError
-
-    path = tg.write_family(tmp_path / "moe.gguf", "mixtral")
-    with pytest.raises(UnsupportedError, match="expert cache"):
-        ember.load(path, memory_budget="10GB").prepare()
-
-
 def test_fused_step_checks_token_and_context(tmp_path):
     path = tg.write_family(tmp_path / "m.gguf", "llama", n_ctx=8)
     m = ember.load(path)

@@ -99,36 +99,65 @@ class CpuDevice:
             sibling.placement, sibling._siblings = self.placement, self._siblings
         return sibling
 
-    def set_budget(self, model, budget: int, n_ctx: int):
+    def set_budget(self, model, budget: int, n_ctx: int, predict: bool = True, policy: str = "score"):
         """Run `model` within `budget` bytes at contexts up to `n_ctx`: the layers that do not
-        fit stream from disk (`streaming`). Returns the plan; BudgetError when even streaming
-        does not fit, UnsupportedError for a model without the fused step."""
-        from .streaming import StreamedModel, plan_for
+        fit stream from disk (`streaming`); an MoE model's routed experts that do not fit are
+        read as tokens choose them (`experts`; `predict`: and ahead, as a guess names them;
+        `policy`: the expert cache's eviction, "score" or "lru").
+        Returns the plan; BudgetError when even streaming does not fit, UnsupportedError for a
+        model without the fused step."""
+        from . import experts, streaming
 
         dec = self._budget_decoder(model)
-        old = self._streamed.pop(id(model), None)
-        plan = plan_for(dec, budget, n_ctx, held=old[1].ring_bytes if old is not None else 0)
-        if old is not None:
-            old[1].close()
-        if plan.streamed:
-            self._streamed[id(model)] = (model, StreamedModel(dec, plan))
+        self._drop_streamed(model)  # its buffers are not the process's own
+        plan = (experts if model.cfg.is_moe else streaming).plan_for(dec, budget, n_ctx)
+        if model.cfg.is_moe and not plan.all_resident:
+            self._streamed[id(model)] = (model, experts.ExpertModel(dec, plan, predict, policy))
+        elif not model.cfg.is_moe and plan.streamed:
+            self._streamed[id(model)] = (model, streaming.StreamedModel(dec, plan))
         return plan
 
-    def stream_everything(self, model) -> None:
-        """Stream every layer of `model` until `set_budget` plans it: its first token (loading
-        the machine code) then reads the weights through the streamer's ring, dropped from the
-        page cache as they go, instead of through memory."""
-        from .streaming import StreamedModel, streaming_everything
+    def cache_experts(self, model, slots: int, predict: bool = True, policy: str = "score") -> None:
+        """Keep MoE `model`'s routed experts in an expert cache of `slots` slots, whatever the
+        memory (a model too small for a budget to leave some experts out: tests, a quick bench)."""
+        import dataclasses
+
+        from . import experts
 
         dec = self._budget_decoder(model)
+        plan = experts.minimal_plan(dec)
+        plan = dataclasses.replace(plan, slots=slots, rows=experts.xc.rows_for(slots, plan.n_expert, plan.n_used))
+        self._drop_streamed(model)
+        self._streamed[id(model)] = (model, experts.ExpertModel(dec, plan, predict, policy))
+
+    def stream_everything(self, model) -> None:
+        """Stream every layer (every expert) of `model` until `set_budget` plans it: its first
+        token (loading the machine code) then reads the weights through the streamer's ring or
+        the fewest expert slots, dropped from the page cache as they go, not through memory."""
+        from . import experts, streaming
+
+        dec = self._budget_decoder(model)
+        self._drop_streamed(model)
+        if model.cfg.is_moe:
+            sm = experts.ExpertModel(dec, experts.minimal_plan(dec), predict=False)
+        else:
+            sm = streaming.StreamedModel(dec, streaming.streaming_everything(dec))
+        self._streamed[id(model)] = (model, sm)
+
+    def _drop_streamed(self, model) -> None:
+        """Close `model`'s streamed form, if any, and give its buffers back to the OS."""
+        import gc
+
+        from ...offload.memory import trim_heap
+
         old = self._streamed.pop(id(model), None)
         if old is not None:
             old[1].close()
-        self._streamed[id(model)] = (model, StreamedModel(dec, streaming_everything(dec)))
+            del old
+            gc.collect()
+            trim_heap()
 
     def _budget_decoder(self, model):
-        if model.cfg.is_moe:
-            raise UnsupportedError("memory_budget with mixture-of-experts layers: the expert cache is not in ember yet")
         dec = self.decoder(model)
         if dec is None:
             raise UnsupportedError(
@@ -137,7 +166,7 @@ class CpuDevice:
         return dec
 
     def streamed(self, model):
-        """The model's StreamedModel under a budget, or None."""
+        """The model's StreamedModel (ExpertModel) under a budget, or None."""
         got = self._streamed.get(id(model))
         return got[1] if got is not None and got[0] is model else None
 

@@ -68,7 +68,6 @@ class StreamedModel:
             layers[il] = [(off, nb) for n in names for (_, _, off, nb) in recs[n][1].values()]
         self.names = {il: dec.matrix_names(range(il, il + 1)) for il in plan.streamed}
         self.streamer = LayerStreamer(path, layers) if layers else None
-        self.ring_bytes = sum(b.nbytes for b in self.streamer.buffers) if self.streamer else 0
         keep = {n for n in dec.matrix_names(range(0, plan.resident))} | {model.output_name}
         unused = [model.store.matrix(n) for n in recs if n not in keep]  # streamed, or never read by the step
         _drop_pages(a for m in unused for a in m.packed.arrays().values())
@@ -120,6 +119,10 @@ class StreamedModel:
         cache.commit(len(ids))
         return np.concatenate(hs) if all_logits and len(hs) > 1 else hs[-1]
 
+    def stats_dict(self) -> dict:
+        """The streaming figures so far (a generation's stats carry their differences)."""
+        return self.streamer.stats.as_dict() if self.streamer is not None else {}
+
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
@@ -140,16 +143,15 @@ def streaming_everything(dec: FusedDecoder) -> Plan:
     return Plan(budget=0, needs=Needs(0, 0, 0, 0), layer_bytes=tuple(layer_bytes(dec)), resident=0)
 
 
-def plan_for(dec: FusedDecoder, budget: int, n_ctx: int, held: int = 0) -> Plan:
+def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     """The plan of `dec.model` under `budget` bytes at a context of `n_ctx` tokens; the process's
-    own share is its anonymous memory now less `held` bytes (a ring about to be freed; the pack
-    cache's pages are counted as weights) and the model file's header (metadata, the
-    vocabulary: read in place)."""
+    own share is its anonymous memory now (the pack cache's pages are counted as weights) and
+    the model file's header (metadata, the vocabulary: read in place)."""
     model = dec.model
     c, st = model.cfg, model.store
     sizes = layer_bytes(dec)
     needs = Needs(
-        process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]) - held + st.gguf.data_offset,
+        process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]) + st.gguf.data_offset,
         fixed=st.matrix(model.output_name).nbytes + dec.vecs.nbytes,
         kv_cache=c.kv_cache_bytes(n_ctx, model.kv_type),
         work=sum(b.nbytes for b in dec.bufs)
