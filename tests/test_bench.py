@@ -292,3 +292,39 @@ def test_synthetic_moe_routes_to_a_few_popular_experts(tmp_path):
     m = ember.load(path)
     assert m.config.n_expert == 32 and m.device.decoder(m.transformer) is not None
     assert len(list(m.generate(m.tokenize("hello"), max_tokens=4, ignore_eos=True))) > 0
+
+
+def test_synthetic_moe_hidden_states_drift_slowly_across_layers_not_tokens(tmp_path):
+    """synth_moe's scales: each layer changes the residual stream a little (a trained model's
+    slow drift, what makes routing guesses from the layer before work) while each token keeps
+    its own (at 1 and 1 every token's stream was nearly the same)."""
+    import numpy as np
+    import tiny_gguf as tg
+
+    import ember
+    from ember.bench import synth_moe
+
+    shape = dict(n_layer=5, n_expert=16, n_expert_used=4, n_embd=256, n_ff_exp=256, n_head=4, n_head_kv=2, head_dim=64)
+    path = synth_moe.write(tmp_path / "moe.gguf", tg.write_family(tmp_path / "donor.gguf", "llama"), **shape)
+    m = ember.load(path, threads=1, n_ctx=128)
+    tr, dev = m.transformer, m.device
+    ids = np.random.default_rng(0).integers(10, m.config.n_vocab, 24).tolist()
+    cache = dev.new_cache(tr, 128)
+    dev.forward(tr, ids[:8], cache)
+    states = []  # [token][layer]: the hidden state entering each layer past the first
+    for t in ids[8:]:
+        x = tr.embed([t])
+        row = []
+        for il in range(shape["n_layer"]):
+            x = dev.forward(tr, x if il else [t], cache, layers=range(il, il + 1))
+            row.append(x[0])
+        states.append(row[:-1])
+        cache.truncate(8)  # each token alone after the same context
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    n = len(states)
+    layers = np.mean([cos(s[i], s[i + 1]) for s in states for i in range(len(s) - 1)])
+    tokens = np.mean([cos(states[j][i], states[j + 1][i]) for j in range(n - 1) for i in range(len(states[0]))])
+    assert layers > 0.9 and tokens < 0.6, (layers, tokens)
