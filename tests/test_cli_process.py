@@ -355,8 +355,18 @@ def test_bench_quick(smol, tmp_path):
     env = r["environment"]
     assert env["machine"]["cpu"]["model"] and env["versions"]["numba"] and "load_cores_at_start" in env
     sc = r["scenarios"]
-    assert list(sc) == ["dense", "ttft", "memory", "long-context", "offload", "moe", "speculative", "devices"]
-    for name in ("dense", "memory", "long-context", "offload", "moe", "speculative", "devices"):
+    assert list(sc) == [
+        "dense",
+        "ttft",
+        "memory",
+        "long-context",
+        "offload",
+        "moe",
+        "moe-budget",
+        "speculative",
+        "devices",
+    ]
+    for name in ("dense", "memory", "long-context", "offload", "moe", "moe-budget", "speculative", "devices"):
         assert sc[name]["status"] == "ok", (name, sc[name])
         assert sc[name]["summary"]
     for run in sc["dense"]["runs"] + sc["long-context"]["runs"]:
@@ -367,6 +377,9 @@ def test_bench_quick(smol, tmp_path):
     resident, budget = rows[0], rows[1]
     assert resident["variant"] == "resident" and budget["variant"] == "budget"
     assert budget["same_tokens"] and budget["streamed_bytes_per_token"] > 0 and budget["memory_peak_bytes"] > 0
+    moe = sc["moe-budget"]["summary"]["rows"]  # a quarter of a tiny MoE's experts in a cache
+    assert [r["variant"] for r in moe][:2] == ["resident", "cache, prediction"]
+    assert all(r["same_tokens"] for r in moe) and moe[1]["hit_rate"] > 0 and moe[1]["recall"] > 0
     dev = sc["devices"]["summary"]  # PoCL's OpenCL device beside the CPU, timing its own work
     assert dev["128|cpu"]["tok_s"]["median"] > 0 and dev["128|opencl:0"]["device_s"]["attention"] > 0
     spec = sc["speculative"]["summary"]

@@ -164,9 +164,41 @@ def _devices(sec: dict) -> dict:
     return out
 
 
+def _moe_budget(sec: dict) -> dict:
+    """Per run: tok/s, the identity check, and for the expert cache its hit rate, the guesses'
+    precision and recall, bytes read and stall a token, and the disk's roofline for those bytes."""
+    from ..offload.predict import precision_recall
+
+    rows = []
+    for r in sec["runs"]:
+        row = {k: r.get(k) for k in ("engine", "variant", "error", "busy", "same_tokens", "plan", "decoded")}
+        if "error" not in r:
+            row["tokens_per_s"] = r["tokens_per_s"]
+            c, n = r.get("cache") or {}, sec["decode"]
+            used = c.get("expert_hits", 0) + c.get("expert_misses", 0)
+            if used:
+                per_token = c["expert_bytes"] / n
+                disk = r.get("disk_bytes_per_s") or sec["disk_bytes_per_s"]
+                row |= {
+                    "hit_rate": c["expert_hits"] / used,
+                    "bytes_per_token": per_token,
+                    "stall_s_per_token": c["expert_stall_s"] / n,
+                    "disk_bytes_per_s": disk,
+                    "roofline_tokens_per_s": disk / per_token if per_token else None,
+                    "roofline_share": r["tokens_per_s"] * per_token / disk,
+                }
+                row["precision"], row["recall"] = precision_recall(c)
+            peak = r.get("cgroup_peak_bytes") or r.get("memory_peak_bytes")
+            if peak and r.get("budget", sec.get("budget")) and r["variant"] != "resident":
+                row["peak_over_budget"] = peak / r.get("budget", sec["budget"])
+        rows.append(row)
+    return {"rows": rows}
+
+
 _SUMMARIES: dict[str, Callable[[dict], dict]] = {
     "dense": _dense,
     "moe": _dense,
+    "moe-budget": _moe_budget,
     "ttft": _ttft,
     "memory": _memory,
     "long-context": _long_context,
@@ -341,6 +373,8 @@ def tables(results: dict) -> list[dict]:
             f"{sh['n_ff_exp']}; random weights, skewed expert popularity"
         ]
         out.append(_speed_table(sec, "moe", "Mixture-of-experts prompt and decode", engines, peer, notes))
+    if sc.get("moe-budget", {}).get("status") == "ok":
+        out.append(_moe_budget_table(sc["moe-budget"]))
     if sc.get("speculative", {}).get("status") == "ok":
         sec, s = sc["speculative"], sc["speculative"]["summary"]
         header = ["engine", "request", "drafter", "tok/s", "speedup", "mean k", "acceptance", "accepted/step"]
@@ -380,6 +414,58 @@ def tables(results: dict) -> list[dict]:
         ]
         out.append(_table("speculative", "Speculative decoding", header, rows, notes))
     return out
+
+
+def _moe_budget_table(sec: dict) -> dict:
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    header = ["run", "tok/s", "hit rate", "precision / recall", "MB read a token", "stall a token", "disk roofline"]
+    header += ["memory peak", "same tokens"]
+    rows = []
+    for r in sec["summary"]["rows"]:
+        what = f"{r['engine']} {r['variant']}" + (" (busy)" if r.get("busy") else "")
+        if r.get("error"):
+            why = r["error"].split(" failed: ", 1)[-1]
+            rows.append([what, "-", "-", "-", "-", "-", "-", "-", why if len(why) <= 100 else why[:99] + "…"])
+            continue
+        tok = f"{r['tokens_per_s']:.2f}" + (f" ({r['decoded']} tokens)" if r.get("decoded") else "")
+        cache = r.get("hit_rate") is not None
+        roof = (
+            f"{r['roofline_tokens_per_s']:.2f} ({pct(r['roofline_share'])} at {r['disk_bytes_per_s'] / 1e9:.2f} GB/s)"
+            if r.get("roofline_tokens_per_s")
+            else "-"
+        )
+        rows.append(
+            [
+                what,
+                tok,
+                pct(r.get("hit_rate")) if cache else "-",
+                f"{pct(r['precision'])} / {pct(r['recall'])}" if r.get("precision") is not None else "-",
+                _mb(r["bytes_per_token"]) if cache else "-",
+                f"{1e3 * r['stall_s_per_token']:.0f} ms" if cache else "-",
+                roof,
+                f"{r['peak_over_budget']:.2f}x the budget" if r.get("peak_over_budget") else "-",
+                {True: "yes", False: "NO", None: "-"}[r.get("same_tokens")],
+            ]
+        )
+    sh, m = sec["model"]["shape"], sec["model"]
+    notes = [
+        f"a synthetic Qwen3-MoE ({_mb(m['bytes'])}, {_mb(m['expert_bytes'])} of routed experts: {sh['n_layer']} "
+        f"layers of {sh['n_expert']} experts, {sh['n_expert_used']} used a token; ember.bench.synth_moe) "
+        + (f"under a budget of {_mb(sec['budget'])}" if sec["budget"] else "with a quarter of its experts in a cache")
+        + f" at {sec['threads']} thread(s); {sec['prompt']} random token ids fed as a "
+        f"prompt, then {sec['decode']} fed one at a time (a decode's work each; greedy output of random weights "
+        "repeats one token), the model files' page cache dropped first",
+        "hit rate: chosen experts found in a slot (kept, or read ahead on a guess); precision / recall: guessed "
+        "experts that were chosen / chosen experts that were guessed; same tokens: each step's argmax equals "
+        "the resident run's",
+        "disk roofline: the disk's sequential rate (measured right before and after the run) over the bytes "
+        "the run read a token",
+        "llama.cpp: weight repacking off, mmap, in a memory cgroup of the budget's size (page cache charged), "
+        "stopped after half the slow-run limit",
+    ]
+    if sec["cgroup"] != "available":
+        notes.append(f"no cgroup run: {sec['cgroup']}")
+    return _table("moe-budget", "Mixture-of-experts decode under a memory budget", header, rows, notes)
 
 
 def _md_table(t: dict) -> list[str]:

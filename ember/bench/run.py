@@ -8,6 +8,8 @@ in the same run), as scenarios (ember.bench.runners):
   offload       decode under memory budgets, against plain mmap and llama.cpp under a memory cgroup
   speculative   prompt lookup and a draft model against plain decoding, the same tokens required
   moe           a synthetic Qwen3-MoE's prompt and decode speed
+  moe-budget    that model under a budget of a quarter of its experts: the expert cache with and
+                without prediction, against the disk's roofline and llama.cpp under a memory cgroup
   devices       decode tokens/s against context on the CPU and each OpenCL device, the device's time by kind
 
 Every measurement runs in a fresh process (ember.bench.workers). Engines alternate run by run so

@@ -14,6 +14,10 @@ speculative   plain decoding against prompt lookup and a draft model (in turns, 
               prompt-lookup decoding
 moe           a prompt and decode of a synthetic Qwen3-MoE (`synth_moe`: Qwen3-30B-A3B's layer
               shape, 12 layers, ~5 GB; --quick: a tiny one) per engine and thread count
+moe-budget    decode of that model under a budget of MOE_BUDGET_SHARE of its routed experts'
+              bytes, the page cache dropped first: the expert cache with and without read-ahead
+              on guesses, against the resident run's argmax, the disk's roofline for the bytes
+              read, and llama.cpp under a memory cgroup of the same size
 devices       decode tokens/s after prompts of DEVICE_CONTEXTS tokens on each device here (the CPU,
               every OpenCL device), with the OpenCL device's own time per token by kind
 """
@@ -35,11 +39,15 @@ from .scenarios import (
     DEVICE_CONTEXTS,
     DEVICE_DECODE,
     DRAFTS,
+    MOE_BUDGET_SHARE,
+    MOE_DECODE,
+    MOE_PROMPT,
     OFFLOAD_DECODE,
     QUICK_CONTEXT_DECODE,
     QUICK_CONTEXTS,
     QUICK_DEVICE_CONTEXTS,
     QUICK_DEVICE_DECODE,
+    QUICK_MOE_DECODE,
     QUICK_OFFLOAD_DECODE,
     QUICK_SPEC_DECODE,
     SPEC_DECODE,
@@ -178,12 +186,16 @@ def _drop_model_pages(b) -> None:
     reads then come from the disk, and under a memory cgroup the pages it faults in are charged
     to that cgroup (a page stays charged to whoever first read it, so pages left cached by an
     earlier run would not count against the limit)."""
+    _drop_pages(b.model_path)
+
+
+def _drop_pages(model) -> None:
     from ember import hub
     from ember.home import uncache
     from ember.lut_kernels import pack_cache
 
-    uncache(b.model_path)
-    uncache(pack_cache.cache_path(hub.resolve(b.model_path)))
+    uncache(model)
+    uncache(pack_cache.cache_path(hub.resolve(model)))
 
 
 DISK_PROBE = 512 << 20  # bytes read to measure the disk right before and after a budgeted run
@@ -367,6 +379,76 @@ def moe_steps(b) -> int:
     return _speed_steps(b, len(MOE_TESTS))
 
 
+MOE_VARIANTS = (  # (name, read ahead on guesses, eviction)
+    ("cache, prediction", True, "score"),
+    ("cache, no prediction", False, "score"),
+    ("cache (lru), prediction", True, "lru"),
+)
+
+
+def _routed_expert_bytes(path: Path) -> int:
+    from ember.formats.gguf import GGUFFile
+
+    g = GGUFFile(path)
+    return sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
+
+
+def moe_budget(b) -> dict:
+    path, shape = _synthetic_moe(b)
+    n, t = (QUICK_MOE_DECODE if b.quick else MOE_DECODE), b.threads[-1]
+    experts = _routed_expert_bytes(path)
+    budget = None if b.quick else int(experts * MOE_BUDGET_SHARE)
+    no_cgroup = cgroup.unavailable()
+    out: dict = {
+        "threads": t,
+        "prompt": MOE_PROMPT,
+        "decode": n,
+        "model": {"file": path.name, "bytes": path.stat().st_size, "shape": shape, "expert_bytes": experts},
+        "budget": budget,
+        "cgroup": no_cgroup or "available",
+        "disk_bytes_per_s": disk_bandwidth(str(path)),
+        "runs": [],
+    }
+    b.note(f"disk sequential read: {out['disk_bytes_per_s'] / 1e9:.2f} GB/s")
+    args = dict(model=str(path), threads=t, tokens=n, prompt=MOE_PROMPT)
+    ref = b.worker("moe_budget", "ember resident", budget=None, **args)
+    out["runs"].append(dict(ref, engine="ember", variant="resident", same_tokens=True))
+    b.note(f"ember resident: {ref['tokens_per_s']:.2f} tok/s")
+    how = {"expert_share": MOE_BUDGET_SHARE} if b.quick else {"budget": budget}
+    for name, predict, policy in MOE_VARIANTS:
+        before = disk_bandwidth(str(path), DISK_PROBE)
+        _drop_pages(path)
+        r = b.worker("moe_budget", f"ember {name}", predict=predict, policy=policy, **args, **how)
+        disk = (before + disk_bandwidth(str(path), DISK_PROBE)) / 2
+        out["runs"].append(
+            dict(r, engine="ember", variant=name, same_tokens=r["argmax"] == ref["argmax"], disk_bytes_per_s=disk)
+        )
+        out["budget"] = r["budget"]
+        b.note(f"ember {name}: {r['tokens_per_s']:.2f} tok/s, same tokens {r['argmax'] == ref['argmax']}")
+    for engine in b.engines[1:]:
+        if no_cgroup or out["budget"] is None:  # --quick: a cache of a share of the experts, no budget
+            b.step()
+            continue
+        what = f"{engine} mmap under a {out['budget'] / 1e6:.0f} MB cgroup"
+        _drop_pages(path)
+        try:
+            r = b.worker(
+                "llama_replay", what, memory_limit=out["budget"], timeout=SLOW_RUN_S, max_s=SLOW_RUN_S / 2, **args
+            )
+            b.note(f"{what}: {r['tokens_per_s']:.2f} tok/s ({r['decoded']} tokens)")
+        except BenchError as e:
+            r = {"error": str(e)}
+            b.note(f"{what}: {e}")
+        out["runs"].append(dict(r, engine=engine, variant="mmap, cgroup"))
+    if no_cgroup and len(b.engines) > 1:
+        b.warn(f"moe-budget: llama.cpp under a memory limit not measured: {no_cgroup}")
+    return out
+
+
+def moe_budget_steps(b) -> int:
+    return 1 + len(MOE_VARIANTS) + len(b.engines) - 1
+
+
 def _device_contexts(b) -> list[int]:
     """DEVICE_CONTEXTS (--quick: QUICK_DEVICE_CONTEXTS), the longest cut to what the model's
     context holds with the decodes."""
@@ -411,6 +493,7 @@ RUNNERS: dict[str, tuple[Callable, Callable]] = {
     "long-context": (long_context, long_context_steps),
     "offload": (offload, offload_steps),
     "moe": (moe, moe_steps),
+    "moe-budget": (moe_budget, moe_budget_steps),
     "speculative": (speculative, speculative_steps),
     "devices": (devices, devices_steps),
 }

@@ -1,7 +1,8 @@
 """The benchmark's scenarios and tests: their names, their sizes (full and --quick), and the
 prompts they feed.
 
-Scenarios (`--scenario`): dense, ttft, memory, long-context, offload, moe, speculative, devices
+Scenarios (`--scenario`): dense, ttft, memory, long-context, offload, moe, moe-budget, speculative,
+devices
 (`SCENARIOS`; what each measures is in ember.bench.runners).
 
 Tests (`--tests`, the dense scenario's, and the workers' unit of work):
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ..errors import EmberError
 
-SCENARIOS = ("dense", "ttft", "memory", "long-context", "offload", "moe", "speculative", "devices")
+SCENARIOS = ("dense", "ttft", "memory", "long-context", "offload", "moe", "moe-budget", "speculative", "devices")
 TESTS = ("pp128", "pp512", "tg128", "k8")
 QUICK_TESTS = ("pp128", "tg32")
 CONTEXTS, QUICK_CONTEXTS = (128, 512, 2048, 4096), (128, 1024)  # long-context: prompt lengths
@@ -31,6 +32,8 @@ DEVICE_DECODE, QUICK_DEVICE_DECODE = 16, 4  # devices: decodes after each prompt
 BUDGETS = (1.0, 0.6, 0.3, 0.15)  # offload: fractions of the weight bytes (--quick: one, see runners)
 OFFLOAD_DECODE, QUICK_OFFLOAD_DECODE = 24, 12
 SPEC_DECODE, QUICK_SPEC_DECODE = 128, 32  # speculative: greedy tokens per run
+MOE_PROMPT, MOE_DECODE, QUICK_MOE_DECODE = 32, 48, 12  # moe-budget: tokens fed as a prompt, then one by one
+MOE_BUDGET_SHARE = 0.25  # moe-budget: the budget, of the routed experts' bytes (--quick: of the slots)
 DRAFTS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # catalog target -> its catalog draft model
 PROMPT_TG = 16
 K_CONTEXT, K_REPS = 64, 11
@@ -41,6 +44,15 @@ _TEST = re.compile(r"(pp|tg|k)([0-9]+)(?:@([0-9]+))?")
 
 class BenchError(EmberError):
     """A benchmark that cannot run as asked: a bad option, a missing peer, a failed worker."""
+
+
+def replay_ids(n: int, n_vocab: int, seed: int = 0) -> list[int]:
+    """n token ids drawn at random (seeded), the same for both engines: a synthetic model's text
+    means nothing and its greedy output repeats one token (one routing, every token), so its
+    decode is timed on these ids fed one at a time, each step a decode's work."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(min(1000, n_vocab // 2), min(n_vocab, 100_000), n).tolist()
 
 
 def parse_test(name: str) -> tuple[str, int]:

@@ -6,6 +6,8 @@ starts each in a fresh process, with its arguments as one JSON object:
     python -m ember.bench.workers ember '{"model": PATH, "test": "tg16@2048", "threads": 2, "device": "opencl"}'
     python -m ember.bench.workers bandwidth '{"threads": 2}'
     python -m ember.bench.workers offload '{"model": PATH, "budget": 600000000, "threads": 2, "tokens": 24}'
+    python -m ember.bench.workers moe_budget '{"model": PATH, "budget": 1200000000, "threads": 2, "tokens": 48,
+                                               "prompt": 32, "predict": true}'
     python -m ember.bench.workers speculative '{"model": PATH, "draft": "lookup", "threads": 2, "tokens": 128}'
     python -m ember.bench.workers llama_speculative '{"model": PATH, "lookup": true, "threads": 2, "tokens": 128}'
 
@@ -20,7 +22,7 @@ import statistics
 import sys
 import time
 
-from .scenarios import K_CONTEXT, K_REPS, parse_test, prompt_ids, rewrite_prompt, test_context
+from .scenarios import K_CONTEXT, K_REPS, parse_test, prompt_ids, replay_ids, rewrite_prompt, test_context
 
 
 def _peak_rss() -> int:
@@ -98,9 +100,8 @@ def worker_ember(model: str, test: str, threads: int, device: str = "cpu") -> di
     }
 
 
-def worker_llama(model: str, test: str, threads: int, repack: bool = True) -> dict:
-    """llama-cpp-python on a test; repack=False keeps its weights in the file's mapping (no
-    repacked copies in anonymous memory: what lets it run under a memory limit below the file)."""
+def _llama(model: str, n_ctx: int, threads: int, repack: bool = True):
+    """A llama_cpp.Llama of `model`; repack=False: its weights stay in the file's mapping."""
     import llama_cpp
 
     import ember
@@ -116,17 +117,22 @@ def worker_llama(model: str, test: str, threads: int, repack: bool = True) -> di
             return p
 
         low.llama_model_default_params = no_repack  # what Llama() builds its params from
-    kind, n = parse_test(test)
-    path = str(ember.hub.resolve(model))
-    llm = llama_cpp.Llama(
-        model_path=path,
-        n_ctx=_n_ctx(test) or 2048,
+    return llama_cpp.Llama(
+        model_path=str(ember.hub.resolve(model)),
+        n_ctx=n_ctx,
         n_batch=512,
         n_ubatch=512,
         n_threads=threads,
         n_threads_batch=threads,
         verbose=False,
     )
+
+
+def worker_llama(model: str, test: str, threads: int, repack: bool = True) -> dict:
+    """llama-cpp-python on a test; repack=False keeps its weights in the file's mapping (no
+    repacked copies in anonymous memory: what lets it run under a memory limit below the file)."""
+    kind, n = parse_test(test)
+    llm = _llama(model, _n_ctx(test) or 2048, threads, repack)
     tok = lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)  # noqa: E731
     if kind == "k":
         ids = prompt_ids(K_CONTEXT + n, tok)
@@ -210,8 +216,10 @@ def worker_bandwidth(threads: int) -> dict:
 
 
 class _MemorySampler:
-    """Peak memory of this process as an offload budget counts it, sampled every 50 ms on a
-    thread: resident memory without the model files' mapped pages, plus those files' pages in
+    """Peak memory of this process as an offload budget counts it, sampled on a thread every
+    50 ms, or 20 times the time a sample takes if longer (it holds the GIL in part, which the
+    per-layer calls of a model under a budget wait for: sampling back to back halved an MoE's
+    decode): resident memory without the model files' mapped pages, plus those files' pages in
     the page cache (whoever maps them)."""
 
     def __init__(self, files):
@@ -228,8 +236,9 @@ class _MemorySampler:
 
     def _run(self):
         while not self._stop.is_set():
+            t = time.perf_counter()
             self.peak = max(self.peak, self.now())
-            self._stop.wait(0.05)
+            self._stop.wait(max(0.05, 20 * (time.perf_counter() - t)))
 
     def __enter__(self):
         self._thread.start()
@@ -363,6 +372,94 @@ def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int
     return {"tokens_per_s": (done - 2) / dt if done > 2 else float("nan"), "peak_rss_bytes": _peak_rss()}
 
 
+def worker_moe_budget(
+    model: str,
+    budget: int | None,
+    threads: int,
+    tokens: int,
+    prompt: int,
+    predict: bool = True,
+    policy: str = "score",
+    expert_share: float | None = None,
+) -> dict:
+    """An MoE model's decode under memory_budget=budget (None: resident; with expert_share, no
+    budget but an expert cache of that share of the experts: a tiny model's experts all fit in
+    any budget its process fits in), the model files' page cache dropped first: `prompt` ids
+    fed at once, then `tokens` fed one at a time (`replay_ids`), each step's argmax (the
+    identity check), tok/s, the plan, the expert cache's and the guesses' figures over the
+    decode, and the memory peak from the load on."""
+    import os
+
+    import numpy as np
+
+    import ember
+    from ember.home import uncache
+    from ember.lut_kernels import pack_cache
+
+    files = [os.path.realpath(model)]
+    pack = pack_cache.cache_path(ember.hub.resolve(model))
+    if pack.exists():
+        files.append(os.path.realpath(pack))
+    cached = budget is not None or expert_share is not None
+    with _MemorySampler(files) as mem:  # from the load on: the budget is the whole run's
+        m = ember_load(model, threads, budget)
+        m.prepare()
+        tr, plan = m.transformer, m.plan
+        if expert_share is not None:
+            c = m.config
+            m.device.cache_experts(
+                tr, max(c.n_expert_used, int(expert_share * c.n_layer * c.n_expert)), predict, policy
+            )
+        elif plan is not None and m.device.streamed(tr) is not None and (not predict or policy != "score"):
+            m.device.set_budget(tr, m.memory_budget, m.n_ctx, predict=predict, policy=policy)
+        sm = m.device.streamed(tr)
+        ids = replay_ids(prompt + tokens, m.config.n_vocab)
+        warm = replay_ids(16, m.config.n_vocab, seed=1) if cached else ids  # a resident run's pages in
+        s = m.session()
+        for t in warm:
+            s.feed([t])
+        if cached:
+            for f in files:
+                uncache(f)
+        s = m.session()
+        s.feed(ids[:prompt])
+        before = sm.stats_dict() if sm is not None else {}
+        top, t0 = [], time.perf_counter()
+        for t in ids[prompt:]:
+            top.append(int(np.argmax(s.feed([t]))))
+        dt = time.perf_counter() - t0
+        after = sm.stats_dict() if sm is not None else {}
+    return {
+        "budget": budget,
+        "tokens_per_s": tokens / dt,
+        "decode_s": dt,
+        "argmax": top,
+        "plan": sm.plan.describe() if sm is not None else "resident",
+        "slots": sm.plan.slots if sm is not None else None,
+        "expert_slot_bytes": sm.plan.expert_bytes if sm is not None else None,
+        "cache": {k: after[k] - before[k] for k in after},
+        "memory_peak_bytes": mem.peak,
+        "peak_rss_bytes": _peak_rss(),
+    }
+
+
+def worker_llama_replay(model: str, threads: int, tokens: int, prompt: int, max_s: float) -> dict:
+    """llama.cpp (repacking off) fed the same ids as `worker_moe_budget`: `prompt` at once, then
+    one at a time until `tokens` or `max_s` seconds (a run that thrashes under a memory limit
+    reports the tokens it got through)."""
+    llm = _llama(model, 512, threads, repack=False)
+    ids = replay_ids(prompt + tokens, llm.n_vocab())
+    llm.eval(ids[:prompt])
+    done, t0 = 0, time.perf_counter()
+    for t in ids[prompt:]:
+        llm.eval([t])
+        done += 1
+        if time.perf_counter() - t0 > max_s:
+            break
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": done / dt, "decoded": done, "decode_s": dt, "peak_rss_bytes": _peak_rss()}
+
+
 WORKERS = {
     "ember": lambda a: worker_ember(a["model"], a["test"], a["threads"], a.get("device", "cpu")),
     "llama": lambda a: worker_llama(a["model"], a["test"], a["threads"], a.get("repack", True)),
@@ -371,6 +468,17 @@ WORKERS = {
     "speculative": lambda a: worker_speculative(
         a["model"], a.get("draft"), a["threads"], a["tokens"], a.get("k"), a.get("schedule", "auto"), a["request"]
     ),
+    "moe_budget": lambda a: worker_moe_budget(
+        a["model"],
+        a.get("budget"),
+        a["threads"],
+        a["tokens"],
+        a["prompt"],
+        a.get("predict", True),
+        a.get("policy", "score"),
+        a.get("expert_share"),
+    ),  # fmt: skip
+    "llama_replay": lambda a: worker_llama_replay(a["model"], a["threads"], a["tokens"], a["prompt"], a["max_s"]),
     "llama_speculative": lambda a: worker_llama_speculative(
         a["model"], a["lookup"], a["threads"], a["tokens"], a["request"]
     ),
