@@ -233,6 +233,19 @@ def test_run_under_a_memory_budget_gives_the_same_reply(smol):
     assert re.search(r"\d+ of 30 layers in memory, \d+ streamed from disk", res.err), res.err
 
 
+def test_run_an_moe_model_under_a_memory_budget(tmp_path):
+    """A budget the experts fit in: the resident reply; below one token's experts: one line."""
+    import tiny_gguf as tg
+
+    path = str(tg.write_family(tmp_path / "moe.gguf", "qwen3moe", qtype="Q8_0", n_ctx=128, n_expert=8))
+    args = ("run", path, "hello there", "--raw", "--temp", "0", "-n", "8", "-c", "128")
+    free = ember(*args)
+    res = ember(*args, "--memory-budget", "100GB")
+    assert res.code == 0 and res.out == free.out and "all 16 experts fit" in res.err, res
+    res = ember(*args, "--memory-budget", "1MB")
+    assert res.code == 2 and "the 2 experts a token uses" in res.err and res.err.count("\n") == 1, res
+
+
 def test_run_on_the_opencl_device(smol):
     """The whole model on PoCL's OpenCL device: the CPU's greedy reply (its first tokens, before
     any close call), the device named in the stats and by `info --devices`; a missing device is

@@ -303,3 +303,11 @@ def test_only_moe_layers_split_at_their_routing(tmp_path):
         pytest.skip("no fused step on this host")
     with pytest.raises(ValueError, match="MoE"):
         dec.step_rows([1], m.transformer.new_cache(8), route_last=True)
+
+
+def test_experts_read_in_place_from_the_model_file_are_not_cached_yet(tmp_path):
+    from ember.errors import UnsupportedError
+
+    path = tg.write_family(tmp_path / "f16.gguf", "qwen3moe", qtype="F16", n_ctx=128, n_expert=8)
+    with pytest.raises(UnsupportedError, match="read in place"):
+        ember.load(path, memory_budget="250MB", n_ctx=128).prepare()

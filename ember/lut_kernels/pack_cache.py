@@ -242,8 +242,10 @@ def records(model_path: Path) -> tuple[Path, dict]:
     """Where each packed matrix of a model lies in its (validated, see `load`) cache file: the
     file, and {matrix name: (class tag, {array name: (dtype, shape, file offset, nbytes)})}, for
     a reader that fetches some matrices itself (a layer streamer); `build` makes the packed
-    object from the arrays it read."""
+    object from the arrays it read. No file (no matrix of the model is packed): no records."""
     path = cache_path(model_path)
+    if not path.exists():
+        return path, {}
     with open(path, "rb") as f:
         head = f.read(len(MAGIC) + 8)
         if head[: len(MAGIC)] != MAGIC:

@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from ...errors import UnsupportedError
 from ...home import uncache
 from ...lut_kernels import fused, pack_cache
 from ...offload import experts as xc
@@ -30,22 +31,25 @@ from .step import _EXPERTS, M_GATE, MAX_ROWS, V_FFN_NORM, V_ROUTER, FusedDecoder
 from .streaming import WORK_MARGIN, _drop_pages
 
 
-def _ranges(dec: FusedDecoder) -> tuple[dict, dict]:
-    """{(layer, expert): [(file offset, nbytes), ...]} of the routed experts' arrays in the pack
-    cache, and {(layer, expert): [(matrix name, class tag, {array: (dtype, shape)}), ...]}."""
+def _ranges(dec: FusedDecoder) -> tuple[object, dict, dict]:
+    """The pack cache file, {(layer, expert): [(file offset, nbytes), ...]} of the routed
+    experts' arrays in it, and {(layer, expert): [(matrix name, class tag, {array: (dtype,
+    shape)}), ...]}; UnsupportedError for experts of a type read in place from the model file."""
     c = dec.model.cfg
-    _, recs = pack_cache.records(dec.model.store.gguf.path)
+    path, recs = pack_cache.records(dec.model.store.gguf.path)
     ranges, specs = {}, {}
     for il in range(c.n_layer):
         for e in range(c.n_expert):
             rs, sp = [], []
             for part in _EXPERTS:
                 name = f"blk.{il}.{part}.weight"
+                if cache_name(name, e) not in recs:
+                    raise UnsupportedError(f"memory_budget: {name} is read in place from the file; not cached yet")
                 tag, arrays = recs[cache_name(name, e)]
                 rs += [(off, nb) for (_, _, off, nb) in arrays.values()]
                 sp.append((name, tag, {an: (dt, shape) for an, (dt, shape, _, _) in arrays.items()}))
             ranges[il, e], specs[il, e] = rs, sp
-    return ranges, specs
+    return path, ranges, specs
 
 
 def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> xc.ExpertPlan:
@@ -53,7 +57,7 @@ def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> xc.ExpertPlan:
     process's own share as `streaming.plan_for` counts it)."""
     model = dec.model
     c, st = model.cfg, model.store
-    ranges, _ = _ranges(dec)
+    _, ranges, _ = _ranges(dec)
     expert_bytes = max(xc.layout(rs)[2] for rs in ranges.values())
     routed = sum(st.matrix(f"blk.{il}.{p}.weight", e).nbytes for (il, e) in ranges for p in _EXPERTS)
     weights = sum(m.nbytes for m in dec._mats)  # every layer's matrices and the output matrix
@@ -74,7 +78,7 @@ def minimal_plan(dec: FusedDecoder) -> xc.ExpertPlan:
     """The fewest slots, one row at a time: how a budgeted model's first token runs (loading
     the machine code) before its plan is made."""
     c = dec.model.cfg
-    ranges, _ = _ranges(dec)
+    _, ranges, _ = _ranges(dec)
     expert_bytes = max(xc.layout(rs)[2] for rs in ranges.values())
     return xc.ExpertPlan(0, Needs(0, 0, 0, 0), expert_bytes, c.n_layer, c.n_expert, c.n_expert_used, c.n_expert_used, 1)
 
@@ -88,8 +92,7 @@ class ExpertModel:
         model = self.model = dec.model
         c = model.cfg
         self.dec, self.plan = dec, plan
-        path, _ = pack_cache.records(model.store.gguf.path)
-        ranges, self.specs = _ranges(dec)
+        path, ranges, self.specs = _ranges(dec)
         self.cache = xc.ExpertCache(path, ranges, plan.slots, c.n_layer, c.n_expert, policy)
         self.live = dec.desc.copy()
         self._bound: dict[tuple[int, int], int] = {}  # (layer, expert) -> the slot its live rows point into
