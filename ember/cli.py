@@ -277,10 +277,24 @@ def cmd_chat(args) -> int:
 
 
 def _stats_line(st: dict) -> str:
+    """--stats' line; under a memory budget also what was read from disk and the wait for it."""
+    budget = ""
+    if st.get("stream_bytes"):
+        budget = f"streamed {st['stream_bytes'] / 1e6:.0f} MB, waited {st['stream_stall_s']:.1f} s; "
+    used = st.get("expert_hits", 0) + st.get("expert_misses", 0)
+    if used:
+        budget = (
+            f"experts {st['expert_hits'] / used:.0%} in memory, {st['expert_bytes'] / 1e6:.0f} MB read, "
+            f"waited {st['expert_stall_s']:.1f} s"
+        )
+        if st.get("predict_guessed"):
+            guessed, chosen, right = st["predict_guessed"], st["predict_chosen"], st["predict_right"]
+            budget += f", guesses {right / guessed:.0%} right, {right / max(chosen, 1):.0%} of choices"
+        budget += "; "
     return (
         f"[{st['prompt_tokens']} prompt tokens, {st['prefill_tokens_per_s']:.1f} tok/s; "
         f"{st['tokens_generated']} generated, {st['decode_tokens_per_s']:.1f} tok/s; "
-        f"first token {st['ttft_s']:.2f} s; peak RSS {st['peak_rss_bytes'] / 1e6:.0f} MB; "
+        f"first token {st['ttft_s']:.2f} s; peak RSS {st['peak_rss_bytes'] / 1e6:.0f} MB; {budget}"
         f"seed {st['seed']}]"
     )
 

@@ -202,3 +202,16 @@ def test_perplexity_command(capsys, tmp_path):
     assert math.isclose(res["perplexity"], ember.load(model).perplexity(text.read_text()), rel_tol=1e-6)
     code, _, err = run_cli(capsys, "perplexity", str(model), str(tmp_path / "missing.txt"))
     assert code == 2 and "cannot read" in err
+
+
+def test_stats_line_says_what_a_budget_read():
+    from ember.cli import _stats_line
+
+    base = dict(prompt_tokens=5, prefill_tokens_per_s=10.0, tokens_generated=3, decode_tokens_per_s=2.0, ttft_s=0.5)
+    base |= dict(peak_rss_bytes=900e6, seed=7)
+    assert "streamed" not in _stats_line(base) and "experts" not in _stats_line(base)
+    line = _stats_line(base | dict(stream_bytes=2e9, stream_stall_s=1.25))
+    assert "streamed 2000 MB, waited 1.2 s" in line
+    moe = dict(expert_hits=30, expert_misses=10, expert_bytes=3e8, expert_stall_s=0.5)
+    line = _stats_line(base | moe | dict(predict_guessed=40, predict_chosen=32, predict_right=28))
+    assert "experts 75% in memory, 300 MB read, waited 0.5 s, guesses 70% right, 88% of choices" in line
