@@ -23,12 +23,11 @@ from ...errors import UnsupportedError
 from ...home import uncache
 from ...lut_kernels import fused, pack_cache
 from ...offload import experts as xc
-from ...offload.memory import process_bytes
-from ...offload.plan import WORK_SHARE, Needs
+from ...offload.plan import Needs
 from ...offload.predict import Predictor
 from .placement import cache_name
 from .step import _EXPERTS, M_GATE, MAX_ROWS, V_FFN_NORM, V_ROUTER, FusedDecoder
-from .streaming import WORK_MARGIN, _drop_pages
+from .streaming import _drop_pages, needs_of
 
 
 def _ranges(dec: FusedDecoder) -> tuple[object, dict, dict]:
@@ -55,22 +54,12 @@ def _ranges(dec: FusedDecoder) -> tuple[object, dict, dict]:
 def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> xc.ExpertPlan:
     """The expert plan of `dec.model` under `budget` bytes at a context of `n_ctx` tokens (the
     process's own share as `streaming.plan_for` counts it)."""
-    model = dec.model
-    c, st = model.cfg, model.store
+    c, st = dec.model.cfg, dec.model.store
     _, ranges, _ = _ranges(dec)
     expert_bytes = max(xc.layout(rs)[2] for rs in ranges.values())
     routed = sum(st.matrix(f"blk.{il}.{p}.weight", e).nbytes for (il, e) in ranges for p in _EXPERTS)
     weights = sum(m.nbytes for m in dec._mats)  # every layer's matrices and the output matrix
-    needs = Needs(
-        process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]) + st.gguf.data_offset,
-        fixed=weights - routed + dec.vecs.nbytes,
-        kv_cache=c.kv_cache_bytes(n_ctx, model.kv_type),
-        work=sum(b.nbytes for b in dec.bufs)
-        + dec.parts_bytes(n_ctx)
-        + MAX_ROWS * dec.logits_width * 4
-        + WORK_MARGIN
-        + int(budget * WORK_SHARE),
-    )
+    needs = needs_of(dec, budget, n_ctx, fixed=weights - routed)
     return xc.plan(budget, needs, expert_bytes, c.n_layer, c.n_expert, c.n_expert_used, MAX_ROWS, n_ctx)
 
 

@@ -147,17 +147,23 @@ def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     """The plan of `dec.model` under `budget` bytes at a context of `n_ctx` tokens; the process's
     own share is its anonymous memory now (the pack cache's pages are counted as weights) and
     the model file's header (metadata, the vocabulary: read in place)."""
+    needs = needs_of(dec, budget, n_ctx, fixed=dec.model.store.matrix(dec.model.output_name).nbytes)
+    return make_plan(budget, layer_bytes(dec), needs, n_ctx)
+
+
+def needs_of(dec: FusedDecoder, budget: int, n_ctx: int, fixed: int) -> Needs:
+    """What `budget` must hold besides the streamed weights: the process (its anonymous memory
+    now and the model file's header), `fixed` bytes of resident weights and the vectors, the KV
+    cache at `n_ctx`, the step's buffers and a margin."""
     model = dec.model
-    c, st = model.cfg, model.store
-    sizes = layer_bytes(dec)
-    needs = Needs(
+    st = model.store
+    return Needs(
         process=process_bytes([st.gguf.path, pack_cache.cache_path(st.gguf.path)]) + st.gguf.data_offset,
-        fixed=st.matrix(model.output_name).nbytes + dec.vecs.nbytes,
-        kv_cache=c.kv_cache_bytes(n_ctx, model.kv_type),
+        fixed=fixed + dec.vecs.nbytes,
+        kv_cache=model.cfg.kv_cache_bytes(n_ctx, model.kv_type),
         work=sum(b.nbytes for b in dec.bufs)
         + dec.parts_bytes(n_ctx)
         + MAX_ROWS * dec.logits_width * 4
         + WORK_MARGIN
         + int(budget * WORK_SHARE),
     )
-    return make_plan(budget, sizes, needs, n_ctx)
