@@ -205,10 +205,23 @@ def test_prefetch_reads_ahead_and_drops_wrong_guesses(tmp_path, monkeypatch):
         c.prefetch(1, [1, 2, 3])
         c.ensure(1, [1, 3])  # the guess 2 was wrong: dropped if not read yet, never used
         assert _holds(c, data, (1, 1), ranges) and _holds(c, data, (1, 3), ranges)
-        assert c.stats.prefetched == 3 and c.stats.prefetch_used == 2 and c.stats.misses == 1
+        assert c.stats.prefetched == 3 and c.stats.prefetch_used == 2 and c.stats.hits + c.stats.misses == 3
         assert c.stats.bytes_read in (3 * 10_240, 4 * 10_240)
         c.ensure(1, [2])  # read now if the guess was dropped, a hit if it had been read
         assert _holds(c, data, (1, 2), ranges)
+    finally:
+        c.close()
+
+
+def test_a_guess_not_started_is_read_when_chosen_as_a_miss(tmp_path, monkeypatch):
+    monkeypatch.setattr(xc, "READERS", 0)  # no reader: guesses stay queued
+    f, data, ranges, c = _file_cache(tmp_path, slots=4)
+    try:
+        c.prefetch(1, [1, 2])
+        c.ensure(1, [1])
+        assert (c.stats.hits, c.stats.misses, c.stats.prefetch_used) == (0, 1, 1)
+        assert _holds(c, data, (1, 1), ranges) and c.where((1, 2)) is None  # the wrong guess: never read
+        assert c.stats.bytes_read == 10_240
     finally:
         c.close()
 

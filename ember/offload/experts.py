@@ -113,8 +113,8 @@ def layout(ranges) -> tuple[list, list, int]:
 
 @dataclass
 class CacheStats:
-    hits: int = 0  # chosen experts found in a slot (read ahead or kept)
-    misses: int = 0  # read when chosen
+    hits: int = 0  # chosen experts found in a slot, kept or read (or being read) ahead
+    misses: int = 0  # read when chosen (a guessed one whose read had not started too)
     prefetched: int = 0  # reads started on a prediction
     prefetch_used: int = 0  # of those, chosen before they were evicted or dropped
     bytes_read: int = 0
@@ -223,16 +223,18 @@ class ExpertCache:
                     mine.append(s)
                 else:
                     slot = self.slots[s]
-                    self.stats.hits += 1
                     if slot.prefetched:
                         self.stats.prefetch_used += 1
                         slot.prefetched = False
-                    if slot.state == QUEUED:  # not started: read it now rather than wait behind others
-                        self._queue.remove(s)
+                    if slot.state == QUEUED:  # guessed, not started: read it now rather than wait behind
+                        self._queue.remove(s)  # others; a miss all the same
                         slot.state = LOADING
                         mine.append(s)
-                    elif slot.state == LOADING:
-                        wait.append(s)
+                        self.stats.misses += 1
+                    else:
+                        self.stats.hits += 1
+                        if slot.state == LOADING:
+                            wait.append(s)
                 self.slots[s].used = self._tick
                 self._pinned.add(s)
             for s in list(self._queue):  # predicted for this layer, not chosen: never read
