@@ -2,8 +2,8 @@
 of slots, shared by all layers, hold experts read from the pack cache file; the rest stay on
 disk. An expert is read, when a token chooses it and it is not in a slot (a miss), in one
 sequential read of its packed bytes (its matrices lie together in the file) into the slot of
-the expert evicted for it; when a prediction names it (`prefetch`), the same read runs ahead on
-a background thread while the compute goes on.
+the expert evicted for it, by the compute's thread and the background readers together; when a
+prediction names it (`prefetch`), the same read runs ahead on a reader while the compute goes on.
 
 Eviction takes, of the slots that are neither in use by the call under way nor being read:
 `lru`, the expert used longest ago; `score` (HybriMoE's), the lowest running score of routing
@@ -12,7 +12,7 @@ chosen: popular experts stay, whatever the order they come round in).
 
 The plan (`plan`) gives the slots what the budget leaves after everything that must stay
 resident: the process, every weight but the routed experts, the KV cache and activations, and
-the page cache of two reads in flight.
+the page cache of the reads in flight.
 """
 
 from __future__ import annotations
@@ -200,64 +200,65 @@ class ExpertCache:
         np.add.at(self.score[layer], np.asarray(experts).reshape(-1), np.asarray(weights, np.float64).reshape(-1))
 
     def ensure(self, layer: int, experts) -> None:
-        """Have every expert of `layer` in `experts` in a slot, reading the missing ones here (a
-        prediction that named one but has not started reading it gives it up to this read);
-        they stay until the next call. Drops the prefetches of `layer` not chosen."""
+        """Have every expert of `layer` in `experts` in a slot; they stay until the next call.
+        The missing ones (and the guessed ones whose reads have not started) go to the front of
+        the readers' queue, and this thread reads them too: several reads at once keep the disk
+        busier than one after another. Drops the guesses of `layer` that were not chosen."""
         need = sorted({int(e) for e in np.asarray(experts).reshape(-1)})
-        mine, wait = [], []
         t0 = time.perf_counter()
         with self._lock:
             self._tick += 1
-            self._pinned = set()
-            for e in need:
-                s = self._where.get((layer, e))
-                if s is None:
-                    continue
-                self._pinned.add(s)
+            self._pinned = {self._where[layer, e] for e in need if (layer, e) in self._where}
+            ours = []
             for e in need:
                 key = (layer, e)
                 s = self._where.get(key)
                 if s is None:
                     s = self._allocate(key, demand=True)
+                    self.slots[s].state = QUEUED
+                    self._queue.appendleft(s)
                     self.stats.misses += 1
-                    mine.append(s)
                 else:
                     slot = self.slots[s]
                     if slot.prefetched:
                         self.stats.prefetch_used += 1
                         slot.prefetched = False
-                    if slot.state == QUEUED:  # guessed, not started: read it now rather than wait behind
-                        self._queue.remove(s)  # others; a miss all the same
-                        slot.state = LOADING
-                        mine.append(s)
+                    if slot.state == QUEUED:  # guessed, not started: a miss all the same
+                        self._queue.remove(s)
+                        self._queue.appendleft(s)
                         self.stats.misses += 1
                     else:
                         self.stats.hits += 1
-                        if slot.state == LOADING:
-                            wait.append(s)
                 self.slots[s].used = self._tick
                 self._pinned.add(s)
-            for s in list(self._queue):  # predicted for this layer, not chosen: never read
-                if self.slots[s].key[0] == layer:
-                    self._queue.remove(s)
-                    self._free(s)
-        try:
-            for s in mine:
-                self._read(s)
-        finally:
-            with self._lock:
-                for s in mine:
-                    self.slots[s].state = READY if self.slots[s].error is None else FREE
-                self._lock.notify_all()
-                for s in wait:
-                    while self.slots[s].state == LOADING:
-                        self._lock.wait()
-                failed = [s for s in mine + wait if self.slots[s].error is not None]
-                err = self.slots[failed[0]].error if failed else None
-                for s in failed:
-                    self._free(s)
+                ours.append(s)
+            for s in [s for s in self._queue if s not in self._pinned and self.slots[s].key[0] == layer]:
+                self._queue.remove(s)  # guessed for this layer, not chosen: never read
+                self._free(s)
+            self._lock.notify_all()
+            while True:
+                s = next((s for s in self._queue if s in self._pinned), None)
+                if s is None:
+                    if all(self.slots[s].state not in (QUEUED, LOADING) for s in ours):
+                        break
+                    self._lock.wait()  # a reader has the last of them
+                    continue
+                self._queue.remove(s)
+                self.slots[s].state = LOADING
+                self._lock.release()
+                try:
+                    self._read(s)
+                finally:
+                    self._lock.acquire()
+                self._finish(s)
+            failed = [s for s in ours if self.slots[s].error is not None]
+            err = self.slots[failed[0]].error if failed else None
+            for s in failed:
+                self._free(s)
             self.stats.stall_s += time.perf_counter() - t0
         if err is not None:
+            if isinstance(err, KeyboardInterrupt):
+                raise err
             if isinstance(err, EmberError):
                 raise EmberError(str(err)) from None
             raise EmberError(f"reading experts from {self.file.path} failed: {err}") from err
@@ -340,14 +341,17 @@ class ExpertCache:
                 self.slots[s].state = LOADING
             self._read(s)
             with self._lock:
-                slot = self.slots[s]
-                if slot.error is not None and not slot.prefetched:  # chosen meanwhile: `ensure` raises
-                    slot.state = READY  # marks the read over; ensure frees it
-                elif slot.error is not None:
-                    self._free(s)
-                else:
-                    slot.state = READY
-                self._lock.notify_all()
+                self._finish(s)
+
+    def _finish(self, s: int) -> None:
+        """A read is over (lock held): the slot is ready, or its error waits for `ensure` to
+        raise it (a guess no call chose yet just gives its slot back)."""
+        slot = self.slots[s]
+        if slot.error is not None and slot.prefetched:
+            self._free(s)
+        else:
+            slot.state = READY
+        self._lock.notify_all()
 
     def close(self) -> None:
         with self._lock:
