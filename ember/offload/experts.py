@@ -30,8 +30,8 @@ from .stream import ALIGN, IN_FLIGHT, SPAN_SLACK, FileReader
 
 FREE, QUEUED, LOADING, READY = range(4)
 DECAY = 0.9  # of a layer's scores, at each of its routings
-READERS = 3  # background threads reading guessed experts: the disk reads more at once (a decode
-#   ran 1.1x faster with 3 than with 1 on a virtio disk, docs/moe.md)
+READERS = 3  # background threads reading guessed experts and a layer's misses: the disk reads more
+#   at once (docs/moe.md)
 READS = 1 + READERS  # reads in flight at once: the readers' and the compute's own
 
 
