@@ -16,6 +16,7 @@ chunk through a layer before the next layer. The output is bit for bit the resid
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 
@@ -29,11 +30,21 @@ from .placement import cache_name
 from .step import _EXPERTS, M_GATE, MAX_ROWS, V_FFN_NORM, V_ROUTER, FusedDecoder
 from .streaming import _drop_pages, needs_of
 
+_RANGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> `_ranges`
+
 
 def _ranges(dec: FusedDecoder) -> tuple[object, dict, dict]:
     """The pack cache file, {(layer, expert): [(file offset, nbytes), ...]} of the routed
     experts' arrays in it, and {(layer, expert): [(matrix name, class tag, {array: (dtype,
-    shape)}), ...]}; UnsupportedError for experts of a type read in place from the model file."""
+    shape)}), ...]}; UnsupportedError for experts of a type read in place from the model file.
+    Read once per decoder: a budgeted load plans and builds twice each, reading the pack index."""
+    got = _RANGES.get(dec)
+    if got is None:
+        got = _RANGES[dec] = _read_ranges(dec)
+    return got
+
+
+def _read_ranges(dec: FusedDecoder) -> tuple[object, dict, dict]:
     c = dec.model.cfg
     path, recs = pack_cache.records(dec.model.store.gguf.path)
     ranges, specs = {}, {}
