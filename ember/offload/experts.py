@@ -215,7 +215,6 @@ class ExpertCache:
                 s = self._where.get(key)
                 if s is None:
                     s = self._allocate(key, demand=True)
-                    self.slots[s].state = QUEUED
                     self._queue.appendleft(s)
                     self.stats.misses += 1
                 else:
@@ -275,7 +274,6 @@ class ExpertCache:
                 s = self._allocate(key, demand=False)
                 if s is None:
                     break
-                self.slots[s].state = QUEUED
                 self.slots[s].prefetched = True
                 self.stats.prefetched += 1
                 self._queue.append(s)
@@ -283,8 +281,9 @@ class ExpertCache:
 
     # ---- slots ---------------------------------------------------------------------------------
     def _allocate(self, key, demand: bool) -> int | None:
-        """A slot for `key` (lock held): a free one, else an evicted one; a demand waits for a
-        read under way to end when every other slot is pinned or being read."""
+        """A slot for `key` (lock held), QUEUED for a read the caller puts in the queue: a free
+        one, else an evicted one; a demand waits for a read under way to end when every other
+        slot is pinned or being read."""
         while True:
             best, rank = None, None
             for s, slot in enumerate(self.slots):
@@ -308,7 +307,7 @@ class ExpertCache:
             self._where.pop(slot.key, None)
             self.evicted.append(slot.key)
             self.stats.evictions += 1
-        slot.key, slot.state, slot.prefetched, slot.error = key, LOADING, False, None
+        slot.key, slot.state, slot.prefetched, slot.error = key, QUEUED, False, None
         self._where[key] = best
         return best
 
