@@ -40,7 +40,8 @@ from .tmac import lut_matvec
 
 _local = threading.local()
 SMALL_BATCH = 8  # up to this many rows of activations use the matvec kernel row by row
-TILE_BYTES = 4 << 20  # float32 bytes of weights dequantized per BLAS tile
+TILE_BYTES = 4 << 20  # float32 bytes of weights dequantized per BLAS tile, at most
+BLOCK = 64  # output columns: a tile is a multiple of this
 
 
 @dataclass
@@ -83,11 +84,9 @@ def matmul(x: np.ndarray, w, threads: int = 1) -> np.ndarray:
     between ember's own threads, so that dequantizing the tiles runs in parallel too and no
     second pool of spinning BLAS threads competes with numba's."""
     if isinstance(w, np.ndarray):
-        if threads == 1 or x.shape[0] < MIN_ROWS:
+        if x.shape[0] < MIN_ROWS:
             return x @ w.T
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        split(w.shape[0], threads, lambda a, b: np.matmul(x, w[a:b].T, out=out[:, a:b]))
-        return out
+        return _blocks(x, w.shape[0], w.shape[1], threads, lambda a, b: w[a:b])
     if isinstance(w.packed, PackedKQ):  # the weights read once per 16 rows
         return kq_matmul(np.ascontiguousarray(x, dtype=np.float32), w.packed, threads=threads)
     if w.packed is not None and x.shape[0] <= SMALL_BATCH:
@@ -147,19 +146,27 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int, 
     return QuantMatrix(name, raw, qtype, n_out, n_in, packed, lut_matvec)
 
 
+def _blocks(x: np.ndarray, n_out: int, n_in: int, threads: int, rows) -> np.ndarray:
+    """x @ rows(a, b).T on fixed blocks of output columns, the blocks shared out between the
+    threads. The blocks do not depend on the thread count: BLAS picks its kernels by a call's
+    shape, and on some CPUs (Zen 4) a column's bits change with the width of the call, which
+    would make a prompt's KV cache differ between --threads 1 and 2."""
+    out = np.empty((x.shape[0], n_out), np.float32)
+    step = max(BLOCK, TILE_BYTES // (4 * n_in) // BLOCK * BLOCK)
+    step = min(step, -(-n_out // (8 * BLOCK)) * BLOCK)  # at least ~8 blocks to share out
+    n_blocks = -(-n_out // step)
+
+    def run(b0: int, b1: int) -> None:
+        for b in range(b0, b1):
+            a, e = b * step, min(n_out, (b + 1) * step)
+            np.matmul(x, rows(a, e).T, out=out[:, a:e])
+
+    split(n_blocks, threads if x.shape[0] >= MIN_ROWS else 1, run)
+    return out
+
+
 def _tiled(x: np.ndarray, w: QuantMatrix, threads: int = 1) -> np.ndarray:
-    out = np.empty((x.shape[0], w.n_out), np.float32)
-    step = max(1, TILE_BYTES // (4 * w.n_in))
-
-    def rows(r0: int, r1: int) -> None:
-        for start in range(r0, r1, step):
-            stop = min(r1, start + step)
-            np.matmul(x, w.rows_f32(start, stop).T, out=out[:, start:stop])
-
-    if threads == 1 or x.shape[0] < MIN_ROWS:
-        rows(0, w.n_out)
-    else:
-        split(w.n_out, threads, rows)
+    out = _blocks(x, w.n_out, w.n_in, threads, w.rows_f32)
     if w.packed is not None and w.release is not None:
         w.release()
     return out
