@@ -247,25 +247,26 @@ def emit_tile_end(a, var: str, limit: str, loop: str, tile: int, nv: int, nl: in
     a("}")
 
 
-def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: int = 16):
-    """Fold n (a power of two, <= 16) 16-lane vectors of segments of seg0 lanes pairwise with
-    ``op`` (emits ``o = x op y``) while segments are longer than ``min_seg`` lanes: each level
-    pairs neighbours and combines the two halves of every segment (n - 1 ops in all instead of
-    n reductions). Returns (vectors, seg): vector j holds the input segments j * (16 / seg) ..
-    in order (vector-major), seg lanes each, whose lanes are still to be combined when seg > 1."""
-    V = f"<16 x {elem}>"
+def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: int = 16, lanes: int = 16):
+    """Fold n (a power of two, <= lanes) vectors of ``lanes`` lanes, in segments of seg0 lanes,
+    pairwise with ``op`` (emits ``o = x op y``) while segments are longer than ``min_seg`` lanes:
+    each level pairs neighbours and combines the two halves of every segment (n - 1 ops in all
+    instead of n reductions). Returns (vectors, seg): vector j holds the input segments j *
+    (lanes / seg) .. in order (vector-major), seg lanes each, whose lanes are still to be
+    combined when seg > 1."""
+    V = f"<{lanes} x {elem}>"
     level, seg = list(vecs), seg0
     k = 0
     while len(level) > 1 and seg > min_seg:
         half = seg // 2
-        lo = [s0 * seg + t for s0 in range(16 // seg) for t in range(half)]
+        lo = [s0 * seg + t for s0 in range(lanes // seg) for t in range(half)]
         nxt = []
         for i in range(0, len(level), 2):
             x, y = level[i], level[i + 1]
-            a(f"  %{tag}{k}l = shufflevector {V} {x}, {V} {y}, {mask(lo + [16 + j for j in lo])}")
+            a(f"  %{tag}{k}l = shufflevector {V} {x}, {V} {y}, {mask(lo + [lanes + j for j in lo])}")
             a(
                 f"  %{tag}{k}h = shufflevector {V} {x}, {V} {y}, "
-                f"{mask([j + half for j in lo] + [16 + j + half for j in lo])}"
+                f"{mask([j + half for j in lo] + [lanes + j + half for j in lo])}"
             )
             a(op(f"%{tag}{k}l", f"%{tag}{k}h", f"%{tag}{k}"))
             nxt.append(f"%{tag}{k}")
@@ -274,10 +275,10 @@ def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: in
     return level, seg
 
 
-def transpose_reduce(a, vecs: list[str], elem: str, tag: str, op) -> str:
-    """``fold`` to one 16-lane vector: vector i's result in lanes i * (16 / n) .. (the lanes
-    of one input are still to be combined when n < 16)."""
-    return fold(a, vecs, elem, tag, op)[0][0]
+def transpose_reduce(a, vecs: list[str], elem: str, tag: str, op, lanes: int = 16) -> str:
+    """``fold`` to one vector: vector i's result in lanes i * (lanes / n) .. (the lanes of one
+    input are still to be combined when n < lanes)."""
+    return fold(a, vecs, elem, tag, op, seg0=lanes, lanes=lanes)[0][0]
 
 
 def finish_module(lines: list[str], cpu: str | None, features: str | None) -> str:
