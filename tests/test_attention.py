@@ -5,8 +5,18 @@ import numpy as np
 import pytest
 from numba import njit
 
-from ember.devices.cpu.attention import PART, TILE, attend, attend_part, attention_batch, combine, work
+from ember.devices.cpu.attention import (
+    PART,
+    TILE,
+    attend,
+    attend_part,
+    attention_batch,
+    combine,
+    kernel_addresses,
+    work,
+)
 from ember.devices.cpu.half import store_row, widen
+from ember.lut_kernels.codegen import host_isas
 from ember.runtime.kv_cache import from_half, to_half
 from ember.runtime.model import attention
 
@@ -42,6 +52,10 @@ def floats(x):
     return from_half(x) if x.dtype == np.uint16 else x
 
 
+# every path this host runs: the IR part kernel (AVX-512: 16 lanes, AVX2: 8) and the numba loops
+PATHS = [p for p in host_isas() if p in ("avx512", "avx2", "portable")]
+
+
 @pytest.mark.parametrize(
     "n_head,n_kv,d,dv,n,past,window",
     [
@@ -55,7 +69,8 @@ def floats(x):
     ],
 )
 @pytest.mark.parametrize("kv", ["f16", "f32"])
-def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window, kv):
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window, kv, path):
     rng = np.random.default_rng(n * 7 + past)
     T = past + n
     k, v = cache(rng, n_kv, T + 11, T, d, dv, kv)  # arrays longer than the keys in use
@@ -63,11 +78,11 @@ def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window,
     pos = np.arange(past, T)
     scale = 1.0 / np.sqrt(d)
     want = attention(q, floats(k[:, :T]), floats(v[:, :T]), pos, scale, window)
-    got = attention_batch(q, k, v, pos, scale, window)
+    got = attention_batch(q, k, v, pos, scale, window, kernel=path)
     assert got.shape == want.shape == (n, n_head * dv)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(floats(v[:, :T])).max())
     for threads in (2, 3):  # each query is computed whole by one thread (n >= 64: several)
-        assert np.array_equal(attention_batch(q, k, v, pos, scale, window, threads), got)
+        assert np.array_equal(attention_batch(q, k, v, pos, scale, window, threads, kernel=path), got)
 
 
 @pytest.mark.parametrize(
@@ -76,9 +91,12 @@ def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window,
         (3, 64, 1000, (0, 333, 334, 700, 1000)),
         (2, 128, 4 * TILE + 1, (0, 1, 2 * TILE, 4 * TILE + 1)),
         (7, 16, 50, (0, 50, 50)),
+        (7, 64, 2 * PART + 5, (0, 17, PART, 2 * PART + 5)),  # Qwen 0.5B's group: passes of heads
+        (4, 256, 300, (0, 40, 300)),  # Gemma 3's head dim: one head a pass
     ],
 )
-def test_split_parts_combine_to_one_softmax(g, d, T, bounds):
+@pytest.mark.parametrize("path", PATHS)
+def test_split_parts_combine_to_one_softmax(g, d, T, bounds, path):
     """Parts over consecutive key ranges (an empty one, one key, tile-sized and ragged ones)
     combine to the attention over all of them; so do `attend`'s fixed parts of PART keys."""
     rng = np.random.default_rng(T + g)
@@ -86,7 +104,9 @@ def test_split_parts_combine_to_one_softmax(g, d, T, bounds):
     q = rng.standard_normal((g, d)).astype(np.float32) * 2  # peaked softmaxes too
     scale = np.float32(1 / np.sqrt(d))
     want = attention(q[None], from_half(k), from_half(v), np.array([T - 1]), scale, 0)[0]
-    W, nc = work(g, d, d), len(bounds) - 1
+    fa = kernel_addresses(g, d, d, kernel=path)
+    assert (fa[0] != 0) == (path != "portable")  # the IR kernel runs where the host has one
+    W, nc = work(g, d, d, fa), len(bounds) - 1
     parts, ml = np.empty((nc, g, d), np.float32), np.empty((nc, g, 2), np.float32)
     for c in range(nc):
         attend_part(q, k[0], v[0], bounds[c], bounds[c + 1], scale, W, parts[c], ml[c])

@@ -42,9 +42,9 @@ def test_smollm2_fused_matches_op_by_op(catalog_model):
     got2 = _steps(tr, ids, 2, True)
     exact = _steps(catalog_model("smollm2-135m", "numpy").transformer, ids, 1, False)
     # Same kernels; attention and norms sum in another order. A last-bit difference can flip the
-    # rounding of an int8 activation of the Q8_0 output matrix, so the bound is the kernels' own
-    # noise against the float32 reference, not float32 rounding.
-    assert np.abs(got1 - ref).max() < 2e-2 * ref.std()
+    # rounding of an int8 activation of the Q8_0 output matrix, so the bound is the kernels' own noise
+    # against the float32 reference (0.2-0.4 here), not float32 rounding.
+    assert np.abs(got1 - ref).max() < 0.5 * np.abs(ref - exact).max()
     assert np.abs(got1 - exact).max() < 1.25 * np.abs(ref - exact).max()
     assert (got1.argmax(1) == ref.argmax(1)).all()
     # every row is computed whole by one thread: the thread count changes nothing

@@ -1,11 +1,13 @@
-"""Grouped-query attention in numba over the KV cache (halves, or float32 with kv_cache="f32"): one kv group of query
+"""Grouped-query attention over the KV cache (halves, or float32 with kv_cache="f32"): one kv group of query
 heads at one position (`attend`, and `attend_part` + `combine` for a context split between
 threads: flash decoding; used by the fused decode step) and a whole batch of positions
 (`attention_batch`, prefill and verification), split over the batch path's threads.
 
-Keys and values are read in tiles of TILE keys, widened to float32 in the loops that use them
-(a separate conversion pass into a float32 tile left the loads without arithmetic to overlap:
-1.6x slower from DRAM), for three heads at a time, with an online softmax across tiles: a long
+A part of a half cache runs the LLVM IR kernel of `attention_ir` where the host has one
+(AVX-512, AVX2): scores, softmax and the weighted values of a block of keys in registers.
+Elsewhere (a float32 cache, a portable host, a head size the vectors do not divide) numba
+loops read keys and values in tiles of TILE keys, widened to float32 in the loops that use
+them, for three heads at a time, with an online softmax across tiles. Either way a long
 context is read from memory once per kv group (docs/kernels.md, "Attention"). The softmax
 runs over fixed parts of PART keys that `combine` joins: the fused step hands a long
 context's parts to different threads, and a position's result is the same bits however the
@@ -21,9 +23,11 @@ rest of the batch path's.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from ...lut_kernels.split import MIN_ROWS, split
+from . import attention_ir
 from .half import widen
 from .vmath import exp_into
 
@@ -144,20 +148,54 @@ def _values(S, V, t0, n, O):
                 oh[i] += p * widen(vj[i])
 
 
+def _part_ir(fa, Qc, K, V, lo, hi, Oc, mlc):
+    """The IR kernel's part (`attention_ir`) for half keys and values, a pass of fa[2] heads at
+    a time (fa[0]: its address, fa[1]: the address for the group's last heads); True if it ran.
+    A float32 cache has no kernel: False."""
+
+
+@overload(_part_ir, inline="always")
+def _part_ir_impl(fa, Qc, K, V, lo, hi, Oc, mlc):
+    if K.dtype != types.uint16 or V.dtype != types.uint16:
+        return lambda fa, Qc, K, V, lo, hi, Oc, mlc: False
+
+    def run(fa, Qc, K, V, lo, hi, Oc, mlc):
+        if fa[0] == 0:
+            return False
+        g, hp = Qc.shape[0], fa[2]
+        for h0 in range(0, g, hp):
+            h1 = min(g, h0 + hp)
+            attention_ir.call_part(
+                fa[0] if h1 - h0 == hp else fa[1], Qc[h0:h1], K[lo:hi], V[lo:hi], hi - lo, Oc[h0:h1], mlc[h0:h1]
+            )
+        return True
+
+    return run
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
     """Keys lo..hi-1 of one kv group for its query heads Q [g, d] (K [T, d], V [T, dv]: half
-    bits, uint16, or float32), with an online softmax over tiles of TILE keys: out[h] = sum_j e_hj V[j]
-    (not normalized), ml[h] = (m_h, sum_j e_hj), e_hj = exp(scale Q[h].K[j] - m_h), m_h the
-    largest scaled score; ml[h] = (EMPTY, 0) and out[h] = 0 when lo >= hi. The loops run over
-    W's contiguous rows (a strided view, as a slice of the parts is, would not vectorize)."""
-    S, one, e2, Qc, Oc, m, l = W
+    bits, uint16, or float32), with an online softmax: out[h] = sum_j e_hj V[j] (not
+    normalized), ml[h] = (m_h, sum_j e_hj), e_hj = exp(scale Q[h].K[j] - m_h), m_h the largest
+    scaled score (scale applied to the query); ml[h] = (EMPTY, 0) and out[h] = 0 when lo >= hi.
+    Half keys and values run the IR kernel where the host has one (W's addresses), else numba
+    loops over tiles of TILE keys. The loops run over W's contiguous rows (a strided view, as a
+    slice of the parts is, would not vectorize)."""
+    S, one, e2, Qc, Oc, m, l, mlc, fa = W
     g, dv = Q.shape[0], out.shape[1]
     for h in range(g):
-        Qc[h, :] = Q[h]
+        for i in range(Qc.shape[1]):
+            Qc[h, i] = Q[h, i] * scale
         Oc[h, :] = 0
         m[h] = EMPTY
         l[h] = 0
+    if lo < hi and _part_ir(fa, Qc, K, V, lo, hi, Oc, mlc):
+        for h in range(g):
+            out[h] = Oc[h]
+            ml[h, 0] = mlc[h, 0]
+            ml[h, 1] = mlc[h, 1]
+        return
     for t0 in range(lo, hi, TILE):
         n = min(TILE, hi - t0)
         _scores(Qc, K, t0, n, S)
@@ -165,7 +203,6 @@ def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
             sh = S[h]
             mx = m[h]
             for j in range(n):
-                sh[j] *= scale
                 mx = max(mx, sh[j])
             for j in range(n):
                 sh[j] -= mx
@@ -249,9 +286,10 @@ def attend(Q, K, V, lo, hi, scale, W, parts, ml, out):
 
 
 @njit(cache=True, nogil=True)
-def work(g, d, dv):
+def work(g, d, dv, fa):
     """The scratch of `attend_part` for groups of g heads: scores, one float, exp's integer
-    scratch, the queries, the output and the running max and sum."""
+    scratch, the queries, the output, the running max and sum, the kernel's (max, sum) and
+    the kernel's addresses `fa` (`kernel_addresses`)."""
     return (
         np.empty((g, TILE), np.float32),
         np.empty(1, np.float32),
@@ -260,11 +298,30 @@ def work(g, d, dv):
         np.empty((g, dv), np.float32),
         np.empty(g, np.float32),
         np.empty(g, np.float32),
+        np.empty((g, 2), np.float32),
+        fa,
     )
 
 
+def kernel_addresses(g: int, d: int, dv: int, kv_dtype=np.uint16, kernel: str | None = None) -> np.ndarray:
+    """[address for passes of hp heads, address for the group's last g % hp heads, hp] of the
+    IR part kernel for a group of g heads over a half cache; zeros (the numba loops) for a
+    float32 cache, a portable host or shapes the kernel does not take."""
+    if np.dtype(kv_dtype) != np.uint16:
+        return np.zeros(3, np.int64)
+    lanes = attention_ir.lanes(kernel)
+    if lanes == 0:
+        return np.zeros(3, np.int64)
+    hp = attention_ir.heads_per_call(g, dv, lanes)
+    full = attention_ir.part_address(hp, d, dv, kernel)
+    rest = attention_ir.part_address(g % hp, d, dv, kernel) if g % hp else full
+    if full == 0 or rest == 0:
+        return np.zeros(3, np.int64)
+    return np.array([full, rest, hp], np.int64)
+
+
 @njit(cache=True, nogil=True)
-def _items(q, k, v, q_pos, scale, window, out, w0, w1):
+def _items(q, k, v, q_pos, scale, window, out, w0, w1, fa):
     """Work items w0..w1-1 of a batch: item w = one kv group and one chunk of Q_CHUNK queries,
     in an order where cheap (early) and costly (late) chunks alternate, so that contiguous
     shares of the items cost about the same."""
@@ -272,7 +329,7 @@ def _items(q, k, v, q_pos, scale, window, out, w0, w1):
     n_kv, T, dv = v.shape
     g = n_head // n_kv
     nq = -(-n // Q_CHUNK)
-    W = work(g, q.shape[2], dv)
+    W = work(g, q.shape[2], dv, fa)
     n_parts = -(-(q_pos[n - 1] + 1) // PART) + 1
     parts = np.empty((n_parts, g, dv), np.float32)
     ml = np.empty((n_parts, g, 2), np.float32)
@@ -298,7 +355,14 @@ def _items(q, k, v, q_pos, scale, window, out, w0, w1):
 
 
 def attention_batch(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float, window: int, threads: int = 1
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_pos: np.ndarray,
+    scale: float,
+    window: int,
+    threads: int = 1,
+    kernel: str | None = None,
 ) -> np.ndarray:
     """Same contract as `model.attention`: q [n, n_head, d]; k [n_kv, T, d], v [n_kv, T, dv]:
     the cache's arrays, half bits or float32 (key j at position j); returns [n, n_head * dv].
@@ -312,9 +376,10 @@ def attention_batch(
     out = np.empty((n, n_head * dv), np.float32)
     q = np.ascontiguousarray(q, dtype=np.float32)
     scale, window = np.float32(scale), int(window)
+    fa = kernel_addresses(n_head // n_kv, q.shape[2], dv, k.dtype if k.dtype == v.dtype else np.float32, kernel)
     split(
         n_kv * -(-n // Q_CHUNK),
         threads if n >= MIN_ROWS else 1,
-        lambda w0, w1: _items(q, k, v, q_pos, scale, window, out, w0, w1),
+        lambda w0, w1: _items(q, k, v, q_pos, scale, window, out, w0, w1, fa),
     )
     return out

@@ -40,8 +40,9 @@ from ...lut_kernels import fused
 from ...lut_kernels.fused import UNIT, barrier, matvec_rows, prepare_rows, scratch, take
 from ...lut_kernels.split import Team
 from ...runtime.config import ROPE_NEOX
+from ...runtime.kv_cache import KV_TYPES
 from ...runtime.rope import rope_tables
-from .attention import PART, attend, attend_part, combine, first_key, parts_of, work
+from .attention import PART, attend, attend_part, combine, first_key, kernel_addresses, parts_of, work
 from .half import store_row
 from .moe import group, route
 from .vmath import exp_into
@@ -407,7 +408,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
     t2 = np.empty(max(d, nh * hd, nkv * hd, ab.shape[1]), np.float32)
     ql = np.empty((k, nh * hd), np.float32)
     kl = np.empty((k, nkv * hd), np.float32)
-    W = work(group, hd, hdv)
+    W = work(group, hd, hdv, fns[2:5])
     ab2 = np.empty((k, nh * hdv), np.float32)
     e2 = np.empty(max(ab.shape[1], ma.shape[1]), np.int32)
     mw = _moe_scratch(k, d, ip, ma, md)
@@ -668,7 +669,9 @@ class FusedDecoder:
         self._range_desc: dict[tuple[int, int], np.ndarray] = {}
         # every matrix's kernel reads its weights once for all k rows (K-quants)
         self.multi_row = bool((self.desc[:, 0] == fused.KIND_KQ).all())
-        self.fns = fused.prep_fns()
+        # the activation builders, then the attention part kernel's addresses (fns[2:5])
+        att = kernel_addresses(c.n_head // c.n_head_kv, c.head_dim, c.head_dim_v, KV_TYPES[model.kv_type])
+        self.fns = np.concatenate([fused.prep_fns(), att])
         vecs, voff, n = [], np.full((c.n_layer, len(_VEC_NAMES)), -1, np.int64), 0
         for il in range(c.n_layer):
             for j, part in enumerate(_VEC_NAMES):
