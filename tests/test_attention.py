@@ -105,7 +105,7 @@ def test_split_parts_combine_to_one_softmax(g, d, T, bounds, path):
     scale = np.float32(1 / np.sqrt(d))
     want = attention(q[None], from_half(k), from_half(v), np.array([T - 1]), scale, 0)[0]
     fa = kernel_addresses(g, d, d, kernel=path)
-    assert (fa[0] != 0) == (path != "portable")  # the IR kernel runs where the host has one
+    assert (fa[0] != 0) == path.startswith("avx512")  # the IR kernel runs where the host has one
     W, nc = work(g, d, d, fa), len(bounds) - 1
     parts, ml = np.empty((nc, g, d), np.float32), np.empty((nc, g, 2), np.float32)
     for c in range(nc):

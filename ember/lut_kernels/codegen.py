@@ -247,6 +247,18 @@ def emit_tile_end(a, var: str, limit: str, loop: str, tile: int, nv: int, nl: in
     a("}")
 
 
+def fold_pair(a, x: str, y: str, elem: str, seg: int, lanes: int, out: str, op) -> str:
+    """One step of `fold`: the two halves of x's and y's segments of seg lanes combined with
+    ``op``: out holds x's segments, then y's, seg / 2 lanes each."""
+    V = f"<{lanes} x {elem}>"
+    half = seg // 2
+    lo = [s0 * seg + t for s0 in range(lanes // seg) for t in range(half)]
+    a(f"  {out}l = shufflevector {V} {x}, {V} {y}, {mask(lo + [lanes + j for j in lo])}")
+    a(f"  {out}h = shufflevector {V} {x}, {V} {y}, {mask([j + half for j in lo] + [lanes + j + half for j in lo])}")
+    a(op(f"{out}l", f"{out}h", out))
+    return out
+
+
 def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: int = 16, lanes: int = 16):
     """Fold n (a power of two, <= lanes) vectors of ``lanes`` lanes, in segments of seg0 lanes,
     pairwise with ``op`` (emits ``o = x op y``) while segments are longer than ``min_seg`` lanes:
@@ -254,24 +266,14 @@ def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: in
     instead of n reductions). Returns (vectors, seg): vector j holds the input segments j *
     (lanes / seg) .. in order (vector-major), seg lanes each, whose lanes are still to be
     combined when seg > 1."""
-    V = f"<{lanes} x {elem}>"
     level, seg = list(vecs), seg0
     k = 0
     while len(level) > 1 and seg > min_seg:
-        half = seg // 2
-        lo = [s0 * seg + t for s0 in range(lanes // seg) for t in range(half)]
         nxt = []
         for i in range(0, len(level), 2):
-            x, y = level[i], level[i + 1]
-            a(f"  %{tag}{k}l = shufflevector {V} {x}, {V} {y}, {mask(lo + [lanes + j for j in lo])}")
-            a(
-                f"  %{tag}{k}h = shufflevector {V} {x}, {V} {y}, "
-                f"{mask([j + half for j in lo] + [lanes + j + half for j in lo])}"
-            )
-            a(op(f"%{tag}{k}l", f"%{tag}{k}h", f"%{tag}{k}"))
-            nxt.append(f"%{tag}{k}")
+            nxt.append(fold_pair(a, level[i], level[i + 1], elem, seg, lanes, f"%{tag}{k}", op))
             k += 1
-        level, seg = nxt, half
+        level, seg = nxt, seg // 2
     return level, seg
 
 

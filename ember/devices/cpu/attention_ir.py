@@ -1,8 +1,8 @@
 """One part of a kv group's decode attention over a half (f16) KV cache as an LLVM IR kernel:
-scores, online softmax and the weighted sum of values in registers, for AVX-512 and AVX2.
+scores, online softmax and the weighted sum of values in registers, for AVX-512.
 
-``part_address(heads, d, dv)`` (0 where no kernel applies: no IR path on this host, or d / dv
-not a multiple of the vector) is called by `attention.attend_part` through `call_part`:
+``part_address(heads, d, dv)`` (0 where no kernel applies: no AVX-512 on this host, or d / dv
+not a multiple of 16) is called by `attention.attend_part` through `call_part`:
 
     attn_part(ptr q, ptr k, ptr v, i64 n, ptr o, ptr ml)
 
@@ -10,13 +10,15 @@ q [heads, d] float32 (already scaled), k [n, d] and v [n, dv] the halves of keys
 n >= 1; o [heads, dv] = sum_j e_hj v_j, ml [heads, 2] = (m_h, sum_j e_hj), e_hj = exp(q_h . k_j
 - m_h), m_h the largest score: `attend_part`'s contract.
 
-Keys are read in blocks of one vector's lanes (16 on AVX-512, 8 on AVX2): each key's products
-with a head's query are a vector whose lanes are summed across the block's keys by one fold
-(n - 1 shuffle pairs for n keys, `codegen.fold`), not a horizontal sum per key (what the numba
-loops do), so a head's scores of a block come out as one vector, keys across the lanes. The
-online softmax runs on that vector (the block's max, an exp of the vector, the running sums
-rescaled), and each value row is widened once and added into every head's output, which stays
-in registers over all n keys. The last block's keys past n are read as key n - 1 and weigh 0.
+Keys are read in blocks of one vector's lanes (16): each key's products with a head's query
+are a vector, and the block's 16 such vectors are folded into one (`codegen.fold_pair`, as
+each pair is ready), not summed horizontally key by key (what the numba loops do), so a head's
+scores of a block come out as one vector, keys across the lanes. The online softmax runs on
+that vector (the block's max, an exp of the vector; the running sums rescaled only when the
+max rose), and each value row is widened once and added into every head's output, which stays
+in registers over all n keys. Each block asks for the lines of the keys and values PREFETCH
+blocks ahead (the hardware prefetchers left the loop waiting on memory). A last block of fewer
+keys is copied to the stack with key n - 1 repeated, its extra lanes weighing 0.
 Measured history: docs/kernels.md ("Attention over a long context").
 """
 
@@ -29,8 +31,12 @@ from numba.extending import intrinsic
 from ...lut_kernels import codegen
 from ...lut_kernels.codegen import check_types, emit_call, flt, mask, splat
 
-_LANES = {"avx512": 16, "avx512-novnni": 16, "avx2": 8}  # float32 lanes of a vector
-_REGS = {16: 32, 8: 16}  # vector registers
+# float32 lanes of a vector. No AVX2 kernel: with 16 registers a group's outputs and queries
+# do not stay in them, and the numba loops were faster (Zen 4 compiling for znver3, 4096 keys
+# of one SmolLM2 group: 60 us vs 86 us from cache, 103 vs 95 from DRAM)
+_LANES = {"avx512": 16, "avx512-novnni": 16}
+_REGS = {16: 32}  # vector registers
+PREFETCH = 3  # blocks of keys whose lines a block asks for ahead: 2-3 beat 4 and 8 on Zen 4
 EMPTY = float(np.float32(-3.0e38))  # attention.EMPTY: the running max before any key
 
 
@@ -83,112 +89,196 @@ def _hreduce(a, x: str, out: str, nl: int, op: str) -> None:
     a(f"  {out} = extractelement <1 x float> {prev}, i32 0")
 
 
-def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
-    """The IR of ``attn_part`` for hp heads of d (keys) / dv (values) dimensions, nl lanes."""
+def _block(
+    a, x: str, pred: str, hp: int, d: int, dv: int, nl: int, kp: str, vp: str, valid: str | None, st: dict
+) -> dict:
+    """Emit one block of nl keys (rows at kp, values at vp; lanes where `valid` is false weigh
+    0) on the running state st {"m": [float per head], "l": [vector], "o": [[vectors]]}, in the
+    basic block labelled pred (%...); returns the new state's names, computed in the basic
+    block %{x}go. x prefixes the block's local names."""
     VF, VH = f"<{nl} x float>", f"<{nl} x i16>"
     fma = f"@llvm.fma.v{nl}f32"
+    nc, ncv = d // nl, dv // nl
+    # scores: per key and head a vector of products, folded across the block's keys as soon as
+    # two of a level are there (`codegen.fold`'s pairs, in its order), so few stay live
+    add = lambda u, w, o: f"  {o} = fadd {VF} {u}, {w}"  # noqa: E731
+    stack: dict[int, list[tuple[str, int]]] = {h: [] for h in range(hp)}
+    for j in range(nl):
+        for c in range(nc):
+            a(f"  %{x}kp{j}_{c} = getelementptr i16, ptr {kp}, i64 {j * d + c * nl}")
+            a(f"  %{x}kh{j}_{c} = load {VH}, ptr %{x}kp{j}_{c}, align 2")
+            a(f"  %{x}kb{j}_{c} = bitcast {VH} %{x}kh{j}_{c} to <{nl} x half>")
+            a(f"  %{x}kf{j}_{c} = fpext <{nl} x half> %{x}kb{j}_{c} to {VF}")
+        for h in range(hp):
+            acc = f"%{x}p{h}_{j}_0"
+            a(f"  {acc} = fmul {VF} %{x}kf{j}_0, %q{h}_0")
+            for c in range(1, nc):
+                nxt = f"%{x}p{h}_{j}_{c}"
+                a(f"  {nxt} = call {VF} {fma}({VF} %{x}kf{j}_{c}, {VF} %q{h}_{c}, {VF} {acc})")
+                acc = nxt
+            top, level = acc, 0
+            while stack[h] and stack[h][-1][1] == level:
+                u, _ = stack[h].pop()
+                top = codegen.fold_pair(a, u, top, "float", nl >> level, nl, f"%{x}f{h}_{j}_{level}", add)
+                level += 1
+            stack[h].append((top, level))
+    out: dict = {"m": [], "l": [], "o": []}
+    ups = []
+    for h in range(hp):
+        sc, m = stack[h][0][0], st["m"][h]
+        # invalid lanes hold key n - 1's score again: the max is the valid keys'; they weigh 0
+        _hreduce(a, sc, f"%{x}bm{h}", nl, "max")
+        a(f"  %{x}mn{h} = call float @llvm.maxnum.f32(float {m}, float %{x}bm{h})")
+        a(f"  %{x}up{h} = fcmp ogt float %{x}bm{h}, {m}")
+        ups.append(f"%{x}up{h}")
+        a(f"  %{x}mv{h} = insertelement {VF} poison, float %{x}mn{h}, i32 0")
+        a(f"  %{x}ms{h} = shufflevector {VF} %{x}mv{h}, {VF} poison, {mask([0] * nl)}")
+        a(f"  %{x}z{h} = fsub {VF} {sc}, %{x}ms{h}")
+        e = f"%{x}e{h}"
+        _exp(a, f"%{x}z{h}", e if valid is None else f"%{x}ex{h}", nl)
+        if valid is not None:
+            a(f"  {e} = select <{nl} x i1> {valid}, {VF} %{x}ex{h}, {VF} zeroinitializer")
+        out["m"].append(f"%{x}mn{h}")
+    # a block that raised no head's max leaves the sums as they are (the correction exp(0) is
+    # exactly 1): after the first blocks of a part, most do not
+    any_up = ups[0]
+    for i, u in enumerate(ups[1:]):
+        a(f"  %{x}any{i} = or i1 {any_up}, {u}")
+        any_up = f"%{x}any{i}"
+    a(f"  br i1 {any_up}, label %{x}fix, label %{x}go")
+    a(f"{x}fix:")
+    for h in range(hp):
+        # the running sums' correction exp(m_old - m_new), in every lane
+        a(f"  %{x}dv{h} = insertelement {VF} poison, float {st['m'][h]}, i32 0")
+        a(f"  %{x}ds{h} = shufflevector {VF} %{x}dv{h}, {VF} poison, {mask([0] * nl)}")
+        a(f"  %{x}dz{h} = fsub {VF} %{x}ds{h}, %{x}ms{h}")
+        _exp(a, f"%{x}dz{h}", f"%{x}cr{h}", nl)
+        a(f"  %{x}lc{h} = fmul {VF} {st['l'][h]}, %{x}cr{h}")
+        for c in range(ncv):
+            a(f"  %{x}oc{h}_{c} = fmul {VF} {st['o'][h][c]}, %{x}cr{h}")
+    a(f"  br label %{x}go")
+    a(f"{x}go:")
+    for h in range(hp):
+        a(f"  %{x}lk{h} = phi {VF} [%{x}lc{h}, %{x}fix], [{st['l'][h]}, {pred}]")
+        for c in range(ncv):
+            a(f"  %{x}ok{h}_{c} = phi {VF} [%{x}oc{h}_{c}, %{x}fix], [{st['o'][h][c]}, {pred}]")
+    for h in range(hp):
+        a(f"  %{x}ln{h} = fadd {VF} %{x}lk{h}, %{x}e{h}")
+        out["l"].append(f"%{x}ln{h}")
+    # values: each row widened once, added into every head's output with its weight
+    cur = {(h, c): f"%{x}ok{h}_{c}" for h in range(hp) for c in range(ncv)}
+    for j in range(nl):
+        for c in range(ncv):
+            a(f"  %{x}vp{j}_{c} = getelementptr i16, ptr {vp}, i64 {j * dv + c * nl}")
+            a(f"  %{x}vh{j}_{c} = load {VH}, ptr %{x}vp{j}_{c}, align 2")
+            a(f"  %{x}vb{j}_{c} = bitcast {VH} %{x}vh{j}_{c} to <{nl} x half>")
+            a(f"  %{x}vf{j}_{c} = fpext <{nl} x half> %{x}vb{j}_{c} to {VF}")
+        for h in range(hp):
+            a(f"  %{x}w{h}_{j} = shufflevector {VF} %{x}e{h}, {VF} poison, {mask([j] * nl)}")
+            for c in range(ncv):
+                nxt = f"%{x}a{h}_{c}_{j}"
+                a(f"  {nxt} = call {VF} {fma}({VF} %{x}w{h}_{j}, {VF} %{x}vf{j}_{c}, {VF} {cur[h, c]})")
+                cur[h, c] = nxt
+    out["o"] = [[cur[h, c] for c in range(ncv)] for h in range(hp)]
+    return out
+
+
+def _phis(a, tag: str, hp: int, ncv: int, nl: int, incoming: list[tuple[dict, str]]) -> dict:
+    """phi nodes joining the states of `incoming` ((state, predecessor label) pairs)."""
+    VF = f"<{nl} x float>"
+
+    def phi(name, ty, key, h, c=None):
+        ins = ", ".join(f"[{st[key][h] if c is None else st[key][h][c]}, %{lab}]" for st, lab in incoming)
+        a(f"  {name} = phi {ty} {ins}")
+        return name
+
+    return {
+        "m": [phi(f"%{tag}m{h}", "float", "m", h) for h in range(hp)],
+        "l": [phi(f"%{tag}l{h}", VF, "l", h) for h in range(hp)],
+        "o": [[phi(f"%{tag}o{h}_{c}", VF, "o", h, c) for c in range(ncv)] for h in range(hp)],
+    }
+
+
+def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
+    """The IR of ``attn_part`` for hp heads of d (keys) / dv (values) dimensions, nl lanes: a
+    loop over the full blocks of nl keys, then the last, ragged block's keys copied to the
+    stack (row n - 1 repeated), so that every block reads its rows at fixed offsets."""
+    VF = f"<{nl} x float>"
     nc, ncv = d // nl, dv // nl
     L: list[str] = []
     a = L.append
     ro, rw = "ptr noalias nocapture readonly", "ptr noalias nocapture"
     a(f"define void @attn_part({ro} %q, {ro} %k, {ro} %v, i64 %n, {rw} %o, {rw} %ml) #0 {{")
     a("entry:")
-    a(f"  %nb1 = add i64 %n, {nl - 1}")
-    a(f"  %nb = udiv i64 %nb1, {nl}")
-    a("  %last = sub i64 %n, 1")
-    VL = f"<{nl} x i64>"
-    a(f"  %nv = insertelement {VL} poison, i64 %n, i32 0")
-    a(f"  %nsplat = shufflevector {VL} %nv, {VL} poison, {mask([0] * nl)}")
+    a(f"  %ks = alloca [{nl * d} x i16], align 64")
+    a(f"  %vs = alloca [{nl * dv} x i16], align 64")
+    a(f"  %nfull = udiv i64 %n, {nl}")
+    a(f"  %rem = urem i64 %n, {nl}")
     for h in range(hp):
         for c in range(nc):
             a(f"  %qp{h}_{c} = getelementptr float, ptr %q, i64 {h * d + c * nl}")
             a(f"  %q{h}_{c} = load {VF}, ptr %qp{h}_{c}, align 4")
-    a("  br label %blk")
+    zero = {"m": [flt(EMPTY)] * hp, "l": ["zeroinitializer"] * hp, "o": [["zeroinitializer"] * ncv] * hp}
+    a("  %none = icmp eq i64 %nfull, 0")
+    a("  br i1 %none, label %after, label %blk")
     a("blk:")
-    a("  %b = phi i64 [0, %entry], [%b.next, %blk]")
-    for h in range(hp):
-        a(f"  %m{h} = phi float [{flt(EMPTY)}, %entry], [%mn{h}, %blk]")
-        a(f"  %l{h} = phi {VF} [zeroinitializer, %entry], [%ln{h}, %blk]")
-        for c in range(ncv):
-            a(f"  %o{h}_{c} = phi {VF} [zeroinitializer, %entry], [%on{h}_{c}, %blk]")
-    a(f"  %base = mul i64 %b, {nl}")
-    # the block's keys: row min(base + j, n - 1), valid lanes base + j < n
-    a(f"  %bv = insertelement {VL} poison, i64 %base, i32 0")
-    a(f"  %bs = shufflevector {VL} %bv, {VL} poison, {mask([0] * nl)}")
-    a(f"  %idx = add {VL} %bs, <{', '.join(f'i64 {j}' for j in range(nl))}>")
-    a(f"  %valid = icmp ult {VL} %idx, %nsplat")
-    for j in range(nl):
-        a(f"  %i{j}.a = add i64 %base, {j}")
-        a(f"  %i{j}.c = icmp ult i64 %i{j}.a, %n")
-        a(f"  %i{j} = select i1 %i{j}.c, i64 %i{j}.a, i64 %last")
-    # scores: per key and head a vector of products, folded across the block's keys
-    prods: dict[int, list[str]] = {h: [] for h in range(hp)}
-    for j in range(nl):
-        a(f"  %ko{j} = mul i64 %i{j}, {d}")
-        a(f"  %kr{j} = getelementptr i16, ptr %k, i64 %ko{j}")
-        for c in range(nc):
-            a(f"  %kp{j}_{c} = getelementptr i16, ptr %kr{j}, i64 {c * nl}")
-            a(f"  %kh{j}_{c} = load {VH}, ptr %kp{j}_{c}, align 2")
-            a(f"  %kb{j}_{c} = bitcast {VH} %kh{j}_{c} to <{nl} x half>")
-            a(f"  %kf{j}_{c} = fpext <{nl} x half> %kb{j}_{c} to {VF}")
-        for h in range(hp):
-            acc = f"%p{h}_{j}_0"
-            a(f"  {acc} = fmul {VF} %kf{j}_0, %q{h}_0")
-            for c in range(1, nc):
-                nxt = f"%p{h}_{j}_{c}"
-                a(f"  {nxt} = call {VF} {fma}({VF} %kf{j}_{c}, {VF} %q{h}_{c}, {VF} {acc})")
-                acc = nxt
-            prods[h].append(acc)
-    for h in range(hp):
-        s = codegen.transpose_reduce(
-            a, prods[h], "float", f"f{h}_", lambda x, y, o: f"  {o} = fadd {VF} {x}, {y}", lanes=nl
-        )
-        # lanes past n hold key n - 1's score again: the max is the valid keys'; their weight is 0
-        _hreduce(a, s, f"%bm{h}", nl, "max")
-        a(f"  %mn{h} = call float @llvm.maxnum.f32(float %m{h}, float %bm{h})")
-        a(f"  %mv{h} = insertelement {VF} poison, float %mn{h}, i32 0")
-        a(f"  %ms{h} = shufflevector {VF} %mv{h}, {VF} poison, {mask([0] * nl)}")
-        a(f"  %z{h} = fsub {VF} {s}, %ms{h}")
-        _exp(a, f"%z{h}", f"%ex{h}", nl)
-        a(f"  %e{h} = select <{nl} x i1> %valid, {VF} %ex{h}, {VF} zeroinitializer")
-        # the running sums' correction exp(m_old - m_new), in every lane
-        a(f"  %dv{h} = insertelement {VF} poison, float %m{h}, i32 0")
-        a(f"  %ds{h} = shufflevector {VF} %dv{h}, {VF} poison, {mask([0] * nl)}")
-        a(f"  %dz{h} = fsub {VF} %ds{h}, %ms{h}")
-        _exp(a, f"%dz{h}", f"%cr{h}", nl)
-        a(f"  %ln{h} = call {VF} {fma}({VF} %l{h}, {VF} %cr{h}, {VF} %e{h})")
-        for c in range(ncv):
-            a(f"  %oc{h}_{c} = fmul {VF} %o{h}_{c}, %cr{h}")
-    # values: each row widened once, added into every head's output with its weight
-    cur = {(h, c): f"%oc{h}_{c}" for h in range(hp) for c in range(ncv)}
-    for j in range(nl):
-        a(f"  %vo{j} = mul i64 %i{j}, {dv}")
-        a(f"  %vr{j} = getelementptr i16, ptr %v, i64 %vo{j}")
-        for c in range(ncv):
-            a(f"  %vp{j}_{c} = getelementptr i16, ptr %vr{j}, i64 {c * nl}")
-            a(f"  %vh{j}_{c} = load {VH}, ptr %vp{j}_{c}, align 2")
-            a(f"  %vb{j}_{c} = bitcast {VH} %vh{j}_{c} to <{nl} x half>")
-            a(f"  %vf{j}_{c} = fpext <{nl} x half> %vb{j}_{c} to {VF}")
-        for h in range(hp):
-            a(f"  %w{h}_{j} = shufflevector {VF} %e{h}, {VF} poison, {mask([j] * nl)}")
-            for c in range(ncv):
-                nxt = f"%a{h}_{c}_{j}"
-                a(f"  {nxt} = call {VF} {fma}({VF} %w{h}_{j}, {VF} %vf{j}_{c}, {VF} {cur[h, c]})")
-                cur[h, c] = nxt
-    for h in range(hp):
-        for c in range(ncv):
-            a(f"  %on{h}_{c} = fadd {VF} {cur[h, c]}, zeroinitializer")
+    a("  %b = phi i64 [0, %entry], [%b.next, %xgo]")
+    # the state's phis name the block's results, known only after emitting it: emit the block
+    # into its own list first
+    body: list[str] = []
+    st_in = {
+        "m": [f"%m{h}" for h in range(hp)],
+        "l": [f"%l{h}" for h in range(hp)],
+        "o": [[f"%o{h}_{c}" for c in range(ncv)] for h in range(hp)],
+    }
+    b = body.append
+    b(f"  %base = mul i64 %b, {nl}")
+    b(f"  %kbo = mul i64 %base, {d}")
+    b("  %kb = getelementptr i16, ptr %k, i64 %kbo")
+    b(f"  %vbo = mul i64 %base, {dv}")
+    b("  %vb = getelementptr i16, ptr %v, i64 %vbo")
+    # the keys and values PREFETCH blocks ahead, a cache line at a time (past n: harmless hints)
+    for src, width in (("k", d), ("v", dv)):
+        for i in range(0, nl * width * 2, 64):
+            b(f"  %pf{src}{i} = getelementptr i8, ptr %{src}b, i64 {PREFETCH * nl * width * 2 + i}")
+            b(f"  call void @llvm.prefetch.p0(ptr %pf{src}{i}, i32 0, i32 3, i32 1)")
+    loop_out = _block(b, "x", "%blk", hp, d, dv, nl, "%kb", "%vb", None, st_in)
+    _phis(a, "", hp, ncv, nl, [(zero, "entry"), (loop_out, "xgo")])
+    L.extend(body)
     a("  %b.next = add i64 %b, 1")
-    a("  %bdone = icmp eq i64 %b.next, %nb")
-    a("  br i1 %bdone, label %end, label %blk")
+    a("  %bdone = icmp eq i64 %b.next, %nfull")
+    a("  br i1 %bdone, label %after, label %blk")
+    a("after:")
+    st = _phis(a, "a", hp, ncv, nl, [(zero, "entry"), (loop_out, "xgo")])
+    a("  %ragged = icmp ne i64 %rem, 0")
+    a("  br i1 %ragged, label %tail, label %end")
+    a("tail:")
+    a(f"  %tbase = mul i64 %nfull, {nl}")
+    a("  %last = sub i64 %n, 1")
+    for j in range(nl):
+        a(f"  %t{j}.a = add i64 %tbase, {j}")
+        a(f"  %t{j}.c = icmp ult i64 %t{j}.a, %n")
+        a(f"  %t{j} = select i1 %t{j}.c, i64 %t{j}.a, i64 %last")
+        for src, width in (("k", d), ("v", dv)):
+            a(f"  %t{src}{j}.o = mul i64 %t{j}, {width}")
+            a(f"  %t{src}{j}.p = getelementptr i16, ptr %{src}, i64 %t{src}{j}.o")
+            a(f"  %t{src}{j}.d = getelementptr i16, ptr %{src}s, i64 {j * width}")
+            a(f"  call void @llvm.memcpy.p0.p0.i64(ptr %t{src}{j}.d, ptr %t{src}{j}.p, i64 {2 * width}, i1 false)")
+    VL = f"<{nl} x i64>"
+    a(f"  %rv = insertelement {VL} poison, i64 %rem, i32 0")
+    a(f"  %rs = shufflevector {VL} %rv, {VL} poison, {mask([0] * nl)}")
+    a(f"  %valid = icmp ult {VL} <{', '.join(f'i64 {j}' for j in range(nl))}>, %rs")
+    tail_out = _block(a, "t", "%tail", hp, d, dv, nl, "%ks", "%vs", "%valid", st)
+    a("  br label %end")
     a("end:")
+    fin = _phis(a, "e", hp, ncv, nl, [(st, "after"), (tail_out, "tgo")])
     for h in range(hp):
         for c in range(ncv):
             a(f"  %op{h}_{c} = getelementptr float, ptr %o, i64 {h * dv + c * nl}")
-            a(f"  store {VF} %on{h}_{c}, ptr %op{h}_{c}, align 4")
-        _hreduce(a, f"%ln{h}", f"%lt{h}", nl, "fadd")
+            a(f"  store {VF} {fin['o'][h][c]}, ptr %op{h}_{c}, align 4")
+        _hreduce(a, fin["l"][h], f"%lt{h}", nl, "fadd")
         a(f"  %mlp{h} = getelementptr float, ptr %ml, i64 {2 * h}")
-        a(f"  store float %mn{h}, ptr %mlp{h}, align 4")
+        a(f"  store float {fin['m'][h]}, ptr %mlp{h}, align 4")
         a(f"  %mlq{h} = getelementptr float, ptr %ml, i64 {2 * h + 1}")
         a(f"  store float %lt{h}, ptr %mlq{h}, align 4")
     a("  ret void")
@@ -204,6 +294,8 @@ def kernel_ir(hp: int, d: int, dv: int, isa: str, cpu: str = "", features: str =
         f"declare <{nl} x float> @llvm.fma.v{nl}f32(<{nl} x float>, <{nl} x float>, <{nl} x float>)",
         f"declare <{nl} x float> @llvm.floor.v{nl}f32(<{nl} x float>)",
         "declare float @llvm.maxnum.f32(float, float)",
+        "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)",
+        "declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)",
     ]
     h = nl // 2
     while h >= 1:
