@@ -5,7 +5,7 @@
   (``is_zen``, ``l1d_bytes``, ``prefetch_locality``, ``prefetch_bytes``).
 - IR text: constants (``splat``, ``vec``, ``mask``, ``flt``), emitted fragments that several
   kernels share (``emit_hsum``, ``emit_prefetch``, ``emit_row_end``, ``emit_tile_end``,
-  ``fold``, ``transpose_reduce``), and ``finish_module`` (function attributes, the prefetch
+  ``fold``, ``fold_pair``, ``transpose_reduce``), and ``finish_module`` (function attributes, the prefetch
   helper, the ``!invariant.load`` node). Emitters append lines through a callable ``a``.
 - Compilation: ``jit(make_ir, isa)`` (MCJIT for this host, machine code cached on disk keyed by
   the IR, target and LLVM version, checked by its sha256 before use), ``host_asm``,
@@ -53,6 +53,7 @@ __all__ = [
     "emit_tile_end",
     "emit_prefetch",
     "fold",
+    "fold_pair",
     "transpose_reduce",
     "finish_module",
     "init_llvm",
