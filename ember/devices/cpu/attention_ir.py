@@ -90,6 +90,16 @@ def _hreduce(a, x: str, out: str, nl: int, op: str) -> None:
     a(f"  {out} = extractelement <1 x float> {prev}, i32 0")
 
 
+def _widened_row(a, name: str, ptr: str, off: int, nv: int, nl: int) -> None:
+    """{name}f0 .. {name}f{nv - 1}: the nv vectors of nl halves at ptr + off (i16 elements),
+    widened to float32."""
+    for c in range(nv):
+        a(f"  {name}p{c} = getelementptr i16, ptr {ptr}, i64 {off + c * nl}")
+        a(f"  {name}h{c} = load <{nl} x i16>, ptr {name}p{c}, align 2")
+        a(f"  {name}b{c} = bitcast <{nl} x i16> {name}h{c} to <{nl} x half>")
+        a(f"  {name}f{c} = fpext <{nl} x half> {name}b{c} to <{nl} x float>")
+
+
 def _block(
     a, x: str, pred: str, hp: int, d: int, dv: int, nl: int, kp: str, vp: str, valid: str | None, st: dict
 ) -> dict:
@@ -97,7 +107,7 @@ def _block(
     0) on the running state st {"m": [float per head], "l": [vector], "o": [[vectors]]}, in the
     basic block labelled pred (%...); returns the new state's names, computed in the basic
     block %{x}go. x prefixes the block's local names."""
-    VF, VH = f"<{nl} x float>", f"<{nl} x i16>"
+    VF = f"<{nl} x float>"
     fma = f"@llvm.fma.v{nl}f32"
     nc, ncv = d // nl, dv // nl
     # scores: per key and head a vector of products, folded across the block's keys as soon as
@@ -105,17 +115,13 @@ def _block(
     add = lambda u, w, o: f"  {o} = fadd {VF} {u}, {w}"  # noqa: E731
     stack: dict[int, list[tuple[str, int]]] = {h: [] for h in range(hp)}
     for j in range(nl):
-        for c in range(nc):
-            a(f"  %{x}kp{j}_{c} = getelementptr i16, ptr {kp}, i64 {j * d + c * nl}")
-            a(f"  %{x}kh{j}_{c} = load {VH}, ptr %{x}kp{j}_{c}, align 2")
-            a(f"  %{x}kb{j}_{c} = bitcast {VH} %{x}kh{j}_{c} to <{nl} x half>")
-            a(f"  %{x}kf{j}_{c} = fpext <{nl} x half> %{x}kb{j}_{c} to {VF}")
+        _widened_row(a, f"%{x}k{j}", kp, j * d, nc, nl)
         for h in range(hp):
             acc = f"%{x}p{h}_{j}_0"
-            a(f"  {acc} = fmul {VF} %{x}kf{j}_0, %q{h}_0")
+            a(f"  {acc} = fmul {VF} %{x}k{j}f0, %q{h}_0")
             for c in range(1, nc):
                 nxt = f"%{x}p{h}_{j}_{c}"
-                a(f"  {nxt} = call {VF} {fma}({VF} %{x}kf{j}_{c}, {VF} %q{h}_{c}, {VF} {acc})")
+                a(f"  {nxt} = call {VF} {fma}({VF} %{x}k{j}f{c}, {VF} %q{h}_{c}, {VF} {acc})")
                 acc = nxt
             top, level = acc, 0
             while stack[h] and stack[h][-1][1] == level:
@@ -169,16 +175,12 @@ def _block(
     # values: each row widened once, added into every head's output with its weight
     cur = {(h, c): f"%{x}ok{h}_{c}" for h in range(hp) for c in range(ncv)}
     for j in range(nl):
-        for c in range(ncv):
-            a(f"  %{x}vp{j}_{c} = getelementptr i16, ptr {vp}, i64 {j * dv + c * nl}")
-            a(f"  %{x}vh{j}_{c} = load {VH}, ptr %{x}vp{j}_{c}, align 2")
-            a(f"  %{x}vb{j}_{c} = bitcast {VH} %{x}vh{j}_{c} to <{nl} x half>")
-            a(f"  %{x}vf{j}_{c} = fpext <{nl} x half> %{x}vb{j}_{c} to {VF}")
+        _widened_row(a, f"%{x}v{j}", vp, j * dv, ncv, nl)
         for h in range(hp):
             a(f"  %{x}w{h}_{j} = shufflevector {VF} %{x}e{h}, {VF} poison, {mask([j] * nl)}")
             for c in range(ncv):
                 nxt = f"%{x}a{h}_{c}_{j}"
-                a(f"  {nxt} = call {VF} {fma}({VF} %{x}w{h}_{j}, {VF} %{x}vf{j}_{c}, {VF} {cur[h, c]})")
+                a(f"  {nxt} = call {VF} {fma}({VF} %{x}w{h}_{j}, {VF} %{x}v{j}f{c}, {VF} {cur[h, c]})")
                 cur[h, c] = nxt
     out["o"] = [[cur[h, c] for c in range(ncv)] for h in range(hp)]
     return out
