@@ -242,7 +242,7 @@ def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
     b("  %vb = getelementptr i16, ptr %v, i64 %vbo")
     # the keys and values PREFETCH blocks ahead, a cache line at a time (past n: harmless hints),
     # into L1 even on Zen, unlike `codegen.emit_prefetch`'s weight streams: 60 us a group at 4096
-    # keys from DRAM against 80 with prefetcht1 (docs/kernels.md)
+    # keys from DRAM against 72-76 with prefetcht1 (docs/kernels.md)
     for src, width in (("k", d), ("v", dv)):
         for i in range(0, nl * width * 2, 64):
             b(f"  %pf{src}{i} = getelementptr i8, ptr %{src}b, i64 {PREFETCH * nl * width * 2 + i}")
