@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -70,3 +71,19 @@ def ppl_text() -> str:
     from ember.bench.scenarios import english_text
 
     return english_text()
+
+
+@functools.cache
+def opencl_compiler_problem() -> str | None:
+    """Why this machine's OpenCL platform cannot compile ember's kernels for its CPU (PoCL 3.0's
+    LLVM 14 does not know a Zen 5: `CompilerTargetError`), or None. Any other failure is left to
+    the tests, which then fail."""
+    from ember.devices.opencl.runtime import CompilerTargetError, Kernels, find
+
+    try:
+        Kernels(find("opencl"))
+    except CompilerTargetError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 (the tests meet it themselves)
+        return None
+    return None

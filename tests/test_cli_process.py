@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import opencl_compiler_problem
 
 EXIT_GRACE_S = 1.0  # a finished command ends this soon after its last output
 BIN = Path(sys.executable).parent
@@ -251,9 +252,14 @@ def test_run_on_the_opencl_device(smol):
     any close call), the device named in the stats and by `info --devices`; a missing device is
     one clear line."""
     args = ("run", smol, "The capital of France is", "--raw", "-n", "6", "--temp", "0", "--json")
-    cpu, ocl = json.loads(ember(*args).out), json.loads(ember(*args, "--device", "opencl").out)
-    assert ocl["ids"] == cpu["ids"] and ocl["stats"]["device"].startswith("opencl: ")
+    cpu = json.loads(ember(*args).out)
     assert cpu["stats"]["device"].startswith("cpu (")
+    if opencl_compiler_problem():  # PoCL's compiler does not know this CPU: one clear line
+        res = ember(*args, "--device", "opencl")
+        assert res.code == 2 and "does not know this CPU" in res.err and res.err.count("\n") == 1, res
+    else:
+        ocl = json.loads(ember(*args, "--device", "opencl").out)
+        assert ocl["ids"] == cpu["ids"] and ocl["stats"]["device"].startswith("opencl: ")
     res = ember("info", "--devices")
     assert res.code == 0 and re.search(r"^opencl:0 +\S", res.out, re.M) and "cuda" in res.out
     res = ember("run", smol, "hi", "--device", "opencl:7")
@@ -379,7 +385,11 @@ def test_bench_quick(smol, tmp_path):
         "speculative",
         "devices",
     ]
+    pocl = opencl_compiler_problem()
     for name in ("dense", "memory", "long-context", "offload", "moe", "moe-budget", "speculative", "devices"):
+        if name == "devices" and pocl:  # PoCL's compiler does not know this CPU: the device is left out
+            assert sc[name]["status"] == "skipped" and "does not know this CPU" in sc[name]["reason"], sc[name]
+            continue
         assert sc[name]["status"] == "ok", (name, sc[name])
         assert sc[name]["summary"]
     for run in sc["dense"]["runs"] + sc["long-context"]["runs"]:
@@ -393,14 +403,16 @@ def test_bench_quick(smol, tmp_path):
     moe = sc["moe-budget"]["summary"]["rows"]  # a quarter of a tiny MoE's experts in a cache
     assert [r["variant"] for r in moe][:2] == ["resident", "cache, prediction"]
     assert all(r["same_tokens"] for r in moe) and moe[1]["hit_rate"] > 0 and moe[1]["recall"] > 0
-    dev = sc["devices"]["summary"]  # PoCL's OpenCL device beside the CPU, timing its own work
-    assert dev["128|cpu"]["tok_s"]["median"] > 0 and dev["128|opencl:0"]["device_s"]["attention"] > 0
+    if not pocl:
+        dev = sc["devices"]["summary"]  # PoCL's OpenCL device beside the CPU, timing its own work
+        assert dev["128|cpu"]["tok_s"]["median"] > 0 and dev["128|opencl:0"]["device_s"]["attention"] > 0
     spec = sc["speculative"]["summary"]
     assert spec["ember|type hints|lookup"]["same_tokens"] and "acceptance_rate" in spec["ember|type hints|lookup"]
     md = (tmp_path / "report.md").read_text()
-    assert md.startswith("# ember benchmark: smollm2-135m (--quick)") and "per device" in md
+    assert md.startswith("# ember benchmark: smollm2-135m (--quick)") and ("per device" in md or pocl)
     for p in r["plots"]:
         assert (tmp_path / p["file"]).stat().st_size > 1000 and f"]({p['file']})" in md
-    assert {p["scenario"] for p in r["plots"]} == {"dense", "long-context", "offload", "speculative", "devices"}
+    plotted = {"dense", "long-context", "offload", "speculative"} | (set() if pocl else {"devices"})
+    assert {p["scenario"] for p in r["plots"]} == plotted
     assert f"report: {tmp_path / 'report.md'}" in res.err
     print(f"ember bench --quick: {took:.0f} s")

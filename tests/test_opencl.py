@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import reference
+from conftest import opencl_compiler_problem, reference
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
@@ -38,6 +38,15 @@ def _rng(*key) -> np.random.Generator:
 
 def _msg(**kw) -> str:
     return f"seed={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiler_targets_this_cpu():
+    """PoCL (pyopencl's wheel) cannot compile for a CPU its LLVM 14 does not know (a Zen 5):
+    there the device cannot run, and `ember run --device opencl` says so (test_cli_process)."""
+    why = opencl_compiler_problem()
+    if why:
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

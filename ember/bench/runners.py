@@ -464,10 +464,19 @@ def _devices_here() -> list[str]:
 
 
 def devices(b) -> dict:
+    from ember.devices.opencl.runtime import usable
+
     n, t = (QUICK_DEVICE_DECODE if b.quick else DEVICE_DECODE), b.threads[-1]
     names = _devices_here()
     if len(names) < 2:
         raise Skip("only the CPU is here (no OpenCL device: `pip install pocl-binary-distribution` adds one)")
+    problems = {dev: usable(dev) for dev in names[1:]}
+    for dev, why in problems.items():
+        if why:
+            b.note(f"{dev} left out: {why}")
+    names = names[:1] + [dev for dev, why in problems.items() if not why]
+    if len(names) < 2:
+        raise Skip("no OpenCL device here runs ember's kernels: " + "; ".join(f"{d}: {w}" for d, w in problems.items()))
     out: dict = {"contexts": _device_contexts(b), "decode": n, "threads": t, "devices": names, "runs": []}
     for ctx in out["contexts"]:
         for dev in names:

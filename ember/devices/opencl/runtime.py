@@ -8,6 +8,7 @@ multiply (`kernels.cl`). Vectors (norms, biases) go as float32.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -41,6 +42,22 @@ MATMUL_TYPES = {
     int(GGMLType.Q5_K): "q5_k",
     int(GGMLType.Q6_K): "q6_k",
 }
+
+
+class CompilerTargetError(DeviceError):
+    """The OpenCL platform's compiler cannot target this machine's CPU: PoCL 3.0's LLVM 14
+    (pyopencl's wheel) knows no CPU newer than Zen 3 / Sapphire Rapids and gives up on a Zen 5
+    ("unknown target CPU 'generic'"). The device is listed but cannot run ember's kernels."""
+
+
+def usable(spec: str = "opencl") -> str | None:
+    """Why ember's kernels cannot run on the OpenCL device `spec` (the DeviceError's message),
+    or None when they build there."""
+    try:
+        Kernels(find(spec))
+    except DeviceError as e:
+        return str(e)
+    return None
 
 
 def _cl():
@@ -127,7 +144,15 @@ class Kernels:
         try:  # pyopencl's binary cache off: PoCL keeps its own, and one reload of pyopencl's had no kernels
             self.program = cl.Program(self.ctx, src).build(options=options, cache_dir=False)
         except cl.Error as e:
-            raise DeviceError(f"the OpenCL kernels do not build on {device.name.strip()}: {e}") from None
+            errors = "; ".join(dict.fromkeys(ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()))
+            ver = device.platform.version
+            llvm = re.search(r"LLVM [\d.]+", ver)
+            where = f"{device.name.strip()} ({' '.join(ver.split()[:4])}{', ' + llvm.group(0) if llvm else ''})"
+            if "unknown target CPU" in errors:
+                raise CompilerTargetError(
+                    f"the OpenCL kernels do not build on {where}: its compiler does not know this CPU ({errors})"
+                ) from None
+            raise DeviceError(f"the OpenCL kernels do not build on {where}: {errors or e}") from None
         if "attn_merge" not in {k.function_name for k in self.program.all_kernels()}:
             raise DeviceError(
                 f"the OpenCL kernels built on {device.name.strip()} came back without their kernels (a broken "
