@@ -87,14 +87,15 @@ def test_long_context_attention_is_shared_out_exactly(tmp_path, family):
     bits; the op-by-op forward agrees within the kernels' noise. gemma3's window is set to
     cross part boundaries."""
     window = {"sliding_window": PART + 40} if family == "gemma3" else {}
-    path = tg.write_family(tmp_path / "m.gguf", family, n_embd=96, n_head=6, n_head_kv=3, n_ctx=1024, **window)
+    path = tg.write_family(tmp_path / "m.gguf", family, n_embd=96, n_head=6, n_head_kv=3, n_ctx=2048, **window)
     m = ember.load(path)
     tr = m.transformer
-    ids = np.random.default_rng(2).integers(0, m.config.n_vocab, 3 * PART + 7).tolist()
-    prefix, new = ids[: 3 * PART], ids[3 * PART :]
+    # 7 parts: on 2 threads a unit is a run of 2 of them, the last run 1
+    ids = np.random.default_rng(2).integers(0, m.config.n_vocab, 6 * PART + 7).tolist()
+    prefix, new = ids[: 6 * PART], ids[6 * PART :]
 
     def logits(threads, fused_on, at_once, model=tr):
-        s = Session(model, 1024, device=CpuDevice(threads, fused=fused_on))
+        s = Session(model, 2048, device=CpuDevice(threads, fused=fused_on))
         s.feed(prefix)
         return s.feed(new) if at_once else np.stack([s.feed([t])[0] for t in new])
 

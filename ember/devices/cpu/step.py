@@ -481,27 +481,32 @@ def _decode(tid, nth, sync, weights, call, bufs):
                 for i in range(k):
                     for g in range(nkv):
                         _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+                # a unit is a run of consecutive parts, about four units a thread: a thread that
+                # took every other part restarted its reads (and the prefetch) at each one
                 n_parts = c_hi - c_lo
+                run = max(1, n_parts * nkv // (4 * nth))
+                per = -(-n_parts // run)
                 w = take(tfn, cnt, ci, nth, -1, 1)
-                while w < nkv * n_parts:
-                    g, c = w // n_parts, c_lo + w % n_parts
+                while w < nkv * per:
+                    g, cr = w // per, c_lo + (w % per) * run
                     heads = slice(g * group, (g + 1) * group)
-                    for i in range(k):
-                        p = pos + i
-                        lo = first_key(p, win)
-                        c0, c1 = parts_of(lo, p + 1)
-                        if c0 <= c < c1:
-                            attend_part(
-                                ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
-                                kc[il, g],
-                                vc[il, g],
-                                max(lo, c * PART),
-                                min(p + 1, (c + 1) * PART),
-                                scale,
-                                W,
-                                po[i, c - c0, heads],
-                                pm[i, c - c0, heads],
-                            )
+                    for c in range(cr, min(c_hi, cr + run)):
+                        for i in range(k):
+                            p = pos + i
+                            lo = first_key(p, win)
+                            c0, c1 = parts_of(lo, p + 1)
+                            if c0 <= c < c1:
+                                attend_part(
+                                    ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
+                                    kc[il, g],
+                                    vc[il, g],
+                                    max(lo, c * PART),
+                                    min(p + 1, (c + 1) * PART),
+                                    scale,
+                                    W,
+                                    po[i, c - c0, heads],
+                                    pm[i, c - c0, heads],
+                                )
                     w = take(tfn, cnt, ci, nth, w, 1)
                 att = ab2
             ci += 1
