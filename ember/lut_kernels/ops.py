@@ -149,7 +149,7 @@ def quant_matrix(name: str, raw: np.ndarray, qtype: int, n_out: int, n_in: int, 
 def _blocks(x: np.ndarray, n_out: int, n_in: int, threads: int, rows) -> np.ndarray:
     """x @ rows(a, b).T on fixed blocks of output columns, the blocks shared out between the
     threads. The blocks do not depend on the thread count: BLAS picks its kernels by a call's
-    shape, and on some CPUs (Zen 4) a column's bits change with the width of the call, which
+    shape, and on some CPUs (a Zen 5 EPYC) a column's bits change with the width of the call, which
     would make a prompt's KV cache differ between --threads 1 and 2."""
     out = np.empty((x.shape[0], n_out), np.float32)
     step = max(BLOCK, TILE_BYTES // (4 * n_in) // BLOCK * BLOCK)

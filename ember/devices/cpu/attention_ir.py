@@ -32,17 +32,17 @@ from ...lut_kernels import codegen
 from ...lut_kernels.codegen import check_types, emit_call, flt, mask, splat
 
 # float32 lanes of a vector. No AVX2 kernel: with 16 registers a group's outputs and queries
-# do not stay in them, and the numba loops were faster (Zen 4 compiling for znver3, 4096 keys
+# do not stay in them, and the numba loops were faster (Zen 5 compiling for znver3, 4096 keys
 # of one SmolLM2 group: 60 us vs 86 us from cache, 103 vs 95 from DRAM)
 _LANES = {"avx512": 16, "avx512-novnni": 16}
 _REGS = {16: 32}  # vector registers
-PREFETCH = 3  # blocks of keys whose lines a block asks for ahead: 2-3 beat 4 and 8 on Zen 4
+PREFETCH = 3  # blocks of keys whose lines a block asks for ahead: 2-3 beat 4 and 8 on Zen 5
 EMPTY = float(np.float32(-3.0e38))  # attention.EMPTY: the running max before any key
 
 
 def heads_per_call(g: int, dv: int, lanes: int) -> int:
     """How many of a group's heads one call takes: their outputs (dv / lanes vectors each) in
-    at most half the registers (Zen 4, 4096 keys from DRAM: 7 heads of 64 in passes of 4 took
+    at most half the registers (Zen 5, 4096 keys from DRAM: 7 heads of 64 in passes of 4 took
     91 us, of 3 105; 6 heads of 128 in passes of 2 176 us, of 1 or 3 229 / 199)."""
     return max(1, min(g, (_REGS[lanes] // 2) // max(1, dv // lanes)))
 
