@@ -433,12 +433,14 @@ def file_type_name(code) -> str | None:
     return name.removeprefix("MOSTLY_").replace("ALL_F32", "F32")
 
 
-def list_devices() -> list[dict]:
+def list_devices(check: bool = False) -> list[dict]:
     """The devices ember can run on here: for each, its name (the `device=` value), what it is
-    and its figures; for a kind it cannot use, `missing` says why."""
+    and its figures; for a kind it cannot use, `missing` says why. With `check`, each OpenCL
+    device also builds ember's kernels (seconds the first time), and one whose build fails
+    is `missing` with the reason."""
     from .devices import available
 
-    return available()
+    return available(check)
 
 
 def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **options) -> Model:

@@ -464,19 +464,18 @@ def _devices_here() -> list[str]:
 
 
 def devices(b) -> dict:
-    from ember.devices.opencl.runtime import usable
+    from ember.api import list_devices
 
     n, t = (QUICK_DEVICE_DECODE if b.quick else DEVICE_DECODE), b.threads[-1]
     names = _devices_here()
     if len(names) < 2:
         raise Skip("only the CPU is here (no OpenCL device: `pip install pocl-binary-distribution` adds one)")
-    problems = {dev: usable(dev) for dev in names[1:]}
-    for dev, why in problems.items():
-        if why:
-            b.note(f"{dev} left out: {why}")
-    names = names[:1] + [dev for dev, why in problems.items() if not why]
+    broken = {d["name"]: d["missing"] for d in list_devices(check=True) if d["name"] in names and "missing" in d}
+    for dev, why in broken.items():
+        b.note(f"{dev} left out: {why}")
+    names = [dev for dev in names if dev not in broken]
     if len(names) < 2:
-        raise Skip("no OpenCL device here runs ember's kernels: " + "; ".join(f"{d}: {w}" for d, w in problems.items()))
+        raise Skip("no OpenCL device here runs ember's kernels: " + "; ".join(f"{d}: {w}" for d, w in broken.items()))
     out: dict = {"contexts": _device_contexts(b), "decode": n, "threads": t, "devices": names, "runs": []}
     for ctx in out["contexts"]:
         for dev in names:

@@ -8,17 +8,22 @@ from __future__ import annotations
 from ..errors import DeviceError
 
 
-def available() -> list[dict]:
+def available(check: bool = False) -> list[dict]:
     """The devices ember can run on here (name, what it is, its figures), and for each kind it
-    cannot use, why (`missing`)."""
+    cannot use, why (`missing`); with `check`, an OpenCL device whose build of ember's kernels
+    fails is `missing` too, with the reason."""
     from ..lut_kernels.codegen import select_kernel
     from ..runtime.threads import cpu_model, default_threads
 
     out: list[dict] = [{"name": "cpu", "what": cpu_model(), "threads": default_threads(), "kernels": select_kernel()}]
     try:
-        from .opencl.runtime import describe_devices
+        from .opencl.runtime import describe_devices, usable
 
         found = describe_devices()
+        for d in found if check else ():
+            why = usable(d["name"])
+            if why:
+                d["missing"] = why
         out += found or [{"name": "opencl", "missing": "no OpenCL platform is installed"}]
     except DeviceError as e:
         out.append({"name": "opencl", "missing": str(e)})
