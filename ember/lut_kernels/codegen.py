@@ -193,14 +193,20 @@ def flt(v: float) -> str:
     return f"0x{struct.unpack('<Q', struct.pack('<d', float(v)))[0]:016X}"
 
 
-def emit_hsum(a, src: str, n: int, out: str) -> None:
-    """Emit `out` = the sum of the float vector `src` (<n x float>, n a power of two), as a tree."""
+def emit_hsum(a, src: str, n: int, out: str, op: str = "fadd") -> None:
+    """Emit `out` = the sum (op "fadd") or the largest (op "maxnum") of the lanes of the float
+    vector `src` (<n x float>, n a power of two), as a tree. "maxnum" needs the module to
+    declare llvm.maxnum.v{h}f32 for h = n / 2 .. 1."""
     prev = src
     while n > 1:
         h = n // 2
+        V = f"<{h} x float>"
         a(f"  {out}.{h}a = shufflevector <{n} x float> {prev}, <{n} x float> poison, {mask(range(h))}")
         a(f"  {out}.{h}b = shufflevector <{n} x float> {prev}, <{n} x float> poison, {mask(range(h, n))}")
-        a(f"  {out}.{h} = fadd <{h} x float> {out}.{h}a, {out}.{h}b")
+        if op == "fadd":
+            a(f"  {out}.{h} = fadd {V} {out}.{h}a, {out}.{h}b")
+        else:
+            a(f"  {out}.{h} = call {V} @llvm.{op}.v{h}f32({V} {out}.{h}a, {V} {out}.{h}b)")
         prev, n = f"{out}.{h}", h
     a(f"  {out} = extractelement <1 x float> {prev}, i32 0")
 
@@ -260,28 +266,28 @@ def fold_pair(a, x: str, y: str, elem: str, seg: int, lanes: int, out: str, op) 
     return out
 
 
-def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: int = 16, lanes: int = 16):
-    """Fold n (a power of two, <= lanes) vectors of ``lanes`` lanes, in segments of seg0 lanes,
-    pairwise with ``op`` (emits ``o = x op y``) while segments are longer than ``min_seg`` lanes:
-    each level pairs neighbours and combines the two halves of every segment (n - 1 ops in all
-    instead of n reductions). Returns (vectors, seg): vector j holds the input segments j *
-    (lanes / seg) .. in order (vector-major), seg lanes each, whose lanes are still to be
+def fold(a, vecs: list[str], elem: str, tag: str, op, min_seg: int = 1, seg0: int = 16):
+    """Fold n (a power of two, <= 16) 16-lane vectors of segments of seg0 lanes pairwise with
+    ``op`` (emits ``o = x op y``) while segments are longer than ``min_seg`` lanes: each level
+    pairs neighbours and combines the two halves of every segment (n - 1 ops in all instead of
+    n reductions; `fold_pair` is one). Returns (vectors, seg): vector j holds the input segments
+    j * (16 / seg) .. in order (vector-major), seg lanes each, whose lanes are still to be
     combined when seg > 1."""
     level, seg = list(vecs), seg0
     k = 0
     while len(level) > 1 and seg > min_seg:
         nxt = []
         for i in range(0, len(level), 2):
-            nxt.append(fold_pair(a, level[i], level[i + 1], elem, seg, lanes, f"%{tag}{k}", op))
+            nxt.append(fold_pair(a, level[i], level[i + 1], elem, seg, 16, f"%{tag}{k}", op))
             k += 1
         level, seg = nxt, seg // 2
     return level, seg
 
 
-def transpose_reduce(a, vecs: list[str], elem: str, tag: str, op, lanes: int = 16) -> str:
-    """``fold`` to one vector: vector i's result in lanes i * (lanes / n) .. (the lanes of one
-    input are still to be combined when n < lanes)."""
-    return fold(a, vecs, elem, tag, op, seg0=lanes, lanes=lanes)[0][0]
+def transpose_reduce(a, vecs: list[str], elem: str, tag: str, op) -> str:
+    """``fold`` to one 16-lane vector: vector i's result in lanes i * (16 / n) .. (the lanes
+    of one input are still to be combined when n < 16)."""
+    return fold(a, vecs, elem, tag, op)[0][0]
 
 
 def finish_module(lines: list[str], cpu: str | None, features: str | None) -> str:

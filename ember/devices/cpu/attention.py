@@ -4,8 +4,8 @@ threads: flash decoding; used by the fused decode step) and a whole batch of pos
 (`attention_batch`, prefill and verification), split over the batch path's threads.
 
 A part of a half cache runs the LLVM IR kernel of `attention_ir` where the host has one
-(AVX-512, AVX2): scores, softmax and the weighted values of a block of keys in registers.
-Elsewhere (a float32 cache, a portable host, a head size the vectors do not divide) numba
+(AVX-512): scores, softmax and the weighted values of a block of keys in registers.
+Elsewhere (a float32 cache, an AVX2 or portable host, a head size the vectors do not divide) numba
 loops read keys and values in tiles of TILE keys, widened to float32 in the loops that use
 them, for three heads at a time, with an online softmax across tiles. Either way a long
 context is read from memory once per kv group (docs/kernels.md, "Attention"). The softmax
@@ -22,10 +22,13 @@ rest of the batch path's.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from ...lut_kernels import codegen
 from ...lut_kernels.split import MIN_ROWS, split
 from . import attention_ir
 from .half import widen
@@ -306,9 +309,16 @@ def work(g, d, dv, fa):
 def kernel_addresses(g: int, d: int, dv: int, kv_dtype=np.uint16, kernel: str | None = None) -> np.ndarray:
     """[address for passes of hp heads, address for the group's last g % hp heads, hp] of the
     IR part kernel for a group of g heads over a half cache; zeros (the numba loops) for a
-    float32 cache, a portable host or shapes the kernel does not take."""
+    float32 cache, a host without the kernel or shapes the kernel does not take."""
     if np.dtype(kv_dtype) != np.uint16:
         return np.zeros(3, np.int64)
+    return _addresses(g, d, dv, codegen.select_kernel(kernel))
+
+
+@functools.cache
+def _addresses(g: int, d: int, dv: int, kernel: str) -> np.ndarray:
+    """`kernel_addresses` of a half cache, once per shape and kernel path (prefill asks each
+    layer)."""
     lanes = attention_ir.lanes(kernel)
     if lanes == 0:
         return np.zeros(3, np.int64)

@@ -74,22 +74,6 @@ def _exp(a, x: str, out: str, nl: int) -> None:
     a(f"  {out} = bitcast {VI} {out}.b to {VF}")
 
 
-def _hreduce(a, x: str, out: str, nl: int, op: str) -> None:
-    """out (float) = the `op` (fadd / maxnum) of x's nl lanes, as a tree."""
-    prev, n = x, nl
-    while n > 1:
-        h = n // 2
-        a(f"  {out}.{h}a = shufflevector <{n} x float> {prev}, <{n} x float> poison, {mask(range(h))}")
-        a(f"  {out}.{h}b = shufflevector <{n} x float> {prev}, <{n} x float> poison, {mask(range(h, n))}")
-        if op == "fadd":
-            a(f"  {out}.{h} = fadd <{h} x float> {out}.{h}a, {out}.{h}b")
-        else:
-            V = f"<{h} x float>"
-            a(f"  {out}.{h} = call {V} @llvm.maxnum.v{h}f32({V} {out}.{h}a, {V} {out}.{h}b)")
-        prev, n = f"{out}.{h}", h
-    a(f"  {out} = extractelement <1 x float> {prev}, i32 0")
-
-
 def _widened_row(a, name: str, ptr: str, off: int, nv: int, nl: int) -> None:
     """{name}f0 .. {name}f{nv - 1}: the nv vectors of nl halves at ptr + off (i16 elements),
     widened to float32."""
@@ -134,7 +118,7 @@ def _block(
     for h in range(hp):
         sc, m = stack[h][0][0], st["m"][h]
         # invalid lanes hold key n - 1's score again: the max is the valid keys'; they weigh 0
-        _hreduce(a, sc, f"%{x}bm{h}", nl, "max")
+        codegen.emit_hsum(a, sc, nl, f"%{x}bm{h}", "maxnum")
         a(f"  %{x}mn{h} = call float @llvm.maxnum.f32(float {m}, float %{x}bm{h})")
         a(f"  %{x}up{h} = fcmp ogt float %{x}bm{h}, {m}")
         ups.append(f"%{x}up{h}")
@@ -281,7 +265,7 @@ def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
         for c in range(ncv):
             a(f"  %op{h}_{c} = getelementptr float, ptr %o, i64 {h * dv + c * nl}")
             a(f"  store {VF} {fin['o'][h][c]}, ptr %op{h}_{c}, align 4")
-        _hreduce(a, fin["l"][h], f"%lt{h}", nl, "fadd")
+        codegen.emit_hsum(a, fin["l"][h], nl, f"%lt{h}")
         a(f"  %mlp{h} = getelementptr float, ptr %ml, i64 {2 * h}")
         a(f"  store float {fin['m'][h]}, ptr %mlp{h}, align 4")
         a(f"  %mlq{h} = getelementptr float, ptr %ml, i64 {2 * h + 1}")
