@@ -592,12 +592,13 @@ def test_vector_widths_match_the_oracle(qt, opts):
                 assert np.array_equal(one, out[i]), _msg(qt=qt, opts=opts, i=i)
 
 
-def test_zen_hosts_run_row_pairs_on_ymm(monkeypatch):
-    """On AMD Zen (with AVX-512 VNNI/VL) the Q4_K/Q5_K modules compile their chunks of 2+ act
-    rows for ymm; elsewhere, and for the other types, the path's own width."""
+def test_zen4_hosts_run_row_pairs_on_ymm(monkeypatch):
+    """On AMD Zen 4 (with AVX-512 VNNI/VL), whose 512-bit ops run as two halves, the Q4_K/Q5_K
+    modules compile their chunks of 2+ act rows for ymm; elsewhere (Zen 5 included), and for
+    the other types, the path's own width."""
     feats = {"avx512vl": True, "avx512vnni": True, "avx512f": True, "avx512bw": True}
     monkeypatch.setattr(codegen, "host_features", lambda: feats)
-    for host, ymm in (("znver4", True), ("sapphirerapids", False)):
+    for host, ymm in (("znver4", True), ("znver5", False), ("sapphirerapids", False)):
         monkeypatch.setattr(codegen.llvm, "get_host_cpu_name", lambda h=host: h)
         for qt in K.QTYPES:
             o = K.host_opts("avx512", qt)

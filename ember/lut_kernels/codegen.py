@@ -2,7 +2,7 @@
 
 - The host: which kernel paths it can run (``host_isas``, ``best_isa``, ``select_kernel``,
   ``resolve_isa``, ``host_features``) and the cache and prefetch facts the kernels are tuned by
-  (``is_zen``, ``l1d_bytes``, ``prefetch_locality``, ``prefetch_bytes``).
+  (``is_zen``, ``splits_zmm``, ``l1d_bytes``, ``prefetch_locality``, ``prefetch_bytes``).
 - IR text: constants (``splat``, ``vec``, ``mask``, ``flt``), emitted fragments that several
   kernels share (``emit_hsum``, ``emit_prefetch``, ``emit_row_end``, ``emit_tile_end``,
   ``fold``, ``fold_pair``, ``transpose_reduce``), and ``finish_module`` (function attributes, the prefetch
@@ -41,6 +41,7 @@ __all__ = [
     "select_kernel",
     "resolve_isa",
     "is_zen",
+    "splits_zmm",
     "l1d_bytes",
     "prefetch_locality",
     "prefetch_bytes",
@@ -133,6 +134,12 @@ def resolve_isa(isa: str) -> str:
 def is_zen() -> bool:
     """Whether this host is an AMD Zen core (its LLVM cpu name)."""
     return llvm.get_host_cpu_name().startswith("znver")
+
+
+def splits_zmm() -> bool:
+    """Whether this host runs a 512-bit op as two 256-bit halves: AMD Zen 4. Zen 5 has whole
+    512-bit pipes (docs/kernels.md, "AMD Zen: ymm for the row-pair kernels")."""
+    return llvm.get_host_cpu_name() == "znver4"
 
 
 @functools.cache

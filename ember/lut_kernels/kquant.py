@@ -21,7 +21,7 @@ raises ValueError), ``rows_nb(fn, q, sc, d, xq, xd, xp, y, r0, r1)`` (rows r0 <=
 ``fn_address(qtype, kernel=None)`` (0: portable), ``quant_address(kernel=None)`` (0: numba);
 each type's kernels are a module of their own, compiled (or loaded from the disk cache) on
 first use, with this host's options (``host_opts``: register blocking, prefetch distance,
-``tile_bytes``, ymm on AMD Zen). Kernel choice: ``kernel=`` or ``$EMBER_KERNEL`` through
+``tile_bytes``, ymm on AMD Zen 4). Kernel choice: ``kernel=`` or ``$EMBER_KERNEL`` through
 ``codegen.select_kernel`` (read once; ``reset_kernel_choice()``): ``avx512`` (VNNI
 ``vpdpbusd``; the ``vpmaddubsw`` form on hosts without VNNI), ``avx512-novnni``, ``avx2``
 (compiled for x86-64-v3), ``portable`` (numba, ``kquant_portable``).
@@ -109,7 +109,7 @@ def host_opts(isa: str, what) -> dict:
     if (
         what in PAIR_TYPES
         and codegen.resolve_isa(isa) == "avx512"
-        and codegen.is_zen()
+        and codegen.splits_zmm()
         and codegen.host_features().get("avx512vl")
     ):  # ZEN_YMM
         o["width"] = 32
