@@ -25,7 +25,7 @@ from test_opencl import _msg, _rng, random_rows, random_x  # noqa: E402
 from ember.devices.cuda import kernels as K  # noqa: E402
 
 del os.environ["NUMBA_ENABLE_CUDASIM"]  # numba.cuda is the simulator now; the CLI tests' processes stay plain
-from ember.devices.opencl.runtime import MATMUL_TYPES  # noqa: E402
+from ember.devices.gpu import MATMUL_TYPES  # noqa: E402
 from ember.formats.quants import dequantize  # noqa: E402
 from ember.runtime.model import attention, gelu_tanh, rms_norm, silu  # noqa: E402
 from ember.runtime.rope import apply_rope, rope_tables  # noqa: E402

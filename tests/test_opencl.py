@@ -18,8 +18,9 @@ from conftest import opencl_compiler_problem, reference
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from ember.devices.gpu import MATMUL_TYPES, GpuMatrix
 from ember.devices.opencl import OpenCLDevice
-from ember.devices.opencl.runtime import MATMUL_TYPES, ROWS, WG, ClMatrix
+from ember.devices.opencl.runtime import ROWS, WG
 from ember.errors import DeviceError
 from ember.formats.quants import dequantize
 from ember.runtime.kv_cache import from_half, to_half
@@ -80,7 +81,7 @@ def test_matmul_matches_dequantize(dev, qt, by_rows):
     kn = dev.kernels
     n_out, n_in = WG + 7, 512
     raw = random_rows(_rng("mm", qt), qt, n_out, n_in)
-    w = ClMatrix(kn.upload(raw), MATMUL_TYPES[qt], n_out, n_in, raw.shape[1], raw.nbytes)
+    w = GpuMatrix(kn.upload(raw), MATMUL_TYPES[qt], n_out, n_in, raw.shape[1], raw.nbytes)
     wf = dequantize(raw.reshape(-1), qt).reshape(n_out, n_in).astype(np.float64)
     saved, kn.by_rows = kn.by_rows, by_rows
     try:
@@ -173,9 +174,9 @@ def test_attention_through_the_cache(dev, by_rows, n_head, n_kv, d, window, spli
 
 
 def dev_cache(dev, n_kv: int, d: int, max_len: int):
-    from ember.devices.opencl.kv_cache import ClKVCache
+    from ember.devices.gpu import GpuKVCache
 
-    return ClKVCache(dev.kernels, 1, n_kv, d, d, max_len)
+    return GpuKVCache(dev.kernels, 1, n_kv, d, d, max_len)
 
 
 # ---------------------------------------------------------------------------------------------

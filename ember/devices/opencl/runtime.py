@@ -1,22 +1,18 @@
 """OpenCL plumbing: finding a device (`find`), building ember's kernels for it (`Kernels`), and
-the weights in the forms the kernels take (`ClMatrix`, `Placement`).
-
-Matrices go to the device as their GGUF rows, unchanged: the kernels decode the blocks as they
-multiply (`kernels.cl`). Vectors (norms, biases) go as float32.
+the kernels' launches over its buffers. Matrices go to the device as their GGUF rows, unchanged
+(`gpu.GpuPlacement`): the kernels decode the blocks as they multiply (`kernels.cl`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
-from gguf import GGMLQuantizationType as GGMLType
 
-from ...errors import DeviceError, UnsupportedError
-from ...formats.gguf import type_name
+from ...errors import DeviceError
+from ..gpu import GpuMatrix
 
 WG = 64  # work-group size of every kernel
 RWG = 8  # work-group size of the work-item-per-head attention (its items' private vectors share a stack)
@@ -28,20 +24,6 @@ MAX_HEAD_DIM = 256  # the attention keeps one query row of each head in local me
 
 # what a kernel's time counts as (`Kernels.times`), by its name's first word
 _KIND = {"matmul": "matmul", "matrows": "matmul", "attn": "attention", "kv": "attention"}
-
-# the GGUF types the matmul kernels decode, by the kernel's suffix
-MATMUL_TYPES = {
-    int(GGMLType.F32): "f32",
-    int(GGMLType.F16): "f16",
-    int(GGMLType.Q4_0): "q4_0",
-    int(GGMLType.Q4_1): "q4_1",
-    int(GGMLType.Q5_0): "q5_0",
-    int(GGMLType.Q5_1): "q5_1",
-    int(GGMLType.Q8_0): "q8_0",
-    int(GGMLType.Q4_K): "q4_k",
-    int(GGMLType.Q5_K): "q5_k",
-    int(GGMLType.Q6_K): "q6_k",
-}
 
 
 class CompilerTargetError(DeviceError):
@@ -180,6 +162,9 @@ class Kernels:
     def buffer(self, nbytes: int):
         return self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, max(int(nbytes), 4))
 
+    def halves(self, *shape: int):
+        return self.buffer(2 * int(np.prod(shape)))
+
     def upload(self, host: np.ndarray):
         host = np.ascontiguousarray(host)
         flags = self.cl.mem_flags.READ_ONLY | self.cl.mem_flags.COPY_HOST_PTR
@@ -211,7 +196,7 @@ class Kernels:
             self.times[kind] = self.times.get(kind, 0.0) + (ev.profile.end - ev.profile.start) * 1e-9
         self._events.clear()
 
-    def matmul(self, w: ClMatrix, x, n: int, y, bias=None) -> None:
+    def matmul(self, w: GpuMatrix, x, n: int, y, bias=None) -> None:
         """y [n, w.n_out] = x [n, w.n_in] @ w.T (+ bias), all device buffers."""
         by_rows = self.by_rows
         self.run(
@@ -229,42 +214,16 @@ class Kernels:
             np.int32(bias is not None),
         )
 
-
-@dataclass
-class ClMatrix:
-    """A matrix on the device: its GGUF rows as they are in the file."""
-
-    buf: object
-    kind: str  # the matmul kernel's suffix
-    n_out: int
-    n_in: int
-    row_bytes: int
-    nbytes: int
-
-
-class Placement:
-    """A WeightStore's placement on an OpenCL device: each matrix uploaded as its rows."""
-
-    frugal = False  # a CPU placement's option; the device holds its own copy
-
-    def __init__(self, kernels: Kernels):
-        self.kernels = kernels
-
-    def matrix(self, store, name: str, expert: int | None = None) -> ClMatrix:
-        info = store.gguf.info(name)
-        kind = MATMUL_TYPES.get(int(info.qtype))
-        if kind is None:
-            names = ", ".join(type_name(t) for t in MATMUL_TYPES)
-            raise UnsupportedError(
-                f"{name}: type {info.type_name} has no OpenCL kernel (these do: {names}); use device='cpu'"
-            )
-        raw = store.raw_rows(name, expert)
-        return ClMatrix(self.kernels.upload(raw), kind, raw.shape[0], info.shape[-1], raw.shape[1], raw.nbytes)
-
-    def prepare(self, store) -> str:
-        n = 0
-        for name, info in store.gguf.tensors.items():
-            if len(info.shape) == 2 and name != "token_embd.weight":
-                store.matrix(name)
-                n += 1
-        return f"{n} matrices uploaded to {self.kernels.device.name.strip()}"
+    def kv_store(self, k, v, kc, vc, n: int, cache) -> None:
+        """Keys and values [n, n_kv, d] (float32 buffers) into a layer's cache (kc, vc) at its length."""
+        c = cache
+        self.run(
+            "kv_store",
+            (n * c.n_head_kv * max(c.head_dim, c.head_dim_v),),
+            None,
+            k,
+            v,
+            kc,
+            vc,
+            *(np.int32(a) for a in (c.n_head_kv, c.head_dim, c.head_dim_v, c.cap, c.length)),
+        )
