@@ -29,6 +29,8 @@ from .runtime.kv_cache import KV_TYPES
 from .runtime.speculate import SCHEDULE_CHOICES
 from .runtime.threads import default_threads
 
+GPU_KINDS = ("opencl", "cuda")  # the devices that run a whole model (devices.gpu)
+
 if TYPE_CHECKING:
     from .runtime.model import Transformer
     from .runtime.session import Session
@@ -54,8 +56,10 @@ class Model:
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.gguf.validate_model()
-        if not isinstance(device, str) or not (device in ("auto", "cpu") or device.split(":")[0] == "opencl"):
-            raise DeviceError(f"device {device!r} is not available yet; use 'cpu', 'opencl' or 'opencl:N' (or 'auto')")
+        if not isinstance(device, str) or not (device in ("auto", "cpu") or device.split(":")[0] in GPU_KINDS):
+            raise DeviceError(
+                f"device {device!r} is not one ember knows; use 'auto', 'cpu', 'opencl', 'opencl:N', 'cuda' or 'cuda:N'"
+            )
         self._device_spec = device
         # "auto": none when the model fits in the available memory, else one that leaves a margin
         self._auto_budget = isinstance(memory_budget, str) and memory_budget == "auto"
@@ -73,12 +77,12 @@ class Model:
                 f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}"
             )
         self.kernels = kernels
-        if self.on_opencl and (kernels == "numpy" or self.memory_budget is not None or kv_cache == "f32"):
+        if self.on_gpu and (kernels == "numpy" or self.memory_budget is not None or kv_cache == "f32"):
             raise UnsupportedError(
-                "device='opencl' runs its own kernels with a half-precision KV cache and holds the whole "
+                f"device={device!r} runs its own kernels with a half-precision KV cache and holds the whole "
                 "model: no kernels='numpy', memory_budget or kv_cache='f32' there"
             )
-        if self.on_opencl:
+        if self.on_gpu:
             self._auto_budget = False
         if kv_cache != "auto" and kv_cache not in KV_TYPES:
             raise EmberError(f"kv_cache must be one of {', '.join(KV_TYPES)} or 'auto', got {kv_cache!r}")
@@ -97,6 +101,8 @@ class Model:
             raise EmberError(f"draft_schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {draft_schedule!r}")
         self.draft_schedule = draft_schedule
         self.drafter = None if draft is None else self._drafter(draft, n_ctx)
+        if self.on_gpu:
+            _ = self.device  # a device asked for and missing fails here, not at the first token
 
     def _drafter(self, draft, n_ctx: int | None):
         """draft="lookup": prompt lookup; a catalog name or a .gguf path: that model drafts, on
@@ -200,16 +206,21 @@ class Model:
         self._code_loaded = True
 
     @property
-    def on_opencl(self) -> bool:
-        return self._device_spec.startswith("opencl")
+    def on_gpu(self) -> bool:
+        """Whether the whole model runs on an OpenCL or CUDA device."""
+        return self._device_spec.split(":")[0] in GPU_KINDS
 
     @cached_property
     def device(self):
-        """Where the model runs: the CPU ("auto" too, so far), or an OpenCL device."""
-        if self.on_opencl:
+        """Where the model runs: the CPU ("auto" too, so far), or an OpenCL or CUDA device."""
+        if self._device_spec.startswith("opencl"):
             from .devices.opencl import OpenCLDevice
 
             return OpenCLDevice(self._device_spec, self.threads)
+        if self._device_spec.startswith("cuda"):
+            from .devices.cuda import CudaDevice
+
+            return CudaDevice(self._device_spec, self.threads)
         from .devices.cpu import CpuDevice
 
         return CpuDevice(self.threads)
@@ -271,7 +282,7 @@ class Model:
         from .devices.cpu.step import compiled
 
         tr = self.transformer
-        if self.kernels != "numpy" and not self.on_opencl and not compiled():
+        if self.kernels != "numpy" and not self.on_gpu and not compiled():
             logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
         if load_code:
             self._load_code(tr)

@@ -433,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--device",
             default="auto",
-            help="where the model runs: auto (the CPU, so far), cpu, opencl or opencl:N (the whole model on "
-            "an OpenCL device; `ember info --devices` lists them)",
+            help="where the model runs: auto (the CPU, so far), cpu, opencl, opencl:N, cuda or cuda:N (the "
+            "whole model on an OpenCL device or a CUDA GPU; `ember info --devices` lists them)",
         )
         spec = sp.add_mutually_exclusive_group()
         spec.add_argument(

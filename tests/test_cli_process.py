@@ -264,6 +264,9 @@ def test_run_on_the_opencl_device(smol):
     assert res.code == 0 and re.search(r"^opencl:0 +\S", res.out, re.M) and "cuda" in res.out
     res = ember("run", smol, "hi", "--device", "opencl:7")
     assert res.code == 2 and "the OpenCL devices here are opencl:0" in res.err and res.err.count("\n") == 1
+    if not re.search(r"^cuda:0 ", ember("info", "--devices").out, re.M):  # no GPU: one clear line
+        res = ember("run", smol, "hi", "--device", "cuda")
+        assert res.code == 2 and "no usable CUDA GPU" in res.err and res.err.count("\n") == 1, res
 
 
 def test_chat_needs_a_terminal(smol):

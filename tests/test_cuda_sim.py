@@ -45,7 +45,7 @@ def test_matmul_matches_dequantize(kind):
     x = random_x(_rng("cuda-mm-x", qt), n, n_in)
     bias = random_x(_rng("cuda-mm-b", qt), n_out)
     y = np.zeros((n, n_out), np.float32)
-    K.MATMUL[kind][(n_out, -(-n // K.ROWS)), K.WG](raw.reshape(-1), raw.shape[1], n_in, x, n, y, n_out, bias, 1)
+    K.matmul(kind, raw.reshape(-1), raw.shape[1], n_in, x, n, y, n_out, bias, True)
     truth = x.astype(np.float64) @ wf.T + bias
     scale = np.abs(x).astype(np.float64) @ np.abs(wf).T + np.abs(bias)
     err = np.abs(y - truth) / scale
@@ -99,3 +99,53 @@ def test_attention_through_the_cache(window):
         want = attention(q, keys, vals, np.arange(length, end), 1 / math.sqrt(d), window)
         np.testing.assert_allclose(out.reshape(n, -1), want, rtol=1e-4, atol=1e-5, err_msg=_msg(n=n, window=window))
         length = end
+
+
+def test_the_cache_grows_and_rolls_back():
+    """The device's KV cache (gpu.GpuKVCache over the CUDA kernels): positions written in two
+    pieces across a growth (256 -> 512 positions), read back as the halves of what was written,
+    and a rollback that the next write overwrites."""
+    from ember.devices.cuda.runtime import Kernels, find
+    from ember.devices.gpu import GpuKVCache
+
+    rng = _rng("cuda-cache")
+    cache = GpuKVCache(Kernels(find("cuda")), 2, 2, 16, 8, 600)
+    k, v = random_x(rng, 300, 2, 16), random_x(rng, 300, 2, 8)
+    for lo, hi in ((0, 200), (200, 300)):
+        cache.reserve(hi - lo)
+        for il in range(2):
+            cache.store(il, k[lo:hi] + il, v[lo:hi] - il)
+        cache.commit(hi - lo)
+    assert cache.cap == 512 and cache.nbytes() == 2 * 2 * 2 * 512 * (16 + 8)
+    keys, vals = cache.floats(1, 300)
+    half = lambda a: a.astype(np.float16).astype(np.float32).transpose(1, 0, 2)  # noqa: E731
+    assert np.array_equal(keys, half(k + 1)) and np.array_equal(vals, half(v - 1)), _msg()
+    cache.truncate(250)
+    cache.reserve(1)
+    cache.store(0, k[:1], v[:1])
+    cache.commit(1)
+    keys, _ = cache.floats(0, 251)
+    assert np.array_equal(keys[:, 250], half(k[:1])[:, 0]) and np.array_equal(keys[:, :250], half(k[:250])), _msg()
+
+
+@pytest.mark.slow
+def test_the_device_runs_a_model_as_the_reference(tmp_path):
+    """`device="cuda"` (gpu.GpuDevice over the CUDA kernels) on a one-layer qwen2 model (biases,
+    NEOX RoPE, grouped heads) against the float32 reference with the same half cache: fed in two
+    pieces, then again after a rollback. (Each forward takes the simulator ~15 s.)"""
+    import tiny_gguf as tg
+
+    import ember
+
+    path = tg.write_family(tmp_path / "m.gguf", "qwen2", n_layer=1, n_embd=32, n_head=2, n_head_kv=1, n_ff=32, n_ctx=32)
+    m = ember.load(path, device="cuda")
+    assert m.device.describe().startswith("cuda: ")
+    ref = ember.load(path, kernels="numpy", kv_cache="f16")
+    ids = _rng("cuda-model").integers(0, m.config.n_vocab, 5).tolist()
+    want = ref.logits(ids)
+    s = m.session()
+    got = np.concatenate([s.feed(ids[:3]), s.feed(ids[3:])])
+    tol = 1e-4 * np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tol, err_msg=_msg())
+    s.truncate(4)
+    np.testing.assert_allclose(s.feed(ids[4:]), want[4:], atol=tol, err_msg=_msg(after="truncate"))

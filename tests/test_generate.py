@@ -160,8 +160,10 @@ def test_bad_token_ids(smol):
 def test_unsupported_options_are_honest(catalog_path):
     with pytest.raises(UnsupportedError, match="kernels='numpy'"):
         _ = ember.load(catalog_path("smollm2-135m"), memory_budget="512MB", kernels="numpy").transformer
-    with pytest.raises(ember.DeviceError):
-        ember.load(catalog_path("smollm2-135m"), device="cuda")
+    with pytest.raises(ember.DeviceError, match="not one ember knows"):
+        ember.load(catalog_path("smollm2-135m"), device="tpu")
+    with pytest.raises(ember.DeviceError, match="cuda:99"):  # (numba's simulator in this process: one GPU)
+        ember.load(catalog_path("smollm2-135m"), device="cuda:99")
 
 
 def test_kv_cache_types(catalog_path):

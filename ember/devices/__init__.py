@@ -1,5 +1,6 @@
 """Where the math runs, behind one small protocol (`base.Device`): the CPU (`cpu`), a whole dense
-model on an OpenCL device (`opencl`); GPU attention beside the CPU's matmuls and CUDA to come. A
+model on an OpenCL device (`opencl`) or a CUDA GPU (`cuda`), both through `gpu.GpuDevice`; GPU
+attention beside the CPU's matmuls to come. A
 device runs a model's layers over a KV cache it owns; the model's definition (`runtime.model`)
 stays device-independent. `available()` lists what this machine offers."""
 
@@ -27,5 +28,11 @@ def available(check: bool = False) -> list[dict]:
         out += found or [{"name": "opencl", "missing": "no OpenCL platform is installed"}]
     except DeviceError as e:
         out.append({"name": "opencl", "missing": str(e)})
-    out.append({"name": "cuda", "missing": "the CUDA device is not in ember yet"})
+    from .cuda.runtime import describe_devices as cuda_devices
+    from .cuda.runtime import why_missing
+
+    try:
+        out += cuda_devices() or [{"name": "cuda", "missing": why_missing() or "no CUDA GPU found"}]
+    except Exception as e:  # a driver that fails while it is asked: listed with the reason, not raised
+        out.append({"name": "cuda", "missing": f"the CUDA driver failed: {e}"})
     return out

@@ -1,2 +1,81 @@
-"""The CUDA device's kernels (numba.cuda, `kernels`); the device that runs a model with them is
-not in ember yet: `device="cuda"` is a clear error."""
+"""The CUDA device: a whole dense model on an NVIDIA GPU through numba-cuda, its KV cache there in
+half precision.
+
+The forward is `gpu.GpuDevice`'s; this module supplies its primitives as the numba.cuda kernels
+of `kernels.py` (the same math and launch shapes as the OpenCL device's group-per-row kernels).
+Without a GPU they run under numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which the tests use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..gpu import GpuDevice, GpuKVCache
+from .runtime import Kernels, find, flat, view
+
+SPLIT = 256  # keys per attention block: a decode step at 4096 keys runs 16 splits a head
+
+
+class CudaDevice(GpuDevice):
+    """One CUDA GPU (`spec`: "cuda" or "cuda:N", see `runtime.find`). `split`: keys per
+    attention block."""
+
+    kind = "CUDA"
+
+    def __init__(self, spec: str = "cuda", threads: int | None = None, split: int = SPLIT):
+        self.gpu = find(spec)
+        kernels = Kernels(self.gpu)
+        super().__init__(spec, threads, kernels)
+        K = kernels.K
+        self.max_group, self.max_head_dim = K.MAXG, min(K.MAXD, K.MAXDPT * K.WG)
+        self.split = split
+        self._partials = (None, None, 0)  # the attention's split sums, (max, sum) pairs, rows
+
+    def describe(self) -> str:
+        from .runtime import _name
+
+        return f"{self.name}: {_name(self.gpu)} (CUDA)"
+
+    def new_cache(self, model, n_ctx: int | None = None) -> GpuKVCache:
+        with self.gpu:
+            return super().new_cache(model, n_ctx)
+
+    def forward(self, model, ids, cache, *, all_logits: bool = True, layers: range | None = None):
+        with self.gpu:  # numba's contexts are per thread: a generation may run on another
+            return super().forward(model, ids, cache, all_logits=all_logits, layers=layers)
+
+    def norm(self, buf, w, rows: int, width: int, eps: float, out=None) -> None:
+        K = self.kernels.K
+        K.rms_norm[rows, K.WG](
+            view(buf, rows, width), w, view(buf if out is None else out, rows, width), np.float32(eps)
+        )
+
+    def rope(self, buf, cos, sin, n: int, heads: int, head_dim: int, half: int, neox: bool) -> None:
+        K = self.kernels.K
+        K.rope[-(-n * heads * half // K.WG), K.WG](view(buf, n, heads, head_dim), cos, sin, neox)
+
+    def add(self, x, y, count: int) -> None:
+        K = self.kernels.K
+        K.add[-(-count // K.WG), K.WG](flat(x, count), flat(y, count))
+
+    def glu(self, g, u, count: int, gelu: bool) -> None:
+        K = self.kernels.K
+        K.glu[-(-count // K.WG), K.WG](flat(g, count), flat(u, count), gelu)
+
+    def attention(self, q, cache: GpuKVCache, il: int, n: int, n_head: int, pos0: int, scale: float, window: int, out):
+        """Split-K over `split` keys a block, then a merge."""
+        kn, c = self.kernels, cache
+        K = kn.K
+        with self.gpu:
+            n_split = -(-(pos0 + n) // self.split)
+            rows = n * n_head * n_split
+            parts, ml, have = self._partials
+            if have < rows:
+                parts, ml = kn.buffer(8 * rows * c.head_dim_v), kn.buffer(16 * rows)  # room for twice as many
+                self._partials = (parts, ml, 2 * rows)
+            op, mls = view(parts, n, n_head, n_split, c.head_dim_v), view(ml, n, n_head, n_split, 2)
+            K.attn_split[(n * c.n_head_kv, n_split), K.WG](
+                view(q, n, n_head, c.head_dim), c.kc[il], c.vc[il], pos0, window, np.float32(scale), self.split, op, mls
+            )
+            o = view(out, n, n_head, c.head_dim_v)
+            K.attn_merge[-(-n * n_head * c.head_dim_v // K.WG), K.WG](op, mls, o)

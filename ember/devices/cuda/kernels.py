@@ -5,13 +5,15 @@ math and launch shapes as the OpenCL device's group-per-row kernels (`opencl/ker
 They compile for a GPU through numba-cuda, and run on the CPU under numba's CUDA simulator
 (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is first imported), which the tests use on small
 shapes. Launch: `kernel[grid, block](args)`; block sizes WG (a warp's multiple), ROWS
-activation rows a matmul block multiplies.
+activation rows a matmul block multiplies. The reductions take one barrier (`syncthreads`, each
+of which costs the simulator ~30 ms a block), then a thread sums the WG partial sums itself.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import cuda, float32, int32
 
 WG = 32  # threads of a block (a warp): the matmul's chunks and the attention's keys are shared out
@@ -57,6 +59,13 @@ def _nibbles(W, q, qh, d, m, zero, w):
         hi = (x >> 4) | (((qh >> (j + 16)) & 1) << 4)
         w[j] = d * float32(lo - zero) + m
         w[j + 16] = d * float32(hi - zero) + m
+
+
+@cuda.jit(device=True)
+def deq_f32(W, r, c, w):
+    """W: the rows as float32 (the bytes viewed), r still in bytes."""
+    for j in range(32):
+        w[j] = W[r // 4 + c * 32 + j]
 
 
 @cuda.jit(device=True)
@@ -169,24 +178,21 @@ def _matmul(deq):
         red = cuda.shared.array((ROWS, WG), float32)
         for r in range(ROWS):
             red[r, t] = acc[r]
-        cuda.syncthreads()
-        half = WG // 2
-        while half > 0:
-            if t < half:
-                for r in range(ROWS):
-                    red[r, t] += red[r, t + half]
-            cuda.syncthreads()
-            half //= 2
+        cuda.syncthreads()  # the one barrier: thread r sums row r's WG partial sums
         if t < nr:
-            Y[r0 + t, o] = red[t, 0] + (bias[o] if has_bias else float32(0.0))
+            s = float32(0.0)
+            for u in range(WG):
+                s += red[t, u]
+            Y[r0 + t, o] = s + (bias[o] if has_bias else float32(0.0))
 
     return matmul
 
 
-# the GGUF type names (as `opencl.runtime.MATMUL_TYPES` has them) -> their matmul kernels
+# the GGUF type names (as `gpu.MATMUL_TYPES` has them) -> their matmul kernels
 MATMUL = {
     name: _matmul(deq)
     for name, deq in {
+        "f32": deq_f32,
         "f16": deq_f16,
         "q4_0": deq_q4_0,
         "q4_1": deq_q4_1,
@@ -198,6 +204,13 @@ MATMUL = {
         "q6_k": deq_q6_k,
     }.items()
 }
+
+
+def matmul(kind: str, W, row_bytes: int, n_in: int, X, n: int, Y, n_out: int, bias, has_bias: bool) -> None:
+    """Launch MATMUL[kind] over GGUF rows W (uint8, flat): Y [n, n_out] = X [n, n_in] @ W.T (+ bias)."""
+    if kind == "f32":
+        W = W.view(np.float32)
+    MATMUL[kind][(n_out, -(-n // ROWS)), WG](W, row_bytes, n_in, X, n, Y, n_out, bias, has_bias)
 
 
 @cuda.jit
@@ -213,14 +226,10 @@ def rms_norm(X, w, Y, eps):
         i += WG
     red[t] = s
     cuda.syncthreads()
-    half = WG // 2
-    while half > 0:
-        if t < half:
-            red[t] += red[t + half]
-        cuda.syncthreads()
-        half //= 2
-    inv = float32(1.0) / math.sqrt(red[0] / width + eps)
-    cuda.syncthreads()
+    s = float32(0.0)
+    for u in range(WG):  # every thread sums the WG partial sums: no more barriers
+        s += red[u]
+    inv = float32(1.0) / math.sqrt(s / width + eps)
     i = t
     while i < width:
         Y[r, i] = X[r, i] * inv * w[i]
