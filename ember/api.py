@@ -56,9 +56,12 @@ class Model:
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.gguf.validate_model()
-        if not isinstance(device, str) or not (device in ("auto", "cpu") or device.split(":")[0] in GPU_KINDS):
+        if not isinstance(device, str) or not (
+            device in ("auto", "cpu") or device.removeprefix("cpu+").split(":")[0] in GPU_KINDS
+        ):
             raise DeviceError(
-                f"device {device!r} is not one ember knows; use 'auto', 'cpu', 'opencl', 'opencl:N', 'cuda' or 'cuda:N'"
+                f"device {device!r} is not one ember knows; use 'auto', 'cpu', 'opencl', 'opencl:N', 'cuda', "
+                "'cuda:N', or 'cpu+' and one of those (the attention on it)"
             )
         self._device_spec = device
         # "auto": none when the model fits in the available memory, else one that leaves a margin
@@ -79,8 +82,8 @@ class Model:
         self.kernels = kernels
         if self.on_gpu and (kernels == "numpy" or self.memory_budget is not None or kv_cache == "f32"):
             raise UnsupportedError(
-                f"device={device!r} runs its own kernels with a half-precision KV cache and holds the whole "
-                "model: no kernels='numpy', memory_budget or kv_cache='f32' there"
+                f"device={device!r} runs its own kernels with a half-precision KV cache on the device: no "
+                "kernels='numpy', memory_budget or kv_cache='f32' there"
             )
         if self.on_gpu:
             self._auto_budget = False
@@ -207,20 +210,21 @@ class Model:
 
     @property
     def on_gpu(self) -> bool:
-        """Whether the whole model runs on an OpenCL or CUDA device."""
-        return self._device_spec.split(":")[0] in GPU_KINDS
+        """Whether the model, or its attention and KV cache, run on an OpenCL or CUDA device."""
+        return self._device_spec.removeprefix("cpu+").split(":")[0] in GPU_KINDS
 
     @cached_property
     def device(self):
-        """Where the model runs: the CPU ("auto" too, so far), or an OpenCL or CUDA device."""
-        if self._device_spec.startswith("opencl"):
-            from .devices.opencl import OpenCLDevice
+        """Where the model runs: the CPU ("auto" too, so far), an OpenCL or CUDA device, or the
+        CPU with the attention on one of those ("cpu+opencl": `devices.hybrid`)."""
+        if self._device_spec.startswith("cpu+"):
+            from .devices.hybrid import HybridDevice
 
-            return OpenCLDevice(self._device_spec, self.threads)
-        if self._device_spec.startswith("cuda"):
-            from .devices.cuda import CudaDevice
+            return HybridDevice(self._device_spec, self.threads)
+        if self.on_gpu:
+            from .devices.hybrid import gpu_device
 
-            return CudaDevice(self._device_spec, self.threads)
+            return gpu_device(self._device_spec, self.threads)
         from .devices.cpu import CpuDevice
 
         return CpuDevice(self.threads)
@@ -282,7 +286,8 @@ class Model:
         from .devices.cpu.step import compiled
 
         tr = self.transformer
-        if self.kernels != "numpy" and not self.on_gpu and not compiled():
+        whole_on_gpu = self.on_gpu and not self._device_spec.startswith("cpu+")
+        if self.kernels != "numpy" and not whole_on_gpu and not compiled():
             logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
         if load_code:
             self._load_code(tr)

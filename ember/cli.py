@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--device",
             default="auto",
             help="where the model runs: auto (the CPU, so far), cpu, opencl, opencl:N, cuda or cuda:N (the "
-            "whole model on an OpenCL device or a CUDA GPU; `ember info --devices` lists them)",
+            "whole model on an OpenCL device or a CUDA GPU; `ember info --devices` lists them), or cpu+ one "
+            "of those (the CPU's kernels, the attention and KV cache on that device)",
         )
         spec = sp.add_mutually_exclusive_group()
         spec.add_argument(

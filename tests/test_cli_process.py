@@ -409,6 +409,7 @@ def test_bench_quick(smol, tmp_path):
     if not pocl:
         dev = sc["devices"]["summary"]  # PoCL's OpenCL device beside the CPU, timing its own work
         assert dev["128|cpu"]["tok_s"]["median"] > 0 and dev["128|opencl:0"]["device_s"]["attention"] > 0
+        assert dev["128|cpu+opencl:0"]["device_s"]["attention"] > 0  # the attention alone there
     spec = sc["speculative"]["summary"]
     assert spec["ember|type hints|lookup"]["same_tokens"] and "acceptance_rate" in spec["ember|type hints|lookup"]
     md = (tmp_path / "report.md").read_text()

@@ -149,3 +149,24 @@ def test_the_device_runs_a_model_as_the_reference(tmp_path):
     np.testing.assert_allclose(got, want, atol=tol, err_msg=_msg())
     s.truncate(4)
     np.testing.assert_allclose(s.feed(ids[4:]), want[4:], atol=tol, err_msg=_msg(after="truncate"))
+
+
+def test_attention_on_the_device_beside_the_cpu(tmp_path):
+    """device="cpu+cuda": the CPU's kernels with the attention and the cache on the (simulated)
+    GPU give the CPU's logits, fed in pieces and after a rollback (F16 weights: no int8
+    rounding of activations for the attention's other summation order to flip)."""
+    import tiny_gguf as tg
+
+    import ember
+
+    path = tg.write_family(tmp_path / "m.gguf", "qwen2", qtype="F16", n_ctx=32)
+    m, cpu = ember.load(path, device="cpu+cuda"), ember.load(path)
+    assert m.device.describe().startswith("cpu+cuda: matmuls on cpu (")
+    ids = _rng("cuda-hybrid").integers(0, m.config.n_vocab, 7).tolist()
+    want = cpu.logits(ids)
+    s = m.session()
+    got = np.concatenate([s.feed(ids[:5]), s.feed(ids[5:])])
+    tol = 1e-4 * np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tol, err_msg=_msg())
+    s.truncate(4)
+    np.testing.assert_allclose(s.feed(ids[4:]), want[4:], atol=tol, err_msg=_msg(after="rollback"))

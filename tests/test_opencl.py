@@ -213,6 +213,38 @@ def test_families_match_the_reference_and_ranges(tmp_path, family, qtype):
     np.testing.assert_allclose(h, want, atol=tol, err_msg=_msg(family=family, by="layer ranges"))
 
 
+@pytest.mark.parametrize("family,qtype", [("llama", "F16"), ("qwen2", "Q8_0"), ("gemma3", "F16")])
+def test_attention_on_the_device_beside_the_cpu(tmp_path, family, qtype):
+    """device="cpu+opencl": the CPU's kernels with the attention and the cache on the device
+    give the CPU's logits (the same kernels; the attention sums in another order, which can flip
+    an activation's int8 rounding in the kernels of 4- and 5-bit weights: F16 and Q8_0 here,
+    the catalog models in the greedy test below): fed in pieces (the
+    fused step's pieces a layer), after a rollback, by layer ranges, and a batch past the fused
+    step's (one-row kernels: the op-by-op forward with the device's attention)."""
+    import tiny_gguf as tg
+
+    import ember
+
+    path = tg.write_family(tmp_path / "m.gguf", family, qtype=qtype, n_ctx=128)
+    m, cpu = ember.load(path, device="cpu+opencl"), ember.load(path)
+    assert m.device.describe().startswith("cpu+opencl: matmuls on cpu (")
+    ids = _rng("hybrid", family).integers(0, m.config.n_vocab, 90).tolist()
+    want = cpu.session()
+    want = np.concatenate([want.feed(ids[:9]), want.feed(ids[9:10]), want.feed(ids[10:30]), want.feed(ids[30:])])
+    s = m.session()
+    got = np.concatenate([s.feed(ids[:9]), s.feed(ids[9:10]), s.feed(ids[10:30]), s.feed(ids[30:])])
+    tol = 1e-3 * np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tol, err_msg=_msg(family=family))
+    s.truncate(12)
+    np.testing.assert_allclose(s.feed(ids[12:20]), want[12:20], atol=tol, err_msg=_msg(family=family, after="rollback"))
+    tr, dev = m.transformer, m.device
+    cache = dev.new_cache(tr, 64)
+    h = dev.forward(tr, ids[:7], cache, layers=range(0, 1))
+    got = dev.forward(tr, h, cache, layers=range(1, m.config.n_layer))
+    np.testing.assert_allclose(got, want[:7], atol=tol, err_msg=_msg(family=family, by="layer ranges"))
+    assert cache.length == 7
+
+
 def test_the_op_by_op_path_on_the_device(tmp_path):
     """The Transformer's own forward with the device's ops (host arrays in and out, the keys
     and values stored through the device's cache) gives the device's forward."""
@@ -258,21 +290,23 @@ def opencl_model(catalog_path):
 
     cache = {}
 
-    def get(name):
-        if name not in cache:
-            cache[name] = ember.load(catalog_path(name), device="opencl")
-        return cache[name]
+    def get(name, device="opencl"):
+        if (name, device) not in cache:
+            cache[name, device] = ember.load(catalog_path(name), device=device)
+        return cache[name, device]
 
     return get
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["opencl", "cpu+opencl"])
 @pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b"])
-def test_greedy_tokens_equal_the_cpu(catalog_model, opencl_model, name):
+def test_greedy_tokens_equal_the_cpu(catalog_model, opencl_model, name, device):
     """On every public reference prompt, 16 greedy steps of the CPU fed to both: the device's
     argmax is the CPU's at every step where the CPU's own top-1 / top-2 margin is at least 0.5
-    (a closer call may go either way), so also past the first close call."""
-    cpu, ocl = catalog_model(name), opencl_model(name)
+    (a closer call may go either way), so also past the first close call. The whole model on
+    the device, and the attention alone there beside the CPU's kernels."""
+    cpu, ocl = catalog_model(name), opencl_model(name, device)
     checked = 0
     for p in reference(name)["prompts"]:
         a, b = cpu.session(), ocl.session()

@@ -476,6 +476,7 @@ def devices(b) -> dict:
     names = [dev for dev in names if dev not in broken]
     if len(names) < 2:
         raise Skip("no OpenCL device here runs ember's kernels: " + "; ".join(f"{d}: {w}" for d, w in broken.items()))
+    names += [f"cpu+{dev}" for dev in names if dev != "cpu"]  # the attention alone on the device
     out: dict = {"contexts": _device_contexts(b), "decode": n, "threads": t, "devices": names, "runs": []}
     for ctx in out["contexts"]:
         for dev in names:
@@ -487,7 +488,7 @@ def devices(b) -> dict:
 
 
 def devices_steps(b) -> int:
-    return len(_device_contexts(b)) * len(_devices_here())
+    return len(_device_contexts(b)) * (2 * len(_devices_here()) - 1)
 
 
 def _kind(engine: str) -> str:

@@ -84,7 +84,8 @@ def worker_ember(model: str, test: str, threads: int, device: str = "cpu") -> di
     ids = prompt_ids(test_context(test), tok)
     for _ in m.generate(ids[:16], max_tokens=2, ignore_eos=True):  # warm-up
         pass
-    kernels = getattr(m.device, "kernels", None)  # a device that times its own work (OpenCL)
+    # a device that times its own work (OpenCL), whole or the attention beside the CPU (`gpu`)
+    kernels = getattr(getattr(m.device, "gpu", m.device), "kernels", None)
     for i, _ in enumerate(m.generate(ids, max_tokens=n, ignore_eos=True)):
         if i == 0 and kernels is not None:  # the decodes' device time, from the first token on
             kernels.profile, kernels.times = True, {}

@@ -206,11 +206,15 @@ class GpuDevice:
 
     def check(self, model) -> None:
         """UnsupportedError for what this device does not run yet."""
-        c = model.cfg
-        if c.is_moe:
+        if model.cfg.is_moe:
             raise UnsupportedError(
                 f"mixture-of-experts models do not run on the {self.kind} device yet; use device='cpu'"
             )
+        self.check_attention(model)
+
+    def check_attention(self, model) -> None:
+        """UnsupportedError for an attention this device's kernels do not take."""
+        c = model.cfg
         dims = (c.head_dim, c.head_dim_v)
         if c.n_head // c.n_head_kv > self.max_group or max(dims) > self.max_head_dim or dims[0] % 8 or dims[1] % 8:
             raise UnsupportedError(
@@ -243,11 +247,26 @@ class GpuDevice:
 
     def new_cache(self, model, n_ctx: int | None = None) -> GpuKVCache:
         c = model.cfg
-        self.check(model)
+        self.check_attention(model)
         return GpuKVCache(self.kernels, c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, n_ctx or c.context_length)
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def attend_rows(self, model, cache: GpuKVCache, il: int, q, k, v) -> np.ndarray:
+        """Layer il's attention of n rows given from the host (q [n, n_head * head_dim], k
+        [n, n_kv * head_dim], v [n, n_kv * head_dim_v], RoPE done): their keys and values into
+        the cache at its length, the output [n, n_head * head_dim_v] read back."""
+        c, kn = model.cfg, self.kernels
+        n = q.shape[0]
+        s = self._buffers(model, n, 0)
+        kn.put(s.q, q)
+        kn.put(s.k, k)
+        kn.put(s.v, v)
+        cache.write(il, s.k, s.v, n)
+        window = c.sliding_window if c.swa_layers[il] else 0
+        self.attention(s.q, cache, il, n, c.n_head, cache.length, c.attn_scale, window, s.a)
+        return kn.get(s.a, (n, c.n_head * c.head_dim_v))
 
     # ---- the forward ---------------------------------------------------------------------
     def _vector(self, model, name: str):

@@ -29,7 +29,8 @@ N_FUSED_STEPS = 48
 _BLAS = None  # one ThreadpoolController: creating one scans the loaded libraries (~2 ms)
 
 
-def _blas_threads(n: int):
+def blas_threads(n: int):
+    """A context in which BLAS runs on n threads."""
     global _BLAS
     if _BLAS is None:
         _BLAS = ThreadpoolController()
@@ -189,5 +190,5 @@ class CpuDevice:
                 return np.concatenate(parts) if len(parts) > 1 else parts[0]
             return np.concatenate(parts) if all_logits and len(parts) > 1 else parts[-1]
         keep_large_blocks()  # from the first batch on (decode alone allocates little)
-        with _blas_threads(1):  # ops.matmul splits a batch between ember's threads
+        with blas_threads(1):  # ops.matmul splits a batch between ember's threads
             return model.forward(ids, cache, all_logits=all_logits, threads=self.threads, layers=layers)

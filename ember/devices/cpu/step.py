@@ -147,18 +147,35 @@ def _heads(t, vecs, voff, il, bias_col, norm_col, full, nh, hd, eps, tmp):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, t2):
-    """Row i's key and value of kv group g (k norm, RoPE; v bias) into the cache at position p."""
+def _qk_heads(i, il, qb, kb, ql, kl, vecs, voff, qkn, nh, nkv, hd, eps, t2):
+    """Row i's query and key projections into ql[i], kl[i], + bias and the full q/k norm."""
+    kl[i] = kb[i, : kl.shape[1]]
+    _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
+    ql[i] = qb[i, : ql.shape[1]]
+    _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kv_row(g, i, il, kl, vb, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, t2):
+    """Row i's key of kv group g made ready in place in kl (k norm, RoPE); its value (+ bias),
+    returned as a view of t2."""
     kh = kl[i, g * hd : (g + 1) * hd]
     if qkn == 1:
         t2[:hd] = kh
         _rms(t2[:hd], _vec(vecs, voff, il, V_KNORM, hd), eps, kh)
     _rope(kh, cs, sn, neox)
-    store_row(kh, kc[il, g, p])
     vh = t2[:hdv]
     vh[:] = vb[i, g * hdv : (g + 1) * hdv]
     if voff[il, V_BV] >= 0:
         vh += _vec(vecs, voff, il, V_BV, nkv * hdv)[g * hdv : (g + 1) * hdv]
+    return vh
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, t2):
+    """Row i's key and value of kv group g (k norm, RoPE; v bias) into the cache at position p."""
+    vh = _kv_row(g, i, il, kl, vb, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, t2)
+    store_row(kl[i, g * hd : (g + 1) * hd], kc[il, g, p])
     store_row(vh, vc[il, g, p])
 
 
@@ -395,6 +412,12 @@ def _decode(tid, nth, sync, weights, call, bufs):
         rt,
         rw,
         rs,
+        attn_in,
+        attn_out,
+        ai,
+        qo,
+        ko,
+        vo,
     ) = call
     qb, kb, vb, ab, ob, gb, ub, fb, ma, md = bufs
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
@@ -418,7 +441,8 @@ def _decode(tid, nth, sync, weights, call, bufs):
         cs = cos_l if swa[il] else cos_g
         sn = sin_l if swa[il] else sin_g
         win = window if swa[il] else 0
-        if not (ffn_first and il == l0):  # else x0 is the residual after layer l0's attention
+        att = ai  # layer l0's attention output when it ran elsewhere (`attn_in`)
+        if not (ffn_first and il == l0) and not (attn_in and il == l0):
             # q, k, v: one unit = 64 rows of q, then of k, then of v
             for i in range(k):
                 _rms(x[i], _vec(vecs, voff, il, V_ATTN_NORM, d), eps, h[i])
@@ -437,16 +461,26 @@ def _decode(tid, nth, sync, weights, call, bufs):
             st = _sync(bfn, yfn, bst, nth)
             if st:
                 return st
+            if attn_out and il == l1 - 1:  # stop before the attention: its inputs, made ready
+                if tid == 0:
+                    for i in range(k):
+                        _qk_heads(i, il, qb, kb, ql, kl, vecs, voff, qkn, nh, nkv, hd, eps, t2)
+                        for g in range(nkv):
+                            vo[i, g * hdv : (g + 1) * hdv] = _kv_row(
+                                g, i, il, kl, vb, vecs, voff, qkn, hd, hdv, nkv, eps, cs[i], sn[i], neox, t2
+                            )
+                            _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+                        qo[i] = ql[i]
+                        ko[i] = kl[i]
+                    xo[:] = x
+                return 0
             # attention: every new token's k and v into the cache (bias, norm, RoPE), then its query
             # heads, token i seeing positions up to pos + i, part by part (`attention.attend`). A
             # short context: one unit = one kv group, all of it. A long one, when the groups are
             # too few to go round the threads: the cache writes, a barrier, then one unit = one part
             # of one group's keys, the parts combined after the next barrier by every thread itself
             for i in range(k):
-                kl[i] = kb[i, : kl.shape[1]]
-                _heads(kl[i], vecs, voff, il, V_BK, V_KNORM, qkn == 2, nkv, hd, eps, t2)
-                ql[i] = qb[i, : ql.shape[1]]
-                _heads(ql[i], vecs, voff, il, V_BQ, V_QNORM, qkn == 2, nh, hd, eps, t2)
+                _qk_heads(i, il, qb, kb, ql, kl, vecs, voff, qkn, nh, nkv, hd, eps, t2)
             lo0 = first_key(pos, win)  # the first key any of the rows sees
             c_lo, c_hi = parts_of(lo0, pos + k)
             split = nth > 1 and nkv < 4 * nth and c_hi - c_lo > 1
@@ -518,6 +552,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
                     p = pos + i
                     c0, c1 = parts_of(first_key(p, win), p + 1)
                     combine(po[i, : c1 - c0], pm[i, : c1 - c0], ab2[i])
+        if not (ffn_first and il == l0):
             # output projection, residual
             _matvec_phase(tfn, cnt, ci, nth, desc, m0 + M_O, fns, att, nh * hdv, buf, ob)
             ci += 1
@@ -615,7 +650,9 @@ class Call(NamedTuple):
     the attention's parts [k, n, n_head, head_dim_v] and their (max, sum) [k, n, n_head, 2];
     whether layer l0 starts at its FFN (x0: the residual after its attention) and whether layer
     l1 - 1 stops at its routing (xo: the residual; rt, rw, rs: the routing, `_route_rows`), the
-    routing then given to the call that starts there."""
+    routing then given to the call that starts there; whether layer l0's attention ran elsewhere
+    (`attn_in`: its output in ai [k, n_head * head_dim_v]) and whether layer l1 - 1 stops before
+    its attention (`attn_out`: xo, and the attention's inputs, RoPE done, in qo, ko, vo)."""
 
     x0: np.ndarray
     kc: np.ndarray
@@ -637,6 +674,12 @@ class Call(NamedTuple):
     rt: np.ndarray
     rw: np.ndarray
     rs: np.ndarray
+    attn_in: bool
+    attn_out: bool
+    ai: np.ndarray
+    qo: np.ndarray
+    ko: np.ndarray
+    vo: np.ndarray
 
 
 class Buffers(NamedTuple):
@@ -738,6 +781,9 @@ class FusedDecoder:
         # a call's routing, for the call after it (MoE layers split at their routing: `step_rows`)
         self.routing = (np.zeros((MAX_ROWS, n_used), np.int64), np.zeros((MAX_ROWS, n_used), np.float32))
         self.routing += (np.zeros(MAX_ROWS, np.float32),)
+        # the attention's inputs and output when it runs elsewhere (`step_rows`' attn_out, attn_in)
+        hand = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v, c.n_head * c.head_dim_v)
+        self.handoff = tuple(np.zeros((MAX_ROWS, w), np.float32) for w in hand)
         self.parts = np.zeros((MAX_ROWS, 0, c.n_head, c.head_dim_v), np.float32)  # grown with the context
         self.parts_ml = np.zeros((MAX_ROWS, 0, c.n_head, 2), np.float32)
         self.logits_width = _units(c.n_vocab)
@@ -841,6 +887,8 @@ class FusedDecoder:
         desc: np.ndarray | None = None,
         ffn_first: bool = False,
         route_last: bool = False,
+        attn_in: np.ndarray | None = None,
+        attn_out: bool = False,
     ) -> np.ndarray:
         """Logits [k, n_vocab] of k <= MAX_ROWS new tokens at positions len(cache)... (only
         the last one's, [1, n_vocab], when all_logits is False); appends their keys and
@@ -856,12 +904,22 @@ class FusedDecoder:
         it chose can be fetched in between (`experts.ExpertModel`): `route_last`, the call
         stops there and returns the hidden state, the routing in `self.routing`; `ffn_first`,
         the call starts there, from that hidden state and routing. `desc`: the descriptors of
-        the range's matrices (`rows(layers)` of a table like `self.desc`) to read instead."""
+        the range's matrices (`rows(layers)` of a table like `self.desc`) to read instead.
+
+        A layer's attention can run elsewhere (a GPU: `devices.hybrid`): `attn_out`, the call
+        stops before layer l1 - 1's attention and returns the hidden state, the attention's
+        inputs in `self.handoff` (q, k, v rows, RoPE done: [k, n_head * head_dim], [k, n_kv *
+        head_dim], [k, n_kv * head_dim_v]); `attn_in` [k, n_head * head_dim_v], the call starts
+        at layer l0's output projection with that attention output, from the hidden state
+        given. Such a call neither reads nor writes the cache; `cache` still gives the rows'
+        positions (its length)."""
         c = self.model.cfg
         layers = self.model.check_layers(layers)
         if (ffn_first or route_last) and not c.is_moe:
             raise ValueError("only an MoE model's layers run in pieces split at the routing")
-        if layers.start == 0 and not ffn_first:
+        if (ffn_first or route_last) and (attn_in is not None or attn_out):
+            raise ValueError("a call splits at the routing or at the attention, not both")
+        if layers.start == 0 and not ffn_first and attn_in is None:
             k = len(tokens)
             if not 1 <= k <= MAX_ROWS:
                 raise ValueError(f"the fused step takes 1..{MAX_ROWS} tokens at once, got {k}")
@@ -873,7 +931,12 @@ class FusedDecoder:
                 raise ValueError(
                     f"the fused step takes a hidden state of 1..{MAX_ROWS} rows of {c.n_embd}, got {x0.shape}"
                 )
-        last = layers.stop == c.n_layer and not route_last
+        last = layers.stop == c.n_layer and not route_last and not attn_out
+        q_o, k_o, v_o, a_i = (b[:k] for b in self.handoff)
+        if attn_in is not None:
+            if attn_in.shape != a_i.shape:
+                raise ValueError(f"the attention output given is {attn_in.shape}, not {a_i.shape}")
+            a_i[:] = attn_in
         cache.reserve(offset + k)
         pos = cache.length + offset
         positions = np.arange(pos, pos + k)
@@ -892,6 +955,7 @@ class FusedDecoder:
         call = Call(
             *(x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits, layers.start, layers.stop, xo),
             *(self.parts[:k], self.parts_ml[:k], ffn_first, route_last, *self.routing),
+            *(attn_in is not None, attn_out, a_i, q_o, k_o, v_o),
         )
         weights = self.weights._replace(desc=self.describe(layers, mats) if desc is None else desc)
         bufs = Buffers(*(b[:k] for b in self.bufs[:-2]), *self.bufs[-2:])  # MoE slots: k * (n_used + 1) of them
