@@ -7,7 +7,8 @@ the residual adds); the host uploads the token embeddings and the RoPE tables an
 logits (or a layer range's hidden state). A backend (`opencl.OpenCLDevice`,
 `cuda.CudaDevice`) supplies:
 
-- `kernels`: `buffer(nbytes)`, `upload(host)`, `put(buf, host)`, `get(buf, shape)`,
+- `kernels`: `buffer(nbytes)`, `region(buf, offset, nbytes)` (a buffer's bytes as a buffer),
+  `upload(host)`, `put(buf, host)`, `get(buf, shape)`,
   `copy(dst, src, nbytes, dst_offset, src_offset)` and `matmul(w, x, n, y, bias)` over its
   buffers (`GpuMatrix.buf` holds a matrix's GGUF rows, decoded in the kernel);
   `halves(*shape)` (a float16 array: the KV cache, `GpuKVCache`) and `kv_store(k, v, kc, vc,
@@ -200,6 +201,7 @@ class GpuDevice:
         self.ops = GpuOps(self)
         self._vectors: dict[tuple[int, str], object] = {}
         self._scratch: dict[int, Scratch] = {}
+        self._handoff: tuple = (None,)  # (layout, buffer, its q, k, v regions): `attend_rows`
 
     def with_threads(self, threads: int, model=None) -> GpuDevice:
         return self
@@ -253,19 +255,24 @@ class GpuDevice:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def attend_rows(self, model, cache: GpuKVCache, il: int, q, k, v) -> np.ndarray:
-        """Layer il's attention of n rows given from the host (q [n, n_head * head_dim], k
-        [n, n_kv * head_dim], v [n, n_kv * head_dim_v], RoPE done): their keys and values into
-        the cache at its length, the output [n, n_head * head_dim_v] read back."""
+    def attend_rows(self, model, cache: GpuKVCache, il: int, flat: np.ndarray, offsets, n: int) -> np.ndarray:
+        """Layer il's attention of n rows given from the host in one array (`flat`: q [n,
+        n_head * head_dim], k [n, n_kv * head_dim] and v [n, n_kv * head_dim_v] rows, RoPE
+        done, starting at `offsets` bytes: the fused step's hand-off), uploaded in one copy:
+        their keys and values into the cache at its length, the output [n, n_head * head_dim_v]
+        read back."""
         c, kn = model.cfg, self.kernels
-        n = q.shape[0]
         s = self._buffers(model, n, 0)
-        kn.put(s.q, q)
-        kn.put(s.k, k)
-        kn.put(s.v, v)
-        cache.write(il, s.k, s.v, n)
+        key = (flat.nbytes, tuple(offsets))
+        if self._handoff[0] != key:
+            buf = kn.buffer(flat.nbytes)
+            ends = (*offsets[1:], flat.nbytes)
+            self._handoff = (key, buf, *(kn.region(buf, o, e - o) for o, e in zip(offsets, ends)))
+        _, buf, q, k, v = self._handoff
+        kn.put(buf, flat)
+        cache.write(il, k, v, n)
         window = c.sliding_window if c.swa_layers[il] else 0
-        self.attention(s.q, cache, il, n, c.n_head, cache.length, c.attn_scale, window, s.a)
+        self.attention(q, cache, il, n, c.n_head, cache.length, c.attn_scale, window, s.a)
         return kn.get(s.a, (n, c.n_head * c.head_dim_v))
 
     # ---- the forward ---------------------------------------------------------------------

@@ -124,8 +124,7 @@ class HybridDevice:
         l0, l1 = layers.start, layers.stop
         x = dec.step_rows(rows, at, layers=range(l0, l0 + 1), attn_out=True)
         for il in range(l0, l1):
-            q, k, v = (b[:n] for b in dec.handoff[:3])
-            a = self.gpu.attend_rows(model, cache, il, q, k, v)
+            a = self.gpu.attend_rows(model, cache, il, dec.handoff_flat, dec.handoff_offsets, n)
             more = il + 1 < l1
             x = dec.step_rows(
                 x, at, all_logits, range(il, il + 2 if more else il + 1), commit=False, attn_in=a, attn_out=more

@@ -77,6 +77,7 @@ P_NEXP, P_NUSED, P_NORMK, P_SHARED = range(13, 17)  # experts (0: dense), used p
 PHASES = 6  # per layer: q/k/v, cache writes, attention, o, gate/up, down (+1: the output matrix)
 CHUNKS_PER_THREAD = 3
 MAX_ROWS = 16  # tokens one fused step takes at once (the K-quant kernels' register block)
+HANDOFF_ALIGN = 4096  # bytes: the q, k, v blocks handed to a device start at multiples of it
 
 
 def compiled() -> bool:
@@ -715,6 +716,7 @@ class FusedDecoder:
         self._mats = mats  # keeps the packed arrays alive
         self.desc = self._describe(mats)  # every layer's, then the output matrix
         self._range_desc: dict[tuple[int, int], np.ndarray] = {}
+        self._rope: tuple = (None, ())  # ((first position, rows), the RoPE tables) of the last call
         # every matrix's kernel reads its weights once for all k rows (K-quants)
         self.multi_row = bool((self.desc[:, 0] == fused.KIND_KQ).all())
         # the activation builders, then the attention part kernel's addresses (fns[2:5])
@@ -781,9 +783,17 @@ class FusedDecoder:
         # a call's routing, for the call after it (MoE layers split at their routing: `step_rows`)
         self.routing = (np.zeros((MAX_ROWS, n_used), np.int64), np.zeros((MAX_ROWS, n_used), np.float32))
         self.routing += (np.zeros(MAX_ROWS, np.float32),)
-        # the attention's inputs and output when it runs elsewhere (`step_rows`' attn_out, attn_in)
-        hand = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v, c.n_head * c.head_dim_v)
-        self.handoff = tuple(np.zeros((MAX_ROWS, w), np.float32) for w in hand)
+        # the attention's inputs when it runs elsewhere (`step_rows`' attn_out): q, k and v blocks
+        # of MAX_ROWS rows in one array (one copy to a device), each at a multiple of
+        # HANDOFF_ALIGN bytes (where a device's sub-buffers may start); its output (attn_in)
+        widths = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v)
+        block = [-(-MAX_ROWS * w * 4 // HANDOFF_ALIGN) * HANDOFF_ALIGN for w in widths]
+        self.handoff_offsets = (0, block[0], block[0] + block[1])
+        self.handoff_flat = np.zeros(sum(block) // 4, np.float32)
+        self.handoff = tuple(
+            self.handoff_flat[o // 4 : o // 4 + MAX_ROWS * w].reshape(MAX_ROWS, w)
+            for o, w in zip(self.handoff_offsets, widths)
+        ) + (np.zeros((MAX_ROWS, c.n_head * c.head_dim_v), np.float32),)
         self.parts = np.zeros((MAX_ROWS, 0, c.n_head, c.head_dim_v), np.float32)  # grown with the context
         self.parts_ml = np.zeros((MAX_ROWS, 0, c.n_head, 2), np.float32)
         self.logits_width = _units(c.n_vocab)
@@ -909,7 +919,8 @@ class FusedDecoder:
         A layer's attention can run elsewhere (a GPU: `devices.hybrid`): `attn_out`, the call
         stops before layer l1 - 1's attention and returns the hidden state, the attention's
         inputs in `self.handoff` (q, k, v rows, RoPE done: [k, n_head * head_dim], [k, n_kv *
-        head_dim], [k, n_kv * head_dim_v]); `attn_in` [k, n_head * head_dim_v], the call starts
+        head_dim], [k, n_kv * head_dim_v]; blocks of MAX_ROWS rows of `self.handoff_flat`, at
+        `self.handoff_offsets` bytes); `attn_in` [k, n_head * head_dim_v], the call starts
         at layer l0's output projection with that attention output, from the hidden state
         given. Such a call neither reads nor writes the cache; `cache` still gives the rows'
         positions (its length)."""
@@ -939,9 +950,14 @@ class FusedDecoder:
             a_i[:] = attn_in
         cache.reserve(offset + k)
         pos = cache.length + offset
-        positions = np.arange(pos, pos + k)
-        cg, sg = rope_tables(positions, c.rope_dim, c.rope_base)
-        cl, sl = rope_tables(positions, c.rope_dim, c.rope_base_local)
+        if self._rope[0] != (pos, k):  # the same rows' calls a layer at a time share them
+            positions = np.arange(pos, pos + k)
+            tables = (
+                *rope_tables(positions, c.rope_dim, c.rope_base),
+                *rope_tables(positions, c.rope_dim, c.rope_base_local),
+            )
+            self._rope = ((pos, k), tables)
+        cg, sg, cl, sl = self._rope[1]
         self.bst[:] = 0
         self.cnt[:] = 0
         # returned, no copy to make; the other output is a placeholder of the same type

@@ -40,9 +40,9 @@ class CudaDevice(GpuDevice):
         with self.gpu:
             return super().new_cache(model, n_ctx)
 
-    def attend_rows(self, model, cache: GpuKVCache, il: int, q, k, v) -> np.ndarray:
+    def attend_rows(self, model, cache: GpuKVCache, il: int, flat: np.ndarray, offsets, n: int) -> np.ndarray:
         with self.gpu:
-            return super().attend_rows(model, cache, il, q, k, v)
+            return super().attend_rows(model, cache, il, flat, offsets, n)
 
     def forward(self, model, ids, cache, *, all_logits: bool = True, layers: range | None = None):
         with self.gpu:  # numba's contexts are per thread: a generation may run on another

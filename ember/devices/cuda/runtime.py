@@ -105,6 +105,10 @@ class Kernels:
         with self.gpu:
             return self.cuda.device_array(shape, np.float16)
 
+    def region(self, buf, offset: int, nbytes: int):
+        size = buf.dtype.itemsize
+        return buf.reshape(-1)[offset // size : (offset + nbytes) // size]
+
     def upload(self, host: np.ndarray):
         with self.gpu:
             return self.cuda.to_device(np.ascontiguousarray(host))

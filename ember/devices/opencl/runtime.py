@@ -162,6 +162,9 @@ class Kernels:
     def buffer(self, nbytes: int):
         return self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, max(int(nbytes), 4))
 
+    def region(self, buf, offset: int, nbytes: int):
+        return buf.get_sub_region(offset, nbytes)
+
     def halves(self, *shape: int):
         return self.buffer(2 * int(np.prod(shape)))
 
