@@ -229,6 +229,17 @@ class Model:
 
         return CpuDevice(self.threads)
 
+    @cached_property
+    def device_choice(self) -> str:
+        """Why the model runs where it does: what device="auto" chose here and why, or the
+        device asked for."""
+        if self._device_spec != "auto":
+            return f"{self._device_spec}, as asked"
+        from .devices import auto_choice
+
+        name, why = auto_choice()
+        return f"{name}: {why}"
+
     @property
     def n_ctx(self) -> int:
         return self._n_ctx or self.config.context_length
@@ -355,6 +366,8 @@ class Model:
             if streamed:  # this call's share of the streaming (the reader runs a layer ahead)
                 after = streamed.stats_dict()
                 stats.update({k: after[k] - before[k] for k in after})
+            if self._device_spec == "auto":
+                stats["device_choice"] = self.device_choice
 
     def perplexity(self, text: str, add_bos: bool | None = None) -> float:
         """exp(mean NLL) of every token after the first, in one causal pass (batches of 512 with the

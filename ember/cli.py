@@ -98,14 +98,17 @@ def _check_threads(threads: int | None) -> None:
 def cmd_info(args) -> int:
     if args.devices:
         from .api import list_devices
+        from .devices import auto_choice
 
         found = list_devices()
+        name, why = auto_choice(found)
         if args.json:
-            _print_json(found)
+            _print_json({"devices": found, "auto": {"device": name, "why": why}})
             return 0
         for d in found:
             rest = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("name", "what", "missing"))
             print(f"{d['name']:<10} " + (f"missing: {d['missing']}" if "missing" in d else f"{d['what']} ({rest})"))
+        print(f"{'auto':<10} {name}: {why}")
         return 0
     info = _load(args.model).info()
     if args.json:

@@ -262,6 +262,7 @@ def test_run_on_the_opencl_device(smol):
         assert ocl["ids"] == cpu["ids"] and ocl["stats"]["device"].startswith("opencl: ")
     res = ember("info", "--devices")
     assert res.code == 0 and re.search(r"^opencl:0 +\S", res.out, re.M) and "cuda" in res.out
+    assert re.search(r"^auto +cpu: ", res.out, re.M), res.out  # what auto chooses here, and why
     res = ember("run", smol, "hi", "--device", "opencl:7")
     assert res.code == 2 and "the OpenCL devices here are opencl:0" in res.err and res.err.count("\n") == 1
     if not re.search(r"^cuda:0 ", ember("info", "--devices").out, re.M):  # no GPU: one clear line

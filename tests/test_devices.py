@@ -120,3 +120,23 @@ def test_a_session_switches_threads_and_keeps_its_cache(tmp_path):
     np.testing.assert_allclose(b.feed(ids[5:]), a.feed(ids[5:]), rtol=1e-4, atol=1e-4)
     b.use_threads(2)
     assert b.device is dev and b.ids == a.ids
+
+
+def test_auto_says_what_it_chose_and_why(tmp_path):
+    """device="auto" runs on the CPU so far: without a GPU the reason names what is here; with
+    one (a listing that has a GPU) it names the GPU and the options that use it. A reply's
+    stats carry the reason; a device asked for says so."""
+    from ember.devices import auto_choice
+
+    here = [{"name": "cpu", "what": "x"}, {"name": "opencl:0", "what": "PoCL", "type": "CPU"}]
+    here.append({"name": "cuda", "missing": "no usable CUDA GPU (no driver)"})
+    name, why = auto_choice(here)
+    assert name == "cpu" and why == "no GPU here (opencl:0 is a CPU device; cuda: no usable CUDA GPU)"
+    name, why = auto_choice(here[:2] + [{"name": "cuda:0", "what": "NVIDIA H100", "type": "GPU"}])
+    assert name == "cpu" and "cuda:0 (NVIDIA H100)" in why and "--device cpu+cuda:0" in why
+    path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=64)
+    m = ember.load(path)
+    for _ in m.generate([1, 2, 3], max_tokens=2):
+        pass
+    assert m.stats["device_choice"].startswith("cpu: ") and m.stats["device"].startswith("cpu (")
+    assert ember.load(path, device="cpu").device_choice == "cpu, as asked"

@@ -36,3 +36,23 @@ def available(check: bool = False) -> list[dict]:
     except Exception as e:  # a driver that fails while it is asked: listed with the reason, not raised
         out.append({"name": "cuda", "missing": f"the CUDA driver failed: {e}"})
     return out
+
+
+def auto_choice(found: list[dict] | None = None) -> tuple[str, str]:
+    """What device="auto" runs a model on here, and why (`found`: `available()`'s list): the
+    CPU, so far; with a GPU here the reason says so and names the device options that use it."""
+    found = available() if found is None else found
+    gpus = [d for d in found if "missing" not in d and d.get("type") == "GPU"]
+    if gpus:
+        g = gpus[0]["name"]
+        names = ", ".join(f"{d['name']} ({d['what']})" for d in gpus)
+        return "cpu", (
+            f"a GPU is here ({names}), but auto does not measure yet whether it pays: --device cpu+{g} puts "
+            f"the attention and KV cache there, --device {g} the whole model"
+        )
+    others = [
+        f"{d['name']}: {d['missing'].split(' (')[0]}" if "missing" in d else f"{d['name']} is a {d['type']} device"
+        for d in found
+        if d["name"] != "cpu"
+    ]
+    return "cpu", "no GPU here" + (f" ({'; '.join(others)})" if others else "")
