@@ -50,6 +50,7 @@ class Model:
         draft: str | None = None,
         draft_k: int | None = None,
         draft_schedule: str = "auto",
+        draft_device: str = "cpu",
         kernels: str = "auto",
         kv_cache: str = "auto",
     ):
@@ -103,20 +104,23 @@ class Model:
         if draft_schedule not in SCHEDULE_CHOICES:
             raise EmberError(f"draft_schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {draft_schedule!r}")
         self.draft_schedule = draft_schedule
-        self.drafter = None if draft is None else self._drafter(draft, n_ctx)
+        self.drafter = None if draft is None else self._drafter(draft, n_ctx, draft_device)
         if self.on_gpu:
             _ = self.device  # a device asked for and missing fails here, not at the first token
 
-    def _drafter(self, draft, n_ctx: int | None):
+    def _drafter(self, draft, n_ctx: int | None, device: str):
         """draft="lookup": prompt lookup; a catalog name or a .gguf path: that model drafts, on
-        the same threads, after a check that its vocabulary is the target's."""
+        the same threads (or on `device`: a GPU of its own), after a check that its vocabulary
+        is the target's."""
         from .speculative import ModelDrafter, PromptLookup
 
         if isinstance(draft, str) and draft == "lookup":
             return PromptLookup()
         if not isinstance(draft, (str, os.PathLike)):
             raise EmberError(f"draft must be 'lookup', a catalog name or a .gguf path, got {draft!r}")
-        drafter = load(draft, n_ctx=n_ctx, threads=self.threads, kernels=self.kernels, kv_cache=self.kv_cache)
+        on_cpu = device == "cpu"
+        options = {"kernels": self.kernels, "kv_cache": self.kv_cache} if on_cpu else {"device": device}
+        drafter = load(draft, n_ctx=n_ctx, threads=self.threads, **options)
         return ModelDrafter(drafter, self)
 
     @cached_property
@@ -209,6 +213,11 @@ class Model:
         self._code_loaded = True
 
     @property
+    def own_device(self) -> bool:
+        """Whether the whole model runs on a device of its own (not the CPU's threads)."""
+        return self.on_gpu and not self._device_spec.startswith("cpu+")
+
+    @property
     def on_gpu(self) -> bool:
         """Whether the model, or its attention and KV cache, run on an OpenCL or CUDA device."""
         return self._device_spec.removeprefix("cpu+").split(":")[0] in GPU_KINDS
@@ -297,8 +306,7 @@ class Model:
         from .devices.cpu.step import compiled
 
         tr = self.transformer
-        whole_on_gpu = self.on_gpu and not self._device_spec.startswith("cpu+")
-        if self.kernels != "numpy" and not whole_on_gpu and not compiled():
+        if self.kernels != "numpy" and not self.own_device and not compiled():
             logging.getLogger("ember").info("ember: compiling the kernels (first run only, ~30 s)...")
         if load_code:
             self._load_code(tr)
@@ -481,6 +489,8 @@ def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **o
     draft_k (drafted tokens per step, 1..15; None, the default: chosen per step from measured costs),
     draft_schedule ("turns", "concurrent": the draft drafts the next block while the target
     verifies this one, on separate threads, or "auto", the default: chosen per step),
+    draft_device ("cpu", the default, or a GPU device such as "cuda" or "opencl:0": the draft
+    model runs there, beside the target on all of the CPU's threads),
     kernels ("auto" or "numpy": the float32 reference path), kv_cache ("f16": keys and values
     stored as halves, as llama.cpp's default, half the memory and reads of "f32"; "auto", the
     default: f16, f32 with kernels="numpy")."""

@@ -209,6 +209,7 @@ def cmd_run(args) -> int:
         draft=draft,
         draft_k=args.draft_k,
         draft_schedule=args.schedule,
+        draft_device=args.draft_device,
         memory_budget=args.memory_budget,
         kv_cache=args.kv_cache,
     )
@@ -259,6 +260,7 @@ def _chat_app(model: str, args, draft: str | None) -> int:
         draft=draft,
         draft_k=args.draft_k,
         draft_schedule=args.schedule,
+        draft_device=args.draft_device,
         threads=args.threads,
         n_ctx=args.ctx_size,
         device=args.device,
@@ -469,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="with --draft: draft and verify in turns, or concurrently (the draft drafts the "
             "next block on its own threads while the target verifies this one); default auto: "
             "chosen per step from the measured costs",
+        )
+        sp.add_argument(
+            "--draft-device",
+            metavar="DEVICE",
+            default="cpu",
+            help="with --draft: where the draft model runs: cpu (default), or a GPU device (cuda, "
+            "opencl:0, ...), beside the target on all of the CPU's threads",
         )
 
     sp = add("pull", cmd_pull, "download a catalog model into $EMBER_HOME", json_flag=False)

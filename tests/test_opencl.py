@@ -326,3 +326,23 @@ def test_greedy_tokens_equal_the_cpu(catalog_model, opencl_model, name, device):
 def test_perplexity_within_half_a_percent_of_the_cpu(catalog_model, opencl_model, ppl_text, name):
     cpu, ocl = catalog_model(name).perplexity(ppl_text), opencl_model(name).perplexity(ppl_text)
     assert math.isfinite(ocl) and abs(ocl / cpu - 1) < 0.005, f"opencl {ocl:.4f} vs cpu {cpu:.4f}"
+
+
+@pytest.mark.slow
+def test_a_draft_model_on_the_device_beside_the_target(catalog_path):
+    """Heterogeneous speculative decoding: the draft model on the OpenCL device, the target on
+    all of the CPU's threads, drafting the next block while the target verifies this one: the
+    target's own greedy tokens."""
+    import ember
+
+    path = catalog_path("smollm2-135m")
+    plain = ember.load(path)
+    ids = plain.tokenize("def fibonacci(n):\n    ")
+    want = [i for c in plain.generate(ids, max_tokens=24, temperature=0) for i in c.token_ids]
+    m = ember.load(path, draft=path, draft_device="opencl", draft_schedule="concurrent", draft_k=4)
+    assert m.drafter.separate and m.drafter.model.device.describe().startswith("opencl")
+    got = [i for c in m.generate(ids, max_tokens=24, temperature=0) for i in c.token_ids]
+    st = m.stats
+    assert got == want, st
+    assert st["schedule"] == "concurrent" and st["steps_by_schedule"]["concurrent"] == st["verify_steps"]
+    assert st["ahead_drafts"] >= 1 and st["acceptance_rate"] > 0.5 and m.drafter.session.threads == m.threads

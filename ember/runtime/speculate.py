@@ -45,6 +45,8 @@ def _concurrent_blocker(session, drafter) -> str | None:
     """Why the concurrent schedule cannot run here, or None when it can."""
     if getattr(drafter, "cheap", False) or not hasattr(drafter, "use_threads"):
         return "a draft model (prompt lookup drafts for free, in turns)"
+    if getattr(drafter, "separate", False):  # on a device of its own: no threads to share
+        return None
     if session.threads < 2:
         return "at least 2 threads (one for the target, one for the draft)"
     share = draft_threads(session.threads)
@@ -105,13 +107,20 @@ def speculate(
     if concurrent:
         d_full = drafter.session.threads
         share = draft_threads(full)
-        split = (full - share, share)
+        # a draft on a device of its own leaves the target all of the threads
+        split = (full, d_full) if drafter.separate else (full - share, share)
     history = out.history
     if policy.timed and (k is None or len(allowed) > 1):  # costs measured once per model and threads
         room = min(MAX_DRAFT, n_ctx - len(history) - 1)
         for rows, seconds in calibrate(session, history, room).items():
             policy.observe_step(rows, seconds, "turns")
-        if concurrent:
+        if concurrent and drafter.separate:  # each runs as it does alone
+            for rows, seconds in calibrate(session, history, room).items():  # measured above, kept
+                policy.observe_step(rows, seconds, "concurrent")
+            for _, seconds in calibrate(drafter.session, history, room, sizes=(1,)).items():
+                for x in ("turns", "concurrent"):
+                    policy.observe_draft(1, seconds, seconds, x)
+        elif concurrent:
             try:
                 session.use_threads(split[0])
                 for rows, seconds in calibrate(session, history, room).items():

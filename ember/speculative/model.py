@@ -55,6 +55,11 @@ class ModelDrafter:
         self.token_s: float | None = None  # seconds of one drafted token (the last proposal's)
 
     @property
+    def separate(self) -> bool:
+        """Whether the draft model runs on a device of its own (a GPU), not the target's threads."""
+        return bool(getattr(self.model, "own_device", False))
+
+    @property
     def session(self):
         if self._session is None:
             self._session = self.model.session()
