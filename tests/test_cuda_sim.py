@@ -142,13 +142,18 @@ def test_the_device_runs_a_model_as_the_reference(tmp_path):
     assert m.device.describe().startswith("cuda: ")
     ref = ember.load(path, kernels="numpy", kv_cache="f16")
     ids = _rng("cuda-model").integers(0, m.config.n_vocab, 5).tolist()
-    want = ref.logits(ids)
+    _fed_in_pieces(m, ids, ref.logits(ids), 3, 4)
+
+
+def _fed_in_pieces(m, ids, want, cut: int, back: int) -> None:
+    """m's logits of ids fed in two pieces (cut at `cut`), then from `back` on again after a
+    rollback, against `want`."""
     s = m.session()
-    got = np.concatenate([s.feed(ids[:3]), s.feed(ids[3:])])
+    got = np.concatenate([s.feed(ids[:cut]), s.feed(ids[cut:])])
     tol = 1e-4 * np.abs(want).max()
     np.testing.assert_allclose(got, want, atol=tol, err_msg=_msg())
-    s.truncate(4)
-    np.testing.assert_allclose(s.feed(ids[4:]), want[4:], atol=tol, err_msg=_msg(after="truncate"))
+    s.truncate(back)
+    np.testing.assert_allclose(s.feed(ids[back:]), want[back:], atol=tol, err_msg=_msg(after="rollback"))
 
 
 def test_attention_on_the_device_beside_the_cpu(tmp_path):
@@ -163,10 +168,4 @@ def test_attention_on_the_device_beside_the_cpu(tmp_path):
     m, cpu = ember.load(path, device="cpu+cuda"), ember.load(path)
     assert m.device.describe().startswith("cpu+cuda: matmuls on cpu (")
     ids = _rng("cuda-hybrid").integers(0, m.config.n_vocab, 7).tolist()
-    want = cpu.logits(ids)
-    s = m.session()
-    got = np.concatenate([s.feed(ids[:5]), s.feed(ids[5:])])
-    tol = 1e-4 * np.abs(want).max()
-    np.testing.assert_allclose(got, want, atol=tol, err_msg=_msg())
-    s.truncate(4)
-    np.testing.assert_allclose(s.feed(ids[4:]), want[4:], atol=tol, err_msg=_msg(after="rollback"))
+    _fed_in_pieces(m, ids, cpu.logits(ids), 5, 4)

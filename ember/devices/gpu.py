@@ -191,7 +191,7 @@ class GpuDevice:
     max_group = 16  # query heads per key/value head, at most
     max_head_dim = 256
 
-    def __init__(self, name: str, threads: int | None, kernels):
+    def __init__(self, name: str, threads: int | None, kernels, split: int = 256):
         from ..runtime.threads import default_threads
 
         self.name = name
@@ -202,6 +202,8 @@ class GpuDevice:
         self._vectors: dict[tuple[int, str], object] = {}
         self._scratch: dict[int, Scratch] = {}
         self._handoff: tuple = (None,)  # (layout, buffer, its q, k, v regions): `attend_rows`
+        self.split = split  # keys per split of the attention (flash decoding)
+        self._partials = (None, None, 0)  # the attention's split sums, (max, sum) pairs, rows
 
     def with_threads(self, threads: int, model=None) -> GpuDevice:
         return self
@@ -246,6 +248,18 @@ class GpuDevice:
         """out [n, n_head * dv] = attention of q [n, n_head, d] at positions pos0.. over layer
         il's cached keys (split-K: flash-decoding)."""
         raise NotImplementedError
+
+    def split_sums(self, cache: GpuKVCache, n: int, n_head: int, pos0: int):
+        """(splits, buffers of the splits' sums and their (max, sum) pairs) for the attention of
+        n rows at pos0.. over `split` keys each; the buffers grow, with room to spare."""
+        n_split = -(-(pos0 + n) // self.split)
+        rows = n * n_head * n_split
+        parts, ml, have = self._partials
+        if have < rows:
+            kn = self.kernels
+            parts, ml = kn.buffer(8 * rows * cache.head_dim_v), kn.buffer(16 * rows)  # room for twice as many
+            self._partials = (parts, ml, 2 * rows)
+        return n_split, parts, ml
 
     def new_cache(self, model, n_ctx: int | None = None) -> GpuKVCache:
         c = model.cfg

@@ -25,11 +25,9 @@ class CudaDevice(GpuDevice):
     def __init__(self, spec: str = "cuda", threads: int | None = None, split: int = SPLIT):
         self.gpu = find(spec)
         kernels = Kernels(self.gpu)
-        super().__init__(spec, threads, kernels)
+        super().__init__(spec, threads, kernels, split)
         K = kernels.K
         self.max_group, self.max_head_dim = K.MAXG, min(K.MAXD, K.MAXDPT * K.WG)
-        self.split = split
-        self._partials = (None, None, 0)  # the attention's split sums, (max, sum) pairs, rows
 
     def describe(self) -> str:
         from .runtime import _name
@@ -71,12 +69,7 @@ class CudaDevice(GpuDevice):
         kn, c = self.kernels, cache
         K = kn.K
         with self.gpu:
-            n_split = -(-(pos0 + n) // self.split)
-            rows = n * n_head * n_split
-            parts, ml, have = self._partials
-            if have < rows:
-                parts, ml = kn.buffer(8 * rows * c.head_dim_v), kn.buffer(16 * rows)  # room for twice as many
-                self._partials = (parts, ml, 2 * rows)
+            n_split, parts, ml = self.split_sums(cache, n, n_head, pos0)
             op, mls = view(parts, n, n_head, n_split, c.head_dim_v), view(ml, n, n_head, n_split, 2)
             K.attn_split[(n * c.n_head_kv, n_split), K.WG](
                 view(q, n, n_head, c.head_dim), c.kc[il], c.vc[il], pos0, window, np.float32(scale), self.split, op, mls

@@ -26,9 +26,7 @@ class OpenCLDevice(GpuDevice):
 
     def __init__(self, spec: str = "opencl", threads: int | None = None, split: int = SPLIT):
         self.cl_device = find(spec)
-        super().__init__(spec, threads, Kernels(self.cl_device))
-        self.split = split
-        self._partials = (None, None, 0)  # the attention's split sums, (max, sum) pairs, rows
+        super().__init__(spec, threads, Kernels(self.cl_device), split)
 
     def describe(self) -> str:
         d = self.cl_device
@@ -52,12 +50,7 @@ class OpenCLDevice(GpuDevice):
     def attention(self, q, cache: GpuKVCache, il: int, n: int, n_head: int, pos0: int, scale: float, window: int, out):
         """Split-K over `split` keys a work-group (a work-item on a CPU device), then a merge."""
         kn, c = self.kernels, cache
-        n_split = -(-(pos0 + n) // self.split)
-        rows = n * n_head * n_split
-        parts, ml, have = self._partials
-        if have < rows:
-            parts, ml = kn.buffer(8 * rows * c.head_dim_v), kn.buffer(16 * rows)  # room for twice as many
-            self._partials = (parts, ml, 2 * rows)
+        n_split, parts, ml = self.split_sums(cache, n, n_head, pos0)
         if kn.by_rows:
             shape, local, extra = (-(-n * n_head // RWG) * RWG, n_split), (RWG, 1), (np.int32(n * n_head),)
         else:
