@@ -142,7 +142,9 @@ def test_the_device_runs_a_model_as_the_reference(tmp_path):
     assert m.device.describe().startswith("cuda: ")
     ref = ember.load(path, kernels="numpy", kv_cache="f16")
     ids = _rng("cuda-model").integers(0, m.config.n_vocab, 5).tolist()
+    m.device.kernels.profile = True  # (the simulator's timings are zeros: what is timed, by kind)
     _fed_in_pieces(m, ids, ref.logits(ids), 3, 4)
+    assert set(m.device.kernels.times) == {"matmul", "attention", "other", "transfers"}
 
 
 def _fed_in_pieces(m, ids, want, cut: int, back: int) -> None:

@@ -47,22 +47,22 @@ class CudaDevice(GpuDevice):
             return super().forward(model, ids, cache, all_logits=all_logits, layers=layers)
 
     def norm(self, buf, w, rows: int, width: int, eps: float, out=None) -> None:
-        K = self.kernels.K
-        K.rms_norm[rows, K.WG](
-            view(buf, rows, width), w, view(buf if out is None else out, rows, width), np.float32(eps)
-        )
+        kn = self.kernels
+        y = view(buf if out is None else out, rows, width)
+        kn.launch("other", kn.K.rms_norm, rows, kn.K.WG, view(buf, rows, width), w, y, np.float32(eps))
 
     def rope(self, buf, cos, sin, n: int, heads: int, head_dim: int, half: int, neox: bool) -> None:
-        K = self.kernels.K
-        K.rope[-(-n * heads * half // K.WG), K.WG](view(buf, n, heads, head_dim), cos, sin, neox)
+        kn = self.kernels
+        blocks = -(-n * heads * half // kn.K.WG)
+        kn.launch("other", kn.K.rope, blocks, kn.K.WG, view(buf, n, heads, head_dim), cos, sin, neox)
 
     def add(self, x, y, count: int) -> None:
-        K = self.kernels.K
-        K.add[-(-count // K.WG), K.WG](flat(x, count), flat(y, count))
+        kn = self.kernels
+        kn.launch("other", kn.K.add, -(-count // kn.K.WG), kn.K.WG, flat(x, count), flat(y, count))
 
     def glu(self, g, u, count: int, gelu: bool) -> None:
-        K = self.kernels.K
-        K.glu[-(-count // K.WG), K.WG](flat(g, count), flat(u, count), gelu)
+        kn = self.kernels
+        kn.launch("other", kn.K.glu, -(-count // kn.K.WG), kn.K.WG, flat(g, count), flat(u, count), gelu)
 
     def attention(self, q, cache: GpuKVCache, il: int, n: int, n_head: int, pos0: int, scale: float, window: int, out):
         """Split-K over `split` keys a block, then a merge."""
@@ -71,8 +71,8 @@ class CudaDevice(GpuDevice):
         with self.gpu:
             n_split, parts, ml = self.split_sums(cache, n, n_head, pos0)
             op, mls = view(parts, n, n_head, n_split, c.head_dim_v), view(ml, n, n_head, n_split, 2)
-            K.attn_split[(n * c.n_head_kv, n_split), K.WG](
-                view(q, n, n_head, c.head_dim), c.kc[il], c.vc[il], pos0, window, np.float32(scale), self.split, op, mls
-            )
+            q3 = view(q, n, n_head, c.head_dim)
+            args = (q3, c.kc[il], c.vc[il], pos0, window, np.float32(scale), self.split, op, mls)
+            kn.launch("attention", K.attn_split, (n * c.n_head_kv, n_split), K.WG, *args)
             o = view(out, n, n_head, c.head_dim_v)
-            K.attn_merge[-(-n * n_head * c.head_dim_v // K.WG), K.WG](op, mls, o)
+            kn.launch("attention", K.attn_merge, -(-n * n_head * c.head_dim_v // K.WG), K.WG, op, mls, o)

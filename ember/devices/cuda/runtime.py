@@ -92,8 +92,9 @@ class Kernels:
         self.cuda = _cuda()
         self.K = K
         self.gpu = gpu
-        self.profile = False  # the OpenCL device's per-kind timing; not measured here yet
-        self.times: dict[str, float] = {}
+        self.profile = False  # when set, every launch's and copy's GPU time is summed (`times`)
+        self.times: dict[str, float] = {}  # seconds by kind: attention, matmul, other kernels, transfers
+        self._events: list = []
         with gpu:
             self.dummy = self.buffer(4)  # the argument of an absent bias
 
@@ -113,23 +114,51 @@ class Kernels:
         with self.gpu:
             return self.cuda.to_device(np.ascontiguousarray(host))
 
+    def launch(self, kind: str, kernel, grid, block, *args) -> None:
+        """kernel[grid, block](*args), its GPU time counted as `kind` when profiling."""
+        self._timed(kind, lambda: kernel[grid, block](*args))
+
+    def _timed(self, kind: str, work) -> None:
+        if not self.profile:
+            work()
+            return
+        a, b = self.cuda.event(), self.cuda.event()
+        a.record()
+        work()
+        b.record()
+        self._events.append((kind, a, b))
+
+    def _tally(self) -> None:
+        """Add the recorded launches' and copies' GPU times to `times` (after a read)."""
+        for kind, a, b in self._events:
+            b.synchronize()
+            self.times[kind] = self.times.get(kind, 0.0) + a.elapsed_time(b) * 1e-3
+        self._events.clear()
+
     def put(self, buf, host: np.ndarray, offset: int = 0) -> None:
         host = np.ascontiguousarray(host).reshape(-1)
         start = offset // buf.dtype.itemsize
-        buf.reshape(-1)[start : start + host.size].copy_to_device(host)
+        self._timed("transfers", lambda: buf.reshape(-1)[start : start + host.size].copy_to_device(host))
 
     def get(self, buf, shape, dtype=np.float32, offset: int = 0) -> np.ndarray:
         count = int(np.prod(shape)) * np.dtype(dtype).itemsize // buf.dtype.itemsize
         start = offset // buf.dtype.itemsize
-        return buf.reshape(-1)[start : start + count].copy_to_host().view(dtype).reshape(shape)
+        out = []
+        self._timed("transfers", lambda: out.append(buf.reshape(-1)[start : start + count].copy_to_host()))
+        self._tally()
+        return out[0].view(dtype).reshape(shape)
 
     def copy(self, dst, src, nbytes: int, dst_offset: int = 0, src_offset: int = 0) -> None:
         size = dst.dtype.itemsize
         d, s = dst_offset // size, src_offset // size
-        dst.reshape(-1)[d : d + nbytes // size].copy_to_device(src.reshape(-1)[s : s + nbytes // size])
+        part = src.reshape(-1)[s : s + nbytes // size]
+        self._timed("transfers", lambda: dst.reshape(-1)[d : d + nbytes // size].copy_to_device(part))
 
     def matmul(self, w, x, n: int, y, bias=None) -> None:
         """y [n, w.n_out] = x [n, w.n_in] @ w.T (+ bias), all device arrays."""
+        self._timed("matmul", lambda: self._matmul(w, x, n, y, bias))
+
+    def _matmul(self, w, x, n: int, y, bias) -> None:
         self.K.matmul(
             w.kind,
             w.buf,
@@ -147,6 +176,5 @@ class Kernels:
         """Keys and values [n, n_kv, d] (float32) into a layer's cache (kc, vc) at its length."""
         c, K = cache, self.K
         threads = n * c.n_head_kv * max(c.head_dim, c.head_dim_v)
-        K.kv_store[-(-threads // K.WG), K.WG](
-            view(k, n, c.n_head_kv, c.head_dim), view(v, n, c.n_head_kv, c.head_dim_v), kc, vc, c.length
-        )
+        k3, v3 = view(k, n, c.n_head_kv, c.head_dim), view(v, n, c.n_head_kv, c.head_dim_v)
+        self.launch("attention", K.kv_store, -(-threads // K.WG), K.WG, k3, v3, kc, vc, c.length)
