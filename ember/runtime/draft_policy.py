@@ -3,13 +3,14 @@ measured on the spot, so speculation pays where it can and falls back to plain d
 it cannot.
 
 The model: a verify step of n rows costs v(n) seconds (the step times measured per n, once per
-model at the start and then at every step, made non-decreasing, linear in between); drafting costs c
-seconds a token (measured; a draft model's own steps, plus one for feeding what it lacks); a
-drafted token is accepted with probability a (counted per kind of proposal: prompt lookup's
-matched n-gram length, or the draft model), independently, so k drafted tokens emit on average
-E(k) = 1 + a + ... + a^k tokens. The chosen k maximizes E(k) / (k c + v(k + 1)); k = 0 is a
-plain step, one token for v(1). A kind whose acceptance looks too low to pay is re-tried with a
-short draft every EXPLORE_EVERY steps, so a change in the text (an echo of the prompt starts)
+model at the start and then at every step, made non-decreasing, linear in between); drafting k
+tokens costs f + (k - 1) c seconds (measured: f, the first token, whose step also feeds the draft
+model what it lacks of the context, one or two tokens after a verify; c, each further token's
+step); a drafted token is accepted with probability a (counted per kind of proposal: prompt
+lookup's matched n-gram length, or the draft model), independently, so k drafted tokens emit on
+average E(k) = 1 + a + ... + a^k tokens. The chosen k maximizes E(k) / (f + (k - 1) c + v(k + 1));
+k = 0 is a plain step, one token for v(1). A kind whose acceptance looks too low to pay is
+re-tried with a short draft every EXPLORE_EVERY steps, so a change in the text (an echo of the prompt starts)
 is noticed, twice as long after each re-try that did not make it pay (up to EXPLORE_MAX). A
 draft model is not re-tried: it would first read every token it missed (Qwen2.5-0.5B, whose Q8_0
 matrices run row by row: ~15 ms a token on a 2-core Zen 4, 0.25-0.5 s a re-try), which costs as
@@ -20,7 +21,7 @@ Two schedules, each with costs of its own (`StepCosts`): taking turns (draft, th
 on all threads), and concurrent: the target verifies a block on its share of the threads while
 the drafter, on the rest, drafts the next block on the guess that this one is fully accepted
 (its first token guesses the target's own). A step then costs the slower of the two,
-max(v(k + 1), (k + 1) c), plus, when the guess fails (probability 1 - a^(k+1)), a draft of k
+max(v(k + 1), f + k c), plus, when the guess fails (probability 1 - a^(k+1)), a draft of k
 tokens in turns. With more than one schedule allowed, each step takes the schedule and the k
 with the most tokens a second.
 """
@@ -86,10 +87,12 @@ class StepCosts:
     def __init__(self, timed: bool, overhead: int):
         self.timed, self.overhead = timed, overhead
         self.step_s: dict[int, float] = {}  # rows -> seconds (moving average)
-        self.draft_s: float | None = None  # seconds per drafted token (moving average)
+        self.draft_s: float | None = None  # seconds per drafted token after the first (moving average)
+        self.first_s: float | None = None  # seconds of a proposal's first token, its catch-up feed included
         if not timed:
             self.step_s[1] = 1.0
             self.draft_s = PRIOR_DRAFT_COST if overhead else 0.0
+            self.first_s = (1 + overhead) * self.draft_s
 
     def observe_step(self, rows: int, seconds: float) -> None:
         if not self.timed:
@@ -99,10 +102,17 @@ class StepCosts:
 
     def observe_draft(self, tokens: int, seconds: float, per_token: float | None = None) -> None:
         """A proposal of `tokens` tokens took `seconds`; `per_token`: the drafter's own figure
-        for one drafted token (a draft model's, without feeding what it lacked of the context)."""
+        for one drafted token (a draft model's, without feeding what it lacked of the context),
+        the rest being its first token's."""
         if tokens > 0 and self.timed:
             per = per_token if per_token is not None else seconds / (tokens + self.overhead)
+            first = max(seconds - (tokens - 1) * per, 0.0) if per_token is not None else (1 + self.overhead) * per
             self.draft_s = per if self.draft_s is None else _average(self.draft_s, per)
+            self.first_s = first if self.first_s is None else _average(self.first_s, first)
+
+    def draft_cost(self, k: int) -> float:
+        """Seconds of drafting k >= 1 tokens (0 before a proposal is measured)."""
+        return (self.first_s or 0.0) + (k - 1) * (self.draft_s or 0.0)
 
     def verify_costs(self, max_rows: int) -> list[float] | None:
         """Seconds of a verify step of 1..max_rows rows: the measured (and calibrated) sizes made
@@ -208,14 +218,13 @@ class DraftPolicy:
         v, vm = turns.verify_costs(limit + 1), mine.verify_costs(limit + 1)
         if v is None or vm is None or (schedule != "turns" and (mine.draft_s is None or turns.draft_s is None)):
             return None
-        d = turns.draft_s or 0.0
         rates = [1 / v[0]]
         for k in range(1, limit + 1):
             emitted = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
             if schedule == "turns":
-                cost = (k + self.overhead) * d + v[k]
+                cost = turns.draft_cost(k) + v[k]
             else:  # the next block drafted beside the verify; in turns when the guess fails
-                cost = max(vm[k], (k + 1) * mine.draft_s) + (1 - a ** (k + 1)) * (k + self.overhead) * d
+                cost = max(vm[k], mine.draft_cost(k + 1)) + (1 - a ** (k + 1)) * turns.draft_cost(k)
             rates.append(emitted / cost)
         return rates
 
