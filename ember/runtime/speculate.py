@@ -162,6 +162,7 @@ def speculate(
                 context, work = ahead
                 ahead = None
                 tokens, q, per_token, seconds = work.result()
+                drafter.use_threads(d_full)  # a draft in turns runs on all of its threads
                 policy.observe_draft(len(tokens), seconds, per_token, "concurrent")
                 if len(history) == len(context) + 1 and history[: len(context)] == context and tokens:
                     hit = history[-1] == tokens[0]  # every drafted token was accepted: the guess
