@@ -16,7 +16,8 @@ logits (or a layer range's hidden state). A backend (`opencl.OpenCLDevice`,
 - `norm`, `rope`, `add`, `glu` and `attention` (below);
 - its limits (`max_group`, `max_head_dim`) and `describe()`.
 
-The math is the reference forward's (`runtime.model`).
+`attend_rows` runs one layer's attention for rows handed over from the host (the hybrid
+device's, `devices.hybrid`). The math is the reference forward's (`runtime.model`).
 """
 
 from __future__ import annotations
