@@ -129,6 +129,7 @@ def test_the_cache_grows_and_rolls_back():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Simulator timings are bogus")
 def test_the_device_runs_a_model_as_the_reference(tmp_path):
     """`device="cuda"` (gpu.GpuDevice over the CUDA kernels) on a one-layer qwen2 model (biases,
     NEOX RoPE, grouped heads) against the float32 reference with the same half cache: fed in two
