@@ -248,9 +248,9 @@ def test_run_an_moe_model_under_a_memory_budget(tmp_path):
 
 
 def test_run_on_the_opencl_device(smol):
-    """The whole model on PoCL's OpenCL device: the CPU's greedy reply (its first tokens, before
-    any close call), the device named in the stats and by `info --devices`; a missing device is
-    one clear line."""
+    """The whole model on PoCL's OpenCL device, and its attention alone there beside the CPU's
+    kernels: the CPU's greedy reply (its first tokens, before any close call), the device named
+    in the stats and by `info --devices`; a missing device is one clear line."""
     args = ("run", smol, "The capital of France is", "--raw", "-n", "6", "--temp", "0", "--json")
     cpu = json.loads(ember(*args).out)
     assert cpu["stats"]["device"].startswith("cpu (")
@@ -260,6 +260,8 @@ def test_run_on_the_opencl_device(smol):
     else:
         ocl = json.loads(ember(*args, "--device", "opencl").out)
         assert ocl["ids"] == cpu["ids"] and ocl["stats"]["device"].startswith("opencl: ")
+        hyb = json.loads(ember(*args, "--device", "cpu+opencl").out)  # the attention alone there
+        assert hyb["ids"] == cpu["ids"] and hyb["stats"]["device"].startswith("cpu+opencl: matmuls on cpu")
     res = ember("info", "--devices")
     assert res.code == 0 and re.search(r"^opencl:0 +\S", res.out, re.M) and "cuda" in res.out
     assert re.search(r"^auto +cpu: ", res.out, re.M), res.out  # what auto chooses here, and why
