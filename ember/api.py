@@ -231,7 +231,7 @@ class Model:
 
             return HybridDevice(self._device_spec, self.threads)
         if self.on_gpu:
-            from .devices.hybrid import gpu_device
+            from .devices import gpu_device
 
             return gpu_device(self._device_spec, self.threads)
         from .devices.cpu import CpuDevice

@@ -9,6 +9,20 @@ from __future__ import annotations
 from ..errors import DeviceError
 
 
+def gpu_device(spec: str, threads: int | None = None):
+    """The whole-model device `spec` names ("opencl", "opencl:N", "cuda", "cuda:N")."""
+    kind = spec.split(":")[0]
+    if kind == "opencl":
+        from .opencl import OpenCLDevice
+
+        return OpenCLDevice(spec, threads)
+    if kind == "cuda":
+        from .cuda import CudaDevice
+
+        return CudaDevice(spec, threads)
+    raise DeviceError(f"{spec!r} is not a GPU device; use 'opencl', 'opencl:N', 'cuda' or 'cuda:N'")
+
+
 def available(check: bool = False) -> list[dict]:
     """The devices ember can run on here (name, what it is, its figures), and for each kind it
     cannot use, why (`missing`); with `check`, an OpenCL device whose build of ember's kernels

@@ -202,7 +202,7 @@ class GpuDevice:
         self.ops = GpuOps(self)
         self._vectors: dict[tuple[int, str], object] = {}
         self._scratch: dict[int, Scratch] = {}
-        self._handoff: tuple = (None,)  # (layout, buffer, its q, k, v regions): `attend_rows`
+        self._handoff: tuple = (None,)  # (layout, buffer, its q, k, v regions, the output): `attend_rows`
         self.split = split  # keys per split of the attention (flash decoding)
         self._partials = (None, None, 0)  # the attention's split sums, (max, sum) pairs, rows
 
@@ -277,18 +277,19 @@ class GpuDevice:
         their keys and values into the cache at its length, the output [n, n_head * head_dim_v]
         read back."""
         c, kn = model.cfg, self.kernels
-        s = self._buffers(model, n, 0)
         key = (flat.nbytes, tuple(offsets))
         if self._handoff[0] != key:
             buf = kn.buffer(flat.nbytes)
             ends = (*offsets[1:], flat.nbytes)
-            self._handoff = (key, buf, *(kn.region(buf, o, e - o) for o, e in zip(offsets, ends)))
-        _, buf, q, k, v = self._handoff
+            rows = (offsets[1] - offsets[0]) // (4 * c.n_head * c.head_dim)  # the rows a q block holds
+            out = kn.buffer(4 * rows * c.n_head * c.head_dim_v)
+            self._handoff = (key, buf, *(kn.region(buf, o, e - o) for o, e in zip(offsets, ends)), out)
+        _, buf, q, k, v, out = self._handoff
         kn.put(buf, flat)
         cache.write(il, k, v, n)
         window = c.sliding_window if c.swa_layers[il] else 0
-        self.attention(q, cache, il, n, c.n_head, cache.length, c.attn_scale, window, s.a)
-        return kn.get(s.a, (n, c.n_head * c.head_dim_v))
+        self.attention(q, cache, il, n, c.n_head, cache.length, c.attn_scale, window, out)
+        return kn.get(out, (n, c.n_head * c.head_dim_v))
 
     # ---- the forward ---------------------------------------------------------------------
     def _vector(self, model, name: str):

@@ -19,22 +19,9 @@ import numpy as np
 
 from ..errors import DeviceError
 from ..runtime.kv_cache import KV_TYPES
+from . import gpu_device
 from .cpu import N_FUSED_STEPS, OPS, CpuDevice, blas_threads
 from .cpu.step import MAX_ROWS
-
-
-def gpu_device(spec: str, threads: int | None = None):
-    """The whole-model device `spec` names ("opencl", "opencl:N", "cuda", "cuda:N")."""
-    kind = spec.split(":")[0]
-    if kind == "opencl":
-        from .opencl import OpenCLDevice
-
-        return OpenCLDevice(spec, threads)
-    if kind == "cuda":
-        from .cuda import CudaDevice
-
-        return CudaDevice(spec, threads)
-    raise DeviceError(f"{spec!r} is not a GPU device; use 'opencl', 'opencl:N', 'cuda' or 'cuda:N'")
 
 
 class HybridOps:

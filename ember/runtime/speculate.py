@@ -104,21 +104,21 @@ def speculate(
     policy = DraftPolicy(MAX_DRAFT, fixed=k, draft_overhead=0 if cheap else 1, timed=params.greedy, schedules=allowed)
     full = session.threads
     concurrent = "concurrent" in allowed
+    separate = concurrent and getattr(drafter, "separate", False)  # a draft on a device of its own
     if concurrent:
         d_full = drafter.session.threads
         share = draft_threads(full)
-        # a draft on a device of its own leaves the target all of the threads
-        split = (full, d_full) if drafter.separate else (full - share, share)
+        split = (full, d_full) if separate else (full - share, share)  # (the target's, the draft's)
     history = out.history
     if policy.timed and (k is None or len(allowed) > 1):  # costs measured once per model and threads
         room = min(MAX_DRAFT, n_ctx - len(history) - 1)
+        alike = ("turns", "concurrent") if separate else ("turns",)  # apart, each runs as it does alone
         for rows, seconds in calibrate(session, history, room).items():
-            policy.observe_step(rows, seconds, "turns")
-        if concurrent and drafter.separate:  # each runs as it does alone
-            for rows, seconds in calibrate(session, history, room).items():  # measured above, kept
-                policy.observe_step(rows, seconds, "concurrent")
+            for x in alike:
+                policy.observe_step(rows, seconds, x)
+        if separate:
             for _, seconds in calibrate(drafter.session, history, room, sizes=(1,)).items():
-                for x in ("turns", "concurrent"):
+                for x in alike:
                     policy.observe_draft(1, seconds, seconds, x)
         elif concurrent:
             try:

@@ -118,15 +118,16 @@ class Kernels:
         """kernel[grid, block](*args), its GPU time counted as `kind` when profiling."""
         self._timed(kind, lambda: kernel[grid, block](*args))
 
-    def _timed(self, kind: str, work) -> None:
+    def _timed(self, kind: str, work):
+        """work(), its GPU time recorded as `kind` when profiling; its result."""
         if not self.profile:
-            work()
-            return
+            return work()
         a, b = self.cuda.event(), self.cuda.event()
         a.record()
-        work()
+        out = work()
         b.record()
         self._events.append((kind, a, b))
+        return out
 
     def _tally(self) -> None:
         """Add the recorded launches' and copies' GPU times to `times` (after a read)."""
@@ -137,22 +138,18 @@ class Kernels:
 
     def put(self, buf, host: np.ndarray, offset: int = 0) -> None:
         host = np.ascontiguousarray(host).reshape(-1)
-        start = offset // buf.dtype.itemsize
-        self._timed("transfers", lambda: buf.reshape(-1)[start : start + host.size].copy_to_device(host))
+        dst = self.region(buf, offset, host.nbytes)
+        self._timed("transfers", lambda: dst.copy_to_device(host))
 
     def get(self, buf, shape, dtype=np.float32, offset: int = 0) -> np.ndarray:
-        count = int(np.prod(shape)) * np.dtype(dtype).itemsize // buf.dtype.itemsize
-        start = offset // buf.dtype.itemsize
-        out = []
-        self._timed("transfers", lambda: out.append(buf.reshape(-1)[start : start + count].copy_to_host()))
+        src = self.region(buf, offset, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        host = self._timed("transfers", src.copy_to_host)
         self._tally()
-        return out[0].view(dtype).reshape(shape)
+        return host.view(dtype).reshape(shape)
 
     def copy(self, dst, src, nbytes: int, dst_offset: int = 0, src_offset: int = 0) -> None:
-        size = dst.dtype.itemsize
-        d, s = dst_offset // size, src_offset // size
-        part = src.reshape(-1)[s : s + nbytes // size]
-        self._timed("transfers", lambda: dst.reshape(-1)[d : d + nbytes // size].copy_to_device(part))
+        part = self.region(src, src_offset, nbytes)
+        self._timed("transfers", lambda: self.region(dst, dst_offset, nbytes).copy_to_device(part))
 
     def matmul(self, w, x, n: int, y, bias=None) -> None:
         """y [n, w.n_out] = x [n, w.n_in] @ w.T (+ bias), all device arrays."""
