@@ -244,6 +244,8 @@ class Model:
         device asked for."""
         if self._device_spec != "auto":
             return f"{self._device_spec}, as asked"
+        if self.plan is not None:  # no look for GPUs: it would load their drivers past the budget
+            return "cpu: under a memory budget the layers stream on the CPU"
         from .devices import auto_choice
 
         name, why = auto_choice()

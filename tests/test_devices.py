@@ -140,3 +140,20 @@ def test_auto_says_what_it_chose_and_why(tmp_path):
         pass
     assert m.stats["device_choice"].startswith("cpu: ") and m.stats["device"].startswith("cpu (")
     assert ember.load(path, device="cpu").device_choice == "cpu, as asked"
+
+
+def test_auto_lists_devices_only_where_a_gpu_node_is(monkeypatch):
+    """Listing the OpenCL and CUDA devices loads their drivers (~0.3 s, ~160 MB with PoCL): auto
+    does it only where a GPU's device node exists."""
+    import ember.devices as devices
+
+    def listing():
+        raise AssertionError("the devices were listed")
+
+    monkeypatch.setattr(devices, "available", listing)
+    monkeypatch.setattr(devices, "gpu_nodes", lambda: [])
+    name, why = devices.auto_choice()
+    assert name == "cpu" and why.startswith("no GPU here (no GPU device node: /dev/nvidia")
+    monkeypatch.setattr(devices, "gpu_nodes", lambda: ["/dev/dri/renderD128"])
+    monkeypatch.setattr(devices, "available", lambda: [{"name": "cpu", "what": "x"}])
+    assert devices.auto_choice() == ("cpu", "no GPU here")
