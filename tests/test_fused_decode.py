@@ -178,7 +178,7 @@ def test_kquant_moe_fused_matches_op_by_op(tmp_path):
     k-row activation quantization sums in another order than one row's)."""
     from gguf import GGMLQuantizationType as Q
 
-    path = _random_blocks_model(
+    path = tg.random_blocks_model(
         tmp_path / "kq.gguf",
         Q.Q4_K,
         Q.Q6_K,
@@ -236,52 +236,6 @@ def test_decoder_refuses_unfusable_matrices(tmp_path):
         FusedDecoder(ember.load(path).transformer, 1)
 
 
-def _random_blocks_model(path, layer_qtype, v_down_qtype, embd_qtype, family="llama", **kw):
-    """A tiny model whose matrices are random valid blocks (gguf cannot quantize K-quants or
-    ternary types; random blocks are as good a test): `layer_qtype` for most layer matrices
-    (experts included; routers stay float32), `v_down_qtype` for attn_v / ffn_down(_exps),
-    `embd_qtype` for the tied embedding."""
-    from gguf import GGMLQuantizationType as Q
-
-    from ember.formats.quants import block_info
-    from ember.lut_kernels import kquant
-
-    model = tg.build_family(family, **{**dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_ctx=64), **kw})
-    rng = np.random.default_rng(7)
-    for name, t in model.tensors.items():
-        if t.weights.ndim not in (2, 3) or "ffn_gate_inp" in name:
-            continue
-        qt = (
-            embd_qtype
-            if name == "token_embd.weight"
-            else v_down_qtype
-            if name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight"))
-            else layer_qtype
-        )
-        n_in = t.weights.shape[-1]
-        n_out = t.weights.size // n_in
-        if qt in kquant.QTYPES:
-            raw = kquant.random_kquant(rng, qt, n_out, n_in)
-            offs, nbytes = kquant._F16_FIELDS[qt], block_info(qt)[1]
-        else:  # Q5_0 (d at 0), TQ1_0 / TQ2_0 (d at 52 / 64)
-            bw, nbytes = block_info(qt)
-            off = {Q.Q5_0: 0, Q.TQ1_0: 52, Q.TQ2_0: 64}[qt]
-            raw = rng.integers(0, 256, (n_out, n_in // bw * nbytes), dtype=np.uint8)
-            d = rng.uniform(0.5, 1.5, (n_out, n_in // bw)) * 1e-3 * (32 / bw)
-            raw.reshape(n_out, -1, nbytes)[:, :, off : off + 2] = (
-                d.astype(np.float16).view(np.uint8).reshape(n_out, -1, 2)
-            )
-            offs = ()
-        # scale the f16 d (and dmin) down: weights ~0.02, like a trained model's, so attention
-        # is not a one-hot softmax that any rounding can flip
-        blk = raw.reshape(n_out, -1, nbytes)
-        for off in offs:
-            h = blk[:, :, off : off + 2].copy().view(np.float16) * np.float16(0.03)
-            blk[:, :, off : off + 2] = h.view(np.uint8)
-        t.qtype, t.data = qt, raw.reshape(*t.weights.shape[:-1], -1)
-    return tg.write_model(model, path)
-
-
 def _fixed(tr, ids, threads, fused_on, n_prefix=3):
     """Logits of ids[n_prefix:], fed one at a time after a prefill of ids[:n_prefix]."""
     s = Session(tr, 64, device=CpuDevice(threads, fused=fused_on))
@@ -295,7 +249,7 @@ def test_kquant_model_fused_matches_op_by_op(tmp_path, layer, v_down, embd):
     embedding of a third."""
     from gguf import GGMLQuantizationType as Q
 
-    path = _random_blocks_model(tmp_path / "kq.gguf", Q[layer], Q[v_down], Q[embd])
+    path = tg.random_blocks_model(tmp_path / "kq.gguf", Q[layer], Q[v_down], Q[embd])
     noise, exact_std = _kquant_fused_agrees(path)
     assert noise < 0.05 * exact_std  # int8 activations against the exact float32 path
 
@@ -343,7 +297,7 @@ def test_q5_and_ternary_types_fused_match_op_by_op(tmp_path, layer, v_down):
     Q2_K, the K-quant kernels) in the fused step."""
     from gguf import GGMLQuantizationType as Q
 
-    path = _random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
+    path = tg.random_blocks_model(tmp_path / "m.gguf", Q[layer], Q[v_down], Q.Q6_K)
     m = ember.load(path)
     tr = m.transformer
     assert CpuDevice(2).decoder(tr) is not None

@@ -48,6 +48,18 @@ def test_plan_keeps_a_prefix_resident_and_states_the_minimum():
     with pytest.raises(BudgetError, match=rf"needs at least {minimum:.0f} MB") as e:
         make_plan(200 * M, layers, needs, n_ctx=4096)
     assert "4096 tokens" in str(e.value)
+    # no room for the ring beside a 50 MB output matrix that can stream: it streams too
+    needs = Needs(process=100 * M, fixed=60 * M, kv_cache=20 * M, work=5 * M)
+    ring = 100 * M + IN_FLIGHT
+    assert make_plan(185 * M + ring, layers, needs, output=50 * M).output == 0  # it fits: resident
+    p = make_plan(185 * M + ring - 1, layers, needs, output=50 * M)
+    assert p.output == 50 * M and p.resident == 0 and p.streamed_bytes == 450 * M
+    assert "8 and the output matrix streamed" in p.describe()
+    assert make_plan(185 * M + ring + 50 * M, layers, needs, output=50 * M).resident == 1
+    with pytest.raises(BudgetError, match=rf"needs at least {(135 * M + ring) / M:.0f} MB"):
+        make_plan(135 * M + ring - 1, layers, needs, output=50 * M)
+    with pytest.raises(BudgetError, match=rf"needs at least {(185 * M + ring) / M:.0f} MB"):
+        make_plan(185 * M + ring - 1, layers, needs)  # an output matrix that cannot stream
 
 
 def _model(tmp_path, n_layer=4, family="llama", qtype="Q8_0"):
@@ -85,6 +97,43 @@ def test_streamed_layers_give_the_resident_logits(tmp_path, resident):
         sm.close()
 
 
+@pytest.mark.parametrize("embd,n_vocab", [("Q6_K", 4000), ("Q4_K", 6001)])
+def test_a_streamed_output_matrix_gives_the_resident_logits(tmp_path, embd, n_vocab):
+    """The output matrix (a K-quant's) streams after the last layer in pieces of rows, each at
+    most a ring buffer (several here; the last a partial block, Q4_K's an odd row of a pair):
+    the logits are bit for bit the resident ones, every row's or the last one's."""
+    from gguf import GGMLQuantizationType as Q
+
+    from ember.devices.cpu.streaming import streamable_output
+
+    path = tg.random_blocks_model(tmp_path / "kq.gguf", Q.Q4_K, Q.Q6_K, Q[embd], n_vocab=n_vocab, n_layer=3)
+    m = ember.load(path, threads=2)
+    tr, dev = m.transformer, m.device
+    dec = dev.decoder(tr)
+    if dec is None:
+        pytest.skip("no fused step on this host")
+    ids = np.random.default_rng(9).integers(0, n_vocab, 21).tolist()
+    want_cache = dev.new_cache(tr, 64)
+    want = np.concatenate([dev.forward(tr, ids[:18], want_cache), dev.forward(tr, ids[18:], want_cache)])
+    sizes = [sum(tr.store.matrix(n).nbytes for n in dec.matrix_names(range(i, i + 1))) for i in range(3)]
+    sizes[-1] -= tr.store.matrix(tr.output_name).nbytes
+    output = streamable_output(dec)
+    assert output == tr.store.matrix(tr.output_name).nbytes > 2 * max(sizes)
+    for resident in (0, 3):
+        plan = Plan(budget=1, needs=Needs(0, 0, 0, 0), layer_bytes=tuple(sizes), resident=resident, output=output)
+        assert plan.streams and plan.streamed_bytes == sum(sizes[resident:]) + output
+        sm = StreamedModel(dec, plan)
+        try:
+            assert len(sm.pieces) >= 3
+            cache = dev.new_cache(tr, 64)
+            got = np.concatenate([sm.forward(ids[:18], cache, True), sm.forward(ids[18:], cache, True)])
+            np.testing.assert_array_equal(got, want)
+            last = sm.forward(ids[:5], dev.new_cache(tr, 64), False)
+            np.testing.assert_array_equal(last, want[4:5])
+        finally:
+            sm.close()
+
+
 def test_a_streamed_batch_that_grows_the_cache_keeps_its_keys(tmp_path):
     """A 300-token prompt outgrows the cache's first 256 positions part way through a layer's
     chunks; the keys the chunks before wrote (not committed yet) must survive the growth."""
@@ -117,6 +166,8 @@ def test_greedy_generation_under_a_budget_is_the_resident_one(tmp_path):
         assert [c.token_ids for c in m.generate([1, 5, 9, 2, 7] * 5, max_tokens=20)] == want
         assert sm.streamer.stats.layers_read >= 3 * 20
         assert m.stats["stream_bytes"] > 0 and m.stats["stream_stall_s"] >= 0  # this call's streaming
+        # auto did not list the GPUs: that loads their drivers, past the budget
+        assert m.stats["device_choice"] == "cpu: under a memory budget the layers stream on the CPU"
     finally:
         sm.close()
 

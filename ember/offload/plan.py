@@ -8,13 +8,15 @@ the weight bytes minus the resident ones.
 
 What the budget must hold besides the layers (`Needs`): the process itself (Python, numba, the
 compiled code: measured when the plan is made), the weights outside the layers (the output
-matrix; norms), the KV cache at the full context, activations, and the ring's buffers.
+matrix; norms), the KV cache at the full context, activations, and the ring's buffers. When
+even that leaves no room for the ring, the output matrix streams too, in pieces no larger than a
+layer (a budget of a third of Qwen2.5-1.5B's file: its output matrix is 17% of it).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import BudgetError
 from .stream import IN_FLIGHT
@@ -65,27 +67,36 @@ class Plan:
     needs: Needs
     layer_bytes: tuple[int, ...]
     resident: int  # layers 0..resident-1 stay in memory; the others stream
+    output: int = 0  # bytes of the output matrix streamed after the last layer (0: it is resident)
 
     @property
     def streamed(self) -> range:
         return range(self.resident, len(self.layer_bytes))
 
     @property
+    def streams(self) -> bool:
+        return bool(self.streamed) or self.output > 0
+
+    @property
     def ring_bytes(self) -> int:
-        """One buffer of the ring: the largest streamed layer."""
+        """One buffer of the ring: the largest streamed layer (the output matrix streams in
+        pieces of the largest layer)."""
+        if self.output:
+            return max(self.layer_bytes)
         return max((self.layer_bytes[i] for i in self.streamed), default=0)
 
     @property
     def streamed_bytes(self) -> int:
         """Bytes read from disk per pass over the model (a token, or a batch of them)."""
-        return sum(self.layer_bytes[i] for i in self.streamed)
+        return sum(self.layer_bytes[i] for i in self.streamed) + self.output
 
     def describe(self) -> str:
-        if not self.streamed:
+        if not self.streams:
             return f"all {len(self.layer_bytes)} layers fit in the budget of {fmt(self.budget)}"
+        out = " and the output matrix" if self.output else ""
         return (
-            f"{self.resident} of {len(self.layer_bytes)} layers in memory, {len(self.streamed)} streamed from "
-            f"disk ({fmt(self.streamed_bytes)} a token) within the budget of {fmt(self.budget)}"
+            f"{self.resident} of {len(self.layer_bytes)} layers in memory, {len(self.streamed)}{out} streamed "
+            f"from disk ({fmt(self.streamed_bytes)} a token) within the budget of {fmt(self.budget)}"
         )
 
 
@@ -104,15 +115,23 @@ def default_budget(needed: int, available: int) -> int | None:
     return None if needed <= available else int(available * (1 - MARGIN))
 
 
-def make_plan(budget: int, layer_bytes: list[int], needs: Needs, n_ctx: int | None = None) -> Plan:
-    """The most layers that fit in `budget` resident, the rest streamed; BudgetError stating
-    the minimum when not even one streamed layer's ring fits."""
+def make_plan(budget: int, layer_bytes: list[int], needs: Needs, n_ctx: int | None = None, output: int = 0) -> Plan:
+    """The most layers that fit in `budget` resident, the rest streamed; when the ring does not
+    fit beside the output matrix (`output`: its bytes, counted in `needs.fixed`, where it can
+    stream; 0 where it cannot), that streams too; BudgetError stating the minimum when not even
+    that fits."""
     layer_bytes = tuple(int(b) for b in layer_bytes)
     free = budget - needs.total
     if free >= sum(layer_bytes):
         return Plan(budget, needs, layer_bytes, len(layer_bytes))
     ring = in_flight(layer_bytes)
+    if free < ring <= free + output:
+        needs = replace(needs, fixed=needs.fixed - output)
+        plan = make_plan(budget, layer_bytes, needs, n_ctx)
+        return replace(plan, output=output)
     if free < ring:
+        if output:  # the minimum with the output matrix streamed
+            needs = replace(needs, fixed=needs.fixed - output)
         minimum = needs.total + ring
         ctx = f" at a context of {n_ctx} tokens (the KV cache takes {fmt(needs.kv_cache)}; -c sets it)" if n_ctx else ""
         raise BudgetError(

@@ -114,7 +114,7 @@ class CpuDevice:
         plan = (experts if model.cfg.is_moe else streaming).plan_for(dec, budget, n_ctx)
         if model.cfg.is_moe and not plan.all_resident:
             self._streamed[id(model)] = (model, experts.ExpertModel(dec, plan, predict, policy))
-        elif not model.cfg.is_moe and plan.streamed:
+        elif not model.cfg.is_moe and plan.streams:
             self._streamed[id(model)] = (model, streaming.StreamedModel(dec, plan))
         return plan
 

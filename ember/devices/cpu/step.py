@@ -111,6 +111,13 @@ def _rms(x, w, eps, out):
         out[i] = (x[i] / den) * w[i]
 
 
+@njit(cache=True, nogil=True)
+def _final_norm(x, w, eps, out):
+    """The rows of x after the final norm, as the output projection of `_decode` reads them."""
+    for i in range(x.shape[0]):
+        _rms(x[i], w, np.float32(eps), out[i])
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _rope(x, cos, sin, neox):
     half = cos.size
@@ -419,6 +426,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
         qo,
         ko,
         vo,
+        head,
     ) = call
     qb, kb, vb, ab, ob, gb, ub, fb, ma, md = bufs
     nl, d, nh, nkv, hd, hdv = ip[P_NLAYER], ip[P_D], ip[P_NHEAD], ip[P_NKV], ip[P_HD], ip[P_HDV]
@@ -603,7 +611,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
             return st
         for i in range(k):
             _residual(x[i], fb[i, :d], gemma, _vec(vecs, voff, il, V_POST_FFW, d), eps, h[i])
-    if l1 < nl:
+    if l1 < nl or not head:
         if tid == 0:
             xo[:] = x
         return 0
@@ -653,7 +661,8 @@ class Call(NamedTuple):
     l1 - 1 stops at its routing (xo: the residual; rt, rw, rs: the routing, `_route_rows`), the
     routing then given to the call that starts there; whether layer l0's attention ran elsewhere
     (`attn_in`: its output in ai [k, n_head * head_dim_v]) and whether layer l1 - 1 stops before
-    its attention (`attn_out`: xo, and the attention's inputs, RoPE done, in qo, ko, vo)."""
+    its attention (`attn_out`: xo, and the attention's inputs, RoPE done, in qo, ko, vo);
+    whether a range that ends at the last layer computes the logits (`head`; else xo)."""
 
     x0: np.ndarray
     kc: np.ndarray
@@ -681,6 +690,7 @@ class Call(NamedTuple):
     qo: np.ndarray
     ko: np.ndarray
     vo: np.ndarray
+    head: bool
 
 
 class Buffers(NamedTuple):
@@ -876,6 +886,13 @@ class FusedDecoder:
             raise ValueError("the matrices given differ in kernel or shape from the model's")
         return desc
 
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """Hidden state rows [k, n_embd] (a `head=False` call's) after the final norm: what the
+        output matrix multiplies."""
+        out = np.empty_like(x)
+        _final_norm(x, self.vecs[self.out_norm :], self.weights.eps, out)
+        return out
+
     def parts_bytes(self, n_ctx: int) -> int:
         """Bytes of the attention's parts (and their max and sum) at a context of n_ctx tokens."""
         c = self.model.cfg
@@ -899,6 +916,7 @@ class FusedDecoder:
         route_last: bool = False,
         attn_in: np.ndarray | None = None,
         attn_out: bool = False,
+        head: bool = True,
     ) -> np.ndarray:
         """Logits [k, n_vocab] of k <= MAX_ROWS new tokens at positions len(cache)... (only
         the last one's, [1, n_vocab], when all_logits is False); appends their keys and
@@ -923,7 +941,10 @@ class FusedDecoder:
         `self.handoff_offsets` bytes); `attn_in` [k, n_head * head_dim_v], the call starts
         at layer l0's output projection with that attention output, from the hidden state
         given. Such a call neither reads nor writes the cache; `cache` still gives the rows'
-        positions (its length)."""
+        positions (its length).
+
+        `head=False`: a range that ends at the last layer returns its hidden state instead of
+        the logits (the output matrix streams: `head_rows` and `streaming`)."""
         c = self.model.cfg
         layers = self.model.check_layers(layers)
         if (ffn_first or route_last) and not c.is_moe:
@@ -942,7 +963,7 @@ class FusedDecoder:
                 raise ValueError(
                     f"the fused step takes a hidden state of 1..{MAX_ROWS} rows of {c.n_embd}, got {x0.shape}"
                 )
-        last = layers.stop == c.n_layer and not route_last and not attn_out
+        last = layers.stop == c.n_layer and not route_last and not attn_out and head
         q_o, k_o, v_o, a_i = (b[:k] for b in self.handoff)
         if attn_in is not None:
             if attn_in.shape != a_i.shape:
@@ -971,7 +992,7 @@ class FusedDecoder:
         call = Call(
             *(x0, cache.k_all, cache.v_all, pos, cg, sg, cl, sl, logits, not all_logits, layers.start, layers.stop, xo),
             *(self.parts[:k], self.parts_ml[:k], ffn_first, route_last, *self.routing),
-            *(attn_in is not None, attn_out, a_i, q_o, k_o, v_o),
+            *(attn_in is not None, attn_out, a_i, q_o, k_o, v_o, head),
         )
         weights = self.weights._replace(desc=self.describe(layers, mats) if desc is None else desc)
         bufs = Buffers(*(b[:k] for b in self.bufs[:-2]), *self.bufs[-2:])  # MoE slots: k * (n_used + 1) of them

@@ -4,6 +4,11 @@ memory-mapped pack cache as one fused call, the others are read from the same fi
 
 A batch (a prompt) goes through layer by layer, every chunk of MAX_ROWS rows of a layer before
 the next layer, so each streamed layer is read once per batch, not once per token.
+
+Under the smallest budgets the output matrix (a K-quant's) streams too, after the last layer:
+that layer's call stops at the hidden state (`step_rows(head=False)`), and the logits are
+computed a piece of the matrix's rows at a time, each piece a ring buffer's worth, by the same
+kernels (the logits bit for bit the resident model's).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from ...errors import UnsupportedError
 from ...home import uncache
 from ...lut_kernels import pack_cache
+from ...lut_kernels.kquant import PackedKQ, kq_matmul
 from ...offload.memory import process_bytes
 from ...offload.plan import WORK_SHARE, Needs, Plan, make_plan
 from ...offload.stream import LayerStreamer
@@ -67,8 +73,15 @@ class StreamedModel:
                 raise UnsupportedError(f"memory_budget: {missing[0]} is read in place from the file; not streamed yet")
             layers[il] = [(off, nb) for n in names for (_, _, off, nb) in recs[n][1].values()]
         self.names = {il: dec.matrix_names(range(il, il + 1)) for il in plan.streamed}
+        # the output matrix's pieces: streamer keys past the layers' -> (first row, rows, arrays)
+        self.pieces = _output_pieces(dec, recs, plan.ring_bytes) if plan.output else {}
+        self.qtype = model.store.matrix(model.output_name).packed.qtype if plan.output else None
+        for key, (_, _, arrays) in self.pieces.items():
+            layers[key] = [(off, nb) for (_, _, off, nb) in arrays.values()]
         self.streamer = LayerStreamer(path, layers) if layers else None
-        keep = {n for n in dec.matrix_names(range(0, plan.resident))} | {model.output_name}
+        keep = {n for n in dec.matrix_names(range(0, plan.resident))}
+        if not plan.output:
+            keep.add(model.output_name)
         unused = [model.store.matrix(n) for n in recs if n not in keep]  # streamed, or never read by the step
         _drop_pages(a for m in unused for a in m.packed.arrays().values())
         uncache(path)
@@ -110,14 +123,39 @@ class StreamedModel:
         hs: list = list(chunks)
         segments = [(range(0, plan.resident), None)] if plan.resident else []
         segments += [(range(il, il + 1), il) for il in plan.streamed]
+        head = not self.pieces  # the last layer's call computes the logits
         for layers, il in segments:
             with self._layer(il) as mats:
                 off = 0
                 for c, part in enumerate(chunks):
-                    hs[c] = dec.step_rows(hs[c], cache, all_logits, layers=layers, mats=mats, offset=off, commit=False)
+                    hs[c] = dec.step_rows(
+                        hs[c], cache, all_logits, layers=layers, mats=mats, offset=off, commit=False, head=head
+                    )
                     off += len(part)
+        if not head:
+            hs = self._logits(hs if all_logits else [hs[-1][-1:]])
         cache.commit(len(ids))
         return np.concatenate(hs) if all_logits and len(hs) > 1 else hs[-1]
+
+    def _logits(self, hs: list) -> list:
+        """The logits of the hidden state rows `hs` (a list of [k, n_embd]), the output matrix
+        read piece by piece."""
+        dec = self.dec
+        hn = [dec.final_norm(h) for h in hs]
+        out = [np.empty((h.shape[0], self.model.cfg.n_vocab), np.float32) for h in hs]
+        for key, (r0, rows, arrays) in self.pieces.items():
+            buf, placed = self.streamer.acquire(key)
+            try:
+                parts = {
+                    an: buf[at : at + nb].view(dt).reshape(shape)
+                    for (an, (dt, shape, _, nb)), (_, _, at) in zip(arrays.items(), placed)
+                }
+                w = PackedKQ.from_arrays(parts | {"meta": np.array([rows, dec.model.cfg.n_embd, self.qtype], np.int64)})
+                for h, o in zip(hn, out):
+                    o[:, r0 : r0 + rows] = kq_matmul(h, w, threads=dec.threads)
+            finally:
+                self.streamer.release(key)
+        return out
 
     def stats_dict(self) -> dict:
         """The streaming figures so far (a generation's stats carry their differences)."""
@@ -126,6 +164,36 @@ class StreamedModel:
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
+
+
+def streamable_output(dec: FusedDecoder) -> int:
+    """The bytes of the output matrix when it can stream (a K-quant's rows in the pack cache:
+    pieces of rows are ranges of its arrays), else 0."""
+    model = dec.model
+    m = model.store.matrix(model.output_name)
+    if not isinstance(m.packed, PackedKQ) or model.output_name not in pack_cache.records(model.store.gguf.path)[1]:
+        return 0
+    return m.nbytes
+
+
+def _output_pieces(dec: FusedDecoder, recs: dict, piece_bytes: int) -> dict:
+    """{streamer key (n_layer + j): (first row, rows, {array: (dtype, shape, file offset,
+    nbytes)})} of the output matrix's pieces of at most `piece_bytes` (whole blocks of 64 rows)."""
+    model = dec.model
+    n_out = model.store.matrix(model.output_name).n_out
+    arrays = {an: spec for an, spec in recs[model.output_name][1].items() if an != "meta"}
+    row_bytes = sum(nb // shape[0] for (_, shape, _, nb) in arrays.values())
+    step = max(64, piece_bytes // row_bytes // 64 * 64)
+    pieces = {}
+    for j, r0 in enumerate(range(0, n_out, step)):
+        rows = min(step, n_out - r0)
+        part = {}
+        for an, (dt, shape, off, nb) in arrays.items():
+            rb = nb // shape[0]
+            end = shape[0] if r0 + rows == n_out else r0 + rows  # Q4_K/Q5_K: a pair's padding row
+            part[an] = (dt, (end - r0, *shape[1:]), off + r0 * rb, (end - r0) * rb)
+        pieces[model.cfg.n_layer + j] = (r0, rows, part)
+    return pieces
 
 
 def layer_bytes(dec: FusedDecoder) -> list[int]:
@@ -138,9 +206,11 @@ def layer_bytes(dec: FusedDecoder) -> list[int]:
 
 
 def streaming_everything(dec: FusedDecoder) -> Plan:
-    """A plan that streams every layer, whatever the budget: how a budgeted model's first token
-    runs (loading the machine code) without the weights passing through memory."""
-    return Plan(budget=0, needs=Needs(0, 0, 0, 0), layer_bytes=tuple(layer_bytes(dec)), resident=0)
+    """A plan that streams every layer (and the output matrix where it can), whatever the
+    budget: how a budgeted model's first token runs (loading the machine code) without the
+    weights passing through memory."""
+    sizes = tuple(layer_bytes(dec))
+    return Plan(budget=0, needs=Needs(0, 0, 0, 0), layer_bytes=sizes, resident=0, output=streamable_output(dec))
 
 
 def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
@@ -148,7 +218,7 @@ def plan_for(dec: FusedDecoder, budget: int, n_ctx: int) -> Plan:
     own share is its anonymous memory now (the pack cache's pages are counted as weights) and
     the model file's header (metadata, the vocabulary: read in place)."""
     needs = needs_of(dec, budget, n_ctx, fixed=dec.model.store.matrix(dec.model.output_name).nbytes)
-    return make_plan(budget, layer_bytes(dec), needs, n_ctx)
+    return make_plan(budget, layer_bytes(dec), needs, n_ctx, output=streamable_output(dec))
 
 
 def needs_of(dec: FusedDecoder, budget: int, n_ctx: int, fixed: int) -> Needs:
