@@ -1,5 +1,6 @@
 """Memory as an offload budget counts it: the process's own memory without the model files' mapped
-pages (`process_bytes`; `trim_heap` first gives back what the heap holds free), how much of a
+pages (`process_bytes`; `trim_heap` first gives back what the heap holds free,
+`page_out_compilers` LLVM's code pages), how much of a
 file sits in the page cache (`cached_bytes`: cachestat, or mincore over a fresh read-only
 mapping: the part of a budget that reading the weights leaves behind), and the memory available to this process
 (`available_bytes`: the machine's, or less under a memory cgroup's limit, as in a container)."""
@@ -93,6 +94,35 @@ def trim_heap() -> None:
         _libc.malloc_trim(0)
     except (AttributeError, OSError):  # not glibc
         pass
+
+
+COMPILERS = ("libllvmlite", "libLLVM")  # LLVM, as numba and llvmlite load it: used to compile only
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def page_out_compilers() -> int:
+    """Give back the compiler's code pages once the machine code is loaded (numba's and ember's
+    kernels run without LLVM): its shared libraries' read-only mappings are reclaimed
+    (madvise(MADV_PAGEOUT); clean pages of a file, they fault back in if a later compile
+    needs them). Qwen2.5-1.5B's load touches ~75 MB of libllvmlite. Returns the bytes of the
+    mappings asked; 0 where the kernel or the C library cannot."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except (AttributeError, OSError):
+        return 0
+    asked = 0
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or "w" in fields[1] or not any(n in os.path.basename(fields[5]) for n in COMPILERS):
+            continue
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT) == 0:
+            asked += hi - lo
+    return asked
 
 
 def process_bytes(model_files) -> int:
