@@ -98,13 +98,14 @@ def trim_heap() -> None:
 
 COMPILERS = ("libllvmlite", "libLLVM")  # LLVM, as numba and llvmlite load it: used to compile only
 _MADV_PAGEOUT = 21  # Linux >= 5.4
+_MADV_DONTNEED = 4
 
 
 def page_out_compilers() -> int:
     """Give back the compiler's code pages once the machine code is loaded (numba's and ember's
-    kernels run without LLVM): its shared libraries' read-only mappings are reclaimed
-    (madvise(MADV_PAGEOUT); clean pages of a file, they fault back in if a later compile
-    needs them). Qwen2.5-1.5B's load touches ~75 MB of libllvmlite. Returns the bytes of the
+    kernels run without LLVM): its shared libraries' read-only mappings are reclaimed and
+    unmapped (madvise; clean pages of a file, they fault back in if a later compile needs
+    them). Qwen2.5-1.5B's load touches ~75 MB of libllvmlite. Returns the bytes of the
     mappings asked; 0 where the kernel or the C library cannot."""
     global _libc
     try:
@@ -120,7 +121,10 @@ def page_out_compilers() -> int:
         if len(fields) < 6 or "w" in fields[1] or not any(n in os.path.basename(fields[5]) for n in COMPILERS):
             continue
         lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT) == 0:
+        # PAGEOUT frees the pages no other process maps; DONTNEED drops this process's mapping
+        # of the others (another numba process shares them; they stay in the page cache)
+        ok = _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT) == 0
+        if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0 or ok:
             asked += hi - lo
     return asked
 
