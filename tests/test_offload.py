@@ -172,6 +172,21 @@ def test_greedy_generation_under_a_budget_is_the_resident_one(tmp_path):
         sm.close()
 
 
+def test_llvm_compiles_after_its_pages_are_given_back():
+    """The compiler's pages given back (a budget's plan) fault back in when numba compiles again;
+    its relocated data (a private copy) stays: dropped, the next compile crashed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numba\n@numba.njit\ndef f(x): return x + 1\nf(1)\n"
+        "from ember.offload.memory import page_out_compilers\nassert page_out_compilers() > 0\n"
+        "@numba.njit\ndef g(x): return x * 3\nprint(g(4))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "12", r.stderr[-2000:]
+
+
 def test_a_budget_below_the_minimum_is_a_budget_error(tmp_path):
     path = tg.write_family(tmp_path / "m.gguf", "llama", qtype="Q8_0", n_ctx=128, n_layer=4)
     m = ember.load(path, memory_budget="1MB")

@@ -111,21 +111,29 @@ def page_out_compilers() -> int:
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/smaps") as f:
             lines = f.read().splitlines()
     except (AttributeError, OSError):
         return 0
-    asked = 0
+    asked, maps = 0, []  # [(lo, hi, its private copies' kB)] of the compilers' read-only mappings
     for line in lines:
         fields = line.split()
-        if len(fields) < 6 or "w" in fields[1] or not any(n in os.path.basename(fields[5]) for n in COMPILERS):
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+            lib = len(fields) >= 6 and "w" not in fields[1] and any(n in os.path.basename(fields[5]) for n in COMPILERS)
+            maps.append([*(int(x, 16) for x in fields[0].split("-")), 0] if lib else None)
+        elif fields and fields[0] == "Anonymous:" and maps and maps[-1] is not None:
+            maps[-1][2] = int(fields[1])
+    for m in maps:
+        if m is None:
             continue
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        lo, hi, copied = m
         # PAGEOUT frees the pages no other process maps; DONTNEED drops this process's mapping
-        # of the others (another numba process shares them; they stay in the page cache)
+        # of the others (another numba process shares them; they stay in the page cache), only
+        # where the mapping holds no private copy (relocated data: dropping it would undo them)
         ok = _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT) == 0
-        if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0 or ok:
-            asked += hi - lo
+        if not copied:
+            ok = _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0 or ok
+        asked += (hi - lo) if ok else 0
     return asked
 
 
