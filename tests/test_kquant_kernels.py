@@ -169,6 +169,19 @@ def test_codes_roundtrip(qt):
 
 
 @pytest.mark.parametrize("qt", QTYPES)
+def test_packing_in_pieces_of_rows_is_packing_whole(qt, monkeypatch):
+    """A large matrix packs PACK_ROWS rows at a time (bounded temporaries): the same arrays as
+    packing it whole, an odd last piece included (Q4_K/Q5_K: a pair's zero row)."""
+    raw = random_raw(_rng("pieces", qt), qt, 201, 512)
+    whole = K.pack_kquant(raw, qt)
+    monkeypatch.setattr(kquant_layout, "PACK_ROWS", 64)
+    pieces = K.pack_kquant(raw, qt)
+    assert (pieces.n_out, pieces.n_in) == (201, 512) and pieces.q.ctypes.data % 64 == 0
+    for a, b in ((pieces.q, whole.q), (pieces.sc, whole.sc), (pieces.d, whole.d)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("qt", QTYPES)
 def test_pack_savez_roundtrip(tmp_path, qt):
     _, x, p, ref, *_ = case(qt, 64, 512, 3)
     np.savez(tmp_path / "w.npz", **p.arrays())

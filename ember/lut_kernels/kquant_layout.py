@@ -362,13 +362,33 @@ def _packed(nat: np.ndarray, qt: int, sc: np.ndarray, d: np.ndarray) -> PackedKQ
     )
 
 
+PACK_ROWS = 4096  # rows packed at once: the vectorized packing's temporaries are several times
+#   a piece's bytes (Qwen2.5-1.5B's 151936-row output matrix packed whole: ~1.5 GB of them)
+
+
 def pack_kquant(raw2d, qtype: int) -> PackedKQ:
     """GGUF rows (uint8 [n_out, nsb * block bytes]) of a Q2_K, Q3_K, Q4_K, Q5_K or Q6_K matrix
     -> PackedKQ. Each type's file layout as ggml writes it (ggml-quants.c; gguf-py's
-    dequantize, which ``test_kquant_kernels`` checks bit for bit through ``dequantize``)."""
+    dequantize, which ``test_kquant_kernels`` checks bit for bit through ``dequantize``).
+    Packed PACK_ROWS rows at a time (rows are independent; pairs stay whole)."""
     qtype = int(qtype)
     if qtype not in _QB:
         raise ValueError(f"pack_kquant: qtype {qtype} is not a K-quant (Q2_K..Q6_K, 10..14)")
+    n_out = raw2d.shape[0]
+    if n_out <= PACK_ROWS:
+        return _pack_rows(raw2d, qtype)
+    first = _pack_rows(raw2d[:PACK_ROWS], qtype)
+    n2 = _array_rows(qtype, n_out)
+    out = [aligned_empty((n2, a.shape[1]), a.dtype) for a in (first.q, first.sc, first.d)]
+    for r0 in range(0, n_out, PACK_ROWS):
+        part = first if r0 == 0 else _pack_rows(raw2d[r0 : r0 + PACK_ROWS], qtype)
+        for a, b in zip(out, (part.q, part.sc, part.d), strict=True):
+            a[r0 : r0 + b.shape[0]] = b
+    return PackedKQ(*out, n_out, first.n_in, qtype)
+
+
+def _pack_rows(raw2d, qtype: int) -> PackedKQ:
+    """`pack_kquant` of all of raw2d's rows at once."""
     r3 = gguf_blocks(raw2d, block_info(qtype)[1], "pack_kquant")
     n, nsb = r3.shape[:2]
     if qtype == Q2_K:  # scales[16] (scale | min << 4), qs[64], d, dmin
