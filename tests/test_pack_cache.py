@@ -150,6 +150,36 @@ def test_roundtrip_of_both_packed_classes(tmp_path, cache_env):
             assert np.array_equal(back[n].arrays()[an], arr), (n, an)
 
 
+def test_matrices_are_packed_one_at_a_time_as_the_cache_is_written(tmp_path, cache_env, monkeypatch):
+    """A first load packs each matrix as the cache file is written and drops it before the next
+    (a model bigger than the memory packs in the memory of its largest matrix); the file is the
+    one packing in memory gives, index padded into its reserved room."""
+    import gc
+    import weakref
+
+    from ember.devices.cpu.placement import CpuPlacement
+
+    path = _model(tmp_path, n_layer=3)
+    alive, real = [], CpuPlacement._pack
+
+    def pack(self, store, name, expert):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "a packed copy outlived its writing"
+        p = real(self, store, name, expert)
+        alive.append(weakref.ref(p))
+        return p
+
+    monkeypatch.setattr(CpuPlacement, "_pack", pack)
+    m, _ = _logits(path)
+    back = pack_cache.load(path)
+    assert len(alive) == len(back) > 10
+    store = m.transformer.store
+    for name, p in back.items():  # the same bytes as packing in memory
+        fresh = CpuPlacement().matrix(store, name, None).packed
+        for an, arr in fresh.arrays().items():
+            assert np.array_equal(p.arrays()[an], arr), (name, an)
+
+
 def test_unwritable_cache_still_runs(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -6,8 +6,9 @@ size, modification time and a sha256 of the file's first and last MiB) with ``LA
 changes whenever a packed format does. A changed model file therefore gets a new key: the old file
 is stale and never read.
 
-File layout: ``MAGIC``, a little-endian u64 index length, the index (JSON), zero padding to a
-multiple of 64, then the arrays' bytes, each at a 64-byte aligned offset from there. The index
+File layout: ``MAGIC``, a little-endian u64 index length, the index (JSON; written last, into
+room reserved for it, and padded with spaces), zero padding to a multiple of 64, then the
+arrays' bytes, each at a 64-byte aligned offset from there. The index
 names, per matrix, its packed class and arrays (dtype,
 shape, offset, byte count, checksum). Loading checks the magic, the layout, the key, that every
 array lies inside the file with a known dtype and a consistent shape, and every checksum; a file
@@ -15,8 +16,8 @@ failing any check is deleted and rebuilt, never used. The checksum (``checksum``
 sum of the array's 8-byte words plus a position-weighted sum (so swapped or shifted words count
 too), at memory speed: zlib's crc32 took 42 ms of SmolLM2's 0.9 s to the first token and
 ~0.45 s of Qwen2.5-1.5B's. Arrays are zero-copy views of
-one read-only mapping. Files are written to a temporary name and renamed (`home.write_atomic`);
-writing one deletes the older files made from the same model path.
+one read-only mapping. Files are written to a temporary name and renamed (as
+`home.write_atomic` does); writing one deletes the older files made from the same model path.
 
 Huge pages: the decode streams every weight once a token, and through 4 KB pages that is a
 TLB miss every 4 KB. The mapping is advised ``MADV_HUGEPAGE`` (Linux), so the pages the kernel
@@ -41,12 +42,13 @@ import mmap
 import os
 import re
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
-from ..home import FOLIO, cache_dir, uncache, uncache_range, write_atomic
+from ..home import FOLIO, cache_dir, uncache, uncache_range, unfinished
 from .kquant_layout import PackedKQ
 from .pack import PackedQ4
 from .q8 import PackedQ5, PackedQ8
@@ -123,44 +125,70 @@ def _file_order(name: str) -> tuple[int, int, str]:
     return (int(m.group(1)) if m else -1, int(e.group(1)) if e else -1, name)
 
 
+ENTRY_ROOM = 2048  # index bytes reserved per matrix (an entry takes ~600: its name, 3-4 arrays)
+FLUSH = 64 << 20  # bytes written between a sync and a drop of the written pages
+
+
 def save(model_path: Path, packed: dict) -> Path:
-    """Write {matrix name: packed object} for the model at model_path; returns the file."""
+    """Write {matrix name: packed object, or a function that packs it} for the model at
+    model_path; returns the file. The matrices are packed (when given as functions) and written
+    one at a time, in file order (`_file_order`), each dropped once written, and the written
+    pages leave the page cache as they go: a model bigger than the memory packs in the memory
+    of its largest matrix. The index goes first, in room reserved for it (padded with spaces)."""
     path = cache_path(model_path)
-    entries, blobs, offset = {}, [], 0
-    for name, p in sorted(packed.items(), key=lambda item: _file_order(item[0])):
-        arrays = {}
-        for an, a in p.arrays().items():
-            a = np.ascontiguousarray(a)
-            offset += -offset % ALIGN
-            arrays[an] = {
-                "dtype": a.dtype.name,
-                "shape": list(a.shape),
-                "offset": offset,
-                "nbytes": a.nbytes,
-                "sum64": checksum(a),
-            }
-            blobs.append((offset, a))
-            offset += a.nbytes
-        entries[name] = {"class": _tag(p), "arrays": arrays}
-    source = str(Path(model_path).resolve())
-    index = json.dumps({"layout": LAYOUT, "key": path.stem, "source": source, "entries": entries}).encode()
-    head = MAGIC + struct.pack("<Q", len(index)) + index
-    head_len = len(head) + (-len(head) % ALIGN)
-
-    def chunks():
-        yield head + bytes(head_len - len(head))
-        pos = 0
-        for off, a in blobs:
-            if off > pos:
-                yield bytes(off - pos)
-            yield memoryview(a).cast("B")
-            pos = off + a.nbytes
-
-    write_atomic(path, chunks())  # fsynced: the page cache can drop only clean pages
+    names = sorted(packed, key=_file_order)
+    room = len(MAGIC) + 8 + 4096 + ENTRY_ROOM * len(names)
+    room += -room % ALIGN  # the arrays' base: the index and its padding end there
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with unfinished(tmp):
+        try:
+            entries, offset, flushed = {}, 0, 0
+            with os.fdopen(fd, "wb") as f:
+                f.seek(room)
+                for name in names:
+                    p = packed[name]
+                    p = p() if callable(p) else p
+                    arrays = {}
+                    for an, a in p.arrays().items():
+                        a = np.ascontiguousarray(a)
+                        pad = -offset % ALIGN
+                        f.write(bytes(pad))
+                        offset += pad
+                        arrays[an] = {
+                            "dtype": a.dtype.name,
+                            "shape": list(a.shape),
+                            "offset": offset,
+                            "nbytes": a.nbytes,
+                            "sum64": checksum(a),
+                        }
+                        f.write(memoryview(a).cast("B"))
+                        offset += a.nbytes
+                    entries[name] = {"class": _tag(p), "arrays": arrays}
+                    p = a = None  # gone before the next matrix is packed
+                    if offset - flushed >= FLUSH:  # written through, so the pages can leave the cache
+                        f.flush()
+                        os.fdatasync(f.fileno())
+                        uncache_range(f.fileno(), room + flushed, room + offset)
+                        flushed = offset
+                source = str(Path(model_path).resolve())
+                index = json.dumps({"layout": LAYOUT, "key": path.stem, "source": source, "entries": entries})
+                n = room - len(MAGIC) - 8
+                if len(index) > n:
+                    raise OSError(f"the index of {len(names)} matrices takes {len(index)} bytes, over the {n} reserved")
+                f.seek(0)
+                f.write(MAGIC + struct.pack("<Q", n) + index.encode().ljust(n))
+                f.flush()
+                os.fsync(f.fileno())  # the page cache can drop only clean pages
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     if not uncache(path):  # only the speed of later loads depends on it
         log.debug("could not drop %s from the page cache", path)
     _remove_older(path, source)
-    log.debug("packed weights cached in %s (%d bytes)", path, head_len + offset)
+    log.debug("packed weights cached in %s (%d bytes)", path, room + offset)
     return path
 
 

@@ -13,6 +13,7 @@ import time
 
 from gguf import GGMLQuantizationType as T
 
+from ...home import uncache
 from ...lut_kernels import pack_cache
 from ...lut_kernels.ops import VIEW_TYPES, has_kernel, quant_matrix
 
@@ -64,17 +65,29 @@ class CpuPlacement:
             return "cached"
         t0 = time.perf_counter()
         log.info("ember: packing %d matrices of %s for the fast kernels (once per model)", len(keys), g.path.name)
-        packed = {cache_name(n, e): store.matrix(n, e).packed for n, e in keys}
         if self.use_cache:
+            # packed one at a time as the cache is written, none kept: a model bigger than the
+            # memory packs in the memory of its largest matrix
+            packed = {cache_name(n, e): functools.partial(self._pack, store, n, e) for n, e in keys}
             try:
                 path = pack_cache.save(g.path, packed)
                 log.info("ember: packed in %.1f s, cached in %s", time.perf_counter() - t0, path)
+                if self._place_cached(store, keys):
+                    return "packed"
             except OSError as e:
                 log.warning("ember: could not write the pack cache (%s); packing again next time", e)
-                return "packed"
-            del packed
-            self._place_cached(store, keys)
+        for n, e in keys:  # kept in memory
+            store.matrix(n, e)
         return "packed"
+
+    def _pack(self, store, name: str, expert: int | None):
+        """The packed copy of a matrix (an expert), its file pages given back once read."""
+        packed = self.matrix(store, name, expert).packed
+        if expert is not None:
+            store.gguf.release(name)
+        if self.frugal:
+            uncache(store.gguf.path)
+        return packed
 
     def _place_cached(self, store, keys) -> bool:
         """Place `keys` from the pack cache; False (nothing placed) without a valid one."""
