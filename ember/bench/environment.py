@@ -158,26 +158,43 @@ def _our_seconds() -> float:
 def disk_bandwidth(path: str, limit: int = 1 << 30) -> float:
     """Sequential read bandwidth of the disk under `path`, bytes/s: the better of up to `limit`
     bytes read in 16 MiB blocks with O_DIRECT (the page cache bypassed, where the filesystem
-    allows) and read through the page cache with the file's pages dropped before and after, as
-    the streamer reads (the kernel's readahead keeps several requests in flight, which can beat
-    one O_DIRECT stream: docs/offload.md)."""
-    rates = [_read_rate(path, limit, direct=False)]
+    allows) and read as the streamer reads (`offload.stream.FileReader`: pieces through the page
+    cache, each dropped once read; the kernel's readahead keeps several requests in flight,
+    which can beat one O_DIRECT stream: docs/offload.md)."""
+    rates = [_streamer_rate(path, limit)]
     if getattr(os, "O_DIRECT", 0):
         try:
-            rates.append(_read_rate(path, limit, direct=True))
+            rates.append(_direct_rate(path, limit))
         except OSError:  # O_DIRECT refused (tmpfs, some overlays)
             pass
     return max(rates)
 
 
-def _read_rate(path: str, limit: int, direct: bool) -> float:
+def _streamer_rate(path: str, limit: int) -> float:
+    import numpy as np
+
+    from ..home import uncache
+    from ..offload.stream import PIECE, FileReader
+
+    uncache(path)
+    reader = FileReader(path, "the disk probe")
+    try:
+        n = min(limit, os.fstat(reader.fd).st_size)
+        buf = np.empty(PIECE, np.uint8)
+        pieces = [(off, min(PIECE, n - off), 0) for off in range(0, n, PIECE)]
+        seconds = sum(reader.read([piece], buf, "the disk probe") for piece in pieces)
+    finally:
+        reader.close()
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def _direct_rate(path: str, limit: int) -> float:
     import mmap
 
     block = 16 << 20
     buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         n, t = 0, time.perf_counter()
         while n < limit:
             k = os.preadv(fd, [buf], n)
@@ -185,7 +202,6 @@ def _read_rate(path: str, limit: int, direct: bool) -> float:
                 break
             n += k
         dt = time.perf_counter() - t
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
         buf.close()
