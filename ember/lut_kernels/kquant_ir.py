@@ -33,8 +33,8 @@ Structure
 ---------
 Super-blocks in tiles whose act data stays in L1 (``tile_bytes``: the act bytes of the
 ``min(kp, kb)`` rows one chunk call reads; up to 16 rows, the fused step's batches, the tiles of
-one row pair, so a row's partial sums, added into y tile by tile, fall where they fall when it
-runs alone: a verified token is bit for bit a decoded one), rows in groups of 32, per group
+16 rows, so a row's partial sums, added into y tile by tile, fall where they fall when it runs
+alone: a verified token is bit for bit a decoded one), rows in groups of 32, per group
 act-row chunks of 16 (Q4_K/Q5_K: 8), 8, 4, 2, 1 (each weight is read from memory once; a group's
 later chunks re-read it from L1/L2); each chunk function (``noinline``) loops over the group's
 rows and the tile's super-blocks, decodes a super-block's weights once (software-pipelined one
@@ -555,12 +555,14 @@ def _fn_ir(qt: int, nr: int, kbs: list[int], tile_bytes: int, prefetch: int, gro
     # the act data a chunk call streams per super-block: min(kp, kb) rows (a call only reads
     # its own rows; sizing by all kp rows made tiles of 1 super-block at large k: per (row,
     # chunk, super-block) a reduction, y update and decode prologue, 2x slower at k = 256)
-    # up to MAX_ROWS (16) rows, the fused step's batches, tiles as for one row pair: a row's
-    # partial sums fall at the same super-blocks whether it runs alone or with up to 15 others,
-    # so speculative verification gives plain decoding's logits bit for bit
+    # up to MAX_ROWS (16) rows, the fused step's batches, tiles as for 16 rows: a row's partial
+    # sums fall at the same super-blocks whether it runs alone or with up to 15 others, so
+    # speculative verification gives plain decoding's logits bit for bit; and 16 rows' act data
+    # of a tile stays in L1 (sized for one row pair, a 1536 x 8960 Q6_K tile was the whole row:
+    # 8 rows' 107 KB of acts streamed from L2 for each weight row, 4x the time of 8960 x 1536)
     a(f"  %kpc = call i64 @llvm.umin.i64(i64 %kp, i64 {kb})")
     a("  %few = icmp ule i64 %kp, 16")
-    a("  %kpt = select i1 %few, i64 2, i64 %kpc")
+    a("  %kpt = select i1 %few, i64 16, i64 %kpc")
     a("  %tb = mul i64 %kpt, 384")
     a(f"  %tsb0 = udiv i64 {tile_bytes}, %tb")
     a("  %tsb1 = call i64 @llvm.umax.i64(i64 %tsb0, i64 1)")
