@@ -102,8 +102,14 @@ class FileReader:
             self.fd = -1
 
 
+def _named(layer) -> str:
+    """A streamed unit in messages: "layer 3", or its own name (a piece of the output matrix)."""
+    return layer if isinstance(layer, str) else f"layer {layer}"
+
+
 class LayerStreamer:
-    """`layers`: {layer: [(file offset, nbytes), ...]} in the order the compute uses them.
+    """`layers`: {layer (a number, or a name): [(file offset, nbytes), ...]} in the order the
+    compute uses them.
     `acquire(layer)` waits for that layer's buffer and returns it with each range's offset in
     it; `release(layer)` gives the buffer back for the next read."""
 
@@ -158,7 +164,7 @@ class LayerStreamer:
     def _read(self, layer: int, buf: np.ndarray) -> None:
         span = self.spans.get(layer)
         reads = [(span[0], span[1], 0)] if span else self.ranges[layer]
-        self.stats.read_s += self.file.read(reads, buf, f"layer {layer}")
+        self.stats.read_s += self.file.read(reads, buf, _named(layer))
         self.stats.bytes_read += sum(n for _, n, _ in reads)
         self.stats.layers_read += 1
 
@@ -167,7 +173,7 @@ class LayerStreamer:
         """(buffer, [(file offset, nbytes, offset in buffer), ...]) of `layer`, once read. Layers
         read for a pass that was cut short are skipped until `layer` comes round."""
         if layer in self._held:
-            raise ValueError(f"layer {layer} is already held")
+            raise ValueError(f"{_named(layer)} is already held")
         t0 = time.perf_counter()
         try:
             while True:
@@ -181,7 +187,7 @@ class LayerStreamer:
             self._empty.put(slot)
             if isinstance(err, EmberError):
                 raise EmberError(str(err)) from None
-            raise EmberError(f"reading layer {layer} from {self.path} failed: {err}") from err
+            raise EmberError(f"reading {_named(layer)} from {self.path} failed: {err}") from err
         self._held[layer] = slot
         return self.buffers[slot], self.ranges[layer]
 

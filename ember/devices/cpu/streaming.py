@@ -73,7 +73,7 @@ class StreamedModel:
                 raise UnsupportedError(f"memory_budget: {missing[0]} is read in place from the file; not streamed yet")
             layers[il] = [(off, nb) for n in names for (_, _, off, nb) in recs[n][1].values()]
         self.names = {il: dec.matrix_names(range(il, il + 1)) for il in plan.streamed}
-        # the output matrix's pieces: streamer keys past the layers' -> (first row, rows, arrays)
+        # the output matrix's pieces, streamed after the last layer: name -> (first row, rows, arrays)
         self.pieces = _output_pieces(dec, recs, plan.ring_bytes) if plan.output else {}
         self.qtype = model.store.matrix(model.output_name).packed.qtype if plan.output else None
         for key, (_, _, arrays) in self.pieces.items():
@@ -177,7 +177,7 @@ def streamable_output(dec: FusedDecoder) -> int:
 
 
 def _output_pieces(dec: FusedDecoder, recs: dict, piece_bytes: int) -> dict:
-    """{streamer key (n_layer + j): (first row, rows, {array: (dtype, shape, file offset,
+    """{streamer key (the piece's name): (first row, rows, {array: (dtype, shape, file offset,
     nbytes)})} of the output matrix's pieces of at most `piece_bytes` (whole blocks of 64 rows)."""
     model = dec.model
     n_out = model.store.matrix(model.output_name).n_out
@@ -185,14 +185,14 @@ def _output_pieces(dec: FusedDecoder, recs: dict, piece_bytes: int) -> dict:
     row_bytes = sum(nb // shape[0] for (_, shape, _, nb) in arrays.values())
     step = max(64, piece_bytes // row_bytes // 64 * 64)
     pieces = {}
-    for j, r0 in enumerate(range(0, n_out, step)):
+    for r0 in range(0, n_out, step):
         rows = min(step, n_out - r0)
         part = {}
         for an, (dt, shape, off, nb) in arrays.items():
             rb = nb // shape[0]
             end = shape[0] if r0 + rows == n_out else r0 + rows  # Q4_K/Q5_K: a pair's padding row
             part[an] = (dt, (end - r0, *shape[1:]), off + r0 * rb, (end - r0) * rb)
-        pieces[model.cfg.n_layer + j] = (r0, rows, part)
+        pieces[f"the output matrix's rows {r0}..{r0 + rows - 1}"] = (r0, rows, part)
     return pieces
 
 
