@@ -44,22 +44,30 @@ def test_plan_keeps_a_prefix_resident_and_states_the_minimum():
     p = make_plan(135 * M + 100 * M + IN_FLIGHT + 3 * 50 * M + 10 * M, layers, needs)
     assert p.resident == 3 and list(p.streamed) == [3, 4, 5, 6, 7] and p.streamed_bytes == 250 * M
     assert p.ring_bytes == 50 * M and "3 of 8 layers in memory" in p.describe()
-    minimum = (135 * M + 100 * M + IN_FLIGHT) / M  # two layers in flight and their reads' pages
+    assert p.ring == 2
+    # no room for two buffers: one (the reads wait for the compute)
+    p = make_plan(135 * M + 100 * M + IN_FLIGHT - 1, layers, needs)
+    assert p.ring == 1 and p.resident == 0 and p.output == 0
+    minimum = (135 * M + 50 * M + IN_FLIGHT) / M  # one layer in flight and its reads' pages
     with pytest.raises(BudgetError, match=rf"needs at least {minimum:.0f} MB") as e:
-        make_plan(200 * M, layers, needs, n_ctx=4096)
+        make_plan(180 * M, layers, needs, n_ctx=4096)
     assert "4096 tokens" in str(e.value)
-    # no room for the ring beside a 50 MB output matrix that can stream: it streams too
+    # no room for the ring beside a 50 MB output matrix that can stream: it streams too, before
+    # the ring shrinks to one buffer
     needs = Needs(process=100 * M, fixed=60 * M, kv_cache=20 * M, work=5 * M)
     ring = 100 * M + IN_FLIGHT
     assert make_plan(185 * M + ring, layers, needs, output=50 * M).output == 0  # it fits: resident
     p = make_plan(185 * M + ring - 1, layers, needs, output=50 * M)
-    assert p.output == 50 * M and p.resident == 0 and p.streamed_bytes == 450 * M
+    assert p.output == 50 * M and p.resident == 0 and p.ring == 2 and p.streamed_bytes == 450 * M
     assert "8 and the output matrix streamed" in p.describe()
     assert make_plan(185 * M + ring + 50 * M, layers, needs, output=50 * M).resident == 1
-    with pytest.raises(BudgetError, match=rf"needs at least {(135 * M + ring) / M:.0f} MB"):
-        make_plan(135 * M + ring - 1, layers, needs, output=50 * M)
-    with pytest.raises(BudgetError, match=rf"needs at least {(185 * M + ring) / M:.0f} MB"):
-        make_plan(185 * M + ring - 1, layers, needs)  # an output matrix that cannot stream
+    p = make_plan(135 * M + ring - 1, layers, needs, output=50 * M)
+    assert p.output == 50 * M and p.ring == 1
+    one = 50 * M + IN_FLIGHT
+    with pytest.raises(BudgetError, match=rf"needs at least {(135 * M + one) / M:.0f} MB"):
+        make_plan(135 * M + one - 1, layers, needs, output=50 * M)
+    with pytest.raises(BudgetError, match=rf"needs at least {(185 * M + one) / M:.0f} MB"):
+        make_plan(185 * M + one - 1, layers, needs)  # an output matrix that cannot stream
 
 
 def _model(tmp_path, n_layer=4, family="llama", qtype="Q8_0"):
@@ -70,22 +78,23 @@ def _model(tmp_path, n_layer=4, family="llama", qtype="Q8_0"):
     return m
 
 
-def _streamed(m, resident: int) -> StreamedModel:
+def _streamed(m, resident: int, ring: int = 2) -> StreamedModel:
     tr, dec = m.transformer, m.device.decoder(m.transformer)
     sizes = [sum(tr.store.matrix(n).nbytes for n in dec.matrix_names(range(i, i + 1))) for i in range(tr.cfg.n_layer)]
-    plan = Plan(budget=1, needs=Needs(0, 0, 0, 0), layer_bytes=tuple(sizes), resident=resident)
+    plan = Plan(budget=1, needs=Needs(0, 0, 0, 0), layer_bytes=tuple(sizes), resident=resident, ring=ring)
     return StreamedModel(dec, plan)
 
 
-@pytest.mark.parametrize("resident", [0, 1, 3])
-def test_streamed_layers_give_the_resident_logits(tmp_path, resident):
+@pytest.mark.parametrize("resident,ring", [(0, 2), (1, 2), (3, 2), (1, 1)])
+def test_streamed_layers_give_the_resident_logits(tmp_path, resident, ring):
     m = _model(tmp_path)
     tr, dev = m.transformer, m.device
     ids = np.random.default_rng(7).integers(0, m.config.n_vocab, 37).tolist()  # 3 chunks of <= 16
     want_cache = dev.new_cache(tr, 128)
     want = np.concatenate([dev.forward(tr, ids[:30], want_cache), dev.forward(tr, ids[30:], want_cache)])
-    sm = _streamed(m, resident)
+    sm = _streamed(m, resident, ring)
     try:
+        assert len(sm.streamer.buffers) == min(ring, len(sm.plan.streamed))
         cache = dev.new_cache(tr, 128)
         got = np.concatenate([sm.forward(ids[:30], cache, True), sm.forward(ids[30:], cache, True)])
         assert cache.length == 37

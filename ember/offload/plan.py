@@ -68,6 +68,7 @@ class Plan:
     layer_bytes: tuple[int, ...]
     resident: int  # layers 0..resident-1 stay in memory; the others stream
     output: int = 0  # bytes of the output matrix streamed after the last layer (0: it is resident)
+    ring: int = RING  # buffers of streamed layers: 2, read one ahead; 1, read after the compute
 
     @property
     def streamed(self) -> range:
@@ -100,10 +101,10 @@ class Plan:
         )
 
 
-def in_flight(layer_bytes) -> int:
+def in_flight(layer_bytes, ring: int = 2) -> int:
     """Bytes streaming holds besides the resident layers: the ring's buffers and the page cache
     of the reads under way."""
-    return RING * max(layer_bytes) + IN_FLIGHT
+    return ring * max(layer_bytes) + IN_FLIGHT
 
 
 MARGIN = 0.10  # of the available memory, left free by a default budget
@@ -116,32 +117,31 @@ def default_budget(needed: int, available: int) -> int | None:
 
 
 def make_plan(budget: int, layer_bytes: list[int], needs: Needs, n_ctx: int | None = None, output: int = 0) -> Plan:
-    """The most layers that fit in `budget` resident, the rest streamed; when the ring does not
-    fit beside the output matrix (`output`: its bytes, counted in `needs.fixed`, where it can
-    stream; 0 where it cannot), that streams too; BudgetError stating the minimum when not even
-    that fits."""
+    """The most layers that fit in `budget` resident, the rest streamed through a ring of RING
+    buffers. When that ring does not fit beside the output matrix (`output`: its bytes, counted
+    in `needs.fixed`, where it can stream; 0 where it cannot), that streams too (as many bytes
+    read a token as it frees); when not even that fits, a ring of one buffer (the reads then
+    wait for the compute: ~10% slower where the disk is the bound). BudgetError stating the
+    minimum when nothing fits."""
     layer_bytes = tuple(int(b) for b in layer_bytes)
     free = budget - needs.total
     if free >= sum(layer_bytes):
         return Plan(budget, needs, layer_bytes, len(layer_bytes))
-    ring = in_flight(layer_bytes)
-    if free < ring <= free + output:
-        needs = replace(needs, fixed=needs.fixed - output)
-        plan = make_plan(budget, layer_bytes, needs, n_ctx)
-        return replace(plan, output=output)
-    if free < ring:
-        if output:  # the minimum with the output matrix streamed
-            needs = replace(needs, fixed=needs.fixed - output)
-        minimum = needs.total + ring
-        ctx = f" at a context of {n_ctx} tokens (the KV cache takes {fmt(needs.kv_cache)}; -c sets it)" if n_ctx else ""
-        raise BudgetError(
-            f"a memory budget of {fmt(budget)} is too small: this model needs at least {fmt(minimum)}{ctx}: "
-            f"{fmt(needs.process)} for the process, {fmt(needs.fixed)} of weights outside the layers, "
-            f"{fmt(needs.kv_cache + needs.work)} of cache and activations, and {fmt(ring)} for "
-            f"{RING} layers in flight and their reads"
-        )
-    resident, left = 0, free - ring
-    while resident < len(layer_bytes) and layer_bytes[resident] <= left:
-        left -= layer_bytes[resident]
-        resident += 1
-    return Plan(budget, needs, layer_bytes, resident)
+    for ring, streamed in ((RING, 0), (RING, output), (1, 0), (1, output)):
+        room = free + streamed - in_flight(layer_bytes, ring)
+        if room >= 0:
+            resident = 0
+            while resident < len(layer_bytes) and layer_bytes[resident] <= room:
+                room -= layer_bytes[resident]
+                resident += 1
+            fixed = replace(needs, fixed=needs.fixed - streamed)
+            return Plan(budget, fixed, layer_bytes, resident, output=streamed, ring=ring)
+    needs = replace(needs, fixed=needs.fixed - output)  # the minimum: the output matrix streamed, one buffer
+    ring = in_flight(layer_bytes, 1)
+    ctx = f" at a context of {n_ctx} tokens (the KV cache takes {fmt(needs.kv_cache)}; -c sets it)" if n_ctx else ""
+    raise BudgetError(
+        f"a memory budget of {fmt(budget)} is too small: this model needs at least {fmt(needs.total + ring)}{ctx}: "
+        f"{fmt(needs.process)} for the process, {fmt(needs.fixed)} of weights outside the layers, "
+        f"{fmt(needs.kv_cache + needs.work)} of cache and activations, and {fmt(ring)} for a streamed "
+        "layer and its reads"
+    )

@@ -78,7 +78,7 @@ class StreamedModel:
         self.qtype = model.store.matrix(model.output_name).packed.qtype if plan.output else None
         for key, (_, _, arrays) in self.pieces.items():
             layers[key] = [(off, nb) for (_, _, off, nb) in arrays.values()]
-        self.streamer = LayerStreamer(path, layers) if layers else None
+        self.streamer = LayerStreamer(path, layers, ring=plan.ring) if layers else None
         keep = {n for n in dec.matrix_names(range(0, plan.resident))}
         if not plan.output:
             keep.add(model.output_name)
