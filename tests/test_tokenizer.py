@@ -29,6 +29,24 @@ def test_tokenizer_strings_equal_llama_cpp(catalog_model, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_the_saved_encoder_encodes_as_llama_cpp(catalog_model, name):
+    """After its first build the encoder is read back from its saved form (less memory): the
+    same ids as llama.cpp's, the same stop tokens."""
+    gguf = catalog_model(name).gguf
+    built = Tokenizer(gguf)
+    built.encode("x")  # built (or read back) and saved
+    tok = Tokenizer(gguf)
+    assert tok._saved_path() == built._saved_path() and tok._saved_path().exists()
+    ref = reference(name)
+    for p in ref["prompts"]:
+        assert tok.encode(p["text"], special=p["parse_special"], add_bos=p["add_bos"]) == p["prompt_token_ids"]
+    for case in ref["tokenizer_only"]:
+        assert tok.encode(case["text"], special=True) == case["ids_parse_special"], case["text"]
+        assert tok.encode(case["text"], special=False) == case["ids_no_parse_special"], case["text"]
+    assert tok.stop_ids == built.stop_ids and tok.stop_ids
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_perplexity_text_ids_equal_llama_cpp(catalog_model, name, ppl_text):
     tok = catalog_model(name).tokenizer
     ppl = reference(name)["perplexity"]
