@@ -47,7 +47,7 @@ def test_plan_keeps_a_prefix_resident_and_states_the_minimum():
     assert p.ring == 2
     # no room for two buffers: one (the reads wait for the compute)
     p = make_plan(135 * M + 100 * M + IN_FLIGHT - 1, layers, needs)
-    assert p.ring == 1 and p.resident == 0 and p.output == 0
+    assert p.ring == 1 and p.resident == 0 and p.output == 0 and "streamed from disk, one at a time" in p.describe()
     minimum = (135 * M + 50 * M + IN_FLIGHT) / M  # one layer in flight and its reads' pages
     with pytest.raises(BudgetError, match=rf"needs at least {minimum:.0f} MB") as e:
         make_plan(180 * M, layers, needs, n_ctx=4096)

@@ -95,9 +95,10 @@ class Plan:
         if not self.streams:
             return f"all {len(self.layer_bytes)} layers fit in the budget of {fmt(self.budget)}"
         out = " and the output matrix" if self.output else ""
+        one = ", one at a time" if self.ring == 1 else ""
         return (
             f"{self.resident} of {len(self.layer_bytes)} layers in memory, {len(self.streamed)}{out} streamed "
-            f"from disk ({fmt(self.streamed_bytes)} a token) within the budget of {fmt(self.budget)}"
+            f"from disk{one} ({fmt(self.streamed_bytes)} a token) within the budget of {fmt(self.budget)}"
         )
 
 
