@@ -84,17 +84,21 @@ def remove_unfinished() -> None:
 
 
 def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
-    """Write `data` (bytes, str, or an iterable of bytes-like chunks) to `path` through a
-    temporary file in the same folder and a rename."""
+    """Write `data` (bytes, str, an iterable of bytes-like chunks, or a function that writes to
+    the open binary file it is given) to `path` through a temporary file in the same folder and
+    a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with unfinished(tmp):
         try:
             with os.fdopen(fd, "wb") as f:
-                if isinstance(data, (bytes, bytearray, memoryview, str)):
-                    data = [data.encode("utf-8") if isinstance(data, str) else data]
-                for chunk in data:
-                    f.write(chunk)
+                if callable(data):
+                    data(f)
+                else:
+                    if isinstance(data, (bytes, bytearray, memoryview, str)):
+                        data = [data.encode("utf-8") if isinstance(data, str) else data]
+                    for chunk in data:
+                        f.write(chunk)
                 f.flush()
                 if fsync:
                     os.fsync(f.fileno())

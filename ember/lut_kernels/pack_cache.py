@@ -16,8 +16,8 @@ failing any check is deleted and rebuilt, never used. The checksum (``checksum``
 sum of the array's 8-byte words plus a position-weighted sum (so swapped or shifted words count
 too), at memory speed: zlib's crc32 took 42 ms of SmolLM2's 0.9 s to the first token and
 ~0.45 s of Qwen2.5-1.5B's. Arrays are zero-copy views of
-one read-only mapping. Files are written to a temporary name and renamed (as
-`home.write_atomic` does); writing one deletes the older files made from the same model path.
+one read-only mapping. Files are written to a temporary name and renamed (`home.write_atomic`);
+writing one deletes the older files made from the same model path.
 
 Huge pages: the decode streams every weight once a token, and through 4 KB pages that is a
 TLB miss every 4 KB. The mapping is advised ``MADV_HUGEPAGE`` (Linux), so the pages the kernel
@@ -42,13 +42,12 @@ import mmap
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
-from ..home import FOLIO, cache_dir, uncache, uncache_range, unfinished
+from ..home import FOLIO, cache_dir, uncache, uncache_range, write_atomic
 from .kquant_layout import PackedKQ
 from .pack import PackedQ4
 from .q8 import PackedQ5, PackedQ8
@@ -139,56 +138,49 @@ def save(model_path: Path, packed: dict) -> Path:
     names = sorted(packed, key=_file_order)
     room = len(MAGIC) + 8 + 4096 + ENTRY_ROOM * len(names)
     room += -room % ALIGN  # the arrays' base: the index and its padding end there
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with unfinished(tmp):
-        try:
-            entries, offset, flushed = {}, 0, 0
-            with os.fdopen(fd, "wb") as f:
-                f.seek(room)
-                for name in names:
-                    p = packed[name]
-                    p = p() if callable(p) else p
-                    arrays = {}
-                    for an, a in p.arrays().items():
-                        a = np.ascontiguousarray(a)
-                        pad = -offset % ALIGN
-                        f.write(bytes(pad))
-                        offset += pad
-                        arrays[an] = {
-                            "dtype": a.dtype.name,
-                            "shape": list(a.shape),
-                            "offset": offset,
-                            "nbytes": a.nbytes,
-                            "sum64": checksum(a),
-                        }
-                        f.write(memoryview(a).cast("B"))
-                        offset += a.nbytes
-                    entries[name] = {"class": _tag(p), "arrays": arrays}
-                    p = a = None  # gone before the next matrix is packed
-                    if offset - flushed >= FLUSH:  # written through, so the pages can leave the cache
-                        f.flush()
-                        os.fdatasync(f.fileno())
-                        uncache_range(f.fileno(), room + flushed, room + offset)
-                        flushed = offset
-                source = str(Path(model_path).resolve())
-                index = json.dumps({"layout": LAYOUT, "key": path.stem, "source": source, "entries": entries})
-                n = room - len(MAGIC) - 8
-                if len(index) > n:
-                    raise OSError(f"the index of {len(names)} matrices takes {len(index)} bytes, over the {n} reserved")
-                f.seek(0)
-                f.write(MAGIC + struct.pack("<Q", n) + index.encode().ljust(n))
+    source = str(Path(model_path).resolve())
+    entries: dict = {}
+
+    def write(f) -> None:
+        offset, flushed = 0, 0
+        f.seek(room)
+        for name in names:
+            p = packed[name]
+            p = p() if callable(p) else p
+            arrays = {}
+            for an, a in p.arrays().items():
+                a = np.ascontiguousarray(a)
+                pad = -offset % ALIGN
+                f.write(bytes(pad))
+                offset += pad
+                arrays[an] = {
+                    "dtype": a.dtype.name,
+                    "shape": list(a.shape),
+                    "offset": offset,
+                    "nbytes": a.nbytes,
+                    "sum64": checksum(a),
+                }
+                f.write(memoryview(a).cast("B"))
+                offset += a.nbytes
+            entries[name] = {"class": _tag(p), "arrays": arrays}
+            p = a = None  # gone before the next matrix is packed
+            if offset - flushed >= FLUSH:  # written through, so the pages can leave the cache
                 f.flush()
-                os.fsync(f.fileno())  # the page cache can drop only clean pages
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                os.fdatasync(f.fileno())
+                uncache_range(f.fileno(), room + flushed, room + offset)
+                flushed = offset
+        index = json.dumps({"layout": LAYOUT, "key": path.stem, "source": source, "entries": entries})
+        n = room - len(MAGIC) - 8
+        if len(index) > n:
+            raise OSError(f"the index of {len(names)} matrices takes {len(index)} bytes, over the {n} reserved")
+        f.seek(0)
+        f.write(MAGIC + struct.pack("<Q", n) + index.encode().ljust(n))
+
+    write_atomic(path, write)  # fsynced: the page cache can drop only clean pages
     if not uncache(path):  # only the speed of later loads depends on it
         log.debug("could not drop %s from the page cache", path)
     _remove_older(path, source)
-    log.debug("packed weights cached in %s (%d bytes)", path, room + offset)
+    log.debug("packed weights cached in %s (%d matrices)", path, len(entries))
     return path
 
 
