@@ -20,6 +20,7 @@ import io
 from functools import cached_property
 
 import numpy as np
+import tokenizers
 from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -140,7 +141,7 @@ class Tokenizer:
     def _hf(self) -> HFTokenizer:
         """The encoder: built from the file's vocabulary once, then read back from its saved
         form (`tokenizers`' own JSON, in the cache folder): built from Python's copies of a 151k
-        vocabulary it held 79 MB, read back 50 (Qwen2.5)."""
+        vocabulary it held 80 MB, read back 51 (Qwen2.5)."""
         saved = self._saved_path()
         try:
             return HFTokenizer.from_file(str(saved))
@@ -162,7 +163,7 @@ class Tokenizer:
         """Where the encoder built from this file's tokenizer is saved: named by a hash of
         everything it is built from."""
         key = hashlib.sha256(_CACHE_VERSION + b"|hf|" + f"{self.model}|{self.pre}|{self.add_space_prefix}".encode())
-        key.update(tokenizers_version().encode())
+        key.update(tokenizers.__version__.encode())
         key.update(self._tokens.raw_region())
         key.update(self.token_types.tobytes())
         for name in ("tokenizer.ggml.merges", "tokenizer.ggml.scores"):
@@ -318,12 +319,6 @@ class Tokenizer:
 
     def stream(self, special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, special)
-
-
-def tokenizers_version() -> str:
-    import tokenizers
-
-    return tokenizers.__version__
 
 
 def split_merges(raw: list[str], path) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ What the budget must hold besides the layers (`Needs`): the process itself (Pyth
 compiled code: measured when the plan is made), the weights outside the layers (the output
 matrix; norms), the KV cache at the full context, activations, and the ring's buffers. When
 even that leaves no room for the ring, the output matrix streams too, in pieces no larger than a
-layer (a budget of a third of Qwen2.5-1.5B's file: its output matrix is 17% of it).
+layer (its output matrix is 17% of Qwen2.5-1.5B's file), and then the ring shrinks to one buffer.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Plan:
         )
 
 
-def in_flight(layer_bytes, ring: int = 2) -> int:
+def in_flight(layer_bytes, ring: int = RING) -> int:
     """Bytes streaming holds besides the resident layers: the ring's buffers and the page cache
     of the reads under way."""
     return ring * max(layer_bytes) + IN_FLIGHT
@@ -128,7 +128,7 @@ def make_plan(budget: int, layer_bytes: list[int], needs: Needs, n_ctx: int | No
     free = budget - needs.total
     if free >= sum(layer_bytes):
         return Plan(budget, needs, layer_bytes, len(layer_bytes))
-    for ring, streamed in ((RING, 0), (RING, output), (1, 0), (1, output)):
+    for ring, streamed in dict.fromkeys(((RING, 0), (RING, output), (1, 0), (1, output))):
         room = free + streamed - in_flight(layer_bytes, ring)
         if room >= 0:
             resident = 0
