@@ -140,3 +140,35 @@ def test_auto_schedule_runs_the_faster_of_turns_and_concurrent_as_measured():
     rate["turns"] = 50.0  # the other one got faster: noticed at its next try
     assert steps(PROBE_STEPS + 2) == ["turns"] * (PROBE_STEPS + 2)
     assert p.stats()["measured_tok_s"]["turns"] > 40
+
+
+def test_auto_schedule_spares_the_probes_of_a_schedule_the_costs_say_loses():
+    """A schedule the cost model expects to lose by more than PROBE_MARGIN is not run at all
+    (its probes cost ~10% of a 128-token run on 2 cores), and the reason says so; once its
+    costs make it competitive it is probed."""
+    p = DraftPolicy(15, draft_overhead=1, schedules=("turns", "concurrent"))
+    for n in range(1, 17):
+        p.observe_step(n, 0.030 * (1 + 0.1 * (n - 1)), "turns")
+        p.observe_step(n, 0.055 * (1 + 0.1 * (n - 1)), "concurrent")  # the target on 1 of 2 threads
+    p.observe_draft(1, 0.010, 0.010, "turns")
+    p.observe_draft(1, 0.018, 0.018, "concurrent")
+    for _ in range(50):
+        p.observe_accept("d", 4, 3)
+    seen = []
+    for _ in range(2 * PROBE_STEPS + RECHECK_EVERY):
+        assert p.choose("d", 15) > 0
+        seen.append(p.schedule)
+        p.observe_outcome(3, 0.1)
+    assert seen == ["turns"] * len(seen)
+    assert "concurrent not tried" in p.reason and p.stats()["steps_by_schedule"]["concurrent"] == 0
+    for n in range(1, 17):  # e.g. the draft moved to a device of its own
+        for _ in range(20):
+            p.observe_step(n, 0.030 * (1 + 0.1 * (n - 1)), "concurrent")
+    for _ in range(20):
+        p.observe_draft(2, 0.020, 0.010, "concurrent")
+    seen = []
+    for _ in range(RECHECK_EVERY + 1):
+        p.choose("d", 15)
+        seen.append(p.schedule)
+        p.observe_outcome(3, 0.1)
+    assert "concurrent" in seen

@@ -45,6 +45,7 @@ EXPLORE_EVERY = 16
 EXPLORE_MAX = 128
 PROBE_STEPS = 8  # auto: steps a schedule is tried for
 RECHECK_EVERY = 48  # auto: steps the best schedule runs before the others are tried again
+PROBE_MARGIN = 0.15  # auto: a schedule the cost model expects to lose by more is not probed
 OUTCOME_DECAY = 0.9  # per step, of a schedule's measured tokens and seconds
 EXPLORE_K = 2
 CALIBRATE_ROWS = (1, 2, 4, 8, 16)
@@ -173,6 +174,7 @@ class DraftPolicy:
         self.steps_by_schedule = {x: 0 for x in self.schedules}
         self.measured = {x: [0.0, 0.0, 0] for x in self.schedules}  # decayed tokens, seconds; steps
         self.phase, self.phase_left, self.probing = self.schedules[0], 0, True
+        self.unprobed = ""  # auto: the schedules the cost model spared a probe, and why
         self.reason = ""
 
     # what happened
@@ -243,13 +245,14 @@ class DraftPolicy:
             self.reason = "a plain step first: it measures one row's cost" if not k else f"fixed k={k}, {first}"
         else:
             a = self.hopeful(kind)
-            options = []  # (rate, k, schedule)
-            for x in self._phase():
+            ks = [min(self.fixed, limit)] if self.fixed is not None else range(limit + 1)
+            by_schedule = {}  # schedule -> [(rate, k, schedule)]
+            for x in self.schedules:
                 rates = self._rates(limit, a, x)
-                if rates is None:
-                    continue
-                ks = [min(self.fixed, limit)] if self.fixed is not None else range(limit + 1)
-                options += [(rates[j], j, x) for j in ks]
+                if rates is not None:
+                    by_schedule[x] = [(rates[j], j, x) for j in ks]
+            predicted = {x: max(o[0] for o in opts) for x, opts in by_schedule.items()}
+            options = [o for x in self._phase(predicted) for o in by_schedule.get(x, [])]
             if not options:
                 k, schedule = (min(self.fixed, limit) if self.fixed is not None else 0), first
                 self.reason = f"k={k}, {first}: no costs measured yet"
@@ -272,6 +275,8 @@ class DraftPolicy:
                 if len(self.schedules) > 1:
                     rates = ", ".join(f"{x} {self.measured_rate(x):.1f}" for x in self.schedules)
                     self.reason += f"; measured tok/s: {rates}"
+                    if self.unprobed:
+                        self.reason += f"; {self.unprobed}"
         if k == 0:
             schedule = "turns" if "turns" in self.schedules else first
         self.idle[kind] = 0 if k else self.idle.get(kind, 0) + 1
@@ -292,20 +297,31 @@ class DraftPolicy:
         tokens, seconds, _ = self.measured[schedule]
         return tokens / seconds if seconds > 0 else 0.0
 
-    def _phase(self) -> tuple[str, ...]:
+    def _phase(self, predicted: dict[str, float]) -> tuple[str, ...]:
         """The schedules this step may take. With several (auto, timed), one at a time, chosen by
         the tokens a second each measured over whole steps: each is probed for PROBE_STEPS steps
         at first, then the best runs RECHECK_EVERY steps and the others are probed again. The
-        cost model alone mispredicted which schedule wins (by 10% on a 2-core Zen 4)."""
+        cost model alone mispredicted which schedule wins (by 10% on a 2-core Zen 4), so it only
+        spares the probes of a schedule it expects to lose by more than PROBE_MARGIN
+        (`predicted`: each schedule's best tokens a second under the model)."""
         if len(self.schedules) == 1 or not self.timed:
             return self.schedules
         if self.phase_left <= 0:
-            new = [x for x in self.schedules if self.measured[x][2] == 0]
-            best = max(self.schedules, key=self.measured_rate)
+            top = max(predicted.values(), default=0.0)
+            hopeless = {x for x, r in predicted.items() if r < (1 - PROBE_MARGIN) * top}
+            if hopeless:
+                self.unprobed = ", ".join(
+                    f"{x} not tried: {predicted[x]:.1f} tok/s expected vs {top:.1f}" for x in sorted(hopeless)
+                )
+            else:
+                self.unprobed = ""
+            worth = [x for x in self.schedules if x not in hopeless] or [max(predicted, key=predicted.get)]
+            new = [x for x in worth if self.measured[x][2] == 0]
+            best = max(worth, key=self.measured_rate)
+            others = [x for x in worth if x != best]
             if new:
                 self.phase, self.phase_left, self.probing = new[0], PROBE_STEPS, True
-            elif not self.probing:  # the best has run its turn: probe the least tried other one
-                others = [x for x in self.schedules if x != best]
+            elif not self.probing and others:  # the best has run its turn: probe the least tried other
                 self.phase = min(others, key=lambda x: self.measured[x][2])
                 self.phase_left, self.probing = PROBE_STEPS, True
             else:
