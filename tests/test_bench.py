@@ -328,3 +328,30 @@ def test_synthetic_moe_hidden_states_drift_slowly_across_layers_not_tokens(tmp_p
     layers = np.mean([cos(s[i], s[i + 1]) for s in states for i in range(len(s) - 1)])
     tokens = np.mean([cos(states[j][i], states[j + 1][i]) for j in range(n - 1) for i in range(len(states[0]))])
     assert layers > 0.9 and tokens < 0.6, (layers, tokens)
+
+
+def test_llama_runs_turn_repacking_off_where_a_repacking_load_dies(monkeypatch):
+    """A Xeon VM lists AMX but llama.cpp's AMX repack dies there (SIGSEGV): the peer's runs then
+    load with repacking off, once checked, and the report warns; elsewhere they repack."""
+    import json
+
+    from ember.bench.run import Bench, build_parser
+
+    args = build_parser().parse_args(["--peer", "--threads", "2"])
+    for dies in (True, False):
+        b = Bench(args, "/m.gguf", "m", 2048)
+        calls = []
+
+        def command(cmd, what, memory_limit=None, timeout=None, **kw):
+            kind, a = cmd[-2], json.loads(cmd[-1])
+            calls.append((kind, a.get("repack")))
+            if kind == "llama_probe" and dies:
+                raise BenchError(f"{what} failed: killed by SIGSEGV")
+            return {"wall_s": 1.0, "load_cores": 0.0, "busy": False, "stdout": '{"tokens_per_s": 1.0}'}
+
+        monkeypatch.setattr(b, "command", command)
+        b.worker("llama", "llama.cpp tg8", model="/m.gguf", test="tg8", threads=2)
+        b.worker("llama_speculative", "llama.cpp lookup", model="/m.gguf", lookup=True, threads=2)
+        b.worker("llama", "llama.cpp mmap", model="/m.gguf", test="tg8", threads=2, repack=False)
+        assert calls == [("llama_probe", True), ("llama", not dies), ("llama_speculative", not dies), ("llama", False)]
+        assert any("repacking off" in w and "SIGSEGV" in w for w in b.warnings) == dies

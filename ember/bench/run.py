@@ -115,6 +115,7 @@ class Bench:
         self.script = ember_script()
         self.warnings: list[str] = []
         self._progress = self._task = None
+        self._repack: bool | None = None  # llama.cpp's weight repacking works here (None: not checked)
 
     # progress and messages
     def start_progress(self, total: int) -> None:
@@ -186,10 +187,25 @@ class Bench:
             self.note(f"warning: other processes used {load:.1f} cores during {what}: marked busy")
         return out
 
+    def llama_repack(self) -> bool:
+        """Whether llama.cpp's runs repack their weights (its default, its fastest): not where a
+        load with repacking dies here (its AMX repack, SIGSEGV on a Xeon VM whose AMX is listed
+        but not usable); checked once, by a load and a short prompt."""
+        if self._repack is None:
+            try:
+                self.worker("llama_probe", "llama.cpp repacking check", model=self.model_path, threads=1, repack=True)
+                self._repack = True
+            except BenchError as e:
+                self._repack = False
+                self.warn(f"llama.cpp runs with its weight repacking off: a load with it failed here ({e})")
+        return self._repack
+
     def worker(self, kind: str, what: str, memory_limit: int | None = None, timeout: float | None = None, **args):
         """One measurement: ``python -m ember.bench.workers KIND JSON`` from the folder that holds
         this process's ember package (so the worker imports the same ember); its JSON result with
         the run's wall time, load and busy mark added."""
+        if kind.startswith("llama") and "repack" not in args:
+            args["repack"] = self.llama_repack()
         cmd = [sys.executable, "-m", "ember.bench.workers", kind, json.dumps(args)]
         r = self.command(cmd, what, memory_limit, timeout, cwd=_package_root())
         try:

@@ -101,8 +101,9 @@ def worker_ember(model: str, test: str, threads: int, device: str = "cpu") -> di
     }
 
 
-def _llama(model: str, n_ctx: int, threads: int, repack: bool = True):
-    """A llama_cpp.Llama of `model`; repack=False: its weights stay in the file's mapping."""
+def _llama(model: str, n_ctx: int, threads: int, repack: bool = True, **kw):
+    """A llama_cpp.Llama of `model` (more Llama arguments in kw); repack=False: its weights stay
+    in the file's mapping."""
     import llama_cpp
 
     import ember
@@ -126,7 +127,15 @@ def _llama(model: str, n_ctx: int, threads: int, repack: bool = True):
         n_threads=threads,
         n_threads_batch=threads,
         verbose=False,
+        **kw,
     )
+
+
+def worker_llama_probe(model: str, threads: int, repack: bool) -> dict:
+    """A load of `model` by llama.cpp and a short prompt: whether it runs here at all."""
+    llm = _llama(model, 256, threads, repack)
+    llm.eval(llm.tokenize(b"def add(a, b):"))
+    return {"ok": True}
 
 
 def worker_llama(model: str, test: str, threads: int, repack: bool = True) -> dict:
@@ -348,19 +357,19 @@ def worker_speculative(
     return out
 
 
-def worker_llama_speculative(model: str, lookup: bool, threads: int, tokens: int, request: str = "type hints") -> dict:
+def worker_llama_speculative(
+    model: str, lookup: bool, threads: int, tokens: int, request: str = "type hints", repack: bool = True
+) -> dict:
     """llama-cpp-python on the same request, plain or with its prompt-lookup decoding."""
-    import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    llm = llama_cpp.Llama(
-        model_path=model,
-        n_ctx=2048,
-        n_threads=threads,
-        n_threads_batch=threads,
+    llm = _llama(
+        model,
+        2048,
+        threads,
+        repack,
         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None,
         logits_all=lookup,  # its verification reads every drafted row's logits
-        verbose=False,
     )
     messages = [{"role": "user", "content": rewrite_prompt(request)}]
     llm.create_chat_completion(messages, max_tokens=4, temperature=0.0)  # warm-up
@@ -481,8 +490,9 @@ WORKERS = {
     ),  # fmt: skip
     "llama_replay": lambda a: worker_llama_replay(a["model"], a["threads"], a["tokens"], a["prompt"], a["max_s"]),
     "llama_speculative": lambda a: worker_llama_speculative(
-        a["model"], a["lookup"], a["threads"], a["tokens"], a["request"]
+        a["model"], a["lookup"], a["threads"], a["tokens"], a["request"], a.get("repack", True)
     ),
+    "llama_probe": lambda a: worker_llama_probe(a["model"], a["threads"], a.get("repack", True)),
 }
 
 
