@@ -28,6 +28,7 @@ from .runtime.generate import Chunk, GenerationConfig, GenerationError, generate
 from .runtime.kv_cache import KV_TYPES
 from .runtime.speculate import SCHEDULE_CHOICES
 from .runtime.threads import default_threads
+from .speculative.light import QUANTS
 
 GPU_KINDS = ("opencl", "cuda")  # the devices that run a whole model (devices.gpu)
 
@@ -51,6 +52,7 @@ class Model:
         draft_k: int | None = None,
         draft_schedule: str = "auto",
         draft_device: str = "cpu",
+        draft_quant: str = "q4_0",
         kernels: str = "auto",
         kv_cache: str = "auto",
     ):
@@ -104,15 +106,17 @@ class Model:
         if draft_schedule not in SCHEDULE_CHOICES:
             raise EmberError(f"draft_schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {draft_schedule!r}")
         self.draft_schedule = draft_schedule
-        self.drafter = None if draft is None else self._drafter(draft, n_ctx, draft_device)
+        if draft_quant not in QUANTS:
+            raise EmberError(f"draft_quant must be one of {', '.join(QUANTS)}, got {draft_quant!r}")
+        self.drafter = None if draft is None else self._drafter(draft, n_ctx, draft_device, draft_quant)
         if self.on_gpu:
             _ = self.device  # a device asked for and missing fails here, not at the first token
 
-    def _drafter(self, draft, n_ctx: int | None, device: str):
+    def _drafter(self, draft, n_ctx: int | None, device: str, quant: str):
         """draft="lookup": prompt lookup; a catalog name or a .gguf path: that model drafts, on
         the same threads (or on `device`: a GPU of its own), after a check that its vocabulary
-        is the target's."""
-        from .speculative import ModelDrafter, PromptLookup
+        is the target's; on the CPU from its 4-bit copy unless quant="file"."""
+        from .speculative import ModelDrafter, PromptLookup, light_copy
 
         if isinstance(draft, str) and draft == "lookup":
             return PromptLookup()
@@ -120,7 +124,10 @@ class Model:
             raise EmberError(f"draft must be 'lookup', a catalog name or a .gguf path, got {draft!r}")
         on_cpu = device == "cpu"
         options = {"kernels": self.kernels, "kv_cache": self.kv_cache} if on_cpu else {"device": device}
-        drafter = load(draft, n_ctx=n_ctx, threads=self.threads, **options)
+        path = hub.resolve(draft)
+        if on_cpu and quant == "q4_0":
+            path = light_copy(path)
+        drafter = load(path, n_ctx=n_ctx, threads=self.threads, **options)
         return ModelDrafter(drafter, self)
 
     @cached_property
@@ -529,6 +536,9 @@ def load(model: str | os.PathLike = hub.DEFAULT_MODEL, *, pull: bool = True, **o
     verifies this one, on separate threads, or "auto", the default: chosen per step),
     draft_device ("cpu", the default, or a GPU device such as "cuda" or "opencl:0": the draft
     model runs there, beside the target on all of the CPU's threads),
+    draft_quant ("q4_0", the default: a CPU draft runs from a copy of its file with its heavier
+    matrices requantized to Q4_0, made once, cheaper a token and lossless since the target
+    verifies; "file": as the file is),
     kernels ("auto" or "numpy": the float32 reference path), kv_cache ("f16": keys and values
     stored as halves, as llama.cpp's default, half the memory and reads of "f32"; "auto", the
     default: f16, f32 with kernels="numpy")."""

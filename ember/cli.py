@@ -210,6 +210,7 @@ def cmd_run(args) -> int:
         draft_k=args.draft_k,
         draft_schedule=args.schedule,
         draft_device=args.draft_device,
+        draft_quant=args.draft_quant,
         memory_budget=args.memory_budget,
         kv_cache=args.kv_cache,
     )
@@ -261,6 +262,7 @@ def _chat_app(model: str, args, draft: str | None) -> int:
         draft_k=args.draft_k,
         draft_schedule=args.schedule,
         draft_device=args.draft_device,
+        draft_quant=args.draft_quant,
         threads=args.threads,
         n_ctx=args.ctx_size,
         device=args.device,
@@ -478,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
             default="cpu",
             help="with --draft: where the draft model runs: cpu (default), or a GPU device (cuda, "
             "opencl:0, ...), beside the target on all of the CPU's threads",
+        )
+        sp.add_argument(
+            "--draft-quant",
+            choices=("q4_0", "file"),  # ember.speculative.QUANTS, without its imports
+            default="q4_0",
+            help="with --draft on the CPU: q4_0 (default): draft from a copy of the draft model "
+            "with its heavier matrices requantized to Q4_0, made once (cheaper drafts, the same "
+            "output); file: from the file as it is",
         )
 
     sp = add("pull", cmd_pull, "download a catalog model into $EMBER_HOME", json_flag=False)

@@ -83,30 +83,38 @@ def remove_unfinished() -> None:
                 pass
 
 
-def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
-    """Write `data` (bytes, str, an iterable of bytes-like chunks, or a function that writes to
-    the open binary file it is given) to `path` through a temporary file in the same folder and
-    a rename."""
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary name in `path`'s folder to write to; renamed to `path` when the block ends
+    without an exception, removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     with unfinished(tmp):
         try:
-            with os.fdopen(fd, "wb") as f:
-                if callable(data):
-                    data(f)
-                else:
-                    if isinstance(data, (bytes, bytearray, memoryview, str)):
-                        data = [data.encode("utf-8") if isinstance(data, str) else data]
-                    for chunk in data:
-                        f.write(chunk)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
+            yield Path(tmp)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def write_atomic(path: Path, data, *, fsync: bool = True) -> None:
+    """Write `data` (bytes, str, an iterable of bytes-like chunks, or a function that writes to
+    the open binary file it is given) to `path` through a temporary file in the same folder and
+    a rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            if isinstance(data, (bytes, bytearray, memoryview, str)):
+                data = [data.encode("utf-8") if isinstance(data, str) else data]
+            for chunk in data:
+                f.write(chunk)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
 
 
 FOLIO = 2 << 20  # the page cache's largest folio (x86-64: a huge page): dropped whole or not at all

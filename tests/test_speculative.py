@@ -15,7 +15,7 @@ from ember.errors import EmberError
 from ember.runtime.generate import GenerationConfig, GenerationError, generate
 from ember.runtime.sampling import Sampler, SamplingParams
 from ember.runtime.speculate import verify_draft
-from ember.speculative import ModelDrafter, PromptLookup
+from ember.speculative import ModelDrafter, PromptLookup, light_copy
 
 ECHO = (
     "monday tuesday wednesday thursday friday\nmonday tuesday wednesday thursday friday\n"
@@ -289,9 +289,10 @@ CODE_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def qwen_pair(catalog_model):
+def qwen_pair(catalog_model, catalog_path):
+    """The catalog pair as `ember.load(..., draft=)` makes it: the draft from its 4-bit copy."""
     target = catalog_model("qwen2.5-coder-1.5b")
-    return target, ModelDrafter(catalog_model("qwen2.5-coder-0.5b"), target)
+    return target, ModelDrafter(ember.load(light_copy(catalog_path("qwen2.5-coder-0.5b"))), target)
 
 
 @pytest.mark.parametrize("prompt", CODE_PROMPTS)

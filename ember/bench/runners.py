@@ -288,11 +288,11 @@ def speculative(b) -> dict:
         b.warn(f"speculative: no catalog draft model for {b.model_name}: prompt lookup only (--draft to add one)")
     for rep in range(b.reps):
         plain: dict[str, list[int]] = {}
-        for name, draft, k, schedule, request in variants:
+        for name, draft, k, schedule, request, quant in variants:
             label = f"ember {name} ({request})"
             r = b.worker(
                 "speculative", label, model=b.model_path, draft=draft, k=k, schedule=schedule,
-                threads=t, tokens=n, request=request,
+                threads=t, tokens=n, request=request, quant=quant,
             )  # fmt: skip
             if draft is None:
                 plain[request] = r["tokens"]
@@ -316,21 +316,22 @@ def speculative(b) -> dict:
     return out
 
 
-def _variants(b) -> list[tuple[str, str | None, int | None, str, str]]:
-    """(name, draft, k, schedule, request) of ember's runs, each request's plain run first (the
-    others' tokens are checked against it). --quick: plain and prompt lookup on the type-hints
-    request. Else also lookup at k = 10, and the draft model with the schedule and k chosen per
-    step, in turns and concurrently (k per step and k = 4); on the rename request (a few words
-    change), plain, lookup and the draft model."""
+def _variants(b) -> list[tuple[str, str | None, int | None, str, str, str]]:
+    """(name, draft, k, schedule, request, draft_quant) of ember's runs, each request's plain run
+    first (the others' tokens are checked against it). --quick: plain and prompt lookup on the
+    type-hints request. Else also lookup at k = 10, and the draft model (its 4-bit copy) with the
+    schedule and k chosen per step, in turns and concurrently (k per step and k = 4), and from
+    its file as it is; on the rename request (a few words change), plain, lookup and the draft
+    model both ways."""
     model = b.draft or (None if b.quick else DRAFTS.get(b.model_name))
     hints, rename = "type hints", "rename"
-    out: list[tuple[str, str | None, int | None, str, str]] = [
-        ("plain", None, None, "auto", hints),
-        ("lookup", "lookup", None, "auto", hints),
+    out: list[tuple[str, str | None, int | None, str, str, str]] = [
+        ("plain", None, None, "auto", hints, "q4_0"),
+        ("lookup", "lookup", None, "auto", hints, "q4_0"),
     ]
     if b.quick:
         return out
-    out.append(("lookup k=10", "lookup", 10, "auto", hints))
+    out.append(("lookup k=10", "lookup", 10, "auto", hints, "q4_0"))
     name = None
     if model:
         name = Path(model).stem if model.endswith(".gguf") else model
@@ -338,10 +339,11 @@ def _variants(b) -> list[tuple[str, str | None, int | None, str, str]]:
             for schedule in ("auto", "turns", "concurrent"):
                 if k is None or schedule != "auto":
                     label = name + ("" if schedule == "auto" else f" {schedule}") + (f" k={k}" if k else "")
-                    out.append((label, model, k, schedule, hints))
-    out += [("plain", None, None, "auto", rename), ("lookup", "lookup", None, "auto", rename)]
+                    out.append((label, model, k, schedule, hints, "q4_0"))
+        out.append((f"{name} file", model, None, "auto", hints, "file"))
+    out += [("plain", None, None, "auto", rename, "q4_0"), ("lookup", "lookup", None, "auto", rename, "q4_0")]
     if name:
-        out.append((name, model, None, "auto", rename))
+        out += [(name, model, None, "auto", rename, "q4_0"), (f"{name} file", model, None, "auto", rename, "file")]
     return out
 
 

@@ -48,26 +48,11 @@ def _copy_tokenizer(w, donor: Path) -> int:
     """The donor GGUF's tokenizer keys into writer `w`; returns its vocabulary size."""
     import gguf
 
+    from ..formats.gguf_write import copy_fields
+
     r = gguf.GGUFReader(str(donor))
-    n_vocab = 0
-    for name, field in r.fields.items():
-        if not name.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            sub = field.types[-1]
-            if sub == gguf.GGUFValueType.STRING:
-                value = [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
-            else:
-                value = [field.parts[i][0].item() for i in field.data]
-            if name == "tokenizer.ggml.tokens":
-                n_vocab = len(value)
-            w.add_key_value(name, value, vtype, sub_type=sub)
-        elif vtype == gguf.GGUFValueType.STRING:
-            w.add_key_value(name, bytes(field.parts[-1]).decode("utf-8"), vtype)
-        else:
-            w.add_key_value(name, field.parts[-1][0].item(), vtype)
-    return n_vocab
+    copy_fields(r, w, keep=lambda name: name.startswith("tokenizer."))
+    return len(r.fields["tokenizer.ggml.tokens"].data)
 
 
 def write(

@@ -335,13 +335,17 @@ def worker_speculative(
     k: int | None = None,
     schedule: str = "auto",
     request: str = "type hints",
+    quant: str = "q4_0",
 ) -> dict:
     """Greedy generation of `tokens` tokens on a rewrite request, plain (draft None) or with a
-    drafter ("lookup" or a draft model) drafting k tokens a step (None: chosen per step) under a
-    schedule; the tokens (for the identity check), tok/s and the speculative stats."""
+    drafter ("lookup" or a draft model, from its 4-bit copy or, quant="file", its file as it is)
+    drafting k tokens a step (None: chosen per step) under a schedule; the tokens (for the
+    identity check), tok/s and the speculative stats."""
     import ember
 
-    m = ember.load(model, threads=threads, n_ctx=2048, draft=draft, draft_k=k, draft_schedule=schedule)
+    m = ember.load(
+        model, threads=threads, n_ctx=2048, draft=draft, draft_k=k, draft_schedule=schedule, draft_quant=quant
+    )
     m.prepare()
     messages = [{"role": "user", "content": rewrite_prompt(request)}]
     for _ in m.chat(messages, max_tokens=4, temperature=0.0):  # warm-up: the k-row paths compile
@@ -476,7 +480,14 @@ WORKERS = {
     "bandwidth": lambda a: worker_bandwidth(a["threads"]),
     "offload": lambda a: worker_offload(a["model"], a.get("budget"), a["threads"], a["tokens"], a.get("stream_share")),
     "speculative": lambda a: worker_speculative(
-        a["model"], a.get("draft"), a["threads"], a["tokens"], a.get("k"), a.get("schedule", "auto"), a["request"]
+        a["model"],
+        a.get("draft"),
+        a["threads"],
+        a["tokens"],
+        a.get("k"),
+        a.get("schedule", "auto"),
+        a["request"],
+        a.get("quant", "q4_0"),
     ),
     "moe_budget": lambda a: worker_moe_budget(
         a["model"],

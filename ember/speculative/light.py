@@ -1,0 +1,109 @@
+"""A draft model's lighter copy: its matrices stored with more than ~4.5 bits a weight (Q8_0,
+Q5_0/Q5_1, Q5_K/Q6_K, F16/BF16/F32) requantized to Q4_0 with `gguf.quants`, written once beside
+the pack cache and reused while the source file is unchanged.
+
+A draft only proposes tokens: the target verifies every one, so a coarser draft changes how
+many are accepted, never what comes out. Drafting is bandwidth-bound like decoding, so fewer
+bytes a token make each drafted token cheaper: Qwen2.5-Coder-0.5B reads ~290 MB a token instead
+of ~390 (docs/speculative.md has the figures). The token embedding stays as it is (one row is
+read a token) unless it is also the output matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ..home import atomic_path, cache_dir
+
+log = logging.getLogger("ember")
+
+RECIPE = 1  # of the copy's making: part of its name, so a changed recipe writes anew
+LIGHT = T.Q4_0
+HEAVY = {T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.F16, T.BF16, T.F32}
+CHUNK_ROWS = 8192  # rows requantized at a time: a 151936 x 896 output matrix in ~30 MB pieces
+QUANTS = ("q4_0", "file")  # draft_quant's values: the lighter copy, or the file as it is
+
+
+def light_path(path: Path) -> Path:
+    """Where the lighter copy of the GGUF at `path` lives: named for the file's identity (its
+    real path, size and modification time) and the recipe."""
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{RECIPE}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir("drafts") / f"{Path(path).stem}.{digest}.q4_0.gguf"
+
+
+def _lighten(t, reader_tensors: set[str]) -> bool:
+    """Whether tensor `t` (a gguf ReaderTensor) is requantized: a matrix of a heavy type whose
+    rows are whole Q4_0 blocks, not the token embedding unless no output matrix exists."""
+    shape = [int(x) for x in t.shape]
+    if len(shape) != 2 or T(t.tensor_type) not in HEAVY or shape[0] % 32:
+        return False
+    return t.name != "token_embd.weight" or "output.weight" not in reader_tensors
+
+
+def _requantized(t) -> np.ndarray:
+    from gguf import quants
+
+    qt = T(t.tensor_type)
+    data = np.asarray(t.data)
+    rows = data.shape[0]
+    parts = []
+    for r in range(0, rows, CHUNK_ROWS):
+        block = data[r : r + CHUNK_ROWS]
+        f = block.astype(np.float32) if qt in (T.F32, T.F16) else quants.dequantize(block, qt)
+        parts.append(quants.quantize(np.asarray(f, np.float32).reshape(block.shape[0], -1), LIGHT))
+    return np.concatenate(parts)
+
+
+def write_light(path: Path, out: Path) -> int:
+    """The lighter copy of the GGUF at `path`, written to `out`; returns the matrices requantized."""
+    import gguf
+
+    from ..formats.gguf_write import write_streamed
+
+    r = gguf.GGUFReader(str(path))
+    names = {t.name for t in r.tensors}
+    plan, n = [], 0
+    for t in r.tensors:
+        data = t.data
+        if _lighten(t, names):
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            block_bytes = gguf.GGML_QUANT_SIZES[LIGHT][1]
+            plan.append((t.name, LIGHT, (rows, cols // 32 * block_bytes), lambda t=t: _requantized(t)))
+            n += 1
+        else:
+            plan.append((t.name, int(t.tensor_type), tuple(data.shape), lambda data=data: data))
+    write_streamed(out, r, plan)
+    return n
+
+
+def light_copy(path: str | os.PathLike) -> Path:
+    """The lighter copy of the draft model at `path`, made on first use; `path` itself when it
+    has nothing to lighten or the copy cannot be written (a warning says why)."""
+    import gguf
+
+    path = Path(path)
+    out = light_path(path)
+    if out.exists():
+        return out
+    r = gguf.GGUFReader(str(path))
+    names = {t.name for t in r.tensors}
+    if not any(_lighten(t, names) for t in r.tensors):
+        return path
+    del r
+    log.info("ember: writing a 4-bit copy of the draft %s (once per model)", path.name)
+    try:
+        with atomic_path(out) as tmp:
+            n = write_light(path, tmp)
+    except OSError as e:
+        log.warning("ember: could not write the draft's 4-bit copy (%s); drafting with %s as it is", e, path.name)
+        return path
+    log.info("ember: %d matrices requantized to Q4_0 in %s", n, out)
+    return out
