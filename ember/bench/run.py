@@ -189,8 +189,8 @@ class Bench:
 
     def llama_repack(self) -> bool:
         """Whether llama.cpp's runs repack their weights (its default, its fastest): not where a
-        load with repacking dies here (its AMX repack, SIGSEGV on a Xeon VM whose AMX is listed
-        but not usable); checked once, by a load and a short prompt."""
+        load with repacking dies here (its AMX repack: SIGSEGV on a Xeon VM, llama.cpp issue
+        #20824); checked once, by a load and a short prompt."""
         if self._repack is None:
             try:
                 self.worker("llama_probe", "llama.cpp repacking check", model=self.model_path, threads=1, repack=True)
