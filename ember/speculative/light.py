@@ -11,6 +11,7 @@ read a token) unless it is also the output matrix.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -30,13 +31,25 @@ CHUNK_ROWS = 8192  # rows requantized at a time: a 151936 x 896 output matrix in
 QUANTS = ("q4_0", "file")  # draft_quant's values: the lighter copy, or the file as it is
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def light_path(path: Path) -> Path:
-    """Where the lighter copy of the GGUF at `path` lives: named for the file's identity (its
-    real path, size and modification time) and the recipe."""
+    """Where the lighter copy of the GGUF at `path` lives: named for the file's real path, then
+    for its size and modification time and the recipe (a changed file gets a new copy)."""
     st = os.stat(path)
-    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{RECIPE}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir("drafts") / f"{Path(path).stem}.{digest}.q4_0.gguf"
+    where = _digest(os.path.realpath(path))
+    what = _digest(f"{st.st_size}|{st.st_mtime_ns}|{RECIPE}")
+    return cache_dir("drafts") / f"{Path(path).stem}.{where}.{what}.q4_0.gguf"
+
+
+def _drop_stale(out: Path) -> None:
+    """Removes the copies of earlier versions of the file whose copy `out` is."""
+    parts = out.name.split(".")  # stem..., where, what, "q4_0", "gguf"
+    for old in out.parent.glob(f"{glob.escape('.'.join(parts[:-3]))}.*.q4_0.gguf"):
+        if old != out:
+            old.unlink(missing_ok=True)
 
 
 def _lighten(t, reader_tensors: set[str]) -> bool:
@@ -106,4 +119,5 @@ def light_copy(path: str | os.PathLike) -> Path:
         log.warning("ember: could not write the draft's 4-bit copy (%s); drafting with %s as it is", e, path.name)
         return path
     log.info("ember: %d matrices requantized to Q4_0 in %s", n, out)
+    _drop_stale(out)
     return out
