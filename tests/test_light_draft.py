@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 import ember
+from ember.lut_kernels import pack_cache
 from ember.speculative import light_copy
 from ember.speculative.light import light_path
 from tests.tiny_gguf import write_tiny_model
@@ -72,10 +73,13 @@ def test_the_copy_is_made_once_and_anew_when_the_file_changes(tmp_path):
     out = light_copy(src)
     made = out.stat().st_mtime_ns
     assert light_copy(src) == out and out.stat().st_mtime_ns == made
+    ember.load(out).prepare()  # its weights packed for the kernels, cached
+    packed = pack_cache.cache_path(out)
+    assert packed.exists()
     st = os.stat(src)
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file replaced by a newer one
     assert light_path(src) != out and light_copy(src).exists()
-    assert not out.exists()  # the earlier version's copy is gone; another file's stays
+    assert not out.exists() and not packed.exists()  # the earlier version's copy is gone; another file's stays
     (tmp_path / "other").mkdir()
     other = write_tiny_model(tmp_path / "other" / "d.gguf", qtype=Q.Q8_0)
     assert light_copy(other).exists() and light_path(src).exists()

@@ -208,6 +208,15 @@ def _remove_older(keep: Path, source: str) -> None:
                 pass
 
 
+def discard(model_path: Path) -> None:
+    """Delete the cache file of the model at `model_path`, which is about to be deleted (its
+    cache could never match again, and `_remove_older` only finds files still there)."""
+    try:
+        cache_path(model_path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _drop(path: Path, why: str) -> None:
     log.warning("ember: ignoring the packed-weight cache %s (%s); rebuilding it", path, why)
     try:
