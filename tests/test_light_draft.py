@@ -63,9 +63,14 @@ def test_heavy_matrices_become_q4_0_the_rest_stays_byte_for_byte(tmp_path):
 
 
 def test_a_tied_embedding_is_the_output_matrix_and_is_requantized(tmp_path):
-    src = write_tiny_model(tmp_path / "t.gguf", qtype=Q.Q8_0, tied_output=True, n_embd=128)
-    b = _tensors(light_copy(src))
+    """Also: a file aligned to 64 bytes gives a copy aligned (and saying so) the same way."""
+    src = write_tiny_model(tmp_path / "t.gguf", qtype=Q.Q8_0, tied_output=True, n_embd=128, alignment=64)
+    out = light_copy(src)
+    b = _tensors(out)
     assert "output.weight" not in b and b["token_embd.weight"].tensor_type == Q.Q4_0
+    assert _fields(out)["general.alignment"] == _fields(src)["general.alignment"]
+    assert all(t.data_offset % 64 == 0 for t in b.values())
+    ember.load(out)  # ember's own reader checks the offsets against the stated alignment
 
 
 def test_the_copy_is_made_once_and_anew_when_the_file_changes(tmp_path):

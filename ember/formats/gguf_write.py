@@ -28,6 +28,8 @@ def copy_fields(reader, writer, keep: Callable[[str], bool] = lambda name: True)
             writer.add_key_value(name, value, vtype, sub_type=sub)
         elif vtype == gguf.GGUFValueType.STRING:
             writer.add_key_value(name, bytes(field.parts[-1]).decode("utf-8", "surrogateescape"), vtype)
+        elif name == "general.alignment":  # the writer must pad to it, not only state it
+            writer.add_custom_alignment(int(field.parts[-1][0]))
         else:
             writer.add_key_value(name, field.parts[-1][0].item(), vtype)
 

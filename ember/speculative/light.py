@@ -118,7 +118,7 @@ def light_copy(path: str | os.PathLike) -> Path:
     try:
         with atomic_path(out) as tmp:
             n = write_light(path, tmp)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # no room, no cache folder; metadata the writer refuses
         log.warning("ember: could not write the draft's 4-bit copy (%s); drafting with %s as it is", e, path.name)
         return path
     log.info("ember: %d matrices requantized to Q4_0 in %s", n, out)
