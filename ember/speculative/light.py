@@ -4,9 +4,8 @@ the pack cache and reused while the source file is unchanged.
 
 A draft only proposes tokens: the target verifies every one, so a coarser draft changes how
 many are accepted, never what comes out. Drafting is bandwidth-bound like decoding, so fewer
-bytes a token make each drafted token cheaper: Qwen2.5-Coder-0.5B reads ~290 MB a token instead
-of ~390 (docs/speculative.md has the figures). The token embedding stays as it is (one row is
-read a token) unless it is also the output matrix.
+bytes a token make each drafted token cheaper (docs/speculative.md has the figures). The token
+embedding stays as it is (one row is read a token) unless it is also the output matrix.
 """
 
 from __future__ import annotations
