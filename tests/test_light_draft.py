@@ -83,8 +83,10 @@ def test_the_copy_is_made_once_and_anew_when_the_file_changes(tmp_path):
     assert packed.exists()
     st = os.stat(src)
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file replaced by a newer one
-    assert light_path(src) != out and light_copy(src).exists()
-    assert not out.exists() and not packed.exists()  # the earlier version's copy is gone; another file's stays
+    new = light_copy(src)
+    assert new != out and new.exists() and not out.exists()  # the earlier version's copy is gone
+    ember.load(new).prepare()  # and its pack cache with the next one saved; another file's stays
+    assert pack_cache.cache_path(new).exists() and not packed.exists()
     (tmp_path / "other").mkdir()
     other = write_tiny_model(tmp_path / "other" / "d.gguf", qtype=Q.Q8_0)
     assert light_copy(other).exists() and light_path(src).exists()

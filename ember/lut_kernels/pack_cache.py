@@ -198,23 +198,20 @@ def _source(path: Path) -> str | None:
 
 
 def _remove_older(keep: Path, source: str) -> None:
-    """Delete the cache files of earlier versions of the same model file (they can never match
-    again), so the cache does not grow with every re-download or edit."""
+    """Delete the cache files of earlier versions of the same model file, and of model files
+    that ember made in its cache folder and has removed (a draft's replaced 4-bit copy): they
+    can never match again, so the cache does not grow with every re-download or edit. (A model
+    elsewhere that is missing may be on a drive not mounted now: its cache stays.)"""
+    ours = str(keep.parent.parent.resolve()) + os.sep
     for other in keep.parent.glob("*.pack"):
-        if other != keep and _source(other) == source:
+        if other == keep:
+            continue
+        was = _source(other)
+        if was == source or (was is not None and was.startswith(ours) and not os.path.exists(was)):
             try:
                 other.unlink()
             except OSError:
                 pass
-
-
-def discard(model_path: Path) -> None:
-    """Delete the cache file of the model at `model_path`, which is about to be deleted (its
-    cache could never match again, and `_remove_older` only finds files still there)."""
-    try:
-        cache_path(model_path).unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def _drop(path: Path, why: str) -> None:

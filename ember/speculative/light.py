@@ -20,7 +20,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..home import atomic_path, cache_dir
-from ..lut_kernels import pack_cache
 
 log = logging.getLogger("ember")
 
@@ -45,12 +44,11 @@ def light_path(path: Path) -> Path:
 
 
 def _drop_stale(out: Path) -> None:
-    """Removes the copies of earlier versions of the file whose copy `out` is, and their
-    packed-weight caches."""
+    """Removes the copies of earlier versions of the file whose copy `out` is (the pack cache
+    drops theirs when it next saves one: their source is gone)."""
     parts = out.name.split(".")  # stem..., where, what, "q4_0", "gguf"
     for old in out.parent.glob(f"{glob.escape('.'.join(parts[:-3]))}.*.q4_0.gguf"):
         if old != out:
-            pack_cache.discard(old)
             old.unlink(missing_ok=True)
 
 
