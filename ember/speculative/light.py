@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from ..formats.gguf import GGUFFile
 from ..home import atomic_path, cache_dir
 
 log = logging.getLogger("ember")
@@ -52,13 +53,12 @@ def _drop_stale(out: Path) -> None:
             old.unlink(missing_ok=True)
 
 
-def _lighten(t, reader_tensors: set[str]) -> bool:
-    """Whether tensor `t` (a gguf ReaderTensor) is requantized: a matrix of a heavy type whose
+def _lighten(name: str, shape: tuple[int, ...], qtype: int, has_output: bool) -> bool:
+    """Whether a tensor (`shape` in NumPy order) is requantized: a matrix of a heavy type whose
     rows are whole Q4_0 blocks, not the token embedding unless no output matrix exists."""
-    shape = [int(x) for x in t.shape]
-    if len(shape) != 2 or T(t.tensor_type) not in HEAVY or shape[0] % 32:
+    if len(shape) != 2 or qtype not in HEAVY or shape[-1] % 32:
         return False
-    return t.name != "token_embd.weight" or "output.weight" not in reader_tensors
+    return name != "token_embd.weight" or not has_output
 
 
 def _requantized(t) -> np.ndarray:
@@ -81,12 +81,12 @@ def write_light(path: Path, out: Path) -> int:
 
     from ..formats.gguf_write import write_streamed
 
-    r = gguf.GGUFReader(str(path))
-    names = {t.name for t in r.tensors}
+    r = gguf.GGUFReader(str(path))  # for its metadata's types, which the writer copies
+    has_output = any(t.name == "output.weight" for t in r.tensors)
     plan, n = [], 0
     for t in r.tensors:
         data = t.data
-        if _lighten(t, names):
+        if _lighten(t.name, tuple(int(x) for x in reversed(t.shape)), int(t.tensor_type), has_output):
             rows, cols = int(t.shape[1]), int(t.shape[0])
             block_bytes = gguf.GGML_QUANT_SIZES[LIGHT][1]
             plan.append((t.name, LIGHT, (rows, cols // 32 * block_bytes), lambda t=t: _requantized(t)))
@@ -100,17 +100,15 @@ def write_light(path: Path, out: Path) -> int:
 def light_copy(path: str | os.PathLike) -> Path:
     """The lighter copy of the draft model at `path`, made on first use; `path` itself when it
     has nothing to lighten or the copy cannot be written (a warning says why)."""
-    import gguf
-
     path = Path(path)
     out = light_path(path)
     if out.exists():
         return out
-    r = gguf.GGUFReader(str(path))
-    names = {t.name for t in r.tensors}
-    if not any(_lighten(t, names) for t in r.tensors):
+    # ember's reader: gguf.GGUFReader turns the whole vocabulary into Python objects first
+    tensors = GGUFFile(path).tensors
+    has_output = "output.weight" in tensors
+    if not any(_lighten(n, t.shape, t.qtype, has_output) for n, t in tensors.items()):
         return path
-    del r
     log.info("ember: writing a 4-bit copy of the draft %s (once per model)", path.name)
     try:
         with atomic_path(out) as tmp:
