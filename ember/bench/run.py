@@ -204,7 +204,7 @@ class Bench:
         """One measurement: ``python -m ember.bench.workers KIND JSON`` from the folder that holds
         this process's ember package (so the worker imports the same ember); its JSON result with
         the run's wall time, load and busy mark added."""
-        if kind.startswith("llama") and "repack" not in args:
+        if kind in ("llama", "llama_speculative") and "repack" not in args:  # (llama_replay never repacks)
             args["repack"] = self.llama_repack()
         cmd = [sys.executable, "-m", "ember.bench.workers", kind, json.dumps(args)]
         r = self.command(cmd, what, memory_limit, timeout, cwd=_package_root())
