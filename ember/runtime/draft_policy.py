@@ -309,13 +309,10 @@ class DraftPolicy:
         if self.phase_left <= 0:
             top = max(predicted.values(), default=0.0)
             hopeless = {x for x, r in predicted.items() if r < (1 - PROBE_MARGIN) * top}
-            if hopeless:
-                self.unprobed = ", ".join(
-                    f"{x} not tried: {predicted[x]:.1f} tok/s expected vs {top:.1f}" for x in sorted(hopeless)
-                )
-            else:
-                self.unprobed = ""
-            worth = [x for x in self.schedules if x not in hopeless] or [max(predicted, key=predicted.get)]
+            self.unprobed = ", ".join(
+                f"{x} not tried: {predicted[x]:.1f} tok/s expected vs {top:.1f}" for x in sorted(hopeless)
+            )
+            worth = [x for x in self.schedules if x not in hopeless]  # never empty: the top one is in
             new = [x for x in worth if self.measured[x][2] == 0]
             best = max(worth, key=self.measured_rate)
             others = [x for x in worth if x != best]
