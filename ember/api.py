@@ -83,10 +83,10 @@ class Model:
                 f"kernels must be 'auto' (fast CPU kernels) or 'numpy' (the float32 reference), got {kernels!r}"
             )
         self.kernels = kernels
-        if self.on_gpu and (kernels == "numpy" or self.memory_budget is not None or kv_cache == "f32"):
+        if self.on_gpu and (kernels == "numpy" or self.memory_budget is not None or kv_cache in ("f32", "q8_0")):
             raise UnsupportedError(
                 f"device={device!r} runs its own kernels with a half-precision KV cache on the device: no "
-                "kernels='numpy', memory_budget or kv_cache='f32' there"
+                "kernels='numpy', memory_budget or kv_cache='f32' / 'q8_0' there"
             )
         if self.on_gpu:
             self._auto_budget = False

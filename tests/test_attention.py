@@ -1,5 +1,6 @@
-"""The numba attention (devices/cpu/attention.py) over the half-precision KV cache against the
-NumPy reference `model.attention`; the half conversions against NumPy's."""
+"""The numba attention (devices/cpu/attention.py) over the half-precision, 8-bit and float32 KV
+caches against the NumPy reference `model.attention` (over the cache's values widened by
+NumPy); the half conversions and 8-bit rows against NumPy's."""
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ from ember.devices.cpu.attention import (
     kernel_addresses,
     work,
 )
-from ember.devices.cpu.half import store_row, widen
+from ember.devices.cpu.kv_rows import store_key, store_row, widen
 from ember.lut_kernels.codegen import host_isas
-from ember.runtime.kv_cache import from_half, to_half
+from ember.runtime.kv_cache import from_half, from_q8, hadamard, narrow, to_half, to_q8
+from ember.runtime.kv_cache import widen as widened
 from ember.runtime.model import attention
 
 
@@ -38,18 +40,71 @@ def test_half_conversions_round_as_numpy():
     assert np.array_equal(back, from_half(bits))
 
 
+def test_q8_rows_as_numpy_writes_them():
+    """`store_row` into an 8-bit row: NumPy's codes and scales bit for bit (blocks of very
+    different magnitudes, an all-zero block, values at half steps); dequantized within half a
+    step."""
+
+    @njit(fastmath=True)  # as the fused step compiles it
+    def write(x, rows):
+        for r in range(x.shape[0]):
+            store_row(x[r], rows[r])
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((300, 4, 32)) * np.exp(rng.uniform(-6, 6, (300, 4, 1)))).astype(np.float32)
+    x = x.reshape(300, 128)
+    x[0, 32:64] = 0
+    x[1, :32] = np.arange(32) - 15.5  # max 15.5: codes of the others near k + 1/2
+    rows = np.empty((300, 144), np.int8)
+    write(x, rows)
+    want = to_q8(x)
+    assert np.array_equal(rows, want)
+    back = from_q8(rows)
+    step = np.abs(x.reshape(300, 4, 32)).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(back - x).reshape(300, 4, 32) <= step * 0.5 * (1 + 1e-5))
+    assert np.all(back[0, 32:64] == 0)
+
+
+@pytest.mark.parametrize("d", [32, 64, 128, 256])
+def test_keys_of_an_8bit_cache_rotated_as_numpy_rotates_them(d):
+    """`store_key` rotates a key (Hadamard) before its 8-bit row: `narrow(key=True)`'s row bit
+    for bit; the rotation is orthonormal and its own inverse, so `widen(key=True)` gives the key
+    back within the 8-bit step, and q.k survives it."""
+
+    @njit(fastmath=True)
+    def write(x, rows):
+        for r in range(x.shape[0]):
+            store_key(x[r], rows[r])
+
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((50, d)).astype(np.float32)
+    x[:, 3] += 140  # an outlier channel, as Qwen2's k bias makes
+    rows = np.empty((50, d + d // 8), np.int8)
+    write(x.copy(), rows)
+    assert np.array_equal(rows, narrow(x, "q8_0", key=True))
+    h = hadamard(np.eye(d, dtype=np.float32))
+    np.testing.assert_allclose(h @ h.T, np.eye(d), atol=1e-6)
+    np.testing.assert_allclose(hadamard(hadamard(x)), x, atol=1e-4)
+    back = widened(rows, "q8_0", key=True)
+    plain = from_q8(to_q8(x))
+    # rotated, the outlier no longer sets the step of the other channels of its block
+    assert np.abs(back - x)[:, :32].mean() < 0.25 * np.abs(plain - x)[:, :32].mean()
+
+
 def cache(rng, n_kv, cap, T, d, dv, kv="f16"):
-    """Random keys and values as half bits (or float32); positions from T on hold NaNs: never
-    read."""
-    narrow = to_half if kv == "f16" else lambda x: np.asarray(x, np.float32)
-    k = narrow(rng.standard_normal((n_kv, cap, d)))
-    v = narrow(rng.standard_normal((n_kv, cap, dv)))
-    k[:, T:] = v[:, T:] = narrow(np.float32(np.nan))
+    """Random keys and values as the cache stores them (`narrow`); positions from T on hold
+    NaNs: never read."""
+    k = narrow(rng.standard_normal((n_kv, cap, d)), kv, key=True)
+    v = narrow(rng.standard_normal((n_kv, cap, dv)), kv)
+    with np.errstate(invalid="ignore"):
+        k[:, T:] = narrow(np.full((n_kv, cap - T, d), np.nan, np.float32), kv, key=True)
+        v[:, T:] = narrow(np.full((n_kv, cap - T, dv), np.nan, np.float32), kv)
     return k, v
 
 
-def floats(x):
-    return from_half(x) if x.dtype == np.uint16 else x
+def floats(x, key=False):
+    """A test cache's keys (key=True) or values as float32."""
+    return widened(x, {np.dtype(np.uint16): "f16", np.dtype(np.int8): "q8_0"}.get(x.dtype, "f32"), key)
 
 
 # every path this host runs: the IR part kernel (AVX-512: 16 lanes, AVX2: 8) and the numba loops
@@ -68,16 +123,18 @@ PATHS = [p for p in host_isas() if p in ("avx512", "avx2", "portable")]
         (4, 2, 32, 32, 9, 2 * TILE - 4, TILE + 3),  # a window across tile boundaries
     ],
 )
-@pytest.mark.parametrize("kv", ["f16", "f32"])
+@pytest.mark.parametrize("kv", ["f16", "f32", "q8_0"])
 @pytest.mark.parametrize("path", PATHS)
 def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window, kv, path):
+    if kv == "q8_0" and (d % 32 or dv % 32):
+        pytest.skip("an 8-bit cache takes head sizes of whole blocks of 32")
     rng = np.random.default_rng(n * 7 + past)
     T = past + n
     k, v = cache(rng, n_kv, T + 11, T, d, dv, kv)  # arrays longer than the keys in use
     q = rng.standard_normal((n, n_head, d)).astype(np.float32)
     pos = np.arange(past, T)
     scale = 1.0 / np.sqrt(d)
-    want = attention(q, floats(k[:, :T]), floats(v[:, :T]), pos, scale, window)
+    want = attention(q, floats(k[:, :T], key=True), floats(v[:, :T]), pos, scale, window)
     got = attention_batch(q, k, v, pos, scale, window, kernel=path)
     assert got.shape == want.shape == (n, n_head * dv)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(floats(v[:, :T])).max())
@@ -95,16 +152,19 @@ def test_attention_batch_matches_reference(n_head, n_kv, d, dv, n, past, window,
         (4, 256, 300, (0, 40, 300)),  # Gemma 3's head dim: one head a pass
     ],
 )
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
 @pytest.mark.parametrize("path", PATHS)
-def test_split_parts_combine_to_one_softmax(g, d, T, bounds, path):
+def test_split_parts_combine_to_one_softmax(g, d, T, bounds, kv, path):
     """Parts over consecutive key ranges (an empty one, one key, tile-sized and ragged ones)
     combine to the attention over all of them; so do `attend`'s fixed parts of PART keys."""
+    if kv == "q8_0" and d % 32:
+        pytest.skip("an 8-bit cache takes head sizes of whole blocks of 32")
     rng = np.random.default_rng(T + g)
-    k, v = cache(rng, 1, T, T, d, d)
+    k, v = cache(rng, 1, T, T, d, d, kv)
     q = rng.standard_normal((g, d)).astype(np.float32) * 2  # peaked softmaxes too
     scale = np.float32(1 / np.sqrt(d))
-    want = attention(q[None], from_half(k), from_half(v), np.array([T - 1]), scale, 0)[0]
-    fa = kernel_addresses(g, d, d, kernel=path)
+    want = attention(q[None], floats(k, key=True), floats(v), np.array([T - 1]), scale, 0)[0]
+    fa = kernel_addresses(g, d, d, k.dtype, kernel=path)
     assert (fa[0] != 0) == path.startswith("avx512")  # the IR kernel runs where the host has one
     W, nc = work(g, d, d, fa), len(bounds) - 1
     parts, ml = np.empty((nc, g, d), np.float32), np.empty((nc, g, 2), np.float32)

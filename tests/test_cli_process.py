@@ -213,10 +213,11 @@ def test_run_warnings_and_context_error(smol):
     assert res.code == 2 and "-c" in res.err and "context window" in res.err
 
 
-def test_run_with_a_float32_kv_cache(smol):
+def test_run_with_a_float32_or_8bit_kv_cache(smol):
     args = ("run", smol, "The capital of France is", "--raw", "-n", "4", "--temp", "0", "--json")
     half, full = json.loads(ember(*args).out), json.loads(ember(*args, "--kv-cache", "f32").out)
     assert len(full["ids"]) == 4 and full["ids"] == half["ids"]
+    assert json.loads(ember(*args, "--kv-cache", "q8_0").out)["ids"] == half["ids"]
     res = ember("run", smol, "hi", "--kv-cache", "q8")
     assert res.code == 2 and "--kv-cache" in res.err
 

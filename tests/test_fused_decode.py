@@ -80,16 +80,19 @@ def test_tiny_families_fused_match_op_by_op(tmp_path, family, qtype):
     _rows_agree(m, tr, ids, 0.0, 1.25 * noise + 1e-3 * ref.std())
 
 
-@pytest.mark.parametrize("family", FUSABLE)
-def test_long_context_attention_is_shared_out_exactly(tmp_path, family):
+@pytest.mark.parametrize("family,kv", [(f, "f16") for f in FUSABLE] + [("qwen2", "q8_0"), ("gemma3", "q8_0")])
+def test_long_context_attention_is_shared_out_exactly(tmp_path, family, kv):
     """Past one part of keys (attention.PART) a kv group's parts are shared out between the
     threads: every thread count, and 7 tokens in one step or one at a time, give the same
-    bits; the op-by-op forward agrees within the kernels' noise. gemma3's window is set to
-    cross part boundaries."""
+    bits; the op-by-op forward agrees within the kernels' noise (its batch writes the prompt's
+    8-bit rows with NumPy, the step the new ones in its loops). gemma3's window is set to cross
+    part boundaries. An 8-bit cache takes heads of whole blocks of 32."""
     window = {"sliding_window": PART + 40} if family == "gemma3" else {}
-    path = tg.write_family(tmp_path / "m.gguf", family, n_embd=96, n_head=6, n_head_kv=3, n_ctx=2048, **window)
-    m = ember.load(path)
+    n_embd = 96 if kv == "f16" else 192
+    path = tg.write_family(tmp_path / "m.gguf", family, n_embd=n_embd, n_head=6, n_head_kv=3, n_ctx=2048, **window)
+    m = ember.load(path, kv_cache=kv)
     tr = m.transformer
+    assert tr.kv_type == kv
     # 7 parts: on 2 threads a unit is a run of 2 of them, the last run 1
     ids = np.random.default_rng(2).integers(0, m.config.n_vocab, 6 * PART + 7).tolist()
     prefix, new = ids[: 6 * PART], ids[6 * PART :]

@@ -167,8 +167,8 @@ def test_unsupported_options_are_honest(catalog_path):
 
 
 def test_kv_cache_types(catalog_path):
-    """Halves by default (the reference path: float32), float32 when asked; half the bytes; the
-    same greedy reply here; a bad type is a clear error before anything loads."""
+    """Halves by default (the reference path: float32), float32 or 8 bits when asked; half the
+    bytes; the same greedy reply here; a bad type is a clear error before anything loads."""
     path = catalog_path("smollm2-135m")
     half, full = ember.load(path), ember.load(path, kv_cache="f32")
     assert (half.kv_cache, full.kv_cache, ember.load(path, kernels="numpy").kv_cache) == ("f16", "f32", "f32")
@@ -179,6 +179,14 @@ def test_kv_cache_types(catalog_path):
     assert s16.cache.nbytes() * 2 == s32.cache.nbytes()
     assert np.abs(a - b).max() < 0.02 * b.std() and (a.argmax(1) == b.argmax(1)).all()
     assert half.config.kv_cache_bytes(100) * 2 == half.config.kv_cache_bytes(100, "f32")
+    # 8 bits and a float32 scale per 32 (72 bytes a row of 64), keys rotated: close to float32
+    q8 = ember.load(path, kv_cache="q8_0")
+    s8 = q8.session()
+    c = s8.feed(ids)
+    s8.feed(ids[:3])  # decoded rows, written by the fused step
+    assert s8.cache.k_all.dtype == np.int8 and s8.cache.k_all.shape[-1] == 72
+    assert np.abs(c - b).max() < 0.1 * b.std() and (c.argmax(1) == b.argmax(1)).all()
+    assert q8.config.kv_cache_bytes(100, "q8_0") == 30 * 3 * 100 * 2 * 72
     with pytest.raises(ember.EmberError, match="kv_cache"):
         ember.load(path, kv_cache="q8")
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import FormatError, UnsupportedError
 from ..formats.gguf import GGUFFile
-from .kv_cache import KV_TYPES
+from .kv_cache import KV_TYPES, row_width
 
 ROPE_NORM = "norm"  # rotate adjacent pairs (x0, x1), (x2, x3), ...
 ROPE_NEOX = "neox"  # rotate (x_i, x_{i + d/2})
@@ -75,9 +75,10 @@ class ModelConfig:
         return self.n_expert > 0
 
     def kv_cache_bytes(self, n_ctx: int, kv_type: str = "f16") -> int:
-        """Bytes of the KV cache at a context of n_ctx tokens (kv_type "f16" or "f32")."""
+        """Bytes of the KV cache at a context of n_ctx tokens (kv_type: a `KV_TYPES` name)."""
         per_value = np.dtype(KV_TYPES[kv_type]).itemsize
-        return self.n_layer * self.n_head_kv * n_ctx * (self.head_dim + self.head_dim_v) * per_value
+        row = row_width(kv_type, self.head_dim) + row_width(kv_type, self.head_dim_v)
+        return self.n_layer * self.n_head_kv * n_ctx * row * per_value
 
     @classmethod
     def from_gguf(cls, g: GGUFFile, n_vocab: int) -> ModelConfig:

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import FormatError
 from ..offload.store import WeightStore
 from .config import ModelConfig, bytes_per_token
-from .kv_cache import KV_TYPES, KVCache
+from .kv_cache import KV_TYPES, KVCache, row_width
 from .rope import apply_rope, rope_tables
 
 
@@ -102,6 +102,7 @@ class Transformer:
         self.ops = ops or ReferenceOps()
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        row_width(kv_type, config.head_dim), row_width(kv_type, config.head_dim_v)  # q8_0 takes whole blocks
         self.kv_type = kv_type  # the KV caches' storage
         self.output_name = "output.weight" if store.has("output.weight") else "token_embd.weight"
         self._check_tensors()

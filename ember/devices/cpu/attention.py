@@ -1,13 +1,16 @@
-"""Grouped-query attention over the KV cache (halves, or float32 with kv_cache="f32"): one kv group of query
-heads at one position (`attend`, and `attend_part` + `combine` for a context split between
-threads: flash decoding; used by the fused decode step) and a whole batch of positions
-(`attention_batch`, prefill and verification), split over the batch path's threads.
+"""Grouped-query attention over the KV cache (halves; 8-bit rows or float32 with kv_cache="q8_0"
+/ "f32"): one kv group of query heads at one position (`attend`, and `attend_part` +
+`combine` for a context split between threads: flash decoding; used by the fused decode step)
+and a whole batch of positions (`attention_batch`, prefill and verification), split over the
+batch path's threads. Over an 8-bit cache the queries are rotated as its keys are
+(`runtime.kv_cache.hadamard`).
 
-A part of a half cache runs the LLVM IR kernel of `attention_ir` where the host has one
-(AVX-512): scores, softmax and the weighted values of a block of keys in registers.
+A part of a half or 8-bit cache runs the LLVM IR kernel of `attention_ir` where the host has
+one (AVX-512): scores, softmax and the weighted values of a block of keys in registers.
 Elsewhere (a float32 cache, an AVX2 or portable host, a head size the vectors do not divide) numba
 loops read keys and values in tiles of TILE keys, widened to float32 in the loops that use
-them, for three heads at a time, with an online softmax across tiles. Either way a long
+them (an 8-bit tile is first dequantized into float32 scratch), for three heads at a time,
+with an online softmax across tiles. Either way a long
 context is read from memory once per kv group (docs/kernels.md, "Attention"). The softmax
 runs over fixed parts of PART keys that `combine` joins: the fused step hands a long
 context's parts to different threads, and a position's result is the same bits however the
@@ -30,8 +33,9 @@ from numba.extending import overload
 
 from ...lut_kernels import codegen
 from ...lut_kernels.split import MIN_ROWS, split
+from ...runtime.kv_cache import Q8_BLOCK
 from . import attention_ir
-from .half import widen
+from .kv_rows import dequant_rows, hadamard_row, widen
 from .vmath import exp_into
 
 Q_CHUNK = 8  # query positions per work item of attention_batch
@@ -152,14 +156,14 @@ def _values(S, V, t0, n, O):
 
 
 def _part_ir(fa, Qc, K, V, lo, hi, Oc, mlc):
-    """The IR kernel's part (`attention_ir`) for half keys and values, a pass of fa[2] heads at
-    a time (fa[0]: its address, fa[1]: the address for the group's last heads); True if it ran.
-    A float32 cache has no kernel: False."""
+    """The IR kernel's part (`attention_ir`) for half or 8-bit keys and values, a pass of fa[2]
+    heads at a time (fa[0]: its address, fa[1]: the address for the group's last heads); True
+    if it ran. A float32 cache has no kernel: False."""
 
 
 @overload(_part_ir, inline="always")
 def _part_ir_impl(fa, Qc, K, V, lo, hi, Oc, mlc):
-    if K.dtype != types.uint16 or V.dtype != types.uint16:
+    if K.dtype != V.dtype or K.dtype not in (types.uint16, types.int8):
         return lambda fa, Qc, K, V, lo, hi, Oc, mlc: False
 
     def run(fa, Qc, K, V, lo, hi, Oc, mlc):
@@ -176,16 +180,51 @@ def _part_ir_impl(fa, Qc, K, V, lo, hi, Oc, mlc):
     return run
 
 
+def _rotate_queries(K, Qc):
+    """Qc's rows rotated as an 8-bit cache's keys are (`runtime.kv_cache.rotates`)."""
+
+
+@overload(_rotate_queries, inline="always")
+def _rotate_queries_impl(K, Qc):
+    if K.dtype == types.int8:
+
+        def rotate(K, Qc):
+            if Qc.shape[1] & (Qc.shape[1] - 1) == 0:
+                for h in range(Qc.shape[0]):
+                    hadamard_row(Qc[h])
+
+        return rotate
+    return lambda K, Qc: None
+
+
+def _tile(K, t0, n, Kf):
+    """Rows t0..t0+n-1 of a cache for the loops: (K, t0) as they are, or for an 8-bit cache
+    (Kf, 0), Kf's first n rows dequantized."""
+
+
+@overload(_tile, inline="always")
+def _tile_impl(K, t0, n, Kf):
+    if K.dtype == types.int8:
+
+        def dequantized(K, t0, n, Kf):
+            dequant_rows(K, t0, n, Kf)
+            return Kf, 0
+
+        return dequantized
+    return lambda K, t0, n, Kf: (K, t0)
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
     """Keys lo..hi-1 of one kv group for its query heads Q [g, d] (K [T, d], V [T, dv]: half
-    bits, uint16, or float32), with an online softmax: out[h] = sum_j e_hj V[j] (not
-    normalized), ml[h] = (m_h, sum_j e_hj), e_hj = exp(scale Q[h].K[j] - m_h), m_h the largest
-    scaled score (scale applied to the query); ml[h] = (EMPTY, 0) and out[h] = 0 when lo >= hi.
-    Half keys and values run the IR kernel where the host has one (W's addresses), else numba
-    loops over tiles of TILE keys. The loops run over W's contiguous rows (a strided view, as a
-    slice of the parts is, would not vectorize)."""
-    S, one, e2, Qc, Oc, m, l, mlc, fa = W
+    bits, uint16, float32, or 8-bit rows, int8 [T, d + d / 8], keys rotated), with an online
+    softmax: out[h] = sum_j e_hj V[j] (not normalized), ml[h] = (m_h, sum_j e_hj), e_hj =
+    exp(scale Q[h].K[j] - m_h), m_h the largest scaled score (scale applied to the query);
+    ml[h] = (EMPTY, 0) and out[h] = 0 when lo >= hi. Half and 8-bit keys and values run the IR
+    kernel where the host has one (W's addresses), else numba loops over tiles of TILE keys.
+    The loops run over W's contiguous rows (a strided view, as a slice of the parts is, would
+    not vectorize)."""
+    S, one, e2, Qc, Oc, m, l, mlc, fa, Kf, Vf = W
     g, dv = Q.shape[0], out.shape[1]
     for h in range(g):
         for i in range(Qc.shape[1]):
@@ -193,6 +232,7 @@ def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
         Oc[h, :] = 0
         m[h] = EMPTY
         l[h] = 0
+    _rotate_queries(K, Qc)
     if lo < hi and _part_ir(fa, Qc, K, V, lo, hi, Oc, mlc):
         for h in range(g):
             out[h] = Oc[h]
@@ -201,7 +241,8 @@ def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
         return
     for t0 in range(lo, hi, TILE):
         n = min(TILE, hi - t0)
-        _scores(Qc, K, t0, n, S)
+        Kt, kt0 = _tile(K, t0, n, Kf)
+        _scores(Qc, Kt, kt0, n, S)
         for h in range(g):
             sh = S[h]
             mx = m[h]
@@ -225,7 +266,8 @@ def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
                     oh[i] *= c
             m[h] = mx
             l[h] += t
-        _values(S, V, t0, n, Oc)
+        Vt, vt0 = _tile(V, t0, n, Vf)
+        _values(S, Vt, vt0, n, Oc)
     for h in range(g):
         out[h] = Oc[h]
         ml[h, 0] = m[h]
@@ -292,7 +334,8 @@ def attend(Q, K, V, lo, hi, scale, W, parts, ml, out):
 def work(g, d, dv, fa):
     """The scratch of `attend_part` for groups of g heads: scores, one float, exp's integer
     scratch, the queries, the output, the running max and sum, the kernel's (max, sum) and
-    the kernel's addresses `fa` (`kernel_addresses`)."""
+    the kernel's addresses `fa` (`kernel_addresses`), and a tile of keys and of values as
+    float32 (an 8-bit cache's, for the loops)."""
     return (
         np.empty((g, TILE), np.float32),
         np.empty(1, np.float32),
@@ -303,28 +346,31 @@ def work(g, d, dv, fa):
         np.empty(g, np.float32),
         np.empty((g, 2), np.float32),
         fa,
+        np.empty((TILE, d), np.float32),
+        np.empty((TILE, dv), np.float32),
     )
 
 
 def kernel_addresses(g: int, d: int, dv: int, kv_dtype=np.uint16, kernel: str | None = None) -> np.ndarray:
     """[address for passes of hp heads, address for the group's last g % hp heads, hp] of the
-    IR part kernel for a group of g heads over a half cache; zeros (the numba loops) for a
-    float32 cache, a host without the kernel or shapes the kernel does not take."""
-    if np.dtype(kv_dtype) != np.uint16:
+    IR part kernel for a group of g heads over a half or 8-bit cache; zeros (the numba loops)
+    for a float32 cache, a host without the kernel or shapes the kernel does not take."""
+    kv = {np.dtype(np.uint16): "f16", np.dtype(np.int8): "q8_0"}.get(np.dtype(kv_dtype))
+    if kv is None:
         return np.zeros(3, np.int64)
-    return _addresses(g, d, dv, codegen.select_kernel(kernel))
+    return _addresses(g, d, dv, codegen.select_kernel(kernel), kv)
 
 
 @functools.cache
-def _addresses(g: int, d: int, dv: int, kernel: str) -> np.ndarray:
-    """`kernel_addresses` of a half cache, once per shape and kernel path (prefill asks each
-    layer)."""
+def _addresses(g: int, d: int, dv: int, kernel: str, kv: str) -> np.ndarray:
+    """`kernel_addresses` of a half or 8-bit cache, once per shape, kernel path and storage
+    (prefill asks each layer)."""
     lanes = attention_ir.lanes(kernel)
     if lanes == 0:
         return np.zeros(3, np.int64)
     hp = attention_ir.heads_per_call(g, dv, lanes)
-    full = attention_ir.part_address(hp, d, dv, kernel)
-    rest = attention_ir.part_address(g % hp, d, dv, kernel) if g % hp else full
+    full = attention_ir.part_address(hp, d, dv, kernel, kv)
+    rest = attention_ir.part_address(g % hp, d, dv, kernel, kv) if g % hp else full
     if full == 0 or rest == 0:
         return np.zeros(3, np.int64)
     return np.array([full, rest, hp], np.int64)
@@ -336,7 +382,8 @@ def _items(q, k, v, q_pos, scale, window, out, w0, w1, fa):
     in an order where cheap (early) and costly (late) chunks alternate, so that contiguous
     shares of the items cost about the same."""
     n, n_head, d = q.shape
-    n_kv, T, dv = v.shape
+    n_kv = v.shape[0]
+    dv = out.shape[1] // n_head
     g = n_head // n_kv
     nq = -(-n // Q_CHUNK)
     W = work(g, q.shape[2], dv, fa)
@@ -375,11 +422,14 @@ def attention_batch(
     kernel: str | None = None,
 ) -> np.ndarray:
     """Same contract as `model.attention`: q [n, n_head, d]; k [n_kv, T, d], v [n_kv, T, dv]:
-    the cache's arrays, half bits or float32 (key j at position j); returns [n, n_head * dv].
+    the cache's arrays, half bits, 8-bit rows or float32 (key j at position j); returns [n,
+    n_head * dv].
     Causal; window > 0: a query at p sees keys p - window < j <= p. Positions must be
     consecutive (a batch after the cache) and < T."""
     n, n_head, _ = q.shape
     n_kv, T, dv = v.shape
+    if v.dtype == np.int8:
+        dv = dv * Q8_BLOCK // (Q8_BLOCK + 4)
     q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
     if q_pos.size != n or (n and (q_pos[0] < 0 or q_pos[-1] >= T or np.any(np.diff(q_pos) != 1))):
         raise ValueError("attention_batch: query positions must lie inside the keys")

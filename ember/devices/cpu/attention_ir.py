@@ -1,13 +1,14 @@
-"""One part of a kv group's decode attention over a half (f16) KV cache as an LLVM IR kernel:
-scores, online softmax and the weighted sum of values in registers, for AVX-512.
+"""One part of a kv group's decode attention over a half (f16) or 8-bit (q8_0) KV cache as an
+LLVM IR kernel: scores, online softmax and the weighted sum of values in registers, for AVX-512.
 
-``part_address(heads, d, dv)`` (0 where no kernel applies: no AVX-512 on this host, or d / dv
-not a multiple of 16) is called by `attention.attend_part` through `call_part`:
+``part_address(heads, d, dv, kernel, kv)`` (0 where no kernel applies: no AVX-512 on this host,
+or d / dv not a multiple of 16) is called by `attention.attend_part` through `call_part`:
 
     attn_part(ptr q, ptr k, ptr v, i64 n, ptr o, ptr ml)
 
-q [heads, d] float32 (already scaled), k [n, d] and v [n, dv] the halves of keys lo..lo+n-1,
-n >= 1; o [heads, dv] = sum_j e_hj v_j, ml [heads, 2] = (m_h, sum_j e_hj), e_hj = exp(q_h . k_j
+q [heads, d] float32 (already scaled), k [n, d] and v [n, dv] the rows of keys lo..lo+n-1 as
+the cache stores them (halves, or int8 codes followed by their blocks' float32 scales:
+`runtime.kv_cache`), n >= 1; o [heads, dv] = sum_j e_hj v_j, ml [heads, 2] = (m_h, sum_j e_hj), e_hj = exp(q_h . k_j
 - m_h), m_h the largest score: `attend_part`'s contract.
 
 Keys are read in blocks of one vector's lanes (16): each key's products with a head's query
@@ -30,6 +31,7 @@ from numba.extending import intrinsic
 
 from ...lut_kernels import codegen
 from ...lut_kernels.codegen import check_types, emit_call, flt, mask, splat
+from ...runtime.kv_cache import KV_TYPES, Q8_BLOCK, row_width
 
 # float32 lanes of a vector. No AVX2 kernel: with 16 registers a group's outputs and queries
 # do not stay in them, and the numba loops were faster (Zen 5 compiling for znver3, 4096 keys
@@ -74,18 +76,37 @@ def _exp(a, x: str, out: str, nl: int) -> None:
     a(f"  {out} = bitcast {VI} {out}.b to {VF}")
 
 
-def _widened_row(a, name: str, ptr: str, off: int, nv: int, nl: int) -> None:
-    """{name}f0 .. {name}f{nv - 1}: the nv vectors of nl halves at ptr + off (i16 elements),
-    widened to float32."""
+def row_bytes(kv: str, n: int) -> int:
+    """Bytes of a cache row of n values: halves, or int8 codes and a float32 scale a block."""
+    return row_width(kv, n) * np.dtype(KV_TYPES[kv]).itemsize
+
+
+def _widened_row(a, name: str, ptr: str, off: int, nv: int, nl: int, kv: str) -> None:
+    """{name}f0 .. {name}f{nv - 1}: the nv vectors of nl values of the row at byte ptr + off,
+    widened to float32 (an 8-bit row's codes times their block's scale)."""
+    VF = f"<{nl} x float>"
     for c in range(nv):
-        a(f"  {name}p{c} = getelementptr i16, ptr {ptr}, i64 {off + c * nl}")
-        a(f"  {name}h{c} = load <{nl} x i16>, ptr {name}p{c}, align 2")
-        a(f"  {name}b{c} = bitcast <{nl} x i16> {name}h{c} to <{nl} x half>")
-        a(f"  {name}f{c} = fpext <{nl} x half> {name}b{c} to <{nl} x float>")
+        if kv == "f16":
+            a(f"  {name}p{c} = getelementptr i8, ptr {ptr}, i64 {off + 2 * c * nl}")
+            a(f"  {name}h{c} = load <{nl} x i16>, ptr {name}p{c}, align 2")
+            a(f"  {name}b{c} = bitcast <{nl} x i16> {name}h{c} to <{nl} x half>")
+            a(f"  {name}f{c} = fpext <{nl} x half> {name}b{c} to {VF}")
+            continue
+        blk = c * nl // Q8_BLOCK
+        if c * nl % Q8_BLOCK == 0:
+            a(f"  {name}sp{blk} = getelementptr i8, ptr {ptr}, i64 {off + nv * nl + 4 * blk}")
+            a(f"  {name}s{blk} = load float, ptr {name}sp{blk}, align 1")
+            a(f"  {name}sv{blk} = insertelement {VF} poison, float {name}s{blk}, i32 0")
+            a(f"  {name}ss{blk} = shufflevector {VF} {name}sv{blk}, {VF} poison, {mask([0] * nl)}")
+        a(f"  {name}p{c} = getelementptr i8, ptr {ptr}, i64 {off + c * nl}")
+        a(f"  {name}h{c} = load <{nl} x i8>, ptr {name}p{c}, align 1")
+        a(f"  {name}w{c} = sext <{nl} x i8> {name}h{c} to <{nl} x i32>")
+        a(f"  {name}c{c} = sitofp <{nl} x i32> {name}w{c} to {VF}")
+        a(f"  {name}f{c} = fmul {VF} {name}c{c}, {name}ss{blk}")
 
 
 def _block(
-    a, x: str, pred: str, hp: int, d: int, dv: int, nl: int, kp: str, vp: str, valid: str | None, st: dict
+    a, x: str, pred: str, hp: int, d: int, dv: int, nl: int, kv: str, kp: str, vp: str, valid: str | None, st: dict
 ) -> dict:
     """Emit one block of nl keys (rows at kp, values at vp; lanes where `valid` is false weigh
     0) on the running state st {"m": [float per head], "l": [vector], "o": [[vectors]]}, in the
@@ -99,7 +120,7 @@ def _block(
     add = lambda u, w, o: f"  {o} = fadd {VF} {u}, {w}"  # noqa: E731
     stack: dict[int, list[tuple[str, int]]] = {h: [] for h in range(hp)}
     for j in range(nl):
-        _widened_row(a, f"%{x}k{j}", kp, j * d, nc, nl)
+        _widened_row(a, f"%{x}k{j}", kp, j * row_bytes(kv, d), nc, nl, kv)
         for h in range(hp):
             acc = f"%{x}p{h}_{j}_0"
             a(f"  {acc} = fmul {VF} %{x}k{j}f0, %q{h}_0")
@@ -159,7 +180,7 @@ def _block(
     # values: each row widened once, added into every head's output with its weight
     cur = {(h, c): f"%{x}ok{h}_{c}" for h in range(hp) for c in range(ncv)}
     for j in range(nl):
-        _widened_row(a, f"%{x}v{j}", vp, j * dv, ncv, nl)
+        _widened_row(a, f"%{x}v{j}", vp, j * row_bytes(kv, dv), ncv, nl, kv)
         for h in range(hp):
             a(f"  %{x}w{h}_{j} = shufflevector {VF} %{x}e{h}, {VF} poison, {mask([j] * nl)}")
             for c in range(ncv):
@@ -186,19 +207,21 @@ def _phis(a, tag: str, hp: int, ncv: int, nl: int, incoming: list[tuple[dict, st
     }
 
 
-def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
-    """The IR of ``attn_part`` for hp heads of d (keys) / dv (values) dimensions, nl lanes: a
+def part_ir(hp: int, d: int, dv: int, nl: int, kv: str = "f16") -> list[str]:
+    """The IR of ``attn_part`` for hp heads of d (keys) / dv (values) dimensions, nl lanes, rows
+    stored as kv ("f16" or "q8_0"): a
     loop over the full blocks of nl keys, then the last, ragged block's keys copied to the
     stack (row n - 1 repeated), so that every block reads its rows at fixed offsets."""
     VF = f"<{nl} x float>"
     nc, ncv = d // nl, dv // nl
+    kw, vw = row_bytes(kv, d), row_bytes(kv, dv)
     L: list[str] = []
     a = L.append
     ro, rw = "ptr noalias nocapture readonly", "ptr noalias nocapture"
     a(f"define void @attn_part({ro} %q, {ro} %k, {ro} %v, i64 %n, {rw} %o, {rw} %ml) #0 {{")
     a("entry:")
-    a(f"  %ks = alloca [{nl * d} x i16], align 64")
-    a(f"  %vs = alloca [{nl * dv} x i16], align 64")
+    a(f"  %ks = alloca [{nl * kw} x i8], align 64")
+    a(f"  %vs = alloca [{nl * vw} x i8], align 64")
     a(f"  %nfull = udiv i64 %n, {nl}")
     a(f"  %rem = urem i64 %n, {nl}")
     for h in range(hp):
@@ -220,18 +243,18 @@ def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
     }
     b = body.append
     b(f"  %base = mul i64 %b, {nl}")
-    b(f"  %kbo = mul i64 %base, {d}")
-    b("  %kb = getelementptr i16, ptr %k, i64 %kbo")
-    b(f"  %vbo = mul i64 %base, {dv}")
-    b("  %vb = getelementptr i16, ptr %v, i64 %vbo")
+    b(f"  %kbo = mul i64 %base, {kw}")
+    b("  %kb = getelementptr i8, ptr %k, i64 %kbo")
+    b(f"  %vbo = mul i64 %base, {vw}")
+    b("  %vb = getelementptr i8, ptr %v, i64 %vbo")
     # the keys and values PREFETCH blocks ahead, a cache line at a time (past n: harmless hints),
     # into L1 even on Zen, unlike `codegen.emit_prefetch`'s weight streams: 60 us a group at 4096
     # keys from DRAM against 72-76 with prefetcht1 (docs/kernels.md)
-    for src, width in (("k", d), ("v", dv)):
-        for i in range(0, nl * width * 2, 64):
-            b(f"  %pf{src}{i} = getelementptr i8, ptr %{src}b, i64 {PREFETCH * nl * width * 2 + i}")
+    for src, width in (("k", kw), ("v", vw)):
+        for i in range(0, nl * width, 64):
+            b(f"  %pf{src}{i} = getelementptr i8, ptr %{src}b, i64 {PREFETCH * nl * width + i}")
             b(f"  call void @llvm.prefetch.p0(ptr %pf{src}{i}, i32 0, i32 3, i32 1)")
-    loop_out = _block(b, "x", "%blk", hp, d, dv, nl, "%kb", "%vb", None, st_in)
+    loop_out = _block(b, "x", "%blk", hp, d, dv, nl, kv, "%kb", "%vb", None, st_in)
     _phis(a, "", hp, ncv, nl, [(zero, "entry"), (loop_out, "xgo")])
     L.extend(body)
     a("  %b.next = add i64 %b, 1")
@@ -248,16 +271,16 @@ def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
         a(f"  %t{j}.a = add i64 %tbase, {j}")
         a(f"  %t{j}.c = icmp ult i64 %t{j}.a, %n")
         a(f"  %t{j} = select i1 %t{j}.c, i64 %t{j}.a, i64 %last")
-        for src, width in (("k", d), ("v", dv)):
+        for src, width in (("k", kw), ("v", vw)):
             a(f"  %t{src}{j}.o = mul i64 %t{j}, {width}")
-            a(f"  %t{src}{j}.p = getelementptr i16, ptr %{src}, i64 %t{src}{j}.o")
-            a(f"  %t{src}{j}.d = getelementptr i16, ptr %{src}s, i64 {j * width}")
-            a(f"  call void @llvm.memcpy.p0.p0.i64(ptr %t{src}{j}.d, ptr %t{src}{j}.p, i64 {2 * width}, i1 false)")
+            a(f"  %t{src}{j}.p = getelementptr i8, ptr %{src}, i64 %t{src}{j}.o")
+            a(f"  %t{src}{j}.d = getelementptr i8, ptr %{src}s, i64 {j * width}")
+            a(f"  call void @llvm.memcpy.p0.p0.i64(ptr %t{src}{j}.d, ptr %t{src}{j}.p, i64 {width}, i1 false)")
     VL = f"<{nl} x i64>"
     a(f"  %rv = insertelement {VL} poison, i64 %rem, i32 0")
     a(f"  %rs = shufflevector {VL} %rv, {VL} poison, {mask([0] * nl)}")
     a(f"  %valid = icmp ult {VL} <{', '.join(f'i64 {j}' for j in range(nl))}>, %rs")
-    tail_out = _block(a, "t", "%tail", hp, d, dv, nl, "%ks", "%vs", "%valid", st)
+    tail_out = _block(a, "t", "%tail", hp, d, dv, nl, kv, "%ks", "%vs", "%valid", st)
     a("  br label %end")
     a("end:")
     fin = _phis(a, "e", hp, ncv, nl, [(st, "after"), (tail_out, "tgo")])
@@ -275,8 +298,8 @@ def part_ir(hp: int, d: int, dv: int, nl: int) -> list[str]:
     return L
 
 
-def kernel_ir(hp: int, d: int, dv: int, isa: str, cpu: str = "", features: str = "") -> str:
-    """The IR module text of ``attn_part`` for an x86 path."""
+def kernel_ir(hp: int, d: int, dv: int, isa: str, cpu: str = "", features: str = "", kv: str = "f16") -> str:
+    """The IR module text of ``attn_part`` for an x86 path and a cache's storage (kv)."""
     nl = _LANES[isa]
     decl = [f"declare <{nl} x float> @llvm.{f}.v{nl}f32(<{nl} x float>, <{nl} x float>)" for f in ("maxnum", "minnum")]
     decl += [
@@ -290,7 +313,7 @@ def kernel_ir(hp: int, d: int, dv: int, isa: str, cpu: str = "", features: str =
     while h >= 1:
         decl.append(f"declare <{h} x float> @llvm.maxnum.v{h}f32(<{h} x float>, <{h} x float>)")
         h //= 2
-    return codegen.finish_module(decl + part_ir(hp, d, dv, nl), cpu, features)
+    return codegen.finish_module(decl + part_ir(hp, d, dv, nl, kv), cpu, features)
 
 
 def lanes(kernel: str | None = None) -> int:
@@ -298,8 +321,9 @@ def lanes(kernel: str | None = None) -> int:
     return _LANES.get(codegen.select_kernel(kernel), 0)
 
 
-def part_address(heads: int, d: int, dv: int, kernel: str | None = None) -> int:
-    """The address of ``attn_part`` for calls of `heads` heads (0: use the numba loops)."""
+def part_address(heads: int, d: int, dv: int, kernel: str | None = None, kv: str = "f16") -> int:
+    """The address of ``attn_part`` for calls of `heads` heads over a cache stored as kv ("f16"
+    or "q8_0") (0: use the numba loops)."""
     name = codegen.select_kernel(kernel)
     nl = _LANES.get(name)
     if nl is None or d % nl or dv % nl or heads < 1:
@@ -307,16 +331,15 @@ def part_address(heads: int, d: int, dv: int, kernel: str | None = None) -> int:
     spec = codegen.resolve_isa(name)
 
     def build():
-        ee, owners, _ = codegen.jit(lambda cpu, feat: kernel_ir(heads, d, dv, spec, cpu, feat), name)
+        ee, owners, _ = codegen.jit(lambda cpu, feat: kernel_ir(heads, d, dv, spec, cpu, feat, kv), name)
         return ee.get_function_address("attn_part"), owners
 
-    return codegen.once(("attn_part", name, heads, d, dv), build)[0]
+    return codegen.once(("attn_part", name, heads, d, dv, kv), build)[0]
 
 
 @intrinsic
 def call_part(typingctx, fn, q, k, v, n, o, ml):
     """attn_part(q, k, v, n, o, ml) through a runtime address."""
-    check_types(
-        (fn, q, k, v, n, o, ml), (None, types.float32, types.uint16, types.uint16, None, types.float32, types.float32)
-    )
+    rows = (types.uint16, types.int8)
+    check_types((fn, q, k, v, n, o, ml), (None, types.float32, rows, rows, None, types.float32, types.float32))
     return types.void(fn, q, k, v, n, o, ml), emit_call

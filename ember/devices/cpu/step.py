@@ -43,7 +43,7 @@ from ...runtime.config import ROPE_NEOX
 from ...runtime.kv_cache import KV_TYPES
 from ...runtime.rope import rope_tables
 from .attention import PART, attend, attend_part, combine, first_key, kernel_addresses, parts_of, work
-from .half import store_row
+from .kv_rows import store_key, store_row
 from .moe import group, route
 from .vmath import exp_into
 
@@ -183,7 +183,7 @@ def _kv_row(g, i, il, kl, vb, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, 
 def _store_kv(g, i, p, il, kl, vb, kc, vc, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, t2):
     """Row i's key and value of kv group g (k norm, RoPE; v bias) into the cache at position p."""
     vh = _kv_row(g, i, il, kl, vb, vecs, voff, qkn, hd, hdv, nkv, eps, cs, sn, neox, t2)
-    store_row(kl[i, g * hd : (g + 1) * hd], kc[il, g, p])
+    store_key(kl[i, g * hd : (g + 1) * hd], kc[il, g, p])
     store_row(vh, vc[il, g, p])
 
 
