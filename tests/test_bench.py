@@ -355,3 +355,32 @@ def test_llama_runs_turn_repacking_off_where_a_repacking_load_dies(monkeypatch):
         b.worker("llama", "llama.cpp mmap", model="/m.gguf", test="tg8", threads=2, repack=False)
         assert calls == [("llama_probe", True), ("llama", not dies), ("llama_speculative", not dies), ("llama", False)]
         assert any("repacking off" in w and "SIGSEGV" in w for w in b.warnings) == dies
+
+
+def test_kv_cache_option_reaches_both_engines_dense_runs(monkeypatch):
+    """`--kv-cache q8_0`: ember's and llama.cpp's test runs get it (llama.cpp: its q8_0 types
+    with flash attention); the other workers do not; the default passes nothing."""
+    import json
+
+    from ember.bench.run import Bench, build_parser
+    from ember.bench.workers import worker_llama
+
+    for argv, want in ((["--kv-cache", "q8_0"], "q8_0"), ([], None)):
+        b = Bench(build_parser().parse_args(["--threads", "2", *argv]), "/m.gguf", "m", 2048)
+        b._repack = True
+        seen = {}
+
+        def command(cmd, what, memory_limit=None, timeout=None, **kw):
+            seen[cmd[-2]] = json.loads(cmd[-1]).get("kv_cache")
+            return {"wall_s": 1.0, "load_cores": 0.0, "busy": False, "stdout": '{"tokens_per_s": 1.0}'}
+
+        monkeypatch.setattr(b, "command", command)
+        for kind in ("ember", "llama", "offload"):
+            b.worker(kind, kind, model="/m.gguf", test="tg8", threads=2)
+        assert seen == {"ember": want, "llama": want, "offload": None}
+
+    made = {}
+    monkeypatch.setattr("ember.bench.workers._llama", lambda *a, **kw: made.update(kw) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        worker_llama("/m.gguf", "tg8", 1, kv_cache="q8_0")
+    assert made == {"type_k": 8, "type_v": 8, "flash_attn": True}

@@ -102,6 +102,7 @@ class Bench:
         from ember.runtime.threads import default_threads
 
         self.quick, self.debug, self.draft = args.quick, args.debug, args.draft
+        self.kv_cache = args.kv_cache
         if args.threads is not None:
             self.threads = parse_threads(args.threads)
         else:
@@ -206,6 +207,8 @@ class Bench:
         the run's wall time, load and busy mark added."""
         if kind in ("llama", "llama_speculative") and "repack" not in args:  # (llama_replay never repacks)
             args["repack"] = self.llama_repack()
+        if kind in ("ember", "llama") and self.kv_cache != "f16":
+            args["kv_cache"] = self.kv_cache
         cmd = [sys.executable, "-m", "ember.bench.workers", kind, json.dumps(args)]
         r = self.command(cmd, what, memory_limit, timeout, cwd=_package_root())
         try:
@@ -255,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft",
         help="the speculative scenario's draft model (catalog name or .gguf; default: the catalog's "
         "draft for the model, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)",
+    )
+    ap.add_argument(
+        "--kv-cache",
+        default="f16",
+        choices=["f16", "q8_0"],
+        help="the KV cache's type in the dense and long-context runs, both engines' "
+        "(llama.cpp's q8_0 cache runs with its flash attention); default: %(default)s",
     )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     ap.add_argument(

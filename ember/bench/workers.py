@@ -52,13 +52,13 @@ def _n_ctx(test: str) -> int | None:
     return max(2048, test_context(test) + parse_test(test)[1] + 16)
 
 
-def worker_ember(model: str, test: str, threads: int, device: str = "cpu") -> dict:
+def worker_ember(model: str, test: str, threads: int, device: str = "cpu", kv_cache: str = "auto") -> dict:
     import psutil
 
     import ember
 
     kind, n = parse_test(test)
-    m = ember.load(model, threads=threads, n_ctx=_n_ctx(test), device=device)
+    m = ember.load(model, threads=threads, n_ctx=_n_ctx(test), device=device, kv_cache=kv_cache)
     tok = lambda t: m.tokenize(t, special=False)  # noqa: E731
     if kind == "pp":
         ids = prompt_ids(n, tok)
@@ -138,11 +138,15 @@ def worker_llama_probe(model: str, threads: int, repack: bool) -> dict:
     return {"ok": True}
 
 
-def worker_llama(model: str, test: str, threads: int, repack: bool = True) -> dict:
+def worker_llama(model: str, test: str, threads: int, repack: bool = True, kv_cache: str = "f16") -> dict:
     """llama-cpp-python on a test; repack=False keeps its weights in the file's mapping (no
-    repacked copies in anonymous memory: what lets it run under a memory limit below the file)."""
+    repacked copies in anonymous memory: what lets it run under a memory limit below the file);
+    kv_cache="q8_0": its 8-bit cache for keys and values (which needs its flash attention)."""
     kind, n = parse_test(test)
-    llm = _llama(model, _n_ctx(test) or 2048, threads, repack)
+    from gguf import GGMLQuantizationType as Q
+
+    kw = {"type_k": int(Q.Q8_0), "type_v": int(Q.Q8_0), "flash_attn": True} if kv_cache == "q8_0" else {}
+    llm = _llama(model, _n_ctx(test) or 2048, threads, repack, **kw)
     tok = lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)  # noqa: E731
     if kind == "k":
         ids = prompt_ids(K_CONTEXT + n, tok)
