@@ -2,8 +2,8 @@
 / "f32"): one kv group of query heads at one position (`attend`, and `attend_part` +
 `combine` for a context split between threads: flash decoding; used by the fused decode step)
 and a whole batch of positions (`attention_batch`, prefill and verification), split over the
-batch path's threads. Over an 8-bit cache the queries are rotated as its keys are
-(`runtime.kv_cache.hadamard`).
+batch path's threads. Over an 8-bit cache the queries come rotated as its keys are
+(`runtime.kv_cache.hadamard`; `attention_batch` rotates its own, the fused step its rows').
 
 A part of a half or 8-bit cache runs the LLVM IR kernel of `attention_ir` where the host has
 one (AVX-512): scores, softmax and the weighted values of a block of keys in registers.
@@ -33,9 +33,9 @@ from numba.extending import overload
 
 from ...lut_kernels import codegen
 from ...lut_kernels.split import MIN_ROWS, split
-from ...runtime.kv_cache import Q8_BLOCK
+from ...runtime.kv_cache import Q8_BLOCK, hadamard, rotates
 from . import attention_ir
-from .kv_rows import dequant_rows, hadamard_row, widen
+from .kv_rows import dequant_rows, widen
 from .vmath import exp_into
 
 Q_CHUNK = 8  # query positions per work item of attention_batch
@@ -180,23 +180,6 @@ def _part_ir_impl(fa, Qc, K, V, lo, hi, Oc, mlc):
     return run
 
 
-def _rotate_queries(K, Qc):
-    """Qc's rows rotated as an 8-bit cache's keys are (`runtime.kv_cache.rotates`)."""
-
-
-@overload(_rotate_queries, inline="always")
-def _rotate_queries_impl(K, Qc):
-    if K.dtype == types.int8:
-
-        def rotate(K, Qc):
-            if Qc.shape[1] & (Qc.shape[1] - 1) == 0:
-                for h in range(Qc.shape[0]):
-                    hadamard_row(Qc[h])
-
-        return rotate
-    return lambda K, Qc: None
-
-
 def _tile(K, t0, n, Kf):
     """Rows t0..t0+n-1 of a cache for the loops: (K, t0) as they are, or for an 8-bit cache
     (Kf, 0), Kf's first n rows dequantized."""
@@ -217,7 +200,8 @@ def _tile_impl(K, t0, n, Kf):
 @njit(cache=True, nogil=True, fastmath=True)
 def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
     """Keys lo..hi-1 of one kv group for its query heads Q [g, d] (K [T, d], V [T, dv]: half
-    bits, uint16, float32, or 8-bit rows, int8 [T, d + d / 8], keys rotated), with an online
+    bits, uint16, float32, or 8-bit rows, int8 [T, d + d / 8], whose keys are rotated, as Q
+    must then be: `kv_rows.rotate_queries`), with an online
     softmax: out[h] = sum_j e_hj V[j] (not normalized), ml[h] = (m_h, sum_j e_hj), e_hj =
     exp(scale Q[h].K[j] - m_h), m_h the largest scaled score (scale applied to the query);
     ml[h] = (EMPTY, 0) and out[h] = 0 when lo >= hi. Half and 8-bit keys and values run the IR
@@ -232,7 +216,6 @@ def attend_part(Q, K, V, lo, hi, scale, W, out, ml):
         Oc[h, :] = 0
         m[h] = EMPTY
         l[h] = 0
-    _rotate_queries(K, Qc)
     if lo < hi and _part_ir(fa, Qc, K, V, lo, hi, Oc, mlc):
         for h in range(g):
             out[h] = Oc[h]
@@ -430,6 +413,8 @@ def attention_batch(
     n_kv, T, dv = v.shape
     if v.dtype == np.int8:
         dv = dv * Q8_BLOCK // (Q8_BLOCK + 4)
+    if k.dtype == np.int8 and rotates("q8_0", q.shape[2]):
+        q = hadamard(q)  # as the cache's keys
     q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
     if q_pos.size != n or (n and (q_pos[0] < 0 or q_pos[-1] >= T or np.any(np.diff(q_pos) != 1))):
         raise ValueError("attention_batch: query positions must lie inside the keys")

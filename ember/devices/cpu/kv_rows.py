@@ -128,6 +128,25 @@ def _store_key(src, dst):
     return lambda src, dst: store_row(src, dst)
 
 
+def rotate_queries(cache, q, hd):
+    """q's heads of hd values, rotated in place as the cache's keys are stored (`store_key`): an
+    8-bit cache's by `hadamard_row` where hd is a power of two; nothing for the others. Once a
+    query, before its attention (not once a part)."""
+
+
+@overload(rotate_queries, inline="always")
+def _rotate_queries(cache, q, hd):
+    if cache.dtype == types.int8:
+
+        def rotate(cache, q, hd):
+            if hd & (hd - 1) == 0:
+                for h0 in range(0, q.size, hd):
+                    hadamard_row(q[h0 : h0 + hd])
+
+        return rotate
+    return lambda cache, q, hd: None
+
+
 def widen(x):
     """A cache element as a float32: h2f of half bits (uint16), a float32 as it is."""
 

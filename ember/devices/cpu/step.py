@@ -43,7 +43,7 @@ from ...runtime.config import ROPE_NEOX
 from ...runtime.kv_cache import KV_TYPES
 from ...runtime.rope import rope_tables
 from .attention import PART, attend, attend_part, combine, first_key, kernel_addresses, parts_of, work
-from .kv_rows import store_key, store_row
+from .kv_rows import rotate_queries, store_key, store_row
 from .moe import group, route
 from .vmath import exp_into
 
@@ -501,6 +501,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
                     if split:
                         continue
                     _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+                    rotate_queries(kc, ql[i, g * group * hd : (g + 1) * group * hd], hd)
                     heads = slice(g * group, (g + 1) * group)
                     attend(
                         ql[i, g * group * hd : (g + 1) * group * hd].reshape((group, hd)),
@@ -524,6 +525,7 @@ def _decode(tid, nth, sync, weights, call, bufs):
                 for i in range(k):
                     for g in range(nkv):
                         _rope_q(g, group, i, il, ql, vecs, voff, qkn, hd, eps, cs[i], sn[i], neox, t2)
+                        rotate_queries(kc, ql[i, g * group * hd : (g + 1) * group * hd], hd)
                 # a unit is a run of consecutive parts, about four units a thread: a thread that
                 # took every other part restarted its reads (and the prefetch) at each one
                 n_parts = c_hi - c_lo
